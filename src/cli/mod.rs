@@ -1,0 +1,139 @@
+//! Command-line arguments and one function per command.
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args as ClapArgs, Parser, Subcommand};
+use tl_run::model::config::Processing;
+use tl_run::{Hooks, Input, LoadOptions, Model, Stop};
+
+#[derive(Parser, Debug)]
+#[command(name = "tl-run", version, about = "Mechanistic-interpretability experiments, equal to TransformerLens")]
+pub struct Args {
+    /// More logging (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print every hook point of a model with its shape.
+    Hooks {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Sequence length used for the shapes.
+        #[arg(long, default_value_t = 16)]
+        seq: i64,
+        /// Batch size used for the shapes.
+        #[arg(long, default_value_t = 1)]
+        batch: i64,
+    },
+    /// Run prompts and write the activations of the named hooks (default: all) to safetensors.
+    Cache {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// A prompt (repeat for a batch; unequal lengths are left-padded).
+        #[arg(long = "prompt", required = true)]
+        prompts: Vec<String>,
+        /// Comma-separated TransformerLens hook names.
+        #[arg(long, value_delimiter = ',')]
+        hooks: Vec<String>,
+        /// Output .safetensors file.
+        #[arg(long)]
+        out: PathBuf,
+        /// Do not prepend BOS (TransformerLens prepend_bos=False).
+        #[arg(long)]
+        no_prepend_bos: bool,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct ModelArgs {
+    /// Hub id (e.g. gpt2) or local directory.
+    pub model: String,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Load without TransformerLens weight processing (HF numerics).
+    #[arg(long)]
+    pub no_processing: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TL_RUN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn parse_device(s: &str) -> Result<tch::Device> {
+    match s {
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" => Ok(tch::Device::cuda_if_available()),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(tch::Device::Cuda)
+            .with_context(|| format!("unknown device '{s}' (use cpu, cuda or cuda:N)")),
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<Model> {
+    let opts = LoadOptions {
+        revision: m.revision.clone(),
+        processing: if m.no_processing { Processing::NONE } else { Processing::TRANSFORMER_LENS },
+        device: parse_device(&m.device)?,
+        kind: tch::Kind::Float,
+    };
+    Ok(Model::load(&m.model, &opts)?)
+}
+
+pub fn dispatch(args: Args) -> Result<()> {
+    match args.command {
+        Command::Hooks { model, seq, batch } => hooks(&model, batch, seq),
+        Command::Cache { model, prompts, hooks, out, no_prepend_bos } => cache(&model, &prompts, &hooks, &out, !no_prepend_bos),
+    }
+}
+
+fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {
+    let model = load(m)?;
+    let mut out = String::new();
+    for p in model.hook_points() {
+        out.push_str(&format!("{:<36} {:?}\n", p.to_string(), model.hook_shape(p, batch, seq)));
+    }
+    print!("{out}");
+    Ok(())
+}
+
+fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::Path, prepend_bos: bool) -> Result<()> {
+    let model = load(m)?;
+    let points = if names.is_empty() {
+        model.hook_points()
+    } else {
+        names.iter().map(|n| model.hook_point(n.trim())).collect::<tl_run::Result<Vec<_>>>()?
+    };
+    let batch = model.tokenizer()?.batch(prompts, prepend_bos)?;
+    let mut hooks = Hooks::capture(points.iter().copied());
+    let _logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits)?;
+    let tensors: Vec<(String, tch::Tensor)> = points.iter().filter_map(|p| hooks.take(*p).map(|t| (p.to_string(), t))).collect();
+    let tokens: Vec<Vec<i64>> = (0..prompts.len() as i64).map(|i| Vec::<i64>::try_from(batch.tokens.get(i)).unwrap_or_default()).collect();
+    let metadata = HashMap::from([
+        ("prompts".to_string(), serde_json::to_string(prompts)?),
+        ("tokens".to_string(), serde_json::to_string(&tokens)?),
+        ("lengths".to_string(), serde_json::to_string(&batch.lengths)?),
+        ("padding_side".to_string(), "left".to_string()),
+        ("model".to_string(), m.model.clone()),
+        ("processing".to_string(), serde_json::to_string(&model.processing)?),
+    ]);
+    tl_run::output::activations::write(out, &tensors, metadata)?;
+    println!("wrote {} activations for {} prompt(s) to {}", tensors.len(), prompts.len(), out.display());
+    Ok(())
+}

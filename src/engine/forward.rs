@@ -1,0 +1,270 @@
+//! The one forward pass every family runs, reading only config features. It can start at any
+//! layer from a given residual, stop before any layer, capture any hook and intervene at any hook,
+//! and keeps the autograd graph so gradients with respect to captured activations are available.
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::engine::hooks::Hooks;
+use crate::model::config::{Activation, NormKind, Positional};
+use crate::model::hook_point::{HookPoint, NormHook, Site};
+use crate::model::weights::NormWeights;
+use crate::model::Model;
+
+/// Where a forward pass begins.
+pub enum Input<'a> {
+    /// Token ids [batch, pos].
+    Tokens(&'a Tensor),
+    /// The residual stream entering block `layer` ([batch, pos, d_model]); the pass continues
+    /// from `blocks.{layer}.hook_resid_pre` (whose hooks still fire).
+    Residual { layer: usize, resid: &'a Tensor },
+}
+
+/// Where it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Logits,
+    /// Return the residual entering block `l` (blocks.{l}.hook_resid_pre; l = n_layers gives the
+    /// last resid_post) without running it.
+    BeforeLayer(usize),
+}
+
+/// Per-batch facts shared by every layer: positions and which key positions each query may see.
+pub struct Positions {
+    /// [batch, pos] position ids; with left padding they count from the first real token.
+    pub ids: Tensor,
+    /// [batch, pos] 1 for real tokens and 0 for padding; None when nothing is padded.
+    pub mask: Option<Tensor>,
+}
+
+impl Positions {
+    pub fn new(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
+        match mask {
+            None => Positions { ids: Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false), mask: None },
+            Some(m) => {
+                // As TransformerLens: cumulative count of real tokens, minus one, floored at 0.
+                let m = m.to_kind(Kind::Int64).to_device(device);
+                let ids = (m.cumsum(1, Kind::Int64) - 1).clamp_min(0);
+                Positions { ids, mask: Some(m) }
+            }
+        }
+    }
+
+    fn batch_seq(&self) -> (i64, i64) {
+        let s = self.ids.size();
+        (s[0], s[1])
+    }
+}
+
+impl Model {
+    /// Runs the model. `mask` is the [batch, pos] attention mask of a left-padded batch.
+    pub fn run(&self, input: Input<'_>, mask: Option<&Tensor>, hooks: &mut Hooks, stop: Stop) -> Result<Tensor> {
+        let _guard = if self.grad_enabled { None } else { Some(tch::no_grad_guard()) };
+        let (start, mut x, pos) = match input {
+            Input::Tokens(tokens) => {
+                let size = tokens.size();
+                if size.len() != 2 {
+                    return Err(Error::Other(format!("tokens must be [batch, pos], got {size:?}")));
+                }
+                let pos = Positions::new(size[0], size[1], mask, self.device);
+                (0, self.embed(&tokens.to_device(self.device), &pos, hooks)?, pos)
+            }
+            Input::Residual { layer, resid } => {
+                let size = resid.size();
+                if layer > self.cfg.n_layers || size.len() != 3 || size[2] != self.cfg.d_model as i64 {
+                    return Err(Error::Other(format!(
+                        "residual start needs layer <= {} and [batch, pos, {}], got layer {layer} and {size:?}",
+                        self.cfg.n_layers, self.cfg.d_model
+                    )));
+                }
+                let pos = Positions::new(size[0], size[1], mask, self.device);
+                (layer, resid.to_device(self.device).to_kind(self.kind), pos)
+            }
+        };
+        let (end, logits) = match stop {
+            Stop::Logits => (self.cfg.n_layers, true),
+            Stop::BeforeLayer(l) if l >= start && l <= self.cfg.n_layers => (l, false),
+            Stop::BeforeLayer(l) => {
+                return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
+            }
+        };
+        let attn_mask = self.attention_mask(&pos);
+        let rotary = self.rotary_tables(&pos);
+        for l in start..end {
+            x = self.block(l, x, &attn_mask, rotary.as_ref(), hooks)?;
+        }
+        if !logits {
+            if end < self.cfg.n_layers && end > start {
+                x = hooks.at(HookPoint::Block(end, Site::ResidPre), x)?;
+            }
+            return Ok(x);
+        }
+        let x = self.norm(x, &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
+        Ok(x.matmul(&self.weights.w_u) + &self.weights.b_u)
+    }
+
+    fn embed(&self, tokens: &Tensor, pos: &Positions, hooks: &mut Hooks) -> Result<Tensor> {
+        let max = tokens.max().int64_value(&[]);
+        let min = tokens.min().int64_value(&[]);
+        if min < 0 || max >= self.cfg.d_vocab as i64 {
+            return Err(Error::Other(format!("token ids must be in 0..{}, got {min}..={max}", self.cfg.d_vocab)));
+        }
+        let embed = hooks.at(HookPoint::Embed, self.weights.w_e.index_select(0, &tokens.reshape([-1])).view([tokens.size()[0], tokens.size()[1], -1]))?;
+        let Some(w_pos) = &self.weights.w_pos else { return Ok(embed) };
+        let (_, seq) = pos.batch_seq();
+        if seq > self.cfg.n_ctx as i64 {
+            return Err(Error::Other(format!("{seq} positions exceed the model's context of {}", self.cfg.n_ctx)));
+        }
+        let mut pe = w_pos.index_select(0, &pos.ids.reshape([-1])).view([pos.ids.size()[0], seq, -1]);
+        if let Some(m) = &pos.mask {
+            let k = pe.kind();
+            pe = pe * m.unsqueeze(-1).to_kind(k); // padding positions get no position embedding
+        }
+        let pe = hooks.at(HookPoint::PosEmbed, pe)?;
+        Ok(embed + pe)
+    }
+
+    /// [batch|1, 1, query, key] true where attention is allowed (causal, and not to padding).
+    fn attention_mask(&self, pos: &Positions) -> Tensor {
+        let (_, seq) = pos.batch_seq();
+        let causal = Tensor::ones([seq, seq], (Kind::Bool, self.device)).tril(0).view([1, 1, seq, seq]);
+        match &pos.mask {
+            None => causal,
+            Some(m) => causal.logical_and(&m.to_kind(Kind::Bool).view([-1, 1, 1, seq])),
+        }
+    }
+
+    /// (cos, sin), each [batch, pos, 1, rotary_dim], computed in f32 the way HF and TL do.
+    fn rotary_tables(&self, pos: &Positions) -> Option<(Tensor, Tensor)> {
+        let Positional::Rotary { dim, base, adjacent_pairs } = self.cfg.positional else { return None };
+        let exps = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Float, self.device)) / dim as f64;
+        let inv_freq = Tensor::from(base as f32).to_device(self.device).pow(&exps).reciprocal();
+        let freq = if adjacent_pairs { inv_freq.repeat_interleave_self_int(2, 0, None) } else { Tensor::cat(&[&inv_freq, &inv_freq], 0) };
+        let angles = pos.ids.to_kind(Kind::Float).unsqueeze(-1) * freq.view([1, 1, -1]);
+        let angles = angles.unsqueeze(2);
+        Some((angles.cos().to_kind(self.kind), angles.sin().to_kind(self.kind)))
+    }
+
+    fn rotate(&self, x: &Tensor, tables: &(Tensor, Tensor)) -> Tensor {
+        let Positional::Rotary { dim, adjacent_pairs, .. } = self.cfg.positional else { return x.shallow_clone() };
+        let d = dim as i64;
+        let e = x.size()[3];
+        let rot = x.narrow(3, 0, d);
+        let flipped = if adjacent_pairs {
+            let pairs = rot.unflatten(3, [d / 2, 2]);
+            Tensor::stack(&[-pairs.select(4, 1), pairs.select(4, 0)], 4).flatten(3, 4)
+        } else {
+            Tensor::cat(&[-rot.narrow(3, d / 2, d / 2), rot.narrow(3, 0, d / 2)], 3)
+        };
+        let rotated = &rot * &tables.0 + flipped * &tables.1;
+        if d == e {
+            rotated
+        } else {
+            Tensor::cat(&[rotated, x.narrow(3, d, e - d)], 3)
+        }
+    }
+
+    fn norm(&self, x: Tensor, w: &NormWeights, scale_point: HookPoint, norm_point: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+        let kind = x.kind();
+        // Half-precision models normalise in f32 and cast back before the affine (as TL).
+        let x = if kind == Kind::Float || kind == Kind::Double { x } else { x.to_kind(Kind::Float) };
+        let x = match self.cfg.norm.kind {
+            NormKind::LayerNorm => &x - x.mean_dim(-1, true, None),
+            NormKind::RmsNorm => x,
+        };
+        let variance = x.square().mean_dim(-1, true, None) + self.cfg.norm.eps;
+        let scale = hooks.at(scale_point, variance.sqrt())?;
+        // x * rsqrt(var + eps), as HF and the TL bridge compute it; an edited scale is divided
+        // by instead, so the edit reaches hook_normalized.
+        let normalized = if hooks.edits(scale_point) { x / scale } else { x * variance.rsqrt() };
+        // TL 4.x hooks the normalized value before the affine (HookedTransformer 2.x hooked
+        // LayerNorm's after it); with fold_ln there is no affine and both agree.
+        let mut y = hooks.at(norm_point, normalized.to_kind(kind))?;
+        if let Some(g) = &w.w {
+            y = y * g;
+        }
+        if let Some(b) = &w.b {
+            y = y + b;
+        }
+        Ok(y)
+    }
+
+    fn block(&self, l: usize, resid_pre: Tensor, attn_mask: &Tensor, rotary: Option<&(Tensor, Tensor)>, hooks: &mut Hooks) -> Result<Tensor> {
+        let at = |s: Site| HookPoint::Block(l, s);
+        let bw = &self.weights.blocks[l];
+        let resid_pre = hooks.at(at(Site::ResidPre), resid_pre)?;
+        let x = self.norm(resid_pre.shallow_clone(), &bw.ln1, at(Site::Ln1(NormHook::Scale)), at(Site::Ln1(NormHook::Normalized)), hooks)?;
+        let attn_out = self.attention(l, &x, attn_mask, rotary, hooks)?;
+        let attn_out = hooks.at(at(Site::AttnOut), attn_out)?;
+        let (mlp_in_resid, resid_mid) = if self.cfg.parallel_block {
+            (resid_pre.shallow_clone(), None)
+        } else {
+            let mid = hooks.at(at(Site::ResidMid), &resid_pre + &attn_out)?;
+            (mid.shallow_clone(), Some(mid))
+        };
+        let x = self.norm(mlp_in_resid, &bw.ln2, at(Site::Ln2(NormHook::Scale)), at(Site::Ln2(NormHook::Normalized)), hooks)?;
+        let mlp_out = self.mlp(l, &x, hooks)?;
+        let mlp_out = hooks.at(at(Site::MlpOut), mlp_out)?;
+        let resid_post = match resid_mid {
+            Some(mid) => mid + mlp_out,
+            None => resid_pre + attn_out + mlp_out,
+        };
+        hooks.at(at(Site::ResidPost), resid_post)
+    }
+
+    fn attention(&self, l: usize, x: &Tensor, attn_mask: &Tensor, rotary: Option<&(Tensor, Tensor)>, hooks: &mut Hooks) -> Result<Tensor> {
+        let at = |s: Site| HookPoint::Block(l, s);
+        let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
+        let (b, p) = (x.size()[0], x.size()[1]);
+        let (h, kv, e) = (self.cfg.n_heads as i64, self.cfg.n_kv_heads as i64, self.cfg.d_head as i64);
+        let q = hooks.at(at(Site::Q), x.linear(&fw.w_q, Some(&fw.b_q)).view([b, p, h, e]))?;
+        let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
+        let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
+        let (q, k) = match rotary {
+            Some(t) => (hooks.at(at(Site::RotQ), self.rotate(&q, t))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?),
+            None => (q, k),
+        };
+        // Grouped-query attention: each key-value head serves `group` consecutive query heads.
+        let group = self.cfg.kv_group() as i64;
+        let (k, v) = if group > 1 {
+            (k.repeat_interleave_self_int(group, 2, None), v.repeat_interleave_self_int(group, 2, None))
+        } else {
+            (k, v)
+        };
+        // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
+        let scores = q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1])) * (1.0 / self.cfg.attn_scale);
+        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&attn_mask.logical_not(), f64::NEG_INFINITY))?;
+        let pattern = scores.softmax(-1, scores.kind());
+        // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
+        let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0))?;
+        let z = pattern.matmul(&v.permute([0, 2, 1, 3])).permute([0, 2, 1, 3]).contiguous();
+        let z = hooks.at(at(Site::Z), z)?;
+        if hooks.wants(at(Site::Result)) {
+            let result = Tensor::einsum("bphe,hed->bphd", &[&z, &aw.w_o], None::<&[i64]>);
+            let result = hooks.at(at(Site::Result), result)?;
+            Ok(result.sum_dim_intlist(2, false, None) + &aw.b_o)
+        } else {
+            Ok(z.view([b, p, h * e]).matmul(&fw.w_o) + &aw.b_o)
+        }
+    }
+
+    fn mlp(&self, l: usize, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let at = |s: Site| HookPoint::Block(l, s);
+        let mw = &self.weights.blocks[l].mlp;
+        let act = |t: &Tensor| match self.cfg.mlp.act {
+            Activation::GeluNew => t.gelu("tanh"),
+            Activation::Gelu => t.gelu("none"),
+            Activation::Relu => t.relu(),
+            Activation::Silu => t.silu(),
+        };
+        let post = match &mw.w_gate {
+            Some(w_gate) => {
+                let pre = hooks.at(at(Site::MlpPre), x.matmul(w_gate))?;
+                let pre_linear = hooks.at(at(Site::MlpPreLinear), x.matmul(&mw.w_in) + &mw.b_in)?;
+                act(&pre) * pre_linear
+            }
+            None => act(&hooks.at(at(Site::MlpPre), x.matmul(&mw.w_in) + &mw.b_in)?),
+        };
+        let post = hooks.at(at(Site::MlpPost), post)?;
+        Ok(post.matmul(&mw.w_out) + &mw.b_out)
+    }
+}

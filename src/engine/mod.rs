@@ -1,0 +1,4 @@
+//! Running models: the hooked forward pass, interventions and captures, tokenization.
+pub mod forward;
+pub mod hooks;
+pub mod tokenize;

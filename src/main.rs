@@ -1,0 +1,24 @@
+//! tl-run: parse arguments, dispatch one function per command, map errors to exit codes.
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod cli;
+
+fn main() -> ExitCode {
+    let args = cli::Args::parse();
+    cli::init_logging(args.verbose);
+    // A panic inside libtorch bindings must still reach the user as one readable line.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info.payload().downcast_ref::<String>().cloned().or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+        eprintln!("error: internal failure: {}", msg.unwrap_or_else(|| "unknown".into()).lines().next().unwrap_or(""));
+    }));
+    match std::panic::catch_unwind(|| cli::dispatch(args)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+        Err(_) => ExitCode::from(101),
+    }
+}

@@ -1,0 +1,226 @@
+//! Hook points: the named places in the forward pass where activations can be read or changed.
+//! `Display` and `FromStr` are exactly TransformerLens's names, so a name printed here can be
+//! pasted into Python and the other way round; parsing is strict and suggests the nearest names.
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result};
+
+/// Which of a norm's two hooks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum NormHook {
+    Scale,
+    Normalized,
+}
+
+/// A hook point inside block `l`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Site {
+    ResidPre,
+    Ln1(NormHook),
+    Q,
+    K,
+    V,
+    RotQ,
+    RotK,
+    AttnScores,
+    Pattern,
+    Z,
+    Result,
+    AttnOut,
+    ResidMid,
+    Ln2(NormHook),
+    MlpPre,
+    MlpPreLinear,
+    MlpPost,
+    MlpOut,
+    ResidPost,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookPoint {
+    Embed,
+    PosEmbed,
+    Block(usize, Site),
+    LnFinal(NormHook),
+}
+
+/// Every block site with its name after `blocks.{l}.`, in forward order. One table serves
+/// printing and parsing, so the two cannot disagree.
+pub const SITE_NAMES: &[(Site, &str)] = &[
+    (Site::ResidPre, "hook_resid_pre"),
+    (Site::Ln1(NormHook::Scale), "ln1.hook_scale"),
+    (Site::Ln1(NormHook::Normalized), "ln1.hook_normalized"),
+    (Site::Q, "attn.hook_q"),
+    (Site::K, "attn.hook_k"),
+    (Site::V, "attn.hook_v"),
+    (Site::RotQ, "attn.hook_rot_q"),
+    (Site::RotK, "attn.hook_rot_k"),
+    (Site::AttnScores, "attn.hook_attn_scores"),
+    (Site::Pattern, "attn.hook_pattern"),
+    (Site::Z, "attn.hook_z"),
+    (Site::Result, "attn.hook_result"),
+    (Site::AttnOut, "hook_attn_out"),
+    (Site::ResidMid, "hook_resid_mid"),
+    (Site::Ln2(NormHook::Scale), "ln2.hook_scale"),
+    (Site::Ln2(NormHook::Normalized), "ln2.hook_normalized"),
+    (Site::MlpPre, "mlp.hook_pre"),
+    (Site::MlpPreLinear, "mlp.hook_pre_linear"),
+    (Site::MlpPost, "mlp.hook_post"),
+    (Site::MlpOut, "hook_mlp_out"),
+    (Site::ResidPost, "hook_resid_post"),
+];
+
+/// TransformerLens `utils.get_act_name` short forms, for specs ("resid_pre" + a layer).
+pub const SHORT_NAMES: &[(&str, Site)] = &[
+    ("resid_pre", Site::ResidPre),
+    ("resid_mid", Site::ResidMid),
+    ("resid_post", Site::ResidPost),
+    ("attn_out", Site::AttnOut),
+    ("mlp_out", Site::MlpOut),
+    ("q", Site::Q),
+    ("k", Site::K),
+    ("v", Site::V),
+    ("rot_q", Site::RotQ),
+    ("rot_k", Site::RotK),
+    ("z", Site::Z),
+    ("result", Site::Result),
+    ("attn_scores", Site::AttnScores),
+    ("attn", Site::Pattern),
+    ("pattern", Site::Pattern),
+    ("pre", Site::MlpPre),
+    ("pre_linear", Site::MlpPreLinear),
+    ("post", Site::MlpPost),
+];
+
+impl Site {
+    pub fn name(self) -> &'static str {
+        SITE_NAMES.iter().find(|(s, _)| *s == self).map(|(_, n)| *n).expect("every site is in SITE_NAMES")
+    }
+
+    /// The site a `get_act_name` short form names, if any.
+    pub fn from_short(name: &str) -> Option<Site> {
+        SHORT_NAMES.iter().find(|(n, _)| *n == name).map(|(_, s)| *s)
+    }
+
+    /// True for sites whose tensors have a head axis.
+    pub fn has_heads(self) -> bool {
+        matches!(
+            self,
+            Site::Q | Site::K | Site::V | Site::RotQ | Site::RotK | Site::AttnScores | Site::Pattern | Site::Z | Site::Result
+        )
+    }
+
+    /// True for [batch, head, query, key] tensors (the head axis comes before positions).
+    pub fn is_attention_map(self) -> bool {
+        matches!(self, Site::AttnScores | Site::Pattern)
+    }
+}
+
+impl HookPoint {
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            HookPoint::Block(l, _) => Some(l),
+            _ => None,
+        }
+    }
+
+    pub fn site(self) -> Option<Site> {
+        match self {
+            HookPoint::Block(_, s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for HookPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HookPoint::Embed => f.write_str("hook_embed"),
+            HookPoint::PosEmbed => f.write_str("hook_pos_embed"),
+            HookPoint::Block(l, s) => write!(f, "blocks.{l}.{}", s.name()),
+            HookPoint::LnFinal(NormHook::Scale) => f.write_str("ln_final.hook_scale"),
+            HookPoint::LnFinal(NormHook::Normalized) => f.write_str("ln_final.hook_normalized"),
+        }
+    }
+}
+
+/// Parses the grammar of names without knowing a model; `Model::hook_point` also checks that the
+/// point exists in that model (layer in range, rotary hooks only on rotary models...).
+impl FromStr for HookPoint {
+    type Err = Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        let parsed = match name {
+            "hook_embed" => Some(HookPoint::Embed),
+            "hook_pos_embed" => Some(HookPoint::PosEmbed),
+            "ln_final.hook_scale" => Some(HookPoint::LnFinal(NormHook::Scale)),
+            "ln_final.hook_normalized" => Some(HookPoint::LnFinal(NormHook::Normalized)),
+            _ => name.strip_prefix("blocks.").and_then(|rest| {
+                let (layer, site) = rest.split_once('.')?;
+                if layer.len() > 1 && layer.starts_with('0') {
+                    return None;
+                }
+                let layer: usize = layer.parse().ok()?;
+                let site = SITE_NAMES.iter().find(|(_, n)| *n == site)?.0;
+                Some(HookPoint::Block(layer, site))
+            }),
+        };
+        parsed.ok_or_else(|| Error::UnknownHook { name: name.to_string(), suggestions: Vec::new() })
+    }
+}
+
+/// Levenshtein distance, for "did you mean" suggestions.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// The up-to-three candidates closest to `name`, closest first.
+pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+    let mut scored: Vec<(usize, &str)> = candidates.into_iter().map(|c| (edit_distance(name, c), c)).collect();
+    scored.sort();
+    let best = scored.first().map(|(d, _)| *d).unwrap_or(0);
+    scored.into_iter().take_while(|(d, _)| *d <= best + 2).take(3).map(|(_, c)| c.to_string()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips() {
+        let mut points = vec![HookPoint::Embed, HookPoint::PosEmbed];
+        points.extend([NormHook::Scale, NormHook::Normalized].map(HookPoint::LnFinal));
+        for (site, _) in SITE_NAMES {
+            points.push(HookPoint::Block(11, *site));
+        }
+        for p in points {
+            assert_eq!(p.to_string().parse::<HookPoint>().unwrap(), p);
+        }
+        assert_eq!(HookPoint::Block(3, Site::Z).to_string(), "blocks.3.attn.hook_z");
+    }
+
+    #[test]
+    fn malformed_names_are_rejected() {
+        for bad in ["blocks.01.hook_resid_pre", "blocks.x.hook_resid_pre", "blocks.1.hook_resid", "hook_z", ""] {
+            assert!(bad.parse::<HookPoint>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nearest_names_are_suggested() {
+        let names = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.0.attn.hook_z"];
+        assert_eq!(nearest("blocks.0.hook_resid_pr", names)[0], "blocks.0.hook_resid_pre");
+    }
+}

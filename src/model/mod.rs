@@ -1,0 +1,180 @@
+//! Models: configuration by composition, loading from a directory or the hub, TL-layout weights,
+//! hook points. One file per family translates a checkpoint; nothing downstream knows families.
+pub mod checkpoint;
+pub mod config;
+pub mod gpt2;
+pub mod hook_point;
+pub mod llama;
+pub mod process;
+pub mod source;
+pub mod weights;
+
+use tch::{Device, Kind};
+
+use crate::engine::tokenize::TextTokenizer;
+use crate::error::{Error, Result};
+use config::{ModelConfig, Processing};
+use hook_point::{nearest, HookPoint, NormHook, Site, SITE_NAMES};
+use weights::{FusedAttn, Weights};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub revision: Option<String>,
+    pub processing: Processing,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { revision: None, processing: Processing::TRANSFORMER_LENS, device: Device::Cpu, kind: Kind::Float }
+    }
+}
+
+/// A loaded model: immutable weights and config; all run state lives in `Hooks` and the caller.
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub weights: Weights,
+    pub(crate) fused: Vec<FusedAttn>,
+    pub processing: Processing,
+    pub device: Device,
+    pub kind: Kind,
+    pub tokenizer: Option<TextTokenizer>,
+    pub files: Option<source::ModelFiles>,
+    /// When false (the default) forwards run without autograd; attribution turns it on.
+    pub grad_enabled: bool,
+}
+
+/// The family parser for a config.json, chosen by its model_type.
+fn family(json: &serde_json::Value) -> Result<(ModelConfig, fn(checkpoint::StateDict, &ModelConfig) -> Result<Weights>)> {
+    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
+    match model_type {
+        "gpt2" => Ok((gpt2::config(json)?, gpt2::weights)),
+        "llama" => Ok((llama::config(json)?, llama::weights)),
+        other => Err(Error::Config(format!("model_type '{other}' is not supported yet (supported: gpt2, llama)"))),
+    }
+}
+
+/// Reads and parses config.json into the resolved config (no weights), e.g. to validate a spec.
+pub fn read_config(files: &source::ModelFiles) -> Result<ModelConfig> {
+    let json = read_json(&files.config)?;
+    Ok(family(&json)?.0)
+}
+
+fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+impl Model {
+    /// Loads `id` (a local directory or a hub id) with TransformerLens-style processing.
+    pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
+        let files = source::resolve(id, opts.revision.as_deref())?;
+        tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
+        let json = read_json(&files.config)?;
+        let (cfg, convert) = family(&json)?;
+        let sd = checkpoint::StateDict::read(&files.weights)?;
+        let weights = convert(sd, &cfg).map_err(|e| match e {
+            Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
+            e => e,
+        })?;
+        let tokenizer = match &files.tokenizer {
+            Some(t) => Some(TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json)?),
+            None => None,
+        };
+        let mut model = Model::from_weights(cfg, weights, opts)?;
+        model.tokenizer = tokenizer;
+        model.files = Some(files);
+        Ok(model)
+    }
+
+    /// Builds a model from unprocessed TL-layout weights (f32, CPU).
+    pub fn from_weights(cfg: ModelConfig, mut weights: Weights, opts: &LoadOptions) -> Result<Model> {
+        weights.validate(&cfg)?;
+        process::process(&mut weights, &cfg, opts.processing);
+        let weights = if opts.device == Device::Cpu && opts.kind == Kind::Float { weights } else { weights.to(opts.device, opts.kind) };
+        let fused = weights.blocks.iter().map(|b| b.attn.fused()).collect();
+        Ok(Model {
+            cfg,
+            weights,
+            fused,
+            processing: opts.processing,
+            device: opts.device,
+            kind: opts.kind,
+            tokenizer: None,
+            files: None,
+            grad_enabled: false,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into()))
+    }
+
+    /// Whether this model's forward has `site` at all.
+    fn has_site(&self, site: Site) -> bool {
+        match site {
+            Site::RotQ | Site::RotK => self.cfg.is_rotary(),
+            Site::ResidMid => !self.cfg.parallel_block,
+            Site::MlpPreLinear => self.cfg.mlp.gated,
+            _ => true,
+        }
+    }
+
+    /// Every hook point of this model in forward order (hook_result included: it is computed
+    /// only when captured or edited).
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        let mut out = vec![HookPoint::Embed];
+        if !self.cfg.is_rotary() {
+            out.push(HookPoint::PosEmbed);
+        }
+        for l in 0..self.cfg.n_layers {
+            out.extend(SITE_NAMES.iter().filter(|(s, _)| self.has_site(*s)).map(|(s, _)| HookPoint::Block(l, *s)));
+        }
+        out.push(HookPoint::LnFinal(NormHook::Scale));
+        out.push(HookPoint::LnFinal(NormHook::Normalized));
+        out
+    }
+
+    /// Parses a TransformerLens hook name and checks that this model has it; the error names the
+    /// nearest valid names or the valid layer range.
+    pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
+        let point = match name.parse::<HookPoint>() {
+            Ok(p) => p,
+            Err(_) => {
+                let names: Vec<String> = self.hook_points().iter().map(|p| p.to_string()).collect();
+                return Err(Error::UnknownHook { name: name.into(), suggestions: nearest(name, names.iter().map(|s| s.as_str())) });
+            }
+        };
+        match point {
+            HookPoint::Block(l, _) if l >= self.cfg.n_layers => Err(Error::AbsentHook {
+                name: name.into(),
+                why: format!("the model has {} layers: 0-{}", self.cfg.n_layers, self.cfg.n_layers - 1),
+            }),
+            HookPoint::Block(_, s) if !self.has_site(s) => Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) }),
+            HookPoint::PosEmbed if self.cfg.is_rotary() => Err(Error::AbsentHook { name: name.into(), why: "rotary models have no position embedding".into() }),
+            p => Ok(p),
+        }
+    }
+
+    /// The shape of `point`'s activation for a [batch, seq] input.
+    pub fn hook_shape(&self, point: HookPoint, batch: i64, seq: i64) -> Vec<i64> {
+        let c = &self.cfg;
+        let (d, h, kv, e, m) = (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
+        match point {
+            HookPoint::Embed | HookPoint::PosEmbed => vec![batch, seq, d],
+            HookPoint::LnFinal(NormHook::Scale) => vec![batch, seq, 1],
+            HookPoint::LnFinal(NormHook::Normalized) => vec![batch, seq, d],
+            HookPoint::Block(_, s) => match s {
+                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) => vec![batch, seq, 1],
+                Site::Q | Site::RotQ | Site::Z => vec![batch, seq, h, e],
+                Site::K | Site::V | Site::RotK => vec![batch, seq, kv, e],
+                Site::AttnScores | Site::Pattern => vec![batch, h, seq, seq],
+                Site::Result => vec![batch, seq, h, d],
+                Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => vec![batch, seq, m],
+                _ => vec![batch, seq, d],
+            },
+        }
+    }
+}

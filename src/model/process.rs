@@ -1,0 +1,90 @@
+//! TransformerLens's load-time weight processing, in its order and in f32:
+//! fold_ln → center_writing_weights → center_unembed → fold_value_biases.
+//! Each step leaves the model computing the same function (up to a constant per position in the
+//! logits for center_unembed); what changes is the coordinate system researchers read hooks in.
+use tch::Tensor;
+
+use crate::model::config::{ModelConfig, NormKind, Processing};
+use crate::model::weights::{NormWeights, Weights};
+
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing) {
+    let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
+    if p.fold_ln {
+        fold_layer_norms(w, layer_norm);
+    }
+    // Centering a vector that a LayerNorm will centre anyway changes no output; under RMSNorm it
+    // would, so TransformerLens skips it there and so do we.
+    if p.center_writing_weights && layer_norm {
+        center_writing_weights(w);
+    }
+    if p.center_unembed {
+        w.w_u = &w.w_u - w.w_u.mean_dim(-1, true, None);
+        w.b_u = &w.b_u - w.b_u.mean(None);
+    }
+    if p.fold_value_biases {
+        fold_value_biases(w, cfg);
+    }
+}
+
+/// Folds a norm's weight (and, for LayerNorm, bias) into the matrices that read its output.
+/// `reading` are [.., d_model, out] matrices whose d_model axis is `-2`; their biases [.., out].
+fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut Tensor>)>, layer_norm: bool) {
+    let (Some(nw), nb) = (norm.w.take(), norm.b.take()) else {
+        return; // already folded
+    };
+    for (w, bias) in reading {
+        if let (true, Some(bias), Some(nb)) = (layer_norm, bias, nb.as_ref()) {
+            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW.
+            *bias = &*bias + (&*w * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
+        }
+        *w = &*w * nw.unsqueeze(-1);
+        if layer_norm {
+            // The folded norm's output has zero mean over d_model, so the mean of W over d_model
+            // contributes nothing; removing it is TransformerLens's canonical form.
+            *w = &*w - w.mean_dim(-2, true, None);
+        }
+    }
+}
+
+fn fold_layer_norms(w: &mut Weights, layer_norm: bool) {
+    for b in &mut w.blocks {
+        let a = &mut b.attn;
+        fold_norm_into(
+            &mut b.ln1,
+            vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))],
+            layer_norm,
+        );
+        let m = &mut b.mlp;
+        let mut reading = vec![(&mut m.w_in, Some(&mut m.b_in))];
+        if let Some(g) = m.w_gate.as_mut() {
+            reading.push((g, None));
+        }
+        fold_norm_into(&mut b.ln2, reading, layer_norm);
+    }
+    fold_norm_into(&mut w.ln_final, vec![(&mut w.w_u, Some(&mut w.b_u))], layer_norm);
+}
+
+fn center_writing_weights(w: &mut Weights) {
+    let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
+    w.w_e = center(&w.w_e);
+    if let Some(p) = &w.w_pos {
+        w.w_pos = Some(center(p));
+    }
+    for b in &mut w.blocks {
+        b.attn.w_o = center(&b.attn.w_o);
+        b.attn.b_o = center(&b.attn.b_o);
+        b.mlp.w_out = center(&b.mlp.w_out);
+        b.mlp.b_out = center(&b.mlp.b_out);
+    }
+}
+
+/// Attention patterns sum to one over keys, so a constant added to every value vector reaches
+/// the output as b_V·W_O: move it into b_O.
+fn fold_value_biases(w: &mut Weights, cfg: &ModelConfig) {
+    for b in &mut w.blocks {
+        let a = &mut b.attn;
+        let b_v = a.b_v.repeat_interleave_self_int(cfg.kv_group() as i64, 0, None);
+        a.b_o = &a.b_o + (b_v.unsqueeze(-1) * &a.w_o).sum_dim_intlist([0i64, 1].as_slice(), false, None);
+        a.b_v = a.b_v.zeros_like();
+    }
+}

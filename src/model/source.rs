@@ -1,0 +1,205 @@
+//! Where a model's files come from: a local directory, or a Hugging Face hub id resolved through
+//! the standard hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub) and
+//! downloaded with hf-hub when missing. With HF_HUB_OFFLINE=1 only the cache is read.
+//! Only safetensors weights are ever loaded: pickle checkpoints can execute code.
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user wrote (hub id or directory).
+    pub id: String,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub tokenizer_config: Option<PathBuf>,
+    /// The commit the hub cache resolved the revision to (None for a local directory).
+    pub commit: Option<String>,
+}
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+const PICKLES: &[&str] = &["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt"];
+
+/// Something that can hand out a repository's files by name: a directory, the hub cache, or the
+/// hub itself. `Ok(None)` = that file is not in the repository (or not cached).
+trait FileStore {
+    fn get(&self, name: &str) -> Result<Option<PathBuf>>;
+    fn describe(&self) -> String;
+}
+
+struct LocalDir(PathBuf);
+
+impl FileStore for LocalDir {
+    fn get(&self, name: &str) -> Result<Option<PathBuf>> {
+        let p = self.0.join(name);
+        Ok(p.is_file().then_some(p))
+    }
+    fn describe(&self) -> String {
+        format!("directory {}", self.0.display())
+    }
+}
+
+/// The hub cache layout: models--{org}--{name}/refs/{revision} holds a commit hash, and
+/// snapshots/{commit}/{file} the files.
+struct HubCache {
+    repo_dir: PathBuf,
+    commit: Option<String>,
+}
+
+impl HubCache {
+    fn open(cache: &Path, id: &str, revision: &str) -> Self {
+        let repo_dir = cache.join(format!("models--{}", id.replace('/', "--")));
+        let commit = if is_commit_hash(revision) {
+            Some(revision.to_string())
+        } else {
+            std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok().map(|s| s.trim().to_string())
+        };
+        HubCache { repo_dir, commit }
+    }
+}
+
+impl FileStore for HubCache {
+    fn get(&self, name: &str) -> Result<Option<PathBuf>> {
+        let Some(commit) = &self.commit else { return Ok(None) };
+        let p = self.repo_dir.join("snapshots").join(commit).join(name);
+        Ok(p.is_file().then_some(p))
+    }
+    fn describe(&self) -> String {
+        format!("hub cache {}", self.repo_dir.display())
+    }
+}
+
+struct Hub {
+    repo: hf_hub::api::sync::ApiRepo,
+    label: String,
+}
+
+impl FileStore for Hub {
+    fn get(&self, name: &str) -> Result<Option<PathBuf>> {
+        match self.repo.get(name) {
+            Ok(p) => Ok(Some(p)),
+            // A 404 means the repository has no such file; anything else is a real failure.
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("downloading {name}: {e}") }),
+        }
+    }
+    fn describe(&self) -> String {
+        format!("the hub ({})", self.label)
+    }
+}
+
+fn is_commit_hash(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub
+/// (the order huggingface_hub uses).
+pub fn hub_cache_dir() -> PathBuf {
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = var("HF_HUB_CACHE") {
+        return p;
+    }
+    if let Some(p) = var("HF_HOME") {
+        return p.join("hub");
+    }
+    let base = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))).unwrap_or_else(|| PathBuf::from(".cache"));
+    base.join("huggingface").join("hub")
+}
+
+pub fn offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on")).unwrap_or(false)
+}
+
+/// Finds the files of model `id`: a local directory when `id` names one, else a hub repository.
+pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
+    let path = Path::new(id);
+    if path.is_dir() {
+        return collect(id, &LocalDir(path.to_path_buf()), None);
+    }
+    if path.is_absolute() || id.starts_with("./") || id.starts_with("../") || id.split('/').count() > 2 {
+        return Err(Error::Load { id: id.into(), reason: format!("no such directory: {}", path.display()) });
+    }
+    let revision = revision.unwrap_or("main");
+    let cache_dir = hub_cache_dir();
+    let cached = HubCache::open(&cache_dir, id, revision);
+    if offline() {
+        if cached.commit.is_none() {
+            return Err(Error::Load {
+                id: id.into(),
+                reason: format!(
+                    "HF_HUB_OFFLINE is set and revision '{revision}' is not in the hub cache at {} (looked for {})",
+                    cache_dir.display(),
+                    cached.repo_dir.join("refs").join(revision).display()
+                ),
+            });
+        }
+        let commit = cached.commit.clone();
+        return collect(id, &cached, commit);
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
+        .with_progress(true)
+        .build()
+        .map_err(|e| Error::Load { id: id.into(), reason: format!("hub client: {e}") })?;
+    let repo = api.repo(hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string()));
+    let hub = Hub { repo, label: format!("{id}@{revision}") };
+    let mut files = collect(id, &hub, None)?;
+    // Downloads land in snapshots/<commit>/; read the commit back from the path.
+    files.commit = files.config.parent().and_then(|p| p.file_name()).map(|c| c.to_string_lossy().into_owned());
+    Ok(files)
+}
+
+fn collect(id: &str, store: &dyn FileStore, commit: Option<String>) -> Result<ModelFiles> {
+    let missing = |what: &str| Error::Load { id: id.into(), reason: format!("{what} not found in {}", store.describe()) };
+    let config = store.get("config.json")?.ok_or_else(|| missing("config.json"))?;
+    let weights = if let Some(single) = store.get(SINGLE)? {
+        vec![single]
+    } else if let Some(index) = store.get(INDEX)? {
+        shard_files(id, &index, store)?
+    } else {
+        for p in PICKLES {
+            if store.get(p)?.is_some() {
+                return Err(Error::Load {
+                    id: id.into(),
+                    reason: format!(
+                        "only {p} (a pickle checkpoint) is in {}; tl-run loads safetensors only, because pickle files \
+                         can run code. Convert it with `safetensors`'s convert script or pick a repo with model.safetensors",
+                        store.describe()
+                    ),
+                });
+            }
+        }
+        return Err(missing("model.safetensors (or model.safetensors.index.json)"));
+    };
+    Ok(ModelFiles {
+        id: id.into(),
+        config,
+        weights,
+        tokenizer: store.get("tokenizer.json")?,
+        tokenizer_config: store.get("tokenizer_config.json")?,
+        commit,
+    })
+}
+
+fn shard_files(id: &str, index: &Path, store: &dyn FileStore) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Load { id: id.into(), reason: format!("{}: {e}", index.display()) })?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Load {
+        id: id.into(),
+        reason: format!("{} has no weight_map", index.display()),
+    })?;
+    let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|n| {
+            if !n.ends_with(".safetensors") || n.contains("..") || n.starts_with('/') {
+                return Err(Error::Load { id: id.into(), reason: format!("shard '{n}' is not a safetensors file in the repo") });
+            }
+            store.get(n)?.ok_or_else(|| Error::Load { id: id.into(), reason: format!("shard {n} not found in {}", store.describe()) })
+        })
+        .collect()
+}

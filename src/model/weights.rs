@@ -1,0 +1,194 @@
+//! Weights in TransformerLens's layout, shared by every family: attention stored per head
+//! (W_Q [head, d_model, d_head], W_O [head, d_head, d_model]) so that hook_z, per-head results and
+//! weight processing fall out directly. Family files convert a checkpoint into this; the forward
+//! pass and the processing steps only ever see this.
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::config::ModelConfig;
+
+/// A norm's affine parameters; both `None` once folded into the next layer (TL's LNPre/RMSPre).
+#[derive(Debug)]
+pub struct NormWeights {
+    pub w: Option<Tensor>,
+    pub b: Option<Tensor>,
+}
+
+#[derive(Debug)]
+pub struct AttnWeights {
+    pub w_q: Tensor, // [n_heads, d_model, d_head]
+    pub b_q: Tensor, // [n_heads, d_head]
+    pub w_k: Tensor, // [n_kv_heads, d_model, d_head]
+    pub b_k: Tensor, // [n_kv_heads, d_head]
+    pub w_v: Tensor, // [n_kv_heads, d_model, d_head]
+    pub b_v: Tensor, // [n_kv_heads, d_head]
+    pub w_o: Tensor, // [n_heads, d_head, d_model]
+    pub b_o: Tensor, // [d_model]
+}
+
+#[derive(Debug)]
+pub struct MlpWeights {
+    pub w_in: Tensor,           // [d_model, d_mlp]
+    pub b_in: Tensor,           // [d_mlp]
+    pub w_gate: Option<Tensor>, // [d_model, d_mlp], gated MLPs only (no bias, as TL)
+    pub w_out: Tensor,          // [d_mlp, d_model]
+    pub b_out: Tensor,          // [d_model]
+}
+
+#[derive(Debug)]
+pub struct BlockWeights {
+    pub ln1: NormWeights,
+    pub attn: AttnWeights,
+    pub ln2: NormWeights,
+    pub mlp: MlpWeights,
+}
+
+#[derive(Debug)]
+pub struct Weights {
+    pub w_e: Tensor,           // [d_vocab, d_model]
+    pub w_pos: Option<Tensor>, // [n_ctx, d_model], learned positions only
+    pub blocks: Vec<BlockWeights>,
+    pub ln_final: NormWeights,
+    pub w_u: Tensor, // [d_model, d_vocab]
+    pub b_u: Tensor, // [d_vocab]
+}
+
+/// Fused matrices for the forward pass, derived once from the per-head weights: one matmul per
+/// projection instead of an einsum over heads.
+#[derive(Debug)]
+pub struct FusedAttn {
+    pub w_q: Tensor, // [n_heads * d_head, d_model]
+    pub b_q: Tensor, // [n_heads * d_head]
+    pub w_k: Tensor,
+    pub b_k: Tensor,
+    pub w_v: Tensor,
+    pub b_v: Tensor,
+    pub w_o: Tensor, // [n_heads * d_head, d_model]
+}
+
+impl AttnWeights {
+    pub fn fused(&self) -> FusedAttn {
+        // [out, in] like nn.Linear, used through `linear` (addmm), as HF computes projections.
+        let flat_in = |w: &Tensor| {
+            let (h, d, e) = w.size3().expect("per-head weight is 3-d");
+            w.permute([0, 2, 1]).contiguous().view([h * e, d])
+        };
+        FusedAttn {
+            w_q: flat_in(&self.w_q),
+            b_q: self.b_q.reshape([-1]),
+            w_k: flat_in(&self.w_k),
+            b_k: self.b_k.reshape([-1]),
+            w_v: flat_in(&self.w_v),
+            b_v: self.b_v.reshape([-1]),
+            w_o: self.w_o.reshape([-1, self.w_o.size()[2]]),
+        }
+    }
+}
+
+fn expect_shape(name: &str, t: &Tensor, want: &[i64]) -> Result<()> {
+    if t.size() != want {
+        return Err(Error::Config(format!("weight {name} has shape {:?}, expected {want:?}", t.size())));
+    }
+    Ok(())
+}
+
+impl Weights {
+    /// Checks every shape against the config, so the forward pass cannot meet a mismatch later.
+    pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
+        let (d, v, h, kv, e, m) = (
+            cfg.d_model as i64,
+            cfg.d_vocab as i64,
+            cfg.n_heads as i64,
+            cfg.n_kv_heads as i64,
+            cfg.d_head as i64,
+            cfg.mlp.d_mlp as i64,
+        );
+        expect_shape("W_E", &self.w_e, &[v, d])?;
+        match (&self.w_pos, cfg.is_rotary()) {
+            (Some(p), false) => expect_shape("W_pos", p, &[cfg.n_ctx as i64, d])?,
+            (None, true) => {}
+            _ => return Err(Error::Config("position embedding table does not match the positional scheme".into())),
+        }
+        if self.blocks.len() != cfg.n_layers {
+            return Err(Error::Config(format!("{} blocks of weights for {} layers", self.blocks.len(), cfg.n_layers)));
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            let n = |s: &str| format!("blocks.{l}.{s}");
+            expect_shape(&n("attn.W_Q"), &b.attn.w_q, &[h, d, e])?;
+            expect_shape(&n("attn.b_Q"), &b.attn.b_q, &[h, e])?;
+            expect_shape(&n("attn.W_K"), &b.attn.w_k, &[kv, d, e])?;
+            expect_shape(&n("attn.b_K"), &b.attn.b_k, &[kv, e])?;
+            expect_shape(&n("attn.W_V"), &b.attn.w_v, &[kv, d, e])?;
+            expect_shape(&n("attn.b_V"), &b.attn.b_v, &[kv, e])?;
+            expect_shape(&n("attn.W_O"), &b.attn.w_o, &[h, e, d])?;
+            expect_shape(&n("attn.b_O"), &b.attn.b_o, &[d])?;
+            expect_shape(&n("mlp.W_in"), &b.mlp.w_in, &[d, m])?;
+            expect_shape(&n("mlp.b_in"), &b.mlp.b_in, &[m])?;
+            match (&b.mlp.w_gate, cfg.mlp.gated) {
+                (Some(g), true) => expect_shape(&n("mlp.W_gate"), g, &[d, m])?,
+                (None, false) => {}
+                _ => return Err(Error::Config(format!("block {l}: gate weight does not match the MLP kind"))),
+            }
+            expect_shape(&n("mlp.W_out"), &b.mlp.w_out, &[m, d])?;
+            expect_shape(&n("mlp.b_out"), &b.mlp.b_out, &[d])?;
+            for (name, norm) in [("ln1", &b.ln1), ("ln2", &b.ln2)] {
+                norm.validate(&n(name), d)?;
+            }
+        }
+        self.ln_final.validate("ln_final", d)?;
+        expect_shape("W_U", &self.w_u, &[d, v])?;
+        expect_shape("b_U", &self.b_u, &[v])?;
+        Ok(())
+    }
+
+    /// Moves every tensor to a device and kind (after processing, which runs in f32).
+    pub fn to(&self, device: tch::Device, kind: Kind) -> Weights {
+        let t = |x: &Tensor| x.to_device(device).to_kind(kind);
+        let o = |x: &Option<Tensor>| x.as_ref().map(t);
+        let norm = |n: &NormWeights| NormWeights { w: o(&n.w), b: o(&n.b) };
+        Weights {
+            w_e: t(&self.w_e),
+            w_pos: o(&self.w_pos),
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| BlockWeights {
+                    ln1: norm(&b.ln1),
+                    attn: AttnWeights {
+                        w_q: t(&b.attn.w_q),
+                        b_q: t(&b.attn.b_q),
+                        w_k: t(&b.attn.w_k),
+                        b_k: t(&b.attn.b_k),
+                        w_v: t(&b.attn.w_v),
+                        b_v: t(&b.attn.b_v),
+                        w_o: t(&b.attn.w_o),
+                        b_o: t(&b.attn.b_o),
+                    },
+                    ln2: norm(&b.ln2),
+                    mlp: MlpWeights {
+                        w_in: t(&b.mlp.w_in),
+                        b_in: t(&b.mlp.b_in),
+                        w_gate: o(&b.mlp.w_gate),
+                        w_out: t(&b.mlp.w_out),
+                        b_out: t(&b.mlp.b_out),
+                    },
+                })
+                .collect(),
+            ln_final: norm(&self.ln_final),
+            w_u: t(&self.w_u),
+            b_u: t(&self.b_u),
+        }
+    }
+}
+
+impl NormWeights {
+    fn validate(&self, name: &str, d: i64) -> Result<()> {
+        if let Some(w) = &self.w {
+            expect_shape(&format!("{name}.w"), w, &[d])?;
+        }
+        if let Some(b) = &self.b {
+            expect_shape(&format!("{name}.b"), b, &[d])?;
+        }
+        Ok(())
+    }
+}

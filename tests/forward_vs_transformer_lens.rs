@@ -1,0 +1,129 @@
+//! Every hook point and the logits of our forward pass against TransformerLens 4.3.0
+//! (TransformerBridge in compatibility mode) on the same fixture weights: two GPT-2 shapes (one
+//! odd: 3 layers, 6 heads of 16, 128 positions), a random GQA Llama and the real stories260K,
+//! with processing on (from_pretrained defaults) and off (also checked against HF transformers).
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use tl_run::model::config::Processing;
+use tl_run::{Hooks, Input, Stop};
+
+const TOL: f64 = 1e-4;
+/// Hooks the bridge exposes that HookedTransformer does not have (HF rotary tables).
+const BRIDGE_ONLY: &[&str] = &["hook_cos", "hook_sin"];
+
+fn family_of(name: &str) -> String {
+    // "blocks.3.attn.hook_q" -> "attn.hook_q": the max diff is reported per hook family.
+    match name.strip_prefix("blocks.") {
+        Some(rest) => rest.split_once('.').map(|(_, s)| s.to_string()).unwrap_or_default(),
+        None => name.to_string(),
+    }
+}
+
+/// Records the diff under the hook's family; returns a failure line if it is over tolerance.
+fn compare(name: &str, ours: &tch::Tensor, theirs: &tch::Tensor, worst: &mut BTreeMap<String, f64>) -> Option<String> {
+    if ours.size() != theirs.size() {
+        return Some(format!("{name}: shape {:?} vs TransformerLens {:?}", ours.size(), theirs.size()));
+    }
+    let d = max_abs_diff(ours, theirs);
+    let w = worst.entry(family_of(name)).or_insert(0.0);
+    *w = w.max(d);
+    (d > TOL).then(|| format!("{name}: max abs diff {d:.3e}"))
+}
+
+fn compare_case(fixture_name: &str, processed: bool, case: &str, worst: &mut BTreeMap<String, f64>) {
+    let processing = if processed { Processing::TRANSFORMER_LENS } else { Processing::NONE };
+    let model = load(fixture_name, processing);
+    let file = format!("{}-{case}.safetensors", if processed { "processed" } else { "raw" });
+    let oracle = Oracle::read(fixture_name, &file);
+    let tokens = oracle.get("tokens");
+
+    // Prompts are tokenized by us exactly as TransformerLens tokenized them.
+    let prompts = oracle.prompts();
+    if !prompts.is_empty() {
+        let tok = model.tokenizer().unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let ours = tok.encode(p, true).unwrap();
+            let theirs: Vec<i64> = Vec::try_from(tokens.get(i as i64)).unwrap();
+            assert_eq!(ours, theirs, "{fixture_name}: tokens of {p:?}");
+        }
+    }
+
+    let mut hooks = Hooks::capture_all();
+    let logits = model.run(Input::Tokens(tokens), None, &mut hooks, Stop::Logits).unwrap();
+    let mut failures = Vec::new();
+    let mut check = |name: &str, ours: &tch::Tensor, theirs: &tch::Tensor, failures: &mut Vec<String>| {
+        if let Some(f) = compare(name, ours, theirs, worst) {
+            failures.push(f);
+        }
+    };
+    for point in model.hook_points() {
+        let name = point.to_string();
+        let ours = hooks.cache.get(&point).unwrap_or_else(|| panic!("{name} was not captured"));
+        match oracle.tensors.get(&name) {
+            Some(theirs) => check(&name, ours, theirs, &mut failures),
+            None => failures.push(format!("{name}: TransformerLens has no such hook")),
+        }
+    }
+    for name in oracle.tensors.keys() {
+        let ours_has = model.hook_point(name).is_ok();
+        let expected_extra = ["tokens", "logits", "hf_logits"].contains(&name.as_str()) || BRIDGE_ONLY.iter().any(|s| name.ends_with(s));
+        if !ours_has && !expected_extra {
+            failures.push(format!("{name}: TransformerLens has it and we do not"));
+        }
+    }
+    check("logits", &logits, oracle.get("logits"), &mut failures);
+    if !processed {
+        check("logits_vs_hf_transformers", &logits, oracle.get("hf_logits"), &mut failures);
+    }
+    assert!(failures.is_empty(), "{fixture_name} {file}:\n  {}\nmax so far per family: {worst:#?}", failures.join("\n  "));
+}
+
+fn compare_fixture(fixture_name: &str, cases: &[&str]) {
+    let mut worst = BTreeMap::new();
+    for processed in [false, true] {
+        for case in cases {
+            compare_case(fixture_name, processed, case, &mut worst);
+        }
+    }
+    // The per-family maxima, for the record (cargo test -- --nocapture shows them).
+    println!("max abs diff per hook family, {fixture_name}:");
+    for (family, d) in &worst {
+        println!("  {family:<28} {d:.2e}");
+    }
+}
+
+#[test]
+fn gpt2_tiny_equals_transformer_lens() {
+    compare_fixture("gpt2-tiny", &["single", "batch"]);
+}
+
+#[test]
+fn gpt2_odd_shape_equals_transformer_lens() {
+    compare_fixture("gpt2-odd", &["single", "batch", "long"]);
+}
+
+#[test]
+fn llama_gqa_fixture_equals_transformer_lens() {
+    compare_fixture("llama-tiny", &["single", "batch"]);
+}
+
+#[test]
+fn stories260k_equals_transformer_lens_and_hf() {
+    compare_fixture("stories260K", &["single", "batch", "long"]);
+}
+
+/// Processing changes hook values but not the model's predictions: log-probs agree.
+#[test]
+fn processing_preserves_log_probs() {
+    for fixture_name in ["gpt2-odd", "stories260K"] {
+        let oracle = Oracle::read(fixture_name, "raw-batch.safetensors");
+        let tokens = oracle.get("tokens");
+        let a = load(fixture_name, Processing::TRANSFORMER_LENS).run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
+        let b = load(fixture_name, Processing::NONE).run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
+        let d = max_abs_diff(&log_softmax(&a), &log_softmax(&b));
+        assert!(d <= TOL, "{fixture_name}: log-softmax differs by {d:.3e}");
+    }
+}
