@@ -58,7 +58,7 @@ impl Positions {
 impl Model {
     /// Runs the model. `mask` is the [batch, pos] attention mask of a left-padded batch.
     pub fn run(&self, input: Input<'_>, mask: Option<&Tensor>, hooks: &mut Hooks, stop: Stop) -> Result<Tensor> {
-        let _guard = if self.grad_enabled { None } else { Some(tch::no_grad_guard()) };
+        let _guard = if hooks.grad() { None } else { Some(tch::no_grad_guard()) };
         let (start, mut x, pos) = match input {
             Input::Tokens(tokens) => {
                 let size = tokens.size();

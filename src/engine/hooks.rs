@@ -173,6 +173,8 @@ pub enum Capture {
 pub struct Hooks {
     interventions: HashMap<HookPoint, Vec<Intervention>>,
     capture: Capture,
+    /// Keep the autograd graph and make every captured activation differentiable.
+    grad: bool,
     pub cache: HashMap<HookPoint, Tensor>,
 }
 
@@ -187,6 +189,17 @@ impl Hooks {
 
     pub fn capture(points: impl IntoIterator<Item = HookPoint>) -> Self {
         Hooks { capture: Capture::Only(points.into_iter().collect()), ..Self::default() }
+    }
+
+    /// Gradients of anything computed from the output, with respect to every captured
+    /// activation, become available through `Tensor::run_backward`.
+    pub fn with_grad(mut self) -> Self {
+        self.grad = true;
+        self
+    }
+
+    pub fn grad(&self) -> bool {
+        self.grad
     }
 
     pub fn intervene(mut self, point: HookPoint, i: Intervention) -> Self {
@@ -234,7 +247,11 @@ impl Hooks {
             }
         };
         if self.captures(point) {
+            // Weights carry no gradient, so the first captured activation is a leaf: mark it.
+            // Later ones are computed from it and are in the graph already.
+            let x = if self.grad && !x.requires_grad() { x.detach().set_requires_grad(true) } else { x };
             self.cache.insert(point, x.shallow_clone());
+            return Ok(x);
         }
         Ok(x)
     }

@@ -42,8 +42,6 @@ pub struct Model {
     pub kind: Kind,
     pub tokenizer: Option<TextTokenizer>,
     pub files: Option<source::ModelFiles>,
-    /// When false (the default) forwards run without autograd; attribution turns it on.
-    pub grad_enabled: bool,
 }
 
 /// The family parser for a config.json, chosen by its model_type.
@@ -104,7 +102,6 @@ impl Model {
             kind: opts.kind,
             tokenizer: None,
             files: None,
-            grad_enabled: false,
         })
     }
 

@@ -123,20 +123,8 @@ pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     }
     let revision = revision.unwrap_or("main");
     let cache_dir = hub_cache_dir();
-    let cached = HubCache::open(&cache_dir, id, revision);
     if offline() {
-        if cached.commit.is_none() {
-            return Err(Error::Load {
-                id: id.into(),
-                reason: format!(
-                    "HF_HUB_OFFLINE is set and revision '{revision}' is not in the hub cache at {} (looked for {})",
-                    cache_dir.display(),
-                    cached.repo_dir.join("refs").join(revision).display()
-                ),
-            });
-        }
-        let commit = cached.commit.clone();
-        return collect(id, &cached, commit);
+        return resolve_in_cache(&cache_dir, id, revision);
     }
     let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
         .with_progress(true)
@@ -148,6 +136,23 @@ pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     // Downloads land in snapshots/<commit>/; read the commit back from the path.
     files.commit = files.config.parent().and_then(|p| p.file_name()).map(|c| c.to_string_lossy().into_owned());
     Ok(files)
+}
+
+/// Resolves `id` at `revision` from a hub cache directory only (what HF_HUB_OFFLINE=1 does).
+pub fn resolve_in_cache(cache_dir: &Path, id: &str, revision: &str) -> Result<ModelFiles> {
+    let cached = HubCache::open(cache_dir, id, revision);
+    if cached.commit.is_none() {
+        return Err(Error::Load {
+            id: id.into(),
+            reason: format!(
+                "HF_HUB_OFFLINE is set and revision '{revision}' is not in the hub cache at {} (looked for {})",
+                cache_dir.display(),
+                cached.repo_dir.join("refs").join(revision).display()
+            ),
+        });
+    }
+    let commit = cached.commit.clone();
+    collect(id, &cached, commit)
 }
 
 fn collect(id: &str, store: &dyn FileStore, commit: Option<String>) -> Result<ModelFiles> {

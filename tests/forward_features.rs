@@ -1,0 +1,171 @@
+//! The forward pass's own contracts, on the fixtures: left padding, interventions, starting and
+//! stopping at layers, gradients with respect to hook activations.
+mod common;
+
+use common::*;
+use tch::{Kind, Tensor};
+use tl_run::model::config::Processing;
+use tl_run::{Edit, HookPoint, Hooks, Input, Intervention, Sel, Site, Stop};
+
+const TOL: f64 = 1e-4;
+
+/// In a left-padded batch, each prompt's activations equal those of its own unpadded run.
+#[test]
+fn padded_batch_equals_unpadded_runs() {
+    let prompts = ["When John and Mary went to the shops, John gave the bag to", "Hello there", "The cat sat on the mat and then it"];
+    for name in ["gpt2-odd", "stories260K"] {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let tok = model.tokenizer().unwrap();
+        let batch = tok.batch(&prompts, true).unwrap();
+        assert!(batch.mask.is_some(), "prompts should differ in length");
+        let mut hooks = Hooks::capture_all();
+        let logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits).unwrap();
+        let max_len = batch.tokens.size()[1];
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = tok.batch(&[p], true).unwrap();
+            let mut own = Hooks::capture_all();
+            let own_logits = model.run(Input::Tokens(&alone.tokens), None, &mut own, Stop::Logits).unwrap();
+            let len = batch.lengths[i] as i64;
+            let pad = max_len - len;
+            let row = |t: &Tensor| t.narrow(0, i as i64, 1);
+            let d = max_abs_diff(&row(&logits).narrow(1, pad, len), &own_logits);
+            assert!(d <= TOL, "{name} prompt {i} logits differ by {d:.2e}");
+            for point in model.hook_points() {
+                let ours = row(&hooks.cache[&point]);
+                let (ours, theirs) = match point.site() {
+                    Some(s) if s.is_attention_map() => (ours.narrow(2, pad, len).narrow(3, pad, len), own.cache[&point].shallow_clone()),
+                    _ => (ours.narrow(1, pad, len), own.cache[&point].shallow_clone()),
+                };
+                let d = max_abs_diff(&ours, &theirs);
+                assert!(d <= TOL, "{name} prompt {i} {point}: padded differs from unpadded by {d:.2e}");
+            }
+        }
+    }
+}
+
+fn tokens(name: &str) -> Tensor {
+    Oracle::read(name, "processed-batch.safetensors").get("tokens").shallow_clone()
+}
+
+#[test]
+fn replacing_a_head_at_a_position_changes_exactly_that_slice() {
+    let model = load("gpt2-odd", Processing::TRANSFORMER_LENS);
+    let toks = tokens("gpt2-odd");
+    let z = HookPoint::Block(1, Site::Z);
+    let mut clean = Hooks::capture([z]);
+    model.run(Input::Tokens(&toks), None, &mut clean, Stop::Logits).unwrap();
+    let values = Tensor::full([1, 1, 1, 16], 0.5, (Kind::Float, tch::Device::Cpu));
+    let edit = Intervention::new(Edit::Replace(values)).batch(Sel::One(1)).pos(Sel::One(3)).head(Sel::List(vec![2]));
+    let mut hooks = Hooks::capture([z]).intervene(z, edit);
+    model.run(Input::Tokens(&toks), None, &mut hooks, Stop::Logits).unwrap();
+    let (before, after) = (&clean.cache[&z], &hooks.cache[&z]);
+    assert_eq!(after.get(1).get(3).get(2).double_value(&[5]), 0.5);
+    let changed = before.ne_tensor(after).sum(Kind::Int64).int64_value(&[]);
+    assert_eq!(changed, 16, "only the 16 values of batch 1, position 3, head 2 change");
+}
+
+#[test]
+fn zero_scale_add_and_closure_edits() {
+    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
+    let toks = tokens("gpt2-tiny");
+    let p = HookPoint::Block(0, Site::AttnOut);
+    let mut clean = Hooks::capture([p]);
+    let clean_logits = model.run(Input::Tokens(&toks), None, &mut clean, Stop::Logits).unwrap();
+    let base = clean.cache[&p].shallow_clone();
+
+    let run = |edit: Edit| {
+        let mut h = Hooks::capture([p]).intervene(p, Intervention::new(edit).pos(Sel::List(vec![0, 2])));
+        let logits = model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).unwrap();
+        (h.cache[&p].shallow_clone(), logits)
+    };
+    let (zeroed, zero_logits) = run(Edit::Zero);
+    assert_eq!(zeroed.narrow(1, 2, 1).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert!(max_abs_diff(&zeroed.narrow(1, 1, 1), &base.narrow(1, 1, 1)) == 0.0);
+    assert!(max_abs_diff(&zero_logits, &clean_logits) > 1e-3, "ablation must change the output");
+
+    let (scaled, _) = run(Edit::Scale(2.0));
+    assert!(max_abs_diff(&scaled.narrow(1, 0, 1), &(base.narrow(1, 0, 1) * 2.0)) < 1e-6);
+    let (added, _) = run(Edit::Add(Tensor::ones([64], (Kind::Float, tch::Device::Cpu))));
+    assert!(max_abs_diff(&added.narrow(1, 2, 1), &(base.narrow(1, 2, 1) + 1.0)) < 1e-6);
+    let (negated, _) = run(Edit::Func(Box::new(|t: &Tensor| Ok(-t))));
+    assert!(max_abs_diff(&negated.narrow(1, 0, 1), &(-base.narrow(1, 0, 1))) < 1e-6);
+}
+
+#[test]
+fn bad_interventions_are_errors_not_panics() {
+    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
+    let toks = tokens("gpt2-tiny");
+    let resid = HookPoint::Block(0, Site::ResidPre);
+    let cases = [
+        Intervention::new(Edit::Zero).head(Sel::One(0)), // resid has no head axis
+        Intervention::new(Edit::Zero).pos(Sel::One(999)),
+        Intervention::new(Edit::Replace(Tensor::zeros([3, 7], (Kind::Float, tch::Device::Cpu)))),
+        Intervention::new(Edit::Func(Box::new(|t: &Tensor| Ok(t.sum(Kind::Float))))),
+    ];
+    for i in cases {
+        let desc = format!("{i:?}");
+        let mut h = Hooks::new().intervene(resid, i);
+        let err = model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).expect_err(&desc);
+        assert!(err.to_string().contains("blocks.0.hook_resid_pre"), "{desc}: {err}");
+    }
+}
+
+#[test]
+fn pattern_edits_by_head_query_and_key() {
+    let model = load("llama-tiny", Processing::TRANSFORMER_LENS);
+    let toks = tokens("llama-tiny");
+    let p = HookPoint::Block(1, Site::Pattern);
+    let edit = Intervention::new(Edit::Zero).head(Sel::One(4)).pos(Sel::One(5)).key_pos(Sel::List(vec![0, 1]));
+    let mut h = Hooks::capture([p]).intervene(p, edit);
+    model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).unwrap();
+    let pat = &h.cache[&p];
+    assert_eq!(pat.get(0).get(4).get(5).narrow(0, 0, 2).abs().sum(Kind::Float).double_value(&[]), 0.0);
+    assert!(pat.get(0).get(4).get(5).double_value(&[2]) > 0.0);
+}
+
+/// Starting at layer L from the cached resid_pre, and stopping before a layer, reproduce the
+/// full run.
+#[test]
+fn start_and_stop_at_layers() {
+    for name in ["gpt2-odd", "llama-tiny"] {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let toks = tokens(name);
+        let l = model.cfg.n_layers - 1;
+        let pre = HookPoint::Block(l, Site::ResidPre);
+        let mut full = Hooks::capture([pre]);
+        let logits = model.run(Input::Tokens(&toks), None, &mut full, Stop::Logits).unwrap();
+        let resid = full.cache[&pre].shallow_clone();
+        let stopped = model.run(Input::Tokens(&toks), None, &mut Hooks::new(), Stop::BeforeLayer(l)).unwrap();
+        assert!(max_abs_diff(&stopped, &resid) == 0.0);
+        let resumed = model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::Logits).unwrap();
+        assert!(max_abs_diff(&resumed, &logits) <= 1e-6, "{name}");
+        assert!(model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::BeforeLayer(0)).is_err());
+    }
+}
+
+/// d metric / d activation from autograd matches a central finite difference along a random
+/// direction.
+#[test]
+fn gradients_with_respect_to_hook_activations() {
+    let model = load("gpt2-odd", Processing::TRANSFORMER_LENS);
+    let toks = tokens("gpt2-odd");
+    let point = HookPoint::Block(1, Site::Z);
+    let metric = |logits: &Tensor| logits.select(1, -1).select(1, 1757).sum(Kind::Float) - logits.select(1, -1).select(1, 5335).sum(Kind::Float);
+    let mut hooks = Hooks::capture([point]).with_grad();
+    let logits = model.run(Input::Tokens(&toks), None, &mut hooks, Stop::Logits).unwrap();
+    let act = hooks.cache[&point].shallow_clone();
+    let grad = Tensor::run_backward(&[metric(&logits)], &[&act], false, false).remove(0);
+    assert_eq!(grad.size(), act.size());
+
+    tch::manual_seed(0);
+    let dir = Tensor::randn(act.size(), (Kind::Float, tch::Device::Cpu));
+    let eps = 1e-2;
+    let shifted = |s: f64| {
+        let mut h = Hooks::new().intervene(point, Intervention::new(Edit::Add(&dir * s)));
+        let _g = tch::no_grad_guard();
+        metric(&model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).unwrap()).double_value(&[])
+    };
+    let numeric = (shifted(eps) - shifted(-eps)) / (2.0 * eps);
+    let analytic = (&grad * &dir).sum(Kind::Double).double_value(&[]);
+    assert!((numeric - analytic).abs() <= 1e-2 * analytic.abs().max(1.0), "finite difference {numeric} vs autograd {analytic}");
+}
