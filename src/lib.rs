@@ -2,6 +2,7 @@
 //! equal to TransformerLens. The binary is a thin layer over this library.
 pub mod engine;
 pub mod error;
+pub mod experiments;
 pub mod model;
 pub mod output;
 

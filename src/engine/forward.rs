@@ -23,6 +23,9 @@ pub enum Input<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
     Logits,
+    /// Return the input of the unembedding (ln_final's output), [batch, pos, d_model]: metrics
+    /// that read a few logits at one position take them from here instead of the full vocabulary.
+    FinalNorm,
     /// Return the residual entering block `l` (blocks.{l}.hook_resid_pre; l = n_layers gives the
     /// last resid_post) without running it.
     BeforeLayer(usize),
@@ -81,7 +84,7 @@ impl Model {
             }
         };
         let (end, logits) = match stop {
-            Stop::Logits => (self.cfg.n_layers, true),
+            Stop::Logits | Stop::FinalNorm => (self.cfg.n_layers, true),
             Stop::BeforeLayer(l) if l >= start && l <= self.cfg.n_layers => (l, false),
             Stop::BeforeLayer(l) => {
                 return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
@@ -99,7 +102,15 @@ impl Model {
             return Ok(x);
         }
         let x = self.norm(x, &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
-        Ok(x.matmul(&self.weights.w_u) + &self.weights.b_u)
+        if stop == Stop::FinalNorm {
+            return Ok(x);
+        }
+        Ok(self.unembed(&x))
+    }
+
+    /// Logits from ln_final's output.
+    pub fn unembed(&self, x: &Tensor) -> Tensor {
+        x.matmul(&self.weights.w_u) + &self.weights.b_u
     }
 
     fn embed(&self, tokens: &Tensor, pos: &Positions, hooks: &mut Hooks) -> Result<Tensor> {

@@ -45,7 +45,10 @@ pub enum Edit {
     Scale(f64),
     Zero,
     /// Any function of the slice; its result must have the slice's shape.
-    Func(Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>),
+    Func(Box<dyn Fn(&Tensor) -> Result<Tensor> + Send>),
+    /// Take `source` where `mask` is true (both broadcastable to the slice): many different
+    /// patches in one batched forward, one per batch row.
+    Where { mask: Tensor, source: Tensor },
 }
 
 impl std::fmt::Debug for Edit {
@@ -56,6 +59,7 @@ impl std::fmt::Debug for Edit {
             Edit::Scale(s) => write!(f, "Scale({s})"),
             Edit::Zero => f.write_str("Zero"),
             Edit::Func(_) => f.write_str("Func(..)"),
+            Edit::Where { mask, source } => write!(f, "Where(mask {:?}, source {:?})", mask.size(), source.size()),
         }
     }
 }
@@ -149,6 +153,7 @@ impl Intervention {
             Edit::Add(v) => slice.f_add(&v.to_device(slice.device()))?,
             Edit::Scale(s) => slice * *s,
             Edit::Zero => slice.zeros_like(),
+            Edit::Where { mask, source } => source.f_where_self(mask, slice)?,
             Edit::Func(f) => {
                 let out = f(slice)?;
                 if out.size() != slice.size() {

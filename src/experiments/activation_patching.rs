@@ -1,0 +1,238 @@
+//! Activation patching, equal to TransformerLens's patching.py but batched: the patch index is a
+//! batch dimension (many cells per forward), every forward starts at the patched layer from the
+//! cached corrupted residual, and cells that provably cannot change are filled without compute.
+use tch::{Kind, Tensor};
+
+use crate::engine::hooks::{Edit, Intervention};
+use crate::error::{Error, Result};
+use crate::experiments::prepared::Prepared;
+use crate::model::hook_point::{HookPoint, Site};
+use crate::{Hooks, Input, Model, Stop};
+
+/// The axes a sweep runs over (TransformerLens's index_axis_names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Axes {
+    /// resid_pre/mid/post, attn_out, mlp_out: one cell per (layer, pos).
+    LayerPos,
+    /// z/q/k/v at one position: (layer, pos, head).
+    LayerPosHead,
+    /// z/q/k/v (all positions) and pattern (all positions): (layer, head).
+    LayerHead,
+    /// pattern row of one destination: (layer, head, dest).
+    LayerHeadDest,
+    /// one pattern entry: (layer, head, dest, src).
+    LayerHeadDestSrc,
+}
+
+impl Axes {
+    pub fn names(self) -> &'static [&'static str] {
+        match self {
+            Axes::LayerPos => &["layer", "pos"],
+            Axes::LayerPosHead => &["layer", "pos", "head"],
+            Axes::LayerHead => &["layer", "head"],
+            Axes::LayerHeadDest => &["layer", "head", "dest"],
+            Axes::LayerHeadDestSrc => &["layer", "head", "dest", "src"],
+        }
+    }
+}
+
+/// One patching target: a block site swept over some axes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Target {
+    pub site: Site,
+    pub axes: Axes,
+}
+
+impl Target {
+    /// Which axes each site can be swept over, as in patching.py.
+    pub fn new(site: Site, axes: Axes) -> Result<Target> {
+        let ok = match site {
+            Site::ResidPre | Site::ResidMid | Site::ResidPost | Site::AttnOut | Site::MlpOut => axes == Axes::LayerPos,
+            Site::Z | Site::Q | Site::K | Site::V => matches!(axes, Axes::LayerPosHead | Axes::LayerHead),
+            Site::Pattern => matches!(axes, Axes::LayerHead | Axes::LayerHeadDest | Axes::LayerHeadDestSrc),
+            _ => false,
+        };
+        if ok {
+            Ok(Target { site, axes })
+        } else {
+            Err(Error::Config(format!("{} cannot be patched over [{}]", site.name(), axes.names().join(", "))))
+        }
+    }
+}
+
+/// One patched cell's coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cell {
+    pub layer: usize,
+    pub head: Option<i64>,
+    pub pos: Option<i64>,
+    pub dest: Option<i64>,
+    pub src: Option<i64>,
+}
+
+/// A finished sweep: cells in TransformerLens's row-major order with per-prompt metric values.
+pub struct Sweep {
+    pub target: Target,
+    pub cells: Vec<Cell>,
+    /// [cells][prompts] raw metric values.
+    pub per_prompt: Vec<Vec<f64>>,
+    /// Cells filled with the corrupted baseline without a forward pass.
+    pub skipped: Vec<bool>,
+    pub forwards: usize,
+}
+
+impl Sweep {
+    pub fn mean(&self, cell: usize) -> f64 {
+        let v = &self.per_prompt[cell];
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}
+
+fn heads_at(model: &Model, site: Site) -> i64 {
+    match site {
+        Site::K | Site::V => model.cfg.n_kv_heads as i64, // k, v are patched over key-value heads
+        _ => model.cfg.n_heads as i64,
+    }
+}
+
+/// Every cell of `target` at one layer, in row-major order of the target's axes.
+fn cells_at(model: &Model, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
+    let heads = heads_at(model, target.site);
+    let base = Cell { layer, head: None, pos: None, dest: None, src: None };
+    let mut out = Vec::new();
+    match target.axes {
+        Axes::LayerPos => out.extend((0..seq).map(|p| Cell { pos: Some(p), ..base })),
+        Axes::LayerPosHead => {
+            for p in 0..seq {
+                out.extend((0..heads).map(|h| Cell { pos: Some(p), head: Some(h), ..base }));
+            }
+        }
+        Axes::LayerHead => out.extend((0..heads).map(|h| Cell { head: Some(h), ..base })),
+        Axes::LayerHeadDest => {
+            for h in 0..heads {
+                out.extend((0..seq).map(|d| Cell { head: Some(h), dest: Some(d), ..base }));
+            }
+        }
+        Axes::LayerHeadDestSrc => {
+            for h in 0..heads {
+                for d in 0..seq {
+                    out.extend((0..seq).map(|s| Cell { head: Some(h), dest: Some(d), src: Some(s), ..base }));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// True when patching `cell` provably changes nothing: every activation at a position before the
+/// first clean/corrupted difference is identical (causal attention), and a pattern entry with
+/// src > dest is masked to zero in both runs.
+fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
+    let before = |p: Option<i64>| p.is_some_and(|p| p < first_diff);
+    before(cell.pos) || before(cell.dest) || matches!((cell.dest, cell.src), (Some(d), Some(s)) if s > d)
+}
+
+/// The mask of what to take from the clean run for a chunk of cells (each repeated over the n
+/// prompts), shaped to broadcast against the activation.
+fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64]) -> Tensor {
+    let rows = chunk.len() as i64 * n;
+    // The mask's shape: activation shape with broadcast (size-1) axes where a cell covers all.
+    let attn = target.site == Site::Pattern;
+    let mut shape = act_shape.to_vec();
+    shape[0] = rows;
+    match target.axes {
+        Axes::LayerPos => shape[2] = 1,
+        Axes::LayerPosHead => shape[3] = 1,
+        Axes::LayerHead if attn => {
+            shape[2] = 1;
+            shape[3] = 1
+        }
+        Axes::LayerHead => {
+            shape[1] = 1;
+            shape[3] = 1
+        }
+        Axes::LayerHeadDest => shape[3] = 1,
+        Axes::LayerHeadDestSrc => {}
+    }
+    // One coordinate list per mask axis (0 on broadcast axes), one entry per row.
+    let mut coords: Vec<Vec<i64>> = vec![Vec::with_capacity(rows as usize); shape.len()];
+    for (k, c) in chunk.iter().enumerate() {
+        let at: Vec<i64> = match (target.axes, attn) {
+            (Axes::LayerPos, _) => vec![c.pos.unwrap_or(0), 0],
+            (Axes::LayerPosHead, _) => vec![c.pos.unwrap_or(0), c.head.unwrap_or(0), 0],
+            (Axes::LayerHead, true) => vec![c.head.unwrap_or(0), 0, 0],
+            (Axes::LayerHead, false) => vec![0, c.head.unwrap_or(0), 0],
+            (Axes::LayerHeadDest, _) => vec![c.head.unwrap_or(0), c.dest.unwrap_or(0), 0],
+            (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), c.dest.unwrap_or(0), c.src.unwrap_or(0)],
+        };
+        for i in 0..n {
+            coords[0].push(k as i64 * n + i);
+            for (ax, v) in at.iter().enumerate() {
+                coords[ax + 1].push(*v);
+            }
+        }
+    }
+    let mask = Tensor::zeros(shape.as_slice(), (Kind::Bool, tch::Device::Cpu));
+    let index: Vec<Option<Tensor>> = coords.iter().map(|c| Some(Tensor::from_slice(c))).collect();
+    mask.index_put(&index, &Tensor::from(true), false)
+}
+
+/// How many cells to run per forward: as many as fit a working-memory budget.
+fn cells_per_forward(model: &Model, n: i64, seq: i64) -> usize {
+    let c = &model.cfg;
+    let per_row_floats = seq * (12 * c.d_model as i64 + 4 * c.n_heads as i64 * seq + 3 * c.mlp.d_mlp as i64 + 4 * (c.n_heads * c.d_head) as i64);
+    let budget_floats: i64 = std::env::var("TL_RUN_BATCH_FLOATS").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
+    ((budget_floats / per_row_floats.max(1)) / n).clamp(1, 4096) as usize
+}
+
+/// Runs one target's whole sweep. `progress` is called with the number of cells done.
+pub fn sweep(model: &Model, prep: &Prepared, target: Target, mut progress: impl FnMut(usize)) -> Result<Sweep> {
+    let n = prep.n_prompts();
+    let seq = prep.seq_len();
+    let mut cells = Vec::new();
+    let mut per_prompt = Vec::new();
+    let mut skipped = Vec::new();
+    let mut forwards = 0;
+    let chunk_size = cells_per_forward(model, n, seq);
+    for layer in 0..model.cfg.n_layers {
+        let point = HookPoint::Block(layer, target.site);
+        let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
+        let layer_cells = cells_at(model, target, layer, seq);
+        let mut values: Vec<Option<Vec<f64>>> = layer_cells
+            .iter()
+            .map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone()))
+            .collect();
+        let todo: Vec<usize> = (0..layer_cells.len()).filter(|&i| values[i].is_none()).collect();
+        for chunk_ids in todo.chunks(chunk_size) {
+            let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| layer_cells[i]).collect();
+            let k = chunk.len() as i64;
+            let resid = prep.corrupted_resid_pre[layer].repeat([k, 1, 1]);
+            let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
+            let patch = patch_mask(target, &chunk, n, &clean.size()).to_device(model.device);
+            let source = clean.repeat(repeat_dims(k, clean.dim()));
+            let edit = Edit::Where { mask: patch, source };
+            let mut hooks = Hooks::new().intervene(point, Intervention::new(edit));
+            let out = model.run(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
+            forwards += 1;
+            let v: Vec<f64> = Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?;
+            for (j, &i) in chunk_ids.iter().enumerate() {
+                values[i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
+            }
+            progress(chunk_ids.len());
+        }
+        progress(layer_cells.len() - todo.len());
+        for (c, v) in layer_cells.into_iter().zip(values) {
+            skipped.push(cannot_change(&c, prep.first_diff));
+            cells.push(c);
+            per_prompt.push(v.expect("every cell has a value"));
+        }
+    }
+    Ok(Sweep { target, cells, per_prompt, skipped, forwards })
+}
+
+fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
+    let mut r = vec![1i64; dim];
+    r[0] = k;
+    r
+}

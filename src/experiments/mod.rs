@@ -1,0 +1,4 @@
+//! Experiment kinds, one file each. Each takes prepared runs (tokens, caches, metric) and
+//! returns tidy rows; the job graph decides what is shared between runs.
+pub mod activation_patching;
+pub mod prepared;

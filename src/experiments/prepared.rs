@@ -1,0 +1,93 @@
+//! The work every patching run of a spec shares: clean and corrupted tokens, the clean cache,
+//! the corrupted residual stream entering every layer, and the metric's baselines.
+use std::collections::HashMap;
+
+use tch::Tensor;
+
+use crate::engine::metric::Metric;
+use crate::error::{Error, Result};
+use crate::model::hook_point::{HookPoint, Site};
+use crate::{Hooks, Input, Model, Stop};
+
+pub struct Prepared {
+    pub clean_tokens: Tensor,
+    pub corrupted_tokens: Tensor,
+    /// Shared attention mask of both batches (None = no padding).
+    pub mask: Option<Tensor>,
+    pub metric: Metric,
+    /// Clean activations at every hook the runs patch.
+    pub clean: HashMap<HookPoint, Tensor>,
+    /// Corrupted residual entering each layer (index n_layers unused).
+    pub corrupted_resid_pre: Vec<Tensor>,
+    /// Per-prompt metric on the clean and the corrupted run.
+    pub clean_per_prompt: Vec<f64>,
+    pub corrupted_per_prompt: Vec<f64>,
+    /// Every position before this one holds the same tokens in every clean/corrupted pair, so
+    /// under causal attention nothing computed there can differ.
+    pub first_diff: i64,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+impl Prepared {
+    /// Runs the clean and corrupted batches once, caching what the sweeps need.
+    pub fn new(model: &Model, clean_tokens: Tensor, corrupted_tokens: Tensor, mask: Option<Tensor>, metric: Metric, sites: &[Site]) -> Result<Self> {
+        if clean_tokens.size() != corrupted_tokens.size() {
+            return Err(Error::Other(format!(
+                "patching needs clean and corrupted prompts of equal token length: clean {:?} vs corrupted {:?}",
+                clean_tokens.size(),
+                corrupted_tokens.size()
+            )));
+        }
+        let n_layers = model.cfg.n_layers;
+        let clean_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| sites.iter().map(move |s| HookPoint::Block(l, *s))).collect();
+        let mut clean_hooks = Hooks::capture(clean_points.iter().copied());
+        let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
+        let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
+        let mut corr_hooks = Hooks::capture(corr_points.iter().copied());
+        let corr_final = model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
+        let values = |t: &Tensor| -> Result<Vec<f64>> {
+            Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
+        };
+        let clean_per_prompt = values(&clean_final)?;
+        let corrupted_per_prompt = values(&corr_final)?;
+        let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks.cache.remove(p).expect("captured")).collect();
+        let first_diff = first_difference(&clean_tokens, &corrupted_tokens);
+        Ok(Prepared {
+            clean_tokens,
+            corrupted_tokens,
+            mask,
+            metric,
+            clean: clean_hooks.cache,
+            corrupted_resid_pre,
+            clean_per_prompt,
+            corrupted_per_prompt,
+            first_diff,
+        })
+    }
+
+    pub fn n_prompts(&self) -> i64 {
+        self.clean_tokens.size()[0]
+    }
+
+    pub fn seq_len(&self) -> i64 {
+        self.clean_tokens.size()[1]
+    }
+
+    pub fn clean_baseline(&self) -> f64 {
+        mean(&self.clean_per_prompt)
+    }
+
+    pub fn corrupted_baseline(&self) -> f64 {
+        mean(&self.corrupted_per_prompt)
+    }
+}
+
+/// The first position at which any clean/corrupted pair differs (seq_len if none does).
+fn first_difference(a: &Tensor, b: &Tensor) -> i64 {
+    let differs = a.ne_tensor(b).any_dims(&[0i64][..], false); // [pos]
+    let v: Vec<bool> = Vec::try_from(differs).unwrap_or_default();
+    v.iter().position(|d| *d).map(|p| p as i64).unwrap_or(a.size()[1])
+}

@@ -1,0 +1,148 @@
+//! Every activation-patching target against TransformerLens's patching.py on two GPT-2 fixtures
+//! (tests/oracle/dump_patching.py): raw values <= 1e-4, normalised values <= 1e-3, and the
+//! block_every / all_pos_every / by_pos_every stacks.
+mod common;
+
+use common::*;
+use tch::{Kind, Tensor};
+use tl_run::engine::metric::{Metric, MetricKind};
+use tl_run::experiments::activation_patching::{sweep, Axes, Target};
+use tl_run::experiments::prepared::Prepared;
+use tl_run::model::config::Processing;
+use tl_run::{Model, Site};
+
+fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
+    let answers: Vec<i64> = Vec::try_from(oracle.get("answers").flatten(0, -1)).unwrap();
+    let metric = Metric {
+        kind: MetricKind::LogitDiff,
+        correct: answers.iter().step_by(2).copied().collect(),
+        incorrect: answers.iter().skip(1).step_by(2).copied().collect(),
+    };
+    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), oracle.get("corrupted_tokens").shallow_clone(), None, metric, sites).unwrap()
+}
+
+/// Our sweep as a tensor in TransformerLens's axis order.
+fn ours(model: &Model, prep: &Prepared, site: Site, axes: Axes) -> Tensor {
+    let s = sweep(model, prep, Target::new(site, axes).unwrap(), |_| {}).unwrap();
+    let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
+    let (l, p) = (model.cfg.n_layers as i64, prep.seq_len());
+    let h = if matches!(site, Site::K | Site::V) { model.cfg.n_kv_heads } else { model.cfg.n_heads } as i64;
+    let shape: Vec<i64> = match axes {
+        Axes::LayerPos => vec![l, p],
+        Axes::LayerPosHead => vec![l, p, h],
+        Axes::LayerHead => vec![l, h],
+        Axes::LayerHeadDest => vec![l, h, p],
+        Axes::LayerHeadDestSrc => vec![l, h, p, p],
+    };
+    Tensor::from_slice(&means).view(shape.as_slice()).to_kind(Kind::Float)
+}
+
+fn target_of(key: &str) -> Option<(Site, Axes)> {
+    Some(match key {
+        "resid_pre" => (Site::ResidPre, Axes::LayerPos),
+        "resid_mid" => (Site::ResidMid, Axes::LayerPos),
+        "resid_post" => (Site::ResidPost, Axes::LayerPos),
+        "attn_out" => (Site::AttnOut, Axes::LayerPos),
+        "mlp_out" => (Site::MlpOut, Axes::LayerPos),
+        "z_by_pos" => (Site::Z, Axes::LayerPosHead),
+        "q_by_pos" => (Site::Q, Axes::LayerPosHead),
+        "k_by_pos" => (Site::K, Axes::LayerPosHead),
+        "v_by_pos" => (Site::V, Axes::LayerPosHead),
+        "pattern_by_pos" => (Site::Pattern, Axes::LayerHeadDest),
+        "pattern_dest_src" => (Site::Pattern, Axes::LayerHeadDestSrc),
+        "z_all_pos" => (Site::Z, Axes::LayerHead),
+        "q_all_pos" => (Site::Q, Axes::LayerHead),
+        "k_all_pos" => (Site::K, Axes::LayerHead),
+        "v_all_pos" => (Site::V, Axes::LayerHead),
+        "pattern_all_pos" => (Site::Pattern, Axes::LayerHead),
+        _ => return None,
+    })
+}
+
+/// TransformerLens's grouped sweeps, rebuilt from ours.
+fn stacked(model: &Model, prep: &Prepared, key: &str) -> Option<Tensor> {
+    let heads = [Site::Z, Site::Q, Site::K, Site::V];
+    Some(match key {
+        "block_every" => Tensor::stack(&[Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| ours(model, prep, s, Axes::LayerPos)), 0),
+        "all_pos_every" => {
+            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerHead)).collect();
+            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHead));
+            Tensor::stack(&parts, 0)
+        }
+        "by_pos_every" => {
+            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerPosHead)).collect();
+            // pattern by destination is [layer, head, dest]; TL rearranges it to [layer, pos, head].
+            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHeadDest).permute([0, 2, 1]));
+            Tensor::stack(&parts, 0)
+        }
+        _ => return None,
+    })
+}
+
+fn check_fixture(name: &str) {
+    let model = load(name, Processing::TRANSFORMER_LENS);
+    let oracle = Oracle::read(name, "patching.safetensors");
+    let sites = [Site::ResidPre, Site::ResidMid, Site::ResidPost, Site::AttnOut, Site::MlpOut, Site::Z, Site::Q, Site::K, Site::V, Site::Pattern];
+    let prep = prepare(&model, &oracle, &sites);
+    let clean_b = oracle.get("clean_baseline").double_value(&[0]);
+    let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
+    assert!((prep.clean_baseline() - clean_b).abs() <= 1e-4, "clean baseline {} vs {clean_b}", prep.clean_baseline());
+    assert!((prep.corrupted_baseline() - corr_b).abs() <= 1e-4);
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for (key, theirs) in &oracle.tensors {
+        let ours = match target_of(key) {
+            Some((site, axes)) => ours(&model, &prep, site, axes),
+            None => match stacked(&model, &prep, key) {
+                Some(t) => t,
+                None => continue,
+            },
+        };
+        checked += 1;
+        if ours.size() != theirs.size() {
+            failures.push(format!("{key}: shape {:?} vs TL {:?}", ours.size(), theirs.size()));
+            continue;
+        }
+        let raw = max_abs_diff(&ours, theirs);
+        let norm = |t: &Tensor| (t.to_kind(Kind::Double) - corr_b) / (clean_b - corr_b);
+        let normalized = max_abs_diff(&norm(&ours), &norm(theirs));
+        println!("{name} {key:<18} raw {raw:.2e} normalized {normalized:.2e}");
+        if raw > 1e-4 || normalized > 1e-3 {
+            failures.push(format!("{key}: raw {raw:.3e}, normalized {normalized:.3e}"));
+        }
+    }
+    assert!(checked >= 18, "only {checked} targets in the oracle file");
+    assert!(failures.is_empty(), "{name}:\n  {}", failures.join("\n  "));
+}
+
+#[test]
+fn gpt2_tiny_every_target_equals_patching_py() {
+    check_fixture("gpt2-tiny");
+}
+
+#[test]
+fn gpt2_odd_every_target_equals_patching_py() {
+    check_fixture("gpt2-odd");
+}
+
+/// The cells filled without compute are the positions before the first clean/corrupted
+/// difference; their values equal the corrupted baseline.
+#[test]
+fn unchangeable_cells_are_skipped() {
+    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
+    let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
+    let prep = prepare(&model, &oracle, &[Site::ResidPre]);
+    // "When John and Mary went to the shops, John gave" vs "..., Mary gave": the pairs first
+    // differ at the second mention of a name, position 10 (BOS counted).
+    assert_eq!(prep.first_diff, 10);
+    let s = sweep(&model, &prep, Target::new(Site::ResidPre, Axes::LayerPos).unwrap(), |_| {}).unwrap();
+    let skipped: Vec<_> = s.cells.iter().zip(&s.skipped).filter(|(_, k)| **k).map(|(c, _)| c.pos.unwrap()).collect();
+    let expected: Vec<i64> = (0..2).flat_map(|_| 0..10).collect();
+    assert_eq!(skipped, expected);
+    for (i, k) in s.skipped.iter().enumerate() {
+        if *k {
+            assert_eq!(s.per_prompt[i], prep.corrupted_per_prompt);
+        }
+    }
+    assert!(Target::new(Site::ResidPre, Axes::LayerHead).is_err());
+}

@@ -1,0 +1,102 @@
+"""TransformerLens's patching.py on the fixtures: every activation-patching target, with the
+IOI prompts of the Exploratory Analysis demo (corrupted prompt i = clean prompt i^1) and the
+metric of the demo, the mean logit difference at the last position (raw, unnormalised; the
+baselines are stored so normalisation can be checked too).
+
+Writes OUT_DIR/<fixture>/patching.safetensors: one tensor per target (TL's own axis order),
+plus clean/corrupted tokens, answer ids and the two baselines.
+
+Usage: python tests/oracle/dump_patching.py FIXTURES_DIR OUT_DIR
+"""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import transformer_lens.patching as patching
+from safetensors.torch import save_file
+from transformer_lens.model_bridge import TransformerBridge
+
+PROMPTS = [
+    "When John and Mary went to the shops, John gave the bag to",
+    "When John and Mary went to the shops, Mary gave the bag to",
+    "When Tom and James went to the park, James gave the ball to",
+    "When Tom and James went to the park, Tom gave the ball to",
+    "When Dan and Sid went to the shops, Sid gave an apple to",
+    "When Dan and Sid went to the shops, Dan gave an apple to",
+    "After Martin and Amy went to the park, Amy gave a drink to",
+    "After Martin and Amy went to the park, Martin gave a drink to",
+]
+ANSWERS = [(" Mary", " John"), (" John", " Mary"), (" Tom", " James"), (" James", " Tom"),
+           (" Dan", " Sid"), (" Sid", " Dan"), (" Martin", " Amy"), (" Amy", " Martin")]
+
+# fixture -> (number of prompts, targets). dest_src patching is one forward per (layer, head,
+# dest, src) cell, so it runs on the smallest fixture only.
+TARGETS = {
+    "resid_pre": patching.get_act_patch_resid_pre,
+    "resid_mid": patching.get_act_patch_resid_mid,
+    "attn_out": patching.get_act_patch_attn_out,
+    "mlp_out": patching.get_act_patch_mlp_out,
+    "z_by_pos": patching.get_act_patch_attn_head_out_by_pos,
+    "q_by_pos": patching.get_act_patch_attn_head_q_by_pos,
+    "k_by_pos": patching.get_act_patch_attn_head_k_by_pos,
+    "v_by_pos": patching.get_act_patch_attn_head_v_by_pos,
+    "pattern_by_pos": patching.get_act_patch_attn_head_pattern_by_pos,
+    "z_all_pos": patching.get_act_patch_attn_head_out_all_pos,
+    "q_all_pos": patching.get_act_patch_attn_head_q_all_pos,
+    "k_all_pos": patching.get_act_patch_attn_head_k_all_pos,
+    "v_all_pos": patching.get_act_patch_attn_head_v_all_pos,
+    "pattern_all_pos": patching.get_act_patch_attn_head_pattern_all_pos,
+    "block_every": patching.get_act_patch_block_every,
+    "all_pos_every": patching.get_act_patch_attn_head_all_pos_every,
+    "by_pos_every": patching.get_act_patch_attn_head_by_pos_every,
+}
+FIXTURES = {
+    "gpt2-tiny": (8, list(TARGETS) + ["pattern_dest_src", "resid_post"]),
+    "gpt2-odd": (4, list(TARGETS) + ["resid_post"]),
+}
+
+
+def resid_post(model, corrupted, cache, metric):
+    return patching.generic_activation_patch(
+        model, corrupted, cache, metric, patching.layer_pos_patch_setter, "resid_post",
+        index_axis_names=("layer", "pos"))
+
+
+def main() -> None:
+    fixtures, out = sys.argv[1], sys.argv[2]
+    for name, (n, targets) in FIXTURES.items():
+        model = TransformerBridge.boot_transformers(os.path.join(fixtures, name), device="cpu")
+        model.enable_compatibility_mode(disable_warnings=True)
+        clean = model.to_tokens(PROMPTS[:n])
+        corrupted = clean[[i ^ 1 for i in range(n)]]
+        answers = torch.tensor([[model.to_single_token(a) for a in pair] for pair in ANSWERS[:n]])
+
+        def logit_diff(logits):
+            last = logits[:, -1, :]
+            return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
+
+        with torch.no_grad():
+            clean_logits, clean_cache = model.run_with_cache(clean)
+            corrupted_logits = model(corrupted)
+            out_t = {
+                "clean_tokens": clean, "corrupted_tokens": corrupted, "answers": answers,
+                "clean_baseline": logit_diff(clean_logits).reshape(1),
+                "corrupted_baseline": logit_diff(corrupted_logits).reshape(1),
+            }
+            for t in targets:
+                if t == "resid_post":
+                    r = resid_post(model, corrupted, clean_cache, logit_diff)
+                elif t == "pattern_dest_src":
+                    r = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, clean_cache, logit_diff)
+                else:
+                    r = TARGETS[t](model, corrupted, clean_cache, logit_diff)
+                out_t[t] = torch.as_tensor(r).float().contiguous()
+        d = os.path.join(out, name)
+        os.makedirs(d, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(d, "patching.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
