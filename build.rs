@@ -3,6 +3,13 @@
 use std::path::PathBuf;
 
 fn main() {
+    // The commit the binary was built from, for manifests.
+    if let Ok(out) = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output() {
+        if out.status.success() {
+            println!("cargo:rustc-env=TL_RUN_GIT_COMMIT={}", String::from_utf8_lossy(&out.stdout).trim());
+        }
+    }
+    println!("cargo:rerun-if-changed=.git/HEAD");
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;

@@ -3,8 +3,10 @@
 pub mod engine;
 pub mod error;
 pub mod experiments;
+pub mod graph;
 pub mod model;
 pub mod output;
+pub mod spec;
 
 pub use engine::forward::{Input, Stop};
 pub use engine::hooks::{Edit, Hooks, Intervention, Sel};

@@ -6,7 +6,14 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
-    let args = cli::Args::parse();
+    // `tl-run SPEC.toml` is short for `tl-run run SPEC.toml`.
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(pos) = argv.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')) {
+        if argv[pos + 1].to_string_lossy().ends_with(".toml") {
+            argv.insert(pos + 1, "run".into());
+        }
+    }
+    let args = cli::Args::parse_from(argv);
     cli::init_logging(args.verbose);
     // A panic inside libtorch bindings must still reach the user as one readable line.
     std::panic::set_hook(Box::new(|info| {

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args as ClapArgs, Parser, Subcommand};
 use tl_run::model::config::Processing;
+use tl_run::spec::Spec;
 use tl_run::{Hooks, Input, LoadOptions, Model, Stop};
 
 #[derive(Parser, Debug)]
@@ -47,6 +48,36 @@ pub enum Command {
         #[arg(long)]
         no_prepend_bos: bool,
     },
+    /// Run an experiment spec (also: `tl-run SPEC.toml`).
+    Run {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Print the job graph of a spec without running it.
+    Plan {
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+    /// Check a spec and the model's config and tokenizer, without loading weights.
+    Validate {
+        #[command(flatten)]
+        spec: SpecArgs,
+    },
+}
+
+#[derive(ClapArgs, Debug)]
+pub struct SpecArgs {
+    /// The experiment spec (TOML).
+    pub spec: PathBuf,
+    /// Use this model (hub id or directory) instead of the spec's model.id.
+    #[arg(long)]
+    pub model_id: Option<String>,
+    /// Write results here instead of the spec's output.dir.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -100,7 +131,67 @@ pub fn dispatch(args: Args) -> Result<()> {
     match args.command {
         Command::Hooks { model, seq, batch } => hooks(&model, batch, seq),
         Command::Cache { model, prompts, hooks, out, no_prepend_bos } => cache(&model, &prompts, &hooks, &out, !no_prepend_bos),
+        Command::Run { spec, quiet } => run(&spec, !quiet),
+        Command::Plan { spec } => plan(&spec, true),
+        Command::Validate { spec } => plan(&spec, false),
     }
+}
+
+/// Reads and resolves a spec with the command-line overrides applied.
+fn read_spec(a: &SpecArgs) -> Result<Spec> {
+    let mut spec = tl_run::spec::resolve_file(&a.spec)?;
+    if let Some(id) = &a.model_id {
+        spec.model.id = id.clone();
+    } else {
+        // A local model path in a spec is relative to the spec file.
+        let id = &spec.model.id;
+        if id.starts_with("./") || id.starts_with("../") {
+            let base = a.spec.parent().unwrap_or(std::path::Path::new("."));
+            spec.model.id = base.join(id).display().to_string();
+        }
+    }
+    if let Some(out) = &a.out {
+        spec.output_dir = out.clone();
+    }
+    Ok(spec)
+}
+
+fn plan(a: &SpecArgs, print: bool) -> Result<()> {
+    let spec = read_spec(a)?;
+    let files = tl_run::model::source::resolve(&spec.model.id, spec.model.revision.as_deref())?;
+    let cfg = tl_run::model::read_config(&files)?;
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
+    let tok_path = files.tokenizer.as_ref().context("the model has no tokenizer.json")?;
+    let tok = tl_run::engine::tokenize::TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
+    let toks = tl_run::graph::execute::tokenize(&spec, &tok)?;
+    let seq = toks.clean.size()[1] as usize;
+    if print {
+        print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq).render());
+    } else {
+        println!(
+            "{}: ok ({} prompts of {seq} tokens, {} runs; model {} has {} layers, {} heads)",
+            a.spec.display(), spec.prompts.len(), spec.runs.len(), spec.model.id, cfg.n_layers, cfg.n_heads
+        );
+    }
+    Ok(())
+}
+
+fn run(a: &SpecArgs, progress: bool) -> Result<()> {
+    let spec = read_spec(a)?;
+    let opts = LoadOptions {
+        revision: spec.model.revision.clone(),
+        processing: spec.model.processing,
+        device: parse_device(&spec.model.device)?,
+        kind: tch::Kind::Float,
+    };
+    let model = Model::load(&spec.model.id, &opts)?;
+    let outcome = tl_run::graph::execute::run_spec(&spec, &model, progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+    for f in &outcome.files {
+        println!("wrote {}", f.display());
+    }
+    println!("wrote {}", outcome.manifest.display());
+    print!("{}", outcome.summary);
+    Ok(())
 }
 
 fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {

@@ -224,3 +224,10 @@ mod tests {
         assert_eq!(nearest("blocks.0.hook_resid_pr", names)[0], "blocks.0.hook_resid_pre");
     }
 }
+
+/// Sites serialise as their TransformerLens name after `blocks.{l}.` (e.g. "attn.hook_z").
+impl serde::Serialize for Site {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}

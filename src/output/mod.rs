@@ -2,3 +2,4 @@
 //! into place, so a killed run never leaves a half-written output behind.
 pub mod activations;
 pub mod atomic;
+pub mod table;

@@ -1,0 +1,349 @@
+//! Raw spec → checked `Spec`. Every problem found is collected (not just the first), with the
+//! line, column and key it comes from, the bad value and what would be valid.
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+
+use crate::engine::metric::MetricKind;
+use crate::experiments::activation_patching::{Axes, Target};
+use crate::model::config::Processing;
+use crate::model::hook_point::{nearest, Site};
+use crate::spec::prompts::{self, PromptPair};
+use crate::spec::raw::*;
+use crate::spec::{line_col, Diagnostic, SpecErrors};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelSpec {
+    pub id: String,
+    pub revision: Option<String>,
+    pub processing: Processing,
+    pub prepend_bos: bool,
+    pub device: String,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Corruption {
+    /// Corrupted prompt i = clean prompt i^1; answers stay with the clean prompt.
+    SwapPairs,
+    /// Corrupted prompts given explicitly (in the spec or the prompt file).
+    Prompts,
+    /// Each (from, to) word replaced in every clean prompt.
+    ReplaceTokens(Vec<(String, String)>),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MetricSpec {
+    pub kind: MetricKind,
+    pub normalize: bool,
+    pub per_prompt: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub enum RunKind {
+    ActivationPatching { targets: Vec<(Site, Axes)> },
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSpec {
+    pub name: String,
+    pub kind: RunKind,
+}
+
+impl RunSpec {
+    pub fn kind_name(&self) -> &'static str {
+        match self.kind {
+            RunKind::ActivationPatching { .. } => "activation_patching",
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Spec {
+    pub name: String,
+    pub model: ModelSpec,
+    pub prompts: Vec<PromptPair>,
+    pub corruption: Corruption,
+    pub metric: MetricSpec,
+    pub runs: Vec<RunSpec>,
+    pub output_dir: PathBuf,
+    /// sha256 of the spec file's bytes.
+    pub spec_hash: String,
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, v.span().start);
+        self.diags.push(Diagnostic { line, col, key: key.into(), message: message.into() });
+    }
+    fn top(&mut self, key: &str, message: impl Into<String>) {
+        self.diags.push(Diagnostic { line: 1, col: 1, key: key.into(), message: message.into() });
+    }
+}
+
+const PATCH_HOOKS: &[&str] = &["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "block_every", "all_pos_every", "by_pos_every"];
+
+fn axes_of(over: &[String]) -> Option<Axes> {
+    let o: Vec<&str> = over.iter().map(String::as_str).collect();
+    Some(match o.as_slice() {
+        ["layer", "pos"] => Axes::LayerPos,
+        ["layer", "pos", "head"] | ["layer", "head", "pos"] => Axes::LayerPosHead,
+        ["layer", "head"] => Axes::LayerHead,
+        ["layer", "head", "dest"] => Axes::LayerHeadDest,
+        ["layer", "head", "dest", "src"] => Axes::LayerHeadDestSrc,
+        _ => return None,
+    })
+}
+
+/// Reads and resolves a spec file. Relative paths in it are relative to the file.
+pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    resolve_text(&text, &file, base)
+}
+
+pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErrors> {
+    let fail = |diagnostics| SpecErrors { file: file.to_string(), diagnostics };
+    let raw: RawSpec = toml::from_str(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
+        fail(vec![Diagnostic { line, col, key: "toml".into(), message: e.message().to_string() }])
+    })?;
+    let mut cx = Ctx { text, diags: Vec::new() };
+    let spec_hash = {
+        use sha2::Digest;
+        format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
+    };
+    let model = resolve_model(&mut cx, &raw.model);
+    let (prompts, corruption) = resolve_prompts(&mut cx, &raw, base);
+    let metric = match &raw.metric {
+        None => MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false },
+        Some(m) => {
+            let kind = match m.kind.get_ref().as_str() {
+                "logit_diff" => MetricKind::LogitDiff,
+                "logprob" => MetricKind::Logprob,
+                "prob" => MetricKind::Prob,
+                other => {
+                    cx.at(&m.kind, "metric.kind", format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"));
+                    MetricKind::LogitDiff
+                }
+            };
+            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt }
+        }
+    };
+    if metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
+        cx.top("metric.kind", "logit_diff needs an incorrect answer for every prompt ([correct, incorrect])");
+    }
+    let mut runs = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    if raw.run.is_empty() {
+        cx.top("run", "the spec has no [[run]] entries");
+    }
+    for (i, r) in raw.run.iter().enumerate() {
+        let key = |k: &str| format!("run[{i}].{k}");
+        if !names.insert(r.name.get_ref().clone()) {
+            cx.at(&r.name, key("name"), format!("run name '{}' is used twice", r.name.get_ref()));
+        }
+        if r.name.get_ref().is_empty() || r.name.get_ref().contains(['/', '\\']) {
+            cx.at(&r.name, key("name"), "run names must be non-empty and contain no path separators (they name output files)");
+        }
+        match r.kind.get_ref().as_str() {
+            "activation_patching" => {
+                if let Some(targets) = resolve_patch_targets(&mut cx, r, i) {
+                    runs.push(RunSpec { name: r.name.get_ref().clone(), kind: RunKind::ActivationPatching { targets } });
+                }
+            }
+            other => {
+                let valid = ["activation_patching"];
+                cx.at(&r.kind, key("kind"), format!("unknown run kind '{other}' (valid: {}); did you mean '{}'?", valid.join(", "), nearest(other, valid)[0]));
+            }
+        }
+    }
+    let output_dir = match &raw.output {
+        Some(o) => base.join(o.dir.get_ref()),
+        None => base.join("results").join(raw.name.get_ref()),
+    };
+    if !cx.diags.is_empty() {
+        return Err(fail(cx.diags));
+    }
+    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash })
+}
+
+fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
+    if let Some(d) = &m.dtype {
+        if d.get_ref() != "float32" && d.get_ref() != "f32" {
+            cx.at(d, "model.dtype", format!("dtype '{}' is not supported yet (valid: float32)", d.get_ref()));
+        }
+    }
+    let device = m.device.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "cpu".into());
+    if let Some(d) = &m.device {
+        let ok = d.get_ref() == "cpu" || d.get_ref() == "cuda" || d.get_ref().strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+        if !ok {
+            cx.at(d, "model.device", format!("unknown device '{}' (valid: cpu, cuda, cuda:N)", d.get_ref()));
+        }
+    }
+    let tl = Processing::TRANSFORMER_LENS;
+    ModelSpec {
+        id: m.id.get_ref().clone(),
+        revision: m.revision.clone(),
+        processing: Processing {
+            fold_ln: m.fold_ln.unwrap_or(tl.fold_ln),
+            center_writing_weights: m.center_writing_weights.unwrap_or(tl.center_writing_weights),
+            center_unembed: m.center_unembed.unwrap_or(tl.center_unembed),
+            fold_value_biases: m.fold_value_biases.unwrap_or(tl.fold_value_biases),
+        },
+        prepend_bos: m.prepend_bos.unwrap_or(true),
+        device,
+    }
+}
+
+fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>, Corruption) {
+    let p = &raw.prompts;
+    let mut prompts: Vec<PromptPair> = Vec::new();
+    match (&p.clean, &p.file) {
+        (Some(clean), None) => {
+            let answers = p.answers.as_ref();
+            match answers {
+                None => cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt"),
+                Some(a) if a.get_ref().len() != clean.get_ref().len() => {
+                    cx.at(a, "prompts.answers", format!("{} answer pairs for {} clean prompts", a.get_ref().len(), clean.get_ref().len()))
+                }
+                Some(a) => {
+                    for (i, (c, pair)) in clean.get_ref().iter().zip(a.get_ref()).enumerate() {
+                        if pair.get_ref().is_empty() || pair.get_ref().len() > 2 {
+                            cx.at(pair, format!("prompts.answers[{i}]"), "give [correct] or [correct, incorrect]");
+                            continue;
+                        }
+                        prompts.push(PromptPair { clean: c.clone(), corrupted: None, correct: pair.get_ref()[0].clone(), incorrect: pair.get_ref().get(1).cloned() });
+                    }
+                }
+            }
+        }
+        (None, Some(f)) => match prompts::read(&base.join(f.get_ref())) {
+            Ok(v) => prompts = v,
+            Err(e) => cx.at(f, "prompts.file", e),
+        },
+        (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),
+        (None, None) => cx.top("prompts", "give clean + answers, or file"),
+    }
+    let corruption = match &raw.corruption {
+        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Corruption::Prompts,
+        None => {
+            cx.top("corruption", "missing [corruption] (kind = swap_pairs, prompts or replace_tokens)");
+            Corruption::SwapPairs
+        }
+        Some(c) => match c.kind.get_ref().as_str() {
+            "swap_pairs" => {
+                if prompts.len() % 2 != 0 {
+                    cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
+                }
+                for (i, p) in prompts.iter_mut().enumerate() {
+                    p.corrupted = None;
+                    let _ = i;
+                }
+                Corruption::SwapPairs
+            }
+            "prompts" => {
+                match &c.prompts {
+                    Some(list) if list.get_ref().len() == prompts.len() => {
+                        for (p, c) in prompts.iter_mut().zip(list.get_ref()) {
+                            p.corrupted = Some(c.clone());
+                        }
+                    }
+                    Some(list) => cx.at(list, "corruption.prompts", format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len())),
+                    None if prompts.iter().all(|p| p.corrupted.is_some()) => {}
+                    None => cx.at(&c.kind, "corruption.prompts", "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)"),
+                }
+                Corruption::Prompts
+            }
+            "replace_tokens" => match &c.replace {
+                Some(map) if !map.get_ref().is_empty() => {
+                    let pairs: Vec<(String, String)> = map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+                    for (i, p) in prompts.iter_mut().enumerate() {
+                        let mut s = p.clean.clone();
+                        for (from, to) in &pairs {
+                            s = s.replace(from.as_str(), to);
+                        }
+                        if s == p.clean {
+                            cx.at(map, "corruption.replace", format!("prompt {i} contains none of the words to replace: {:?}", p.clean));
+                        }
+                        p.corrupted = Some(s);
+                    }
+                    Corruption::ReplaceTokens(pairs)
+                }
+                _ => {
+                    cx.at(&c.kind, "corruption.replace", "replace_tokens needs replace = { word = \"replacement\", ... }");
+                    Corruption::SwapPairs
+                }
+            },
+            other => {
+                cx.at(&c.kind, "corruption.kind", format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens)"));
+                Corruption::SwapPairs
+            }
+        },
+    };
+    (prompts, corruption)
+}
+
+fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<Vec<(Site, Axes)>> {
+    let key = |k: &str| format!("run[{i}].{k}");
+    let axes = match &r.over {
+        None => None,
+        Some(over) => match axes_of(over.get_ref()) {
+            Some(a) => Some(a),
+            None => {
+                cx.at(over, key("over"), format!(
+                    "unknown axes {:?} (valid: [layer, pos], [layer, pos, head], [layer, head], [layer, head, dest], [layer, head, dest, src])",
+                    over.get_ref()
+                ));
+                return None;
+            }
+        },
+    };
+    if r.hooks.is_empty() {
+        cx.at(&r.kind, key("hooks"), format!("activation_patching needs hooks = [...] (valid: {})", PATCH_HOOKS.join(", ")));
+        return None;
+    }
+    let mut targets = Vec::new();
+    for (j, h) in r.hooks.iter().enumerate() {
+        let name = h.get_ref().as_str();
+        let group: Vec<(Site, Axes)> = match name {
+            "block_every" => [Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| (s, Axes::LayerPos)).to_vec(),
+            "all_pos_every" => [Site::Z, Site::Q, Site::K, Site::V, Site::Pattern].map(|s| (s, Axes::LayerHead)).to_vec(),
+            "by_pos_every" => {
+                let mut v: Vec<_> = [Site::Z, Site::Q, Site::K, Site::V].map(|s| (s, Axes::LayerPosHead)).to_vec();
+                v.push((Site::Pattern, Axes::LayerHeadDest));
+                v
+            }
+            _ => {
+                let site = if PATCH_HOOKS.contains(&name) { Site::from_short(name) } else { None };
+                let Some(site) = site else {
+                    cx.at(h, format!("run[{i}].hooks[{j}]"), format!("unknown hook '{name}'; did you mean {}? (valid: {})",
+                        nearest(name, PATCH_HOOKS.iter().copied()).iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" or "), PATCH_HOOKS.join(", ")));
+                    continue;
+                };
+                let Some(axes) = axes else {
+                    cx.at(h, key("over"), format!("hook '{name}' needs over = [...] axes"));
+                    continue;
+                };
+                if let Err(e) = Target::new(site, axes) {
+                    cx.at(r.over.as_ref().expect("axes came from over"), key("over"), e.to_string());
+                    continue;
+                }
+                vec![(site, axes)]
+            }
+        };
+        for t in group {
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+    }
+    Some(targets)
+}
