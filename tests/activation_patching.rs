@@ -79,7 +79,7 @@ fn stacked(model: &Model, prep: &Prepared, key: &str) -> Option<Tensor> {
     })
 }
 
-fn check_fixture(name: &str) {
+fn check_fixture(name: &str, min_targets: usize) {
     let model = load(name, Processing::TRANSFORMER_LENS);
     let oracle = Oracle::read(name, "patching.safetensors");
     let sites = [Site::ResidPre, Site::ResidMid, Site::ResidPost, Site::AttnOut, Site::MlpOut, Site::Z, Site::Q, Site::K, Site::V, Site::Pattern];
@@ -111,18 +111,36 @@ fn check_fixture(name: &str) {
             failures.push(format!("{key}: raw {raw:.3e}, normalized {normalized:.3e}"));
         }
     }
-    assert!(checked >= 18, "only {checked} targets in the oracle file");
+    assert!(checked >= min_targets, "only {checked} targets in the oracle file");
     assert!(failures.is_empty(), "{name}:\n  {}", failures.join("\n  "));
 }
 
 #[test]
 fn gpt2_tiny_every_target_equals_patching_py() {
-    check_fixture("gpt2-tiny");
+    check_fixture("gpt2-tiny", 19);
 }
 
 #[test]
 fn gpt2_odd_every_target_equals_patching_py() {
-    check_fixture("gpt2-odd");
+    check_fixture("gpt2-odd", 18);
+}
+
+/// Grouped-query attention: k and v are patched over the 2 key-value heads (TL issue #980).
+#[test]
+fn llama_gqa_every_target_equals_patching_py() {
+    check_fixture("llama-tiny", 15);
+}
+
+/// The prob metric through a head sweep.
+#[test]
+fn prob_metric_equals_patching_py() {
+    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
+    let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
+    let mut prep = prepare(&model, &oracle, &[Site::Z]);
+    prep.metric.kind = MetricKind::Prob;
+    let theirs = oracle.get("z_all_pos_prob");
+    let ours = ours(&model, &prep, Site::Z, Axes::LayerHead);
+    assert!(max_abs_diff(&ours, theirs) <= 1e-6, "{}", max_abs_diff(&ours, theirs));
 }
 
 /// The cells filled without compute are the positions before the first clean/corrupted

@@ -47,7 +47,7 @@ fn cache_writes_named_activations_equal_to_the_library() {
     let batch = model.tokenizer().unwrap().batch(&prompts, true).unwrap();
     let point = model.hook_point("blocks.0.hook_resid_post").unwrap();
     let mut hooks = Hooks::capture([point]);
-    model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits).unwrap();
+    let _ = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits).unwrap();
     let written = tch::Tensor::read_safetensors(&out_file).unwrap().into_iter().find(|(n, _)| n == "blocks.0.hook_resid_post").unwrap().1;
     assert_eq!(written.size(), [2, 15, 96]);
     assert_eq!(max_abs_diff(&written, &hooks.cache[&point]), 0.0);

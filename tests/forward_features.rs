@@ -53,11 +53,11 @@ fn replacing_a_head_at_a_position_changes_exactly_that_slice() {
     let toks = tokens("gpt2-odd");
     let z = HookPoint::Block(1, Site::Z);
     let mut clean = Hooks::capture([z]);
-    model.run(Input::Tokens(&toks), None, &mut clean, Stop::Logits).unwrap();
+    let _ = model.run(Input::Tokens(&toks), None, &mut clean, Stop::Logits).unwrap();
     let values = Tensor::full([1, 1, 1, 16], 0.5, (Kind::Float, tch::Device::Cpu));
     let edit = Intervention::new(Edit::Replace(values)).batch(Sel::One(1)).pos(Sel::One(3)).head(Sel::List(vec![2]));
     let mut hooks = Hooks::capture([z]).intervene(z, edit);
-    model.run(Input::Tokens(&toks), None, &mut hooks, Stop::Logits).unwrap();
+    let _ = model.run(Input::Tokens(&toks), None, &mut hooks, Stop::Logits).unwrap();
     let (before, after) = (&clean.cache[&z], &hooks.cache[&z]);
     assert_eq!(after.get(1).get(3).get(2).double_value(&[5]), 0.5);
     let changed = before.ne_tensor(after).sum(Kind::Int64).int64_value(&[]);
@@ -117,7 +117,7 @@ fn pattern_edits_by_head_query_and_key() {
     let p = HookPoint::Block(1, Site::Pattern);
     let edit = Intervention::new(Edit::Zero).head(Sel::One(4)).pos(Sel::One(5)).key_pos(Sel::List(vec![0, 1]));
     let mut h = Hooks::capture([p]).intervene(p, edit);
-    model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).unwrap();
+    let _ = model.run(Input::Tokens(&toks), None, &mut h, Stop::Logits).unwrap();
     let pat = &h.cache[&p];
     assert_eq!(pat.get(0).get(4).get(5).narrow(0, 0, 2).abs().sum(Kind::Float).double_value(&[]), 0.0);
     assert!(pat.get(0).get(4).get(5).double_value(&[2]) > 0.0);

@@ -163,6 +163,9 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
     let tok_path = files.tokenizer.as_ref().context("the model has no tokenizer.json")?;
     let tok = tl_run::engine::tokenize::TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
+    for run in &spec.runs {
+        run.check_layers(cfg.n_layers, &spec.file).map_err(anyhow::Error::msg)?;
+    }
     let toks = tl_run::graph::execute::tokenize(&spec, &tok)?;
     let seq = toks.clean.size()[1] as usize;
     if print {

@@ -186,8 +186,13 @@ fn cells_per_forward(model: &Model, n: i64, seq: i64) -> usize {
     ((budget_floats / per_row_floats.max(1)) / n).clamp(1, 4096) as usize
 }
 
-/// Runs one target's whole sweep. `progress` is called with the number of cells done.
-pub fn sweep(model: &Model, prep: &Prepared, target: Target, mut progress: impl FnMut(usize)) -> Result<Sweep> {
+/// Runs one target's sweep over every layer (or only `layers`). `progress` gets cells done.
+pub fn sweep(model: &Model, prep: &Prepared, target: Target, progress: impl FnMut(usize)) -> Result<Sweep> {
+    let all: Vec<usize> = (0..model.cfg.n_layers).collect();
+    sweep_layers(model, prep, target, &all, progress)
+}
+
+pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[usize], mut progress: impl FnMut(usize)) -> Result<Sweep> {
     let n = prep.n_prompts();
     let seq = prep.seq_len();
     let mut cells = Vec::new();
@@ -195,7 +200,10 @@ pub fn sweep(model: &Model, prep: &Prepared, target: Target, mut progress: impl 
     let mut skipped = Vec::new();
     let mut forwards = 0;
     let chunk_size = cells_per_forward(model, n, seq);
-    for layer in 0..model.cfg.n_layers {
+    for &layer in layers {
+        if layer >= model.cfg.n_layers {
+            return Err(Error::Config(format!("layer {layer} is out of range: the model has {} layers: 0-{}", model.cfg.n_layers, model.cfg.n_layers - 1)));
+        }
         let point = HookPoint::Block(layer, target.site);
         let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
         let layer_cells = cells_at(model, target, layer, seq);

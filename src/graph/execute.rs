@@ -11,7 +11,7 @@ use tch::Tensor;
 use crate::engine::metric::Metric;
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{sweep, Sweep, Target};
+use crate::experiments::activation_patching::{sweep_layers, Sweep, Target};
 use crate::experiments::prepared::Prepared;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
@@ -148,6 +148,9 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outcome> {
+    for run in &spec.runs {
+        run.check_layers(model.cfg.n_layers, &spec.file).map_err(Error::Config)?;
+    }
     let mut timings: BTreeMap<String, f64> = BTreeMap::new();
     let t = Instant::now();
     let toks = tokenize(spec, model.tokenizer()?)?;
@@ -184,10 +187,11 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         let t_run = Instant::now();
         for (site, axes) in targets {
             let target = Target::new(*site, *axes)?;
-            let total = crate::graph::cell_count(&model.cfg, *site, *axes, prep.seq_len() as usize);
+            let layers: Vec<usize> = run.layers.clone().unwrap_or_else(|| (0..model.cfg.n_layers).collect());
+            let total = crate::graph::cell_count(&model.cfg, *site, *axes, prep.seq_len() as usize) / model.cfg.n_layers * layers.len();
             let pb = bar(total as u64, format!("{}: {} [{}]", run.name, site.name(), axes.names().join(",")), show_progress);
             let t = Instant::now();
-            let s = sweep(model, &prep, target, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("run '{}', {}: {e}", run.name, site.name())))?;
+            let s = sweep_layers(model, &prep, target, &layers, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("run '{}', {}: {e}", run.name, site.name())))?;
             pb.finish_and_clear();
             let secs = t.elapsed().as_secs_f64();
             timings.insert(format!("{}: {} over [{}]", run.name, site.name(), axes.names().join(", ")), secs);

@@ -50,7 +50,11 @@ impl Plan {
             let RunKind::ActivationPatching { targets } = &run.kind;
             let sweeps: Vec<usize> = targets
                 .iter()
-                .map(|(site, axes)| add(format!("{}: patch {} over [{}]", run.name, site.name(), axes.names().join(", ")), vec![clean, corrupted], cell_count(cfg, *site, *axes, seq)))
+                .map(|(site, axes)| {
+                    let layers = run.layers.as_ref().map(|l| l.len()).unwrap_or(cfg.n_layers);
+                    let cells = cell_count(cfg, *site, *axes, seq) / cfg.n_layers * layers;
+                    add(format!("{}: patch {} over [{}]", run.name, site.name(), axes.names().join(", ")), vec![clean, corrupted], cells)
+                })
                 .collect();
             writes.push(add(format!("{}: write {}.parquet", run.name, run.name), sweeps, 0));
         }

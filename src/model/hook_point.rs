@@ -191,7 +191,7 @@ pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     let mut scored: Vec<(usize, &str)> = candidates.into_iter().map(|c| (edit_distance(name, c), c)).collect();
     scored.sort();
     let best = scored.first().map(|(d, _)| *d).unwrap_or(0);
-    scored.into_iter().take_while(|(d, _)| *d <= best + 2).take(3).map(|(_, c)| c.to_string()).collect()
+    scored.into_iter().take_while(|(d, _)| *d <= best + 1).take(3).map(|(_, c)| c.to_string()).collect()
 }
 
 #[cfg(test)]

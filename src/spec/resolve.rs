@@ -48,9 +48,26 @@ pub enum RunKind {
 pub struct RunSpec {
     pub name: String,
     pub kind: RunKind,
+    /// Only these layers (all when None), with the spec line and column they were given at.
+    pub layers: Option<Vec<usize>>,
+    pub layers_at: Option<(usize, usize)>,
 }
 
 impl RunSpec {
+    /// Checks the run's layers against a model with `n_layers` layers.
+    pub fn check_layers(&self, n_layers: usize, file: &str) -> Result<(), String> {
+        let Some(layers) = &self.layers else { return Ok(()) };
+        if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
+            let (line, col) = self.layers_at.unwrap_or((0, 0));
+            return Err(format!(
+                "{file}:{line}:{col}: run '{}': layer {bad} is out of range: the model has {n_layers} layers: 0-{}",
+                self.name,
+                n_layers - 1
+            ));
+        }
+        Ok(())
+    }
+
     pub fn kind_name(&self) -> &'static str {
         match self.kind {
             RunKind::ActivationPatching { .. } => "activation_patching",
@@ -69,6 +86,8 @@ pub struct Spec {
     pub output_dir: PathBuf,
     /// sha256 of the spec file's bytes.
     pub spec_hash: String,
+    /// The spec file, for messages.
+    pub file: String,
 }
 
 struct Ctx<'a> {
@@ -155,8 +174,17 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
         }
         match r.kind.get_ref().as_str() {
             "activation_patching" => {
+                let layers = match &r.layers {
+                    Some(l) if l.get_ref().iter().any(|&x| x < 0) => {
+                        cx.at(l, key("layers"), format!("layers must be non-negative, got {:?}", l.get_ref()));
+                        None
+                    }
+                    Some(l) => Some(l.get_ref().iter().map(|&x| x as usize).collect()),
+                    None => None,
+                };
+                let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
                 if let Some(targets) = resolve_patch_targets(&mut cx, r, i) {
-                    runs.push(RunSpec { name: r.name.get_ref().clone(), kind: RunKind::ActivationPatching { targets } });
+                    runs.push(RunSpec { name: r.name.get_ref().clone(), kind: RunKind::ActivationPatching { targets }, layers, layers_at });
                 }
             }
             other => {
@@ -172,7 +200,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
     if !cx.diags.is_empty() {
         return Err(fail(cx.diags));
     }
-    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash })
+    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, file: file.to_string() })
 }
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {

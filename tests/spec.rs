@@ -1,0 +1,108 @@
+//! Specs: the IOI spec as written, every other accepted form, and errors that point at the
+//! TOML line and key with the bad value and a suggestion, all problems at once.
+use std::path::Path;
+
+use tl_run::spec::resolve::resolve_text;
+use tl_run::spec::{resolve_file, Corruption, RunKind};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_ioi_spec_resolves() {
+    let spec = resolve_file(&repo().join("experiments/ioi.toml")).unwrap();
+    assert_eq!(spec.name, "ioi-demo");
+    assert_eq!(spec.model.id, "gpt2");
+    assert_eq!(spec.prompts.len(), 8);
+    assert_eq!(spec.prompts[1].correct, " John");
+    assert_eq!(spec.corruption, Corruption::SwapPairs);
+    assert!(spec.metric.normalize);
+    assert_eq!(spec.runs.len(), 2);
+    let RunKind::ActivationPatching { targets } = &spec.runs[1].kind;
+    assert_eq!(targets.len(), 3);
+    assert!(spec.output_dir.ends_with("experiments/results/ioi-demo"));
+}
+
+const GOOD: &str = r#"
+name = "t"
+[model]
+id = "gpt2"
+[prompts]
+clean = ["a b", "c d"]
+answers = [[" x", " y"], [" y", " x"]]
+[corruption]
+kind = "swap_pairs"
+[[run]]
+name = "r"
+kind = "activation_patching"
+hooks = ["resid_pre"]
+over = ["layer", "pos"]
+"#;
+
+fn errors(text: &str) -> String {
+    resolve_text(text, "spec.toml", Path::new(".")).err().expect("should fail").to_string()
+}
+
+#[test]
+fn every_problem_is_reported_with_line_key_and_suggestion() {
+    let bad = GOOD
+        .replace(r#"hooks = ["resid_pre"]"#, r#"hooks = ["resid_pr", "z"]"#)
+        .replace(r#"kind = "swap_pairs""#, r#"kind = "swap_pair""#)
+        .replace(r#"over = ["layer", "pos"]"#, r#"over = ["layer", "pos"]
+[[run]]
+name = "r2"
+kind = "activation_patchin""#);
+    let e = errors(&bad);
+    assert!(e.contains("4 problems"), "{e}");
+    assert!(e.contains("spec.toml:13:10: run[0].hooks[0]: unknown hook 'resid_pr'; did you mean 'resid_pre'"), "{e}");
+    assert!(e.contains("run[0].over: attn.hook_z cannot be patched over [layer, pos]"), "{e}");
+    assert!(e.contains("spec.toml:9:8: corruption.kind: unknown corruption 'swap_pair'"), "{e}");
+    assert!(e.contains("run[1].kind: unknown run kind 'activation_patchin'"), "{e}");
+}
+
+#[test]
+fn syntax_errors_and_unknown_keys_name_the_line() {
+    let e = errors(&GOOD.replace("[model]\nid = \"gpt2\"", "[model]\nid = \"gpt2\"\nfold_lns = true"));
+    assert!(e.contains("spec.toml:5:1") && e.contains("fold_lns"), "{e}");
+    let e = errors(&GOOD.replace(r#"clean = ["a b", "c d"]"#, r#"clean = ["a b", "c d""#));
+    assert!(e.contains("spec.toml:7:1: toml: invalid array"), "{e}");
+}
+
+#[test]
+fn answers_must_pair_up_with_prompts() {
+    let e = errors(&GOOD.replace(r#"answers = [[" x", " y"], [" y", " x"]]"#, r#"answers = [[" x", " y"]]"#));
+    assert!(e.contains("prompts.answers: 1 answer pairs for 2 clean prompts"), "{e}");
+}
+
+#[test]
+fn explicit_and_replaced_corruptions() {
+    let s = resolve_text(&GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"prompts\"\nprompts = [\"e f\", \"g h\"]"), "s", Path::new(".")).unwrap();
+    assert_eq!(s.prompts[1].corrupted.as_deref(), Some("g h"));
+    let s = resolve_text(&GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"replace_tokens\"\nreplace = { b = \"q\", d = \"r\" }"), "s", Path::new(".")).unwrap();
+    assert_eq!(s.prompts[0].corrupted.as_deref(), Some("a q"));
+    assert_eq!(s.prompts[1].corrupted.as_deref(), Some("c r"));
+}
+
+#[test]
+fn prompt_files_jsonl_and_prompt_pairs() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("p.jsonl"), "{\"clean\": \"a b\", \"answers\": [\" x\", \" y\"]}\n{\"prompt\": \"c d\", \"answer\": \" y\", \"wrong_answer\": \" x\"}\n").unwrap();
+    std::fs::write(
+        dir.path().join("pairs.json"),
+        r#"{"prompts": [{"clean": "a b", "corrupt": "a c", "answers": [" x"], "wrong_answers": [" y"]}]}"#,
+    )
+    .unwrap();
+    let with_file = |f: &str| {
+        GOOD.replace("clean = [\"a b\", \"c d\"]\nanswers = [[\" x\", \" y\"], [\" y\", \" x\"]]", &format!("file = \"{f}\""))
+    };
+    let s = resolve_text(&with_file("p.jsonl"), "s", dir.path()).unwrap();
+    assert_eq!(s.prompts.len(), 2);
+    assert_eq!(s.prompts[1].incorrect.as_deref(), Some(" x"));
+    let pairs = with_file("pairs.json").replace("[corruption]\nkind = \"swap_pairs\"\n", "");
+    let s = resolve_text(&pairs, "s", dir.path()).unwrap();
+    assert_eq!(s.corruption, Corruption::Prompts);
+    assert_eq!(s.prompts[0].corrupted.as_deref(), Some("a c"));
+    let e = resolve_text(&with_file("missing.jsonl"), "s", dir.path()).err().unwrap().to_string();
+    assert!(e.contains("prompts.file") && e.contains("missing.jsonl"), "{e}");
+}
