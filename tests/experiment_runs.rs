@@ -123,7 +123,7 @@ fn plan_and_validate_need_no_weights() {
     std::fs::write(tmp.path().join("model.safetensors"), b"not read").unwrap();
     let (ok, out, err) = tl_run(&["plan", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head]") && out.contains("total: 114 patched cells"), "{out}");
+    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head]") && out.contains("total: 114 patched cells (TransformerLens: 114 full forward passes); tl-run: 14 forward passes"), "{out}");
     let (ok, out, err) = tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok && out.contains(": ok"), "{out}{err}");
 }

@@ -78,6 +78,9 @@ pub struct SpecArgs {
     /// Write results here instead of the spec's output.dir.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Run on this device instead of the spec's model.device (cpu, cuda, cuda:N).
+    #[arg(long)]
+    pub device: Option<String>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -108,7 +111,8 @@ pub fn init_logging(verbose: u8) {
 fn parse_device(s: &str) -> Result<tch::Device> {
     match s {
         "cpu" => Ok(tch::Device::Cpu),
-        "cuda" => Ok(tch::Device::cuda_if_available()),
+        "cuda" if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
+        "cuda" => anyhow::bail!("device 'cuda' was asked for but CUDA is not available here"),
         _ => s
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
@@ -153,6 +157,9 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(out) = &a.out {
         spec.output_dir = out.clone();
     }
+    if let Some(d) = &a.device {
+        spec.model.device = d.clone();
+    }
     Ok(spec)
 }
 
@@ -169,7 +176,8 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     let toks = tl_run::graph::execute::tokenize(&spec, &tok)?;
     let seq = toks.clean.size()[1] as usize;
     if print {
-        print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq).render());
+        let first_diff = tl_run::experiments::prepared::first_difference(&toks.clean, &toks.corrupted);
+        print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq, first_diff).render());
     } else {
         println!(
             "{}: ok ({} prompts of {seq} tokens, {} runs; model {} has {} layers, {} heads)",

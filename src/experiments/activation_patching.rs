@@ -89,16 +89,16 @@ impl Sweep {
     }
 }
 
-fn heads_at(model: &Model, site: Site) -> i64 {
+fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
     match site {
-        Site::K | Site::V => model.cfg.n_kv_heads as i64, // k, v are patched over key-value heads
-        _ => model.cfg.n_heads as i64,
+        Site::K | Site::V => cfg.n_kv_heads as i64, // k, v are patched over key-value heads
+        _ => cfg.n_heads as i64,
     }
 }
 
 /// Every cell of `target` at one layer, in row-major order of the target's axes.
-fn cells_at(model: &Model, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
-    let heads = heads_at(model, target.site);
+pub(crate) fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
+    let heads = heads_at(cfg, target.site);
     let base = Cell { layer, head: None, pos: None, dest: None, src: None };
     let mut out = Vec::new();
     match target.axes {
@@ -128,7 +128,7 @@ fn cells_at(model: &Model, target: Target, layer: usize, seq: i64) -> Vec<Cell> 
 /// True when patching `cell` provably changes nothing: every activation at a position before the
 /// first clean/corrupted difference is identical (causal attention), and a pattern entry with
 /// src > dest is masked to zero in both runs.
-fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
+pub(crate) fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
     let before = |p: Option<i64>| p.is_some_and(|p| p < first_diff);
     before(cell.pos) || before(cell.dest) || matches!((cell.dest, cell.src), (Some(d), Some(s)) if s > d)
 }
@@ -179,8 +179,7 @@ fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64]) -> Tens
 }
 
 /// How many cells to run per forward: as many as fit a working-memory budget.
-fn cells_per_forward(model: &Model, n: i64, seq: i64) -> usize {
-    let c = &model.cfg;
+pub(crate) fn cells_per_forward(c: &crate::model::config::ModelConfig, n: i64, seq: i64) -> usize {
     let per_row_floats = seq * (12 * c.d_model as i64 + 4 * c.n_heads as i64 * seq + 3 * c.mlp.d_mlp as i64 + 4 * (c.n_heads * c.d_head) as i64);
     let budget_floats: i64 = std::env::var("TL_RUN_BATCH_FLOATS").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
     ((budget_floats / per_row_floats.max(1)) / n).clamp(1, 4096) as usize
@@ -199,14 +198,14 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
     let mut per_prompt = Vec::new();
     let mut skipped = Vec::new();
     let mut forwards = 0;
-    let chunk_size = cells_per_forward(model, n, seq);
+    let chunk_size = cells_per_forward(&model.cfg, n, seq);
     for &layer in layers {
         if layer >= model.cfg.n_layers {
             return Err(Error::Config(format!("layer {layer} is out of range: the model has {} layers: 0-{}", model.cfg.n_layers, model.cfg.n_layers - 1)));
         }
         let point = HookPoint::Block(layer, target.site);
         let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
-        let layer_cells = cells_at(model, target, layer, seq);
+        let layer_cells = cells_at(&model.cfg, target, layer, seq);
         let mut values: Vec<Option<Vec<f64>>> = layer_cells
             .iter()
             .map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone()))

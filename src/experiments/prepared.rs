@@ -86,7 +86,7 @@ impl Prepared {
 }
 
 /// The first position at which any clean/corrupted pair differs (seq_len if none does).
-fn first_difference(a: &Tensor, b: &Tensor) -> i64 {
+pub fn first_difference(a: &Tensor, b: &Tensor) -> i64 {
     let differs = a.ne_tensor(b).any_dims(&[0i64][..], false); // [pos]
     let v: Vec<bool> = Vec::try_from(differs).unwrap_or_default();
     v.iter().position(|d| *d).map(|p| p as i64).unwrap_or(a.size()[1])
