@@ -169,3 +169,28 @@ fn gradients_with_respect_to_hook_activations() {
     let analytic = (&grad * &dir).sum(Kind::Double).double_value(&[]);
     assert!((numeric - analytic).abs() <= 1e-2 * analytic.abs().max(1.0), "finite difference {numeric} vs autograd {analytic}");
 }
+
+/// Continuing after a key-value prefix computes exactly the full run's later positions.
+#[test]
+fn key_value_prefix_reproduces_the_full_run() {
+    use tl_run::engine::forward::Prefix;
+    for name in ["gpt2-odd", "stories260K"] {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let toks = tokens(name);
+        let (n_layers, seq, s) = (model.cfg.n_layers, toks.size()[1], 5);
+        let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
+        let mut full = Hooks::capture_all();
+        let logits = model.run(Input::Tokens(&toks), None, &mut full, Stop::Logits).unwrap();
+        let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+        let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
+        let layer = 1;
+        let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, seq - s);
+        let mut part = Hooks::capture_all();
+        let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, None, &mut part, Stop::Logits, Some(&prefix)).unwrap();
+        assert!(max_abs_diff(&out, &logits.narrow(1, s, seq - s)) <= 1e-5, "{name} logits");
+        let pattern = HookPoint::Block(n_layers - 1, Site::Pattern);
+        assert!(max_abs_diff(&part.cache[&pattern], &full.cache[&pattern].narrow(2, s, seq - s)) <= 1e-6, "{name} pattern");
+        let z = HookPoint::Block(n_layers - 1, Site::Z);
+        assert!(max_abs_diff(&part.cache[&z], &full.cache[&z].narrow(1, s, seq - s)) <= 1e-5, "{name} z");
+    }
+}

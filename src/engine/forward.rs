@@ -31,6 +31,31 @@ pub enum Stop {
     BeforeLayer(usize),
 }
 
+/// Keys and values of the first `len` positions at every layer, computed once and reused: when
+/// those positions cannot change (they precede every edit, under causal attention), a forward
+/// recomputes only the positions after them. keys[l] is post-rotary, [batch, len, kv_heads, d_head].
+pub struct Prefix {
+    pub len: i64,
+    pub keys: Vec<Tensor>,
+    pub values: Vec<Tensor>,
+}
+
+impl Prefix {
+    /// The same prefix for `k` stacked copies of the batch (patch cells as the batch axis).
+    pub fn repeat(&self, k: i64) -> Prefix {
+        let rep = |t: &Tensor| t.repeat([k, 1, 1, 1]);
+        Prefix { len: self.len, keys: self.keys.iter().map(rep).collect(), values: self.values.iter().map(rep).collect() }
+    }
+}
+
+/// What every layer of one forward shares.
+struct Context<'a> {
+    /// [batch|1, 1, query, key] true where attention is allowed.
+    attn_mask: Tensor,
+    rotary: Option<(Tensor, Tensor)>,
+    prefix: Option<&'a Prefix>,
+}
+
 /// Per-batch facts shared by every layer: positions and which key positions each query may see.
 pub struct Positions {
     /// [batch, pos] position ids; with left padding they count from the first real token.
@@ -41,6 +66,10 @@ pub struct Positions {
 
 impl Positions {
     pub fn new(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
+        Self::full(batch, seq, mask, device)
+    }
+
+    fn full(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
         match mask {
             None => Positions { ids: Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false), mask: None },
             Some(m) => {
@@ -61,6 +90,15 @@ impl Positions {
 impl Model {
     /// Runs the model. `mask` is the [batch, pos] attention mask of a left-padded batch.
     pub fn run(&self, input: Input<'_>, mask: Option<&Tensor>, hooks: &mut Hooks, stop: Stop) -> Result<Tensor> {
+        self.run_with_prefix(input, mask, hooks, stop, None)
+    }
+
+    /// Like `run`, continuing after `prefix`: a residual input then holds only the positions
+    /// after the prefix (and so does every hook), while `mask` covers all positions.
+    pub fn run_with_prefix(&self, input: Input<'_>, mask: Option<&Tensor>, hooks: &mut Hooks, stop: Stop, prefix: Option<&Prefix>) -> Result<Tensor> {
+        if prefix.is_some() && matches!(input, Input::Tokens(_)) {
+            return Err(Error::Other("a key-value prefix needs a residual input".into()));
+        }
         let _guard = if hooks.grad() { None } else { Some(tch::no_grad_guard()) };
         let (start, mut x, pos) = match input {
             Input::Tokens(tokens) => {
@@ -79,7 +117,10 @@ impl Model {
                         self.cfg.n_layers, self.cfg.d_model
                     )));
                 }
-                let pos = Positions::new(size[0], size[1], mask, self.device);
+                let skip = prefix.map(|p| p.len).unwrap_or(0);
+                let full = Positions::full(size[0], size[1] + skip, mask, self.device);
+                // Only the positions after the prefix are computed.
+                let pos = Positions { ids: full.ids.narrow(1, skip, size[1]), mask: full.mask };
                 (layer, resid.to_device(self.device).to_kind(self.kind), pos)
             }
         };
@@ -90,10 +131,9 @@ impl Model {
                 return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
             }
         };
-        let attn_mask = self.attention_mask(&pos);
-        let rotary = self.rotary_tables(&pos);
+        let ctx = Context { attn_mask: self.attention_mask(&pos, prefix.map(|p| p.len).unwrap_or(0)), rotary: self.rotary_tables(&pos), prefix };
         for l in start..end {
-            x = self.block(l, x, &attn_mask, rotary.as_ref(), hooks)?;
+            x = self.block(l, x, &ctx, hooks)?;
         }
         if !logits {
             if end < self.cfg.n_layers && end > start {
@@ -135,12 +175,14 @@ impl Model {
     }
 
     /// [batch|1, 1, query, key] true where attention is allowed (causal, and not to padding).
-    fn attention_mask(&self, pos: &Positions) -> Tensor {
-        let (_, seq) = pos.batch_seq();
-        let causal = Tensor::ones([seq, seq], (Kind::Bool, self.device)).tril(0).view([1, 1, seq, seq]);
+    /// Queries are the computed positions, which start `skip` positions in; keys are all.
+    fn attention_mask(&self, pos: &Positions, skip: i64) -> Tensor {
+        let (_, queries) = pos.batch_seq();
+        let keys = queries + skip;
+        let causal = Tensor::ones([queries, keys], (Kind::Bool, self.device)).tril(skip).view([1, 1, queries, keys]);
         match &pos.mask {
             None => causal,
-            Some(m) => causal.logical_and(&m.to_kind(Kind::Bool).view([-1, 1, 1, seq])),
+            Some(m) => causal.logical_and(&m.to_kind(Kind::Bool).view([-1, 1, 1, keys])),
         }
     }
 
@@ -199,12 +241,12 @@ impl Model {
         Ok(y)
     }
 
-    fn block(&self, l: usize, resid_pre: Tensor, attn_mask: &Tensor, rotary: Option<&(Tensor, Tensor)>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn block(&self, l: usize, resid_pre: Tensor, ctx: &Context<'_>, hooks: &mut Hooks) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let bw = &self.weights.blocks[l];
         let resid_pre = hooks.at(at(Site::ResidPre), resid_pre)?;
         let x = self.norm(resid_pre.shallow_clone(), &bw.ln1, at(Site::Ln1(NormHook::Scale)), at(Site::Ln1(NormHook::Normalized)), hooks)?;
-        let attn_out = self.attention(l, &x, attn_mask, rotary, hooks)?;
+        let attn_out = self.attention(l, &x, ctx, hooks)?;
         let attn_out = hooks.at(at(Site::AttnOut), attn_out)?;
         let (mlp_in_resid, resid_mid) = if self.cfg.parallel_block {
             (resid_pre.shallow_clone(), None)
@@ -222,7 +264,7 @@ impl Model {
         hooks.at(at(Site::ResidPost), resid_post)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, attn_mask: &Tensor, rotary: Option<&(Tensor, Tensor)>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn attention(&self, l: usize, x: &Tensor, ctx: &Context<'_>, hooks: &mut Hooks) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
         let (b, p) = (x.size()[0], x.size()[1]);
@@ -230,9 +272,13 @@ impl Model {
         let q = hooks.at(at(Site::Q), x.linear(&fw.w_q, Some(&fw.b_q)).view([b, p, h, e]))?;
         let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
         let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
-        let (q, k) = match rotary {
+        let (q, k) = match &ctx.rotary {
             Some(t) => (hooks.at(at(Site::RotQ), self.rotate(&q, t))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?),
             None => (q, k),
+        };
+        let (k, v) = match ctx.prefix {
+            Some(p) => (Tensor::cat(&[&p.keys[l], &k], 1), Tensor::cat(&[&p.values[l], &v], 1)),
+            None => (k, v),
         };
         // Grouped-query attention: each key-value head serves `group` consecutive query heads.
         let group = self.cfg.kv_group() as i64;
@@ -243,7 +289,7 @@ impl Model {
         };
         // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
         let scores = q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1])) * (1.0 / self.cfg.attn_scale);
-        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&attn_mask.logical_not(), f64::NEG_INFINITY))?;
+        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&ctx.attn_mask.logical_not(), f64::NEG_INFINITY))?;
         let pattern = scores.softmax(-1, scores.kind());
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
         let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0))?;

@@ -135,7 +135,8 @@ pub(crate) fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
 
 /// The mask of what to take from the clean run for a chunk of cells (each repeated over the n
 /// prompts), shaped to broadcast against the activation.
-fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64]) -> Tensor {
+/// `skip` positions are not computed (a key-value prefix): position coordinates shift by it.
+fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64], skip: i64) -> Tensor {
     let rows = chunk.len() as i64 * n;
     // The mask's shape: activation shape with broadcast (size-1) axes where a cell covers all.
     let attn = target.site == Site::Pattern;
@@ -158,13 +159,14 @@ fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64]) -> Tens
     // One coordinate list per mask axis (0 on broadcast axes), one entry per row.
     let mut coords: Vec<Vec<i64>> = vec![Vec::with_capacity(rows as usize); shape.len()];
     for (k, c) in chunk.iter().enumerate() {
+        let (pos, dest) = (c.pos.unwrap_or(0) - skip, c.dest.unwrap_or(0) - skip);
         let at: Vec<i64> = match (target.axes, attn) {
-            (Axes::LayerPos, _) => vec![c.pos.unwrap_or(0), 0],
-            (Axes::LayerPosHead, _) => vec![c.pos.unwrap_or(0), c.head.unwrap_or(0), 0],
+            (Axes::LayerPos, _) => vec![pos, 0],
+            (Axes::LayerPosHead, _) => vec![pos, c.head.unwrap_or(0), 0],
             (Axes::LayerHead, true) => vec![c.head.unwrap_or(0), 0, 0],
             (Axes::LayerHead, false) => vec![0, c.head.unwrap_or(0), 0],
-            (Axes::LayerHeadDest, _) => vec![c.head.unwrap_or(0), c.dest.unwrap_or(0), 0],
-            (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), c.dest.unwrap_or(0), c.src.unwrap_or(0)],
+            (Axes::LayerHeadDest, _) => vec![c.head.unwrap_or(0), dest, 0],
+            (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), dest, c.src.unwrap_or(0)],
         };
         for i in 0..n {
             coords[0].push(k as i64 * n + i);
@@ -205,6 +207,11 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
         }
         let point = HookPoint::Block(layer, target.site);
         let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
+        // With a prefix only positions from `skip` on are computed: the query axis of patterns,
+        // the position axis of everything else.
+        let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+        let computed = seq - skip;
+        let clean = if target.site == Site::Pattern { clean.narrow(2, skip, computed) } else { clean.narrow(1, skip, computed) };
         let layer_cells = cells_at(&model.cfg, target, layer, seq);
         let mut values: Vec<Option<Vec<f64>>> = layer_cells
             .iter()
@@ -214,13 +221,14 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
         for chunk_ids in todo.chunks(chunk_size) {
             let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| layer_cells[i]).collect();
             let k = chunk.len() as i64;
-            let resid = prep.corrupted_resid_pre[layer].repeat([k, 1, 1]);
+            let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-            let patch = patch_mask(target, &chunk, n, &clean.size()).to_device(model.device);
+            let prefix = prep.prefix.as_ref().map(|p| p.repeat(k));
+            let patch = patch_mask(target, &chunk, n, &clean.size(), skip).to_device(model.device);
             let source = clean.repeat(repeat_dims(k, clean.dim()));
             let edit = Edit::Where { mask: patch, source };
             let mut hooks = Hooks::new().intervene(point, Intervention::new(edit));
-            let out = model.run(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
+            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
             forwards += 1;
             let v: Vec<f64> = Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?;
             for (j, &i) in chunk_ids.iter().enumerate() {

@@ -7,6 +7,7 @@ use tch::Tensor;
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
+use crate::engine::forward::Prefix;
 use crate::{Hooks, Input, Model, Stop};
 
 pub struct Prepared {
@@ -25,6 +26,9 @@ pub struct Prepared {
     /// Every position before this one holds the same tokens in every clean/corrupted pair, so
     /// under causal attention nothing computed there can differ.
     pub first_diff: i64,
+    /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
+    /// the positions from `first_diff` on (None when first_diff is 0).
+    pub prefix: Option<Prefix>,
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -46,7 +50,9 @@ impl Prepared {
         let mut clean_hooks = Hooks::capture(clean_points.iter().copied());
         let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
-        let mut corr_hooks = Hooks::capture(corr_points.iter().copied());
+        let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
+        let kv_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
+        let mut corr_hooks = Hooks::capture(corr_points.iter().chain(&kv_points).copied());
         let corr_final = model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
@@ -55,6 +61,13 @@ impl Prepared {
         let corrupted_per_prompt = values(&corr_final)?;
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks.cache.remove(p).expect("captured")).collect();
         let first_diff = first_difference(&clean_tokens, &corrupted_tokens);
+        let seq = clean_tokens.size()[1];
+        let prefix = (first_diff > 0 && first_diff < seq).then(|| {
+            let mut take = |l: usize, s: Site| corr_hooks.cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
+            let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
+            let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
+            Prefix { len: first_diff, keys, values }
+        });
         Ok(Prepared {
             clean_tokens,
             corrupted_tokens,
@@ -65,6 +78,7 @@ impl Prepared {
             clean_per_prompt,
             corrupted_per_prompt,
             first_diff,
+            prefix,
         })
     }
 
