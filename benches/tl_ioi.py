@@ -14,18 +14,9 @@ import torch
 import transformer_lens.patching as patching
 from transformer_lens.model_bridge import TransformerBridge
 
-PROMPTS = [
-    "When John and Mary went to the shops, John gave the bag to",
-    "When John and Mary went to the shops, Mary gave the bag to",
-    "When Tom and James went to the park, James gave the ball to",
-    "When Tom and James went to the park, Tom gave the ball to",
-    "When Dan and Sid went to the shops, Sid gave an apple to",
-    "When Dan and Sid went to the shops, Dan gave an apple to",
-    "After Martin and Amy went to the park, Amy gave a drink to",
-    "After Martin and Amy went to the park, Martin gave a drink to",
-]
-ANSWERS = [(" Mary", " John"), (" John", " Mary"), (" Tom", " James"), (" James", " Tom"),
-           (" Dan", " Sid"), (" Sid", " Dan"), (" Martin", " Amy"), (" Amy", " Martin")]
+# The same prompts and answers as the tests' oracle (and experiments/ioi.toml).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "oracle"))
+from dump_patching import ANSWERS, PROMPTS  # noqa: E402
 
 t0 = time.perf_counter()
 model = TransformerBridge.boot_transformers(sys.argv[1], device="cpu")

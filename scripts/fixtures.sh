@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="$root/.venv/bin/python"
-stamp="$(cat tests/oracle/*.py scripts/requirements.txt ../shared/models/stories260K/model.safetensors | sha256sum | cut -c1-16)"
+stamp="$(cat tests/oracle/*.py configs/fixtures.toml scripts/requirements.txt ../shared/models/stories260K/model.safetensors | sha256sum | cut -c1-16)"
 cache="${TL_RUN_CACHE:-$HOME/.cache/tl-run}"
 dir="$cache/fixtures-$stamp"
 if [ ! -f "$dir/.complete" ]; then

@@ -208,7 +208,7 @@ impl Hooks {
     }
 
     pub fn intervene(mut self, point: HookPoint, i: Intervention) -> Self {
-        self.interventions.entry(point).or_default().push(i);
+        self.add_intervention(point, i);
         self
     }
 
@@ -218,12 +218,7 @@ impl Hooks {
 
     /// Whether the forward should compute an optional activation (hook_result) at all.
     pub fn wants(&self, point: HookPoint) -> bool {
-        self.interventions.contains_key(&point)
-            || match &self.capture {
-                Capture::Nothing => false,
-                Capture::All => true,
-                Capture::Only(s) => s.contains(&point),
-            }
+        self.edits(point) || self.captures(point)
     }
 
     /// Whether an intervention changes `point` (so derived values must be recomputed from it).

@@ -11,25 +11,15 @@ Usage: python tests/oracle/make_fixtures.py OUT_DIR BPE_DIR STORIES_DIR [--bench
 import json
 import os
 import sys
+import tomllib
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-# name -> (n_layer, n_head, d_model, n_positions, seed). "odd" has 6 heads of 16 and 128 positions.
-GPT2_FIXTURES = {
-    "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, seed=1),
-    "gpt2-odd": dict(n_layer=3, n_head=6, n_embd=96, n_positions=128, seed=2),
-}
-# Built only on request (benches/): GPT-2 small's shape, 124M parameters.
-BENCH_FIXTURES = {
-    "gpt2-small-shaped": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, seed=4),
-}
-# A random Llama with grouped-query attention, alongside the real trained stories260K.
-LLAMA_FIXTURES = {
-    "llama-tiny": dict(num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
-                       hidden_size=48, intermediate_size=80, seed=3),
-}
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "fixtures.toml")
+with open(CONFIG, "rb") as f:
+    FIXTURES = tomllib.load(f)
 
 
 def gpt2_tokenizer(bpe_dir: str) -> Tokenizer:
@@ -99,14 +89,13 @@ def main() -> None:
     out, bpe_dir, stories = sys.argv[1], sys.argv[2], sys.argv[3]
     os.makedirs(out, exist_ok=True)
     tok = gpt2_tokenizer(bpe_dir)
-    if sys.argv[4:] == ["--bench"]:
-        for name, spec in BENCH_FIXTURES.items():
+    bench = sys.argv[4:] == ["--bench"]
+    for name, spec in FIXTURES["gpt2"].items():
+        if spec.pop("bench", False) == bench:
             make_gpt2(out, name, spec, tok)
-        return
-    for name, spec in GPT2_FIXTURES.items():
-        make_gpt2(out, name, spec, tok)
-    for name, spec in LLAMA_FIXTURES.items():
-        make_llama(out, name, spec, stories)
+    for name, spec in FIXTURES["llama"].items():
+        if spec.pop("bench", False) == bench:
+            make_llama(out, name, spec, stories)
 
 
 if __name__ == "__main__":
