@@ -271,9 +271,9 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
                 if prompts.len() % 2 != 0 {
                     cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
                 }
-                for (i, p) in prompts.iter_mut().enumerate() {
+                // The pair partner is the corruption; a file's own "corrupt" prompts are not used.
+                for p in prompts.iter_mut() {
                     p.corrupted = None;
-                    let _ = i;
                 }
                 Corruption::SwapPairs
             }
