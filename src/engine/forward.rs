@@ -66,10 +66,6 @@ pub struct Positions {
 
 impl Positions {
     pub fn new(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
-        Self::full(batch, seq, mask, device)
-    }
-
-    fn full(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
         match mask {
             None => Positions { ids: Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false), mask: None },
             Some(m) => {
@@ -100,6 +96,7 @@ impl Model {
             return Err(Error::Other("a key-value prefix needs a residual input".into()));
         }
         let _guard = if hooks.grad() { None } else { Some(tch::no_grad_guard()) };
+        let skip = prefix.map(|p| p.len).unwrap_or(0);
         let (start, mut x, pos) = match input {
             Input::Tokens(tokens) => {
                 let size = tokens.size();
@@ -117,8 +114,7 @@ impl Model {
                         self.cfg.n_layers, self.cfg.d_model
                     )));
                 }
-                let skip = prefix.map(|p| p.len).unwrap_or(0);
-                let full = Positions::full(size[0], size[1] + skip, mask, self.device);
+                let full = Positions::new(size[0], size[1] + skip, mask, self.device);
                 // Only the positions after the prefix are computed.
                 let pos = Positions { ids: full.ids.narrow(1, skip, size[1]), mask: full.mask };
                 (layer, resid.to_device(self.device).to_kind(self.kind), pos)
@@ -131,7 +127,7 @@ impl Model {
                 return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
             }
         };
-        let ctx = Context { attn_mask: self.attention_mask(&pos, prefix.map(|p| p.len).unwrap_or(0)), rotary: self.rotary_tables(&pos), prefix };
+        let ctx = Context { attn_mask: self.attention_mask(&pos, skip), rotary: self.rotary_tables(&pos), prefix };
         for l in start..end {
             x = self.block(l, x, &ctx, hooks)?;
         }

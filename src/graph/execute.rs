@@ -11,7 +11,7 @@ use tch::Tensor;
 use crate::engine::metric::Metric;
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{sweep_layers, Sweep, Target};
+use crate::experiments::activation_patching::{cells_at, sweep_layers, Sweep, Target};
 use crate::experiments::prepared::Prepared;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
@@ -188,7 +188,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         for (site, axes) in targets {
             let target = Target::new(*site, *axes)?;
             let layers: Vec<usize> = run.layers.clone().unwrap_or_else(|| (0..model.cfg.n_layers).collect());
-            let total = crate::graph::cell_count(&model.cfg, *site, *axes, prep.seq_len() as usize) / model.cfg.n_layers * layers.len();
+            let total: usize = layers.iter().map(|&l| cells_at(&model.cfg, target, l, prep.seq_len()).len()).sum();
             let pb = bar(total as u64, format!("{}: {} [{}]", run.name, site.name(), axes.names().join(",")), show_progress);
             let t = Instant::now();
             let s = sweep_layers(model, &prep, target, &layers, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("run '{}', {}: {e}", run.name, site.name())))?;

@@ -2,9 +2,8 @@
 //! and corrupted cached runs) appears once and every run depends on it.
 pub mod execute;
 
-use crate::experiments::activation_patching::{cannot_change, cells_at, cells_per_forward, Axes, Target};
+use crate::experiments::activation_patching::{cannot_change, cells_at, cells_per_forward, Target};
 use crate::model::config::ModelConfig;
-use crate::model::hook_point::Site;
 use crate::spec::{RunKind, Spec};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -23,18 +22,6 @@ pub struct Job {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Plan {
     pub jobs: Vec<Job>,
-}
-
-/// Cells of one sweep (for k/v over key-value heads).
-pub fn cell_count(cfg: &ModelConfig, site: Site, axes: Axes, seq: usize) -> usize {
-    let heads = if matches!(site, Site::K | Site::V) { cfg.n_kv_heads } else { cfg.n_heads };
-    cfg.n_layers
-        * match axes {
-            Axes::LayerPos => seq,
-            Axes::LayerPosHead | Axes::LayerHeadDest => seq * heads,
-            Axes::LayerHead => heads,
-            Axes::LayerHeadDestSrc => seq * seq * heads,
-        }
 }
 
 impl Plan {
