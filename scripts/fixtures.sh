@@ -1,24 +1,52 @@
 #!/usr/bin/env bash
-# Builds the fixture models and the TransformerLens outputs the tests compare against. They live
-# in ~/.cache/tl-run/fixtures-<hash of the scripts that make them>, linked as fixtures/, so a
-# fresh clone (CI) reuses them and any change to those scripts rebuilds them.
+# Builds the fixture models and the TransformerLens outputs the tests compare against, under
+# ~/.cache/tl-run, and links them as fixtures/ (models) and fixtures/oracle/<fixture>/ (one file
+# per oracle output). Each part is keyed by a hash of what makes it: the models by
+# make_fixtures.py and configs/fixtures.toml, each tests/oracle/dump_*.py output by that script,
+# the shared oracle helpers and the models. A fresh clone (CI) reuses them; changing one oracle
+# script rebuilds only its outputs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py="$root/.venv/bin/python"
-stamp="$(cat tests/oracle/*.py configs/fixtures.toml scripts/requirements.txt ../shared/models/stories260K/model.safetensors | sha256sum | cut -c1-16)"
 cache="${TL_RUN_CACHE:-$HOME/.cache/tl-run}"
-dir="$cache/fixtures-$stamp"
-if [ ! -f "$dir/.complete" ]; then
-  echo "tl-run: building fixture models and TransformerLens reference outputs (a few minutes)" >&2
-  rm -rf "$dir" "$dir.tmp"
-  mkdir -p "$dir.tmp"
-  export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 PYTHONWARNINGS=ignore
-  "$py" tests/oracle/make_fixtures.py "$dir.tmp" .gpt2-bpe ../shared/models/stories260K
-  "$py" tests/oracle/dump_tl.py "$dir.tmp" "$dir.tmp/oracle"
-  "$py" tests/oracle/dump_patching.py "$dir.tmp" "$dir.tmp/oracle"
-  touch "$dir.tmp/.complete"
-  mv "$dir.tmp" "$dir"
-fi
-if [ -e fixtures ] && [ ! -L fixtures ]; then rm -rf fixtures; fi
-ln -sfn "$dir" fixtures
+export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1 PYTHONWARNINGS=ignore
+hash() { cat "$@" | sha256sum | cut -c1-16; }
+
+# build DIR CMD...: runs CMD (with @OUT@ replaced by DIR.tmp) unless DIR is complete, then renames
+# DIR.tmp to DIR, so an interrupted build is never taken for a finished one.
+build() {
+  local dir="$1"; shift
+  if [ ! -f "$dir/.complete" ]; then
+    rm -rf "$dir" "$dir.tmp"
+    mkdir -p "$dir.tmp"
+    local args=()
+    for a in "$@"; do args+=("${a//@OUT@/$dir.tmp}"); done
+    "${args[@]}"
+    touch "$dir.tmp/.complete"
+    mv "$dir.tmp" "$dir"
+  fi
+}
+
+models_stamp="$(hash tests/oracle/make_fixtures.py configs/fixtures.toml scripts/requirements.txt ../shared/models/stories260K/model.safetensors)"
+models="$cache/fixture-models-$models_stamp"
+if [ ! -f "$models/.complete" ]; then echo "tl-run: building fixture models" >&2; fi
+build "$models" "$py" tests/oracle/make_fixtures.py @OUT@ .gpt2-bpe ../shared/models/stories260K
+
+rm -rf fixtures.tmp
+mkdir -p fixtures.tmp/oracle
+for m in "$models"/*/; do ln -s "${m%/}" "fixtures.tmp/$(basename "$m")"; done
+for script in tests/oracle/dump_*.py; do
+  name="$(basename "$script" .py)"
+  stamp="$( { cat "$script" tests/oracle/oracle_common.py experiments/prompts/*.jsonl; echo "$models_stamp"; } | sha256sum | cut -c1-16)"
+  out="$cache/oracle-$name-$stamp"
+  if [ ! -f "$out/.complete" ]; then echo "tl-run: running TransformerLens for $name (a few minutes)" >&2; fi
+  build "$out" "$py" "$script" "$models" @OUT@
+  for f in "$out"/*/*; do
+    fixture="$(basename "$(dirname "$f")")"
+    mkdir -p "fixtures.tmp/oracle/$fixture"
+    ln -s "$f" "fixtures.tmp/oracle/$fixture/$(basename "$f")"
+  done
+done
+rm -rf fixtures
+mv fixtures.tmp fixtures

@@ -7,7 +7,7 @@ use common::*;
 use tch::{Kind, Tensor};
 use tl_run::engine::metric::{Metric, MetricKind};
 use tl_run::experiments::activation_patching::{sweep, Axes, Target};
-use tl_run::experiments::prepared::Prepared;
+use tl_run::experiments::prepared::{Corrupt, Prepared};
 use tl_run::model::config::Processing;
 use tl_run::{Model, Site};
 
@@ -18,7 +18,7 @@ fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
         correct: answers.iter().step_by(2).copied().collect(),
         incorrect: answers.iter().skip(1).step_by(2).copied().collect(),
     };
-    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), oracle.get("corrupted_tokens").shallow_clone(), None, metric, sites).unwrap()
+    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), Corrupt::Tokens(oracle.get("corrupted_tokens").shallow_clone()), None, metric, sites).unwrap()
 }
 
 /// Our sweep as a tensor in TransformerLens's axis order.

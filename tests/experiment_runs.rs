@@ -88,7 +88,7 @@ fn ioi_spec_on_a_local_fixture_matches_patching_py() {
     let out = tmp.path().join("out");
     let (ok, stdout, err) = tl_run(&[ioi_spec().to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(stdout.contains("resid.parquet") && stdout.contains("top cells"), "{stdout}");
+    assert!(stdout.contains("resid.parquet") && stdout.contains("top rows"), "{stdout}");
     check_against_oracle(&out);
 }
 
@@ -123,7 +123,8 @@ fn plan_and_validate_need_no_weights() {
     std::fs::write(tmp.path().join("model.safetensors"), b"not read").unwrap();
     let (ok, out, err) = tl_run(&["plan", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head]") && out.contains("total: 114 patched cells (TransformerLens: 114 full forward passes); tl-run: 14 forward passes"), "{out}");
+    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head]") && out.contains("attribution: patch the top 20 cells per target"), "{out}");
+    assert!(out.contains("total: tl-run 29 forward passes (patches batched, each from the patched layer); TransformerLens 224"), "{out}");
     let (ok, out, err) = tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok && out.contains(": ok"), "{out}{err}");
 }

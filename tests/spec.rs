@@ -18,9 +18,12 @@ fn the_ioi_spec_resolves() {
     assert_eq!(spec.prompts[1].correct, " John");
     assert_eq!(spec.corruption, Corruption::SwapPairs);
     assert!(spec.metric.normalize);
-    assert_eq!(spec.runs.len(), 2);
-    let RunKind::ActivationPatching { targets } = &spec.runs[1].kind;
+    let kinds: Vec<&str> = spec.runs.iter().map(|r| r.kind_name()).collect();
+    assert_eq!(kinds, ["activation_patching", "activation_patching", "logit_lens", "direct_logit_attribution", "direct_logit_attribution", "head_scores", "attribution_patching", "attribution_patching", "ablation"]);
+    let RunKind::ActivationPatching { targets } = &spec.runs[1].kind else { panic!("expected activation patching") };
     assert_eq!(targets.len(), 3);
+    let RunKind::AttributionPatching { options, verify_top, .. } = &spec.runs[7].kind else { panic!("expected attribution patching") };
+    assert!(options.qk_fix && !options.grad_drop && *verify_top == 10);
     assert!(spec.output_dir.ends_with("experiments/results/ioi-demo"));
 }
 
@@ -105,4 +108,44 @@ fn prompt_files_jsonl_and_prompt_pairs() {
     assert_eq!(s.prompts[0].corrupted.as_deref(), Some("a c"));
     let e = resolve_text(&with_file("missing.jsonl"), "s", dir.path()).err().unwrap().to_string();
     assert!(e.contains("prompts.file") && e.contains("missing.jsonl"), "{e}");
+}
+
+#[test]
+fn the_induction_and_causal_tracing_specs_resolve() {
+    let s = resolve_file(&repo().join("experiments/induction.toml")).unwrap();
+    assert!(s.prompts.is_empty(), "repeated random tokens need no prompts");
+    let RunKind::HeadScores { source, .. } = &s.runs[0].kind else { panic!("expected head scores") };
+    assert!(matches!(source, tl_run::spec::runs::HeadSource::RepeatedRandom { seq_len: 50, batch: 4, .. }));
+    let s = resolve_file(&repo().join("experiments/causal_tracing.toml")).unwrap();
+    let Corruption::Noise { noise, samples, words, .. } = &s.corruption else { panic!("expected noise") };
+    assert_eq!((*noise, *samples), (3.0, 10));
+    assert_eq!(words.as_deref(), Some(&["Eiffel Tower".to_string(), "Colosseum".to_string()][..]));
+}
+
+#[test]
+fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
+    let run = |body: &str| GOOD.replace("kind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]", body);
+    let e = errors(&run("kind = \"logit_lens\"\ntop_k = -1\nverify_top = 3"));
+    assert!(e.contains("run[0].top_k: must be at least 0, got -1"), "{e}");
+    assert!(e.contains("run[0].verify_top: 'verify_top' is not an option of logit_lens runs"), "{e}");
+    let e = errors(&run("kind = \"head_scores\"\npatterns = [\"inducton\"]\nerror_measure = \"ab\""));
+    assert!(e.contains("unknown pattern 'inducton'") && e.contains("did you mean 'induction'"), "{e}");
+    assert!(e.contains("run[0].error_measure: unknown value 'ab' (valid: mul, abs); did you mean 'abs'?"), "{e}");
+    let e = errors(&run("kind = \"direct_logit_attribution\"\nover = [\"layer\", \"pos\"]"));
+    assert!(e.contains("spec.toml:13:8: run[0].over: unknown axes"), "{e}");
+    let e = errors(&run("kind = \"ablation\"\nhooks = [\"zz\"]\nmethod = \"mean\""));
+    assert!(e.contains("unknown hook 'zz' for ablation") && e.contains("did you mean 'z'"), "{e}");
+    let e = errors(&run("kind = \"ablation\"\nhooks = [\"z\"]\nunits = [[1]]\nmeasure = \"direct_logit_attribution\""));
+    assert!(e.contains("each unit of attn.hook_z is [layer, head], got [1]"), "{e}");
+    let e = errors(&GOOD.replace("kind = \"swap_pairs\"", "kind = \"noise\"\nnoise = -1.0"));
+    assert!(e.contains("noise needs either positions") && e.contains("corruption.noise: noise must be a positive number"), "{e}");
+    let e = errors(&GOOD.replace("kind = \"swap_pairs\"", "kind = \"swap_pairs\"\nsamples = 3"));
+    assert!(e.contains("corruption.samples: 'samples' is an option of kind = \"noise\""), "{e}");
+    // Patching needs a corruption; a head-score run on repeated random tokens needs no prompts.
+    let e = errors(&GOOD.replace("[corruption]\nkind = \"swap_pairs\"\n", ""));
+    assert!(e.contains("activation_patching runs need a [corruption] section"), "{e}");
+    let no_prompts = "name = \"t\"\n[model]\nid = \"gpt2\"\n[[run]]\nname = \"r\"\nkind = \"head_scores\"\nsource = \"repeated_random\"\n";
+    assert!(resolve_text(no_prompts, "s", Path::new(".")).is_ok());
+    let e = errors(&no_prompts.replace("source = \"repeated_random\"\n", ""));
+    assert!(e.contains("head_scores runs read prompts: add a [prompts] section"), "{e}");
 }

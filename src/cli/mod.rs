@@ -81,6 +81,10 @@ pub struct SpecArgs {
     /// Run on this device instead of the spec's model.device (cpu, cuda, cuda:N).
     #[arg(long)]
     pub device: Option<String>,
+    /// Use this prompt file (JSONL or prompt-pair JSON) instead of the spec's [prompts]: the
+    /// same experiment on a model whose tokenizer needs other prompts.
+    #[arg(long)]
+    pub prompts: Option<PathBuf>,
 }
 
 #[derive(ClapArgs, Debug)]
@@ -160,6 +164,10 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(d) = &a.device {
         spec.model.device = d.clone();
     }
+    if let Some(p) = &a.prompts {
+        spec.prompts = tl_run::spec::prompts::read(p).map_err(|e| anyhow::anyhow!("--prompts {}: {e}", p.display()))?;
+        spec.apply_corruption_to_prompts().map_err(|e| anyhow::anyhow!("--prompts {}: {e}", p.display()))?;
+    }
     Ok(spec)
 }
 
@@ -173,10 +181,13 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     for run in &spec.runs {
         run.check_layers(cfg.n_layers, &spec.file).map_err(anyhow::Error::msg)?;
     }
-    let toks = tl_run::graph::execute::tokenize(&spec, &tok)?;
-    let seq = toks.clean.size()[1] as usize;
+    let (seq, first_diff) = if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
+        let toks = tl_run::graph::execute::tokenize(&spec, &tok, spec.runs.iter().any(|r| r.kind.needs_corruption()))?;
+        (toks.clean.size()[1] as usize, tl_run::graph::execute::first_changed(&toks))
+    } else {
+        (0, 0)
+    };
     if print {
-        let first_diff = tl_run::experiments::prepared::first_difference(&toks.clean, &toks.corrupted);
         print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq, first_diff).render());
     } else {
         println!(

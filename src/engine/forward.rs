@@ -144,6 +144,13 @@ impl Model {
         Ok(self.unembed(&x))
     }
 
+    /// ln_final applied to any residual-stream tensor [.., d_model] with its own statistics
+    /// (TransformerLens's logit lens recomputes the final norm this way for every layer).
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        let mut none = Hooks::new();
+        self.norm(x.shallow_clone(), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), &mut none)
+    }
+
     /// Logits from ln_final's output.
     pub fn unembed(&self, x: &Tensor) -> Tensor {
         x.matmul(&self.weights.w_u) + &self.weights.b_u

@@ -207,6 +207,15 @@ impl Hooks {
         self.grad
     }
 
+    /// Also capture `points` (keeping the interventions already planned).
+    pub fn add_captures(&mut self, points: impl IntoIterator<Item = HookPoint>) {
+        match &mut self.capture {
+            Capture::All => {}
+            Capture::Only(s) => s.extend(points),
+            Capture::Nothing => self.capture = Capture::Only(points.into_iter().collect()),
+        }
+    }
+
     pub fn intervene(mut self, point: HookPoint, i: Intervention) -> Self {
         self.add_intervention(point, i);
         self

@@ -193,33 +193,40 @@ pub fn sweep(model: &Model, prep: &Prepared, target: Target, progress: impl FnMu
     sweep_layers(model, prep, target, &all, progress)
 }
 
-pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[usize], mut progress: impl FnMut(usize)) -> Result<Sweep> {
-    let n = prep.n_prompts();
-    let seq = prep.seq_len();
+pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[usize], progress: impl FnMut(usize)) -> Result<Sweep> {
     let mut cells = Vec::new();
-    let mut per_prompt = Vec::new();
-    let mut skipped = Vec::new();
-    let mut forwards = 0;
-    let chunk_size = cells_per_forward(&model.cfg, n, seq);
     for &layer in layers {
         if layer >= model.cfg.n_layers {
             return Err(Error::Config(format!("layer {layer} is out of range: the model has {} layers: 0-{}", model.cfg.n_layers, model.cfg.n_layers - 1)));
         }
+        cells.extend(cells_at(&model.cfg, target, layer, prep.seq_len()));
+    }
+    sweep_cells(model, prep, target, &cells, progress)
+}
+
+/// Patches each of `cells` (any subset of the target's cells, e.g. the top cells of an
+/// attribution) in batched forwards grouped by layer; results in the order given.
+pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell], mut progress: impl FnMut(usize)) -> Result<Sweep> {
+    let n = prep.n_prompts();
+    let seq = prep.seq_len();
+    let mut values: Vec<Option<Vec<f64>>> = cells.iter().map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone())).collect();
+    progress(values.iter().filter(|v| v.is_some()).count());
+    let mut forwards = 0;
+    let chunk_size = cells_per_forward(&model.cfg, n, seq);
+    // With a prefix only positions from `skip` on are computed: the query axis of patterns,
+    // the position axis of everything else.
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let computed = seq - skip;
+    let mut layers: Vec<usize> = cells.iter().map(|c| c.layer).collect();
+    layers.sort_unstable();
+    layers.dedup();
+    for layer in layers {
         let point = HookPoint::Block(layer, target.site);
         let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
-        // With a prefix only positions from `skip` on are computed: the query axis of patterns,
-        // the position axis of everything else.
-        let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
-        let computed = seq - skip;
         let clean = if target.site == Site::Pattern { clean.narrow(2, skip, computed) } else { clean.narrow(1, skip, computed) };
-        let layer_cells = cells_at(&model.cfg, target, layer, seq);
-        let mut values: Vec<Option<Vec<f64>>> = layer_cells
-            .iter()
-            .map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone()))
-            .collect();
-        let todo: Vec<usize> = (0..layer_cells.len()).filter(|&i| values[i].is_none()).collect();
+        let todo: Vec<usize> = (0..cells.len()).filter(|&i| cells[i].layer == layer && values[i].is_none()).collect();
         for chunk_ids in todo.chunks(chunk_size) {
-            let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| layer_cells[i]).collect();
+            let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| cells[i]).collect();
             let k = chunk.len() as i64;
             let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
@@ -236,14 +243,10 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
             }
             progress(chunk_ids.len());
         }
-        progress(layer_cells.len() - todo.len());
-        for (c, v) in layer_cells.into_iter().zip(values) {
-            skipped.push(cannot_change(&c, prep.first_diff));
-            cells.push(c);
-            per_prompt.push(v.expect("every cell has a value"));
-        }
     }
-    Ok(Sweep { target, cells, per_prompt, skipped, forwards })
+    let skipped = cells.iter().map(|c| cannot_change(c, prep.first_diff)).collect();
+    let per_prompt = values.into_iter().map(|v| v.expect("every cell has a value")).collect();
+    Ok(Sweep { target, cells: cells.to_vec(), per_prompt, skipped, forwards })
 }
 
 fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {

@@ -4,15 +4,27 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
+use crate::engine::hooks::{Edit, Intervention};
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
 use crate::engine::forward::Prefix;
 use crate::{Hooks, Input, Model, Stop};
 
+/// How the corrupted run differs from the clean one.
+pub enum Corrupt {
+    /// Other tokens (same length).
+    Tokens(Tensor),
+    /// The clean tokens with this added to the token embeddings (hook_embed), [batch, pos,
+    /// d_model]; `first` is the first position any of it is non-zero.
+    EmbedNoise { noise: Tensor, first: i64 },
+}
+
 pub struct Prepared {
     pub clean_tokens: Tensor,
     pub corrupted_tokens: Tensor,
+    /// Added to the corrupted run's token embeddings (noise corruption).
+    pub corrupt_embed: Option<Tensor>,
     /// Shared attention mask of both batches (None = no padding).
     pub mask: Option<Tensor>,
     pub metric: Metric,
@@ -37,7 +49,11 @@ fn mean(v: &[f64]) -> f64 {
 
 impl Prepared {
     /// Runs the clean and corrupted batches once, caching what the sweeps need.
-    pub fn new(model: &Model, clean_tokens: Tensor, corrupted_tokens: Tensor, mask: Option<Tensor>, metric: Metric, sites: &[Site]) -> Result<Self> {
+    pub fn new(model: &Model, clean_tokens: Tensor, corrupt: Corrupt, mask: Option<Tensor>, metric: Metric, sites: &[Site]) -> Result<Self> {
+        let (corrupted_tokens, corrupt_embed, noise_first) = match corrupt {
+            Corrupt::Tokens(t) => (t, None, None),
+            Corrupt::EmbedNoise { noise, first } => (clean_tokens.shallow_clone(), Some(noise.to_device(model.device).to_kind(model.kind)), Some(first)),
+        };
         if clean_tokens.size() != corrupted_tokens.size() {
             return Err(Error::Other(format!(
                 "patching needs clean and corrupted prompts of equal token length: clean {:?} vs corrupted {:?}",
@@ -53,6 +69,9 @@ impl Prepared {
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
         let kv_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
         let mut corr_hooks = Hooks::capture(corr_points.iter().chain(&kv_points).copied());
+        if let Some(noise) = &corrupt_embed {
+            corr_hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
+        }
         let corr_final = model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
@@ -60,7 +79,7 @@ impl Prepared {
         let clean_per_prompt = values(&clean_final)?;
         let corrupted_per_prompt = values(&corr_final)?;
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks.cache.remove(p).expect("captured")).collect();
-        let first_diff = first_difference(&clean_tokens, &corrupted_tokens);
+        let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
         let prefix = (first_diff > 0 && first_diff < seq).then(|| {
             let mut take = |l: usize, s: Site| corr_hooks.cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
@@ -71,6 +90,7 @@ impl Prepared {
         Ok(Prepared {
             clean_tokens,
             corrupted_tokens,
+            corrupt_embed,
             mask,
             metric,
             clean: clean_hooks.cache,
@@ -80,6 +100,13 @@ impl Prepared {
             first_diff,
             prefix,
         })
+    }
+
+    /// Plans the corruption on `hooks` (a corrupted forward from tokens).
+    pub fn corrupt(&self, hooks: &mut Hooks) {
+        if let Some(noise) = &self.corrupt_embed {
+            hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
+        }
     }
 
     pub fn n_prompts(&self) -> i64 {

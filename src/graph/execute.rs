@@ -1,19 +1,19 @@
-//! Runs a resolved spec: shared jobs once, then each run's sweeps, writing each run's Parquet
-//! as soon as it is complete and the manifest after every run, so a failure later on leaves
-//! the finished outputs and a manifest that describes them.
+//! Runs a resolved spec: shared jobs once (tokenizing, the clean and corrupted cached runs), then
+//! each run, writing its Parquet as soon as it is complete and the manifest after every run, so a
+//! failure later on leaves the finished outputs and a manifest that describes them.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
-use tch::Tensor;
+use tch::{Device, Kind, Tensor};
 
 use crate::engine::metric::Metric;
-use crate::engine::tokenize::TextTokenizer;
+use crate::engine::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{cells_at, sweep_layers, Sweep, Target};
-use crate::experiments::prepared::Prepared;
-use crate::model::hook_point::{HookPoint, Site};
+use crate::experiments::attribution;
+use crate::experiments::prepared::{Corrupt, Prepared};
+use crate::graph::kinds;
+use crate::model::hook_point::Site;
 use crate::model::Model;
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
@@ -28,12 +28,21 @@ pub struct Outcome {
 /// Clean and corrupted token batches with the answers, checked.
 pub struct Tokenized {
     pub clean: Tensor,
-    pub corrupted: Tensor,
+    /// None for noise corruption (the corrupted run reads the clean tokens).
+    pub corrupted: Option<Tensor>,
     pub mask: Option<Tensor>,
     pub correct: Vec<i64>,
     pub incorrect: Vec<i64>,
     /// The clean prompts' tokens as strings, for the `token` column.
     pub clean_strs: Vec<Vec<String>>,
+    /// Noise corruption: [n, pos] true at the token positions to noise.
+    pub noised: Option<Tensor>,
+}
+
+impl Tokenized {
+    pub fn n_prompts(&self) -> usize {
+        self.clean_strs.len()
+    }
 }
 
 fn single_token(tok: &TextTokenizer, word: &str, prompt: usize, which: &str) -> Result<i64> {
@@ -49,36 +58,94 @@ fn single_token(tok: &TextTokenizer, word: &str, prompt: usize, which: &str) -> 
     Ok(ids[0])
 }
 
-pub fn tokenize(spec: &Spec, tok: &TextTokenizer) -> Result<Tokenized> {
+/// Positions of `word`'s tokens in `ids` (with or without a leading space), if present.
+fn find_word(tok: &TextTokenizer, ids: &[i64], word: &str) -> Result<Option<std::ops::Range<usize>>> {
+    for form in [format!(" {word}"), word.to_string()] {
+        let w = tok.encode(&form, false)?;
+        if w.is_empty() {
+            continue;
+        }
+        if let Some(start) = ids.windows(w.len()).position(|win| win == w.as_slice()) {
+            return Ok(Some(start..start + w.len()));
+        }
+    }
+    Ok(None)
+}
+
+/// [n, seq] true at the positions a noise corruption noises (left padding accounted for).
+fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<Vec<i64>>, words: &Option<Vec<String>>) -> Result<Tensor> {
+    let (n, seq) = (clean.tokens.size()[0], clean.tokens.size()[1]);
+    let mut mask = vec![false; (n * seq) as usize];
+    for p in 0..n as usize {
+        let len = clean.lengths[p] as i64;
+        let pad = seq - len;
+        let ids: Vec<i64> = Vec::try_from(clean.tokens.get(p as i64).narrow(0, pad, len))?;
+        let mut set = |i: i64| mask[p * seq as usize + (pad + i) as usize] = true;
+        if let Some(pos) = positions {
+            for &i in pos {
+                if i >= len {
+                    return Err(Error::Config(format!("corruption.positions: prompt {p} has {len} tokens, so position {i} does not exist")));
+                }
+                set(i);
+            }
+        }
+        // Every word found is noised; a prompt must contain at least one of them.
+        if let Some(words) = words {
+            let mut found = false;
+            for w in words {
+                if let Some(r) = find_word(tok, &ids, w)? {
+                    r.for_each(|i| set(i as i64));
+                    found = true;
+                }
+            }
+            if !found {
+                let shown = ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect::<Vec<_>>().join(", ");
+                return Err(Error::Config(format!("corruption.words: prompt {p} has no tokens spelling any of {words:?}: [{shown}]")));
+            }
+        }
+    }
+    Ok(Tensor::from_slice(&mask).view([n, seq]))
+}
+
+pub fn tokenize(spec: &Spec, tok: &TextTokenizer, needs_corruption: bool) -> Result<Tokenized> {
+    let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
     let bos = spec.model.prepend_bos;
     let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
     let clean = tok.batch(&clean_texts, bos)?;
+    let mut noised = None;
     let corrupted = match &spec.corruption {
+        _ if !needs_corruption => None,
         Corruption::SwapPairs => {
             let n = clean_texts.len() as i64;
             let swapped: Vec<i64> = (0..n).map(|i| i ^ 1).collect();
             let idx = Tensor::from_slice(&swapped);
-            crate::engine::tokenize::TokenBatch {
+            Some(TokenBatch {
                 tokens: clean.tokens.index_select(0, &idx),
                 mask: clean.mask.as_ref().map(|m| m.index_select(0, &idx)),
                 lengths: swapped.iter().map(|&i| clean.lengths[i as usize]).collect(),
-            }
+            })
         }
         Corruption::Prompts | Corruption::ReplaceTokens(_) => {
             let texts: Vec<&str> = spec.prompts.iter().map(|p| p.corrupted.as_deref().unwrap_or(&p.clean)).collect();
-            tok.batch(&texts, bos)?
+            Some(tok.batch(&texts, bos)?)
+        }
+        Corruption::Noise { positions, words, .. } => {
+            noised = Some(noise_positions(tok, &clean, positions, words)?);
+            None
         }
     };
-    for (i, (a, b)) in clean.lengths.iter().zip(&corrupted.lengths).enumerate() {
-        if a != b || clean.tokens.size() != corrupted.tokens.size() {
-            return Err(Error::Other(format!(
-                "prompt {i}: clean is {a} tokens and corrupted is {b}; patching by position needs equal token lengths"
-            )));
+    if let Some(corrupted) = &corrupted {
+        for (i, (a, b)) in clean.lengths.iter().zip(&corrupted.lengths).enumerate() {
+            if a != b || clean.tokens.size() != corrupted.tokens.size() {
+                return Err(Error::Other(format!(
+                    "prompt {i}: clean is {a} tokens and corrupted is {b}; patching by position needs equal token lengths"
+                )));
+            }
         }
     }
     let mut correct = Vec::new();
     let mut incorrect = Vec::new();
-    for (i, p) in spec.prompts.iter().enumerate() {
+    for (i, p) in spec.prompts.iter().enumerate().filter(|_| needs_answers) {
         correct.push(single_token(tok, &p.correct, i, "correct")?);
         if let Some(w) = &p.incorrect {
             incorrect.push(single_token(tok, w, i, "incorrect")?);
@@ -87,48 +154,69 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer) -> Result<Tokenized> {
     let clean_strs = (0..clean_texts.len() as i64)
         .map(|i| Vec::<i64>::try_from(clean.tokens.get(i)).unwrap_or_default().into_iter().map(|t| tok.token_str(t)).collect())
         .collect();
-    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.tokens, mask: clean.mask, correct, incorrect, clean_strs })
+    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.map(|c| c.tokens), mask: clean.mask, correct, incorrect, clean_strs, noised })
 }
 
-fn bar(len: u64, msg: String, show: bool) -> ProgressBar {
-    if !show {
-        return ProgressBar::hidden();
+/// The first position at which the corrupted run differs from the clean one (seq_len if none).
+pub fn first_changed(toks: &Tokenized) -> i64 {
+    let seq = toks.clean.size()[1];
+    match (&toks.corrupted, &toks.noised) {
+        (Some(c), _) => crate::experiments::prepared::first_difference(&toks.clean, c),
+        (None, Some(noised)) => {
+            let any: Vec<bool> = Vec::try_from(noised.any_dims(&[0i64][..], false)).unwrap_or_default();
+            any.iter().position(|b| *b).map_or(seq, |p| p as i64)
+        }
+        _ => seq,
     }
-    let b = ProgressBar::new(len);
-    b.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} cells {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
-    b.set_message(msg);
-    b
 }
 
-fn sweep_rows(run: &str, s: &Sweep, prep: &Prepared, spec: &Spec, toks: &Tokenized) -> Vec<Row> {
-    let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
-    let norm = |v: f64| if spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };
-    let mut rows = Vec::new();
-    for (i, c) in s.cells.iter().enumerate() {
-        let token_pos = c.pos.or(c.dest);
-        let token = |p: usize| token_pos.and_then(|t| toks.clean_strs[p].get(t as usize).cloned());
-        let base = Row {
-            run: run.into(),
-            kind: "activation_patching".into(),
-            hook: HookPoint::Block(c.layer, s.target.site).to_string(),
-            layer: Some(c.layer as i32),
-            head: c.head.map(|h| h as i32),
-            pos: c.pos.map(|p| p as i32),
-            dest_pos: c.dest.map(|p| p as i32),
-            src_pos: c.src.map(|p| p as i32),
-            prompt: None,
-            value: norm(s.mean(i)),
-            token: token(0),
-            computed: !s.skipped[i],
+/// The corrupted runs' noise, [samples·n, seq, d_model]: torch's CPU generator seeded with
+/// `seed` (torch.manual_seed(seed); torch.randn(samples, n, seq, d_model)), times `scale` × the
+/// std of W_E, zero outside the noised positions.
+pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usize, seed: u64) -> Tensor {
+    let (n, seq) = (noised.size()[0], noised.size()[1]);
+    let d = model.cfg.d_model as i64;
+    tch::manual_seed(seed as i64);
+    let raw = Tensor::randn([samples as i64, n, seq, d], (Kind::Float, Device::Cpu));
+    let std = model.weights.w_e.to_device(Device::Cpu).to_kind(Kind::Float).std(true);
+    let noise = raw * (std * scale) * noised.to_kind(Kind::Float).view([1, n, seq, 1]);
+    noise.view([samples as i64 * n, seq, d])
+}
+
+/// The clean and corrupted runs every patching run of the spec shares.
+fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
+    let mut sites: Vec<Site> = Vec::new();
+    for r in &spec.runs {
+        let needed: Vec<Site> = match &r.kind {
+            RunKind::ActivationPatching { targets } => targets.iter().map(|(s, _)| *s).collect(),
+            RunKind::AttributionPatching { targets, options, .. } => {
+                let t: Vec<_> = targets.iter().map(|(s, a)| crate::experiments::activation_patching::Target { site: *s, axes: *a }).collect();
+                attribution::clean_sites(model, &t, *options)
+            }
+            _ => vec![],
         };
-        if spec.metric.per_prompt {
-            for (p, v) in s.per_prompt[i].iter().enumerate() {
-                rows.push(Row { prompt: Some(p as i32), value: norm(*v), token: token(p), ..base.clone() });
+        for s in needed {
+            if !sites.contains(&s) {
+                sites.push(s);
             }
         }
-        rows.push(base);
     }
-    rows
+    let samples = spec.corruption.samples() as i64;
+    let tile = |t: &Tensor| t.repeat([samples, 1]);
+    let metric = Metric {
+        kind: spec.metric.kind,
+        correct: toks.correct.repeat(samples as usize),
+        incorrect: toks.incorrect.repeat(samples as usize),
+    };
+    let (clean, corrupt) = match (&spec.corruption, &toks.corrupted, &toks.noised) {
+        (Corruption::Noise { noise, samples, seed, .. }, _, Some(noised)) => {
+            let noise_t = embedding_noise(model, noised, *noise, *samples, *seed);
+            (tile(&toks.clean), Corrupt::EmbedNoise { noise: noise_t, first: first_changed(toks) })
+        }
+        (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
+        _ => return Err(Error::Other("patching needs a corruption".into())),
+    };
+    Prepared::new(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites)
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
@@ -153,23 +241,22 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
     }
     let mut timings: BTreeMap<String, f64> = BTreeMap::new();
     let t = Instant::now();
-    let toks = tokenize(spec, model.tokenizer()?)?;
+    let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
+    let needs_corruption = spec.runs.iter().any(|r| r.kind.needs_corruption());
+    let toks = if needs_prompts { Some(tokenize(spec, model.tokenizer()?, needs_corruption)?) } else { None };
     timings.insert("tokenize".into(), t.elapsed().as_secs_f64());
 
-    let mut sites: Vec<Site> = Vec::new();
-    for r in &spec.runs {
-        let RunKind::ActivationPatching { targets } = &r.kind;
-        for (s, _) in targets {
-            if !sites.contains(s) {
-                sites.push(*s);
-            }
+    let needs_prep = spec.runs.iter().any(|r| r.kind.patch_targets().is_some());
+    let prep = match (&toks, needs_prep) {
+        (Some(toks), true) => {
+            let t = Instant::now();
+            let p = prepare(spec, model, toks)?;
+            timings.insert("clean and corrupted runs".into(), t.elapsed().as_secs_f64());
+            tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
+            Some(p)
         }
-    }
-    let metric = Metric { kind: spec.metric.kind, correct: toks.correct.clone(), incorrect: toks.incorrect.clone() };
-    let t = Instant::now();
-    let prep = Prepared::new(model, toks.clean.shallow_clone(), toks.corrupted.shallow_clone(), toks.mask.as_ref().map(|m| m.shallow_clone()), metric, &sites)?;
-    timings.insert("clean and corrupted runs".into(), t.elapsed().as_secs_f64());
-    tracing::info!(clean = prep.clean_baseline(), corrupted = prep.corrupted_baseline(), first_diff = prep.first_diff, "baselines");
+        _ => None,
+    };
 
     std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
     let mut files = Vec::new();
@@ -180,36 +267,28 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         None => vec![],
     };
     let manifest_path = spec.output_dir.join("manifest.json");
+    let cx = kinds::RunContext { spec, model, toks: toks.as_ref(), prep: prep.as_ref(), show_progress };
     for run in &spec.runs {
-        let RunKind::ActivationPatching { targets } = &run.kind;
-        let mut rows = Vec::new();
-        let mut sweeps_meta = Vec::new();
         let t_run = Instant::now();
-        for (site, axes) in targets {
-            let target = Target::new(*site, *axes)?;
-            let layers: Vec<usize> = run.layers.clone().unwrap_or_else(|| (0..model.cfg.n_layers).collect());
-            let total: usize = layers.iter().map(|&l| cells_at(&model.cfg, target, l, prep.seq_len()).len()).sum();
-            let pb = bar(total as u64, format!("{}: {} [{}]", run.name, site.name(), axes.names().join(",")), show_progress);
-            let t = Instant::now();
-            let s = sweep_layers(model, &prep, target, &layers, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("run '{}', {}: {e}", run.name, site.name())))?;
-            pb.finish_and_clear();
-            let secs = t.elapsed().as_secs_f64();
-            timings.insert(format!("{}: {} over [{}]", run.name, site.name(), axes.names().join(", ")), secs);
-            let skipped = s.skipped.iter().filter(|k| **k).count();
-            sweeps_meta.push(serde_json::json!({
-                "hook": site.name(), "over": axes.names(), "cells": s.cells.len(), "batched_forwards": s.forwards,
-                "filled_without_compute": skipped,
-                "fill_rule": format!("positions before {} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline", prep.first_diff),
-                "seconds": secs,
-            }));
-            rows.extend(sweep_rows(&run.name, &s, &prep, spec, &toks));
-        }
+        let (rows, mut note) = kinds::run(&cx, run, &mut timings).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("run '{}': {m}", run.name)),
+            other => Error::Other(format!("run '{}': {other}", run.name)),
+        })?;
         let path = spec.output_dir.join(format!("{}.parquet", run.name));
         write_parquet(&path, &rows)?;
         files.push(path.clone());
         timings.insert(format!("{} (total)", run.name), t_run.elapsed().as_secs_f64());
-        run_notes.insert(run.name.clone(), serde_json::json!({"kind": run.kind_name(), "file": path.file_name().map(|f| f.to_string_lossy().into_owned()), "rows": rows.len(), "sweeps": sweeps_meta}));
-        summary.push_str(&top_cells(&run.name, &rows));
+        note["kind"] = run.kind_name().into();
+        note["file"] = path.file_name().map(|f| f.to_string_lossy().into_owned()).into();
+        note["rows"] = rows.len().into();
+        run_notes.insert(run.name.clone(), note);
+        summary.push_str(&top_rows(&run.name, &rows));
+        let metric = match &prep {
+            Some(p) => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize,
+                       "clean_baseline": p.clean_baseline(), "corrupted_baseline": p.corrupted_baseline(),
+                       "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt}),
+            None => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize}),
+        };
         let manifest = serde_json::json!({
             "spec": spec,
             "spec_hash": spec.spec_hash,
@@ -222,9 +301,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             "tl_run": {"version": env!("CARGO_PKG_VERSION"), "git_commit": option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown")},
             "device": format!("{:?}", model.device),
             "dtype": format!("{:?}", model.kind),
-            "metric": {"kind": spec.metric.kind, "normalize": spec.metric.normalize,
-                       "clean_baseline": prep.clean_baseline(), "corrupted_baseline": prep.corrupted_baseline(),
-                       "clean_per_prompt": prep.clean_per_prompt, "corrupted_per_prompt": prep.corrupted_per_prompt},
+            "metric": metric,
             "runs": run_notes,
             "timings_seconds": timings,
         });
@@ -233,20 +310,22 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
     Ok(Outcome { files, manifest: manifest_path, summary })
 }
 
-/// A one-screen summary: the cells with the largest |value| per run.
-fn top_cells(run: &str, rows: &[Row]) -> String {
-    let mut means: Vec<&Row> = rows.iter().filter(|r| r.prompt.is_none()).collect();
+/// A one-screen summary: the rows with the largest |value| per run.
+fn top_rows(run: &str, rows: &[Row]) -> String {
+    let mut means: Vec<&Row> = rows.iter().filter(|r| r.prompt.is_none() && r.rank.is_none()).collect();
     means.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
-    let mut s = format!("{run}: top cells by |value|\n");
+    let mut s = format!("{run}: top rows by |value|\n");
     for r in means.iter().take(5) {
         let mut at = Vec::new();
-        for (k, v) in [("head", r.head), ("pos", r.pos), ("dest", r.dest_pos), ("src", r.src_pos)] {
+        for (k, v) in [("head", r.head), ("pos", r.pos), ("dest", r.dest_pos), ("src", r.src_pos), ("neuron", r.neuron)] {
             if let Some(v) = v {
                 at.push(format!("{k} {v}"));
             }
         }
+        let what = r.label.clone().or_else(|| r.pattern.clone()).unwrap_or_else(|| r.hook.clone());
+        let what = if r.pattern.is_some() { format!("{} {}", r.pattern.as_deref().unwrap_or(""), r.hook) } else { what };
         let tok = r.token.as_ref().map(|t| format!(" {t:?}")).unwrap_or_default();
-        s.push_str(&format!("  {:<28} {:<18} {:>9.4}{tok}\n", r.hook, at.join(", "), r.value));
+        s.push_str(&format!("  {:<28} {:<18} {:>9.4}{tok}\n", what, at.join(", "), r.value));
     }
     s
 }

@@ -91,6 +91,8 @@ pub const SHORT_NAMES: &[(&str, Site)] = &[
     ("pre", Site::MlpPre),
     ("pre_linear", Site::MlpPreLinear),
     ("post", Site::MlpPost),
+    ("mlp_pre", Site::MlpPre),
+    ("mlp_post", Site::MlpPost),
 ];
 
 impl Site {

@@ -27,6 +27,18 @@ pub struct Row {
     pub token: Option<String>,
     /// False for cells filled without a forward pass because they provably cannot change.
     pub computed: bool,
+    /// What a cache-analysis row measures: TransformerLens's labels ("3_pre", "final_post",
+    /// "embed", "2_attn_out", "L1H4", "L0N17").
+    pub label: Option<String>,
+    pub neuron: Option<i32>,
+    /// Top-k rows of the logit lens: 0-based rank, with the token id (value = probability).
+    pub rank: Option<i32>,
+    pub token_id: Option<i32>,
+    /// head_scores: the detection pattern scored.
+    pub pattern: Option<String>,
+    /// attribution_patching with verify_top: the real activation-patching change of the metric
+    /// for this cell (same units as `value`).
+    pub patched: Option<f64>,
 }
 
 pub fn schema() -> Schema {
@@ -44,6 +56,12 @@ pub fn schema() -> Schema {
         Field::new("value", DataType::Float64, false),
         Field::new("token", DataType::Utf8, true),
         Field::new("computed", DataType::Boolean, false),
+        Field::new("label", DataType::Utf8, true),
+        i("neuron"),
+        i("rank"),
+        i("token_id"),
+        Field::new("pattern", DataType::Utf8, true),
+        Field::new("patched", DataType::Float64, true),
     ])
 }
 
@@ -63,6 +81,12 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch> {
         Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
         Arc::new(StringArray::from_iter(rows.iter().map(|r| r.token.as_deref()))),
         Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.computed)))),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.label.as_deref()))),
+        i(|r| r.neuron),
+        i(|r| r.rank),
+        i(|r| r.token_id),
+        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.pattern.as_deref()))),
+        Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.patched))),
     ];
     RecordBatch::try_new(Arc::new(schema()), columns).map_err(|e| Error::Other(format!("arrow: {e}")))
 }

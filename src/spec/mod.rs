@@ -3,6 +3,7 @@
 pub mod prompts;
 pub mod raw;
 pub mod resolve;
+pub mod runs;
 
 pub use resolve::{resolve_file, Corruption, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
 

@@ -8,7 +8,7 @@ use toml::Spanned;
 pub struct RawSpec {
     pub name: Spanned<String>,
     pub model: RawModel,
-    pub prompts: RawPrompts,
+    pub prompts: Option<Spanned<RawPrompts>>,
     pub corruption: Option<RawCorruption>,
     pub metric: Option<RawMetric>,
     #[serde(default)]
@@ -47,6 +47,13 @@ pub struct RawCorruption {
     pub prompts: Option<Spanned<Vec<String>>>,
     /// replace_tokens: words replaced in every prompt, {from = to}.
     pub replace: Option<Spanned<std::collections::BTreeMap<String, String>>>,
+    /// noise: Gaussian noise on the token embeddings at these token positions or words.
+    pub positions: Option<Spanned<Vec<i64>>>,
+    pub words: Option<Spanned<Vec<String>>>,
+    /// noise: standard deviations of the embedding matrix (3.0, as ROME).
+    pub noise: Option<Spanned<f64>>,
+    pub samples: Option<Spanned<i64>>,
+    pub seed: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -68,6 +75,45 @@ pub struct RawRun {
     pub hooks: Vec<Spanned<String>>,
     pub over: Option<Spanned<Vec<String>>>,
     pub layers: Option<Spanned<Vec<i64>>>,
+    // attribution_patching
+    pub qk_fix: Option<bool>,
+    pub grad_drop: Option<bool>,
+    pub verify_top: Option<Spanned<i64>>,
+    // logit_lens
+    pub incl_mid: Option<bool>,
+    pub top_k: Option<Spanned<i64>>,
+    pub top_k_at: Option<Spanned<String>>,
+    // head_scores
+    pub patterns: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub custom: Vec<RawCustomPattern>,
+    pub error_measure: Option<Spanned<String>>,
+    pub exclude_bos: Option<bool>,
+    pub exclude_current_token: Option<bool>,
+    pub source: Option<Spanned<String>>,
+    pub seq_len: Option<Spanned<i64>>,
+    pub batch: Option<Spanned<i64>>,
+    pub seed: Option<Spanned<i64>>,
+    pub token_range: Option<Spanned<Vec<i64>>>,
+    // ablation
+    pub method: Option<Spanned<String>>,
+    pub units: Option<Spanned<Vec<Vec<i64>>>>,
+    pub top_dla_heads: Option<Spanned<i64>>,
+    pub positions: Option<Spanned<Vec<i64>>>,
+    pub measure: Option<Spanned<String>>,
+    pub dataset: Option<Spanned<String>>,
+}
+
+/// A head_scores detection pattern of the spec's own: a matrix or a rule.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCustomPattern {
+    pub name: Spanned<String>,
+    pub matrix: Option<Spanned<Vec<Vec<f64>>>>,
+    /// "same_token" (attend `offset` after an earlier copy of the current token) or "relative"
+    /// (attend `offset` tokens back).
+    pub rule: Option<Spanned<String>>,
+    pub offset: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

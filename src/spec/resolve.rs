@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::engine::metric::MetricKind;
-use crate::experiments::activation_patching::{Axes, Target};
 use crate::model::config::Processing;
-use crate::model::hook_point::{nearest, Site};
+pub use crate::spec::runs::RunKind;
 use crate::spec::prompts::{self, PromptPair};
 use crate::spec::raw::*;
+use crate::spec::runs::resolve_kind;
 use crate::spec::{line_col, Diagnostic, SpecErrors};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -30,6 +30,20 @@ pub enum Corruption {
     Prompts,
     /// Each (from, to) word replaced in every clean prompt.
     ReplaceTokens(Vec<(String, String)>),
+    /// Gaussian noise on the token embeddings at given token positions or at the tokens of given
+    /// words (ROME's causal tracing): `noise` × the std of W_E, `samples` noised copies of every
+    /// prompt drawn with `seed`.
+    Noise { positions: Option<Vec<i64>>, words: Option<Vec<String>>, noise: f64, samples: usize, seed: u64 },
+}
+
+impl Corruption {
+    /// How many corrupted copies each clean prompt has.
+    pub fn samples(&self) -> usize {
+        match self {
+            Corruption::Noise { samples, .. } => *samples,
+            _ => 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -37,11 +51,6 @@ pub struct MetricSpec {
     pub kind: MetricKind,
     pub normalize: bool,
     pub per_prompt: bool,
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub enum RunKind {
-    ActivationPatching { targets: Vec<(Site, Axes)> },
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -69,9 +78,7 @@ impl RunSpec {
     }
 
     pub fn kind_name(&self) -> &'static str {
-        match self.kind {
-            RunKind::ActivationPatching { .. } => "activation_patching",
-        }
+        self.kind.name()
     }
 }
 
@@ -90,33 +97,49 @@ pub struct Spec {
     pub file: String,
 }
 
-struct Ctx<'a> {
-    text: &'a str,
-    diags: Vec<Diagnostic>,
+impl Spec {
+    /// Re-derives corrupted prompts after the prompts were replaced (--prompts): replace_tokens
+    /// is applied again; explicit corrupted prompts must come with the new prompts.
+    pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
+        match &self.corruption {
+            Corruption::ReplaceTokens(pairs) => {
+                for (i, p) in self.prompts.iter_mut().enumerate() {
+                    let mut s = p.clean.clone();
+                    for (from, to) in pairs {
+                        s = s.replace(from.as_str(), to);
+                    }
+                    if s == p.clean {
+                        return Err(format!("prompt {i} contains none of the words to replace: {:?}", p.clean));
+                    }
+                    p.corrupted = Some(s);
+                }
+            }
+            Corruption::Prompts if self.prompts.iter().any(|p| p.corrupted.is_none()) => {
+                return Err("the spec's corruption is kind = \"prompts\": every prompt in the file needs a corrupted prompt".into());
+            }
+            Corruption::SwapPairs if self.prompts.len() % 2 != 0 => return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len())),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+pub(crate) struct Ctx<'a> {
+    pub(crate) text: &'a str,
+    pub(crate) diags: Vec<Diagnostic>,
 }
 
 impl Ctx<'_> {
-    fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
-        let (line, col) = line_col(self.text, v.span().start);
+    pub(crate) fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
+        self.at_offset(v.span().start, key, message);
+    }
+    pub(crate) fn at_offset(&mut self, offset: usize, key: impl Into<String>, message: impl Into<String>) {
+        let (line, col) = line_col(self.text, offset);
         self.diags.push(Diagnostic { line, col, key: key.into(), message: message.into() });
     }
-    fn top(&mut self, key: &str, message: impl Into<String>) {
+    pub(crate) fn top(&mut self, key: &str, message: impl Into<String>) {
         self.diags.push(Diagnostic { line: 1, col: 1, key: key.into(), message: message.into() });
     }
-}
-
-const PATCH_HOOKS: &[&str] = &["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "block_every", "all_pos_every", "by_pos_every"];
-
-fn axes_of(over: &[String]) -> Option<Axes> {
-    let o: Vec<&str> = over.iter().map(String::as_str).collect();
-    Some(match o.as_slice() {
-        ["layer", "pos"] => Axes::LayerPos,
-        ["layer", "pos", "head"] | ["layer", "head", "pos"] => Axes::LayerPosHead,
-        ["layer", "head"] => Axes::LayerHead,
-        ["layer", "head", "dest"] => Axes::LayerHeadDest,
-        ["layer", "head", "dest", "src"] => Axes::LayerHeadDestSrc,
-        _ => return None,
-    })
 }
 
 /// Reads and resolves a spec file. Relative paths in it are relative to the file.
@@ -156,9 +179,6 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt }
         }
     };
-    if metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
-        cx.top("metric.kind", "logit_diff needs an incorrect answer for every prompt ([correct, incorrect])");
-    }
     let mut runs = Vec::new();
     let mut names = std::collections::HashSet::new();
     if raw.run.is_empty() {
@@ -172,25 +192,27 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
         if r.name.get_ref().is_empty() || r.name.get_ref().contains(['/', '\\']) {
             cx.at(&r.name, key("name"), "run names must be non-empty and contain no path separators (they name output files)");
         }
-        match r.kind.get_ref().as_str() {
-            "activation_patching" => {
-                let layers = match &r.layers {
-                    Some(l) if l.get_ref().iter().any(|&x| x < 0) => {
-                        cx.at(l, key("layers"), format!("layers must be non-negative, got {:?}", l.get_ref()));
-                        None
-                    }
-                    Some(l) => Some(l.get_ref().iter().map(|&x| x as usize).collect()),
-                    None => None,
-                };
-                let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
-                if let Some(targets) = resolve_patch_targets(&mut cx, r, i) {
-                    runs.push(RunSpec { name: r.name.get_ref().clone(), kind: RunKind::ActivationPatching { targets }, layers, layers_at });
-                }
+        let layers = match &r.layers {
+            Some(l) if l.get_ref().iter().any(|&x| x < 0) => {
+                cx.at(l, key("layers"), format!("layers must be non-negative, got {:?}", l.get_ref()));
+                None
             }
-            other => {
-                let valid = ["activation_patching"];
-                cx.at(&r.kind, key("kind"), format!("unknown run kind '{other}' (valid: {}); did you mean '{}'?", valid.join(", "), nearest(other, valid)[0]));
+            Some(l) => Some(l.get_ref().iter().map(|&x| x as usize).collect()),
+            None => None,
+        };
+        let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
+        if let Some(kind) = resolve_kind(&mut cx, r, i, base) {
+            let at = r.kind.span().start;
+            if kind.needs_prompts() && prompts.is_empty() && raw.prompts.is_none() {
+                cx.at_offset(at, key("kind"), format!("{} runs read prompts: add a [prompts] section", kind.name()));
             }
+            if kind.needs_corruption() && corruption.is_none() {
+                cx.at_offset(at, key("kind"), format!("{} runs need a [corruption] section (kind = swap_pairs, prompts, replace_tokens or noise)", kind.name()));
+            }
+            if kind.needs_answers() && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
+                cx.at_offset(at, key("kind"), format!("{} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])", kind.name()));
+            }
+            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at });
         }
     }
     let output_dir = match &raw.output {
@@ -200,6 +222,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
     if !cx.diags.is_empty() {
         return Err(fail(cx.diags));
     }
+    let corruption = corruption.unwrap_or(Corruption::SwapPairs);
     Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, file: file.to_string() })
 }
 
@@ -231,9 +254,17 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
     }
 }
 
-fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>, Corruption) {
-    let p = &raw.prompts;
+/// The prompts (none when the spec has no [prompts]: only runs that need none may then be
+/// given) and the corruption (None when the spec gives none and the prompts carry none).
+fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>, Option<Corruption>) {
     let mut prompts: Vec<PromptPair> = Vec::new();
+    let Some(p) = &raw.prompts else {
+        if let Some(c) = &raw.corruption {
+            cx.at(&c.kind, "corruption", "a [corruption] needs [prompts] to corrupt");
+        }
+        return (prompts, None);
+    };
+    let p = p.get_ref();
     match (&p.clean, &p.file) {
         (Some(clean), None) => {
             let answers = p.answers.as_ref();
@@ -258,15 +289,12 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
             Err(e) => cx.at(f, "prompts.file", e),
         },
         (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),
-        (None, None) => cx.top("prompts", "give clean + answers, or file"),
+        (None, None) => cx.at(raw.prompts.as_ref().expect("checked"), "prompts", "give clean + answers, or file"),
     }
     let corruption = match &raw.corruption {
-        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Corruption::Prompts,
-        None => {
-            cx.top("corruption", "missing [corruption] (kind = swap_pairs, prompts or replace_tokens)");
-            Corruption::SwapPairs
-        }
-        Some(c) => match c.kind.get_ref().as_str() {
+        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Some(Corruption::Prompts),
+        None => None,
+        Some(c) => Some(match c.kind.get_ref().as_str() {
             "swap_pairs" => {
                 if prompts.len() % 2 != 0 {
                     cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
@@ -310,68 +338,53 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
                     Corruption::SwapPairs
                 }
             },
+            "noise" => resolve_noise(cx, c),
             other => {
-                cx.at(&c.kind, "corruption.kind", format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens)"));
+                cx.at(&c.kind, "corruption.kind", format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"));
                 Corruption::SwapPairs
             }
-        },
+        }),
     };
-    (prompts, corruption)
-}
-
-fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<Vec<(Site, Axes)>> {
-    let key = |k: &str| format!("run[{i}].{k}");
-    let axes = match &r.over {
-        None => None,
-        Some(over) => match axes_of(over.get_ref()) {
-            Some(a) => Some(a),
-            None => {
-                cx.at(over, key("over"), format!(
-                    "unknown axes {:?} (valid: [layer, pos], [layer, pos, head], [layer, head], [layer, head, dest], [layer, head, dest, src])",
-                    over.get_ref()
-                ));
-                return None;
-            }
-        },
-    };
-    if r.hooks.is_empty() {
-        cx.at(&r.kind, key("hooks"), format!("activation_patching needs hooks = [...] (valid: {})", PATCH_HOOKS.join(", ")));
-        return None;
-    }
-    let mut targets = Vec::new();
-    for (j, h) in r.hooks.iter().enumerate() {
-        let name = h.get_ref().as_str();
-        let group: Vec<(Site, Axes)> = match name {
-            "block_every" => [Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| (s, Axes::LayerPos)).to_vec(),
-            "all_pos_every" => [Site::Z, Site::Q, Site::K, Site::V, Site::Pattern].map(|s| (s, Axes::LayerHead)).to_vec(),
-            "by_pos_every" => {
-                let mut v: Vec<_> = [Site::Z, Site::Q, Site::K, Site::V].map(|s| (s, Axes::LayerPosHead)).to_vec();
-                v.push((Site::Pattern, Axes::LayerHeadDest));
-                v
-            }
-            _ => {
-                let site = if PATCH_HOOKS.contains(&name) { Site::from_short(name) } else { None };
-                let Some(site) = site else {
-                    cx.at(h, format!("run[{i}].hooks[{j}]"), format!("unknown hook '{name}'; did you mean {}? (valid: {})",
-                        nearest(name, PATCH_HOOKS.iter().copied()).iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" or "), PATCH_HOOKS.join(", ")));
-                    continue;
-                };
-                let Some(axes) = axes else {
-                    cx.at(h, key("over"), format!("hook '{name}' needs over = [...] axes"));
-                    continue;
-                };
-                if let Err(e) = Target::new(site, axes) {
-                    cx.at(r.over.as_ref().expect("axes came from over"), key("over"), e.to_string());
-                    continue;
-                }
-                vec![(site, axes)]
-            }
-        };
-        for t in group {
-            if !targets.contains(&t) {
-                targets.push(t);
+    if let Some(c) = &raw.corruption {
+        let kind = c.kind.get_ref().as_str();
+        let noise_only = [("positions", c.positions.as_ref().map(|v| v.span().start)), ("words", c.words.as_ref().map(|v| v.span().start)),
+            ("noise", c.noise.as_ref().map(|v| v.span().start)), ("samples", c.samples.as_ref().map(|v| v.span().start)), ("seed", c.seed.as_ref().map(|v| v.span().start))];
+        for (name, at) in noise_only {
+            if let (Some(at), false) = (at, kind == "noise") {
+                cx.at_offset(at, format!("corruption.{name}"), format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"));
             }
         }
     }
-    Some(targets)
+    (prompts, corruption)
+}
+
+fn resolve_noise(cx: &mut Ctx, c: &RawCorruption) -> Corruption {
+    let positions = c.positions.as_ref().map(|p| p.get_ref().clone());
+    let words = c.words.as_ref().map(|w| w.get_ref().clone());
+    match (&c.positions, &c.words) {
+        (None, None) | (Some(_), Some(_)) => cx.at(&c.kind, "corruption.positions", "noise needs either positions = [token indices] or words = [\"words to noise\"]"),
+        (Some(p), None) if p.get_ref().is_empty() || p.get_ref().iter().any(|&x| x < 0) => {
+            cx.at(p, "corruption.positions", format!("give non-negative token positions, got {:?}", p.get_ref()))
+        }
+        (None, Some(w)) if w.get_ref().is_empty() => cx.at(w, "corruption.words", "give at least one word"),
+        _ => {}
+    }
+    let noise = match &c.noise {
+        Some(n) if !(*n.get_ref() > 0.0 && n.get_ref().is_finite()) => {
+            cx.at(n, "corruption.noise", format!("noise must be a positive number of embedding standard deviations, got {}", n.get_ref()));
+            3.0
+        }
+        Some(n) => *n.get_ref(),
+        None => 3.0,
+    };
+    let samples = match &c.samples {
+        Some(s) if *s.get_ref() < 1 => {
+            cx.at(s, "corruption.samples", format!("samples must be at least 1, got {}", s.get_ref()));
+            1
+        }
+        Some(s) => *s.get_ref() as usize,
+        None => 1,
+    };
+    let seed = c.seed.as_ref().map(|s| *s.get_ref() as u64).unwrap_or(0);
+    Corruption::Noise { positions, words, noise, samples, seed }
 }

@@ -80,3 +80,96 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 pub fn log_softmax(t: &Tensor) -> Tensor {
     t.log_softmax(-1, tch::Kind::Float)
 }
+
+/// A Parquet result table read back, with typed access by column name.
+pub struct Table {
+    pub batch: arrow::record_batch::RecordBatch,
+}
+
+impl Table {
+    pub fn read(path: &std::path::Path) -> Table {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let reader = ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap();
+        let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+        Table { batch: arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap() }
+    }
+
+    pub fn len(&self) -> usize {
+        self.batch.num_rows()
+    }
+
+    fn column(&self, name: &str) -> &dyn arrow::array::Array {
+        self.batch.column_by_name(name).unwrap_or_else(|| panic!("no column {name}")).as_ref()
+    }
+
+    pub fn str(&self, name: &str, i: usize) -> Option<String> {
+        let c = self.column(name).as_any().downcast_ref::<arrow::array::StringArray>().unwrap();
+        (!arrow::array::Array::is_null(c, i)).then(|| c.value(i).to_string())
+    }
+
+    pub fn int(&self, name: &str, i: usize) -> Option<i64> {
+        let c = self.column(name).as_any().downcast_ref::<arrow::array::Int32Array>().unwrap();
+        (!arrow::array::Array::is_null(c, i)).then(|| c.value(i) as i64)
+    }
+
+    pub fn float(&self, name: &str, i: usize) -> Option<f64> {
+        let c = self.column(name).as_any().downcast_ref::<arrow::array::Float64Array>().unwrap();
+        (!arrow::array::Array::is_null(c, i)).then(|| c.value(i))
+    }
+
+    pub fn value(&self, i: usize) -> f64 {
+        self.float("value", i).unwrap()
+    }
+
+    /// Indices of the rows for which `keep` holds, in table order.
+    pub fn rows(&self, keep: impl Fn(&Table, usize) -> bool) -> Vec<usize> {
+        (0..self.len()).filter(|&i| keep(self, i)).collect()
+    }
+
+    /// Rows without a prompt (means over prompts) and without a rank (not top-k rows).
+    pub fn mean_rows(&self) -> Vec<usize> {
+        self.rows(|t, i| t.int("prompt", i).is_none() && t.int("rank", i).is_none())
+    }
+}
+
+/// Writes `spec` into a fresh directory, runs `tl-run` on it with `args`, and returns the
+/// directory (results in its out/). Panics with stderr when the run fails.
+pub fn run_spec(spec: &str, args: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spec.toml");
+    std::fs::write(&path, spec).unwrap();
+    let out = dir.path().join("out");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run"));
+    cmd.arg("run").arg("--quiet").arg(&path).arg("--out").arg(&out).args(args).env("HF_HUB_OFFLINE", "1");
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "tl-run failed on\n{spec}\n{}", String::from_utf8_lossy(&o.stderr));
+    dir
+}
+
+/// The prompt file of experiments/prompts/ a fixture's tokenizer reads (as the oracle scripts).
+pub fn prompt_file(fixture: &str) -> PathBuf {
+    repo_root().join("experiments/prompts").join(if fixture.starts_with("gpt2") { "ioi.jsonl" } else { "stories.jsonl" })
+}
+
+/// The oracle's prompts ([{clean, answers}]) as TOML [prompts] lines.
+pub fn prompts_toml(oracle: &Oracle) -> String {
+    let prompts: Vec<serde_json::Value> = serde_json::from_str(&oracle.metadata["prompts"]).unwrap();
+    let clean: Vec<String> = prompts.iter().map(|p| p["clean"].to_string()).collect();
+    let answers: Vec<String> = prompts.iter().map(|p| p["answers"].to_string()).collect();
+    format!("[prompts]\nclean = [{}]\nanswers = [{}]\n", clean.join(", "), answers.join(", "))
+}
+
+/// A tensor as f64 values in row-major order.
+pub fn values(t: &Tensor) -> Vec<f64> {
+    Vec::try_from(t.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap()
+}
+
+/// Asserts two series agree elementwise within `tol`, naming the first difference.
+pub fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
+    assert_eq!(ours.len(), theirs.len(), "{what}: {} values vs TransformerLens {}", ours.len(), theirs.len());
+    let worst = ours.iter().zip(theirs).enumerate().map(|(i, (a, b))| (i, (a - b).abs())).max_by(|a, b| a.1.total_cmp(&b.1));
+    if let Some((i, d)) = worst {
+        assert!(d <= tol, "{what}: value {i} is {} vs TransformerLens {} (|diff| {d:.3e} > {tol:.0e})", ours[i], theirs[i]);
+    }
+}

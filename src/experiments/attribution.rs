@@ -1,0 +1,263 @@
+//! Attribution patching (AtP): the first-order estimate of every activation-patching cell from one
+//! forward and one backward pass on the corrupted run, (clean − corrupted) · ∂metric/∂activation,
+//! summed over the feature axis and the axes a cell covers (TransformerLens's Attribution Patching
+//! demo). AtP* (Kramár et al. 2024) options: `qk_fix` recomputes the attention softmax exactly for
+//! query and key cells; `grad_drop` re-estimates with each layer's gradient path cut.
+use std::collections::HashMap;
+
+use tch::{Kind, Tensor};
+
+use crate::engine::hooks::{Edit, Intervention};
+use crate::error::{Error, Result};
+use crate::experiments::activation_patching::{cells_at, Axes, Cell, Target};
+use crate::experiments::prepared::Prepared;
+use crate::model::hook_point::{HookPoint, Site};
+use crate::{Hooks, Input, Model, Stop};
+
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct AtpOptions {
+    pub qk_fix: bool,
+    pub grad_drop: bool,
+}
+
+/// One target's estimates: cells in the order of activation patching, per prompt, in raw metric
+/// units (the estimated change of the metric from the corrupted run).
+pub struct Attribution {
+    pub target: Target,
+    pub cells: Vec<Cell>,
+    pub per_prompt: Vec<Vec<f64>>,
+    /// The estimate for the whole prompt set (the mean over prompts, except under GradDrop,
+    /// whose absolute values are taken of the prompt-set estimates).
+    pub mean: Vec<f64>,
+}
+
+/// The post-rotary query and key sites (the ones attention scores are computed from).
+pub fn score_sites(model: &Model) -> (Site, Site) {
+    if model.cfg.is_rotary() {
+        (Site::RotQ, Site::RotK)
+    } else {
+        (Site::Q, Site::K)
+    }
+}
+
+/// The clean-run sites attribution needs for `targets`.
+pub fn clean_sites(model: &Model, targets: &[Target], opts: AtpOptions) -> Vec<Site> {
+    let mut sites: Vec<Site> = targets.iter().map(|t| t.site).collect();
+    if opts.qk_fix && targets.iter().any(|t| matches!(t.site, Site::Q | Site::K)) {
+        let (q, k) = score_sites(model);
+        sites.extend([q, k]);
+    }
+    sites
+}
+
+/// A stop-gradient that keeps the tensor in the graph (with zero gradient), so activations
+/// upstream of it still have a (zero) gradient instead of none.
+fn stop_gradient(x: &Tensor) -> Result<Tensor> {
+    let d = x.detach();
+    Ok(&d + (x - &d) * 0.0)
+}
+
+/// Corrupted activations and the gradient of Σ_prompts metric at `points`, with the gradient path
+/// through the outputs of `cut_layer` (attn_out and mlp_out) stopped when given.
+fn forward_backward(model: &Model, prep: &Prepared, points: &[HookPoint], cut_layer: Option<usize>) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
+    let mut hooks = Hooks::capture(points.iter().copied()).with_grad();
+    prep.corrupt(&mut hooks);
+    if let Some(l) = cut_layer {
+        for s in [Site::AttnOut, Site::MlpOut] {
+            hooks.add_intervention(HookPoint::Block(l, s), Intervention::new(Edit::Func(Box::new(stop_gradient))));
+        }
+    }
+    let out = model.run(Input::Tokens(&prep.corrupted_tokens), prep.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
+    // Σ over prompts: the gradient at prompt p is that of prompt p's own metric.
+    let total = prep.metric.per_row(model, &out.select(1, -1)).sum(Kind::Float);
+    let acts: Vec<Tensor> = points.iter().map(|p| hooks.cache[p].shallow_clone()).collect();
+    let grads = Tensor::f_run_backward(&[total], &acts, false, false)?;
+    let mut g = HashMap::new();
+    for (p, t) in points.iter().zip(grads) {
+        let t = if t.defined() { t } else { hooks.cache[p].zeros_like() };
+        g.insert(*p, t);
+    }
+    let a = points.iter().map(|p| (*p, hooks.cache[p].detach())).collect();
+    Ok((a, g))
+}
+
+/// The per-prompt estimate of every cell of `target` at one layer: [n, cells] in cells_at order.
+fn linear_estimate(target: Target, delta_times_grad: &Tensor) -> Tensor {
+    let x = delta_times_grad;
+    let n = x.size()[0];
+    let reduced = match (target.axes, target.site == Site::Pattern) {
+        (Axes::LayerPos, _) => x.sum_dim_intlist(-1, false, Kind::Float),
+        (Axes::LayerPosHead, _) => x.sum_dim_intlist(-1, false, Kind::Float),
+        (Axes::LayerHead, false) => x.sum_dim_intlist(&[1i64, 3][..], false, Kind::Float),
+        (Axes::LayerHead, true) => x.sum_dim_intlist(&[2i64, 3][..], false, Kind::Float),
+        (Axes::LayerHeadDest, _) => x.sum_dim_intlist(-1, false, Kind::Float),
+        (Axes::LayerHeadDestSrc, _) => x.shallow_clone(),
+    };
+    reduced.reshape([n, -1])
+}
+
+/// AtP*'s query/key fix at one layer: the attention pattern recomputed exactly with the clean
+/// query (or key) of each cell, then linearised from the pattern on: Σ (P' − P) ⊙ ∂metric/∂P.
+fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&Tensor, &Tensor), scores: &Tensor, pattern: &Tensor, grad_pattern: &Tensor) -> Result<Tensor> {
+    // q.0/k.0 clean, q.1/k.1 corrupted; all post-rotary [n, pos, heads, d_head].
+    let group = model.cfg.kv_group() as i64;
+    let expand = |k: &Tensor| if group > 1 { k.repeat_interleave_self_int(group, 2, None) } else { k.shallow_clone() };
+    let scale = 1.0 / model.cfg.attn_scale;
+    let masked = scores.isneginf();
+    let scores_of = |q: &Tensor, k: &Tensor| {
+        let s = q.permute([0, 2, 1, 3]).matmul(&expand(k).permute([0, 2, 3, 1])) * scale;
+        s.masked_fill(&masked, f64::NEG_INFINITY)
+    };
+    let softmax = |s: &Tensor| {
+        let p = s.softmax(-1, Kind::Float);
+        p.masked_fill(&p.isnan(), 0.0)
+    };
+    let n = pattern.size()[0];
+    let kv = model.cfg.n_kv_heads as i64;
+    let to_kv = |x: &Tensor| {
+        // [n, heads, ..] -> [n, kv_heads, ..]: sum the query heads each key-value head serves.
+        let mut shape = x.size();
+        shape[1] = kv;
+        shape.insert(2, group);
+        x.view(shape.as_slice()).sum_dim_intlist(2, false, Kind::Float)
+    };
+    let out = match (target.site, target.axes) {
+        // A clean query changes only its own row: all rows at once are every cell at once.
+        (Site::Q, axes) => {
+            let per_row = ((softmax(&scores_of(q.0, k.1)) - pattern) * grad_pattern).sum_dim_intlist(-1, false, Kind::Float); // [n, h, dest]
+            match axes {
+                Axes::LayerPosHead => per_row.permute([0, 2, 1]).reshape([n, -1]),
+                _ => per_row.sum_dim_intlist(-1, false, Kind::Float),
+            }
+        }
+        (Site::K, Axes::LayerHead) => {
+            let d = ((softmax(&scores_of(q.1, k.0)) - pattern) * grad_pattern).sum_dim_intlist(&[2i64, 3][..], false, Kind::Float);
+            to_kv(&d)
+        }
+        (Site::K, _) => {
+            // A clean key at source s changes entry s of every row: the row's softmax in closed
+            // form, P'_j = P_j / (1 + c), P'_s = P_s·r / (1 + c) with r = exp(S'_s − S_s) and
+            // c = P_s (r − 1), so Σ_j (P'_j − P_j) G_j = c (G_s − Σ_j P_j G_j) / (1 + c).
+            let s_new = scores_of(q.1, k.0);
+            let r = (&s_new - scores).exp();
+            let c = (pattern * (r - 1.0)).masked_fill(&masked, 0.0);
+            let a = (pattern * grad_pattern).sum_dim_intlist(-1, true, Kind::Float);
+            let per_entry: Tensor = &c * (grad_pattern - a) / (&c + 1.0);
+            let per_src = to_kv(&per_entry.sum_dim_intlist(2, false, Kind::Float)); // [n, kv, src]
+            per_src.permute([0, 2, 1]).reshape([n, -1])
+        }
+        _ => return Err(Error::Other(format!("qk_fix applies to q and k, not {}", target.site.name()))),
+    };
+    Ok(out)
+}
+
+/// Estimates for every target at `layers`: one forward and backward on the corrupted run (plus
+/// one per layer with grad_drop).
+pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
+    let (q_site, k_site) = score_sites(model);
+    let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);
+    let mut points: Vec<HookPoint> = Vec::new();
+    for &l in layers {
+        for t in targets {
+            points.push(HookPoint::Block(l, t.site));
+            if needs_qk(t) {
+                points.extend([Site::Pattern, Site::AttnScores, q_site, k_site].map(|s| HookPoint::Block(l, s)));
+            }
+        }
+    }
+    points.sort_by_key(|p| p.to_string());
+    points.dedup();
+    let estimate = |acts: &HashMap<HookPoint, Tensor>, grads: &HashMap<HookPoint, Tensor>, t: Target, l: usize| -> Result<Tensor> {
+        let at = |s: Site| HookPoint::Block(l, s);
+        if needs_qk(&t) {
+            let clean = |s: Site| prep.clean.get(&at(s)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(s))));
+            return qk_fixed_estimate(model, t, (clean(q_site)?, &acts[&at(q_site)]), (clean(k_site)?, &acts[&at(k_site)]), &acts[&at(Site::AttnScores)], &acts[&at(Site::Pattern)], &grads[&at(Site::Pattern)]);
+        }
+        let clean = prep.clean.get(&at(t.site)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(t.site))))?;
+        Ok(linear_estimate(t, &((clean - &acts[&at(t.site)]) * &grads[&at(t.site)])))
+    };
+    let (acts, grads) = forward_backward(model, prep, &points, None)?;
+    let mut per_target: Vec<Vec<Tensor>> = Vec::new();
+    for t in targets {
+        per_target.push(layers.iter().map(|&l| estimate(&acts, &grads, *t, l)).collect::<Result<_>>()?);
+    }
+    // The prompt-set estimate of each layer's cells, [cells].
+    let mut means: Vec<Vec<Tensor>> = per_target.iter().map(|v| v.iter().map(|x| x.mean_dim(0, false, Kind::Float)).collect()).collect();
+    if opts.grad_drop {
+        // GradDrop: Σ_ℓ |AtP with layer ℓ's gradient path cut − AtP| / (L − 1), unsigned; per
+        // prompt, and for the prompt set from its (mean) estimates.
+        let n_layers = model.cfg.n_layers;
+        let zeros = |v: &Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> { v.iter().map(|x| x.iter().map(|t| t.zeros_like()).collect()).collect() };
+        let (mut spread, mut spread_mean) = (zeros(&per_target), zeros(&means));
+        for cut in 0..n_layers {
+            let (_, g) = forward_backward(model, prep, &points, Some(cut))?;
+            for (ti, t) in targets.iter().enumerate() {
+                for (li, &l) in layers.iter().enumerate() {
+                    let e = estimate(&acts, &g, *t, l)?;
+                    spread_mean[ti][li] = &spread_mean[ti][li] + (e.mean_dim(0, false, Kind::Float) - &means[ti][li]).abs();
+                    spread[ti][li] = &spread[ti][li] + (e - &per_target[ti][li]).abs();
+                }
+            }
+        }
+        let denom = (n_layers.max(2) - 1) as f64;
+        let scale = |v: Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> { v.into_iter().map(|x| x.into_iter().map(|t| t / denom).collect()).collect() };
+        per_target = scale(spread);
+        means = scale(spread_mean);
+    }
+    let seq = prep.seq_len();
+    let mut out = Vec::new();
+    for ((t, per_layer), mean_layer) in targets.iter().zip(per_target).zip(means) {
+        let mut cells = Vec::new();
+        let mut per_prompt = Vec::new();
+        let mut mean = Vec::new();
+        for ((&l, est), m) in layers.iter().zip(per_layer).zip(mean_layer) {
+            mean.extend(Vec::<f64>::try_from(m.to_kind(Kind::Double))?);
+            let layer_cells = cells_at(&model.cfg, *t, l, seq);
+            // [cells, n] so each cell's prompts are contiguous.
+            let v: Vec<f64> = Vec::try_from(est.tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
+            let n = prep.n_prompts() as usize;
+            if v.len() != layer_cells.len() * n {
+                return Err(Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), v.len() / n, layer_cells.len())));
+            }
+            per_prompt.extend(v.chunks(n).map(|c| c.to_vec()));
+            cells.extend(layer_cells);
+        }
+        out.push(Attribution { target: *t, cells, per_prompt, mean });
+    }
+    Ok(out)
+}
+
+/// Pearson and Spearman correlation of two equally long series (None with fewer than 2 points
+/// or no variance).
+pub fn correlations(a: &[f64], b: &[f64]) -> (Option<f64>, Option<f64>) {
+    fn pearson(a: &[f64], b: &[f64]) -> Option<f64> {
+        let n = a.len() as f64;
+        if a.len() < 2 {
+            return None;
+        }
+        let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
+        let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();
+        let va: f64 = a.iter().map(|x| (x - ma).powi(2)).sum();
+        let vb: f64 = b.iter().map(|y| (y - mb).powi(2)).sum();
+        (va > 0.0 && vb > 0.0).then(|| cov / (va * vb).sqrt())
+    }
+    // Average ranks (ties share the mean of their ranks), as scipy.stats.spearmanr.
+    fn ranks(v: &[f64]) -> Vec<f64> {
+        let mut idx: Vec<usize> = (0..v.len()).collect();
+        idx.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i;
+            while j + 1 < idx.len() && v[idx[j + 1]] == v[idx[i]] {
+                j += 1;
+            }
+            for &k in &idx[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    (pearson(a, b), pearson(&ranks(a), &ranks(b)))
+}

@@ -1,0 +1,185 @@
+//! Reading a cached run the way TransformerLens's ActivationCache does: the logit lens
+//! (accumulated_resid with the final norm recomputed per component) and direct logit attribution
+//! (decompose_resid / stack_head_results / stack_neuron_results through apply_ln_to_stack and
+//! logit_attrs), along each prompt's answer direction at the last position.
+use tch::{Kind, Tensor};
+
+use crate::engine::metric::{Metric, MetricKind};
+use crate::error::Result;
+use crate::model::config::NormKind;
+use crate::model::hook_point::{HookPoint, NormHook, Site};
+use crate::{Hooks, Input, Model, Stop};
+
+/// One labelled component with its value per prompt.
+#[derive(Debug, Clone)]
+pub struct Component {
+    pub label: String,
+    pub hook: String,
+    pub layer: Option<usize>,
+    pub head: Option<i64>,
+    pub neuron: Option<i64>,
+    pub per_prompt: Vec<f64>,
+}
+
+impl Component {
+    pub fn mean(&self) -> f64 {
+        self.per_prompt.iter().sum::<f64>() / self.per_prompt.len().max(1) as f64
+    }
+}
+
+/// One of the logit lens's top-k tokens at one label, prompt and position.
+#[derive(Debug, Clone)]
+pub struct TopToken {
+    pub component: usize,
+    pub prompt: usize,
+    pub pos: i64,
+    pub rank: usize,
+    pub token_id: i64,
+    pub prob: f64,
+}
+
+/// Each prompt's answer direction in the residual stream, [n, d_model]: W_U[:, correct] −
+/// W_U[:, incorrect] for a logit difference, W_U[:, correct] otherwise (b_U excluded, as logit_attrs).
+pub fn answer_directions(model: &Model, metric: &Metric) -> Tensor {
+    let col = |ids: &[i64]| model.weights.w_u.index_select(1, &Tensor::from_slice(ids).to_device(model.device)).tr();
+    match metric.kind {
+        MetricKind::LogitDiff => col(&metric.correct) - col(&metric.incorrect),
+        MetricKind::Logprob | MetricKind::Prob => col(&metric.correct),
+    }
+}
+
+fn rows_dot(x: &Tensor, dir: &Tensor) -> Result<Vec<f64>> {
+    Ok(Vec::<f64>::try_from((x * dir).sum_dim_intlist(-1, false, None).to_kind(Kind::Double))?)
+}
+
+/// Where the logit lens reports its top-k tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LensPositions {
+    Last,
+    All,
+}
+
+/// The logit lens: every accumulated residual ("{l}_pre", "{l}_mid" with `incl_mid`,
+/// "final_post") through ln_final with its own statistics, projected on the answer direction at
+/// the last position; and with `top_k` > 0 the most probable next tokens at `positions`.
+pub fn logit_lens(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
+    let n_layers = model.cfg.n_layers;
+    let mut labelled: Vec<(String, HookPoint, usize)> = Vec::new();
+    for l in 0..n_layers {
+        labelled.push((format!("{l}_pre"), HookPoint::Block(l, Site::ResidPre), l));
+        if incl_mid && !model.cfg.parallel_block {
+            labelled.push((format!("{l}_mid"), HookPoint::Block(l, Site::ResidMid), l));
+        }
+    }
+    labelled.push(("final_post".into(), HookPoint::Block(n_layers - 1, Site::ResidPost), n_layers));
+    let mut hooks = Hooks::capture(labelled.iter().map(|(_, p, _)| *p));
+    let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
+    let dir = answer_directions(model, metric);
+    let seq = tokens.size()[1];
+    let mut components = Vec::new();
+    let mut top = Vec::new();
+    for (ci, (label, point, layer)) in labelled.iter().enumerate() {
+        let resid = hooks.cache.get(point).expect("captured");
+        let normed = model.final_norm(resid)?; // [n, seq, d]
+        components.push(Component {
+            label: label.clone(),
+            hook: point.to_string(),
+            layer: Some(*layer),
+            head: None,
+            neuron: None,
+            per_prompt: rows_dot(&normed.select(1, -1), &dir)?,
+        });
+        if top_k == 0 {
+            continue;
+        }
+        let first = if positions == LensPositions::Last { seq - 1 } else { 0 };
+        let probs = model.unembed(&normed.narrow(1, first, seq - first)).softmax(-1, Kind::Float);
+        let (p, ix) = probs.topk(top_k as i64, -1, true, true); // [n, positions, k]
+        let p: Vec<f64> = Vec::try_from(p.flatten(0, -1).to_kind(Kind::Double))?;
+        let ix: Vec<i64> = Vec::try_from(ix.flatten(0, -1))?;
+        let npos = (seq - first) as usize;
+        for (j, (prob, id)) in p.iter().zip(&ix).enumerate() {
+            let (prompt, rest) = (j / (npos * top_k), j % (npos * top_k));
+            top.push(TopToken { component: ci, prompt, pos: first + (rest / top_k) as i64, rank: rest % top_k, token_id: *id, prob: *prob });
+        }
+    }
+    Ok((components, top))
+}
+
+/// What direct logit attribution decomposes the final residual into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DlaOver {
+    /// embed, pos_embed, {l}_attn_out, {l}_mlp_out (decompose_resid).
+    Layer,
+    /// L{l}H{h}: each head's z·W_O, without b_O (stack_head_results).
+    Head,
+    /// L{l}N{n}: each neuron's post-activation times its W_out row (stack_neuron_results).
+    Neuron,
+}
+
+/// Direct logit attribution of the run `hooks` describes (interventions in it, e.g. ablations,
+/// apply), at the last position. Each component is normalised as apply_ln_to_stack: centred for
+/// LayerNorm models, divided by the run's ln_final scale of that prompt.
+pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, over: DlaOver, mut hooks: Hooks) -> Result<Vec<Component>> {
+    let n_layers = model.cfg.n_layers;
+    let scale_point = HookPoint::LnFinal(NormHook::Scale);
+    let per_layer: Vec<Site> = match over {
+        DlaOver::Layer => vec![Site::AttnOut, Site::MlpOut],
+        DlaOver::Head => vec![Site::Z],
+        DlaOver::Neuron => vec![Site::MlpPost],
+    };
+    let mut points = vec![scale_point, HookPoint::Embed, HookPoint::PosEmbed];
+    points.extend((0..n_layers).flat_map(|l| per_layer.iter().map(move |s| HookPoint::Block(l, *s))));
+    hooks.add_captures(points);
+    let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
+    let last = |p: HookPoint| hooks.cache.get(&p).map(|t| t.select(1, -1));
+    let scale = last(scale_point).expect("captured"); // [n, 1]
+    let dir = answer_directions(model, metric);
+    // (x - mean x)·d = x·(d - mean d): centre the direction once instead of every component.
+    let dir = if model.cfg.norm.kind == NormKind::LayerNorm { &dir - dir.mean_dim(-1, true, None) } else { dir };
+    let dir = dir / &scale; // [n, d]
+    let mut out = Vec::new();
+    let mut push = |label: String, hook: HookPoint, layer: Option<usize>, head: Option<i64>, neuron: Option<i64>, per_prompt: Vec<f64>| {
+        out.push(Component { label, hook: hook.to_string(), layer, head, neuron, per_prompt });
+    };
+    match over {
+        DlaOver::Layer => {
+            push("embed".into(), HookPoint::Embed, None, None, None, rows_dot(&last(HookPoint::Embed).expect("captured"), &dir)?);
+            if let Some(pe) = last(HookPoint::PosEmbed) {
+                push("pos_embed".into(), HookPoint::PosEmbed, None, None, None, rows_dot(&pe, &dir)?);
+            }
+            for l in 0..n_layers {
+                for (site, name) in [(Site::AttnOut, "attn_out"), (Site::MlpOut, "mlp_out")] {
+                    let p = HookPoint::Block(l, site);
+                    push(format!("{l}_{name}"), p, Some(l), None, None, rows_dot(&last(p).expect("captured"), &dir)?);
+                }
+            }
+        }
+        DlaOver::Head => {
+            for l in 0..n_layers {
+                let z = last(HookPoint::Block(l, Site::Z)).expect("captured"); // [n, h, e]
+                // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
+                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o, &dir], None::<&[i64]>);
+                let per_head = (z * through).sum_dim_intlist(-1, false, None).to_kind(Kind::Double); // [n, h]
+                for h in 0..model.cfg.n_heads as i64 {
+                    push(format!("L{l}H{h}"), HookPoint::Block(l, Site::Result), Some(l), Some(h), None, Vec::try_from(per_head.select(1, h))?);
+                }
+            }
+        }
+        DlaOver::Neuron => {
+            for l in 0..n_layers {
+                let post = last(HookPoint::Block(l, Site::MlpPost)).expect("captured"); // [n, m]
+                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr()); // [n, m]
+                // Transposed to [m, n] so each neuron's prompts are contiguous.
+                let per_neuron: Vec<f64> = Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
+                let n = tokens.size()[0] as usize;
+                for (k, v) in per_neuron.chunks(n).enumerate() {
+                    push(format!("L{l}N{k}"), HookPoint::Block(l, Site::MlpPost), Some(l), None, Some(k as i64), v.to_vec());
+                }
+            }
+        }
+    }
+    Ok(out)
+}

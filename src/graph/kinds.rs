@@ -1,0 +1,368 @@
+//! Each run kind: compute with the experiments/ module of that kind, then lay the result out as
+//! tidy rows and a manifest note.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::engine::metric::Metric;
+use crate::error::{Error, Result};
+use crate::experiments::ablation::{run_ablation, AblationInputs, AblationOutcome, AblationSpec, Measure, Unit};
+use crate::experiments::activation_patching::{cells_at, sweep_cells, sweep_layers, Cell, Target};
+use crate::experiments::attribution::{attribute, correlations, AtpOptions};
+use crate::experiments::cache_analysis::{self, Component, DlaOver, LensPositions};
+use crate::experiments::head_scores::{self, DetectOptions, Detection};
+use crate::experiments::prepared::Prepared;
+use crate::graph::execute::Tokenized;
+use crate::model::hook_point::{HookPoint, Site};
+use crate::model::Model;
+use crate::output::table::Row;
+use crate::spec::runs::HeadSource;
+use crate::spec::{RunKind, RunSpec, Spec};
+
+/// What every run reads: the spec, the model, the tokenized prompts and the shared clean and
+/// corrupted runs (when some run patches).
+pub struct RunContext<'a> {
+    pub spec: &'a Spec,
+    pub model: &'a Model,
+    pub toks: Option<&'a Tokenized>,
+    pub prep: Option<&'a Prepared>,
+    pub show_progress: bool,
+}
+
+impl RunContext<'_> {
+    fn toks(&self) -> Result<&Tokenized> {
+        self.toks.ok_or_else(|| Error::Other("this run needs prompts".into()))
+    }
+    fn prep(&self) -> Result<&Prepared> {
+        self.prep.ok_or_else(|| Error::Other("this run needs the clean and corrupted runs".into()))
+    }
+    fn metric(&self) -> Result<Metric> {
+        let t = self.toks()?;
+        Ok(Metric { kind: self.spec.metric.kind, correct: t.correct.clone(), incorrect: t.incorrect.clone() })
+    }
+    fn bar(&self, len: usize, msg: String) -> ProgressBar {
+        if !self.show_progress {
+            return ProgressBar::hidden();
+        }
+        let b = ProgressBar::new(len as u64);
+        b.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+        b.set_message(msg);
+        b
+    }
+    /// The string of prompt p's token at `pos`.
+    fn token(&self, prompt: usize, pos: Option<i64>) -> Option<String> {
+        let t = self.toks?;
+        pos.and_then(|p| t.clean_strs.get(prompt % t.n_prompts())?.get(p as usize).cloned())
+    }
+}
+
+/// Values over samples·n rows (noise corruption) folded to one per prompt (mean over samples).
+fn per_prompt(v: &[f64], n: usize) -> Vec<f64> {
+    if v.len() <= n {
+        return v.to_vec();
+    }
+    let samples = (v.len() / n) as f64;
+    (0..n).map(|p| v.iter().skip(p).step_by(n).sum::<f64>() / samples).collect()
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+/// The mean row, and with metric.per_prompt one row per prompt (value from `values`).
+fn with_prompts(cx: &RunContext, base: Row, values: &[f64], mean_value: f64, token_pos: Option<i64>, out: &mut Vec<Row>) {
+    if cx.spec.metric.per_prompt {
+        for (p, v) in values.iter().enumerate() {
+            out.push(Row { prompt: Some(p as i32), value: *v, token: cx.token(p, token_pos), ..base.clone() });
+        }
+    }
+    out.push(Row { value: mean_value, token: cx.token(0, token_pos), ..base });
+}
+
+fn cell_row(run: &str, kind: &str, site: Site, c: &Cell) -> Row {
+    Row {
+        run: run.into(),
+        kind: kind.into(),
+        hook: HookPoint::Block(c.layer, site).to_string(),
+        layer: Some(c.layer as i32),
+        head: c.head.map(|h| h as i32),
+        pos: c.pos.map(|p| p as i32),
+        dest_pos: c.dest.map(|p| p as i32),
+        src_pos: c.src.map(|p| p as i32),
+        computed: true,
+        ..Row::default()
+    }
+}
+
+pub fn run(cx: &RunContext, run: &RunSpec, timings: &mut BTreeMap<String, f64>) -> Result<(Vec<Row>, serde_json::Value)> {
+    match &run.kind {
+        RunKind::ActivationPatching { targets } => activation_patching(cx, run, targets, timings),
+        RunKind::AttributionPatching { targets, options, verify_top } => attribution_patching(cx, run, targets, *options, *verify_top),
+        RunKind::LogitLens { incl_mid, top_k, top_k_at } => logit_lens(cx, run, *incl_mid, *top_k, *top_k_at),
+        RunKind::DirectLogitAttribution { over } => dla(cx, run, *over),
+        RunKind::HeadScores { detections, options, source } => head_score_rows(cx, run, detections, *options, source),
+        RunKind::Ablation(a) => ablation(cx, run, a),
+    }
+}
+
+fn layers_of(cx: &RunContext, run: &RunSpec) -> Vec<usize> {
+    run.layers.clone().unwrap_or_else(|| (0..cx.model.cfg.n_layers).collect())
+}
+
+fn activation_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate::experiments::activation_patching::Axes)], timings: &mut BTreeMap<String, f64>) -> Result<(Vec<Row>, serde_json::Value)> {
+    let (model, prep) = (cx.model, cx.prep()?);
+    let n = cx.toks()?.n_prompts();
+    let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
+    let norm = |v: f64| if cx.spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };
+    let mut rows = Vec::new();
+    let mut sweeps = Vec::new();
+    for (site, axes) in targets {
+        let target = Target::new(*site, *axes)?;
+        let layers = layers_of(cx, run);
+        let total: usize = layers.iter().map(|&l| cells_at(&model.cfg, target, l, prep.seq_len()).len()).sum();
+        let pb = cx.bar(total, format!("{}: {} [{}]", run.name, site.name(), axes.names().join(",")));
+        let t = Instant::now();
+        let s = sweep_layers(model, prep, target, &layers, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("{}: {e}", site.name())))?;
+        pb.finish_and_clear();
+        let secs = t.elapsed().as_secs_f64();
+        timings.insert(format!("{}: {} over [{}]", run.name, site.name(), axes.names().join(", ")), secs);
+        sweeps.push(serde_json::json!({
+            "hook": site.name(), "over": axes.names(), "cells": s.cells.len(), "batched_forwards": s.forwards,
+            "filled_without_compute": s.skipped.iter().filter(|k| **k).count(),
+            "fill_rule": format!("positions before {} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline", prep.first_diff),
+            "seconds": secs,
+        }));
+        for (i, c) in s.cells.iter().enumerate() {
+            let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
+            let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", *site, c) };
+            with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+        }
+    }
+    Ok((rows, serde_json::json!({"sweeps": sweeps})))
+}
+
+fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate::experiments::activation_patching::Axes)], options: AtpOptions, verify_top: usize) -> Result<(Vec<Row>, serde_json::Value)> {
+    let (model, prep) = (cx.model, cx.prep()?);
+    let n = cx.toks()?.n_prompts();
+    let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
+    // Attribution estimates a change from the corrupted run: normalising divides by the gap.
+    let scale = if cx.spec.metric.normalize { 1.0 / (clean_b - corr_b) } else { 1.0 };
+    let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
+    let layers = layers_of(cx, run);
+    let t = Instant::now();
+    let atts = attribute(model, prep, &targets, &layers, options)?;
+    let atp_secs = t.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for a in &atts {
+        // The real patching effect of the cells with the largest |estimate|.
+        let mut order: Vec<usize> = (0..a.cells.len()).collect();
+        order.sort_by(|&i, &j| a.mean[j].abs().total_cmp(&a.mean[i].abs()));
+        let top: Vec<usize> = order.into_iter().take(verify_top).collect();
+        let mut patched: Vec<Option<f64>> = vec![None; a.cells.len()];
+        let mut verify_note = serde_json::Value::Null;
+        if !top.is_empty() {
+            let cells: Vec<Cell> = top.iter().map(|&i| a.cells[i]).collect();
+            let pb = cx.bar(cells.len(), format!("{}: verify {} top cells", run.name, a.target.site.name()));
+            let s = sweep_cells(model, prep, a.target, &cells, |k| pb.inc(k as u64))?;
+            pb.finish_and_clear();
+            for (j, &i) in top.iter().enumerate() {
+                patched[i] = Some((s.mean(j) - corr_b) * scale);
+            }
+            let est: Vec<f64> = top.iter().map(|&i| a.mean[i] * scale).collect();
+            let real: Vec<f64> = top.iter().map(|&i| patched[i].expect("set")).collect();
+            let (pearson, spearman) = correlations(&est, &real);
+            verify_note = serde_json::json!({"cells": top.len(), "batched_forwards": s.forwards, "pearson": pearson, "spearman": spearman});
+        }
+        notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
+        for (i, c) in a.cells.iter().enumerate() {
+            let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
+            let base = Row { patched: patched[i], ..cell_row(&run.name, "attribution_patching", a.target.site, c) };
+            with_prompts(cx, base, &values, a.mean[i] * scale, c.pos.or(c.dest), &mut rows);
+        }
+    }
+    let passes = 1 + if options.grad_drop { model.cfg.n_layers } else { 0 };
+    Ok((rows, serde_json::json!({
+        "targets": notes, "options": options, "forward_backward_passes": passes, "seconds": atp_secs,
+        "value": "estimated change of the metric from the corrupted run (normalised by clean - corrupted when metric.normalize); patched: the real change"
+    })))
+}
+
+fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Component], pos: i64, out: &mut Vec<Row>) {
+    for c in comps {
+        let base = Row {
+            run: run.into(),
+            kind: kind.into(),
+            hook: c.hook.clone(),
+            layer: c.layer.map(|l| l as i32),
+            head: c.head.map(|h| h as i32),
+            neuron: c.neuron.map(|k| k as i32),
+            pos: Some(pos as i32),
+            label: Some(c.label.clone()),
+            computed: true,
+            ..Row::default()
+        };
+        with_prompts(cx, base, &c.per_prompt, c.mean(), Some(pos), out);
+    }
+}
+
+fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<(Vec<Row>, serde_json::Value)> {
+    let toks = cx.toks()?;
+    let metric = cx.metric()?;
+    let (comps, top) = cache_analysis::logit_lens(cx.model, &toks.clean, toks.mask.as_ref(), &metric, incl_mid, top_k, at)?;
+    let last = toks.clean.size()[1] - 1;
+    let mut rows = Vec::new();
+    component_rows(cx, &run.name, "logit_lens", &comps, last, &mut rows);
+    let tok = cx.model.tokenizer()?;
+    for t in &top {
+        let c = &comps[t.component];
+        rows.push(Row {
+            run: run.name.clone(),
+            kind: "logit_lens".into(),
+            hook: c.hook.clone(),
+            layer: c.layer.map(|l| l as i32),
+            pos: Some(t.pos as i32),
+            prompt: Some(t.prompt as i32),
+            label: Some(c.label.clone()),
+            rank: Some(t.rank as i32),
+            token_id: Some(t.token_id as i32),
+            token: Some(tok.token_str(t.token_id)),
+            value: t.prob,
+            computed: true,
+            ..Row::default()
+        });
+    }
+    Ok((rows, serde_json::json!({"labels": comps.iter().map(|c| c.label.clone()).collect::<Vec<_>>(), "incl_mid": incl_mid, "top_k": top_k,
+        "value": "mean over prompts of the final-norm'd accumulated residual at the last position along the answer direction; top-k rows: probability"})))
+}
+
+fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<(Vec<Row>, serde_json::Value)> {
+    let toks = cx.toks()?;
+    let metric = cx.metric()?;
+    let comps = cache_analysis::direct_logit_attribution(cx.model, &toks.clean, toks.mask.as_ref(), &metric, over, crate::Hooks::new())?;
+    let mut rows = Vec::new();
+    component_rows(cx, &run.name, "direct_logit_attribution", &comps, toks.clean.size()[1] - 1, &mut rows);
+    let total: f64 = comps.iter().map(Component::mean).sum();
+    Ok((rows, serde_json::json!({"over": over, "components": comps.len(), "sum_of_components": total})))
+}
+
+fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detection)], options: DetectOptions, source: &HeadSource) -> Result<(Vec<Row>, serde_json::Value)> {
+    let model = cx.model;
+    let mut rows = Vec::new();
+    let mut push = |pattern: &str, label: &str, per_layer: &[Vec<f64>]| {
+        for (l, heads) in per_layer.iter().enumerate() {
+            for (h, v) in heads.iter().enumerate() {
+                rows.push(Row {
+                    run: run.name.clone(),
+                    kind: "head_scores".into(),
+                    hook: HookPoint::Block(l, Site::Pattern).to_string(),
+                    layer: Some(l as i32),
+                    head: Some(h as i32),
+                    pattern: Some(pattern.to_string()),
+                    label: Some(label.to_string()),
+                    value: *v,
+                    computed: true,
+                    ..Row::default()
+                });
+            }
+        }
+    };
+    let note = match source {
+        HeadSource::Prompts => {
+            let toks = cx.toks()?;
+            let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
+            let scores = head_scores::detect(model, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+            for ((name, _), s) in detections.iter().zip(&scores) {
+                push(name, "prompts", s);
+            }
+            serde_json::json!({"source": "prompts", "options": options, "prompts": toks.n_prompts()})
+        }
+        HeadSource::RepeatedRandom { seq_len, batch, seed, token_range } => {
+            let v = model.cfg.d_vocab as i64;
+            let (lo, hi) = token_range.unwrap_or(if v > 10_000 { (1000, 10_000) } else { (0, v) });
+            if hi > v || 2 * seq_len >= model.cfg.n_ctx as i64 + 1 {
+                return Err(Error::Config(format!("repeated random tokens need token_range within the vocabulary (0..{v}) and 2·seq_len <= {} positions", model.cfg.n_ctx)));
+            }
+            let tokens = head_scores::repeated_random_tokens(*seed, *batch, *seq_len, lo, hi);
+            for (name, s) in head_scores::repeated_stripes(model, &tokens)? {
+                push(name, "repeated_random", &s);
+            }
+            serde_json::json!({"source": "repeated_random", "seq_len": seq_len, "batch": batch, "seed": seed, "token_range": [lo, hi]})
+        }
+    };
+    Ok((rows, note))
+}
+
+fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<(Vec<Row>, serde_json::Value)> {
+    let (model, toks) = (cx.model, cx.toks()?);
+    let metric = cx.metric()?;
+    let dataset = match &a.dataset {
+        Some(path) => {
+            let prompts = crate::spec::prompts::read(path).map_err(|e| Error::Config(format!("dataset {}: {e}", path.display())))?;
+            let texts: Vec<&str> = prompts.iter().map(|p| p.clean.as_str()).collect();
+            Some(model.tokenizer()?.batch(&texts, cx.spec.model.prepend_bos)?)
+        }
+        None => None,
+    };
+    let inputs = AblationInputs {
+        tokens: &toks.clean,
+        mask: toks.mask.as_ref(),
+        metric: &metric,
+        corrupted: toks.corrupted.as_ref(),
+        dataset: dataset.as_ref().map(|d| (&d.tokens, d.mask.as_ref())),
+    };
+    // The top name movers of this model: the heads with the largest clean-run DLA.
+    let mut a = a.clone();
+    if let Some(k) = a.top_dla_heads {
+        let comps = cache_analysis::direct_logit_attribution(model, &toks.clean, toks.mask.as_ref(), &metric, DlaOver::Head, crate::Hooks::new())?;
+        let mut order: Vec<&Component> = comps.iter().collect();
+        order.sort_by(|x, y| y.mean().total_cmp(&x.mean()));
+        a.units = Some(order.iter().take(k).map(|c| Unit { layer: c.layer.unwrap_or(0), index: c.head }).collect());
+    }
+    let a = &a;
+    let total = if a.units.is_some() { 1 } else { crate::experiments::ablation::all_units(&model.cfg, a.site).len() };
+    let pb = cx.bar(total, format!("{}: ablate {}", run.name, a.site.name()));
+    let t = Instant::now();
+    let out: AblationOutcome = run_ablation(model, a, &inputs, |k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
+    let mut rows = Vec::new();
+    let base = Row { run: run.name.clone(), kind: "ablation".into(), computed: true, ..Row::default() };
+    let hook_of = |u: &Unit| HookPoint::Block(u.layer, a.site).to_string();
+    with_prompts(cx, Row { label: Some("baseline".into()), hook: "-".into(), ..base.clone() }, &out.baseline, mean(&out.baseline), None, &mut rows);
+    for (units, values) in &out.cells {
+        let row = if let [u] = units.as_slice() {
+            let (h, k) = unit_index(a, u);
+            Row { hook: hook_of(u), layer: Some(u.layer as i32), head: h, neuron: k, ..base.clone() }
+        } else {
+            let label = units.iter().map(|u| unit_label(a, u)).collect::<Vec<_>>().join("+");
+            Row { hook: a.site.name().to_string(), label: Some(format!("ablated {label}")), ..base.clone() }
+        };
+        with_prompts(cx, row, values, mean(values), None, &mut rows);
+    }
+    if let Some(comps) = &out.dla {
+        component_rows(cx, &run.name, "ablation", comps, toks.clean.size()[1] - 1, &mut rows);
+    }
+    let measure = match a.measure {
+        Measure::Metric => serde_json::json!(cx.spec.metric.kind),
+        Measure::Loss => "next-token cross-entropy".into(),
+        Measure::DirectLogitAttribution => "direct logit attribution per head of the ablated run".into(),
+    };
+    Ok((rows, serde_json::json!({"ablation": a, "measure": measure, "baseline": mean(&out.baseline), "forwards": out.forwards, "seconds": t.elapsed().as_secs_f64()})))
+}
+
+fn unit_index(a: &AblationSpec, u: &Unit) -> (Option<i32>, Option<i32>) {
+    match a.site {
+        Site::Z => (u.index.map(|i| i as i32), None),
+        Site::MlpPost => (None, u.index.map(|i| i as i32)),
+        _ => (None, None),
+    }
+}
+
+fn unit_label(a: &AblationSpec, u: &Unit) -> String {
+    match (a.site, u.index) {
+        (Site::Z, Some(h)) => format!("L{}H{h}", u.layer),
+        (Site::MlpPost, Some(k)) => format!("L{}N{k}", u.layer),
+        (s, _) => format!("{}.{}", u.layer, s.name()),
+    }
+}

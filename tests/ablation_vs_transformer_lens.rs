@@ -1,0 +1,97 @@
+//! ablation runs and noise corruption, end to end through `tl-run`, against TransformerLens
+//! run_with_hooks ablations, its per-head DLA after a knock-out, and patching.py on noised
+//! embeddings (tests/oracle/dump_ablation.py), on a GPT-2-shaped fixture and a grouped-query Llama.
+mod common;
+
+use common::*;
+
+const FIXTURES: [&str; 2] = ["gpt2-tiny", "llama-tiny"];
+
+fn ablation_spec(fixture: &str, o: &Oracle, seq: i64) -> String {
+    let mut s = format!(
+        "name = \"ablate\"\n[model]\nid = \"{}\"\n{}[corruption]\nkind = \"swap_pairs\"\n[metric]\nkind = \"logit_diff\"\nper_prompt = true\n",
+        common::fixture(fixture).display(),
+        prompts_toml(o)
+    );
+    let runs = [
+        ("z_zero", "z", "method = \"zero\""),
+        ("z_mean", "z", "method = \"mean\""),
+        ("z_resample", "z", "method = \"resample\""),
+        ("z_mean_last", "z", &*format!("method = \"mean\"\npositions = [{}]", seq - 1)),
+        ("z_zero_loss", "z", "method = \"zero\"\nmeasure = \"loss\""),
+        ("attn_out_mean", "attn_out", "method = \"mean\""),
+        ("mlp_out_mean", "mlp_out", "method = \"mean\""),
+        ("mlp_post_zero", "mlp_post", "method = \"zero\""),
+        ("knockout", "z", "method = \"mean\"\nunits = [[1, 0], [1, 2]]\nmeasure = \"direct_logit_attribution\""),
+    ];
+    for (name, hook, opts) in runs {
+        s.push_str(&format!("\n[[run]]\nname = \"{name}\"\nkind = \"ablation\"\nhooks = [\"{hook}\"]\n{opts}\n"));
+    }
+    s
+}
+
+/// Mean rows of ablated units (layer set), in table order.
+fn unit_means(t: &Table) -> Vec<f64> {
+    t.mean_rows().into_iter().filter(|&i| t.int("layer", i).is_some()).map(|i| t.value(i)).collect()
+}
+
+#[test]
+fn ablations_match_transformer_lens_hooks() {
+    for fixture in FIXTURES {
+        let o = Oracle::read(fixture, "ablation.safetensors");
+        let prompts: Vec<serde_json::Value> = serde_json::from_str(&o.metadata["prompts"]).unwrap();
+        let model = load(fixture, tl_run::model::config::Processing::TRANSFORMER_LENS);
+        let seq = model.tokenizer().unwrap().encode(prompts[0]["clean"].as_str().unwrap(), true).unwrap().len() as i64;
+        let dir = run_spec(&ablation_spec(fixture, &o, seq), &[]);
+        let out = dir.path().join("out");
+        for key in ["z_zero", "z_mean", "z_resample", "z_mean_last", "z_zero_loss", "attn_out_mean", "mlp_out_mean", "mlp_post_zero"] {
+            let t = Table::read(&out.join(format!("{key}.parquet")));
+            assert_close(&format!("{fixture} ablation {key}"), &unit_means(&t), &values(o.get(key)), 1e-4);
+            let baseline = t.rows(|t, i| t.str("label", i).as_deref() == Some("baseline") && t.int("prompt", i).is_none());
+            let expect = if key.ends_with("loss") { o.get("clean_loss") } else { o.get("clean_baseline") };
+            assert_close(&format!("{fixture} {key} baseline"), &[t.value(baseline[0])], &values(expect), 1e-4);
+        }
+        // Knock out two heads, then per-head direct logit attribution, per prompt.
+        let t = Table::read(&out.join("knockout.parquet"));
+        let dla = o.get("knockout_dla");
+        for p in 0..dla.size()[0] {
+            let ours: Vec<f64> = t.rows(|t, i| t.int("prompt", i) == Some(p) && t.str("label", i).is_some_and(|l| l.starts_with('L'))).into_iter().map(|i| t.value(i)).collect();
+            assert_close(&format!("{fixture} knock-out DLA prompt {p}"), &ours, &values(&dla.get(p)), 1e-4);
+        }
+    }
+}
+
+#[test]
+fn noise_corruption_matches_causal_tracing_with_transformer_lens() {
+    for fixture in FIXTURES {
+        let o = Oracle::read(fixture, "ablation.safetensors");
+        let noise: serde_json::Value = serde_json::from_str(&o.metadata["noise"]).unwrap();
+        let prompts: Vec<serde_json::Value> = serde_json::from_str(&o.metadata["prompts"]).unwrap();
+        let m = noise["prompts"].as_u64().unwrap() as usize;
+        let clean: Vec<String> = prompts[..m].iter().map(|p| p["clean"].to_string()).collect();
+        let answers: Vec<String> = prompts[..m].iter().map(|p| format!("[{}]", p["answers"][0])).collect();
+        let word = noise["word"][fixture].as_str().unwrap().trim();
+        let spec = format!(
+            "name = \"trace\"\n[model]\nid = \"{}\"\n[prompts]\nclean = [{}]\nanswers = [{}]\n\
+             [corruption]\nkind = \"noise\"\nwords = [\"{word}\"]\nnoise = {}\nsamples = {}\nseed = {}\n\
+             [metric]\nkind = \"prob\"\n\
+             [[run]]\nname = \"trace\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\", \"attn_out\", \"mlp_out\"]\nover = [\"layer\", \"pos\"]\n",
+            common::fixture(fixture).display(),
+            clean.join(", "),
+            answers.join(", "),
+            noise["noise"],
+            noise["samples"],
+            noise["seed"]
+        );
+        let dir = run_spec(&spec, &[]);
+        let out = dir.path().join("out");
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        assert_close(&format!("{fixture} noised clean prob"), &[manifest["metric"]["clean_baseline"].as_f64().unwrap()], &values(o.get("noise_clean_prob")), 1e-5);
+        assert_close(&format!("{fixture} noised corrupted prob"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &values(o.get("noise_corrupted_prob")), 1e-5);
+        let t = Table::read(&out.join("trace.parquet"));
+        for (suffix, key) in [("hook_resid_pre", "noise_resid_pre"), ("hook_attn_out", "noise_attn_out"), ("hook_mlp_out", "noise_mlp_out")] {
+            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(suffix)).map(|i| t.value(i)).collect();
+            assert_close(&format!("{fixture} causal tracing {key}"), &ours, &values(o.get(key)), 1e-5);
+        }
+    }
+}

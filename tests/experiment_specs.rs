@@ -1,0 +1,41 @@
+//! Every spec in experiments/ runs on the fixtures and on the real stories260K (models whose
+//! tokenizer is not GPT-2's read experiments/prompts/stories.jsonl through --prompts), writing
+//! one non-empty Parquet table of finite values per run and a manifest naming them all.
+mod common;
+
+use common::*;
+
+fn run_on(spec_file: &str, model: &str) {
+    let text = std::fs::read_to_string(repo_root().join("experiments").join(spec_file)).unwrap();
+    let gpt2 = model.starts_with("gpt2");
+    // The subject words of causal tracing have to be in the prompts.
+    let text = if gpt2 { text } else { text.replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, r#"words = ["Lily"]"#) };
+    let prompts = prompt_file(model).display().to_string();
+    let model_dir = fixture(model).display().to_string();
+    let mut args = vec!["--model-id", &model_dir];
+    if !gpt2 && text.contains("[prompts]") {
+        args.extend(["--prompts", &prompts]);
+    }
+    let dir = run_spec(&text, &args);
+    let out = dir.path().join("out");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let spec: toml::Value = toml::from_str(&text).unwrap();
+    let runs = spec["run"].as_array().unwrap();
+    assert_eq!(manifest["runs"].as_object().unwrap().len(), runs.len(), "{spec_file} on {model}: manifest runs");
+    for r in runs {
+        let name = r["name"].as_str().unwrap();
+        let t = Table::read(&out.join(format!("{name}.parquet")));
+        assert!(t.len() > 0, "{spec_file} on {model}: run {name} wrote no rows");
+        assert!((0..t.len()).all(|i| t.value(i).is_finite()), "{spec_file} on {model}: run {name} has non-finite values");
+        assert_eq!(t.str("kind", 0).as_deref(), r["kind"].as_str(), "{spec_file} on {model}: run {name} kind");
+    }
+}
+
+#[test]
+fn every_experiment_spec_runs_on_fixtures_and_stories260k() {
+    for spec in ["ioi.toml", "induction.toml", "causal_tracing.toml"] {
+        for model in ["gpt2-odd", "llama-tiny", "stories260K"] {
+            run_on(spec, model);
+        }
+    }
+}
