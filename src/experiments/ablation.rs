@@ -185,7 +185,7 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
     // The values put in place of each layer's activation, broadcastable to [n, seq, ...].
     let source_cache = match spec.method {
         AblationMethod::Resample => {
-            let c = inp.corrupted.ok_or_else(|| Error::Config("resample ablation needs a [corruption]".into()))?;
+            let c = inp.corrupted.ok_or_else(|| Error::Config("resample ablation takes its activations from corrupted prompts: give a [corruption] of kind swap_pairs, prompts or replace_tokens (noise corrupts embeddings, not prompts)".into()))?;
             let mut h = Hooks::capture((0..n_layers).map(point));
             let _ = model.run(Input::Tokens(c), inp.mask, &mut h, Stop::BeforeLayer(n_layers))?;
             Some(h.cache)
@@ -224,7 +224,7 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
                 let k = chunk.len() as i64;
                 let groups: Vec<Vec<Option<i64>>> = chunk.iter().map(|u| vec![u.index]).collect();
                 let mask = edit_mask(spec.site, &act_size, &groups, positions).to_device(model.device);
-                let source = if v.size()[0] == 1 { v.shallow_clone() } else { v.repeat(repeat_first(k, v.dim())) };
+                let source = if v.size()[0] == 1 { v.shallow_clone() } else { v.repeat(crate::experiments::activation_patching::repeat_dims(k, v.dim())) };
                 let mut hooks = Hooks::new().intervene(point(l), Intervention::new(Edit::Where { mask, source }));
                 let resid = clean_hooks.cache[&HookPoint::Block(l, Site::ResidPre)].repeat([k, 1, 1]);
                 let attn_mask = inp.mask.map(|m| m.repeat([k, 1]));
@@ -259,10 +259,4 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
     cells.push((units, measure_of(&out, n)?));
     progress(1);
     Ok(AblationOutcome { baseline, cells, dla: None, forwards: 1 })
-}
-
-fn repeat_first(k: i64, dim: usize) -> Vec<i64> {
-    let mut r = vec![1i64; dim];
-    r[0] = k;
-    r
 }

@@ -249,7 +249,8 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
     Ok(Sweep { target, cells: cells.to_vec(), per_prompt, skipped, forwards })
 }
 
-fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
+/// Repeat counts that stack `k` copies along the first axis of a `dim`-axis tensor.
+pub(crate) fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
     let mut r = vec![1i64; dim];
     r[0] = k;
     r

@@ -284,7 +284,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         run_notes.insert(run.name.clone(), note);
         summary.push_str(&top_rows(&run.name, &rows));
         let metric = match &prep {
-            Some(p) => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize,
+            Some(p) => serde_json::json!({"kind": spec.metric.kind, "noise_samples_per_prompt": spec.corruption.samples(), "normalize": spec.metric.normalize,
                        "clean_baseline": p.clean_baseline(), "corrupted_baseline": p.corrupted_baseline(),
                        "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt}),
             None => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize}),
