@@ -24,6 +24,9 @@ fn ablation_spec(fixture: &str, o: &Oracle, seq: i64) -> String {
         ("mlp_post_zero", "mlp_post", "method = \"zero\""),
         ("knockout", "z", "method = \"mean\"\nunits = [[1, 0], [1, 2]]\nmeasure = \"direct_logit_attribution\""),
     ];
+    // The mean over a dataset file holding the same prompts is the mean over the prompts.
+    let dataset = format!("method = \"mean\"\ndataset = \"{}\"", prompt_file(fixture).display());
+    let runs: Vec<(&str, &str, &str)> = runs.into_iter().chain(fixture.starts_with("gpt2").then_some(("z_mean_dataset", "z", dataset.as_str()))).collect();
     for (name, hook, opts) in runs {
         s.push_str(&format!("\n[[run]]\nname = \"{name}\"\nkind = \"ablation\"\nhooks = [\"{hook}\"]\n{opts}\n"));
     }
@@ -50,6 +53,10 @@ fn ablations_match_transformer_lens_hooks() {
             let baseline = t.rows(|t, i| t.str("label", i).as_deref() == Some("baseline") && t.int("prompt", i).is_none());
             let expect = if key.ends_with("loss") { o.get("clean_loss") } else { o.get("clean_baseline") };
             assert_close(&format!("{fixture} {key} baseline"), &[t.value(baseline[0])], &values(expect), 1e-4);
+        }
+        if fixture.starts_with("gpt2") {
+            let t = Table::read(&out.join("z_mean_dataset.parquet"));
+            assert_close(&format!("{fixture} mean ablation over a dataset file"), &unit_means(&t), &values(o.get("z_mean")), 1e-4);
         }
         // Knock out two heads, then per-head direct logit attribution, per prompt.
         let t = Table::read(&out.join("knockout.parquet"));

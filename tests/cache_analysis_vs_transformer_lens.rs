@@ -31,6 +31,12 @@ incl_mid = true
 top_k = 5
 
 [[run]]
+name = "lens_all"
+kind = "logit_lens"
+top_k = 2
+top_k_at = "all"
+
+[[run]]
 name = "dla_layer"
 kind = "direct_logit_attribution"
 over = ["layer"]
@@ -136,6 +142,16 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
                 assert_close(&format!("{fixture} lens top-5 probabilities {label} prompt {p}"), &probs, &values(&o.get("lens_topk_probs").get(p).get(c as i64)), 1e-5);
                 assert_eq!(ids, their_ids, "{fixture} lens top-5 tokens {label} prompt {p}");
             }
+        }
+        // Top-k at every position: the last position's rows are the top-k above.
+        let all = Table::read(&out.join("lens_all.parquet"));
+        let seq = lens.int("pos", lens.mean_rows()[0]).unwrap() + 1;
+        let top_rows = all.rows(|t, i| t.int("rank", i).is_some());
+        assert_eq!(top_rows.len() as i64, n * (lens_labels.len() as i64 - lens_labels.iter().filter(|l| l.ends_with("_mid")).count() as i64) * seq * 2, "{fixture}: top-2 rows at every position");
+        for &i in top_rows.iter().filter(|&&i| all.int("pos", i) == Some(seq - 1)) {
+            let (p, label, rank) = (all.int("prompt", i).unwrap(), all.str("label", i).unwrap(), all.int("rank", i).unwrap());
+            let c = lens_labels.iter().position(|l| *l == label).unwrap() as i64;
+            assert_eq!(all.int("token_id", i).unwrap(), o.get("lens_topk_ids").int64_value(&[p, c, rank]), "{fixture} top_k_at = all, {label} prompt {p}");
         }
         // DLA per layer, head and neuron, per prompt.
         for (run, key) in [("dla_layer", "dla_layer"), ("dla_head", "dla_head"), ("dla_neuron", "dla_neuron")] {
