@@ -161,7 +161,16 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
             _ => 1,
         };
         if u.layer >= n_layers || u.index.is_some_and(|i| i >= max) {
-            return Err(Error::Config(format!("unit {u:?} is out of range: the model has {n_layers} layers{}", if max > 1 { format!(" and {max} per layer") } else { String::new() })));
+            let unit = match u.index {
+                Some(i) => format!("[{}, {i}]", u.layer),
+                None => format!("[{}]", u.layer),
+            };
+            let per_layer = match spec.site {
+                Site::Z => format!(" of {max} heads"),
+                Site::MlpPost => format!(" of {max} neurons"),
+                _ => String::new(),
+            };
+            return Err(Error::Config(format!("unit {unit} is out of range: the model has {n_layers} layers{per_layer}")));
         }
     }
     if let Some(ps) = &spec.positions {

@@ -160,26 +160,36 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate:
         let mut order: Vec<usize> = (0..a.cells.len()).collect();
         order.sort_by(|&i, &j| a.mean[j].abs().total_cmp(&a.mean[i].abs()));
         let top: Vec<usize> = order.into_iter().take(verify_top).collect();
-        let mut patched: Vec<Option<f64>> = vec![None; a.cells.len()];
+        // The real change per cell: the mean, and per prompt (each against its own baseline).
+        let mut patched: Vec<Option<(f64, Vec<f64>)>> = vec![None; a.cells.len()];
         let mut verify_note = serde_json::Value::Null;
         if !top.is_empty() {
             let cells: Vec<Cell> = top.iter().map(|&i| a.cells[i]).collect();
             let pb = cx.bar(cells.len(), format!("{}: verify {} top cells", run.name, a.target.site.name()));
             let s = sweep_cells(model, prep, a.target, &cells, |k| pb.inc(k as u64))?;
             pb.finish_and_clear();
+            let corr_pp = per_prompt(&prep.corrupted_per_prompt, n);
             for (j, &i) in top.iter().enumerate() {
-                patched[i] = Some((s.mean(j) - corr_b) * scale);
+                let pp = per_prompt(&s.per_prompt[j], n).iter().zip(&corr_pp).map(|(v, c)| (v - c) * scale).collect();
+                patched[i] = Some(((s.mean(j) - corr_b) * scale, pp));
             }
             let est: Vec<f64> = top.iter().map(|&i| a.mean[i] * scale).collect();
-            let real: Vec<f64> = top.iter().map(|&i| patched[i].expect("set")).collect();
+            let real: Vec<f64> = top.iter().map(|&i| patched[i].as_ref().expect("set").0).collect();
             let (pearson, spearman) = correlations(&est, &real);
             verify_note = serde_json::json!({"cells": top.len(), "batched_forwards": s.forwards, "pearson": pearson, "spearman": spearman});
         }
         notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
         for (i, c) in a.cells.iter().enumerate() {
             let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
-            let base = Row { patched: patched[i], ..cell_row(&run.name, "attribution_patching", a.target.site, c) };
-            with_prompts(cx, base, &values, a.mean[i] * scale, c.pos.or(c.dest), &mut rows);
+            let base = cell_row(&run.name, "attribution_patching", a.target.site, c);
+            let token_pos = c.pos.or(c.dest);
+            if cx.spec.metric.per_prompt {
+                for (p, v) in values.iter().enumerate() {
+                    let real = patched[i].as_ref().map(|(_, pp)| pp[p]);
+                    rows.push(Row { prompt: Some(p as i32), value: *v, patched: real, token: cx.token(p, token_pos), ..base.clone() });
+                }
+            }
+            rows.push(Row { value: a.mean[i] * scale, patched: patched[i].as_ref().map(|(m, _)| *m), token: cx.token(0, token_pos), ..base });
         }
     }
     let passes = 1 + if options.grad_drop { model.cfg.n_layers } else { 0 };
