@@ -90,15 +90,22 @@ fn noise_corruption_matches_causal_tracing_with_transformer_lens() {
             noise["samples"],
             noise["seed"]
         );
-        let dir = run_spec(&spec, &[]);
-        let out = dir.path().join("out");
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-        assert_close(&format!("{fixture} noised clean prob"), &[manifest["metric"]["clean_baseline"].as_f64().unwrap()], &values(o.get("noise_clean_prob")), 1e-5);
-        assert_close(&format!("{fixture} noised corrupted prob"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &values(o.get("noise_corrupted_prob")), 1e-5);
-        let t = Table::read(&out.join("trace.parquet"));
-        for (suffix, key) in [("hook_resid_pre", "noise_resid_pre"), ("hook_attn_out", "noise_attn_out"), ("hook_mlp_out", "noise_mlp_out")] {
-            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(suffix)).map(|i| t.value(i)).collect();
-            assert_close(&format!("{fixture} causal tracing {key}"), &ours, &values(o.get(key)), 1e-5);
+        // The noised positions given by index instead of by word give the same tracing.
+        let mask = o.get("noise_mask");
+        let positions: Vec<i64> = (0..mask.size()[1]).filter(|&j| mask.int64_value(&[0, j]) == 1).collect();
+        assert!((0..mask.size()[0]).all(|p| (0..mask.size()[1]).all(|j| (mask.int64_value(&[p, j]) == 1) == positions.contains(&j))));
+        let by_index = spec.replace(&format!("words = [\"{word}\"]"), &format!("positions = {positions:?}"));
+        for spec in [spec, by_index] {
+            let dir = run_spec(&spec, &[]);
+            let out = dir.path().join("out");
+            let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+            assert_close(&format!("{fixture} noised clean prob"), &[manifest["metric"]["clean_baseline"].as_f64().unwrap()], &values(o.get("noise_clean_prob")), 1e-5);
+            assert_close(&format!("{fixture} noised corrupted prob"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &values(o.get("noise_corrupted_prob")), 1e-5);
+            let t = Table::read(&out.join("trace.parquet"));
+            for (suffix, key) in [("hook_resid_pre", "noise_resid_pre"), ("hook_attn_out", "noise_attn_out"), ("hook_mlp_out", "noise_mlp_out")] {
+                let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(suffix)).map(|i| t.value(i)).collect();
+                assert_close(&format!("{fixture} causal tracing {key}"), &ours, &values(o.get(key)), 1e-5);
+            }
         }
     }
 }

@@ -170,6 +170,8 @@ pub fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
     assert_eq!(ours.len(), theirs.len(), "{what}: {} values vs TransformerLens {}", ours.len(), theirs.len());
     let worst = ours.iter().zip(theirs).enumerate().map(|(i, (a, b))| (i, (a - b).abs())).max_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((i, d)) = worst {
+        // Shown with --nocapture: the measured agreement, not only that it is within tolerance.
+        eprintln!("max |diff| {d:.2e}  {what}");
         assert!(d <= tol, "{what}: value {i} is {} vs TransformerLens {} (|diff| {d:.3e} > {tol:.0e})", ours[i], theirs[i]);
     }
 }
