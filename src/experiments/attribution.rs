@@ -151,22 +151,56 @@ fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&
     Ok(out)
 }
 
-/// Estimates for every target at `layers`: one forward and backward on the corrupted run (plus
-/// one per layer with grad_drop).
-pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
+/// The activations (and gradients) attribution of `targets` at `layers` reads.
+pub fn points_for(model: &Model, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Vec<HookPoint> {
     let (q_site, k_site) = score_sites(model);
-    let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);
     let mut points: Vec<HookPoint> = Vec::new();
     for &l in layers {
         for t in targets {
             points.push(HookPoint::Block(l, t.site));
-            if needs_qk(t) {
+            if opts.qk_fix && matches!(t.site, Site::Q | Site::K) {
                 points.extend([Site::Pattern, Site::AttnScores, q_site, k_site].map(|s| HookPoint::Block(l, s)));
             }
         }
     }
     points.sort_by_key(|p| p.to_string());
     points.dedup();
+    points
+}
+
+/// One forward and backward pass on the corrupted run: activations and gradients of Σ metric at
+/// some points. Attribution runs of a spec share one (made for the union of their points).
+pub struct Pass {
+    pub acts: HashMap<HookPoint, Tensor>,
+    pub grads: HashMap<HookPoint, Tensor>,
+}
+
+impl Pass {
+    pub fn new(model: &Model, prep: &Prepared, points: &[HookPoint]) -> Result<Pass> {
+        let (acts, grads) = forward_backward(model, prep, points, None)?;
+        Ok(Pass { acts, grads })
+    }
+
+    fn covers(&self, points: &[HookPoint]) -> bool {
+        points.iter().all(|p| self.acts.contains_key(p))
+    }
+}
+
+/// Estimates for every target at `layers`: one forward and backward on the corrupted run (plus
+/// one per layer with grad_drop).
+pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
+    let pass = Pass::new(model, prep, &points_for(model, targets, layers, opts))?;
+    attribute_with(model, prep, &pass, targets, layers, opts)
+}
+
+/// `attribute` from an existing pass that covers this run's points.
+pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
+    let (q_site, k_site) = score_sites(model);
+    let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);
+    let points = points_for(model, targets, layers, opts);
+    if !pass.covers(&points) {
+        return Err(Error::Other("the attribution pass does not cover this run's hook points".into()));
+    }
     let estimate = |acts: &HashMap<HookPoint, Tensor>, grads: &HashMap<HookPoint, Tensor>, t: Target, l: usize| -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         if needs_qk(&t) {
@@ -176,10 +210,10 @@ pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[u
         let clean = prep.clean.get(&at(t.site)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(t.site))))?;
         Ok(linear_estimate(t, &((clean - &acts[&at(t.site)]) * &grads[&at(t.site)])))
     };
-    let (acts, grads) = forward_backward(model, prep, &points, None)?;
+    let (acts, grads) = (&pass.acts, &pass.grads);
     let mut per_target: Vec<Vec<Tensor>> = Vec::new();
     for t in targets {
-        per_target.push(layers.iter().map(|&l| estimate(&acts, &grads, *t, l)).collect::<Result<_>>()?);
+        per_target.push(layers.iter().map(|&l| estimate(acts, grads, *t, l)).collect::<Result<_>>()?);
     }
     // The prompt-set estimate of each layer's cells, [cells].
     let mut means: Vec<Vec<Tensor>> = per_target.iter().map(|v| v.iter().map(|x| x.mean_dim(0, false, Kind::Float)).collect()).collect();
@@ -193,7 +227,7 @@ pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[u
             let (_, g) = forward_backward(model, prep, &points, Some(cut))?;
             for (ti, t) in targets.iter().enumerate() {
                 for (li, &l) in layers.iter().enumerate() {
-                    let e = estimate(&acts, &g, *t, l)?;
+                    let e = estimate(acts, &g, *t, l)?;
                     spread_mean[ti][li] = &spread_mean[ti][li] + (e.mean_dim(0, false, Kind::Float) - &means[ti][li]).abs();
                     spread[ti][li] = &spread[ti][li] + (e - &per_target[ti][li]).abs();
                 }

@@ -5,7 +5,9 @@
 use tch::{Kind, Tensor};
 
 use crate::engine::metric::{Metric, MetricKind};
-use crate::error::Result;
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
 use crate::model::config::NormKind;
 use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::{Hooks, Input, Model, Stop};
@@ -60,12 +62,10 @@ pub enum LensPositions {
     All,
 }
 
-/// The logit lens: every accumulated residual ("{l}_pre", "{l}_mid" with `incl_mid`,
-/// "final_post") through ln_final with its own statistics, projected on the answer direction at
-/// the last position; and with `top_k` > 0 the most probable next tokens at `positions`.
-pub fn logit_lens(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
+/// The logit lens's components: (label, hook point, layer), in TransformerLens's order.
+pub fn lens_components(model: &Model, incl_mid: bool) -> Vec<(String, HookPoint, usize)> {
     let n_layers = model.cfg.n_layers;
-    let mut labelled: Vec<(String, HookPoint, usize)> = Vec::new();
+    let mut labelled = Vec::new();
     for l in 0..n_layers {
         labelled.push((format!("{l}_pre"), HookPoint::Block(l, Site::ResidPre), l));
         if incl_mid && !model.cfg.parallel_block {
@@ -73,14 +73,27 @@ pub fn logit_lens(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric:
         }
     }
     labelled.push(("final_post".into(), HookPoint::Block(n_layers - 1, Site::ResidPost), n_layers));
-    let mut hooks = Hooks::capture(labelled.iter().map(|(_, p, _)| *p));
+    labelled
+}
+
+/// The logit lens: every accumulated residual ("{l}_pre", "{l}_mid" with `incl_mid`,
+/// "final_post") through ln_final with its own statistics, projected on the answer direction at
+/// the last position; and with `top_k` > 0 the most probable next tokens at `positions`.
+pub fn logit_lens(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
+    let mut hooks = Hooks::capture(lens_components(model, incl_mid).into_iter().map(|(_, p, _)| p));
     let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
+    logit_lens_from(model, &hooks.cache, metric, incl_mid, top_k, positions)
+}
+
+/// The logit lens from a run's cache (holding at least `lens_components`).
+pub fn logit_lens_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
+    let labelled = lens_components(model, incl_mid);
     let dir = answer_directions(model, metric);
-    let seq = tokens.size()[1];
     let mut components = Vec::new();
     let mut top = Vec::new();
     for (ci, (label, point, layer)) in labelled.iter().enumerate() {
-        let resid = hooks.cache.get(point).expect("captured");
+        let resid = cache.get(point).ok_or_else(|| Error::Other(format!("{point} was not cached")))?;
+        let seq = resid.size()[1];
         let normed = model.final_norm(resid)?; // [n, seq, d]
         components.push(Component {
             label: label.clone(),
@@ -119,23 +132,36 @@ pub enum DlaOver {
     Neuron,
 }
 
-/// Direct logit attribution of the run `hooks` describes (interventions in it, e.g. ablations,
-/// apply), at the last position. Each component is normalised as apply_ln_to_stack: centred for
-/// LayerNorm models, divided by the run's ln_final scale of that prompt.
-pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, over: DlaOver, mut hooks: Hooks) -> Result<Vec<Component>> {
-    let n_layers = model.cfg.n_layers;
-    let scale_point = HookPoint::LnFinal(NormHook::Scale);
+/// The activations direct logit attribution over `over` reads.
+pub fn dla_points(model: &Model, over: DlaOver) -> Vec<HookPoint> {
     let per_layer: Vec<Site> = match over {
         DlaOver::Layer => vec![Site::AttnOut, Site::MlpOut],
         DlaOver::Head => vec![Site::Z],
         DlaOver::Neuron => vec![Site::MlpPost],
     };
-    let mut points = vec![scale_point, HookPoint::Embed, HookPoint::PosEmbed];
-    points.extend((0..n_layers).flat_map(|l| per_layer.iter().map(move |s| HookPoint::Block(l, *s))));
-    hooks.add_captures(points);
+    let mut points = vec![HookPoint::LnFinal(NormHook::Scale), HookPoint::Embed, HookPoint::PosEmbed];
+    points.extend((0..model.cfg.n_layers).flat_map(|l| per_layer.iter().map(move |s| HookPoint::Block(l, *s))));
+    points
+}
+
+/// Direct logit attribution of the run `hooks` describes (interventions in it, e.g. ablations,
+/// apply), at the last position.
+pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, over: DlaOver, mut hooks: Hooks) -> Result<Vec<Component>> {
+    hooks.add_captures(dla_points(model, over));
     let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
-    let last = |p: HookPoint| hooks.cache.get(&p).map(|t| t.select(1, -1));
-    let scale = last(scale_point).expect("captured"); // [n, 1]
+    dla_from(model, &hooks.cache, metric, over)
+}
+
+/// Direct logit attribution from a run's cache (holding at least `dla_points`). Each component
+/// is normalised as apply_ln_to_stack: centred for LayerNorm models, divided by the run's
+/// ln_final scale of that prompt.
+pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, over: DlaOver) -> Result<Vec<Component>> {
+    let n_layers = model.cfg.n_layers;
+    let scale_point = HookPoint::LnFinal(NormHook::Scale);
+    let last = |p: HookPoint| cache.get(&p).map(|t| t.select(1, -1));
+    let missing = |p: HookPoint| Error::Other(format!("{p} was not cached"));
+    let scale = last(scale_point).ok_or_else(|| missing(scale_point))?; // [n, 1]
+    let n = scale.size()[0] as usize;
     let dir = answer_directions(model, metric);
     // (x - mean x)·d = x·(d - mean d): centre the direction once instead of every component.
     let dir = if model.cfg.norm.kind == NormKind::LayerNorm { &dir - dir.mean_dim(-1, true, None) } else { dir };
@@ -146,20 +172,20 @@ pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Te
     };
     match over {
         DlaOver::Layer => {
-            push("embed".into(), HookPoint::Embed, None, None, None, rows_dot(&last(HookPoint::Embed).expect("captured"), &dir)?);
+            push("embed".into(), HookPoint::Embed, None, None, None, rows_dot(&last(HookPoint::Embed).ok_or_else(|| missing(HookPoint::Embed))?, &dir)?);
             if let Some(pe) = last(HookPoint::PosEmbed) {
                 push("pos_embed".into(), HookPoint::PosEmbed, None, None, None, rows_dot(&pe, &dir)?);
             }
             for l in 0..n_layers {
                 for (site, name) in [(Site::AttnOut, "attn_out"), (Site::MlpOut, "mlp_out")] {
                     let p = HookPoint::Block(l, site);
-                    push(format!("{l}_{name}"), p, Some(l), None, None, rows_dot(&last(p).expect("captured"), &dir)?);
+                    push(format!("{l}_{name}"), p, Some(l), None, None, rows_dot(&last(p).ok_or_else(|| missing(p))?, &dir)?);
                 }
             }
         }
         DlaOver::Head => {
             for l in 0..n_layers {
-                let z = last(HookPoint::Block(l, Site::Z)).expect("captured"); // [n, h, e]
+                let z = last(HookPoint::Block(l, Site::Z)).ok_or_else(|| missing(HookPoint::Block(l, Site::Z)))?; // [n, h, e]
                 // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
                 let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o, &dir], None::<&[i64]>);
                 let per_head = (z * through).sum_dim_intlist(-1, false, None).to_kind(Kind::Double); // [n, h]
@@ -170,11 +196,10 @@ pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Te
         }
         DlaOver::Neuron => {
             for l in 0..n_layers {
-                let post = last(HookPoint::Block(l, Site::MlpPost)).expect("captured"); // [n, m]
+                let post = last(HookPoint::Block(l, Site::MlpPost)).ok_or_else(|| missing(HookPoint::Block(l, Site::MlpPost)))?; // [n, m]
                 let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr()); // [n, m]
                 // Transposed to [m, n] so each neuron's prompts are contiguous.
                 let per_neuron: Vec<f64> = Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
-                let n = tokens.size()[0] as usize;
                 for (k, v) in per_neuron.chunks(n).enumerate() {
                     push(format!("L{l}N{k}"), HookPoint::Block(l, Site::MlpPost), Some(l), None, Some(k as i64), v.to_vec());
                 }

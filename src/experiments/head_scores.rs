@@ -116,14 +116,26 @@ pub fn similarity(attn: &Tensor, det: &Tensor, o: DetectOptions) -> Result<Vec<f
 /// Runs the batch once and scores every head against each detection, per prompt (its own
 /// tokens, padding cut off) and averaged over prompts: [layer][head] per detection.
 pub fn detect(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<Vec<Vec<f64>>>> {
-    let (n, seq) = (tokens.size()[0], tokens.size()[1]);
+    let seq = tokens.size()[1];
     if seq < 2 || seq >= model.cfg.n_ctx as i64 {
         return Err(Error::Config(format!("head scores need prompts of 2 to {} tokens, got {seq}", model.cfg.n_ctx - 1)));
     }
     let n_layers = model.cfg.n_layers;
-    let mut hooks = Hooks::capture((0..n_layers).map(|l| HookPoint::Block(l, Site::Pattern)));
+    let mut hooks = Hooks::capture(pattern_points(model));
     // Only attention patterns are read: stop before ln_final and the unembedding.
     let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::BeforeLayer(n_layers))?;
+    detect_from(model, &hooks.cache, tokens, mask, detections, o)
+}
+
+/// Every layer's attention pattern, what head scoring reads.
+pub fn pattern_points(model: &Model) -> Vec<HookPoint> {
+    (0..model.cfg.n_layers).map(|l| HookPoint::Block(l, Site::Pattern)).collect()
+}
+
+/// Head scores from a run's cache of `pattern_points` for `tokens`.
+pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, Tensor>, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<Vec<Vec<f64>>>> {
+    let (n, seq) = (tokens.size()[0], tokens.size()[1]);
+    let n_layers = model.cfg.n_layers;
     let lengths: Vec<i64> = match mask {
         Some(m) => Vec::try_from(m.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu))?,
         None => vec![seq; n as usize],
@@ -136,7 +148,8 @@ pub fn detect(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, detections:
         let toks: Vec<i64> = Vec::try_from(tokens.get(p).narrow(0, start, len).to_device(Device::Cpu))?;
         let dets: Vec<Tensor> = detections.iter().map(|d| detection_matrix(d, &toks)).collect::<Result<_>>()?;
         for l in 0..n_layers {
-            let attn = hooks.cache[&HookPoint::Block(l, Site::Pattern)].get(p).narrow(1, start, len).narrow(2, start, len);
+            let point = HookPoint::Block(l, Site::Pattern);
+            let attn = cache.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached")))?.get(p).narrow(1, start, len).narrow(2, start, len);
             for (di, det) in dets.iter().enumerate() {
                 for (h, s) in similarity(&attn, det, o)?.into_iter().enumerate() {
                     out[di][l][h] += s / n as f64;

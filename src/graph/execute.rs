@@ -267,7 +267,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         None => vec![],
     };
     let manifest_path = spec.output_dir.join("manifest.json");
-    let cx = kinds::RunContext { spec, model, toks: toks.as_ref(), prep: prep.as_ref(), show_progress };
+    let cx = kinds::RunContext::new(spec, model, toks.as_ref(), prep.as_ref(), show_progress);
     for run in &spec.runs {
         let t_run = Instant::now();
         let (rows, mut note) = kinds::run(&cx, run, &mut timings).map_err(|e| match e {

@@ -3,13 +3,17 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use std::cell::OnceCell;
+use std::collections::HashMap;
+
 use indicatif::{ProgressBar, ProgressStyle};
+use tch::Tensor;
 
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
 use crate::experiments::ablation::{run_ablation, AblationInputs, AblationOutcome, AblationSpec, Measure, Unit};
 use crate::experiments::activation_patching::{cells_at, sweep_cells, sweep_layers, Cell, Target};
-use crate::experiments::attribution::{attribute, correlations, AtpOptions};
+use crate::experiments::attribution::{attribute_with, correlations, points_for, AtpOptions, Pass};
 use crate::experiments::cache_analysis::{self, Component, DlaOver, LensPositions};
 use crate::experiments::head_scores::{self, DetectOptions, Detection};
 use crate::experiments::prepared::Prepared;
@@ -28,9 +32,54 @@ pub struct RunContext<'a> {
     pub toks: Option<&'a Tokenized>,
     pub prep: Option<&'a Prepared>,
     pub show_progress: bool,
+    /// The corrupted forward+backward every attribution run reads, made on first use for the
+    /// union of their hook points.
+    atp_pass: OnceCell<Pass>,
+    /// The clean run's cache every logit-lens, DLA and head-score run reads, likewise.
+    analysis_cache: OnceCell<HashMap<HookPoint, Tensor>>,
 }
 
-impl RunContext<'_> {
+impl<'a> RunContext<'a> {
+    pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, prep: Option<&'a Prepared>, show_progress: bool) -> Self {
+        RunContext { spec, model, toks, prep, show_progress, atp_pass: OnceCell::new(), analysis_cache: OnceCell::new() }
+    }
+
+    fn atp_pass(&self) -> Result<&Pass> {
+        if self.atp_pass.get().is_none() {
+            let mut points: Vec<HookPoint> = Vec::new();
+            for r in &self.spec.runs {
+                if let RunKind::AttributionPatching { targets, options, .. } = &r.kind {
+                    let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
+                    points.extend(points_for(self.model, &t, &layers_of(self, r), *options));
+                }
+            }
+            points.sort_by_key(|p| p.to_string());
+            points.dedup();
+            let _ = self.atp_pass.set(Pass::new(self.model, self.prep()?, &points)?);
+        }
+        Ok(self.atp_pass.get().expect("set above"))
+    }
+
+    fn analysis_cache(&self) -> Result<&HashMap<HookPoint, Tensor>> {
+        if self.analysis_cache.get().is_none() {
+            let model = self.model;
+            let mut points: Vec<HookPoint> = Vec::new();
+            for r in &self.spec.runs {
+                match &r.kind {
+                    RunKind::LogitLens { incl_mid, .. } => points.extend(cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p)),
+                    RunKind::DirectLogitAttribution { over } => points.extend(cache_analysis::dla_points(model, *over)),
+                    RunKind::HeadScores { source: HeadSource::Prompts, .. } => points.extend(head_scores::pattern_points(model)),
+                    _ => {}
+                }
+            }
+            let toks = self.toks()?;
+            let mut hooks = crate::Hooks::capture(points);
+            let _ = model.run(crate::Input::Tokens(&toks.clean), toks.mask.as_ref(), &mut hooks, crate::Stop::FinalNorm)?;
+            let _ = self.analysis_cache.set(hooks.cache);
+        }
+        Ok(self.analysis_cache.get().expect("set above"))
+    }
+
     fn toks(&self) -> Result<&Tokenized> {
         self.toks.ok_or_else(|| Error::Other("this run needs prompts".into()))
     }
@@ -151,7 +200,7 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate:
     let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = layers_of(cx, run);
     let t = Instant::now();
-    let atts = attribute(model, prep, &targets, &layers, options)?;
+    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options)?;
     let atp_secs = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -220,7 +269,7 @@ fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Component], p
 fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<(Vec<Row>, serde_json::Value)> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
-    let (comps, top) = cache_analysis::logit_lens(cx.model, &toks.clean, toks.mask.as_ref(), &metric, incl_mid, top_k, at)?;
+    let (comps, top) = cache_analysis::logit_lens_from(cx.model, cx.analysis_cache()?, &metric, incl_mid, top_k, at)?;
     let last = toks.clean.size()[1] - 1;
     let mut rows = Vec::new();
     component_rows(cx, &run.name, "logit_lens", &comps, last, &mut rows);
@@ -250,7 +299,7 @@ fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: 
 fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<(Vec<Row>, serde_json::Value)> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
-    let comps = cache_analysis::direct_logit_attribution(cx.model, &toks.clean, toks.mask.as_ref(), &metric, over, crate::Hooks::new())?;
+    let comps = cache_analysis::dla_from(cx.model, cx.analysis_cache()?, &metric, over)?;
     let mut rows = Vec::new();
     component_rows(cx, &run.name, "direct_logit_attribution", &comps, toks.clean.size()[1] - 1, &mut rows);
     let total: f64 = comps.iter().map(Component::mean).sum();
@@ -282,7 +331,7 @@ fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detect
         HeadSource::Prompts => {
             let toks = cx.toks()?;
             let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
-            let scores = head_scores::detect(model, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+            let scores = head_scores::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
             for ((name, _), s) in detections.iter().zip(&scores) {
                 push(name, "prompts", s);
             }
