@@ -3,12 +3,7 @@
 # Spearman correlation over all cells between tl-run's AtP (plain, AtP* qk fix, GradDrop) and its
 # activation patching (equal to patching.py, tests/), on the IOI prompts of the GPT-2 fixtures
 # and the stories prompts of the real stories260K. Prints one table per model.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup.sh
-bash scripts/fixtures.sh
-cargo build --release --quiet
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 spec="$(mktemp -d)/atp.toml"
 {
   printf 'name = "atp-vs-patching"\n[model]\nid = "gpt2"\n[prompts]\nfile = "%s"\n' "$root/experiments/prompts/ioi.jsonl"

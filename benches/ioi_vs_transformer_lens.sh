@@ -1,16 +1,8 @@
 #!/usr/bin/env bash
 # experiments/ioi.toml on the GPT-2-small-shaped fixture: tl-run against TransformerLens's
 # patching.py, same machine, same run. Prints both times and the ratio.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup.sh
-bash scripts/fixtures.sh
-model="$HOME/.cache/tl-run/bench-fixtures/gpt2-small-shaped"
-if [ ! -f "$model/model.safetensors" ]; then
-  .venv/bin/python tests/oracle/make_fixtures.py "$(dirname "$model")" .gpt2-bpe ../shared/models/stories260K --bench 2>/dev/null
-fi
-cargo build --release --quiet
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+model="$(bench_model)"
 out="$(mktemp -d)"
 tl_run_s=$(python3 -c "
 import subprocess, time

@@ -2,16 +2,8 @@
 # benches/kinds.toml (attribution, logit lens + DLA, head scores, a mean-ablation sweep of every
 # head) on the GPT-2-small-shaped fixture: tl-run against TransformerLens doing the same work as
 # its demos do (benches/tl_kinds.py), same machine, same run. Prints seconds and ratios per kind.
-set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$root"
-bash scripts/setup.sh
-bash scripts/fixtures.sh
-model="$HOME/.cache/tl-run/bench-fixtures/gpt2-small-shaped"
-if [ ! -f "$model/model.safetensors" ]; then
-  .venv/bin/python tests/oracle/make_fixtures.py "$(dirname "$model")" .gpt2-bpe ../shared/models/stories260K --bench 2>/dev/null
-fi
-cargo build --release --quiet
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+model="$(bench_model)"
 out="$(mktemp -d)"
 target/release/tl-run benches/kinds.toml --model-id "$model" --out "$out" --quiet > /dev/null
 tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore .venv/bin/python benches/tl_kinds.py "$model" 2>/dev/null | tail -1)
