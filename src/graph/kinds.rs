@@ -1,10 +1,8 @@
 //! Each run kind: compute with the experiments/ module of that kind, then lay the result out as
 //! tidy rows and a manifest note.
-use std::collections::BTreeMap;
-use std::time::Instant;
-
 use std::cell::OnceCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::Tensor;
