@@ -84,8 +84,7 @@ pub struct Sweep {
 
 impl Sweep {
     pub fn mean(&self, cell: usize) -> f64 {
-        let v = &self.per_prompt[cell];
-        v.iter().sum::<f64>() / v.len() as f64
+        crate::experiments::mean(&self.per_prompt[cell])
     }
 }
 

@@ -186,14 +186,8 @@ impl Pass {
     }
 }
 
-/// Estimates for every target at `layers`: one forward and backward on the corrupted run (plus
-/// one per layer with grad_drop).
-pub fn attribute(model: &Model, prep: &Prepared, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
-    let pass = Pass::new(model, prep, &points_for(model, targets, layers, opts))?;
-    attribute_with(model, prep, &pass, targets, layers, opts)
-}
-
-/// `attribute` from an existing pass that covers this run's points.
+/// Estimates for every target at `layers` from a corrupted forward+backward `pass` covering
+/// `points_for` them (plus one pass per layer with grad_drop).
 pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
     let (q_site, k_site) = score_sites(model);
     let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);

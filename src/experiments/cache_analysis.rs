@@ -25,7 +25,7 @@ pub struct Component {
 
 impl Component {
     pub fn mean(&self) -> f64 {
-        self.per_prompt.iter().sum::<f64>() / self.per_prompt.len().max(1) as f64
+        crate::experiments::mean(&self.per_prompt)
     }
 }
 
@@ -76,16 +76,10 @@ pub fn lens_components(model: &Model, incl_mid: bool) -> Vec<(String, HookPoint,
     labelled
 }
 
-/// The logit lens: every accumulated residual ("{l}_pre", "{l}_mid" with `incl_mid`,
-/// "final_post") through ln_final with its own statistics, projected on the answer direction at
-/// the last position; and with `top_k` > 0 the most probable next tokens at `positions`.
-pub fn logit_lens(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
-    let mut hooks = Hooks::capture(lens_components(model, incl_mid).into_iter().map(|(_, p, _)| p));
-    let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
-    logit_lens_from(model, &hooks.cache, metric, incl_mid, top_k, positions)
-}
-
-/// The logit lens from a run's cache (holding at least `lens_components`).
+/// The logit lens from a run's cache (holding at least `lens_components`): every accumulated
+/// residual ("{l}_pre", "{l}_mid" with `incl_mid`, "final_post") through ln_final with its own
+/// statistics, projected on the answer direction at the last position; and with `top_k` > 0 the
+/// most probable next tokens at `positions`.
 pub fn logit_lens_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
     let labelled = lens_components(model, incl_mid);
     let dir = answer_directions(model, metric);

@@ -113,28 +113,19 @@ pub fn similarity(attn: &Tensor, det: &Tensor, o: DetectOptions) -> Result<Vec<f
     Ok(Vec::try_from(scores.to_kind(Kind::Double))?)
 }
 
-/// Runs the batch once and scores every head against each detection, per prompt (its own
-/// tokens, padding cut off) and averaged over prompts: [layer][head] per detection.
-pub fn detect(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<Vec<Vec<f64>>>> {
-    let seq = tokens.size()[1];
-    if seq < 2 || seq >= model.cfg.n_ctx as i64 {
-        return Err(Error::Config(format!("head scores need prompts of 2 to {} tokens, got {seq}", model.cfg.n_ctx - 1)));
-    }
-    let n_layers = model.cfg.n_layers;
-    let mut hooks = Hooks::capture(pattern_points(model));
-    // Only attention patterns are read: stop before ln_final and the unembedding.
-    let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::BeforeLayer(n_layers))?;
-    detect_from(model, &hooks.cache, tokens, mask, detections, o)
-}
-
 /// Every layer's attention pattern, what head scoring reads.
 pub fn pattern_points(model: &Model) -> Vec<HookPoint> {
     (0..model.cfg.n_layers).map(|l| HookPoint::Block(l, Site::Pattern)).collect()
 }
 
-/// Head scores from a run's cache of `pattern_points` for `tokens`.
+/// Scores every head against each detection from a run's cache of `pattern_points` for
+/// `tokens`, per prompt (its own tokens, padding cut off) and averaged over prompts:
+/// [layer][head] per detection.
 pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, Tensor>, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<Vec<Vec<f64>>>> {
     let (n, seq) = (tokens.size()[0], tokens.size()[1]);
+    if seq < 2 || seq >= model.cfg.n_ctx as i64 {
+        return Err(Error::Config(format!("head scores need prompts of 2 to {} tokens, got {seq}", model.cfg.n_ctx - 1)));
+    }
     let n_layers = model.cfg.n_layers;
     let lengths: Vec<i64> = match mask {
         Some(m) => Vec::try_from(m.sum_dim_intlist(1, false, Kind::Int64).to_device(Device::Cpu))?,
@@ -174,7 +165,8 @@ pub fn repeated_random_tokens(seed: u64, batch: i64, seq_len: i64, lo: i64, hi: 
 pub fn repeated_stripes(model: &Model, tokens: &Tensor) -> Result<Vec<(&'static str, Vec<Vec<f64>>)>> {
     let seq_len = tokens.size()[1] / 2;
     let n_layers = model.cfg.n_layers;
-    let mut hooks = Hooks::capture((0..n_layers).map(|l| HookPoint::Block(l, Site::Pattern)));
+    let mut hooks = Hooks::capture(pattern_points(model));
+    // Only attention patterns are read: stop before ln_final and the unembedding.
     let _ = model.run(Input::Tokens(tokens), None, &mut hooks, Stop::BeforeLayer(n_layers))?;
     let mut out = Vec::new();
     for (name, offset) in [("previous_token", -1), ("duplicate_token", -seq_len), ("induction", 1 - seq_len)] {

@@ -6,3 +6,8 @@ pub mod cache_analysis;
 pub mod head_scores;
 pub mod attribution;
 pub mod ablation;
+
+/// The mean of per-prompt values (0 for none).
+pub(crate) fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 use crate::engine::hooks::{Edit, Intervention};
+use crate::experiments::mean;
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
@@ -41,10 +42,6 @@ pub struct Prepared {
     /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
     /// the positions from `first_diff` on (None when first_diff is 0).
     pub prefix: Option<Prefix>,
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 impl Prepared {

@@ -14,6 +14,7 @@ use crate::experiments::activation_patching::{cells_at, sweep_cells, sweep_layer
 use crate::experiments::attribution::{attribute_with, correlations, points_for, AtpOptions, Pass};
 use crate::experiments::cache_analysis::{self, Component, DlaOver, LensPositions};
 use crate::experiments::head_scores::{self, DetectOptions, Detection};
+use crate::experiments::mean;
 use crate::experiments::prepared::Prepared;
 use crate::graph::execute::Tokenized;
 use crate::model::hook_point::{HookPoint, Site};
@@ -111,10 +112,6 @@ fn per_prompt(v: &[f64], n: usize) -> Vec<f64> {
     }
     let samples = (v.len() / n) as f64;
     (0..n).map(|p| v.iter().skip(p).step_by(n).sum::<f64>() / samples).collect()
-}
-
-fn mean(v: &[f64]) -> f64 {
-    v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
 /// The mean row, and with metric.per_prompt one row per prompt (value from `values`).

@@ -103,15 +103,8 @@ impl Spec {
     pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
         match &self.corruption {
             Corruption::ReplaceTokens(pairs) => {
-                for (i, p) in self.prompts.iter_mut().enumerate() {
-                    let mut s = p.clean.clone();
-                    for (from, to) in pairs {
-                        s = s.replace(from.as_str(), to);
-                    }
-                    if s == p.clean {
-                        return Err(format!("prompt {i} contains none of the words to replace: {:?}", p.clean));
-                    }
-                    p.corrupted = Some(s);
+                if let Some(&i) = replace_words(&mut self.prompts, pairs).first() {
+                    return Err(format!("prompt {i} contains none of the words to replace: {:?}", self.prompts[i].clean));
                 }
             }
             Corruption::Prompts if self.prompts.iter().any(|p| p.corrupted.is_none()) => {
@@ -122,6 +115,23 @@ impl Spec {
         }
         Ok(())
     }
+}
+
+/// Sets every prompt's corrupted twin to its clean text with each (from, to) word replaced;
+/// returns the prompts none of the words occur in.
+fn replace_words(prompts: &mut [PromptPair], pairs: &[(String, String)]) -> Vec<usize> {
+    let mut unchanged = Vec::new();
+    for (i, p) in prompts.iter_mut().enumerate() {
+        let mut s = p.clean.clone();
+        for (from, to) in pairs {
+            s = s.replace(from.as_str(), to);
+        }
+        if s == p.clean {
+            unchanged.push(i);
+        }
+        p.corrupted = Some(s);
+    }
+    unchanged
 }
 
 pub(crate) struct Ctx<'a> {
@@ -321,15 +331,8 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
             "replace_tokens" => match &c.replace {
                 Some(map) if !map.get_ref().is_empty() => {
                     let pairs: Vec<(String, String)> = map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
-                    for (i, p) in prompts.iter_mut().enumerate() {
-                        let mut s = p.clean.clone();
-                        for (from, to) in &pairs {
-                            s = s.replace(from.as_str(), to);
-                        }
-                        if s == p.clean {
-                            cx.at(map, "corruption.replace", format!("prompt {i} contains none of the words to replace: {:?}", p.clean));
-                        }
-                        p.corrupted = Some(s);
+                    for i in replace_words(&mut prompts, &pairs) {
+                        cx.at(map, "corruption.replace", format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean));
                     }
                     Corruption::ReplaceTokens(pairs)
                 }
