@@ -16,7 +16,10 @@ from transformer_lens.model_bridge import TransformerBridge
 
 # The same prompts and answers as the tests' oracle (and experiments/ioi.toml).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "oracle"))
-from dump_patching import ANSWERS, PROMPTS  # noqa: E402
+from oracle_common import answer_ids, prompt_set  # noqa: E402
+
+PROMPT_SET = prompt_set("gpt2")  # experiments/prompts/ioi.jsonl
+PROMPTS = [p["clean"] for p in PROMPT_SET]
 
 t0 = time.perf_counter()
 model = TransformerBridge.boot_transformers(sys.argv[1], device="cpu")
@@ -24,7 +27,7 @@ model.enable_compatibility_mode(disable_warnings=True)
 t_load = time.perf_counter() - t0
 clean = model.to_tokens(PROMPTS)
 corrupted = clean[[i ^ 1 for i in range(len(PROMPTS))]]
-answers = torch.tensor([[model.to_single_token(a) for a in p] for p in ANSWERS])
+answers = answer_ids(model, PROMPT_SET)
 
 
 def logit_diff(logits):

@@ -16,14 +16,17 @@ from transformer_lens.head_detector import detect_head
 from transformer_lens.model_bridge import TransformerBridge
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "oracle"))
-from dump_patching import ANSWERS, PROMPTS  # noqa: E402
+from oracle_common import answer_ids, prompt_set  # noqa: E402
+
+PROMPT_SET = prompt_set("gpt2")  # experiments/prompts/ioi.jsonl
+PROMPTS = [p["clean"] for p in PROMPT_SET]
 
 model = TransformerBridge.boot_transformers(sys.argv[1], device="cpu")
 model.enable_compatibility_mode(disable_warnings=True)
 model.set_use_attn_result(True)
 clean = model.to_tokens(PROMPTS)
 corrupted = clean[[i ^ 1 for i in range(len(PROMPTS))]]
-answers = torch.tensor([[model.to_single_token(a) for a in p] for p in ANSWERS])
+answers = answer_ids(model, PROMPT_SET)
 L, H = model.cfg.n_layers, model.cfg.n_heads
 times = {}
 

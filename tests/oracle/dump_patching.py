@@ -16,20 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import transformer_lens.patching as patching
 from safetensors.torch import save_file
-from transformer_lens.model_bridge import TransformerBridge
 
-PROMPTS = [
-    "When John and Mary went to the shops, John gave the bag to",
-    "When John and Mary went to the shops, Mary gave the bag to",
-    "When Tom and James went to the park, James gave the ball to",
-    "When Tom and James went to the park, Tom gave the ball to",
-    "When Dan and Sid went to the shops, Sid gave an apple to",
-    "When Dan and Sid went to the shops, Dan gave an apple to",
-    "After Martin and Amy went to the park, Amy gave a drink to",
-    "After Martin and Amy went to the park, Martin gave a drink to",
-]
-ANSWERS = [(" Mary", " John"), (" John", " Mary"), (" Tom", " James"), (" James", " Tom"),
-           (" Dan", " Sid"), (" Sid", " Dan"), (" Martin", " Amy"), (" Amy", " Martin")]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle_common import answer_ids, load, out_dir, prompt_set  # noqa: E402
 
 # fixture -> (number of prompts, targets). dest_src patching is one forward per (layer, head,
 # dest, src) cell, so it runs on the smallest fixture only.
@@ -70,12 +59,12 @@ def resid_post(model, corrupted, cache, metric):
 def main() -> None:
     fixtures, out = sys.argv[1], sys.argv[2]
     for name, (n, targets) in FIXTURES.items():
-        model = TransformerBridge.boot_transformers(os.path.join(fixtures, name), device="cpu")
-        model.enable_compatibility_mode(disable_warnings=True)
+        model = load(fixtures, name)
         if name.startswith("gpt2"):
-            clean = model.to_tokens(PROMPTS[:n])
+            prompts = prompt_set(name)[:n]
+            clean = model.to_tokens([p["clean"] for p in prompts])
             corrupted = clean[[i ^ 1 for i in range(n)]]
-            answers = torch.tensor([[model.to_single_token(a) for a in pair] for pair in ANSWERS[:n]])
+            answers = answer_ids(model, prompts)
         else:
             gen = torch.Generator().manual_seed(11)
             clean = torch.randint(3, model.cfg.d_vocab, (n, 12), generator=gen)
@@ -119,9 +108,7 @@ def main() -> None:
                         print(f"{name} {t}: TransformerLens failed: {e!r}", file=sys.stderr)
                         continue
                 out_t[t] = torch.as_tensor(r).float().contiguous()
-        d = os.path.join(out, name)
-        os.makedirs(d, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(d, "patching.safetensors"))
+        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "patching.safetensors"))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,11 @@ from safetensors.torch import save_file
 from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
-IOI = [
-    "When John and Mary went to the shops, John gave the bag to",
-    "When John and Mary went to the shops, Mary gave the bag to",
-    "When Tom and James went to the park, James gave the ball to",
-    "When Tom and James went to the park, Tom gave the ball to",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle_common import fixture_dir, prompt_set  # noqa: E402
+
+# The first IOI prompts of experiments/prompts/ioi.jsonl (the tests read them back from metadata).
+IOI = [p["clean"] for p in prompt_set("gpt2")][:4]
 STORIES = [
     "Once upon a time, there was a little girl named Lily.",
     "Once upon a time, there was a little boy named Timmy.",
@@ -39,13 +38,6 @@ CASES = {
 }
 # Aliases the bridge also exposes (module in/out points) are not TransformerLens hook points.
 SKIP_SUFFIXES = (".hook_in", ".hook_out", "hook_hidden_states", "hook_unembed")
-
-
-def fixture_dir(fixtures: str, name: str) -> str:
-    if name == "stories260K":
-        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared",
-                            "models", "stories260K")
-    return os.path.join(fixtures, name)
 
 
 def tokens_for(model, case) -> torch.Tensor:
