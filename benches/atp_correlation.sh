@@ -18,7 +18,7 @@ spec="$(mktemp -d)/atp.toml"
 } > "$spec"
 for model in gpt2-tiny gpt2-odd stories260K; do
   dir="fixtures/$model"; prompts=()
-  if [ "$model" = stories260K ]; then dir="../shared/models/stories260K"; prompts=(--prompts experiments/prompts/stories.jsonl); fi
+  if [ "$model" = stories260K ]; then dir="tests/models/stories260K"; prompts=(--prompts experiments/prompts/stories.jsonl); fi
   out="$(mktemp -d)"
   target/release/tl-run "$spec" --model-id "$dir" --out "$out" --quiet "${prompts[@]}" > /dev/null
   .venv/bin/python - "$out" "$model" <<'PY'

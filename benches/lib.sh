@@ -11,7 +11,7 @@ cargo build --release --quiet
 bench_model() {
   local model="$HOME/.cache/tl-run/bench-fixtures/gpt2-small-shaped"
   if [ ! -f "$model/model.safetensors" ]; then
-    .venv/bin/python tests/oracle/make_fixtures.py "$(dirname "$model")" .gpt2-bpe ../shared/models/stories260K --bench 2>/dev/null >&2
+    .venv/bin/python tests/oracle/make_fixtures.py "$(dirname "$model")" .gpt2-bpe tests/models/stories260K --bench 2>/dev/null >&2
   fi
   echo "$model"
 }

@@ -28,10 +28,10 @@ build() {
   fi
 }
 
-models_stamp="$(hash tests/oracle/make_fixtures.py configs/fixtures.toml scripts/requirements.txt ../shared/models/stories260K/model.safetensors)"
+models_stamp="$(hash tests/oracle/make_fixtures.py configs/fixtures.toml scripts/requirements.txt tests/models/stories260K/model.safetensors)"
 models="$cache/fixture-models-$models_stamp"
 if [ ! -f "$models/.complete" ]; then echo "tl-run: building fixture models" >&2; fi
-build "$models" "$py" tests/oracle/make_fixtures.py @OUT@ .gpt2-bpe ../shared/models/stories260K
+build "$models" "$py" tests/oracle/make_fixtures.py @OUT@ .gpt2-bpe tests/models/stories260K
 
 rm -rf fixtures.tmp
 mkdir -p fixtures.tmp/oracle

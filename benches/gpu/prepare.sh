@@ -13,7 +13,7 @@ cargo build --release --quiet
 b=gpucheck
 rm -rf "$b" && mkdir -p "$b/models/gpt2-small-shaped"
 cp target/release/tl-run benches/gpu/run.sh benches/gpu/kinds.sh benches/gpu/gen_small.py benches/gpu/compare.py "$b/"
-cp -rL fixtures/gpt2-tiny fixtures/gpt2-odd "$b/models/" && cp -r ../shared/models/stories260K "$b/models/"
+cp -rL fixtures/gpt2-tiny fixtures/gpt2-odd "$b/models/" && cp -r tests/models/stories260K "$b/models/"
 mkdir -p "$b/experiments/prompts" "$b/benches" && cp experiments/*.toml "$b/experiments/" && cp experiments/prompts/*.jsonl "$b/experiments/prompts/"
 cp benches/kinds.toml "$b/benches/" && chmod -R u+w "$b"
 .venv/bin/python - <<'PY'

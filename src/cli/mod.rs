@@ -44,9 +44,13 @@ pub enum Command {
         /// Output .safetensors file.
         #[arg(long)]
         out: PathBuf,
-        /// Do not prepend BOS (TransformerLens prepend_bos=False).
-        #[arg(long)]
+        /// Do not prepend BOS (TransformerLens prepend_bos=False); the default is what
+        /// TransformerLens's to_tokens does for the model's family.
+        #[arg(long, conflicts_with = "prepend_bos")]
         no_prepend_bos: bool,
+        /// Prepend BOS even where the family's default is not to (TransformerLens prepend_bos=True).
+        #[arg(long)]
+        prepend_bos: bool,
     },
     /// Run an experiment spec (also: `tl-run SPEC.toml`).
     Run {
@@ -138,7 +142,14 @@ fn load(m: &ModelArgs) -> Result<Model> {
 pub fn dispatch(args: Args) -> Result<()> {
     match args.command {
         Command::Hooks { model, seq, batch } => hooks(&model, batch, seq),
-        Command::Cache { model, prompts, hooks, out, no_prepend_bos } => cache(&model, &prompts, &hooks, &out, !no_prepend_bos),
+        Command::Cache { model, prompts, hooks, out, no_prepend_bos, prepend_bos } => {
+            let bos = match (prepend_bos, no_prepend_bos) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            cache(&model, &prompts, &hooks, &out, bos)
+        }
         Command::Run { spec, quiet } => run(&spec, !quiet),
         Command::Plan { spec } => plan(&spec, true),
         Command::Validate { spec } => plan(&spec, false),
@@ -182,7 +193,7 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
         run.check_layers(cfg.n_layers, &spec.file).map_err(anyhow::Error::msg)?;
     }
     let (seq, first_diff) = if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
-        let toks = tl_run::graph::execute::tokenize(&spec, &tok, spec.runs.iter().any(|r| r.kind.needs_corruption()))?;
+        let toks = tl_run::graph::execute::tokenize(&spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption()))?;
         (toks.clean.size()[1] as usize, tl_run::graph::execute::first_changed(&toks))
     } else {
         (0, 0)
@@ -226,14 +237,14 @@ fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {
     Ok(())
 }
 
-fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::Path, prepend_bos: bool) -> Result<()> {
+fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::Path, prepend_bos: Option<bool>) -> Result<()> {
     let model = load(m)?;
     let points = if names.is_empty() {
         model.hook_points()
     } else {
         names.iter().map(|n| model.hook_point(n.trim())).collect::<tl_run::Result<Vec<_>>>()?
     };
-    let batch = model.tokenizer()?.batch(prompts, prepend_bos)?;
+    let batch = model.tokenizer()?.batch(prompts, prepend_bos.unwrap_or(model.cfg.default_prepend_bos))?;
     let mut hooks = Hooks::capture(points.iter().copied());
     let _logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits)?;
     let tensors: Vec<(String, tch::Tensor)> = points.iter().filter_map(|p| hooks.take(*p).map(|t| (p.to_string(), t))).collect();

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::engine::hooks::Hooks;
-use crate::model::config::{Activation, NormKind, Positional};
+use crate::model::config::{Activation, NormKind, Positional, RopeScaling};
 use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::model::weights::NormWeights;
 use crate::model::Model;
@@ -50,16 +50,27 @@ impl Prefix {
 
 /// What every layer of one forward shares.
 struct Context<'a> {
-    /// [batch|1, 1, query, key] true where attention is allowed.
-    attn_mask: Tensor,
+    /// [batch|1, 1, query, key] true where attention is allowed, per distinct window size
+    /// (None = global causal attention).
+    attn_masks: Vec<(Option<usize>, Tensor)>,
     rotary: Option<(Tensor, Tensor)>,
+    /// ALiBi biases [batch|1, heads, 1, key].
+    alibi: Option<Tensor>,
     prefix: Option<&'a Prefix>,
+}
+
+impl Context<'_> {
+    fn attn_mask(&self, window: Option<usize>) -> &Tensor {
+        &self.attn_masks.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1
+    }
 }
 
 /// Per-batch facts shared by every layer: positions and which key positions each query may see.
 pub struct Positions {
     /// [batch, pos] position ids; with left padding they count from the first real token.
     pub ids: Tensor,
+    /// The same for every key position (differs from `ids` only after a key-value prefix).
+    pub key_ids: Tensor,
     /// [batch, pos] 1 for real tokens and 0 for padding; None when nothing is padded.
     pub mask: Option<Tensor>,
 }
@@ -67,12 +78,15 @@ pub struct Positions {
 impl Positions {
     pub fn new(batch: i64, seq: i64, mask: Option<&Tensor>, device: tch::Device) -> Self {
         match mask {
-            None => Positions { ids: Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false), mask: None },
+            None => {
+                let ids = Tensor::arange(seq, (Kind::Int64, device)).unsqueeze(0).expand([batch, seq], false);
+                Positions { key_ids: ids.shallow_clone(), ids, mask: None }
+            }
             Some(m) => {
                 // As TransformerLens: cumulative count of real tokens, minus one, floored at 0.
                 let m = m.to_kind(Kind::Int64).to_device(device);
                 let ids = (m.cumsum(1, Kind::Int64) - 1).clamp_min(0);
-                Positions { ids, mask: Some(m) }
+                Positions { key_ids: ids.shallow_clone(), ids, mask: Some(m) }
             }
         }
     }
@@ -115,8 +129,8 @@ impl Model {
                     )));
                 }
                 let full = Positions::new(size[0], size[1] + skip, mask, self.device);
-                // Only the positions after the prefix are computed.
-                let pos = Positions { ids: full.ids.narrow(1, skip, size[1]), mask: full.mask };
+                // Only the positions after the prefix are computed (keys still cover all).
+                let pos = Positions { ids: full.ids.narrow(1, skip, size[1]), key_ids: full.key_ids, mask: full.mask };
                 (layer, resid.to_device(self.device).to_kind(self.kind), pos)
             }
         };
@@ -127,7 +141,11 @@ impl Model {
                 return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
             }
         };
-        let ctx = Context { attn_mask: self.attention_mask(&pos, skip), rotary: self.rotary_tables(&pos), prefix };
+        let mut windows: Vec<Option<usize>> = self.cfg.attn_windows[start..end.max(start)].to_vec();
+        windows.sort_unstable();
+        windows.dedup();
+        let attn_masks = windows.into_iter().map(|w| (w, self.attention_mask(&pos, skip, w))).collect();
+        let ctx = Context { attn_masks, rotary: self.rotary_tables(&pos), alibi: self.alibi(&pos), prefix };
         for l in start..end {
             x = self.block(l, x, &ctx, hooks)?;
         }
@@ -153,7 +171,16 @@ impl Model {
 
     /// Logits from ln_final's output.
     pub fn unembed(&self, x: &Tensor) -> Tensor {
-        x.matmul(&self.weights.w_u) + &self.weights.b_u
+        self.final_softcap(x.matmul(&self.weights.w_u) + &self.weights.b_u)
+    }
+
+    /// c·tanh(logits/c) for models with a final-logit softcap (Gemma 2); identity otherwise.
+    /// Every path from the final norm to logits goes through here.
+    pub fn final_softcap(&self, logits: Tensor) -> Tensor {
+        match self.cfg.final_softcap {
+            Some(c) => (logits / c).tanh() * c,
+            None => logits,
+        }
     }
 
     fn embed(&self, tokens: &Tensor, pos: &Positions, hooks: &mut Hooks) -> Result<Tensor> {
@@ -162,7 +189,11 @@ impl Model {
         if min < 0 || max >= self.cfg.d_vocab as i64 {
             return Err(Error::Other(format!("token ids must be in 0..{}, got {min}..={max}", self.cfg.d_vocab)));
         }
-        let embed = hooks.at(HookPoint::Embed, self.weights.w_e.index_select(0, &tokens.reshape([-1])).view([tokens.size()[0], tokens.size()[1], -1]))?;
+        let mut embed = self.weights.w_e.index_select(0, &tokens.reshape([-1])).view([tokens.size()[0], tokens.size()[1], -1]);
+        if let Some(ln) = &self.weights.ln_embed {
+            embed = self.norm(embed, ln, HookPoint::EmbedLn(NormHook::Scale), HookPoint::EmbedLn(NormHook::Normalized), hooks)?;
+        }
+        let embed = hooks.at(HookPoint::Embed, embed)?;
         let Some(w_pos) = &self.weights.w_pos else { return Ok(embed) };
         let (_, seq) = pos.batch_seq();
         if seq > self.cfg.n_ctx as i64 {
@@ -177,23 +208,51 @@ impl Model {
         Ok(embed + pe)
     }
 
-    /// [batch|1, 1, query, key] true where attention is allowed (causal, and not to padding).
-    /// Queries are the computed positions, which start `skip` positions in; keys are all.
-    fn attention_mask(&self, pos: &Positions, skip: i64) -> Tensor {
+    /// [batch|1, 1, query, key] true where attention is allowed (causal, within the window if
+    /// any, and not to padding). Queries are the computed positions, which start `skip`
+    /// positions in; keys are all.
+    fn attention_mask(&self, pos: &Positions, skip: i64, window: Option<usize>) -> Tensor {
         let (_, queries) = pos.batch_seq();
         let keys = queries + skip;
-        let causal = Tensor::ones([queries, keys], (Kind::Bool, self.device)).tril(skip).view([1, 1, queries, keys]);
+        let ones = Tensor::ones([queries, keys], (Kind::Bool, self.device));
+        let mut causal = ones.tril(skip);
+        if let Some(w) = window {
+            // Query i (at sequence index i + skip) sees keys j with i + skip − j < w.
+            causal = causal.logical_and(&ones.triu(skip - w as i64 + 1));
+        }
+        let causal = causal.view([1, 1, queries, keys]);
         match &pos.mask {
             None => causal,
             Some(m) => causal.logical_and(&m.to_kind(Kind::Bool).view([-1, 1, 1, keys])),
         }
     }
 
+    /// ALiBi biases slope_h · key_position, [batch|1, heads, 1, keys], as HF's
+    /// build_alibi_tensor (key positions count real tokens, so padding does not shift them).
+    fn alibi(&self, pos: &Positions) -> Option<Tensor> {
+        if self.cfg.positional != Positional::Alibi {
+            return None;
+        }
+        let h = self.cfg.n_heads as i64;
+        let closest = 1i64 << (63 - (h as u64).leading_zeros());
+        let base_of = |n: i64| 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        let powers = Tensor::arange_start(1, 1 + closest, (Kind::Float, self.device));
+        let mut slopes = Tensor::from(base_of(closest) as f32).to_device(self.device).pow(&powers);
+        if closest != h {
+            let extra = (closest).min(h - closest);
+            let extra_powers = Tensor::arange_start_step(1, 1 + 2 * extra, 2, (Kind::Float, self.device));
+            slopes = Tensor::cat(&[slopes, Tensor::from(base_of(2 * closest) as f32).to_device(self.device).pow(&extra_powers)], 0);
+        }
+        let keys = pos.key_ids.to_kind(Kind::Float); // [batch, keys]
+        let alibi = slopes.view([1, h, 1, 1]) * keys.unsqueeze(1).unsqueeze(1);
+        Some(alibi.to_kind(self.kind))
+    }
+
     /// (cos, sin), each [batch, pos, 1, rotary_dim], computed in f32 the way HF and TL do.
     fn rotary_tables(&self, pos: &Positions) -> Option<(Tensor, Tensor)> {
-        let Positional::Rotary { dim, base, adjacent_pairs } = self.cfg.positional else { return None };
+        let Positional::Rotary { dim, base, adjacent_pairs, scaling } = self.cfg.positional else { return None };
         let exps = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Float, self.device)) / dim as f64;
-        let inv_freq = Tensor::from(base as f32).to_device(self.device).pow(&exps).reciprocal();
+        let inv_freq = scale_frequencies(Tensor::from(base as f32).to_device(self.device).pow(&exps).reciprocal(), scaling);
         let freq = if adjacent_pairs { inv_freq.repeat_interleave_self_int(2, 0, None) } else { Tensor::cat(&[&inv_freq, &inv_freq], 0) };
         let angles = pos.ids.to_kind(Kind::Float).unsqueeze(-1) * freq.view([1, 1, -1]);
         let angles = angles.unsqueeze(2);
@@ -249,7 +308,10 @@ impl Model {
         let bw = &self.weights.blocks[l];
         let resid_pre = hooks.at(at(Site::ResidPre), resid_pre)?;
         let x = self.norm(resid_pre.shallow_clone(), &bw.ln1, at(Site::Ln1(NormHook::Scale)), at(Site::Ln1(NormHook::Normalized)), hooks)?;
-        let attn_out = self.attention(l, &x, ctx, hooks)?;
+        let mut attn_out = self.attention(l, &x, ctx, hooks)?;
+        if let Some(post) = &bw.ln1_post {
+            attn_out = self.norm(attn_out, post, at(Site::Ln1Post(NormHook::Scale)), at(Site::Ln1Post(NormHook::Normalized)), hooks)?;
+        }
         let attn_out = hooks.at(at(Site::AttnOut), attn_out)?;
         let (mlp_in_resid, resid_mid) = if self.cfg.parallel_block {
             (resid_pre.shallow_clone(), None)
@@ -257,8 +319,16 @@ impl Model {
             let mid = hooks.at(at(Site::ResidMid), &resid_pre + &attn_out)?;
             (mid.shallow_clone(), Some(mid))
         };
-        let x = self.norm(mlp_in_resid, &bw.ln2, at(Site::Ln2(NormHook::Scale)), at(Site::Ln2(NormHook::Normalized)), hooks)?;
-        let mlp_out = self.mlp(l, &x, hooks)?;
+        // GPT-J and Phi: the MLP reads the same normalised input as attention.
+        let x = if self.cfg.shared_norm {
+            x
+        } else {
+            self.norm(mlp_in_resid, &bw.ln2, at(Site::Ln2(NormHook::Scale)), at(Site::Ln2(NormHook::Normalized)), hooks)?
+        };
+        let mut mlp_out = self.mlp(l, &x, hooks)?;
+        if let Some(post) = &bw.ln2_post {
+            mlp_out = self.norm(mlp_out, post, at(Site::Ln2Post(NormHook::Scale)), at(Site::Ln2Post(NormHook::Normalized)), hooks)?;
+        }
         let mlp_out = hooks.at(at(Site::MlpOut), mlp_out)?;
         let resid_post = match resid_mid {
             Some(mid) => mid + mlp_out,
@@ -275,6 +345,13 @@ impl Model {
         let q = hooks.at(at(Site::Q), x.linear(&fw.w_q, Some(&fw.b_q)).view([b, p, h, e]))?;
         let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
         let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
+        let (q, k) = match (&aw.q_norm, &aw.k_norm) {
+            (Some(qn), Some(kn)) => (
+                self.head_norm(q, qn, (at(Site::QNorm(NormHook::Scale)), at(Site::QNorm(NormHook::Normalized)), at(Site::QNormed)), hooks)?,
+                self.head_norm(k, kn, (at(Site::KNorm(NormHook::Scale)), at(Site::KNorm(NormHook::Normalized)), at(Site::KNormed)), hooks)?,
+            ),
+            _ => (q, k),
+        };
         let (q, k) = match &ctx.rotary {
             Some(t) => (hooks.at(at(Site::RotQ), self.rotate(&q, t))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?),
             None => (q, k),
@@ -290,9 +367,12 @@ impl Model {
         } else {
             (k, v)
         };
-        // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
-        let scores = q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1])) * (1.0 / self.cfg.attn_scale);
-        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&ctx.attn_mask.logical_not(), f64::NEG_INFINITY))?;
+        let mut scores = self.attention_scores(&q, &k);
+        if let Some(alibi) = &ctx.alibi {
+            scores = scores + alibi;
+        }
+        let mask = ctx.attn_mask(self.cfg.attn_windows[l]);
+        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY))?;
         let pattern = scores.softmax(-1, scores.kind());
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
         let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0))?;
@@ -307,6 +387,25 @@ impl Model {
         }
     }
 
+    /// Unmasked scores [batch, head, query, key] from post-rotary q [b, q, h, e] and k
+    /// [b, k, h, e] (keys already repeated over query groups): q·k / scale, then the softcap.
+    pub fn attention_scores(&self, q: &Tensor, k: &Tensor) -> Tensor {
+        // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
+        let scores = q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1])) * (1.0 / self.cfg.attn_scale);
+        match self.cfg.attn_softcap {
+            Some(c) => (scores / c).tanh() * c,
+            None => scores,
+        }
+    }
+
+    /// Qwen3's per-head RMSNorm of q or k [b, p, heads, e], hooked head-major as
+    /// TransformerLens does ([b, heads, p, ..]): scale, normalized, then the weighted output.
+    fn head_norm(&self, x: Tensor, w: &Tensor, points: (HookPoint, HookPoint, HookPoint), hooks: &mut Hooks) -> Result<Tensor> {
+        let weights = NormWeights { w: Some(w.shallow_clone()), b: None };
+        let y = self.norm(x.transpose(1, 2), &weights, points.0, points.1, hooks)?;
+        Ok(hooks.at(points.2, y)?.transpose(1, 2))
+    }
+
     fn mlp(&self, l: usize, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let mw = &self.weights.blocks[l].mlp;
@@ -318,7 +417,12 @@ impl Model {
         };
         let post = match &mw.w_gate {
             Some(w_gate) => {
-                let pre = hooks.at(at(Site::MlpPre), x.matmul(w_gate))?;
+                let gate = x.matmul(w_gate);
+                let gate = match &mw.b_gate {
+                    Some(b) => gate + b,
+                    None => gate,
+                };
+                let pre = hooks.at(at(Site::MlpPre), gate)?;
                 let pre_linear = hooks.at(at(Site::MlpPreLinear), x.matmul(&mw.w_in) + &mw.b_in)?;
                 act(&pre) * pre_linear
             }
@@ -326,5 +430,24 @@ impl Model {
         };
         let post = hooks.at(at(Site::MlpPost), post)?;
         Ok(post.matmul(&mw.w_out) + &mw.b_out)
+    }
+}
+
+/// Rescaled rotary inverse frequencies, as HF's rope initialisation functions compute them (f32).
+fn scale_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor {
+    match scaling {
+        RopeScaling::None => inv_freq,
+        RopeScaling::Linear { factor } => inv_freq / factor,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+            let low_freq_wavelen = original_max_position / low_freq_factor;
+            let high_freq_wavelen = original_max_position / high_freq_factor;
+            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+            // Long wavelengths are interpolated by `factor`, short ones kept.
+            let scaled = inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
+            let smooth = (wavelen.reciprocal() * original_max_position - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
+            let medium = wavelen.ge(high_freq_wavelen).logical_and(&wavelen.le(low_freq_wavelen));
+            smoothed.where_self(&medium, &scaled)
+        }
     }
 }

@@ -37,6 +37,8 @@ pub struct Tokenized {
     pub clean_strs: Vec<Vec<String>>,
     /// Noise corruption: [n, pos] true at the token positions to noise.
     pub noised: Option<Tensor>,
+    /// What the manifest records: prepend_bos as applied and every prompt's token ids.
+    pub record: serde_json::Value,
 }
 
 impl Tokenized {
@@ -107,9 +109,9 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
     Ok(Tensor::from_slice(&mask).view([n, seq]))
 }
 
-pub fn tokenize(spec: &Spec, tok: &TextTokenizer, needs_corruption: bool) -> Result<Tokenized> {
+pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::ModelConfig, needs_corruption: bool) -> Result<Tokenized> {
     let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
-    let bos = spec.model.prepend_bos;
+    let bos = spec.model.prepend_bos_for(cfg);
     let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
     let clean = tok.batch(&clean_texts, bos)?;
     let mut noised = None;
@@ -154,7 +156,15 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer, needs_corruption: bool) -> Res
     let clean_strs = (0..clean_texts.len() as i64)
         .map(|i| Vec::<i64>::try_from(clean.tokens.get(i)).unwrap_or_default().into_iter().map(|t| tok.token_str(t)).collect())
         .collect();
-    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.map(|c| c.tokens), mask: clean.mask, correct, incorrect, clean_strs, noised })
+    let unpadded = |b: &TokenBatch| -> Vec<Vec<i64>> {
+        b.lengths.iter().enumerate().map(|(i, &len)| Vec::<i64>::try_from(b.tokens.get(i as i64).narrow(0, b.tokens.size()[1] - len as i64, len as i64)).unwrap_or_default()).collect()
+    };
+    let record = serde_json::json!({
+        "prepend_bos": bos,
+        "clean": unpadded(&clean),
+        "corrupted": corrupted.as_ref().map(unpadded),
+    });
+    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.map(|c| c.tokens), mask: clean.mask, correct, incorrect, clean_strs, noised, record })
 }
 
 /// The first position at which the corrupted run differs from the clean one (seq_len if none).
@@ -243,7 +253,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
     let t = Instant::now();
     let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
     let needs_corruption = spec.runs.iter().any(|r| r.kind.needs_corruption());
-    let toks = if needs_prompts { Some(tokenize(spec, model.tokenizer()?, needs_corruption)?) } else { None };
+    let toks = if needs_prompts { Some(tokenize(spec, model.tokenizer()?, &model.cfg, needs_corruption)?) } else { None };
     timings.insert("tokenize".into(), t.elapsed().as_secs_f64());
 
     let needs_prep = spec.runs.iter().any(|r| r.kind.patch_targets().is_some());
@@ -294,6 +304,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             "spec_hash": spec.spec_hash,
             "model": {
                 "id": spec.model.id,
+                "family": model.cfg.family,
                 "resolved_commit": model.files.as_ref().and_then(|f| f.commit.clone()),
                 "weights": weights,
                 "processing": model.processing,
@@ -302,6 +313,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             "device": format!("{:?}", model.device),
             "dtype": format!("{:?}", model.kind),
             "metric": metric,
+            "tokens": toks.as_ref().map(|t| t.record.clone()),
             "runs": run_notes,
             "timings_seconds": timings,
         });

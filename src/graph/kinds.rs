@@ -355,7 +355,7 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<(Vec<Row
         Some(path) => {
             let prompts = crate::spec::prompts::read(path).map_err(|e| Error::Config(format!("dataset {}: {e}", path.display())))?;
             let texts: Vec<&str> = prompts.iter().map(|p| p.clean.as_str()).collect();
-            Some(model.tokenizer()?.batch(&texts, cx.spec.model.prepend_bos)?)
+            Some(model.tokenizer()?.batch(&texts, cx.spec.model.prepend_bos_for(&model.cfg))?)
         }
         None => None,
     };

@@ -62,6 +62,19 @@ impl StateDict {
         })
     }
 
+    /// Like `take`, and checks the shape, so that a checkpoint disagreeing with config.json is
+    /// named here instead of failing inside a reshape.
+    pub fn take_shaped(&mut self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let t = self.take(name)?;
+        if t.size() != shape {
+            return Err(Error::Load {
+                id: self.origin.clone(),
+                reason: format!("tensor '{}{name}' has shape {:?}, but config.json implies {shape:?}", self.prefix, t.size()),
+            });
+        }
+        Ok(t)
+    }
+
     /// Like `take`, but the tensor may be absent (biases of bias-free models).
     pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
         let prefixed = format!("{}{name}", self.prefix);

@@ -29,7 +29,20 @@ pub enum Positional {
         base: f64,
         /// GPT-J style (2i, 2i+1) pairs; false = GPT-NeoX/Llama style (i, i + dim/2).
         adjacent_pairs: bool,
+        scaling: RopeScaling,
     },
+    /// ALiBi (Bloom): no position embedding; a per-head bias slope·key_position on the scores.
+    Alibi,
+}
+
+/// How rotary frequencies are rescaled for long contexts (HF `rope_scaling` / `rope_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Every frequency divided by `factor` (positions interpolated).
+    Linear { factor: f64 },
+    /// Llama 3.1/3.2: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +93,27 @@ pub struct ModelConfig {
     pub attn_scale: f64,
     /// Attention and MLP both read resid_pre and add into resid_post (no resid_mid).
     pub parallel_block: bool,
+    /// In a parallel block, the MLP reads ln1's output (GPT-J, Phi-1/2: one norm, no ln2 hooks).
+    pub shared_norm: bool,
+    /// Per layer: each query sees only the last `w` keys, itself included (GPT-Neo local layers,
+    /// Mistral and Gemma 2 sliding windows); None = global causal attention.
+    pub attn_windows: Vec<Option<usize>>,
+    /// Scores become c·tanh(s/c) before masking (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Logits become c·tanh(l/c) (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// A norm (embed_ln) right after the token embedding (Bloom); hook_embed is its output.
+    pub embed_norm: bool,
+    /// Norms on the attention and MLP outputs before they join the residual (Gemma 2: ln1_post,
+    /// ln2_post).
+    pub post_norms: bool,
+    /// Per-head RMSNorm on queries and keys before rotary (Qwen3: attn.q_norm / attn.k_norm).
+    pub qk_norm: bool,
+    /// What TransformerLens's to_tokens does by default for this family (spec prepend_bos overrides).
+    pub default_prepend_bos: bool,
+    /// The HF model_type this config came from (for the manifest and messages only: the forward
+    /// pass never reads it).
+    pub family: String,
 }
 
 impl ModelConfig {
@@ -103,6 +137,15 @@ impl ModelConfig {
             mlp: Mlp { d_mlp: 4 * d_model, act: Activation::GeluNew, gated: false },
             attn_scale: (d_head as f64).sqrt(),
             parallel_block: false,
+            shared_norm: false,
+            attn_windows: vec![None; n_layers],
+            attn_softcap: None,
+            final_softcap: None,
+            embed_norm: false,
+            post_norms: false,
+            qk_norm: false,
+            default_prepend_bos: true,
+            family: String::new(),
         })
     }
 
@@ -121,8 +164,64 @@ impl ModelConfig {
         if !(base > 0.0 && base.is_finite()) {
             return Err(Error::Config(format!("rotary base must be positive, got {base}")));
         }
-        self.positional = Positional::Rotary { dim, base, adjacent_pairs };
+        self.positional = Positional::Rotary { dim, base, adjacent_pairs, scaling: RopeScaling::None };
         Ok(self)
+    }
+
+    /// Rescales the rotary frequencies (after `with_rotary`).
+    pub fn with_rope_scaling(mut self, scaling: RopeScaling) -> Result<Self> {
+        let Positional::Rotary { dim, base, adjacent_pairs, .. } = self.positional else {
+            return Err(Error::Config("rope scaling needs rotary positions".into()));
+        };
+        let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(Error::Config(format!("rope scaling {name} must be positive, got {v}"))) };
+        match scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => positive("factor", factor)?,
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
+                for (n, v) in [("factor", factor), ("low_freq_factor", low_freq_factor), ("high_freq_factor", high_freq_factor), ("original_max_position_embeddings", original_max_position)] {
+                    positive(n, v)?;
+                }
+                if high_freq_factor <= low_freq_factor {
+                    return Err(Error::Config(format!("rope scaling needs high_freq_factor > low_freq_factor, got {high_freq_factor} and {low_freq_factor}")));
+                }
+            }
+        }
+        self.positional = Positional::Rotary { dim, base, adjacent_pairs, scaling };
+        Ok(self)
+    }
+
+    pub fn with_alibi(mut self) -> Self {
+        self.positional = Positional::Alibi;
+        self
+    }
+
+    /// Sliding-window sizes per layer (None = global).
+    pub fn with_attn_windows(mut self, windows: Vec<Option<usize>>) -> Result<Self> {
+        if windows.len() != self.n_layers {
+            return Err(Error::Config(format!("{} attention windows for {} layers", windows.len(), self.n_layers)));
+        }
+        if windows.contains(&Some(0)) {
+            return Err(Error::Config("an attention window must be at least 1".into()));
+        }
+        self.attn_windows = windows;
+        Ok(self)
+    }
+
+    pub fn with_softcaps(mut self, attn: Option<f64>, final_logits: Option<f64>) -> Result<Self> {
+        for c in [attn, final_logits].into_iter().flatten() {
+            if !(c > 0.0 && c.is_finite()) {
+                return Err(Error::Config(format!("softcap must be positive, got {c}")));
+            }
+        }
+        self.attn_softcap = attn;
+        self.final_softcap = final_logits;
+        Ok(self)
+    }
+
+    pub fn with_family(mut self, family: &str, default_prepend_bos: bool) -> Self {
+        self.family = family.to_string();
+        self.default_prepend_bos = default_prepend_bos;
+        self
     }
 
     pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Result<Self> {
@@ -156,8 +255,34 @@ impl ModelConfig {
         self
     }
 
+    /// Parallel attention + MLP reading one norm's output.
+    pub fn with_shared_norm_parallel_block(mut self) -> Self {
+        self.parallel_block = true;
+        self.shared_norm = true;
+        self
+    }
+
+    pub fn with_embed_norm(mut self) -> Self {
+        self.embed_norm = true;
+        self
+    }
+
+    pub fn with_post_norms(mut self) -> Self {
+        self.post_norms = true;
+        self
+    }
+
+    pub fn with_qk_norm(mut self) -> Self {
+        self.qk_norm = true;
+        self
+    }
+
     pub fn is_rotary(&self) -> bool {
         matches!(self.positional, Positional::Rotary { .. })
+    }
+
+    pub fn has_pos_embed(&self) -> bool {
+        self.positional == Positional::Learned
     }
 
     pub fn kv_group(&self) -> usize {

@@ -21,24 +21,34 @@ pub enum Site {
     Q,
     K,
     V,
+    /// Qwen3's per-head query/key RMSNorm; TransformerLens hooks these [batch, head, pos, ..].
+    QNorm(NormHook),
+    QNormed,
+    KNorm(NormHook),
+    KNormed,
     RotQ,
     RotK,
     AttnScores,
     Pattern,
     Z,
     Result,
+    /// Gemma 2's norm on the attention output (hook_attn_out is its output).
+    Ln1Post(NormHook),
     AttnOut,
     ResidMid,
     Ln2(NormHook),
     MlpPre,
     MlpPreLinear,
     MlpPost,
+    Ln2Post(NormHook),
     MlpOut,
     ResidPost,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HookPoint {
+    /// Bloom's embedding LayerNorm (before hook_embed, which is its output).
+    EmbedLn(NormHook),
     Embed,
     PosEmbed,
     Block(usize, Site),
@@ -54,12 +64,20 @@ pub const SITE_NAMES: &[(Site, &str)] = &[
     (Site::Q, "attn.hook_q"),
     (Site::K, "attn.hook_k"),
     (Site::V, "attn.hook_v"),
+    (Site::QNorm(NormHook::Scale), "attn.q_norm.hook_scale"),
+    (Site::QNorm(NormHook::Normalized), "attn.q_norm.hook_normalized"),
+    (Site::QNormed, "attn.hook_q_normed"),
+    (Site::KNorm(NormHook::Scale), "attn.k_norm.hook_scale"),
+    (Site::KNorm(NormHook::Normalized), "attn.k_norm.hook_normalized"),
+    (Site::KNormed, "attn.hook_k_normed"),
     (Site::RotQ, "attn.hook_rot_q"),
     (Site::RotK, "attn.hook_rot_k"),
     (Site::AttnScores, "attn.hook_attn_scores"),
     (Site::Pattern, "attn.hook_pattern"),
     (Site::Z, "attn.hook_z"),
     (Site::Result, "attn.hook_result"),
+    (Site::Ln1Post(NormHook::Scale), "ln1_post.hook_scale"),
+    (Site::Ln1Post(NormHook::Normalized), "ln1_post.hook_normalized"),
     (Site::AttnOut, "hook_attn_out"),
     (Site::ResidMid, "hook_resid_mid"),
     (Site::Ln2(NormHook::Scale), "ln2.hook_scale"),
@@ -67,6 +85,8 @@ pub const SITE_NAMES: &[(Site, &str)] = &[
     (Site::MlpPre, "mlp.hook_pre"),
     (Site::MlpPreLinear, "mlp.hook_pre_linear"),
     (Site::MlpPost, "mlp.hook_post"),
+    (Site::Ln2Post(NormHook::Scale), "ln2_post.hook_scale"),
+    (Site::Ln2Post(NormHook::Normalized), "ln2_post.hook_normalized"),
     (Site::MlpOut, "hook_mlp_out"),
     (Site::ResidPost, "hook_resid_post"),
 ];
@@ -109,13 +129,30 @@ impl Site {
     pub fn has_heads(self) -> bool {
         matches!(
             self,
-            Site::Q | Site::K | Site::V | Site::RotQ | Site::RotK | Site::AttnScores | Site::Pattern | Site::Z | Site::Result
+            Site::Q
+                | Site::K
+                | Site::V
+                | Site::QNorm(_)
+                | Site::QNormed
+                | Site::KNorm(_)
+                | Site::KNormed
+                | Site::RotQ
+                | Site::RotK
+                | Site::AttnScores
+                | Site::Pattern
+                | Site::Z
+                | Site::Result
         )
     }
 
     /// True for [batch, head, query, key] tensors (the head axis comes before positions).
     pub fn is_attention_map(self) -> bool {
         matches!(self, Site::AttnScores | Site::Pattern)
+    }
+
+    /// True for the per-head q/k norm hooks, which TransformerLens lays out [batch, head, pos, ..].
+    pub fn is_head_major(self) -> bool {
+        matches!(self, Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed)
     }
 }
 
@@ -138,6 +175,8 @@ impl HookPoint {
 impl fmt::Display for HookPoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            HookPoint::EmbedLn(NormHook::Scale) => f.write_str("embed_ln.hook_scale"),
+            HookPoint::EmbedLn(NormHook::Normalized) => f.write_str("embed_ln.hook_normalized"),
             HookPoint::Embed => f.write_str("hook_embed"),
             HookPoint::PosEmbed => f.write_str("hook_pos_embed"),
             HookPoint::Block(l, s) => write!(f, "blocks.{l}.{}", s.name()),
@@ -155,6 +194,8 @@ impl FromStr for HookPoint {
     fn from_str(name: &str) -> Result<Self> {
         let parsed = match name {
             "hook_embed" => Some(HookPoint::Embed),
+            "embed_ln.hook_scale" => Some(HookPoint::EmbedLn(NormHook::Scale)),
+            "embed_ln.hook_normalized" => Some(HookPoint::EmbedLn(NormHook::Normalized)),
             "hook_pos_embed" => Some(HookPoint::PosEmbed),
             "ln_final.hook_scale" => Some(HookPoint::LnFinal(NormHook::Scale)),
             "ln_final.hook_normalized" => Some(HookPoint::LnFinal(NormHook::Normalized)),
@@ -204,6 +245,7 @@ mod tests {
     fn every_name_round_trips() {
         let mut points = vec![HookPoint::Embed, HookPoint::PosEmbed];
         points.extend([NormHook::Scale, NormHook::Normalized].map(HookPoint::LnFinal));
+        points.extend([NormHook::Scale, NormHook::Normalized].map(HookPoint::EmbedLn));
         for (site, _) in SITE_NAMES {
             points.push(HookPoint::Block(11, *site));
         }

@@ -2,9 +2,8 @@
 //! hook points. One file per family translates a checkpoint; nothing downstream knows families.
 pub mod checkpoint;
 pub mod config;
-pub mod gpt2;
+pub mod families;
 pub mod hook_point;
-pub mod llama;
 pub mod process;
 pub mod source;
 pub mod weights;
@@ -44,15 +43,7 @@ pub struct Model {
     pub files: Option<source::ModelFiles>,
 }
 
-/// The family parser for a config.json, chosen by its model_type.
-fn family(json: &serde_json::Value) -> Result<(ModelConfig, fn(checkpoint::StateDict, &ModelConfig) -> Result<Weights>)> {
-    let model_type = json.get("model_type").and_then(|v| v.as_str()).unwrap_or("");
-    match model_type {
-        "gpt2" => Ok((gpt2::config(json)?, gpt2::weights)),
-        "llama" => Ok((llama::config(json)?, llama::weights)),
-        other => Err(Error::Config(format!("model_type '{other}' is not supported yet (supported: gpt2, llama)"))),
-    }
-}
+use families::family;
 
 /// Reads and parses config.json into the resolved config (no weights), e.g. to validate a spec.
 pub fn read_config(files: &source::ModelFiles) -> Result<ModelConfig> {
@@ -114,7 +105,10 @@ impl Model {
         match site {
             Site::RotQ | Site::RotK => self.cfg.is_rotary(),
             Site::ResidMid => !self.cfg.parallel_block,
+            Site::Ln2(_) => !self.cfg.shared_norm,
             Site::MlpPreLinear => self.cfg.mlp.gated,
+            Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed => self.cfg.qk_norm,
+            Site::Ln1Post(_) | Site::Ln2Post(_) => self.cfg.post_norms,
             _ => true,
         }
     }
@@ -122,8 +116,12 @@ impl Model {
     /// Every hook point of this model in forward order (hook_result included: it is computed
     /// only when captured or edited).
     pub fn hook_points(&self) -> Vec<HookPoint> {
-        let mut out = vec![HookPoint::Embed];
-        if !self.cfg.is_rotary() {
+        let mut out = Vec::new();
+        if self.cfg.embed_norm {
+            out.extend([HookPoint::EmbedLn(NormHook::Scale), HookPoint::EmbedLn(NormHook::Normalized)]);
+        }
+        out.push(HookPoint::Embed);
+        if self.cfg.has_pos_embed() {
             out.push(HookPoint::PosEmbed);
         }
         for l in 0..self.cfg.n_layers {
@@ -150,7 +148,10 @@ impl Model {
                 why: format!("the model has {} layers: 0-{}", self.cfg.n_layers, self.cfg.n_layers - 1),
             }),
             HookPoint::Block(_, s) if !self.has_site(s) => Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) }),
-            HookPoint::PosEmbed if self.cfg.is_rotary() => Err(Error::AbsentHook { name: name.into(), why: "rotary models have no position embedding".into() }),
+            HookPoint::PosEmbed if !self.cfg.has_pos_embed() => {
+                Err(Error::AbsentHook { name: name.into(), why: "this model has no learned position embedding (rotary or ALiBi)".into() })
+            }
+            HookPoint::EmbedLn(_) if !self.cfg.embed_norm => Err(Error::AbsentHook { name: name.into(), why: "this model has no embedding norm".into() }),
             p => Ok(p),
         }
     }
@@ -161,10 +162,16 @@ impl Model {
         let (d, h, kv, e, m) = (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
         match point {
             HookPoint::Embed | HookPoint::PosEmbed => vec![batch, seq, d],
-            HookPoint::LnFinal(NormHook::Scale) => vec![batch, seq, 1],
-            HookPoint::LnFinal(NormHook::Normalized) => vec![batch, seq, d],
+            HookPoint::LnFinal(NormHook::Scale) | HookPoint::EmbedLn(NormHook::Scale) => vec![batch, seq, 1],
+            HookPoint::LnFinal(NormHook::Normalized) | HookPoint::EmbedLn(NormHook::Normalized) => vec![batch, seq, d],
             HookPoint::Block(_, s) => match s {
-                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) => vec![batch, seq, 1],
+                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) | Site::Ln1Post(NormHook::Scale) | Site::Ln2Post(NormHook::Scale) => {
+                    vec![batch, seq, 1]
+                }
+                Site::QNorm(NormHook::Scale) => vec![batch, h, seq, 1],
+                Site::KNorm(NormHook::Scale) => vec![batch, kv, seq, 1],
+                Site::QNorm(NormHook::Normalized) | Site::QNormed => vec![batch, h, seq, e],
+                Site::KNorm(NormHook::Normalized) | Site::KNormed => vec![batch, kv, seq, e],
                 Site::Q | Site::RotQ | Site::Z => vec![batch, seq, h, e],
                 Site::K | Site::V | Site::RotK => vec![batch, seq, kv, e],
                 Site::AttnScores | Site::Pattern => vec![batch, h, seq, seq],

@@ -10,14 +10,16 @@ use crate::model::weights::{NormWeights, Weights};
 pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     if p.fold_ln {
-        fold_layer_norms(w, layer_norm);
+        fold_layer_norms(w, layer_norm, cfg.shared_norm);
     }
     // Centering a vector that a LayerNorm will centre anyway changes no output; under RMSNorm it
     // would, so TransformerLens skips it there and so do we.
     if p.center_writing_weights && layer_norm {
         center_writing_weights(w);
     }
-    if p.center_unembed {
+    // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
+    // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
+    if p.center_unembed && cfg.final_softcap.is_none() {
         w.w_u = &w.w_u - w.w_u.mean_dim(-1, true, None);
         w.b_u = &w.b_u - w.b_u.mean(None);
     }
@@ -46,20 +48,29 @@ fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut
     }
 }
 
-fn fold_layer_norms(w: &mut Weights, layer_norm: bool) {
+/// Post-norms (Gemma 2), q/k norms (Qwen3) and the embedding norm (Bloom) are not folded: no
+/// linear map reads their output directly.
+fn fold_layer_norms(w: &mut Weights, layer_norm: bool, shared_norm: bool) {
     for b in &mut w.blocks {
         let a = &mut b.attn;
-        fold_norm_into(
-            &mut b.ln1,
-            vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))],
-            layer_norm,
-        );
+        let mut attn_reading = vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))];
         let m = &mut b.mlp;
-        let mut reading = vec![(&mut m.w_in, Some(&mut m.b_in))];
-        if let Some(g) = m.w_gate.as_mut() {
-            reading.push((g, None));
+        if layer_norm && m.w_gate.is_some() && m.b_gate.is_none() {
+            // The norm's bias reaches the gate as β·W_gate: it needs a bias to land in.
+            m.b_gate = Some(m.b_in.zeros_like());
         }
-        fold_norm_into(&mut b.ln2, reading, layer_norm);
+        let mut mlp_reading = vec![(&mut m.w_in, Some(&mut m.b_in))];
+        if let Some(g) = m.w_gate.as_mut() {
+            mlp_reading.push((g, m.b_gate.as_mut()));
+        }
+        if shared_norm {
+            // One norm feeds attention and the MLP (GPT-J, Phi): fold it into both.
+            attn_reading.extend(mlp_reading);
+            fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
+        } else {
+            fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
+            fold_norm_into(&mut b.ln2, mlp_reading, layer_norm);
+        }
     }
     fold_norm_into(&mut w.ln_final, vec![(&mut w.w_u, Some(&mut w.b_u))], layer_norm);
 }

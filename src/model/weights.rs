@@ -24,13 +24,18 @@ pub struct AttnWeights {
     pub b_v: Tensor, // [n_kv_heads, d_head]
     pub w_o: Tensor, // [n_heads, d_head, d_model]
     pub b_o: Tensor, // [d_model]
+    /// Per-head RMSNorm weights on queries and keys [d_head] (Qwen3).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 #[derive(Debug)]
 pub struct MlpWeights {
     pub w_in: Tensor,           // [d_model, d_mlp]
     pub b_in: Tensor,           // [d_mlp]
-    pub w_gate: Option<Tensor>, // [d_model, d_mlp], gated MLPs only (no bias, as TL)
+    pub w_gate: Option<Tensor>, // [d_model, d_mlp], gated MLPs only
+    /// [d_mlp]: a gated MLP under a LayerNorm gets one when the norm's bias is folded (StableLM).
+    pub b_gate: Option<Tensor>,
     pub w_out: Tensor,          // [d_mlp, d_model]
     pub b_out: Tensor,          // [d_model]
 }
@@ -39,13 +44,26 @@ pub struct MlpWeights {
 pub struct BlockWeights {
     pub ln1: NormWeights,
     pub attn: AttnWeights,
+    /// Both None when the MLP reads ln1's output (shared-norm parallel blocks).
     pub ln2: NormWeights,
     pub mlp: MlpWeights,
+    /// Norms on the attention and MLP outputs (Gemma 2), never folded.
+    pub ln1_post: Option<NormWeights>,
+    pub ln2_post: Option<NormWeights>,
+}
+
+impl BlockWeights {
+    /// A block without post-norms.
+    pub fn new(ln1: NormWeights, attn: AttnWeights, ln2: NormWeights, mlp: MlpWeights) -> Self {
+        BlockWeights { ln1, attn, ln2, mlp, ln1_post: None, ln2_post: None }
+    }
 }
 
 #[derive(Debug)]
 pub struct Weights {
     pub w_e: Tensor,           // [d_vocab, d_model]
+    /// The norm right after the embedding (Bloom's embed_ln).
+    pub ln_embed: Option<NormWeights>,
     pub w_pos: Option<Tensor>, // [n_ctx, d_model], learned positions only
     pub blocks: Vec<BlockWeights>,
     pub ln_final: NormWeights,
@@ -104,10 +122,15 @@ impl Weights {
             cfg.mlp.d_mlp as i64,
         );
         expect_shape("W_E", &self.w_e, &[v, d])?;
-        match (&self.w_pos, cfg.is_rotary()) {
-            (Some(p), false) => expect_shape("W_pos", p, &[cfg.n_ctx as i64, d])?,
-            (None, true) => {}
+        match (&self.w_pos, cfg.has_pos_embed()) {
+            (Some(p), true) => expect_shape("W_pos", p, &[cfg.n_ctx as i64, d])?,
+            (None, false) => {}
             _ => return Err(Error::Config("position embedding table does not match the positional scheme".into())),
+        }
+        match (&self.ln_embed, cfg.embed_norm) {
+            (Some(n), true) => n.validate("embed_ln", d)?,
+            (None, false) => {}
+            _ => return Err(Error::Config("embedding norm does not match the config".into())),
         }
         if self.blocks.len() != cfg.n_layers {
             return Err(Error::Config(format!("{} blocks of weights for {} layers", self.blocks.len(), cfg.n_layers)));
@@ -125,14 +148,31 @@ impl Weights {
             expect_shape(&n("mlp.W_in"), &b.mlp.w_in, &[d, m])?;
             expect_shape(&n("mlp.b_in"), &b.mlp.b_in, &[m])?;
             match (&b.mlp.w_gate, cfg.mlp.gated) {
-                (Some(g), true) => expect_shape(&n("mlp.W_gate"), g, &[d, m])?,
+                (Some(g), true) => {
+                    expect_shape(&n("mlp.W_gate"), g, &[d, m])?;
+                    if let Some(bg) = &b.mlp.b_gate {
+                        expect_shape(&n("mlp.b_gate"), bg, &[m])?;
+                    }
+                }
                 (None, false) => {}
                 _ => return Err(Error::Config(format!("block {l}: gate weight does not match the MLP kind"))),
             }
             expect_shape(&n("mlp.W_out"), &b.mlp.w_out, &[m, d])?;
             expect_shape(&n("mlp.b_out"), &b.mlp.b_out, &[d])?;
-            for (name, norm) in [("ln1", &b.ln1), ("ln2", &b.ln2)] {
-                norm.validate(&n(name), d)?;
+            for (name, norm) in [("ln1", Some(&b.ln1)), ("ln2", Some(&b.ln2)), ("ln1_post", b.ln1_post.as_ref()), ("ln2_post", b.ln2_post.as_ref())] {
+                if let Some(norm) = norm {
+                    norm.validate(&n(name), d)?;
+                }
+            }
+            if b.ln1_post.is_some() != cfg.post_norms || b.ln2_post.is_some() != cfg.post_norms {
+                return Err(Error::Config(format!("block {l}: post-attention/MLP norms do not match the config")));
+            }
+            for (name, w) in [("attn.q_norm.w", &b.attn.q_norm), ("attn.k_norm.w", &b.attn.k_norm)] {
+                match (w, cfg.qk_norm) {
+                    (Some(w), true) => expect_shape(&n(name), w, &[e])?,
+                    (None, false) => {}
+                    _ => return Err(Error::Config(format!("block {l}: {name} does not match the config's q/k norm"))),
+                }
             }
         }
         self.ln_final.validate("ln_final", d)?;
@@ -143,11 +183,16 @@ impl Weights {
 
     /// Moves every tensor to a device and kind (after processing, which runs in f32).
     pub fn to(&self, device: tch::Device, kind: Kind) -> Weights {
-        let t = |x: &Tensor| x.to_device(device).to_kind(kind);
-        let o = |x: &Option<Tensor>| x.as_ref().map(t);
+        self.map(&|x: &Tensor| x.to_device(device).to_kind(kind))
+    }
+
+    /// The same weights with `f` applied to every tensor.
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Weights {
+        let o = |x: &Option<Tensor>| x.as_ref().map(f);
         let norm = |n: &NormWeights| NormWeights { w: o(&n.w), b: o(&n.b) };
         Weights {
-            w_e: t(&self.w_e),
+            w_e: f(&self.w_e),
+            ln_embed: self.ln_embed.as_ref().map(norm),
             w_pos: o(&self.w_pos),
             blocks: self
                 .blocks
@@ -155,28 +200,33 @@ impl Weights {
                 .map(|b| BlockWeights {
                     ln1: norm(&b.ln1),
                     attn: AttnWeights {
-                        w_q: t(&b.attn.w_q),
-                        b_q: t(&b.attn.b_q),
-                        w_k: t(&b.attn.w_k),
-                        b_k: t(&b.attn.b_k),
-                        w_v: t(&b.attn.w_v),
-                        b_v: t(&b.attn.b_v),
-                        w_o: t(&b.attn.w_o),
-                        b_o: t(&b.attn.b_o),
+                        w_q: f(&b.attn.w_q),
+                        b_q: f(&b.attn.b_q),
+                        w_k: f(&b.attn.w_k),
+                        b_k: f(&b.attn.b_k),
+                        w_v: f(&b.attn.w_v),
+                        b_v: f(&b.attn.b_v),
+                        w_o: f(&b.attn.w_o),
+                        b_o: f(&b.attn.b_o),
+                        q_norm: o(&b.attn.q_norm),
+                        k_norm: o(&b.attn.k_norm),
                     },
                     ln2: norm(&b.ln2),
                     mlp: MlpWeights {
-                        w_in: t(&b.mlp.w_in),
-                        b_in: t(&b.mlp.b_in),
+                        w_in: f(&b.mlp.w_in),
+                        b_in: f(&b.mlp.b_in),
                         w_gate: o(&b.mlp.w_gate),
-                        w_out: t(&b.mlp.w_out),
-                        b_out: t(&b.mlp.b_out),
+                        b_gate: o(&b.mlp.b_gate),
+                        w_out: f(&b.mlp.w_out),
+                        b_out: f(&b.mlp.b_out),
                     },
+                    ln1_post: b.ln1_post.as_ref().map(norm),
+                    ln2_post: b.ln2_post.as_ref().map(norm),
                 })
                 .collect(),
             ln_final: norm(&self.ln_final),
-            w_u: t(&self.w_u),
-            b_u: t(&self.b_u),
+            w_u: f(&self.w_u),
+            b_u: f(&self.b_u),
         }
     }
 }

@@ -17,8 +17,16 @@ pub struct ModelSpec {
     pub id: String,
     pub revision: Option<String>,
     pub processing: Processing,
-    pub prepend_bos: bool,
+    /// None: what TransformerLens's to_tokens does for the model's family.
+    pub prepend_bos: Option<bool>,
     pub device: String,
+}
+
+impl ModelSpec {
+    /// The spec's prepend_bos, else the family default (the config is known only after loading).
+    pub fn prepend_bos_for(&self, cfg: &crate::model::config::ModelConfig) -> bool {
+        self.prepend_bos.unwrap_or(cfg.default_prepend_bos)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -259,7 +267,7 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
             center_unembed: m.center_unembed.unwrap_or(tl.center_unembed),
             fold_value_biases: m.fold_value_biases.unwrap_or(tl.fold_value_biases),
         },
-        prepend_bos: m.prepend_bos.unwrap_or(true),
+        prepend_bos: m.prepend_bos,
         device,
     }
 }

@@ -12,9 +12,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A fixture model directory; stories260K is the real trained model in ../shared.
+/// A fixture model directory; stories260K is the real trained model vendored in tests/models/.
 pub fn fixture(name: &str) -> PathBuf {
-    let p = if name == "stories260K" { repo_root().join("../shared/models/stories260K") } else { repo_root().join("fixtures").join(name) };
+    let p = if name == "stories260K" { repo_root().join("tests/models/stories260K") } else { repo_root().join("fixtures").join(name) };
     assert!(
         p.join("config.json").is_file(),
         "fixture {} is missing: run `scripts/test.sh` (it builds fixtures and TransformerLens outputs)",
@@ -147,9 +147,17 @@ pub fn run_spec(spec: &str, args: &[&str]) -> tempfile::TempDir {
     dir
 }
 
+/// Whether a fixture uses the GPT-2 tokenizer (configs/fixtures.toml says; stories260K and the
+/// "stories" fixtures use the 512-token sentencepiece one).
+pub fn uses_gpt2_tokenizer(fixture: &str) -> bool {
+    let text = std::fs::read_to_string(repo_root().join("configs/fixtures.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    table.values().filter_map(|f| f.as_table()?.get(fixture)?.get("tokenizer")?.as_str().map(|t| t == "gpt2")).next().unwrap_or(false)
+}
+
 /// The prompt file of experiments/prompts/ a fixture's tokenizer reads (as the oracle scripts).
 pub fn prompt_file(fixture: &str) -> PathBuf {
-    repo_root().join("experiments/prompts").join(if fixture.starts_with("gpt2") { "ioi.jsonl" } else { "stories.jsonl" })
+    repo_root().join("experiments/prompts").join(if uses_gpt2_tokenizer(fixture) { "ioi.jsonl" } else { "stories.jsonl" })
 }
 
 /// The oracle's prompts ([{clean, answers}]) as TOML [prompts] lines.

@@ -20,10 +20,10 @@ from transformer_lens.model_bridge import TransformerBridge
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from oracle_common import fixture_dir, prompt_set  # noqa: E402
+from oracle_common import fixture_dir, prompt_set, uses_gpt2_tokenizer  # noqa: E402
 
 # The first IOI prompts of experiments/prompts/ioi.jsonl (the tests read them back from metadata).
-IOI = [p["clean"] for p in prompt_set("gpt2")][:4]
+IOI = [p["clean"] for p in prompt_set("gpt2-tiny")][:4]
 STORIES = [
     "Once upon a time, there was a little girl named Lily.",
     "Once upon a time, there was a little boy named Timmy.",
@@ -36,6 +36,12 @@ CASES = {
     "llama-tiny": {"single": STORIES[:1], "batch": STORIES},
     "stories260K": {"single": STORIES[:1], "batch": STORIES, "long": {"random_tokens": [2, 96], "seed": 8}},
 }
+# One fixture per further family (configs/fixtures.toml): a prompt alone and a batch.
+ZOO = ["llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny", "mistral-tiny", "qwen2-tiny",
+       "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny"]
+for _name in ZOO:
+    _prompts = IOI if uses_gpt2_tokenizer(_name) else STORIES
+    CASES[_name] = {"single": _prompts[:1], "batch": _prompts}
 # Aliases the bridge also exposes (module in/out points) are not TransformerLens hook points.
 SKIP_SUFFIXES = (".hook_in", ".hook_out", "hook_hidden_states", "hook_unembed")
 
@@ -55,7 +61,10 @@ def dump(model_dir: str, out_dir: str, fixture: str, processed: bool) -> None:
         model.enable_compatibility_mode(disable_warnings=True)
     else:
         model.enable_compatibility_mode(disable_warnings=True, no_processing=True)
-    model.set_use_attn_result(True)
+    try:
+        model.set_use_attn_result(True)
+    except NotImplementedError:
+        pass  # the bridge has no per-head result for this family's attention (GPT-Neo, GPT-J, OPT)
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval() if not processed else None
     tag = "processed" if processed else "raw"
     for case_name, case in CASES[fixture].items():
@@ -69,7 +78,8 @@ def dump(model_dir: str, out_dir: str, fixture: str, processed: bool) -> None:
         if hf is not None:
             with torch.no_grad():
                 tensors["hf_logits"] = hf(tokens).logits.float().contiguous()
-        meta = {"prompts": json.dumps(case if isinstance(case, list) else []), "fixture": fixture}
+        meta = {"prompts": json.dumps(case if isinstance(case, list) else []), "fixture": fixture,
+                "prepend_bos": json.dumps(bool(model.cfg.default_prepend_bos))}
         save_file(tensors, os.path.join(out_dir, f"{tag}-{case_name}.safetensors"), metadata=meta)
 
 

@@ -3,6 +3,7 @@ TransformerLens 4.3's TransformerBridge (compatibility mode = from_pretrained's 
 the prompt sets of experiments/prompts/ that the Rust tests use too."""
 import json
 import os
+import tomllib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,7 +15,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
 
 def fixture_dir(models: str, name: str) -> str:
     if name == "stories260K":
-        return os.path.join(ROOT, "..", "shared", "models", "stories260K")
+        return os.path.join(ROOT, "tests", "models", "stories260K")
     return os.path.join(models, name)
 
 
@@ -26,10 +27,20 @@ def load(models: str, name: str, attn_result: bool = False):
     return model
 
 
+with open(os.path.join(ROOT, "configs", "fixtures.toml"), "rb") as _f:
+    # fixture name -> "gpt2" or "stories" (its tokenizer); stories260K is the vendored real model.
+    TOKENIZER = {name: spec["tokenizer"] for family in tomllib.load(_f).values() for name, spec in family.items()}
+TOKENIZER["stories260K"] = "stories"
+
+
+def uses_gpt2_tokenizer(name: str) -> bool:
+    return TOKENIZER[name] == "gpt2"
+
+
 def prompt_set(name: str) -> list:
     """Prompts of experiments/prompts/<fixture's set>.jsonl: GPT-2 tokenizers read ioi.jsonl,
     the sentencepiece (stories) tokenizers stories.jsonl."""
-    path = os.path.join(ROOT, "experiments", "prompts", "ioi.jsonl" if name.startswith("gpt2") else "stories.jsonl")
+    path = os.path.join(ROOT, "experiments", "prompts", "ioi.jsonl" if uses_gpt2_tokenizer(name) else "stories.jsonl")
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -43,13 +43,11 @@ pub fn config(json: &serde_json::Value) -> Result<ModelConfig> {
             "GPT-2 configs with scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true are not supported".into(),
         ));
     }
-    if raw.n_embd % raw.n_head != 0 {
-        return Err(crate::error::Error::Config(format!("n_embd {} is not divisible by n_head {}", raw.n_embd, raw.n_head)));
-    }
-    let d_head = raw.n_embd / raw.n_head;
+    let d_head = super::convert::head_dim(raw.n_embd, raw.n_head)?;
     ModelConfig::new(raw.n_layer, raw.n_embd, raw.n_head, d_head, raw.vocab_size, raw.n_positions)?
         .with_norm(NormKind::LayerNorm, raw.layer_norm_epsilon)?
         .with_mlp(raw.n_inner.unwrap_or(4 * raw.n_embd), Activation::from_hf(&raw.activation_function)?, false)
+        .map(|c| c.with_family("gpt2", true))
 }
 
 /// [d_model, n*d_head] (Conv1D, in x out) -> [n, d_model, d_head].
@@ -64,8 +62,8 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
-        let qkv_w = sd.take(&p("attn.c_attn.weight"))?; // [d, 3d]
-        let qkv_b = sd.take(&p("attn.c_attn.bias"))?; // [3d]
+        let qkv_w = sd.take_shaped(&p("attn.c_attn.weight"), &[d, 3 * d])?;
+        let qkv_b = sd.take_shaped(&p("attn.c_attn.bias"), &[3 * d])?;
         let ws = qkv_w.split(d, 1);
         let bs = qkv_b.split(d, 0);
         let attn = AttnWeights {
@@ -75,24 +73,28 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
             b_k: bs[1].view([h, e]),
             w_v: per_head_in(&ws[2], h, e),
             b_v: bs[2].view([h, e]),
-            w_o: sd.take(&p("attn.c_proj.weight"))?.view([h, e, d]),
+            w_o: sd.take_shaped(&p("attn.c_proj.weight"), &[d, d])?.view([h, e, d]),
             b_o: sd.take(&p("attn.c_proj.bias"))?,
+            q_norm: None,
+            k_norm: None,
         };
         let mlp = MlpWeights {
             w_in: sd.take(&p("mlp.c_fc.weight"))?,
             b_in: sd.take(&p("mlp.c_fc.bias"))?,
             w_gate: None,
+            b_gate: None,
             w_out: sd.take(&p("mlp.c_proj.weight"))?,
             b_out: sd.take(&p("mlp.c_proj.bias"))?,
         };
         let ln1 = NormWeights { w: Some(sd.take(&p("ln_1.weight"))?), b: Some(sd.take(&p("ln_1.bias"))?) };
         let ln2 = NormWeights { w: Some(sd.take(&p("ln_2.weight"))?), b: Some(sd.take(&p("ln_2.bias"))?) };
-        blocks.push(BlockWeights { ln1, attn, ln2, mlp });
+        blocks.push(BlockWeights::new(ln1, attn, ln2, mlp));
     }
     let w_e = sd.take("wte.weight")?;
     // GPT-2 ties the unembedding to the embedding unless the checkpoint has its own lm_head.
     let w_u = sd.take_opt("lm_head.weight").unwrap_or_else(|| w_e.copy()).tr().contiguous();
     Ok(Weights {
+        ln_embed: None,
         w_pos: Some(sd.take("wpe.weight")?),
         blocks,
         ln_final: NormWeights { w: Some(sd.take("ln_f.weight")?), b: Some(sd.take("ln_f.bias")?) },

@@ -1,0 +1,130 @@
+//! What the family converters share: reading config.json fields that several families spell
+//! differently (rotary settings, windows), and turning HF nn.Linear / Conv1D tensors into
+//! TransformerLens's per-head layout.
+use serde_json::Value;
+use tch::{Kind, Tensor};
+
+use crate::error::{Error, Result};
+use crate::model::checkpoint::StateDict;
+use crate::model::config::RopeScaling;
+use crate::model::weights::NormWeights;
+
+/// Parses a family's config.json into its typed fields, naming the family in the error.
+pub fn parse<T: serde::de::DeserializeOwned>(json: &Value, family: &str) -> Result<T> {
+    serde_json::from_value(json.clone()).map_err(|e| Error::Config(format!("{family} config.json: {e}")))
+}
+
+/// d_model / n_heads, refusing a head count that does not divide it.
+pub fn head_dim(d_model: usize, n_heads: usize) -> Result<usize> {
+    if n_heads == 0 || d_model % n_heads != 0 {
+        return Err(Error::Config(format!("hidden size {d_model} is not divisible by {n_heads} attention heads")));
+    }
+    Ok(d_model / n_heads)
+}
+
+/// Rotary settings, from `rope_parameters` (transformers ≥ 5) or the older top-level
+/// `rope_theta` / `rotary_emb_base` / `rope_scaling` / `partial_rotary_factor` / `rotary_pct`.
+pub struct Rope {
+    pub base: f64,
+    pub partial: f64,
+    pub scaling: RopeScaling,
+}
+
+pub fn rope(json: &Value) -> Result<Rope> {
+    let params = json.get("rope_parameters").filter(|v| v.is_object());
+    let scaling_obj = params.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
+    let num = |v: Option<&Value>| v.and_then(Value::as_f64);
+    let base = num(params.and_then(|p| p.get("rope_theta"))).or(num(json.get("rope_theta"))).or(num(json.get("rotary_emb_base"))).unwrap_or(10000.0);
+    let partial = num(params.and_then(|p| p.get("partial_rotary_factor")))
+        .or(num(json.get("partial_rotary_factor")))
+        .or(num(json.get("rotary_pct")))
+        .unwrap_or(1.0);
+    let kind = scaling_obj
+        .and_then(|s| s.get("rope_type").or_else(|| s.get("type")))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let field = |name: &str| -> Result<f64> {
+        num(scaling_obj.and_then(|s| s.get(name))).ok_or_else(|| Error::Config(format!("rope scaling '{kind}' needs '{name}'")))
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: field("factor")? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: field("factor")?,
+            low_freq_factor: field("low_freq_factor")?,
+            high_freq_factor: field("high_freq_factor")?,
+            original_max_position: field("original_max_position_embeddings")?,
+        },
+        other => {
+            return Err(Error::Config(format!("rope scaling type '{other}' is not supported (supported: default, linear, llama3)")))
+        }
+    };
+    Ok(Rope { base, partial, scaling })
+}
+
+/// The rotary dimension for a partial factor, as HF computes it: int(d_head · factor).
+pub fn rotary_dim(d_head: usize, partial: f64) -> usize {
+    (d_head as f64 * partial) as usize
+}
+
+/// Per-layer windows from `layer_types` ("sliding_attention" gets `window`), else `fallback`.
+pub fn layer_windows(json: &Value, n_layers: usize, window: Option<usize>, fallback: impl Fn(usize) -> bool) -> Result<Vec<Option<usize>>> {
+    let sliding: Vec<bool> = match json.get("layer_types").and_then(Value::as_array) {
+        Some(types) => {
+            if types.len() != n_layers {
+                return Err(Error::Config(format!("layer_types has {} entries for {n_layers} layers", types.len())));
+            }
+            types.iter().map(|t| t.as_str() == Some("sliding_attention")).collect()
+        }
+        None => (0..n_layers).map(fallback).collect(),
+    };
+    Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
+}
+
+/// nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head].
+pub fn linear_per_head_in(w: &Tensor, n: i64, d_head: i64) -> Tensor {
+    let d = w.size()[1];
+    w.view([n, d_head, d]).transpose(1, 2).contiguous()
+}
+
+/// nn.Linear output projection [d_model, n*d_head] -> [n, d_head, d_model].
+pub fn linear_per_head_out(w: &Tensor, n: i64, d_head: i64) -> Tensor {
+    let d = w.size()[0];
+    w.tr().contiguous().view([n, d_head, d])
+}
+
+/// nn.Linear [out, in] -> TransformerLens [in, out].
+pub fn linear_t(w: Tensor) -> Tensor {
+    w.tr().contiguous()
+}
+
+pub fn zeros(shape: &[i64]) -> Tensor {
+    Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu))
+}
+
+/// A bias reshaped to `shape`, or zeros where the checkpoint has none.
+pub fn bias_or_zeros(sd: &mut StateDict, name: &str, shape: &[i64]) -> Tensor {
+    sd.take_opt(name).map(|b| b.reshape(shape)).unwrap_or_else(|| zeros(shape))
+}
+
+/// `{prefix}.weight` and, for LayerNorm, `{prefix}.bias`.
+pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWeights> {
+    Ok(NormWeights { w: Some(sd.take(&format!("{prefix}.weight"))?), b: if with_bias { Some(sd.take(&format!("{prefix}.bias"))?) } else { None } })
+}
+
+/// The unembedding [d_model, d_vocab]: `lm_head.weight` or, for tied models, W_E's transpose;
+/// with its bias (GPT-J, Phi) or zeros.
+pub fn unembed(sd: &mut StateDict, head: &str, w_e: &Tensor, d_vocab: i64) -> (Tensor, Tensor) {
+    let w_u = sd.take_opt(&format!("{head}.weight")).unwrap_or_else(|| w_e.copy()).tr().contiguous();
+    let b_u = bias_or_zeros(sd, &format!("{head}.bias"), &[d_vocab]);
+    (w_u, b_u)
+}
+
+/// A fused [n*3*d_head, d_model] projection whose rows are grouped per head as [q, k, v]
+/// (GPT-NeoX, Bloom) -> three [n, d_model, d_head] matrices and three [n, d_head] biases.
+pub fn split_per_head_qkv(w: &Tensor, b: &Tensor, n: i64, e: i64) -> [(Tensor, Tensor); 3] {
+    let d = w.size()[1];
+    let w = w.view([n, 3, e, d]);
+    let b = b.view([n, 3, e]);
+    [0, 1, 2].map(|i| (w.select(1, i).transpose(1, 2).contiguous(), b.select(1, i).contiguous()))
+}

@@ -1,0 +1,86 @@
+//! Phi-1/1.5/2 (PhiForCausalLM): attention and MLP in parallel under one LayerNorm, rotary on
+//! a fraction of each head (rotate-half), biases on every projection and on lm_head.
+//! Phi-3 shares the Llama layout and lives in llama.rs.
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::convert::{self, linear_per_head_in, linear_per_head_out, linear_t, norm, parse};
+use crate::error::{Error, Result};
+use crate::model::checkpoint::StateDict;
+use crate::model::config::{Activation, ModelConfig, NormKind};
+use crate::model::weights::{AttnWeights, BlockWeights, MlpWeights, NormWeights, Weights};
+
+#[derive(Debug, Deserialize)]
+struct RawConfig {
+    num_hidden_layers: usize,
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    intermediate_size: usize,
+    vocab_size: usize,
+    max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default)]
+    qk_layernorm: bool,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_act() -> String {
+    "gelu_new".into()
+}
+
+pub fn config(json: &Value) -> Result<ModelConfig> {
+    let raw: RawConfig = parse(json, "Phi")?;
+    if raw.qk_layernorm {
+        return Err(Error::Config("Phi with qk_layernorm = true is not supported".into()));
+    }
+    let d_head = convert::head_dim(raw.hidden_size, raw.num_attention_heads)?;
+    let rope = convert::rope(json)?;
+    Ok(ModelConfig::new(raw.num_hidden_layers, raw.hidden_size, raw.num_attention_heads, d_head, raw.vocab_size, raw.max_position_embeddings)?
+        .with_norm(NormKind::LayerNorm, raw.layer_norm_eps)?
+        .with_rotary(convert::rotary_dim(d_head, rope.partial), rope.base, false)?
+        .with_rope_scaling(rope.scaling)?
+        .with_kv_heads(raw.num_key_value_heads.unwrap_or(raw.num_attention_heads))?
+        .with_mlp(raw.intermediate_size, Activation::from_hf(&raw.hidden_act)?, false)?
+        .with_shared_norm_parallel_block()
+        // TransformerLens's to_tokens prepends no BOS for Phi by default.
+        .with_family("phi", false))
+}
+
+pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
+    let mut sd = sd.with_optional_prefix("model.", "embed_tokens.weight");
+    let (h, kv, e, d, m, v) = (cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
+    let mut blocks = Vec::with_capacity(cfg.n_layers);
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| format!("layers.{l}.{s}");
+        let attn = AttnWeights {
+            w_q: linear_per_head_in(&sd.take_shaped(&p("self_attn.q_proj.weight"), &[h * e, d])?, h, e),
+            b_q: sd.take_shaped(&p("self_attn.q_proj.bias"), &[h * e])?.view([h, e]),
+            w_k: linear_per_head_in(&sd.take_shaped(&p("self_attn.k_proj.weight"), &[kv * e, d])?, kv, e),
+            b_k: sd.take_shaped(&p("self_attn.k_proj.bias"), &[kv * e])?.view([kv, e]),
+            w_v: linear_per_head_in(&sd.take_shaped(&p("self_attn.v_proj.weight"), &[kv * e, d])?, kv, e),
+            b_v: sd.take_shaped(&p("self_attn.v_proj.bias"), &[kv * e])?.view([kv, e]),
+            w_o: linear_per_head_out(&sd.take_shaped(&p("self_attn.dense.weight"), &[d, h * e])?, h, e),
+            b_o: sd.take(&p("self_attn.dense.bias"))?,
+            q_norm: None,
+            k_norm: None,
+        };
+        let mlp = MlpWeights {
+            w_in: linear_t(sd.take_shaped(&p("mlp.fc1.weight"), &[m, d])?),
+            b_in: sd.take(&p("mlp.fc1.bias"))?,
+            w_gate: None,
+            b_gate: None,
+            w_out: linear_t(sd.take_shaped(&p("mlp.fc2.weight"), &[d, m])?),
+            b_out: sd.take(&p("mlp.fc2.bias"))?,
+        };
+        blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, NormWeights { w: None, b: None }, mlp));
+    }
+    let w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
+    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v);
+    Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm(&mut sd, "final_layernorm", true)?, w_u, b_u })
+}
