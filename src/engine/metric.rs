@@ -33,7 +33,8 @@ impl Metric {
         let tile = |ids: &[i64]| Tensor::from_slice(ids).to_device(final_last.device()).repeat([rows / n]);
         let logit_of = |ids: &Tensor| {
             let w = model.weights.w_u.index_select(1, ids).tr(); // [rows, d]
-            (final_last * w).sum_dim_intlist(-1, false, None) + model.weights.b_u.index_select(0, ids)
+            // Through the final softcap, as the full logits are (Gemma 2).
+            model.final_softcap((final_last * w).sum_dim_intlist(-1, false, None) + model.weights.b_u.index_select(0, ids))
         };
         match self.kind {
             MetricKind::LogitDiff => logit_of(&tile(&self.correct)) - logit_of(&tile(&self.incorrect)),

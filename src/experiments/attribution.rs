@@ -102,12 +102,12 @@ fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&
     // q.0/k.0 clean, q.1/k.1 corrupted; all post-rotary [n, pos, heads, d_head].
     let group = model.cfg.kv_group() as i64;
     let expand = |k: &Tensor| if group > 1 { k.repeat_interleave_self_int(group, 2, None) } else { k.shallow_clone() };
-    let scale = 1.0 / model.cfg.attn_scale;
+    if model.cfg.positional == crate::model::config::Positional::Alibi {
+        return Err(Error::Config("qk_fix is not available for ALiBi models (Bloom); use plain attribution for q and k".into()));
+    }
     let masked = scores.isneginf();
-    let scores_of = |q: &Tensor, k: &Tensor| {
-        let s = q.permute([0, 2, 1, 3]).matmul(&expand(k).permute([0, 2, 3, 1])) * scale;
-        s.masked_fill(&masked, f64::NEG_INFINITY)
-    };
+    // The model's own score function (scale and softcap), then the same mask as the run.
+    let scores_of = |q: &Tensor, k: &Tensor| model.attention_scores(q, &expand(k)).masked_fill(&masked, f64::NEG_INFINITY);
     let softmax = |s: &Tensor| {
         let p = s.softmax(-1, Kind::Float);
         p.masked_fill(&p.isnan(), 0.0)
