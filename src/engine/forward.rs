@@ -373,9 +373,10 @@ impl Model {
         }
         let mask = ctx.attn_mask(self.cfg.attn_windows[l]);
         let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY))?;
-        let pattern = scores.softmax(-1, scores.kind());
+        // Softmax accumulates in f32 whatever the run dtype, then returns to it.
+        let pattern = scores.softmax(-1, Kind::Float);
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
-        let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0))?;
+        let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0).to_kind(self.kind))?;
         let z = pattern.matmul(&v.permute([0, 2, 1, 3])).permute([0, 2, 1, 3]).contiguous();
         let z = hooks.at(at(Site::Z), z)?;
         if hooks.wants(at(Site::Result)) {
