@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::RopeScaling;
-use crate::model::weights::NormWeights;
+use crate::model::weights::{AttnWeights, MlpWeights, NormWeights};
 
 /// Parses a family's config.json into its typed fields, naming the family in the error.
 pub fn parse<T: serde::de::DeserializeOwned>(json: &Value, family: &str) -> Result<T> {
@@ -127,4 +127,36 @@ pub fn split_per_head_qkv(w: &Tensor, b: &Tensor, n: i64, e: i64) -> [(Tensor, T
     let w = w.view([n, 3, e, d]);
     let b = b.view([n, 3, e]);
     [0, 1, 2].map(|i| (w.select(1, i).transpose(1, 2).contiguous(), b.select(1, i).contiguous()))
+}
+
+/// A non-gated MLP of two nn.Linear layers with biases (`{up}.weight` [m, d], `{down}.weight` [d, m]).
+pub fn linear_mlp(sd: &mut StateDict, up: &str, down: &str, d: i64, m: i64) -> Result<MlpWeights> {
+    Ok(MlpWeights {
+        w_in: linear_t(sd.take_shaped(&format!("{up}.weight"), &[m, d])?),
+        b_in: sd.take_shaped(&format!("{up}.bias"), &[m])?,
+        w_gate: None,
+        b_gate: None,
+        w_out: linear_t(sd.take_shaped(&format!("{down}.weight"), &[d, m])?),
+        b_out: sd.take_shaped(&format!("{down}.bias"), &[d])?,
+    })
+}
+
+/// Attention with a fused per-head [q, k, v] projection `{qkv}` and an output projection
+/// `{out}`, all with biases (GPT-NeoX, Bloom).
+pub fn fused_per_head_attn(sd: &mut StateDict, qkv: &str, out: &str, h: i64, e: i64, d: i64) -> Result<AttnWeights> {
+    let w = sd.take_shaped(&format!("{qkv}.weight"), &[3 * h * e, d])?;
+    let b = sd.take_shaped(&format!("{qkv}.bias"), &[3 * h * e])?;
+    let [(w_q, b_q), (w_k, b_k), (w_v, b_v)] = split_per_head_qkv(&w, &b, h, e);
+    Ok(AttnWeights {
+        w_q,
+        b_q,
+        w_k,
+        b_k,
+        w_v,
+        b_v,
+        w_o: linear_per_head_out(&sd.take_shaped(&format!("{out}.weight"), &[d, h * e])?, h, e),
+        b_o: sd.take_shaped(&format!("{out}.bias"), &[d])?,
+        q_norm: None,
+        k_norm: None,
+    })
 }

@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, linear_t, norm, parse, zeros};
+use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse, zeros};
 use crate::error::Result;
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, MlpWeights, NormWeights, Weights};
+use crate::model::weights::{AttnWeights, BlockWeights, NormWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -62,14 +62,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
             q_norm: None,
             k_norm: None,
         };
-        let mlp = MlpWeights {
-            w_in: linear_t(sd.take_shaped(&p("mlp.fc_in.weight"), &[m, d])?),
-            b_in: sd.take(&p("mlp.fc_in.bias"))?,
-            w_gate: None,
-            b_gate: None,
-            w_out: linear_t(sd.take_shaped(&p("mlp.fc_out.weight"), &[d, m])?),
-            b_out: sd.take(&p("mlp.fc_out.bias"))?,
-        };
+        let mlp = convert::linear_mlp(&mut sd, &p("mlp.fc_in"), &p("mlp.fc_out"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("ln_1"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }
     let w_e = sd.take_shaped("wte.weight", &[v, d])?;

@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_out, linear_t, norm, parse, split_per_head_qkv};
+use super::convert::{self, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, MlpWeights, Weights};
+use crate::model::weights::{BlockWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -60,29 +60,8 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("layers.{l}.{s}");
-        let w = sd.take_shaped(&p("attention.query_key_value.weight"), &[3 * d, d])?;
-        let b = sd.take_shaped(&p("attention.query_key_value.bias"), &[3 * d])?;
-        let [(w_q, b_q), (w_k, b_k), (w_v, b_v)] = split_per_head_qkv(&w, &b, h, e);
-        let attn = AttnWeights {
-            w_q,
-            b_q,
-            w_k,
-            b_k,
-            w_v,
-            b_v,
-            w_o: linear_per_head_out(&sd.take_shaped(&p("attention.dense.weight"), &[d, d])?, h, e),
-            b_o: sd.take(&p("attention.dense.bias"))?,
-            q_norm: None,
-            k_norm: None,
-        };
-        let mlp = MlpWeights {
-            w_in: linear_t(sd.take_shaped(&p("mlp.dense_h_to_4h.weight"), &[m, d])?),
-            b_in: sd.take(&p("mlp.dense_h_to_4h.bias"))?,
-            w_gate: None,
-            b_gate: None,
-            w_out: linear_t(sd.take_shaped(&p("mlp.dense_4h_to_h.weight"), &[d, m])?),
-            b_out: sd.take(&p("mlp.dense_4h_to_h.bias"))?,
-        };
+        let attn = convert::fused_per_head_attn(&mut sd, &p("attention.query_key_value"), &p("attention.dense"), h, e, d)?;
+        let mlp = convert::linear_mlp(&mut sd, &p("mlp.dense_h_to_4h"), &p("mlp.dense_4h_to_h"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, norm(&mut sd, &p("post_attention_layernorm"), true)?, mlp));
     }
     let w_e = sd.take_shaped("embed_in.weight", &[v, d])?;

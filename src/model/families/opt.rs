@@ -2,12 +2,13 @@
 //! and learned positions stored with an offset of 2 (rows 0 and 1 are never used).
 use serde::Deserialize;
 use serde_json::Value;
+use tch::Tensor;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, linear_t, norm, parse};
+use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, MlpWeights, Weights};
+use crate::model::weights::{AttnWeights, BlockWeights, Weights};
 
 /// OPT's position table starts this many rows in.
 const POSITION_OFFSET: i64 = 2;
@@ -81,14 +82,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
             q_norm: None,
             k_norm: None,
         };
-        let mlp = MlpWeights {
-            w_in: linear_t(sd.take_shaped(&p("fc1.weight"), &[m, d])?),
-            b_in: sd.take(&p("fc1.bias"))?,
-            w_gate: None,
-            b_gate: None,
-            w_out: linear_t(sd.take_shaped(&p("fc2.weight"), &[d, m])?),
-            b_out: sd.take(&p("fc2.bias"))?,
-        };
+        let mlp = convert::linear_mlp(&mut sd, &p("fc1"), &p("fc2"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("self_attn_layer_norm"), true)?, attn, norm(&mut sd, &p("final_layer_norm"), true)?, mlp));
     }
     let w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
@@ -105,4 +99,3 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     })
 }
 
-use tch::Tensor;

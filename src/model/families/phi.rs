@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, linear_t, norm, parse};
+use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, MlpWeights, NormWeights, Weights};
+use crate::model::weights::{AttnWeights, BlockWeights, NormWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -70,14 +70,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
             q_norm: None,
             k_norm: None,
         };
-        let mlp = MlpWeights {
-            w_in: linear_t(sd.take_shaped(&p("mlp.fc1.weight"), &[m, d])?),
-            b_in: sd.take(&p("mlp.fc1.bias"))?,
-            w_gate: None,
-            b_gate: None,
-            w_out: linear_t(sd.take_shaped(&p("mlp.fc2.weight"), &[d, m])?),
-            b_out: sd.take(&p("mlp.fc2.bias"))?,
-        };
+        let mlp = convert::linear_mlp(&mut sd, &p("mlp.fc1"), &p("mlp.fc2"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }
     let w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
