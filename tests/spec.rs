@@ -149,3 +149,14 @@ fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
     let e = errors(&no_prompts.replace("source = \"repeated_random\"\n", ""));
     assert!(e.contains("head_scores runs read prompts: add a [prompts] section"), "{e}");
 }
+
+#[test]
+fn dtypes_are_named_and_checked() {
+    for (name, kind) in [("float32", tch::Kind::Float), ("bfloat16", tch::Kind::BFloat16), ("float16", tch::Kind::Half)] {
+        let s = resolve_text(&GOOD.replace("[model]\nid = \"gpt2\"", &format!("[model]\nid = \"gpt2\"\ndtype = \"{name}\"")), "s", Path::new(".")).unwrap();
+        assert_eq!(s.model.kind().unwrap(), kind);
+    }
+    assert_eq!(resolve_text(GOOD, "s", Path::new(".")).unwrap().model.kind().unwrap(), tch::Kind::Float);
+    let e = errors(&GOOD.replace("[model]\nid = \"gpt2\"", "[model]\nid = \"gpt2\"\ndtype = \"fp8\""));
+    assert!(e.contains("spec.toml:5:9: model.dtype: unknown dtype 'fp8' (valid: float32, bfloat16, float16)"), "{e}");
+}

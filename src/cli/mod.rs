@@ -85,6 +85,9 @@ pub struct SpecArgs {
     /// Run on this device instead of the spec's model.device (cpu, cuda, cuda:N).
     #[arg(long)]
     pub device: Option<String>,
+    /// Run in this dtype instead of the spec's model.dtype (float32, bfloat16, float16).
+    #[arg(long)]
+    pub dtype: Option<String>,
     /// Use this prompt file (JSONL or prompt-pair JSON) instead of the spec's [prompts]: the
     /// same experiment on a model whose tokenizer needs other prompts.
     #[arg(long)]
@@ -104,6 +107,9 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// float32, bfloat16 or float16 (weights are processed in f32, then cast).
+    #[arg(long, default_value = "float32")]
+    pub dtype: String,
 }
 
 pub fn init_logging(verbose: u8) {
@@ -134,7 +140,7 @@ fn load(m: &ModelArgs) -> Result<Model> {
         revision: m.revision.clone(),
         processing: if m.no_processing { Processing::NONE } else { Processing::TRANSFORMER_LENS },
         device: parse_device(&m.device)?,
-        kind: tch::Kind::Float,
+        kind: tl_run::model::config::parse_dtype(&m.dtype).with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
     };
     Ok(Model::load(&m.model, &opts)?)
 }
@@ -174,6 +180,9 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     }
     if let Some(d) = &a.device {
         spec.model.device = d.clone();
+    }
+    if let Some(d) = &a.dtype {
+        spec.model.dtype = d.clone();
     }
     if let Some(p) = &a.prompts {
         spec.prompts = tl_run::spec::prompts::read(p).map_err(|e| anyhow::anyhow!("--prompts {}: {e}", p.display()))?;
@@ -215,7 +224,7 @@ fn run(a: &SpecArgs, progress: bool) -> Result<()> {
         revision: spec.model.revision.clone(),
         processing: spec.model.processing,
         device: parse_device(&spec.model.device)?,
-        kind: tch::Kind::Float,
+        kind: spec.model.kind()?,
     };
     let model = Model::load(&spec.model.id, &opts)?;
     let outcome = tl_run::graph::execute::run_spec(&spec, &model, progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))?;

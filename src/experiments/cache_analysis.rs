@@ -43,7 +43,8 @@ pub struct TopToken {
 /// Each prompt's answer direction in the residual stream, [n, d_model]: W_U[:, correct] −
 /// W_U[:, incorrect] for a logit difference, W_U[:, correct] otherwise (b_U excluded, as logit_attrs).
 pub fn answer_directions(model: &Model, metric: &Metric) -> Tensor {
-    let col = |ids: &[i64]| model.weights.w_u.index_select(1, &Tensor::from_slice(ids).to_device(model.device)).tr();
+    // In f32 whatever the run dtype: every value reported from it accumulates in f32.
+    let col = |ids: &[i64]| model.weights.w_u.index_select(1, &Tensor::from_slice(ids).to_device(model.device)).tr().to_kind(Kind::Float);
     match metric.kind {
         MetricKind::LogitDiff => col(&metric.correct) - col(&metric.incorrect),
         MetricKind::Logprob | MetricKind::Prob => col(&metric.correct),
@@ -152,7 +153,7 @@ pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Te
 pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, over: DlaOver) -> Result<Vec<Component>> {
     let n_layers = model.cfg.n_layers;
     let scale_point = HookPoint::LnFinal(NormHook::Scale);
-    let last = |p: HookPoint| cache.get(&p).map(|t| t.select(1, -1));
+    let last = |p: HookPoint| cache.get(&p).map(|t| t.select(1, -1).to_kind(Kind::Float));
     let missing = |p: HookPoint| Error::Other(format!("{p} was not cached"));
     let scale = last(scale_point).ok_or_else(|| missing(scale_point))?; // [n, 1]
     let n = scale.size()[0] as usize;
@@ -181,7 +182,7 @@ pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metr
             for l in 0..n_layers {
                 let z = last(HookPoint::Block(l, Site::Z)).ok_or_else(|| missing(HookPoint::Block(l, Site::Z)))?; // [n, h, e]
                 // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
-                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o, &dir], None::<&[i64]>);
+                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o.to_kind(Kind::Float), &dir], None::<&[i64]>);
                 let per_head = (z * through).sum_dim_intlist(-1, false, None).to_kind(Kind::Double); // [n, h]
                 for h in 0..model.cfg.n_heads as i64 {
                     push(format!("L{l}H{h}"), HookPoint::Block(l, Site::Result), Some(l), Some(h), None, Vec::try_from(per_head.select(1, h))?);
@@ -191,7 +192,7 @@ pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metr
         DlaOver::Neuron => {
             for l in 0..n_layers {
                 let post = last(HookPoint::Block(l, Site::MlpPost)).ok_or_else(|| missing(HookPoint::Block(l, Site::MlpPost)))?; // [n, m]
-                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr()); // [n, m]
+                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr().to_kind(Kind::Float)); // [n, m]
                 // Transposed to [m, n] so each neuron's prompts are contiguous.
                 let per_neuron: Vec<f64> = Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
                 for (k, v) in per_neuron.chunks(n).enumerate() {

@@ -16,7 +16,9 @@ pub struct StateDict {
 }
 
 impl StateDict {
-    /// Reads every shard, converting to f32: weight processing runs in f32 as TransformerLens does.
+    /// Reads every shard in its stored dtype; each tensor becomes f32 only when a converter
+    /// takes it (weight processing runs in f32 as TransformerLens does), so a bf16 checkpoint is
+    /// never held as a whole in f32 next to its stored copy.
     pub fn read(files: &[PathBuf]) -> Result<Self> {
         let mut tensors = BTreeMap::new();
         for f in files {
@@ -24,9 +26,7 @@ impl StateDict {
                 id: f.display().to_string(),
                 reason: format!("reading safetensors: {e}"),
             })?;
-            for (name, t) in read {
-                tensors.insert(name, t.to_kind(Kind::Float));
-            }
+            tensors.extend(read);
         }
         let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
         Ok(StateDict { tensors, prefix: String::new(), origin })
@@ -53,7 +53,7 @@ impl StateDict {
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         let prefixed = format!("{}{name}", self.prefix);
         if let Some(t) = self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name)) {
-            return Ok(t);
+            return Ok(t.to_kind(Kind::Float));
         }
         let near = nearest(&prefixed, self.tensors.keys().map(|k| k.as_str()));
         Err(Error::Load {
@@ -78,12 +78,12 @@ impl StateDict {
     /// Like `take`, but the tensor may be absent (biases of bias-free models).
     pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
         let prefixed = format!("{}{name}", self.prefix);
-        self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name))
+        self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name)).map(|t| t.to_kind(Kind::Float))
     }
 
     /// Tensor `name` shared with another use (tied embeddings), without removing it.
     pub fn get(&self, name: &str) -> Option<Tensor> {
         let prefixed = format!("{}{name}", self.prefix);
-        self.tensors.get(&prefixed).or_else(|| self.tensors.get(name)).map(|t| t.copy())
+        self.tensors.get(&prefixed).or_else(|| self.tensors.get(name)).map(|t| t.to_kind(Kind::Float).copy())
     }
 }

@@ -290,6 +290,18 @@ impl ModelConfig {
     }
 }
 
+/// The run dtype for a spec or command-line name (None for an unknown name).
+pub fn parse_dtype(name: &str) -> Option<tch::Kind> {
+    match name {
+        "float32" | "f32" => Some(tch::Kind::Float),
+        "bfloat16" | "bf16" => Some(tch::Kind::BFloat16),
+        "float16" | "f16" | "half" => Some(tch::Kind::Half),
+        _ => None,
+    }
+}
+
+pub const DTYPES: &str = "float32, bfloat16, float16";
+
 /// TransformerLens's load-time weight processing; `from_pretrained` turns all four on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Processing {

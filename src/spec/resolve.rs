@@ -20,10 +20,17 @@ pub struct ModelSpec {
     /// None: what TransformerLens's to_tokens does for the model's family.
     pub prepend_bos: Option<bool>,
     pub device: String,
+    /// float32 | bfloat16 | float16: weights are processed in f32, then cast to this.
+    pub dtype: String,
 }
 
 impl ModelSpec {
     /// The spec's prepend_bos, else the family default (the config is known only after loading).
+    pub fn kind(&self) -> crate::error::Result<tch::Kind> {
+        crate::model::config::parse_dtype(&self.dtype)
+            .ok_or_else(|| crate::error::Error::Config(format!("unknown dtype '{}' (valid: {})", self.dtype, crate::model::config::DTYPES)))
+    }
+
     pub fn prepend_bos_for(&self, cfg: &crate::model::config::ModelConfig) -> bool {
         self.prepend_bos.unwrap_or(cfg.default_prepend_bos)
     }
@@ -246,8 +253,8 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
     if let Some(d) = &m.dtype {
-        if d.get_ref() != "float32" && d.get_ref() != "f32" {
-            cx.at(d, "model.dtype", format!("dtype '{}' is not supported yet (valid: float32)", d.get_ref()));
+        if crate::model::config::parse_dtype(d.get_ref()).is_none() {
+            cx.at(d, "model.dtype", format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES));
         }
     }
     let device = m.device.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "cpu".into());
@@ -269,6 +276,7 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
         },
         prepend_bos: m.prepend_bos,
         device,
+        dtype: m.dtype.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "float32".into()),
     }
 }
 
