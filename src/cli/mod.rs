@@ -193,11 +193,7 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
 
 fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     let spec = read_spec(a)?;
-    let files = tl_run::model::source::resolve(&spec.model.id, spec.model.revision.as_deref())?;
-    let cfg = tl_run::model::read_config(&files)?;
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&files.config)?)?;
-    let tok_path = files.tokenizer.as_ref().context("the model has no tokenizer.json")?;
-    let tok = tl_run::engine::tokenize::TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
+    let (cfg, tok) = tl_run::model::describe(&spec.model.id, spec.model.revision.as_deref())?;
     for run in &spec.runs {
         run.check_layers(cfg.n_layers, &spec.file).map_err(anyhow::Error::msg)?;
     }

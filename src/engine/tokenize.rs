@@ -41,7 +41,13 @@ impl TextTokenizer {
             }
             None => serde_json::Value::Null,
         };
-        let id_of = |key: &str| special_token(&tcfg, key).and_then(|t| tok.token_to_id(&t)).map(i64::from);
+        Self::from_parts(tok, &tcfg, model_config)
+    }
+
+    /// A tokenizer with its special tokens named by tokenizer_config.json (`tcfg`, or Null) and
+    /// config.json's token ids.
+    pub fn from_parts(tok: tokenizers::Tokenizer, tcfg: &serde_json::Value, model_config: &serde_json::Value) -> Result<Self> {
+        let id_of = |key: &str| special_token(tcfg, key).and_then(|t| tok.token_to_id(&t)).map(i64::from);
         let from_model = |key: &str| model_config.get(key).and_then(|v| v.as_i64());
         let bos_id = id_of("bos_token").or_else(|| from_model("bos_token_id"));
         let eos_id = id_of("eos_token").or_else(|| from_model("eos_token_id"));

@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod families;
+pub mod gguf;
 pub mod hook_point;
 pub mod process;
 pub mod source;
@@ -45,6 +46,26 @@ pub struct Model {
 
 use families::family;
 
+/// Whether a model id names a GGUF file.
+pub fn is_gguf(id: &str) -> bool {
+    id.ends_with(".gguf") && std::path::Path::new(id).is_file()
+}
+
+/// The config and tokenizer of `id` without processing weights (validate, plan).
+pub fn describe(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTokenizer)> {
+    if is_gguf(id) {
+        let g = gguf::Gguf::read(std::path::Path::new(id))?;
+        let json = g.config_json()?;
+        let tok = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
+        return Ok((family(&json)?.0, tok));
+    }
+    let files = source::resolve(id, revision)?;
+    let json = read_json(&files.config)?;
+    let tok_path = files.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
+    let tok = TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
+    Ok((family(&json)?.0, tok))
+}
+
 /// Reads and parses config.json into the resolved config (no weights), e.g. to validate a spec.
 pub fn read_config(files: &source::ModelFiles) -> Result<ModelConfig> {
     let json = read_json(&files.config)?;
@@ -57,8 +78,12 @@ fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
 }
 
 impl Model {
-    /// Loads `id` (a local directory or a hub id) with TransformerLens-style processing.
+    /// Loads `id` (a local directory, a hub id or a `.gguf` file) with TransformerLens-style
+    /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
+        if is_gguf(id) {
+            return Model::load_gguf(id, opts);
+        }
         let files = source::resolve(id, opts.revision.as_deref())?;
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
         let json = read_json(&files.config)?;
@@ -75,6 +100,31 @@ impl Model {
         let mut model = Model::from_weights(cfg, weights, opts)?;
         model.tokenizer = tokenizer;
         model.files = Some(files);
+        Ok(model)
+    }
+
+    /// A `.gguf` file: tensors dequantized to f32, processed, then cast to the run dtype.
+    fn load_gguf(id: &str, opts: &LoadOptions) -> Result<Model> {
+        let path = std::path::Path::new(id);
+        tracing::info!(id, "loading GGUF model");
+        let g = gguf::Gguf::read(path)?;
+        let json = g.config_json()?;
+        let (cfg, convert) = family(&json)?;
+        let weights = convert(g.state_dict()?, &cfg).map_err(|e| match e {
+            Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
+            e => e,
+        })?;
+        let tokenizer = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
+        let mut model = Model::from_weights(cfg, weights, opts)?;
+        model.tokenizer = Some(tokenizer);
+        model.files = Some(source::ModelFiles {
+            id: id.into(),
+            config: path.to_path_buf(),
+            weights: vec![path.to_path_buf()],
+            tokenizer: None,
+            tokenizer_config: None,
+            commit: None,
+        });
         Ok(model)
     }
 

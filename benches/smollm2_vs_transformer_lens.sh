@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# benches/smollm2.toml on the real SmolLM2-135M-Instruct: tl-run (float32 and bfloat16) against
+# TransformerLens's patching.py on the same dequantized weights, same machine, same run.
+# Prints the times and the ratios (sweeps only: clean/corrupted runs + patching, as TL's part).
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+hf_dir="$HOME/.cache/tl-run/bench-fixtures/smollm2-hf"
+mkdir -p "$hf_dir"
+declare -A sweeps whole
+for dtype in float32 bfloat16; do
+  out="$(mktemp -d)"
+  whole[$dtype]=$(python3 -c "
+import subprocess, time
+t = time.perf_counter()
+subprocess.run(['target/release/tl-run', 'benches/smollm2.toml', '--dtype', '$dtype', '--out', '$out', '--quiet'], check=True, stdout=subprocess.DEVNULL)
+print(round(time.perf_counter() - t, 2))")
+  sweeps[$dtype]=$(python3 -c "import json; m=json.load(open('$out/manifest.json'))['timings_seconds']; print(round(sum(m[k] for k in ['clean and corrupted runs', 'resid (total)', 'heads (total)']), 2))")
+  rm -rf "$out"
+done
+tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/tl_smollm2.py .models/SmolLM2-135M-Instruct.Q4_1.gguf "$hf_dir" 2>/dev/null | tail -1)
+tl_s=$(python3 -c "import json; print(round(json.loads('$tl')['patching_s'], 2))")
+echo "TransformerLens patching.py (resid_pre by position + z by head, 8 IOI prompts): ${tl_s}s ($tl)"
+for dtype in float32 bfloat16; do
+  echo "tl-run $dtype: sweeps ${sweeps[$dtype]}s, whole command ${whole[$dtype]}s"
+  python3 -c "print(f'  speed-up vs TransformerLens: sweeps {$tl_s / ${sweeps[$dtype]}:.1f}x, whole command {$tl_s / ${whole[$dtype]}:.1f}x')"
+done
