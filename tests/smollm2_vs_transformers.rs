@@ -1,8 +1,8 @@
 //! The real default model, SmolLM2-135M-Instruct from its Q4_1 GGUF (fetched and checked by
 //! scripts/setup.sh): tl-run's GGUF reader against transformers' own GGUF loading — the tokens
 //! of the IOI prompts and the logits (unprocessed, so HF's numerics) — and the IOI patching
-//! (resid_pre over [layer, pos], z over [layer, head]) against TransformerLens's patching.py on
-//! the same dequantized weights (tests/oracle/dump_smollm2.py).
+//! (resid_pre over [layer, pos], z over [layer, head], the first two IOI pairs) against
+//! TransformerLens's patching.py on the same dequantized weights (tests/oracle/dump_smollm2.py).
 mod common;
 
 use common::*;
@@ -43,9 +43,9 @@ fn gguf_tokens_and_logits_equal_transformers() {
 fn ioi_patching_equals_patching_py() {
     let o = Oracle::read("smollm2", "patching.safetensors");
     let spec = format!(
-        "name = \"smollm2\"\n[model]\nid = \"{}\"\n[prompts]\nfile = \"{}\"\n[corruption]\nkind = \"swap_pairs\"\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"resid\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",
+        "name = \"smollm2\"\n[model]\nid = \"{}\"\n{}[corruption]\nkind = \"swap_pairs\"\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"resid\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",
         gguf_path(),
-        repo_root().join("experiments/prompts/ioi.jsonl").display()
+        prompts_toml(&o)
     );
     let dir = run_spec(&spec, &[]);
     let out = dir.path().join("out");

@@ -1,6 +1,9 @@
 //! A checkpoint's tensors by name, read from safetensors files only. Family converters `take`
 //! tensors out; a missing name fails at load time with the name and the nearest names present.
+//! Tensors are read from disk one at a time as they are taken, in their stored dtype, so loading
+//! never holds the file's bytes and the converted weights at once.
 use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
 use tch::{Kind, Tensor};
@@ -8,32 +11,98 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::hook_point::nearest;
 
+/// Where a tensor's bytes are: already in memory, or a byte range of a safetensors file.
+enum Entry {
+    Loaded(Tensor),
+    OnDisk { file: PathBuf, start: u64, len: usize, shape: Vec<i64>, kind: Kind },
+}
+
 pub struct StateDict {
-    tensors: BTreeMap<String, Tensor>,
+    tensors: BTreeMap<String, Entry>,
     /// Prefix tried before every name (e.g. "transformer." when the checkpoint has it).
     prefix: String,
     origin: String,
 }
 
+fn kind_of(dtype: &str) -> Option<(Kind, usize)> {
+    Some(match dtype {
+        "F32" => (Kind::Float, 4),
+        "F16" => (Kind::Half, 2),
+        "BF16" => (Kind::BFloat16, 2),
+        "F64" => (Kind::Double, 8),
+        "I64" => (Kind::Int64, 8),
+        "I32" => (Kind::Int, 4),
+        "I16" => (Kind::Int16, 2),
+        "I8" => (Kind::Int8, 1),
+        "U8" => (Kind::Uint8, 1),
+        "BOOL" => (Kind::Bool, 1),
+        _ => return None,
+    })
+}
+
+/// The tensor table of one safetensors file (its JSON header), checked against the file size.
+fn index(file: &PathBuf, out: &mut BTreeMap<String, Entry>) -> Result<()> {
+    let bad = |reason: String| Error::Load { id: file.display().to_string(), reason };
+    let mut f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+    let size = f.metadata().map_err(|e| Error::io(file, e))?.len();
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| bad("not a safetensors file: shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(n);
+    if header_len > size.saturating_sub(8) || header_len > 100_000_000 {
+        return Err(bad(format!("safetensors header length {header_len} runs past the end of the {size}-byte file")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("reading the safetensors header: {e}")))?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("the safetensors header is not valid JSON: {e}")))?;
+    let data_start = 8 + header_len;
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let (kind, width) = kind_of(dtype).ok_or_else(|| bad(format!("tensor '{name}' has dtype '{dtype}', which tl-run cannot read")))?;
+        let shape: Vec<i64> = info.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_i64()).collect()).unwrap_or_default();
+        let offsets: Vec<u64> = info.get("data_offsets").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).collect()).unwrap_or_default();
+        let [begin, end] = offsets[..] else { return Err(bad(format!("tensor '{name}' has no data_offsets"))) };
+        let numel: i64 = shape.iter().product();
+        if end < begin || (end - begin) as i64 != numel * width as i64 || data_start + end > size {
+            return Err(bad(format!("tensor '{name}' ({dtype} {shape:?}) does not fit its byte range {begin}..{end} of the file")));
+        }
+        out.insert(name, Entry::OnDisk { file: file.clone(), start: data_start + begin, len: (end - begin) as usize, shape, kind });
+    }
+    Ok(())
+}
+
+impl Entry {
+    fn load(self) -> Result<Tensor> {
+        match self {
+            Entry::Loaded(t) => Ok(t),
+            Entry::OnDisk { file, start, len, shape, kind } => {
+                let mut f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+                let mut bytes = vec![0u8; len];
+                f.seek(SeekFrom::Start(start)).and_then(|_| f.read_exact(&mut bytes)).map_err(|e| Error::io(&file, e))?;
+                Tensor::f_from_data_size(&bytes, &shape, kind).map_err(|e| Error::Load { id: file.display().to_string(), reason: e.to_string() })
+            }
+        }
+    }
+}
+
 impl StateDict {
-    /// Reads every shard in its stored dtype; each tensor becomes f32 only when a converter
-    /// takes it (weight processing runs in f32 as TransformerLens does), so a bf16 checkpoint is
-    /// never held as a whole in f32 next to its stored copy.
+    /// Indexes every shard; tensors are read (in their stored dtype) when taken. Weight
+    /// processing upcasts them to f32 one block at a time (as TransformerLens processes in f32),
+    /// so a bf16 checkpoint is never held whole in f32.
     pub fn read(files: &[PathBuf]) -> Result<Self> {
         let mut tensors = BTreeMap::new();
         for f in files {
-            let read = Tensor::read_safetensors(f).map_err(|e| Error::Load {
-                id: f.display().to_string(),
-                reason: format!("reading safetensors: {e}"),
-            })?;
-            tensors.extend(read);
+            index(f, &mut tensors)?;
         }
         let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
         Ok(StateDict { tensors, prefix: String::new(), origin })
     }
 
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        StateDict { tensors: tensors.into_iter().collect(), prefix: String::new(), origin: "tensors".into() }
+        StateDict { tensors: tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))).collect(), prefix: String::new(), origin: "tensors".into() }
     }
 
     /// Uses `prefix` for every later lookup when the checkpoint's names carry it (HF models are
@@ -49,12 +118,17 @@ impl StateDict {
         self.tensors.contains_key(&format!("{}{name}", self.prefix)) || self.tensors.contains_key(name)
     }
 
+    fn remove(&mut self, name: &str) -> Option<Entry> {
+        let prefixed = format!("{}{name}", self.prefix);
+        self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name))
+    }
+
     /// Removes and returns tensor `name` (looked up with the prefix first, then as given).
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        let prefixed = format!("{}{name}", self.prefix);
-        if let Some(t) = self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name)) {
-            return Ok(t.to_kind(Kind::Float));
+        if let Some(e) = self.remove(name) {
+            return e.load();
         }
+        let prefixed = format!("{}{name}", self.prefix);
         let near = nearest(&prefixed, self.tensors.keys().map(|k| k.as_str()));
         Err(Error::Load {
             id: self.origin.clone(),
@@ -76,14 +150,7 @@ impl StateDict {
     }
 
     /// Like `take`, but the tensor may be absent (biases of bias-free models).
-    pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
-        let prefixed = format!("{}{name}", self.prefix);
-        self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name)).map(|t| t.to_kind(Kind::Float))
-    }
-
-    /// Tensor `name` shared with another use (tied embeddings), without removing it.
-    pub fn get(&self, name: &str) -> Option<Tensor> {
-        let prefixed = format!("{}{name}", self.prefix);
-        self.tensors.get(&prefixed).or_else(|| self.tensors.get(name)).map(|t| t.to_kind(Kind::Float).copy())
+    pub fn take_opt(&mut self, name: &str) -> Result<Option<Tensor>> {
+        self.remove(name).map(Entry::load).transpose()
     }
 }

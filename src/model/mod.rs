@@ -9,7 +9,7 @@ pub mod process;
 pub mod source;
 pub mod weights;
 
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
@@ -131,8 +131,8 @@ impl Model {
     /// Builds a model from unprocessed TL-layout weights (f32, CPU).
     pub fn from_weights(cfg: ModelConfig, mut weights: Weights, opts: &LoadOptions) -> Result<Model> {
         weights.validate(&cfg)?;
-        process::process(&mut weights, &cfg, opts.processing);
-        let weights = if opts.device == Device::Cpu && opts.kind == Kind::Float { weights } else { weights.to(opts.device, opts.kind) };
+        let (device, kind) = (opts.device, opts.kind);
+        process::process(&mut weights, &cfg, opts.processing, &|t: &Tensor| t.to_device(device).to_kind(kind));
         let fused = weights.blocks.iter().map(|b| b.attn.fused()).collect();
         Ok(Model {
             cfg,

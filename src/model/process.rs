@@ -2,20 +2,43 @@
 //! fold_ln → center_writing_weights → center_unembed → fold_value_biases.
 //! Each step leaves the model computing the same function (up to a constant per position in the
 //! logits for center_unembed); what changes is the coordinate system researchers read hooks in.
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use crate::model::config::{ModelConfig, NormKind, Processing};
-use crate::model::weights::{NormWeights, Weights};
+use crate::model::weights::{BlockWeights, NormWeights, Weights};
 
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing) {
+/// Processes the weights in f32 and hands every finished tensor to `finish` (the cast to the
+/// run's device and dtype). It goes block by block — each block upcast, processed, finished —
+/// so a bf16 checkpoint is never held whole in f32: every step of TransformerLens's order
+/// either stays inside one block or touches only the embedding/unembedding, so doing the blocks
+/// one at a time computes the same weights.
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, finish: &dyn Fn(&Tensor) -> Tensor) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
-    if p.fold_ln {
-        fold_layer_norms(w, layer_norm, cfg.shared_norm);
+    let f32 = |t: &Tensor| t.to_kind(Kind::Float);
+    for b in &mut w.blocks {
+        *b = b.map(&f32);
+        if p.fold_ln {
+            fold_block_norms(b, layer_norm, cfg.shared_norm);
+        }
+        // Centering a vector that a LayerNorm will centre anyway changes no output; under RMSNorm it
+        // would, so TransformerLens skips it there and so do we.
+        if p.center_writing_weights && layer_norm {
+            center_block_writes(b);
+        }
+        if p.fold_value_biases {
+            fold_value_biases(b, cfg);
+        }
+        *b = b.map(finish);
     }
-    // Centering a vector that a LayerNorm will centre anyway changes no output; under RMSNorm it
-    // would, so TransformerLens skips it there and so do we.
+    w.w_u = f32(&w.w_u);
+    w.b_u = f32(&w.b_u);
+    if p.fold_ln {
+        fold_norm_into(&mut w.ln_final, vec![(&mut w.w_u, Some(&mut w.b_u))], layer_norm);
+    }
     if p.center_writing_weights && layer_norm {
-        center_writing_weights(w);
+        let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
+        w.w_e = center(&f32(&w.w_e));
+        w.w_pos = w.w_pos.as_ref().map(|t| center(&f32(t)));
     }
     // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
     // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
@@ -23,9 +46,13 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing) {
         w.w_u = &w.w_u - w.w_u.mean_dim(-1, true, None);
         w.b_u = &w.b_u - w.b_u.mean(None);
     }
-    if p.fold_value_biases {
-        fold_value_biases(w, cfg);
-    }
+    w.w_e = finish(&w.w_e);
+    w.w_pos = w.w_pos.as_ref().map(finish);
+    w.w_u = finish(&w.w_u);
+    w.b_u = finish(&w.b_u);
+    let norm = |n: &NormWeights| NormWeights { w: n.w.as_ref().map(finish), b: n.b.as_ref().map(finish) };
+    w.ln_final = norm(&w.ln_final);
+    w.ln_embed = w.ln_embed.as_ref().map(norm);
 }
 
 /// Folds a norm's weight (and, for LayerNorm, bias) into the matrices that read its output.
@@ -50,52 +77,41 @@ fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut
 
 /// Post-norms (Gemma 2), q/k norms (Qwen3) and the embedding norm (Bloom) are not folded: no
 /// linear map reads their output directly.
-fn fold_layer_norms(w: &mut Weights, layer_norm: bool, shared_norm: bool) {
-    for b in &mut w.blocks {
-        let a = &mut b.attn;
-        let mut attn_reading = vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))];
-        let m = &mut b.mlp;
-        if layer_norm && m.w_gate.is_some() && m.b_gate.is_none() {
-            // The norm's bias reaches the gate as β·W_gate: it needs a bias to land in.
-            m.b_gate = Some(m.b_in.zeros_like());
-        }
-        let mut mlp_reading = vec![(&mut m.w_in, Some(&mut m.b_in))];
-        if let Some(g) = m.w_gate.as_mut() {
-            mlp_reading.push((g, m.b_gate.as_mut()));
-        }
-        if shared_norm {
-            // One norm feeds attention and the MLP (GPT-J, Phi): fold it into both.
-            attn_reading.extend(mlp_reading);
-            fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
-        } else {
-            fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
-            fold_norm_into(&mut b.ln2, mlp_reading, layer_norm);
-        }
+fn fold_block_norms(b: &mut BlockWeights, layer_norm: bool, shared_norm: bool) {
+    let a = &mut b.attn;
+    let mut attn_reading = vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))];
+    let m = &mut b.mlp;
+    if layer_norm && m.w_gate.is_some() && m.b_gate.is_none() {
+        // The norm's bias reaches the gate as β·W_gate: it needs a bias to land in.
+        m.b_gate = Some(m.b_in.zeros_like());
     }
-    fold_norm_into(&mut w.ln_final, vec![(&mut w.w_u, Some(&mut w.b_u))], layer_norm);
+    let mut mlp_reading = vec![(&mut m.w_in, Some(&mut m.b_in))];
+    if let Some(g) = m.w_gate.as_mut() {
+        mlp_reading.push((g, m.b_gate.as_mut()));
+    }
+    if shared_norm {
+        // One norm feeds attention and the MLP (GPT-J, Phi): fold it into both.
+        attn_reading.extend(mlp_reading);
+        fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
+    } else {
+        fold_norm_into(&mut b.ln1, attn_reading, layer_norm);
+        fold_norm_into(&mut b.ln2, mlp_reading, layer_norm);
+    }
 }
 
-fn center_writing_weights(w: &mut Weights) {
+fn center_block_writes(b: &mut BlockWeights) {
     let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
-    w.w_e = center(&w.w_e);
-    if let Some(p) = &w.w_pos {
-        w.w_pos = Some(center(p));
-    }
-    for b in &mut w.blocks {
-        b.attn.w_o = center(&b.attn.w_o);
-        b.attn.b_o = center(&b.attn.b_o);
-        b.mlp.w_out = center(&b.mlp.w_out);
-        b.mlp.b_out = center(&b.mlp.b_out);
-    }
+    b.attn.w_o = center(&b.attn.w_o);
+    b.attn.b_o = center(&b.attn.b_o);
+    b.mlp.w_out = center(&b.mlp.w_out);
+    b.mlp.b_out = center(&b.mlp.b_out);
 }
 
 /// Attention patterns sum to one over keys, so a constant added to every value vector reaches
 /// the output as b_V·W_O: move it into b_O.
-fn fold_value_biases(w: &mut Weights, cfg: &ModelConfig) {
-    for b in &mut w.blocks {
-        let a = &mut b.attn;
-        let b_v = a.b_v.repeat_interleave_self_int(cfg.kv_group() as i64, 0, None);
-        a.b_o = &a.b_o + (b_v.unsqueeze(-1) * &a.w_o).sum_dim_intlist([0i64, 1].as_slice(), false, None);
-        a.b_v = a.b_v.zeros_like();
-    }
+fn fold_value_biases(b: &mut BlockWeights, cfg: &ModelConfig) {
+    let a = &mut b.attn;
+    let b_v = a.b_v.repeat_interleave_self_int(cfg.kv_group() as i64, 0, None);
+    a.b_o = &a.b_o + (b_v.unsqueeze(-1) * &a.w_o).sum_dim_intlist([0i64, 1].as_slice(), false, None);
+    a.b_v = a.b_v.zeros_like();
 }

@@ -188,50 +188,56 @@ impl Weights {
 
     /// The same weights with `f` applied to every tensor.
     pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Weights {
-        let o = |x: &Option<Tensor>| x.as_ref().map(f);
-        let norm = |n: &NormWeights| NormWeights { w: o(&n.w), b: o(&n.b) };
         Weights {
             w_e: f(&self.w_e),
-            ln_embed: self.ln_embed.as_ref().map(norm),
-            w_pos: o(&self.w_pos),
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| BlockWeights {
-                    ln1: norm(&b.ln1),
-                    attn: AttnWeights {
-                        w_q: f(&b.attn.w_q),
-                        b_q: f(&b.attn.b_q),
-                        w_k: f(&b.attn.w_k),
-                        b_k: f(&b.attn.b_k),
-                        w_v: f(&b.attn.w_v),
-                        b_v: f(&b.attn.b_v),
-                        w_o: f(&b.attn.w_o),
-                        b_o: f(&b.attn.b_o),
-                        q_norm: o(&b.attn.q_norm),
-                        k_norm: o(&b.attn.k_norm),
-                    },
-                    ln2: norm(&b.ln2),
-                    mlp: MlpWeights {
-                        w_in: f(&b.mlp.w_in),
-                        b_in: f(&b.mlp.b_in),
-                        w_gate: o(&b.mlp.w_gate),
-                        b_gate: o(&b.mlp.b_gate),
-                        w_out: f(&b.mlp.w_out),
-                        b_out: f(&b.mlp.b_out),
-                    },
-                    ln1_post: b.ln1_post.as_ref().map(norm),
-                    ln2_post: b.ln2_post.as_ref().map(norm),
-                })
-                .collect(),
-            ln_final: norm(&self.ln_final),
+            ln_embed: self.ln_embed.as_ref().map(|n| n.map(f)),
+            w_pos: self.w_pos.as_ref().map(f),
+            blocks: self.blocks.iter().map(|b| b.map(f)).collect(),
+            ln_final: self.ln_final.map(f),
             w_u: f(&self.w_u),
             b_u: f(&self.b_u),
         }
     }
 }
 
+impl BlockWeights {
+    /// The same block with `f` applied to every tensor.
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> BlockWeights {
+        let o = |x: &Option<Tensor>| x.as_ref().map(f);
+        BlockWeights {
+            ln1: self.ln1.map(f),
+            attn: AttnWeights {
+                w_q: f(&self.attn.w_q),
+                b_q: f(&self.attn.b_q),
+                w_k: f(&self.attn.w_k),
+                b_k: f(&self.attn.b_k),
+                w_v: f(&self.attn.w_v),
+                b_v: f(&self.attn.b_v),
+                w_o: f(&self.attn.w_o),
+                b_o: f(&self.attn.b_o),
+                q_norm: o(&self.attn.q_norm),
+                k_norm: o(&self.attn.k_norm),
+            },
+            ln2: self.ln2.map(f),
+            mlp: MlpWeights {
+                w_in: f(&self.mlp.w_in),
+                b_in: f(&self.mlp.b_in),
+                w_gate: o(&self.mlp.w_gate),
+                b_gate: o(&self.mlp.b_gate),
+                w_out: f(&self.mlp.w_out),
+                b_out: f(&self.mlp.b_out),
+            },
+            ln1_post: self.ln1_post.as_ref().map(|n| n.map(f)),
+            ln2_post: self.ln2_post.as_ref().map(|n| n.map(f)),
+        }
+    }
+}
+
 impl NormWeights {
+    pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> NormWeights {
+        NormWeights { w: self.w.as_ref().map(f), b: self.b.as_ref().map(f) }
+    }
+
     fn validate(&self, name: &str, d: i64) -> Result<()> {
         if let Some(w) = &self.w {
             expect_shape(&format!("{name}.w"), w, &[d])?;

@@ -56,7 +56,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, norm(&mut sd, &p("post_attention_layernorm"), true)?, mlp));
     }
     let w_e = sd.take_shaped("word_embeddings.weight", &[v, d])?;
-    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v);
+    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
     Ok(Weights {
         w_e,
         ln_embed: Some(norm(&mut sd, "word_embeddings_layernorm", true)?),

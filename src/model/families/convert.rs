@@ -102,9 +102,13 @@ pub fn zeros(shape: &[i64]) -> Tensor {
     Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu))
 }
 
-/// A bias reshaped to `shape`, or zeros where the checkpoint has none.
-pub fn bias_or_zeros(sd: &mut StateDict, name: &str, shape: &[i64]) -> Tensor {
-    sd.take_opt(name).map(|b| b.reshape(shape)).unwrap_or_else(|| zeros(shape))
+/// A bias of `shape` (any layout of as many numbers), or zeros where the checkpoint has none.
+pub fn bias_or_zeros(sd: &mut StateDict, name: &str, shape: &[i64]) -> Result<Tensor> {
+    match sd.take_opt(name)? {
+        Some(b) if b.numel() as i64 == shape.iter().product::<i64>() => Ok(b.reshape(shape)),
+        Some(b) => Err(Error::Config(format!("bias '{name}' has shape {:?}, but config.json implies {shape:?}", b.size()))),
+        None => Ok(zeros(shape)),
+    }
 }
 
 /// `{prefix}.weight` and, for LayerNorm, `{prefix}.bias`.
@@ -114,10 +118,10 @@ pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWei
 
 /// The unembedding [d_model, d_vocab]: `lm_head.weight` or, for tied models, W_E's transpose;
 /// with its bias (GPT-J, Phi) or zeros.
-pub fn unembed(sd: &mut StateDict, head: &str, w_e: &Tensor, d_vocab: i64) -> (Tensor, Tensor) {
-    let w_u = sd.take_opt(&format!("{head}.weight")).unwrap_or_else(|| w_e.copy()).tr().contiguous();
-    let b_u = bias_or_zeros(sd, &format!("{head}.bias"), &[d_vocab]);
-    (w_u, b_u)
+pub fn unembed(sd: &mut StateDict, head: &str, w_e: &Tensor, d_vocab: i64) -> Result<(Tensor, Tensor)> {
+    let w_u = sd.take_opt(&format!("{head}.weight"))?.unwrap_or_else(|| w_e.copy()).tr().contiguous();
+    let b_u = bias_or_zeros(sd, &format!("{head}.bias"), &[d_vocab])?;
+    Ok((w_u, b_u))
 }
 
 /// A fused [n*3*d_head, d_model] projection whose rows are grouped per head as [q, k, v]

@@ -135,7 +135,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let (h, kv, e, d, m, v) =
         (cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
     // Gemma stores RMSNorm weights as an offset from 1; TransformerLens adds the 1 at conversion.
-    let offset = |n: NormWeights| if lay.norm_offset { NormWeights { w: n.w.map(|w| w + 1.0), b: n.b } } else { n };
+    let offset = |n: NormWeights| if lay.norm_offset { NormWeights { w: n.w.map(|w| w.to_kind(tch::Kind::Float) + 1.0), b: n.b } } else { n };
     let norm_at = |sd: &mut StateDict, name: &str| norm(sd, name, lay.layer_norm).map(offset);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
@@ -153,13 +153,13 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         };
         let attn = AttnWeights {
             w_q: linear_per_head_in(&w_q, h, e),
-            b_q: bias_or_zeros(&mut sd, &p("self_attn.q_proj.bias"), &[h, e]),
+            b_q: bias_or_zeros(&mut sd, &p("self_attn.q_proj.bias"), &[h, e])?,
             w_k: linear_per_head_in(&w_k, kv, e),
-            b_k: bias_or_zeros(&mut sd, &p("self_attn.k_proj.bias"), &[kv, e]),
+            b_k: bias_or_zeros(&mut sd, &p("self_attn.k_proj.bias"), &[kv, e])?,
             w_v: linear_per_head_in(&w_v, kv, e),
-            b_v: bias_or_zeros(&mut sd, &p("self_attn.v_proj.bias"), &[kv, e]),
+            b_v: bias_or_zeros(&mut sd, &p("self_attn.v_proj.bias"), &[kv, e])?,
             w_o: linear_per_head_out(&sd.take_shaped(&p("self_attn.o_proj.weight"), &[d, h * e])?, h, e),
-            b_o: bias_or_zeros(&mut sd, &p("self_attn.o_proj.bias"), &[d]),
+            b_o: bias_or_zeros(&mut sd, &p("self_attn.o_proj.bias"), &[d])?,
             q_norm: if lay.qk_norm { Some(sd.take_shaped(&p("self_attn.q_norm.weight"), &[e])?) } else { None },
             k_norm: if lay.qk_norm { Some(sd.take_shaped(&p("self_attn.k_norm.weight"), &[e])?) } else { None },
         };
@@ -175,11 +175,11 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         }
         let mlp = MlpWeights {
             w_in: linear_t(up),
-            b_in: bias_or_zeros(&mut sd, &p("mlp.up_proj.bias"), &[m]),
+            b_in: bias_or_zeros(&mut sd, &p("mlp.up_proj.bias"), &[m])?,
             w_gate: Some(linear_t(gate)),
             b_gate: None,
             w_out: linear_t(sd.take_shaped(&p("mlp.down_proj.weight"), &[d, m])?),
-            b_out: bias_or_zeros(&mut sd, &p("mlp.down_proj.bias"), &[d]),
+            b_out: bias_or_zeros(&mut sd, &p("mlp.down_proj.bias"), &[d])?,
         };
         let ln1 = norm_at(&mut sd, &p("input_layernorm"))?;
         let block = if lay.sandwich_norms {
@@ -193,9 +193,9 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         blocks.push(block);
     }
     let mut w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
-    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v);
+    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
     if lay.scale_embedding {
-        w_e = w_e * (cfg.d_model as f64).sqrt();
+        w_e = w_e.to_kind(tch::Kind::Float) * (cfg.d_model as f64).sqrt();
     }
     Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm_at(&mut sd, "norm")?, w_u, b_u })
 }

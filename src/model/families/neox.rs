@@ -65,6 +65,6 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, norm(&mut sd, &p("post_attention_layernorm"), true)?, mlp));
     }
     let w_e = sd.take_shaped("embed_in.weight", &[v, d])?;
-    let (w_u, b_u) = convert::unembed(&mut sd, "embed_out", &w_e, v);
+    let (w_u, b_u) = convert::unembed(&mut sd, "embed_out", &w_e, v)?;
     Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm(&mut sd, "final_layer_norm", true)?, w_u, b_u })
 }

@@ -87,7 +87,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     }
     let w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
     let positions = sd.take_shaped("embed_positions.weight", &[cfg.n_ctx as i64 + POSITION_OFFSET, d])?;
-    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v);
+    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
     Ok(Weights {
         w_e,
         ln_embed: None,

@@ -74,6 +74,6 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }
     let w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
-    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v);
+    let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
     Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm(&mut sd, "final_layernorm", true)?, w_u, b_u })
 }
