@@ -66,12 +66,6 @@ pub fn describe(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTo
     Ok((family(&json)?.0, tok))
 }
 
-/// Reads and parses config.json into the resolved config (no weights), e.g. to validate a spec.
-pub fn read_config(files: &source::ModelFiles) -> Result<ModelConfig> {
-    let json = read_json(&files.config)?;
-    Ok(family(&json)?.0)
-}
-
 fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))

@@ -2,7 +2,7 @@
 //! (W_Q [head, d_model, d_head], W_O [head, d_head, d_model]) so that hook_z, per-head results and
 //! weight processing fall out directly. Family files convert a checkpoint into this; the forward
 //! pass and the processing steps only ever see this.
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::error::{Error, Result};
 use crate::model::config::ModelConfig;
@@ -179,11 +179,6 @@ impl Weights {
         expect_shape("W_U", &self.w_u, &[d, v])?;
         expect_shape("b_U", &self.b_u, &[v])?;
         Ok(())
-    }
-
-    /// Moves every tensor to a device and kind (after processing, which runs in f32).
-    pub fn to(&self, device: tch::Device, kind: Kind) -> Weights {
-        self.map(&|x: &Tensor| x.to_device(device).to_kind(kind))
     }
 
     /// The same weights with `f` applied to every tensor.
