@@ -164,3 +164,22 @@ pub fn fused_per_head_attn(sd: &mut StateDict, qkv: &str, out: &str, h: i64, e: 
         k_norm: None,
     })
 }
+
+/// Attention from separate nn.Linear q/k/v/out projections named by `names` (each + ".weight"
+/// and, where the checkpoint has one, ".bias"), over `kv` key-value heads.
+pub fn linear_attn(sd: &mut StateDict, names: [&str; 4], h: i64, kv: i64, e: i64, d: i64) -> Result<AttnWeights> {
+    let [q, k, v, o] = names;
+    let w = |sd: &mut StateDict, n: &str, rows: i64| sd.take_shaped(&format!("{n}.weight"), &[rows * e, d]);
+    Ok(AttnWeights {
+        w_q: linear_per_head_in(&w(sd, q, h)?, h, e),
+        b_q: bias_or_zeros(sd, &format!("{q}.bias"), &[h, e])?,
+        w_k: linear_per_head_in(&w(sd, k, kv)?, kv, e),
+        b_k: bias_or_zeros(sd, &format!("{k}.bias"), &[kv, e])?,
+        w_v: linear_per_head_in(&w(sd, v, kv)?, kv, e),
+        b_v: bias_or_zeros(sd, &format!("{v}.bias"), &[kv, e])?,
+        w_o: linear_per_head_out(&sd.take_shaped(&format!("{o}.weight"), &[d, h * e])?, h, e),
+        b_o: bias_or_zeros(sd, &format!("{o}.bias"), &[d])?,
+        q_norm: None,
+        k_norm: None,
+    })
+}

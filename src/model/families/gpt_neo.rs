@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse, zeros};
+use super::convert::{self, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, Weights};
+use crate::model::weights::{BlockWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -69,18 +69,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
-        let attn = AttnWeights {
-            w_q: linear_per_head_in(&sd.take_shaped(&p("attn.attention.q_proj.weight"), &[d, d])?, h, e),
-            b_q: zeros(&[h, e]),
-            w_k: linear_per_head_in(&sd.take_shaped(&p("attn.attention.k_proj.weight"), &[d, d])?, h, e),
-            b_k: zeros(&[h, e]),
-            w_v: linear_per_head_in(&sd.take_shaped(&p("attn.attention.v_proj.weight"), &[d, d])?, h, e),
-            b_v: zeros(&[h, e]),
-            w_o: linear_per_head_out(&sd.take_shaped(&p("attn.attention.out_proj.weight"), &[d, d])?, h, e),
-            b_o: sd.take(&p("attn.attention.out_proj.bias"))?,
-            q_norm: None,
-            k_norm: None,
-        };
+        let attn = convert::linear_attn(&mut sd, [&p("attn.attention.q_proj"), &p("attn.attention.k_proj"), &p("attn.attention.v_proj"), &p("attn.attention.out_proj")], h, h, e, d)?;
         let mlp = convert::linear_mlp(&mut sd, &p("mlp.c_fc"), &p("mlp.c_proj"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("ln_1"), true)?, attn, norm(&mut sd, &p("ln_2"), true)?, mlp));
     }

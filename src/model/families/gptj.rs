@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse, zeros};
+use super::convert::{self, norm, parse};
 use crate::error::Result;
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, NormWeights, Weights};
+use crate::model::weights::{BlockWeights, NormWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -50,18 +50,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
-        let attn = AttnWeights {
-            w_q: linear_per_head_in(&sd.take_shaped(&p("attn.q_proj.weight"), &[d, d])?, h, e),
-            b_q: zeros(&[h, e]),
-            w_k: linear_per_head_in(&sd.take_shaped(&p("attn.k_proj.weight"), &[d, d])?, h, e),
-            b_k: zeros(&[h, e]),
-            w_v: linear_per_head_in(&sd.take_shaped(&p("attn.v_proj.weight"), &[d, d])?, h, e),
-            b_v: zeros(&[h, e]),
-            w_o: linear_per_head_out(&sd.take_shaped(&p("attn.out_proj.weight"), &[d, d])?, h, e),
-            b_o: zeros(&[d]),
-            q_norm: None,
-            k_norm: None,
-        };
+        let attn = convert::linear_attn(&mut sd, [&p("attn.q_proj"), &p("attn.k_proj"), &p("attn.v_proj"), &p("attn.out_proj")], h, h, e, d)?;
         let mlp = convert::linear_mlp(&mut sd, &p("mlp.fc_in"), &p("mlp.fc_out"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("ln_1"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }

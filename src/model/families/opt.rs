@@ -2,13 +2,12 @@
 //! and learned positions stored with an offset of 2 (rows 0 and 1 are never used).
 use serde::Deserialize;
 use serde_json::Value;
-use tch::Tensor;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse};
+use super::convert::{self, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, Weights};
+use crate::model::weights::{BlockWeights, Weights};
 
 /// OPT's position table starts this many rows in.
 const POSITION_OFFSET: i64 = 2;
@@ -63,25 +62,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("layers.{l}.{s}");
-        let mut proj = |name: &str| -> Result<(Tensor, Tensor)> {
-            Ok((sd.take_shaped(&p(&format!("self_attn.{name}.weight")), &[d, d])?, sd.take_shaped(&p(&format!("self_attn.{name}.bias")), &[d])?))
-        };
-        let (w_q, b_q) = proj("q_proj")?;
-        let (w_k, b_k) = proj("k_proj")?;
-        let (w_v, b_v) = proj("v_proj")?;
-        let (w_o, b_o) = proj("out_proj")?;
-        let attn = AttnWeights {
-            w_q: linear_per_head_in(&w_q, h, e),
-            b_q: b_q.view([h, e]),
-            w_k: linear_per_head_in(&w_k, h, e),
-            b_k: b_k.view([h, e]),
-            w_v: linear_per_head_in(&w_v, h, e),
-            b_v: b_v.view([h, e]),
-            w_o: linear_per_head_out(&w_o, h, e),
-            b_o,
-            q_norm: None,
-            k_norm: None,
-        };
+        let attn = convert::linear_attn(&mut sd, [&p("self_attn.q_proj"), &p("self_attn.k_proj"), &p("self_attn.v_proj"), &p("self_attn.out_proj")], h, h, e, d)?;
         let mlp = convert::linear_mlp(&mut sd, &p("fc1"), &p("fc2"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("self_attn_layer_norm"), true)?, attn, norm(&mut sd, &p("final_layer_norm"), true)?, mlp));
     }

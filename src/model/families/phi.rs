@@ -4,11 +4,11 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::convert::{self, linear_per_head_in, linear_per_head_out, norm, parse};
+use super::convert::{self, norm, parse};
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
 use crate::model::config::{Activation, ModelConfig, NormKind};
-use crate::model::weights::{AttnWeights, BlockWeights, NormWeights, Weights};
+use crate::model::weights::{BlockWeights, NormWeights, Weights};
 
 #[derive(Debug, Deserialize)]
 struct RawConfig {
@@ -58,18 +58,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("layers.{l}.{s}");
-        let attn = AttnWeights {
-            w_q: linear_per_head_in(&sd.take_shaped(&p("self_attn.q_proj.weight"), &[h * e, d])?, h, e),
-            b_q: sd.take_shaped(&p("self_attn.q_proj.bias"), &[h * e])?.view([h, e]),
-            w_k: linear_per_head_in(&sd.take_shaped(&p("self_attn.k_proj.weight"), &[kv * e, d])?, kv, e),
-            b_k: sd.take_shaped(&p("self_attn.k_proj.bias"), &[kv * e])?.view([kv, e]),
-            w_v: linear_per_head_in(&sd.take_shaped(&p("self_attn.v_proj.weight"), &[kv * e, d])?, kv, e),
-            b_v: sd.take_shaped(&p("self_attn.v_proj.bias"), &[kv * e])?.view([kv, e]),
-            w_o: linear_per_head_out(&sd.take_shaped(&p("self_attn.dense.weight"), &[d, h * e])?, h, e),
-            b_o: sd.take(&p("self_attn.dense.bias"))?,
-            q_norm: None,
-            k_norm: None,
-        };
+        let attn = convert::linear_attn(&mut sd, [&p("self_attn.q_proj"), &p("self_attn.k_proj"), &p("self_attn.v_proj"), &p("self_attn.dense")], h, kv, e, d)?;
         let mlp = convert::linear_mlp(&mut sd, &p("mlp.fc1"), &p("mlp.fc2"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("input_layernorm"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }
