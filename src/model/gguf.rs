@@ -352,14 +352,6 @@ impl Gguf {
         });
         spec.to_string().parse::<tokenizers::Tokenizer>().map_err(|e| Error::Tokenizer(format!("GGUF tokenizer: {e}")))
     }
-
-    /// Whether the file asks for BOS to be added (tokenizer.ggml.add_bos_token).
-    pub fn adds_bos(&self) -> Option<bool> {
-        match self.metadata.get("tokenizer.ggml.add_bos_token") {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        }
-    }
 }
 
 /// llama.cpp's converter interleaves each head's rotary halves (for its adjacent-pair rotary);

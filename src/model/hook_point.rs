@@ -149,11 +149,6 @@ impl Site {
     pub fn is_attention_map(self) -> bool {
         matches!(self, Site::AttnScores | Site::Pattern)
     }
-
-    /// True for the per-head q/k norm hooks, which TransformerLens lays out [batch, head, pos, ..].
-    pub fn is_head_major(self) -> bool {
-        matches!(self, Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed)
-    }
 }
 
 impl HookPoint {
