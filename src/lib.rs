@@ -1,5 +1,6 @@
 //! tl-run: mechanistic-interpretability experiments on transformer language models, numerically
 //! equal to TransformerLens. The binary is a thin layer over this library.
+pub mod check;
 pub mod engine;
 pub mod error;
 pub mod experiments;

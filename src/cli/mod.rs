@@ -70,6 +70,31 @@ pub enum Command {
         #[command(flatten)]
         spec: SpecArgs,
     },
+    /// Regression gate: every model of a zoo file against its stored logits reference and its
+    /// experiment goldens; exit code 0 only when every figure passes.
+    Check {
+        /// The zoo file (TOML).
+        zoo: PathBuf,
+        /// Rewrite the references and goldens (`--update=goldens` or `--update=references`: only
+        /// those) from this run, after a reviewed change, and print what moved by how much.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "all", value_parser = ["all", "goldens", "references"])]
+        update: Option<String>,
+        /// Only this model (by name; repeat for several).
+        #[arg(long)]
+        only: Vec<String>,
+        /// Only this dtype (float32, bfloat16, float16), also one the zoo does not list.
+        #[arg(long)]
+        dtype: Option<String>,
+        /// Also write the results as JUnit XML here.
+        #[arg(long)]
+        junit: Option<PathBuf>,
+        /// Where check.parquet and the specs' outputs of this run go.
+        #[arg(long, default_value = "results/check")]
+        out: PathBuf,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[derive(ClapArgs, Debug)]
@@ -123,16 +148,7 @@ pub fn init_logging(verbose: u8) {
 }
 
 fn parse_device(s: &str) -> Result<tch::Device> {
-    match s {
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" if tch::Cuda::is_available() => Ok(tch::Device::Cuda(0)),
-        "cuda" => anyhow::bail!("device 'cuda' was asked for but CUDA is not available here"),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(tch::Device::Cuda)
-            .with_context(|| format!("unknown device '{s}' (use cpu, cuda or cuda:N)")),
-    }
+    Ok(tl_run::engine::device::parse(s)?)
 }
 
 fn load(m: &ModelArgs) -> Result<Model> {
@@ -159,6 +175,17 @@ pub fn dispatch(args: Args) -> Result<()> {
         Command::Run { spec, quiet } => run(&spec, !quiet),
         Command::Plan { spec } => plan(&spec, true),
         Command::Validate { spec } => plan(&spec, false),
+        Command::Check { zoo, update, only, dtype, junit, out, quiet } => {
+            use tl_run::check::Update;
+            let update = match update.as_deref() {
+                None => Update::No,
+                Some("goldens") => Update::Goldens,
+                Some("references") => Update::References,
+                Some(_) => Update::All,
+            };
+            let opts = tl_run::check::CheckOptions { update, only, dtype, out, progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) };
+            check(&zoo, &opts, junit.as_deref())
+        }
     }
 }
 
@@ -264,5 +291,32 @@ fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::P
     ]);
     tl_run::output::activations::write(out, &tensors, metadata)?;
     println!("wrote {} activations for {} prompt(s) to {}", tensors.len(), prompts.len(), out.display());
+    Ok(())
+}
+
+fn check(zoo: &std::path::Path, opts: &tl_run::check::CheckOptions, junit: Option<&std::path::Path>) -> Result<()> {
+    use tl_run::check::report;
+    let zoo = tl_run::check::Zoo::read(zoo, opts.update != tl_run::check::Update::No)?;
+    let outcome = tl_run::check::run(&zoo, opts)?;
+    print!("{}", report::render(&outcome.rows));
+    let parquet = opts.out.join("check.parquet");
+    report::write_parquet(&parquet, &outcome.rows)?;
+    println!("wrote {} ({:.1} s)", parquet.display(), outcome.seconds);
+    if let Some(j) = junit {
+        tl_run::output::atomic::write_bytes(j, report::junit(&outcome.rows, outcome.seconds).as_bytes())?;
+        println!("wrote {}", j.display());
+    }
+    if opts.update != tl_run::check::Update::No {
+        println!("\nupdated:");
+        for line in &outcome.moved {
+            println!("  {line}");
+        }
+        // After --update only a model that failed to load or run is an error.
+        let errors = outcome.rows.iter().filter(|r| !r.pass && r.tolerance == "no error").count();
+        anyhow::ensure!(errors == 0, "{errors} model(s) or spec(s) failed to load or run; see the table");
+        return Ok(());
+    }
+    let failed = outcome.rows.iter().filter(|r| !r.pass).count();
+    anyhow::ensure!(failed == 0, "the gate failed: {failed} of {} checks did not pass", outcome.rows.len());
     Ok(())
 }

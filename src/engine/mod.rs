@@ -1,4 +1,5 @@
 //! Running models: the hooked forward pass, interventions and captures, tokenization.
+pub mod device;
 pub mod forward;
 pub mod hooks;
 pub mod metric;
