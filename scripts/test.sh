@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: set-up (if needed), fixtures and TransformerLens
-# reference outputs (if stale), then every Rust test.
+# The whole test suite from a fresh clone: set-up (if needed), fixtures, TransformerLens outputs
+# and reference logits (if stale), every Rust test, then the regression gate over
+# configs/zoo-ci.toml (its table on stdout, check.parquet and JUnit XML under results/check/).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 bash scripts/fixtures.sh
 cargo test --all-targets "$@"
+cargo run --quiet -- check configs/zoo-ci.toml --quiet --junit results/check/junit.xml

@@ -96,7 +96,7 @@ impl Rows<'_> {
             Some(b) => {
                 let pass = if upper { value <= b } else { value >= b };
                 let op = if upper { "≤" } else { "≥" };
-                let b = report::fmt_value(b);
+                let b = report::fmt_tol(b);
                 self.push("logits", figure, value, format!("{op} {b}"), pass, if pass { String::new() } else { format!("{} is not {op} {b}", report::fmt_value(value)) });
             }
         }
@@ -221,7 +221,7 @@ fn check_logits(m: &ZooModel, dtype: &str, tol: &Tolerance, update: bool, rows: 
         "logits",
         "allclose",
         c.outside as f64,
-        format!("0 outside atol={} rtol={}", report::fmt_value(tol.atol), report::fmt_value(tol.rtol)),
+        format!("0 outside atol={} rtol={}", report::fmt_tol(tol.atol), report::fmt_tol(tol.rtol)),
         c.outside == 0,
         if c.outside == 0 { String::new() } else { format!("{} of {} logits outside |ours − ref| ≤ atol + rtol·|ref| (max |diff| {:e})", c.outside, c.elements, c.max_abs_diff) },
     );
@@ -366,7 +366,7 @@ fn compare_file(rows: &mut Rows<'_>, check: &str, run: &str, ours: &Path, golden
         problems.push(format!("'{col}' differs at {}", some(bad, 5)));
     }
     let max = d.floats.iter().map(|c| c.max_abs_diff).fold(0.0, f64::max);
-    let tolerance = format!("{} rows; |Δ| ≤ {} + {}·|golden|", g.rows.len(), report::fmt_value(tol.value_atol), report::fmt_value(tol.value_rtol));
+    let tolerance = format!("{} rows; |Δ| ≤ {} + {}·|golden|", g.rows.len(), report::fmt_tol(tol.value_atol), report::fmt_tol(tol.value_rtol));
     rows.push(check, run, max, tolerance, problems.is_empty(), problems.join("; "));
 }
 

@@ -42,6 +42,16 @@ pub fn fmt_value(v: f64) -> String {
     }
 }
 
+/// A tolerance as written: 0.5, not 0.500000.
+pub fn fmt_tol(v: f64) -> String {
+    let s = fmt_value(v);
+    if s.contains('.') && !s.contains('e') {
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        s
+    }
+}
+
 /// The summary table, failures' details after it.
 pub fn render(rows: &[CheckRow]) -> String {
     let header = ["model", "dtype", "check", "figure", "value", "tolerance", "result"];
