@@ -5,7 +5,6 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
-use parquet::arrow::ArrowWriter;
 
 use crate::error::{Error, Result};
 
@@ -114,15 +113,8 @@ pub fn write_parquet(path: &std::path::Path, rows: &[CheckRow]) -> Result<()> {
         Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.pass)))),
         s(|r| &r.detail),
     ];
-    let pq = |e: &dyn std::fmt::Display| Error::Other(format!("check.parquet: {e}"));
-    let batch = RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| pq(&e))?;
-    let mut buf = Vec::new();
-    {
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| pq(&e))?;
-        w.write(&batch).map_err(|e| pq(&e))?;
-        w.close().map_err(|e| pq(&e))?;
-    }
-    crate::output::atomic::write_bytes(path, &buf)
+    let batch = RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| Error::Other(format!("check.parquet: {e}")))?;
+    crate::output::table::write_batch(path, &batch)
 }
 
 fn xml(s: &str) -> String {

@@ -93,12 +93,17 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch> {
 
 /// Writes rows to a Parquet file atomically.
 pub fn write_parquet(path: &std::path::Path, rows: &[Row]) -> Result<()> {
-    let batch = to_batch(rows)?;
+    write_batch(path, &to_batch(rows)?)
+}
+
+/// Writes any record batch to a Parquet file atomically.
+pub fn write_batch(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
+    let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
     let mut buf = Vec::new();
     {
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| Error::Other(format!("parquet: {e}")))?;
-        w.write(&batch).map_err(|e| Error::Other(format!("parquet: {e}")))?;
-        w.close().map_err(|e| Error::Other(format!("parquet: {e}")))?;
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| pq(&e))?;
+        w.write(batch).map_err(|e| pq(&e))?;
+        w.close().map_err(|e| pq(&e))?;
     }
     atomic::write_bytes(path, &buf)
 }
