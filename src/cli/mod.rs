@@ -222,7 +222,7 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     let spec = read_spec(a)?;
     let (cfg, tok) = tl_run::model::describe(&spec.model.id, spec.model.revision.as_deref())?;
     for run in &spec.runs {
-        run.check_layers(cfg.n_layers, &spec.file).map_err(anyhow::Error::msg)?;
+        run.check_model(&cfg, &spec.file).map_err(anyhow::Error::msg)?;
     }
     let (seq, first_diff) = if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
         let toks = tl_run::graph::execute::tokenize(&spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption()))?;
@@ -276,7 +276,11 @@ fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::P
     } else {
         names.iter().map(|n| model.hook_point(n.trim())).collect::<tl_run::Result<Vec<_>>>()?
     };
-    let batch = model.tokenizer()?.batch(prompts, prepend_bos.unwrap_or(model.cfg.default_prepend_bos))?;
+    let tok = model.tokenizer()?;
+    let batch = tok.batch(prompts, prepend_bos.unwrap_or(model.cfg.default_prepend_bos))?;
+    if let Some(max) = Vec::<i64>::try_from(batch.tokens.flatten(0, -1))?.into_iter().max() {
+        tl_run::engine::tokenize::check_in_vocab(tok, max, model.cfg.d_vocab)?;
+    }
     let mut hooks = Hooks::capture(points.iter().copied());
     let _logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits)?;
     let tensors: Vec<(String, tch::Tensor)> = points.iter().filter_map(|p| hooks.take(*p).map(|t| (p.to_string(), t))).collect();

@@ -73,9 +73,17 @@ impl TextTokenizer {
         Ok(ids)
     }
 
-    /// Several prompts as one left-padded batch.
+    /// Several prompts as one left-padded batch. No prompts, or a prompt of no tokens, is an
+    /// error: nothing downstream can measure an empty sequence.
     pub fn batch(&self, texts: &[impl AsRef<str>], prepend_bos: bool) -> Result<TokenBatch> {
+        if texts.is_empty() {
+            return Err(Error::Tokenizer("no prompts to tokenize".into()));
+        }
         let seqs: Vec<Vec<i64>> = texts.iter().map(|t| self.encode(t.as_ref(), prepend_bos)).collect::<Result<_>>()?;
+        if let Some(i) = seqs.iter().position(Vec::is_empty) {
+            let why = if prepend_bos { "" } else { " and no BOS is prepended" };
+            return Err(Error::Tokenizer(format!("prompt {i} ({:?}) is no tokens{why}: give it some text{}", texts[i].as_ref(), if prepend_bos { "" } else { " or prepend BOS" })));
+        }
         Ok(pad_left(&seqs, self.pad_id))
     }
 
@@ -87,6 +95,18 @@ impl TextTokenizer {
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
     }
+}
+
+/// A token id the model has an embedding row for, else an error naming the token.
+pub fn check_in_vocab(tok: &TextTokenizer, id: i64, d_vocab: usize) -> Result<()> {
+    if id < 0 || id as usize >= d_vocab {
+        return Err(Error::Tokenizer(format!(
+            "token {id} ({:?}) is outside the model's vocabulary of {d_vocab}: the tokenizer ({} tokens) is larger than the model's embedding",
+            tok.token_str(id),
+            tok.vocab_size()
+        )));
+    }
+    Ok(())
 }
 
 /// Left-pads token sequences into one [batch, max_len] tensor with a mask (None if all equal).

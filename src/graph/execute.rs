@@ -153,6 +153,23 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::Mo
             incorrect.push(single_token(tok, w, i, "incorrect")?);
         }
     }
+    // A tokenizer larger than the model's embedding gives ids the model has no row for.
+    let in_vocab = |id: i64, what: String| {
+        crate::engine::tokenize::check_in_vocab(tok, id, cfg.d_vocab).map_err(|e| Error::Config(format!("{what}: {e}")))
+    };
+    for (i, (&c, w)) in correct.iter().zip(incorrect.iter().map(Some).chain(std::iter::repeat(None))).enumerate() {
+        in_vocab(c, format!("prompt {i}: the correct answer"))?;
+        if let Some(&w) = w {
+            in_vocab(w, format!("prompt {i}: the incorrect answer"))?;
+        }
+    }
+    for (which, b) in [("clean", Some(&clean)), ("corrupted", corrupted.as_ref())] {
+        if let Some(b) = b {
+            if let Some(max) = Vec::<i64>::try_from(b.tokens.flatten(0, -1)).unwrap_or_default().into_iter().max() {
+                in_vocab(max, format!("the {which} prompts"))?;
+            }
+        }
+    }
     let clean_strs = (0..clean_texts.len() as i64)
         .map(|i| Vec::<i64>::try_from(clean.tokens.get(i)).unwrap_or_default().into_iter().map(|t| tok.token_str(t)).collect())
         .collect();
@@ -247,7 +264,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outcome> {
     for run in &spec.runs {
-        run.check_layers(model.cfg.n_layers, &spec.file).map_err(Error::Config)?;
+        run.check_model(&model.cfg, &spec.file).map_err(Error::Config)?;
     }
     let mut timings: BTreeMap<String, f64> = BTreeMap::new();
     let t = Instant::now();

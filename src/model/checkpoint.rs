@@ -19,6 +19,9 @@ enum Entry {
 
 pub struct StateDict {
     tensors: BTreeMap<String, Entry>,
+    /// Every name taken so far, shared with the loader, so that what a converter left behind can
+    /// be reported after it has consumed the StateDict.
+    taken: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     /// Prefix tried before every name (e.g. "transformer." when the checkpoint has it).
     prefix: String,
     origin: String,
@@ -98,11 +101,11 @@ impl StateDict {
             index(f, &mut tensors)?;
         }
         let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
-        Ok(StateDict { tensors, prefix: String::new(), origin })
+        Ok(StateDict { tensors, taken: Default::default(), prefix: String::new(), origin })
     }
 
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        StateDict { tensors: tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))).collect(), prefix: String::new(), origin: "tensors".into() }
+        StateDict { tensors: tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))).collect(), taken: Default::default(), prefix: String::new(), origin: "tensors".into() }
     }
 
     /// Uses `prefix` for every later lookup when the checkpoint's names carry it (HF models are
@@ -120,13 +123,23 @@ impl StateDict {
 
     fn remove(&mut self, name: &str) -> Option<Entry> {
         let prefixed = format!("{}{name}", self.prefix);
-        self.tensors.remove(&prefixed).or_else(|| self.tensors.remove(name))
+        let key = if self.tensors.contains_key(&prefixed) { prefixed } else { name.to_string() };
+        let e = self.tensors.remove(&key)?;
+        if let Ok(mut t) = self.taken.lock() {
+            t.push(key);
+        }
+        Some(e)
+    }
+
+    /// Every tensor name, and a handle on the names taken from now on.
+    pub fn names_and_taken(&self) -> (Vec<String>, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        (self.tensors.keys().cloned().collect(), self.taken.clone())
     }
 
     /// Removes and returns tensor `name` (looked up with the prefix first, then as given).
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
         if let Some(e) = self.remove(name) {
-            return e.load();
+            return self.floating(name, e.load()?);
         }
         let prefixed = format!("{}{name}", self.prefix);
         let near = nearest(&prefixed, self.tensors.keys().map(|k| k.as_str()));
@@ -151,6 +164,31 @@ impl StateDict {
 
     /// Like `take`, but the tensor may be absent (biases of bias-free models).
     pub fn take_opt(&mut self, name: &str) -> Result<Option<Tensor>> {
-        self.remove(name).map(Entry::load).transpose()
+        match self.remove(name) {
+            None => Ok(None),
+            Some(e) => Ok(Some(self.floating(name, e.load()?)?)),
+        }
     }
+
+    /// Weights are floating point: an integer or boolean tensor under a weight's name means
+    /// the checkpoint is not what config.json says.
+    fn floating(&self, name: &str, t: Tensor) -> Result<Tensor> {
+        if matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
+            Ok(t)
+        } else {
+            Err(Error::Load { id: self.origin.clone(), reason: format!("tensor '{}{name}' is {:?}; a weight must be F32, F16, BF16 or F64", self.prefix, t.kind()) })
+        }
+    }
+}
+
+/// Buffers some checkpoints save beside the weights (causal masks, rotary inverse frequencies,
+/// position ids): derived from the config, so not read, and not an error when left over.
+pub fn is_derived_buffer(name: &str) -> bool {
+    [".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq", "position_ids"].iter().any(|s| name.ends_with(s))
+}
+
+/// The names a converter left behind that are not derived buffers.
+pub fn unused(all: &[String], taken: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    let taken: std::collections::BTreeSet<String> = taken.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+    all.iter().filter(|n| !taken.contains(*n) && !is_derived_buffer(n)).cloned().collect()
 }

@@ -83,10 +83,26 @@ impl Model {
         let json = read_json(&files.config)?;
         let (cfg, convert) = family(&json)?;
         let sd = checkpoint::StateDict::read(&files.weights)?;
+        let (names, taken) = sd.names_and_taken();
         let weights = convert(sd, &cfg).map_err(|e| match e {
             Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
             e => e,
         })?;
+        // A tensor no converter step read is a checkpoint that does not match its config.
+        let unused = checkpoint::unused(&names, &taken);
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(5).map(String::as_str).collect();
+            return Err(Error::Load {
+                id: id.into(),
+                reason: format!(
+                    "{} tensor(s) in the checkpoint are not part of a {} model with this config.json: {}{}; is config.json (model_type, layer count, bias settings) the checkpoint's own?",
+                    unused.len(),
+                    cfg.family,
+                    shown.join(", "),
+                    if unused.len() > 5 { format!(" and {} more", unused.len() - 5) } else { String::new() }
+                ),
+            });
+        }
         let tokenizer = match &files.tokenizer {
             Some(t) => Some(TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json)?),
             None => None,

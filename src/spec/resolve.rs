@@ -75,6 +75,8 @@ pub struct RunSpec {
     /// Only these layers (all when None), with the spec line and column they were given at.
     pub layers: Option<Vec<usize>>,
     pub layers_at: Option<(usize, usize)>,
+    /// Where logit_lens's top_k was given, for the check against the vocabulary.
+    pub top_k_at: Option<(usize, usize)>,
 }
 
 impl RunSpec {
@@ -90,6 +92,29 @@ impl RunSpec {
             ));
         }
         Ok(())
+    }
+
+    /// Checks the run against the model's config: its layers, and logit_lens's top_k against the
+    /// vocabulary. Every problem, one per line.
+    pub fn check_model(&self, cfg: &crate::model::config::ModelConfig, file: &str) -> Result<(), String> {
+        let mut problems = Vec::new();
+        if let Err(e) = self.check_layers(cfg.n_layers, file) {
+            problems.push(e);
+        }
+        if let RunKind::LogitLens { top_k, .. } = &self.kind {
+            if *top_k > cfg.d_vocab {
+                let (line, col) = self.top_k_at.unwrap_or((0, 0));
+                problems.push(format!(
+                    "{file}:{line}:{col}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
+                    self.name, cfg.d_vocab, cfg.d_vocab
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 
     pub fn kind_name(&self) -> &'static str {
@@ -116,6 +141,15 @@ impl Spec {
     /// Re-derives corrupted prompts after the prompts were replaced (--prompts): replace_tokens
     /// is applied again; explicit corrupted prompts must come with the new prompts.
     pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
+        if self.metric.kind == MetricKind::LogitDiff {
+            if let (Some(run), Some(i)) = (self.runs.iter().find(|r| r.kind.needs_answers()), self.prompts.iter().position(|p| p.incorrect.is_none())) {
+                return Err(format!(
+                    "prompt {i} has no incorrect answer, but run '{}' ({}) measures logit_diff, which needs one for every prompt; add \"answers\": [correct, incorrect] (or \"wrong_answer\") or use metric logprob/prob",
+                    run.name,
+                    run.kind.name()
+                ));
+            }
+        }
         match &self.corruption {
             Corruption::ReplaceTokens(pairs) => {
                 if let Some(&i) = replace_words(&mut self.prompts, pairs).first() {
@@ -226,6 +260,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             None => None,
         };
         let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
+        let top_k_at = r.top_k.as_ref().map(|l| line_col(cx.text, l.span().start));
         if let Some(kind) = resolve_kind(&mut cx, r, i, base) {
             let at = r.kind.span().start;
             if kind.needs_prompts() && prompts.is_empty() && raw.prompts.is_none() {
@@ -237,7 +272,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             if kind.needs_answers() && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
                 cx.at_offset(at, key("kind"), format!("{} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])", kind.name()));
             }
-            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at });
+            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at, top_k_at });
         }
     }
     let output_dir = match &raw.output {
@@ -293,6 +328,12 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
     let p = p.get_ref();
     match (&p.clean, &p.file) {
         (Some(clean), None) => {
+            if clean.get_ref().is_empty() {
+                cx.at(clean, "prompts.clean", "no prompts: give at least one clean prompt");
+            }
+            if let Some(i) = clean.get_ref().iter().position(|c| c.trim().is_empty()) {
+                cx.at(clean, format!("prompts.clean[{i}]"), "an empty prompt: every prompt needs some text");
+            }
             let answers = p.answers.as_ref();
             match answers {
                 None => cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt"),
