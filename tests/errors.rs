@@ -1,0 +1,299 @@
+//! Bad input ends in a named error (exit code 1, one readable message), never a panic: spec
+//! values the model cannot satisfy, empty prompts, missing devices, and malformed models —
+//! config.json, safetensors, shard indexes, tokenizers and GGUF files broken one way at a time.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+/// Runs tl-run and asserts it failed with a named error (not a panic); returns stderr.
+fn fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected a named error (exit 1) from {args:?}, got {:?}:\n{err}", out.status.code());
+    assert!(!err.contains("panicked") && !err.contains("internal failure") && !err.contains("backtrace"), "{args:?}: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    err
+}
+
+/// A writable copy of a fixture (the fixture directories are links into the shared cache).
+fn copy_fixture(name: &str, to: &Path) -> PathBuf {
+    let dir = to.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    dir
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let p = dir.join("config.json");
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(c.as_object_mut().unwrap());
+    std::fs::write(&p, serde_json::to_string_pretty(&c).unwrap()).unwrap();
+}
+
+type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Tensors)) {
+    let p = dir.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut t: Tensors = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    edit(&mut t);
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        t.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(&p, safetensors::serialize(views, &None).unwrap()).unwrap();
+}
+
+fn spec(dir: &Path, model: &Path, body: &str) -> PathBuf {
+    let p = dir.join("spec.toml");
+    let text = format!(
+        "name = \"t\"\n[model]\nid = \"{}\"\n[prompts]\nclean = [\"When John and Mary went to the shops, John gave the bag to\"]\nanswers = [[\" Mary\", \" John\"]]\n{body}\n[output]\ndir = \"{}\"\n",
+        model.display(),
+        dir.join("out").display()
+    );
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn top_k_past_the_vocabulary_is_named_at_its_line_in_validate_and_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec(tmp.path(), &fixture("gpt2-tiny"), "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\ntop_k = 100000\n");
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&spec)]);
+        assert!(e.contains("spec.toml:10:9: run 'll': top_k = 100000 is more tokens than the model's vocabulary of 50257"), "{cmd}: {e}");
+    }
+    assert!(!tmp.path().join("out").exists());
+}
+
+#[test]
+fn empty_prompt_lists_and_prompts_of_no_tokens_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("empty.toml");
+    let model = fixture("gpt2-tiny");
+    std::fs::write(&p, format!("name = \"t\"\n[model]\nid = \"{}\"\n[prompts]\nclean = []\nanswers = []\n[[run]]\nname = \"r\"\nkind = \"logit_lens\"\n", model.display())).unwrap();
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&p)]);
+        assert!(e.contains("empty.toml:5:9: prompts.clean: no prompts"), "{e}");
+    }
+    std::fs::write(&p, format!("name = \"t\"\n[model]\nid = \"{}\"\n[prompts]\nclean = [\"\"]\nanswers = [[\" a\"]]\n[[run]]\nname = \"r\"\nkind = \"logit_lens\"\n", model.display())).unwrap();
+    let e = fails(&["validate", s(&p)]);
+    assert!(e.contains("prompts.clean[0]: an empty prompt"), "{e}");
+    let out = tmp.path().join("x.safetensors");
+    let e = fails(&["cache", s(&model), "--prompt", "", "--no-prepend-bos", "--out", s(&out)]);
+    assert!(e.contains("prompt 0 (\"\") is no tokens and no BOS is prepended"), "{e}");
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_prompt_file_without_wrong_answers_under_logit_diff_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"t\"\n[model]\nid = \"{}\"\n[prompts]\nclean = [\"When John and Mary went to the shops, John gave the bag to\", \"When John and Mary went to the shops, Mary gave the bag to\"]\nanswers = [[\" Mary\", \" John\"], [\" John\", \" Mary\"]]\n[corruption]\nkind = \"swap_pairs\"\n[[run]]\nname = \"r\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n",
+            fixture("gpt2-tiny").display()
+        ),
+    )
+    .unwrap();
+    let prompts = tmp.path().join("p.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"prompt\": \"When John and Mary went to the shops, John gave the bag to\", \"answer\": \" Mary\"}\n{\"prompt\": \"When John and Mary went to the shops, Mary gave the bag to\", \"answer\": \" John\"}\n",
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&spec), "--prompts", s(&prompts)]);
+        assert!(e.contains("prompt 0 has no incorrect answer, but run 'r' (activation_patching) measures logit_diff"), "{e}");
+    }
+}
+
+#[test]
+fn a_device_that_is_not_here_is_named() {
+    let model = fixture("gpt2-tiny");
+    let e = fails(&["hooks", s(&model), "--device", "cuda"]);
+    assert!(e.contains("device 'cuda' was asked for but CUDA is not available here"), "{e}");
+    let e = fails(&["hooks", s(&model), "--device", "cuda:1"]);
+    assert!(e.contains("cuda:1 does not exist"), "{e}");
+    let e = fails(&["hooks", s(&model), "--device", "tpu"]);
+    assert!(e.contains("unknown device 'tpu' (use cpu, cuda or cuda:N)"), "{e}");
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = spec(tmp.path(), &model, "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\n");
+    let e = fails(&["run", s(&spec), "--device", "cuda:1"]);
+    assert!(e.contains("cuda:1 does not exist"), "{e}");
+}
+
+#[test]
+fn answer_tokens_past_the_embedding_are_named() {
+    // The GPT-2 tokenizer (50,257 tokens) on a model whose embedding has 1,000 rows.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_fixture("gpt2-tiny", tmp.path());
+    edit_config(&model, |c| {
+        c.insert("vocab_size".into(), 1000.into());
+    });
+    edit_weights(&model, |t| {
+        let (_, _, shape, data) = t.iter_mut().find(|(n, ..)| n.ends_with("wte.weight")).unwrap();
+        let row = shape[1] * 4;
+        shape[0] = 1000;
+        data.truncate(1000 * row);
+    });
+    let spec = spec(tmp.path(), &model, "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\n");
+    let e = fails(&["run", s(&spec)]);
+    assert!(e.contains("prompt 0: the correct answer: tokenizer: token 5335 (\" Mary\") is outside the model's vocabulary of 1000"), "{e}");
+    let e = fails(&["cache", s(&model), "--prompt", "When John and Mary", "--out", s(&tmp.path().join("x.safetensors"))]);
+    assert!(e.contains("is outside the model's vocabulary of 1000"), "{e}");
+}
+
+#[test]
+fn bad_head_counts_and_shapes_in_config_json_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+        ("gpt2-tiny", serde_json::json!({"n_head": 0}), "hidden size 64 is not divisible by 0 attention heads"),
+        ("gpt2-tiny", serde_json::json!({"n_head": 5}), "hidden size 64 is not divisible by 5 attention heads"),
+        ("llama-tiny", serde_json::json!({"num_attention_heads": 0}), "n_heads must be positive"),
+        ("llama-tiny", serde_json::json!({"num_key_value_heads": 0}), "6 query heads cannot be grouped over 0 key-value heads"),
+        ("gpt2-tiny", serde_json::json!({"n_head": "four"}), "invalid type: string \"four\""),
+        ("gpt2-tiny", serde_json::json!({"n_layer": 0}), "n_layers must be positive"),
+        ("gpt2-tiny", serde_json::json!({"n_embd": 60, "n_head": 4}), "tensor 'transformer.h.0.attn.c_attn.weight' has shape [64, 192], but config.json implies [60, 180]"),
+        ("phi3-tiny", serde_json::json!({"num_key_value_heads": 3}), "tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [80, 48], but config.json implies [96, 48]"),
+        ("bloom-tiny", serde_json::json!({"hidden_size": 48}), "query_key_value.weight' has shape [192, 64], but config.json implies [144, 48]"),
+        ("neox-tiny", serde_json::json!({"intermediate_size": 100}), "dense_h_to_4h.weight' has shape [256, 64], but config.json implies [100, 64]"),
+        ("gpt2-tiny", serde_json::json!({"model_type": "mamba"}), "model_type 'mamba' is not supported"),
+    ];
+    for (i, (fixture_name, patch, want)) in cases.into_iter().enumerate() {
+        let dir = copy_fixture(fixture_name, &tmp.path().join(i.to_string()));
+        edit_config(&dir, |c| {
+            for (k, v) in patch.as_object().unwrap() {
+                c.insert(k.clone(), v.clone());
+            }
+        });
+        let e = fails(&["hooks", s(&dir)]);
+        assert!(e.contains(want), "{fixture_name} {patch}: {e}");
+    }
+    // Missing keys and a config.json that is not JSON.
+    let dir = copy_fixture("gpt2-tiny", &tmp.path().join("missing"));
+    edit_config(&dir, |c| {
+        c.remove("n_embd");
+    });
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("n_embd"), "{e}");
+    std::fs::write(dir.join("config.json"), "{ not json").unwrap();
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("config.json"), "{e}");
+}
+
+#[test]
+fn malformed_safetensors_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fresh = |name: &str| copy_fixture("gpt2-tiny", &tmp.path().join(name));
+
+    let dir = fresh("truncated");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("does not fit its byte range"), "{e}");
+
+    let dir = fresh("header");
+    let mut bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    bytes[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    std::fs::write(dir.join("model.safetensors"), &bytes).unwrap();
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("safetensors header length 1099511627776 runs past the end"), "{e}");
+
+    let dir = fresh("tiny");
+    std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("not a safetensors file"), "{e}");
+
+    let dir = fresh("dtype");
+    edit_weights(&dir, |t| {
+        let (_, dtype, _, _) = t.iter_mut().find(|(n, ..)| n.ends_with("h.0.ln_1.weight")).unwrap();
+        *dtype = safetensors::Dtype::I32; // same width as F32, so the bytes still fit
+    });
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("h.0.ln_1.weight' is Int; a weight must be F32, F16, BF16 or F64"), "{e}");
+
+    let dir = fresh("missing");
+    edit_weights(&dir, |t| t.retain(|(n, ..)| !n.ends_with("h.1.mlp.c_proj.weight")));
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("tensor 'transformer.h.1.mlp.c_proj.weight' is missing"), "{e}");
+
+    let dir = fresh("extra");
+    edit_weights(&dir, |t| t.push(("transformer.h.7.attn.c_attn.weight".into(), safetensors::Dtype::F32, vec![2], vec![0; 8])));
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("1 tensor(s) in the checkpoint are not part of a gpt2 model with this config.json: transformer.h.7.attn.c_attn.weight"), "{e}");
+
+    let dir = fresh("shards");
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), r#"{"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}"#).unwrap();
+    let e = fails(&["hooks", s(&dir)]);
+    assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
+}
+
+#[test]
+fn missing_or_unparsable_tokenizers_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("gpt2-tiny", tmp.path());
+    let out = tmp.path().join("x.safetensors");
+    std::fs::write(dir.join("tokenizer.json"), "{ this is not a tokenizer").unwrap();
+    let e = fails(&["cache", s(&dir), "--prompt", "hi", "--out", s(&out)]);
+    assert!(e.contains("tokenizer"), "{e}");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+    let e = fails(&["cache", s(&dir), "--prompt", "hi", "--out", s(&out)]);
+    assert!(e.contains("no tokenizer.json"), "{e}");
+    let spec = spec(tmp.path(), &dir, "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\n");
+    let e = fails(&["validate", s(&spec)]);
+    assert!(e.contains("no tokenizer.json"), "{e}");
+}
+
+/// A minimal GGUF v3 file: general.architecture = llama and one 4×4 tensor of ggml type `ty`.
+fn gguf_with_type(path: &Path, ty: u32) {
+    let mut b: Vec<u8> = Vec::new();
+    let string = |b: &mut Vec<u8>, s: &str| {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    };
+    b.extend(b"GGUF");
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata
+    string(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes()); // string
+    string(&mut b, "llama");
+    string(&mut b, "token_embd.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(4u64.to_le_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    while b.len() % 32 != 0 {
+        b.push(0);
+    }
+    b.extend([0u8; 64]);
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn a_gguf_with_an_unknown_quantization_type_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("m.gguf");
+    gguf_with_type(&p, 99);
+    let e = fails(&["hooks", s(&p)]);
+    assert!(e.contains("tensor 'token_embd.weight' has ggml type 99, which tl-run cannot dequantize"), "{e}");
+    // Q2_K (10) is a real llama.cpp type tl-run does not read.
+    gguf_with_type(&p, 10);
+    let e = fails(&["hooks", s(&p)]);
+    assert!(e.contains("ggml type 10"), "{e}");
+    std::fs::write(&p, b"GGUF").unwrap();
+    fails(&["hooks", s(&p)]);
+}
