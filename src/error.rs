@@ -10,8 +10,9 @@ pub enum Error {
     #[error("cannot load model '{id}': {reason}")]
     Load { id: String, reason: String },
 
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // Not named `source`: thiserror would then chain it, and `{:#}` would print it twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
 
     #[error("unknown hook point '{name}'{}", suggest(.suggestions))]
     UnknownHook { name: String, suggestions: Vec<String> },
@@ -42,7 +43,7 @@ fn suggest(names: &[String]) -> String {
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), err: source }
     }
 }
 

@@ -6,6 +6,12 @@ use clap::Parser;
 mod cli;
 
 fn main() -> ExitCode {
+    // Past a file-size limit (ulimit -f, common under batch schedulers) a write should fail with
+    // EFBIG and reach the user as an error naming the file, not kill the process with SIGXFSZ.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     // `tl-run SPEC.toml` is short for `tl-run run SPEC.toml`.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(pos) = argv.iter().skip(1).position(|a| !a.to_string_lossy().starts_with('-')) {

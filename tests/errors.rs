@@ -297,3 +297,83 @@ fn a_gguf_with_an_unknown_quantization_type_is_named() {
     std::fs::write(&p, b"GGUF").unwrap();
     fails(&["hooks", s(&p)]);
 }
+
+fn two_run_spec(dir: &Path, out: &Path, second_name: &str) -> PathBuf {
+    let p = dir.join("w.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "t"
+[model]
+id = "{}"
+[prompts]
+clean = ["When John and Mary went to the shops, John gave the bag to", "When John and Mary went to the shops, Mary gave the bag to"]
+answers = [[" Mary", " John"], [" John", " Mary"]]
+[corruption]
+kind = "swap_pairs"
+[[run]]
+name = "resid"
+kind = "activation_patching"
+hooks = ["resid_pre"]
+over = ["layer", "pos"]
+[[run]]
+name = "{second_name}"
+kind = "logit_lens"
+top_k = 50
+top_k_at = "all"
+[output]
+dir = "{}"
+"#,
+            fixture("gpt2-odd").display(),
+            out.display()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn run_names_cannot_leave_the_output_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for (name, why) in [("../escape", "contains a path separator"), ("a/b", "contains a path separator"), (".hidden", "starts with '.'"), ("..", "starts with '.'"), ("", "is empty")] {
+        let spec = two_run_spec(tmp.path(), &out, name);
+        let e = fails(&["validate", s(&spec)]);
+        assert!(e.contains("w.toml:15:8: run[1].name") && e.contains(why), "{name:?}: {e}");
+        fails(&["run", s(&spec)]);
+    }
+    assert!(!out.exists() && !tmp.path().join("escape.parquet").exists());
+}
+
+#[test]
+fn an_unwritable_output_directory_is_named_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    let spec = two_run_spec(tmp.path(), &file.join("out"), "ll");
+    let e = fails(&["run", s(&spec)]);
+    assert!(e.contains(&format!("output directory {}: {} is not a directory", file.join("out").display(), file.display())), "{e}");
+}
+
+#[test]
+fn a_full_disk_is_a_named_error_and_leaves_no_partial_file() {
+    // A file-size limit of 8 KiB (sh's ulimit -f counts 512-byte blocks): the first run's table
+    // fits, the logit lens's top-50 table at every position does not.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let spec = two_run_spec(tmp.path(), &out, "ll");
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("ulimit -f 16; exec '{}' run '{}' --quiet", env!("CARGO_BIN_EXE_tl-run"), spec.display()))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("{}: File too large", out.join("ll.parquet").display())), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    // The finished run and the manifest that describes it; nothing temporary, nothing partial.
+    assert_eq!(left, ["manifest.json", "resid.parquet"], "{err}");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["runs"].as_object().unwrap().keys().collect::<Vec<_>>(), ["resid"]);
+}

@@ -243,6 +243,7 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
 
 fn run(a: &SpecArgs, progress: bool) -> Result<()> {
     let spec = read_spec(a)?;
+    tl_run::output::atomic::check_writable_dir(&spec.output_dir)?;
     let opts = LoadOptions {
         revision: spec.model.revision.clone(),
         processing: spec.model.processing,

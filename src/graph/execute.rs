@@ -301,7 +301,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             Error::Config(m) => Error::Config(format!("run '{}': {m}", run.name)),
             other => Error::Other(format!("run '{}': {other}", run.name)),
         })?;
-        let path = spec.output_dir.join(format!("{}.parquet", run.name));
+        let path = atomic::file_in(&spec.output_dir, &run.name, ".parquet")?;
         write_parquet(&path, &rows)?;
         files.push(path.clone());
         timings.insert(format!("{} (total)", run.name), t_run.elapsed().as_secs_f64());

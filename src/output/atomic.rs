@@ -26,3 +26,55 @@ pub fn write_with(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Result<(
 pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |f| f.write_all(bytes).map_err(|e| Error::io(path, e)))
 }
+
+/// Whether `stem` can name a file inside an output directory and nothing else: one plain path
+/// component, not hidden (dot-files are tl-run's own), no control characters.
+pub fn check_file_stem(stem: &str) -> std::result::Result<(), &'static str> {
+    if stem.is_empty() {
+        return Err("is empty");
+    }
+    if stem.contains(['/', '\\']) {
+        return Err("contains a path separator");
+    }
+    if stem.starts_with('.') {
+        return Err("starts with '.'");
+    }
+    if stem.chars().any(char::is_control) {
+        return Err("contains a control character");
+    }
+    if stem.len() > 200 {
+        return Err("is longer than 200 bytes");
+    }
+    Ok(())
+}
+
+/// `<dir>/<stem><ext>`, refusing any stem that would land outside `dir`.
+pub fn file_in(dir: &Path, stem: &str, ext: &str) -> Result<std::path::PathBuf> {
+    check_file_stem(stem).map_err(|why| Error::Config(format!("output name {stem:?} {why}")))?;
+    let p = dir.join(format!("{stem}{ext}"));
+    debug_assert_eq!(p.parent(), Some(dir));
+    Ok(p)
+}
+
+/// Proves `dir` can be created and written to (a probe file in it, or in its nearest existing
+/// ancestor), so an unwritable output directory is named before any weights are loaded, and a
+/// run that fails later leaves no empty directory behind.
+pub fn check_writable_dir(dir: &Path) -> Result<()> {
+    let mut at = dir;
+    while !at.exists() {
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => {
+                at = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !at.is_dir() {
+        return Err(Error::Config(format!("output directory {}: {} is not a directory", dir.display(), at.display())));
+    }
+    let probe = at.join(format!(".tl-run-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| Error::Config(format!("output directory {} is not writable ({}: {e})", dir.display(), at.display())))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}

@@ -248,8 +248,8 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
         if !names.insert(r.name.get_ref().clone()) {
             cx.at(&r.name, key("name"), format!("run name '{}' is used twice", r.name.get_ref()));
         }
-        if r.name.get_ref().is_empty() || r.name.get_ref().contains(['/', '\\']) {
-            cx.at(&r.name, key("name"), "run names must be non-empty and contain no path separators (they name output files)");
+        if let Err(why) = crate::output::atomic::check_file_stem(r.name.get_ref()) {
+            cx.at(&r.name, key("name"), format!("run name {:?} {why} (it names the run's output file <output.dir>/<name>.parquet); use letters, digits, '-', '_' or '.'", r.name.get_ref()));
         }
         let layers = match &r.layers {
             Some(l) if l.get_ref().iter().any(|&x| x < 0) => {
