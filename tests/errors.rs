@@ -377,3 +377,62 @@ fn a_full_disk_is_a_named_error_and_leaves_no_partial_file() {
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["runs"].as_object().unwrap().keys().collect::<Vec<_>>(), ["resid"]);
 }
+
+/// Multiplies every f32 of the tensors whose names end with one of `names` by `by`, or (by = NaN)
+/// sets their first element to NaN.
+fn scale_weights(dir: &Path, names: &[&str], by: f32) {
+    edit_weights(dir, |t| {
+        for (n, dtype, _, data) in t.iter_mut().filter(|(n, ..)| names.iter().any(|s| n.ends_with(s))) {
+            assert_eq!(*dtype, safetensors::Dtype::F32, "{n}");
+            for (i, c) in data.chunks_exact_mut(4).enumerate() {
+                let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                let y = if by.is_nan() { if i == 5 { f32::NAN } else { x } } else { x * by };
+                c.copy_from_slice(&y.to_le_bytes());
+            }
+        }
+    });
+}
+
+fn manifest_nonfinite(out: &Path) -> Vec<serde_json::Value> {
+    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    m["nonfinite"].as_array().unwrap().clone()
+}
+
+#[test]
+fn nan_in_a_weight_stops_the_run_naming_the_weight_and_records_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_fixture("gpt2-odd", tmp.path());
+    scale_weights(&model, &["h.1.mlp.c_fc.weight"], f32::NAN);
+    let out = tmp.path().join("out");
+    let spec = two_run_spec(tmp.path(), &out, "ll");
+    let e = fails(&["run", s(&spec), "--model-id", s(&model)]);
+    assert!(e.contains("non-finite value(s) in weight blocks.1.mlp.W_in; the run stopped") && e.contains("allow_nonfinite = true"), "{e}");
+    let found = manifest_nonfinite(&out);
+    assert_eq!(found.len(), 1);
+    assert_eq!((found[0]["kind"].as_str(), found[0]["where"].as_str()), (Some("weight"), Some("blocks.1.mlp.W_in")));
+    // No result table was written.
+    assert!(!out.join("resid.parquet").exists());
+}
+
+#[test]
+fn an_activation_overflow_is_traced_to_the_first_hook_and_allow_nonfinite_runs_on() {
+    // Finite f32 weights whose layer-0 MLP output overflows float16 (max 65504).
+    let tmp = tempfile::tempdir().unwrap();
+    let model = copy_fixture("gpt2-odd", tmp.path());
+    scale_weights(&model, &["h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.weight"], 3000.0);
+    let out = tmp.path().join("out");
+    let spec = two_run_spec(tmp.path(), &out, "ll");
+    let e = fails(&["run", s(&spec), "--model-id", s(&model), "--dtype", "float16"]);
+    assert!(e.contains("non-finite value(s) in activation blocks.0.hook_mlp_out (first at prompt 0, position 0)"), "{e}");
+    assert!(!out.join("resid.parquet").exists());
+    // allow_nonfinite = true: the run finishes, exit 0, and the manifest lists every place.
+    let text = format!("allow_nonfinite = true\n{}", std::fs::read_to_string(&spec).unwrap());
+    std::fs::write(&spec, text).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(["run", s(&spec), "--model-id", s(&model), "--dtype", "float16", "--quiet"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let found = manifest_nonfinite(&out);
+    let wheres: Vec<&str> = found.iter().map(|f| f["where"].as_str().unwrap()).collect();
+    assert_eq!(wheres[0], "blocks.0.hook_mlp_out", "{found:?}");
+    assert!(wheres.iter().any(|w| w.starts_with("run 'resid'")) && wheres.iter().any(|w| w.starts_with("run 'll'")), "{found:?}");
+    assert!(out.join("resid.parquet").exists() && out.join("ll.parquet").exists());
+}

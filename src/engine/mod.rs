@@ -3,4 +3,5 @@ pub mod device;
 pub mod forward;
 pub mod hooks;
 pub mod metric;
+pub mod nonfinite;
 pub mod tokenize;

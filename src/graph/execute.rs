@@ -8,6 +8,7 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::metric::Metric;
+use crate::engine::nonfinite;
 use crate::engine::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
 use crate::experiments::attribution;
@@ -267,6 +268,15 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         run.check_model(&model.cfg, &spec.file).map_err(Error::Config)?;
     }
     let mut timings: BTreeMap<String, f64> = BTreeMap::new();
+    let manifest_path = spec.output_dir.join("manifest.json");
+    let weights: Vec<serde_json::Value> = match &model.files {
+        Some(f) => f.weights.iter().map(|w| Ok(serde_json::json!({"file": w.display().to_string(), "sha256": sha256_file(w)?}))).collect::<Result<_>>()?,
+        None => vec![],
+    };
+    let mut record = Record { spec, model, weights, path: manifest_path.clone(), nonfinite: Vec::new() };
+    if let Some(f) = nonfinite::first_in_weights(model) {
+        record.found(f, &serde_json::Map::new(), &timings, None, None)?;
+    }
     let t = Instant::now();
     let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
     let needs_corruption = spec.runs.iter().any(|r| r.kind.needs_corruption());
@@ -284,16 +294,24 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         }
         _ => None,
     };
+    if let (Some(p), Some(t)) = (&prep, &toks) {
+        // A NaN baseline: find the first hook of the clean (or corrupted) run it comes from.
+        let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
+        if bad_clean || p.corrupted_per_prompt.iter().any(|v| !v.is_finite()) {
+            let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
+            let found = match tokens {
+                Some(tokens) => nonfinite::first_in_activations(model, tokens, t.mask.as_ref())?,
+                None => None,
+            };
+            let f = found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None });
+            record.found(f, &serde_json::Map::new(), &timings, Some(p), Some(t))?;
+        }
+    }
 
     std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
-    let weights: Vec<serde_json::Value> = match &model.files {
-        Some(f) => f.weights.iter().map(|w| Ok(serde_json::json!({"file": w.display().to_string(), "sha256": sha256_file(w)?}))).collect::<Result<_>>()?,
-        None => vec![],
-    };
-    let manifest_path = spec.output_dir.join("manifest.json");
     let cx = kinds::RunContext::new(spec, model, toks.as_ref(), prep.as_ref(), show_progress);
     for run in &spec.runs {
         let t_run = Instant::now();
@@ -301,6 +319,11 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             Error::Config(m) => Error::Config(format!("run '{}': {m}", run.name)),
             other => Error::Other(format!("run '{}': {other}", run.name)),
         })?;
+        let bad: Vec<&Row> = rows.iter().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
+        if let Some(first) = bad.first() {
+            let f = nonfinite::Finding { kind: "result".into(), at: format!("run '{}' ({})", run.name, first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) };
+            record.found(f, &run_notes, &timings, prep.as_ref(), toks.as_ref())?;
+        }
         let path = atomic::file_in(&spec.output_dir, &run.name, ".parquet")?;
         write_parquet(&path, &rows)?;
         files.push(path.clone());
@@ -310,7 +333,24 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
         note["rows"] = rows.len().into();
         run_notes.insert(run.name.clone(), note);
         summary.push_str(&top_rows(&run.name, &rows));
-        let metric = match &prep {
+        record.write(&run_notes, &timings, prep.as_ref(), toks.as_ref())?;
+    }
+    Ok(Outcome { files, manifest: manifest_path, summary })
+}
+
+/// What the manifest records, written after every run (and when a run stops on a NaN).
+struct Record<'a> {
+    spec: &'a Spec,
+    model: &'a Model,
+    weights: Vec<serde_json::Value>,
+    path: PathBuf,
+    nonfinite: Vec<nonfinite::Finding>,
+}
+
+impl Record<'_> {
+    fn write(&self, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
+        let spec = self.spec;
+        let metric = match prep {
             Some(p) => serde_json::json!({"kind": spec.metric.kind, "noise_samples_per_prompt": spec.corruption.samples(), "normalize": spec.metric.normalize,
                        "clean_baseline": p.clean_baseline(), "corrupted_baseline": p.corrupted_baseline(),
                        "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt}),
@@ -321,22 +361,39 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
             "spec_hash": spec.spec_hash,
             "model": {
                 "id": spec.model.id,
-                "family": model.cfg.family,
-                "resolved_commit": model.files.as_ref().and_then(|f| f.commit.clone()),
-                "weights": weights,
-                "processing": model.processing,
+                "family": self.model.cfg.family,
+                "resolved_commit": self.model.files.as_ref().and_then(|f| f.commit.clone()),
+                "weights": self.weights,
+                "processing": self.model.processing,
             },
             "tl_run": {"version": env!("CARGO_PKG_VERSION"), "git_commit": option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown")},
-            "device": format!("{:?}", model.device),
-            "dtype": format!("{:?}", model.kind),
+            "device": format!("{:?}", self.model.device),
+            "dtype": format!("{:?}", self.model.kind),
             "metric": metric,
-            "tokens": toks.as_ref().map(|t| t.record.clone()),
-            "runs": run_notes,
+            "tokens": toks.map(|t| t.record.clone()),
+            "runs": runs,
+            "nonfinite": self.nonfinite,
             "timings_seconds": timings,
         });
-        atomic::write_bytes(&manifest_path, serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes())?;
+        std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
+        atomic::write_bytes(&self.path, serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes())
     }
-    Ok(Outcome { files, manifest: manifest_path, summary })
+
+    /// Records a NaN/inf finding; unless the spec allows them, writes the manifest with it and
+    /// stops the run with an error naming where it first appeared.
+    fn found(&mut self, f: nonfinite::Finding, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
+        let message = f.to_string();
+        self.nonfinite.push(f);
+        if self.spec.allow_nonfinite {
+            tracing::warn!("{message} (allow_nonfinite: recorded in the manifest)");
+            return Ok(());
+        }
+        self.write(runs, timings, prep, toks)?;
+        Err(Error::Other(format!(
+            "{message}; the run stopped (recorded in {}). Set allow_nonfinite = true at the top of the spec to run on and record them instead",
+            self.path.display()
+        )))
+    }
 }
 
 /// A one-screen summary: the rows with the largest |value| per run.

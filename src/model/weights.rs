@@ -181,6 +181,55 @@ impl Weights {
         Ok(())
     }
 
+    /// Every tensor with its TransformerLens parameter name, in forward order.
+    pub fn named(&self) -> Vec<(String, &Tensor)> {
+        let mut v: Vec<(String, &Tensor)> = vec![("embed.W_E".into(), &self.w_e)];
+        fn push_norm<'a>(v: &mut Vec<(String, &'a Tensor)>, name: &str, n: &'a NormWeights) {
+            if let Some(w) = &n.w {
+                v.push((format!("{name}.w"), w));
+            }
+            if let Some(b) = &n.b {
+                v.push((format!("{name}.b"), b));
+            }
+        }
+        if let Some(n) = &self.ln_embed {
+            push_norm(&mut v, "embed_ln", n);
+        }
+        if let Some(p) = &self.w_pos {
+            v.push(("pos_embed.W_pos".into(), p));
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            let name = |s: &str| format!("blocks.{l}.{s}");
+            push_norm(&mut v, &name("ln1"), &b.ln1);
+            let a = &b.attn;
+            for (n, t) in [("W_Q", &a.w_q), ("b_Q", &a.b_q), ("W_K", &a.w_k), ("b_K", &a.b_k), ("W_V", &a.w_v), ("b_V", &a.b_v), ("W_O", &a.w_o), ("b_O", &a.b_o)] {
+                v.push((name(&format!("attn.{n}")), t));
+            }
+            for (n, t) in [("q_norm.w", &a.q_norm), ("k_norm.w", &a.k_norm)] {
+                if let Some(t) = t {
+                    v.push((name(&format!("attn.{n}")), t));
+                }
+            }
+            if let Some(n) = &b.ln1_post {
+                push_norm(&mut v, &name("ln1_post"), n);
+            }
+            push_norm(&mut v, &name("ln2"), &b.ln2);
+            let m = &b.mlp;
+            for (n, t) in [("W_in", Some(&m.w_in)), ("b_in", Some(&m.b_in)), ("W_gate", m.w_gate.as_ref()), ("b_gate", m.b_gate.as_ref()), ("W_out", Some(&m.w_out)), ("b_out", Some(&m.b_out))] {
+                if let Some(t) = t {
+                    v.push((name(&format!("mlp.{n}")), t));
+                }
+            }
+            if let Some(n) = &b.ln2_post {
+                push_norm(&mut v, &name("ln2_post"), n);
+            }
+        }
+        push_norm(&mut v, "ln_final", &self.ln_final);
+        v.push(("unembed.W_U".into(), &self.w_u));
+        v.push(("unembed.b_U".into(), &self.b_u));
+        v
+    }
+
     /// The same weights with `f` applied to every tensor.
     pub fn map(&self, f: &dyn Fn(&Tensor) -> Tensor) -> Weights {
         Weights {

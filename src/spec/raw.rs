@@ -14,6 +14,8 @@ pub struct RawSpec {
     #[serde(default)]
     pub run: Vec<RawRun>,
     pub output: Option<RawOutput>,
+    /// Run on (recording where in the manifest) when weights, activations or results hold NaN/inf.
+    pub allow_nonfinite: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

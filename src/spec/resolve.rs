@@ -135,6 +135,8 @@ pub struct Spec {
     pub spec_hash: String,
     /// The spec file, for messages.
     pub file: String,
+    /// Go on (recording them in the manifest) when NaN/inf appear; stop with an error otherwise.
+    pub allow_nonfinite: bool,
 }
 
 impl Spec {
@@ -283,7 +285,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
         return Err(fail(cx.diags));
     }
     let corruption = corruption.unwrap_or(Corruption::SwapPairs);
-    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, file: file.to_string() })
+    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, file: file.to_string(), allow_nonfinite: raw.allow_nonfinite.unwrap_or(false) })
 }
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
