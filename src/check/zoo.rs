@@ -255,10 +255,7 @@ impl Zoo {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
             .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
-        let raw: RawZoo = toml::from_str(&text).map_err(|e| {
-            let (line, col) = e.span().map(|s| line_col(&text, s.start)).unwrap_or((0, 0));
-            SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line, col, key: "toml".into(), message: e.message().to_string() }] }
-        })?;
+        let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)] })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut cx = Cx { text: &text, diags: Vec::new() };
         let defaults = raw.defaults.unwrap_or_default();

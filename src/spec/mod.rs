@@ -43,3 +43,17 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let col = before.rfind('\n').map(|i| offset - i).unwrap_or(offset + 1);
     (line, col)
 }
+
+/// A TOML syntax or type error as a diagnostic, always with a line and a message (toml gives an
+/// empty message for some syntax errors, e.g. a key with no value at the end of the file).
+pub fn toml_diagnostic(text: &str, e: &toml::de::Error) -> Diagnostic {
+    let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    let mut message = e.message().trim().to_string();
+    if message.is_empty() {
+        message = e.to_string().lines().next().unwrap_or("").trim().to_string();
+    }
+    if message.is_empty() || message.starts_with("TOML parse error") {
+        message = "invalid TOML here: a value, key, quote or bracket is missing or malformed".into();
+    }
+    Diagnostic { line: line.max(1), col, key: "toml".into(), message }
+}

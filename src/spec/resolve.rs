@@ -214,10 +214,7 @@ pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
 
 pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErrors> {
     let fail = |diagnostics| SpecErrors { file: file.to_string(), diagnostics };
-    let raw: RawSpec = toml::from_str(text).map_err(|e| {
-        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-        fail(vec![Diagnostic { line, col, key: "toml".into(), message: e.message().to_string() }])
-    })?;
+    let raw: RawSpec = toml::from_str(text).map_err(|e| fail(vec![crate::spec::toml_diagnostic(text, &e)]))?;
     let mut cx = Ctx { text, diags: Vec::new() };
     let spec_hash = {
         use sha2::Digest;
