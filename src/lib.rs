@@ -7,6 +7,7 @@ pub mod experiments;
 pub mod graph;
 pub mod model;
 pub mod output;
+pub mod panics;
 pub mod spec;
 
 pub use engine::forward::{Input, Stop};

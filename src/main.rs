@@ -22,21 +22,16 @@ fn main() -> ExitCode {
     let args = cli::Args::parse_from(argv);
     cli::init_logging(args.verbose);
     // A panic inside libtorch bindings must still reach the user as one readable line.
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<String>().cloned().or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
-        // libtorch's messages carry a C++ backtrace after the first line (escaped as \n inside
-        // an unwrapped Result's Debug text): keep only what comes before it.
-        let msg = msg.unwrap_or_else(|| "unknown".into());
-        let first = msg.split("\\n").next().unwrap_or("").lines().next().unwrap_or("");
-        let at = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
-        eprintln!("error: internal failure: {first}{at}; please report it with the command that caused it");
-    }));
+    tl_run::panics::install_hook();
     match std::panic::catch_unwind(|| cli::dispatch(args)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }
-        Err(_) => ExitCode::from(101),
+        Err(payload) => {
+            eprintln!("error: internal failure: {}; please report it with the command that caused it", tl_run::panics::take_message(payload.as_ref()));
+            ExitCode::from(101)
+        }
     }
 }

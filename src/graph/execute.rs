@@ -287,7 +287,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
     let prep = match (&toks, needs_prep) {
         (Some(toks), true) => {
             let t = Instant::now();
-            let p = prepare(spec, model, toks)?;
+            let p = crate::panics::guarded("the clean and corrupted runs", || prepare(spec, model, toks))?;
             timings.insert("clean and corrupted runs".into(), t.elapsed().as_secs_f64());
             tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
             Some(p)
@@ -315,7 +315,7 @@ pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outco
     let cx = kinds::RunContext::new(spec, model, toks.as_ref(), prep.as_ref(), show_progress);
     for run in &spec.runs {
         let t_run = Instant::now();
-        let (rows, mut note) = kinds::run(&cx, run, &mut timings).map_err(|e| match e {
+        let (rows, mut note) = crate::panics::guarded(run.kind_name(), || kinds::run(&cx, run, &mut timings)).map_err(|e| match e {
             Error::Config(m) => Error::Config(format!("run '{}': {m}", run.name)),
             other => Error::Other(format!("run '{}': {other}", run.name)),
         })?;
