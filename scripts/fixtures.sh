@@ -28,7 +28,8 @@ build() {
   fi
 }
 
-models_stamp="$(hash tests/oracle/make_fixtures.py configs/fixtures.toml scripts/requirements.txt tests/models/stories260K/model.safetensors)"
+# Every file of stories260K counts (its config and tokenizer shape the fixtures and oracles too).
+models_stamp="$(hash tests/oracle/make_fixtures.py configs/fixtures.toml scripts/requirements.txt tests/models/stories260K/*)"
 models="$cache/fixture-models-$models_stamp"
 if [ ! -f "$models/.complete" ]; then echo "tl-run: building fixture models" >&2; fi
 build "$models" "$py" tests/oracle/make_fixtures.py @OUT@ .gpt2-bpe tests/models/stories260K
@@ -54,7 +55,7 @@ mv fixtures.tmp fixtures
 # Logits references for `tl-run check configs/zoo-ci.toml`, made by HF transformers
 # (scripts/reference_logits.py) from the fixtures, stories260K and the default SmolLM2 model.
 smollm2="$(readlink -f .models/SmolLM2-135M-Instruct.Q4_1.gguf)"
-refs_stamp="$( { cat scripts/reference_logits.py configs/zoo-ci.toml scripts/requirements.txt tests/models/stories260K/model.safetensors; echo "$models_stamp $smollm2"; } | sha256sum | cut -c1-16)"
+refs_stamp="$( { cat scripts/reference_logits.py configs/zoo-ci.toml scripts/requirements.txt; echo "$models_stamp $smollm2"; } | sha256sum | cut -c1-16)"
 refs="$cache/references-$refs_stamp"
 if [ ! -f "$refs/.complete" ]; then echo "tl-run: making reference logits for configs/zoo-ci.toml with transformers" >&2; fi
 build "$refs" "$py" scripts/reference_logits.py --zoo configs/zoo-ci.toml --out-dir @OUT@

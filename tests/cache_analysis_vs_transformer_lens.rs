@@ -159,7 +159,8 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
             let their_labels = labels(&o, &format!("{key}_labels"));
             let ours: Vec<String> = t.mean_rows().into_iter().map(|i| t.str("label", i).unwrap()).collect();
             assert_eq!(ours, their_labels, "{fixture} {run} labels");
-            for (c, label) in their_labels.iter().enumerate().step_by(if run == "dla_neuron" { 7 } else { 1 }) {
+            // Every term against TransformerLens: each layer, each head, each neuron.
+            for (c, label) in their_labels.iter().enumerate() {
                 assert_close(&format!("{fixture} {run} {label}"), &per_prompt(&t, label), &column(&o, key, c), 1e-4);
             }
         }

@@ -436,3 +436,67 @@ fn an_activation_overflow_is_traced_to_the_first_hook_and_allow_nonfinite_runs_o
     assert!(wheres.iter().any(|w| w.starts_with("run 'resid'")) && wheres.iter().any(|w| w.starts_with("run 'll'")), "{found:?}");
     assert!(out.join("resid.parquet").exists() && out.join("ll.parquet").exists());
 }
+
+#[test]
+fn validate_reports_every_model_aware_problem_at_once_with_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("v.toml");
+    std::fs::write(
+        &p,
+        format!(
+            r#"name = "t"
+[model]
+id = "{}"
+[prompts]
+clean = ["When John and Mary went to the shops, John gave the bag to", "When John and Mary went to the shops, Mary gave the bag to"]
+answers = [[" Mary", " John"], [" John", " Mary and"]]
+[corruption]
+kind = "swap_pairs"
+[[run]]
+name = "a"
+kind = "activation_patching"
+hooks = ["resid_pre"]
+over = ["layer", "pos"]
+layers = [7]
+[[run]]
+name = "b"
+kind = "ablation"
+hooks = ["z"]
+units = [[0, 9], [5, 0]]
+method = "zero"
+[[run]]
+name = "c"
+kind = "head_scores"
+source = "repeated_random"
+seq_len = 40
+token_range = [0, 99999]
+[[run]]
+name = "d"
+kind = "logit_lens"
+top_k = 60000
+[output]
+dir = "{}"
+"#,
+            fixture("gpt2-tiny").display(),
+            tmp.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&p)]);
+        for want in [
+            "7 problems with model",
+            "v.toml:14:10: run 'a': layer 7 is out of range: the model has 2 layers: 0-1",
+            "v.toml:19:9: run 'b': unit [0, 9] is out of range: the model has 2 layers (0-1) of 4 heads (0-3)",
+            "v.toml:19:9: run 'b': unit [5, 0] is out of range",
+            "v.toml:25:11: run 'c': seq_len = 40 makes 81 tokens (BOS + twice 40), more than the model's context of 64; use seq_len ≤ 31",
+            "v.toml:26:15: run 'c': token_range ends at 99999, past the model's vocabulary of 50257",
+            "v.toml:30:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
+            "prompt 1: the incorrect answer \" Mary and\" is 2 tokens [\" Mary\", \" and\"], not one",
+        ] {
+            assert!(e.contains(want), "{cmd}: {want:?} not in\n{e}");
+        }
+    }
+    // `run` stopped before loading weights or creating anything.
+    assert!(!tmp.path().join("out").exists());
+}

@@ -218,18 +218,33 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     Ok(spec)
 }
 
+/// What the config and tokenizer tell about a spec, before any weights are loaded: every
+/// problem at once, or the prompts' length and first changed position.
+fn preflight(spec: &Spec) -> Result<(tl_run::model::config::ModelConfig, usize, i64)> {
+    let (cfg, tok) = tl_run::model::describe(&spec.model.id, spec.model.revision.as_deref())?;
+    let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(&cfg, &spec.file).err()).collect();
+    let mut shape = (0, 0);
+    if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
+        match tl_run::graph::execute::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
+            Ok(toks) => {
+                let seq = toks.clean.size()[1] as usize;
+                if seq > cfg.n_ctx {
+                    problems.push(format!("{}: the longest prompt is {seq} tokens, more than the model's context of {}", spec.file, cfg.n_ctx));
+                }
+                shape = (seq, tl_run::graph::execute::first_changed(&toks));
+            }
+            Err(e) => problems.push(format!("{}: {e}", spec.file)),
+        }
+    }
+    let lines: Vec<String> = problems.iter().flat_map(|p| p.lines().map(str::to_string)).collect();
+    let n = lines.len();
+    anyhow::ensure!(n == 0, "{n} problem{} with model {}:\n  {}", if n == 1 { "" } else { "s" }, spec.model.id, lines.join("\n  "));
+    Ok((cfg, shape.0, shape.1))
+}
+
 fn plan(a: &SpecArgs, print: bool) -> Result<()> {
     let spec = read_spec(a)?;
-    let (cfg, tok) = tl_run::model::describe(&spec.model.id, spec.model.revision.as_deref())?;
-    for run in &spec.runs {
-        run.check_model(&cfg, &spec.file).map_err(anyhow::Error::msg)?;
-    }
-    let (seq, first_diff) = if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
-        let toks = tl_run::graph::execute::tokenize(&spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption()))?;
-        (toks.clean.size()[1] as usize, tl_run::graph::execute::first_changed(&toks))
-    } else {
-        (0, 0)
-    };
+    let (cfg, seq, first_diff) = preflight(&spec)?;
     if print {
         print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq, first_diff).render());
     } else {
@@ -244,6 +259,7 @@ fn plan(a: &SpecArgs, print: bool) -> Result<()> {
 fn run(a: &SpecArgs, progress: bool) -> Result<()> {
     let spec = read_spec(a)?;
     tl_run::output::atomic::check_writable_dir(&spec.output_dir)?;
+    preflight(&spec)?;
     let opts = LoadOptions {
         revision: spec.model.revision.clone(),
         processing: spec.model.processing,

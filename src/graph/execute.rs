@@ -148,11 +148,22 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::Mo
     }
     let mut correct = Vec::new();
     let mut incorrect = Vec::new();
+    let mut problems = Vec::new();
     for (i, p) in spec.prompts.iter().enumerate().filter(|_| needs_answers) {
-        correct.push(single_token(tok, &p.correct, i, "correct")?);
-        if let Some(w) = &p.incorrect {
-            incorrect.push(single_token(tok, w, i, "incorrect")?);
+        match single_token(tok, &p.correct, i, "correct") {
+            Ok(id) => correct.push(id),
+            Err(e) => problems.push(e.to_string()),
         }
+        if let Some(w) = &p.incorrect {
+            match single_token(tok, w, i, "incorrect") {
+                Ok(id) => incorrect.push(id),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    // Every answer that is not one token, not just the first.
+    if !problems.is_empty() {
+        return Err(Error::Other(problems.join("\n")));
     }
     // A tokenizer larger than the model's embedding gives ids the model has no row for.
     let in_vocab = |id: i64, what: String| {

@@ -75,8 +75,9 @@ pub struct RunSpec {
     /// Only these layers (all when None), with the spec line and column they were given at.
     pub layers: Option<Vec<usize>>,
     pub layers_at: Option<(usize, usize)>,
-    /// Where logit_lens's top_k was given, for the check against the vocabulary.
-    pub top_k_at: Option<(usize, usize)>,
+    /// Where the options checked against the model were given (top_k, units, seq_len,
+    /// token_range), by key, as (line, column).
+    pub keys_at: std::collections::BTreeMap<&'static str, (usize, usize)>,
 }
 
 impl RunSpec {
@@ -94,21 +95,58 @@ impl RunSpec {
         Ok(())
     }
 
-    /// Checks the run against the model's config: its layers, and logit_lens's top_k against the
-    /// vocabulary. Every problem, one per line.
+    /// Checks the run against the model's config, before any weights are loaded: its layers,
+    /// logit_lens's top_k against the vocabulary, ablation units against the layers, heads and
+    /// neurons, and repeated random tokens against the context and the vocabulary. Every
+    /// problem, one per line.
     pub fn check_model(&self, cfg: &crate::model::config::ModelConfig, file: &str) -> Result<(), String> {
         let mut problems = Vec::new();
         if let Err(e) = self.check_layers(cfg.n_layers, file) {
             problems.push(e);
         }
-        if let RunKind::LogitLens { top_k, .. } = &self.kind {
-            if *top_k > cfg.d_vocab {
-                let (line, col) = self.top_k_at.unwrap_or((0, 0));
-                problems.push(format!(
-                    "{file}:{line}:{col}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
-                    self.name, cfg.d_vocab, cfg.d_vocab
-                ));
+        let at = |key: &str| self.keys_at.get(key).map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        match &self.kind {
+            RunKind::LogitLens { top_k, .. } if *top_k > cfg.d_vocab => problems.push(format!(
+                "{}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
+                at("top_k"),
+                self.name,
+                cfg.d_vocab,
+                cfg.d_vocab
+            )),
+            RunKind::Ablation(a) => {
+                use crate::model::hook_point::Site;
+                let (max, what) = match a.site {
+                    Site::Z => (cfg.n_heads as i64, "heads"),
+                    Site::MlpPost => (cfg.mlp.d_mlp as i64, "neurons"),
+                    _ => (1, ""),
+                };
+                for u in a.units.iter().flatten() {
+                    if u.layer >= cfg.n_layers || u.index.is_some_and(|i| i < 0 || i >= max) {
+                        let unit = u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
+                        let per = if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
+                        problems.push(format!("{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}", at("units"), self.name, cfg.n_layers, cfg.n_layers - 1));
+                    }
+                }
             }
+            RunKind::HeadScores { source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, token_range, .. }, .. } => {
+                // BOS + the random tokens twice.
+                let needed = 2 * *seq_len as usize + 1;
+                if needed > cfg.n_ctx {
+                    problems.push(format!(
+                        "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (BOS + twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
+                        at("seq_len"),
+                        self.name,
+                        cfg.n_ctx,
+                        (cfg.n_ctx.saturating_sub(1)) / 2
+                    ));
+                }
+                if let Some((_, hi)) = token_range {
+                    if *hi as usize > cfg.d_vocab {
+                        problems.push(format!("{}: run '{}': token_range ends at {hi}, past the model's vocabulary of {}", at("token_range"), self.name, cfg.d_vocab));
+                    }
+                }
+            }
+            _ => {}
         }
         if problems.is_empty() {
             Ok(())
@@ -259,7 +297,17 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             None => None,
         };
         let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
-        let top_k_at = r.top_k.as_ref().map(|l| line_col(cx.text, l.span().start));
+        let mut keys_at = std::collections::BTreeMap::new();
+        for (k, span) in [
+            ("top_k", r.top_k.as_ref().map(|v| v.span())),
+            ("units", r.units.as_ref().map(|v| v.span())),
+            ("seq_len", r.seq_len.as_ref().map(|v| v.span())),
+            ("token_range", r.token_range.as_ref().map(|v| v.span())),
+        ] {
+            if let Some(span) = span {
+                keys_at.insert(k, line_col(cx.text, span.start));
+            }
+        }
         if let Some(kind) = resolve_kind(&mut cx, r, i, base) {
             let at = r.kind.span().start;
             if kind.needs_prompts() && prompts.is_empty() && raw.prompts.is_none() {
@@ -271,7 +319,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             if kind.needs_answers() && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
                 cx.at_offset(at, key("kind"), format!("{} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])", kind.name()));
             }
-            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at, top_k_at });
+            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at, keys_at });
         }
     }
     let output_dir = match &raw.output {

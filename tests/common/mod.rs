@@ -176,6 +176,8 @@ pub fn values(t: &Tensor) -> Vec<f64> {
 /// Asserts two series agree elementwise within `tol`, naming the first difference.
 pub fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
     assert_eq!(ours.len(), theirs.len(), "{what}: {} values vs TransformerLens {}", ours.len(), theirs.len());
+    // Two empty lists agree about nothing: a comparison must compare something.
+    assert!(!ours.is_empty(), "{what}: nothing to compare (both sides are empty)");
     let worst = ours.iter().zip(theirs).enumerate().map(|(i, (a, b))| (i, (a - b).abs())).max_by(|a, b| a.1.total_cmp(&b.1));
     if let Some((i, d)) = worst {
         // Shown with --nocapture: the measured agreement, not only that it is within tolerance.
