@@ -500,3 +500,13 @@ dir = "{}"
     // `run` stopped before loading weights or creating anything.
     assert!(!tmp.path().join("out").exists());
 }
+
+#[test]
+fn a_hook_the_family_does_not_have_is_named_before_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = two_run_spec(tmp.path(), &tmp.path().join("out"), "ll").display().to_string();
+    let text = std::fs::read_to_string(&spec).unwrap().replace("hooks = [\"resid_pre\"]", "hooks = [\"resid_mid\"]");
+    std::fs::write(&spec, text).unwrap();
+    let e = fails(&["validate", &spec, "--model-id", s(&fixture("neox-tiny"))]);
+    assert!(e.contains("run 'resid': a gpt_neox model has no hook_resid_mid"), "{e}");
+}

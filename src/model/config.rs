@@ -218,6 +218,20 @@ impl ModelConfig {
         Ok(self)
     }
 
+    /// Whether this architecture's forward has `site` at all (known from the config alone).
+    pub fn has_site(&self, site: crate::model::hook_point::Site) -> bool {
+        use crate::model::hook_point::Site;
+        match site {
+            Site::RotQ | Site::RotK => self.is_rotary(),
+            Site::ResidMid => !self.parallel_block,
+            Site::Ln2(_) => !self.shared_norm,
+            Site::MlpPreLinear => self.mlp.gated,
+            Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed => self.qk_norm,
+            Site::Ln1Post(_) | Site::Ln2Post(_) => self.post_norms,
+            _ => true,
+        }
+    }
+
     pub fn with_family(mut self, family: &str, default_prepend_bos: bool) -> Self {
         self.family = family.to_string();
         self.default_prepend_bos = default_prepend_bos;

@@ -160,17 +160,8 @@ impl Model {
         self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into()))
     }
 
-    /// Whether this model's forward has `site` at all.
     fn has_site(&self, site: Site) -> bool {
-        match site {
-            Site::RotQ | Site::RotK => self.cfg.is_rotary(),
-            Site::ResidMid => !self.cfg.parallel_block,
-            Site::Ln2(_) => !self.cfg.shared_norm,
-            Site::MlpPreLinear => self.cfg.mlp.gated,
-            Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed => self.cfg.qk_norm,
-            Site::Ln1Post(_) | Site::Ln2Post(_) => self.cfg.post_norms,
-            _ => true,
-        }
+        self.cfg.has_site(site)
     }
 
     /// Every hook point of this model in forward order (hook_result included: it is computed

@@ -105,6 +105,16 @@ impl RunSpec {
             problems.push(e);
         }
         let at = |key: &str| self.keys_at.get(key).map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        if let RunKind::ActivationPatching { targets } | RunKind::AttributionPatching { targets, .. } = &self.kind {
+            for (site, _) in targets.iter().filter(|(s, _)| !cfg.has_site(*s)) {
+                problems.push(format!(
+                    "{file}: run '{}': a {} model has no {} (its attention and MLP read the same residual)",
+                    self.name,
+                    cfg.family,
+                    site.name()
+                ));
+            }
+        }
         match &self.kind {
             RunKind::LogitLens { top_k, .. } if *top_k > cfg.d_vocab => problems.push(format!(
                 "{}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
