@@ -66,3 +66,34 @@ fn every_experiment_spec_runs_on_every_family_and_stories260k() {
         }
     }
 }
+
+/// ioi.toml's `resid` run on every further family's fixture, on the prompts of that family's
+/// TransformerLens oracle (tests/oracle/dump_zoo.py, patching.py's get_act_patch_resid_pre):
+/// its resid_pre cells, normalised as the spec says, against the oracle's raw values normalised
+/// with the oracle's own baselines.
+#[test]
+fn the_ioi_spec_resid_run_matches_patching_py_on_every_family() {
+    let zoo: Vec<String> = std::fs::read_dir(repo_root().join("fixtures/oracle"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("zoo.safetensors").is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(zoo.len() >= 15, "{zoo:?}");
+    for fixture_name in zoo {
+        let o = Oracle::read(&fixture_name, "zoo.safetensors");
+        let tmp = tempfile::tempdir().unwrap();
+        let prompts: Vec<serde_json::Value> = serde_json::from_str(&o.metadata["prompts"]).unwrap();
+        let jsonl: String = prompts.iter().map(|p| format!("{}\n", serde_json::json!({"clean": p["clean"], "answers": p["answers"]}))).collect();
+        let file = tmp.path().join("prompts.jsonl");
+        std::fs::write(&file, jsonl).unwrap();
+        let text = std::fs::read_to_string(repo_root().join("experiments/ioi.toml")).unwrap();
+        let model_dir = fixture(&fixture_name).display().to_string();
+        let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", file.to_str().unwrap()]);
+        let t = Table::read(&dir.path().join("out/resid.parquet"));
+        let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
+        let (clean, corrupted) = (o.get("clean_baseline").double_value(&[0]), o.get("corrupted_baseline").double_value(&[0]));
+        let theirs: Vec<f64> = values(o.get("patch/resid_pre")).into_iter().map(|v| (v - corrupted) / (clean - corrupted)).collect();
+        assert_close(&format!("ioi.toml resid (resid_pre, normalised) on {fixture_name}"), &ours, &theirs, 1e-3);
+    }
+}

@@ -9,13 +9,15 @@ sum((P' - P) * dmetric/dP). GradDrop re-runs the backward with the gradient thro
 attn_out and mlp_out stopped, for each layer, and takes sum_l |AtP_l - AtP| / (L - 1).
 
 Writes OUT/<fixture>/attribution.safetensors: per target "<target>" (AtP), "qk/<target>" and
-"gd/<target>", each flattened in activation patching's cell order, plus baselines and prompts.
+"gd/<target>", each flattened in activation patching's cell order, "real/resid_pre" (patching.py's
+get_act_patch_resid_pre on the same prompts and metric, for verify_top), plus baselines and prompts.
 Usage: python tests/oracle/dump_attribution.py MODELS_DIR OUT_DIR
 """
 import json
 import sys
 
 import torch
+import transformer_lens.patching as patching
 from safetensors.torch import save_file
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
@@ -102,6 +104,10 @@ def main() -> None:
 
         base = atp(grads)
         t.update(base)
+        # The real effects verify_top is checked against: patching.py on the same prompts and
+        # metric, every resid_pre cell ([layer, pos], flattened).
+        with torch.no_grad():
+            t["real/resid_pre"] = patching.get_act_patch_resid_pre(model, corrupted, clean_cache, metric).flatten()
         # GradDrop.
         spread = {k: torch.zeros_like(v) for k, v in base.items()}
         for cut in range(L):
