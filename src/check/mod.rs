@@ -130,8 +130,15 @@ pub fn run(zoo: &Zoo, opts: &CheckOptions) -> Result<CheckOutcome> {
             let tol = m.tolerance.get(dtype).cloned().unwrap_or_else(|| m.tolerance.values().next().cloned().unwrap_or_default());
             let mut rows = Rows { model: &m.name, dtype, rows: &mut out.rows };
             // References are written from the first dtype checked: the zoo's most precise one.
-            check_logits(m, dtype, &tol, opts.update.references() && i == 0, &mut rows, &mut out.moved);
-            check_goldens(m, dtype, &tol, opts, &mut rows, &mut out.moved);
+            // A panic in one model is that model's failed row; the gate goes on with the others.
+            let moved = &mut out.moved;
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                check_logits(m, dtype, &tol, opts.update.references() && i == 0, &mut rows, moved);
+                check_goldens(m, dtype, &tol, opts, &mut rows, moved);
+            }));
+            if let Err(payload) = caught {
+                rows.error("internal", "failure", crate::panics::take_message(payload.as_ref()));
+            }
             tracing::info!(model = %m.name, dtype, seconds = t.elapsed().as_secs_f64(), "checked");
         }
     }
