@@ -67,12 +67,15 @@ fn every_experiment_spec_runs_on_every_family_and_stories260k() {
     }
 }
 
-/// ioi.toml's `resid` run on every further family's fixture, on the prompts of that family's
-/// TransformerLens oracle (tests/oracle/dump_zoo.py, patching.py's get_act_patch_resid_pre):
-/// its resid_pre cells, normalised as the spec says, against the oracle's raw values normalised
-/// with the oracle's own baselines.
+/// On every further family's fixture, against that family's TransformerLens oracle
+/// (tests/oracle/dump_zoo.py): ioi.toml's and default.toml's `resid` runs on the oracle's prompts
+/// (patching.py's get_act_patch_resid_pre; the spec's normalised values against the oracle's raw
+/// values normalised with its own baselines), and induction.toml's `stripes` run (the
+/// Exploratory Analysis demo's stripe means on the same repeated random tokens). The
+/// causal-tracing spec is checked against patching.py on the GPT-2 and Llama fixtures by
+/// tests/ablation_vs_transformer_lens.rs.
 #[test]
-fn the_ioi_spec_resid_run_matches_patching_py_on_every_family() {
+fn shipped_specs_match_transformer_lens_on_every_family() {
     let zoo: Vec<String> = std::fs::read_dir(repo_root().join("fixtures/oracle"))
         .unwrap()
         .filter_map(|e| e.ok())
@@ -87,13 +90,22 @@ fn the_ioi_spec_resid_run_matches_patching_py_on_every_family() {
         let jsonl: String = prompts.iter().map(|p| format!("{}\n", serde_json::json!({"clean": p["clean"], "answers": p["answers"]}))).collect();
         let file = tmp.path().join("prompts.jsonl");
         std::fs::write(&file, jsonl).unwrap();
-        let text = std::fs::read_to_string(repo_root().join("experiments/ioi.toml")).unwrap();
         let model_dir = fixture(&fixture_name).display().to_string();
-        let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", file.to_str().unwrap()]);
-        let t = Table::read(&dir.path().join("out/resid.parquet"));
-        let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
         let (clean, corrupted) = (o.get("clean_baseline").double_value(&[0]), o.get("corrupted_baseline").double_value(&[0]));
         let theirs: Vec<f64> = values(o.get("patch/resid_pre")).into_iter().map(|v| (v - corrupted) / (clean - corrupted)).collect();
-        assert_close(&format!("ioi.toml resid (resid_pre, normalised) on {fixture_name}"), &ours, &theirs, 1e-3);
+        for spec in ["ioi.toml", "default.toml"] {
+            let text = std::fs::read_to_string(repo_root().join("experiments").join(spec)).unwrap();
+            let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", file.to_str().unwrap()]);
+            let t = Table::read(&dir.path().join("out/resid.parquet"));
+            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
+            assert_close(&format!("{spec} resid (resid_pre, normalised) on {fixture_name}"), &ours, &theirs, 1e-3);
+        }
+        let text = std::fs::read_to_string(repo_root().join("experiments/induction.toml")).unwrap();
+        let dir = run_spec(&text, &["--model-id", &model_dir]);
+        let t = Table::read(&dir.path().join("out/stripes.parquet"));
+        for pattern in ["previous_token", "duplicate_token", "induction"] {
+            let ours: Vec<f64> = t.rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern)).into_iter().map(|i| t.value(i)).collect();
+            assert_close(&format!("induction.toml {pattern} stripe on {fixture_name}"), &ours, &values(o.get(&format!("induction/{pattern}"))), 1e-5);
+        }
     }
 }

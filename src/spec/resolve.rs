@@ -139,15 +139,15 @@ impl RunSpec {
                 }
             }
             RunKind::HeadScores { source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, token_range, .. }, .. } => {
-                // BOS + the random tokens twice.
-                let needed = 2 * *seq_len as usize + 1;
+                // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
+                let needed = 2 * *seq_len as usize;
                 if needed > cfg.n_ctx {
                     problems.push(format!(
-                        "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (BOS + twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
+                        "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
                         at("seq_len"),
                         self.name,
                         cfg.n_ctx,
-                        (cfg.n_ctx.saturating_sub(1)) / 2
+                        cfg.n_ctx / 2
                     ));
                 }
                 if let Some((_, hi)) = token_range {

@@ -2,7 +2,8 @@
 TransformerLens's patching.py (resid_pre over [layer, pos], z over [layer, head]), the Attribution
 Patching demo's AtP for the same two targets, and direct logit attribution per layer
 (decompose_resid + logit_attrs) and, where the bridge computes per-head results, per head
-(stack_head_results). IOI prompts for GPT-2-tokenizer fixtures, the stories prompts otherwise;
+(stack_head_results), and experiments/induction.toml's stripe scores on repeated random tokens.
+IOI prompts for GPT-2-tokenizer fixtures, the stories prompts otherwise;
 corrupted prompt i = clean prompt i^1; metric: mean logit difference at the last position.
 
 Writes OUT_DIR/<fixture>/zoo.safetensors.
@@ -83,6 +84,20 @@ def main() -> None:
         for key, rows in dla.items():
             if rows:
                 t[key] = torch.stack(rows)
+        # experiments/induction.toml's stripes: 4 rows of 50 random tokens (seed 0; [1000, 10000)
+        # for vocabularies over 10,000 tokens, else the whole vocabulary), each repeated, no BOS;
+        # the Exploratory Analysis demo's mean attention on each stripe, [layer, head].
+        batch, seq_len = 4, 50
+        v = model.cfg.d_vocab
+        lo, hi = (1000, 10000) if v > 10000 else (0, v)
+        if 2 * seq_len <= model.cfg.n_ctx:
+            torch.manual_seed(0)
+            rand = torch.randint(lo, hi, (batch, seq_len))
+            with torch.no_grad():
+                _, cache = model.run_with_cache(torch.cat([rand, rand], dim=1))
+            for label, offset in [("previous_token", -1), ("duplicate_token", -seq_len), ("induction", 1 - seq_len)]:
+                t[f"induction/{label}"] = torch.stack([cache["pattern", l].diagonal(dim1=-2, dim2=-1, offset=offset).mean(dim=(0, 2))
+                                                       for l in range(L)])
         save_file({k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in t.items()},
                   os.path.join(out_dir(out, name), "zoo.safetensors"), metadata=meta)
 
