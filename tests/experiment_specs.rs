@@ -71,9 +71,9 @@ fn every_experiment_spec_runs_on_every_family_and_stories260k() {
 /// (tests/oracle/dump_zoo.py): ioi.toml's and default.toml's `resid` runs on the oracle's prompts
 /// (patching.py's get_act_patch_resid_pre; the spec's normalised values against the oracle's raw
 /// values normalised with its own baselines), and induction.toml's `stripes` run (the
-/// Exploratory Analysis demo's stripe means on the same repeated random tokens). Noise
-/// corruption, causal_tracing.toml's kind, is checked against patching.py on gpt2-tiny and
-/// llama-tiny only (tests/ablation_vs_transformer_lens.rs), not yet per family.
+/// Exploratory Analysis demo's stripe means on the same repeated random tokens), and
+/// causal_tracing.toml's `trace` run on the first two prompts with the family's word noised
+/// (patching.py on the same noised embeddings).
 #[test]
 fn shipped_specs_match_transformer_lens_on_every_family() {
     let zoo: Vec<String> = std::fs::read_dir(repo_root().join("fixtures/oracle"))
@@ -99,6 +99,34 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
             let t = Table::read(&dir.path().join("out/resid.parquet"));
             let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
             assert_close(&format!("{spec} resid (resid_pre, normalised) on {fixture_name}"), &ours, &theirs, 1e-3);
+        }
+        let two = tmp.path().join("two.jsonl");
+        std::fs::write(&two, std::fs::read_to_string(&file).unwrap().lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        let word = if uses_gpt2_tokenizer(&fixture_name) { "Mary" } else { "Lily" };
+        let text = std::fs::read_to_string(repo_root().join("experiments/causal_tracing.toml"))
+            .unwrap()
+            .replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, &format!("words = [\"{word}\"]"));
+        let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", two.to_str().unwrap()]);
+        let out = dir.path().join("out");
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        // Probabilities of a random model's answer are ~1/vocabulary: compare relative to the
+        // oracle's own scale, or a 1e-5 absolute tolerance would pass anything.
+        let noised = values(o.get("trace/corrupted_prob"));
+        let scaled = |what: &str, ours: &[f64], theirs: &[f64]| {
+            let scale = theirs.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(noised[0].abs());
+            assert!(scale > 0.0, "{what}: an all-zero oracle");
+            let ours: Vec<f64> = ours.iter().map(|v| v / scale).collect();
+            let theirs: Vec<f64> = theirs.iter().map(|v| v / scale).collect();
+            assert_close(what, &ours, &theirs, 1e-4);
+        };
+        {
+            scaled(&format!("causal_tracing.toml noised prob on {fixture_name}"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &noised);
+            let t = Table::read(&out.join("trace.parquet"));
+            // Bloom's hook_attn_out never fires in TransformerLens 4.3, so it has no attn_out oracle.
+            for key in ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))) {
+                let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}"))).map(|i| t.value(i)).collect();
+                scaled(&format!("causal_tracing.toml {key} on {fixture_name} (relative)"), &ours, &values(o.get(&format!("trace/{key}"))));
+            }
         }
         let text = std::fs::read_to_string(repo_root().join("experiments/induction.toml")).unwrap();
         let dir = run_spec(&text, &["--model-id", &model_dir]);

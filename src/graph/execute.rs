@@ -217,7 +217,9 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
     let d = model.cfg.d_model as i64;
     tch::manual_seed(seed as i64);
     let raw = Tensor::randn([samples as i64, n, seq, d], (Kind::Float, Device::Cpu));
-    let std = model.weights.w_e.to_device(Device::Cpu).to_kind(Kind::Float).std(true);
+    // The std of the unscaled embedding matrix, as TransformerLens 4.3's W_E.std() (Gemma's
+    // sqrt(d_model) is folded into our W_E).
+    let std = model.weights.w_e.to_device(Device::Cpu).to_kind(Kind::Float).std(true) / model.cfg.embed_scale;
     let noise = raw * (std * scale) * noised.to_kind(Kind::Float).view([1, n, seq, 1]);
     noise.view([samples as i64 * n, seq, d])
 }

@@ -114,6 +114,10 @@ pub struct ModelConfig {
     /// The HF model_type this config came from (for the manifest and messages only: the forward
     /// pass never reads it).
     pub family: String,
+    /// What W_E was multiplied by when converted (Gemma: sqrt(d_model), folded in so the forward
+    /// needs no extra op). TransformerLens 4.3's W_E is the unscaled matrix, so statistics "of
+    /// W_E" (the noise scale of causal tracing) divide by this.
+    pub embed_scale: f64,
 }
 
 impl ModelConfig {
@@ -145,6 +149,7 @@ impl ModelConfig {
             post_norms: false,
             qk_norm: false,
             default_prepend_bos: true,
+            embed_scale: 1.0,
             family: String::new(),
         })
     }

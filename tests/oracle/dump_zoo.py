@@ -2,7 +2,8 @@
 TransformerLens's patching.py (resid_pre over [layer, pos], z over [layer, head]), the Attribution
 Patching demo's AtP for the same two targets, and direct logit attribution per layer
 (decompose_resid + logit_attrs) and, where the bridge computes per-head results, per head
-(stack_head_results), and experiments/induction.toml's stripe scores on repeated random tokens.
+(stack_head_results), causal_tracing.toml's noise tracing (patching.py on noised embeddings) and
+induction.toml's stripe scores on repeated random tokens.
 IOI prompts for GPT-2-tokenizer fixtures, the stories prompts otherwise;
 corrupted prompt i = clean prompt i^1; metric: mean logit difference at the last position.
 
@@ -84,6 +85,35 @@ def main() -> None:
         for key, rows in dla.items():
             if rows:
                 t[key] = torch.stack(rows)
+        # experiments/causal_tracing.toml's kind (ROME noise, metric: probability of the correct
+        # answer) on the first two prompts: noise 3.0 × std(W_E), 10 samples, seed 0, at the tokens
+        # of " Mary" (GPT-2 tokenizer) or "Lily" (stories), patched back by patching.py.
+        m, S = 2, 10
+        word = model.to_tokens(" Mary" if uses_gpt2_tokenizer(name) else "Lily", prepend_bos=False)[0].tolist()
+        toks = clean[:m]
+        seq = toks.shape[1]
+        mask = torch.zeros(m, seq, dtype=torch.bool)
+        for i in range(m):
+            row = toks[i].tolist()
+            start = next(j for j in range(seq - len(word) + 1) if row[j:j + len(word)] == word)
+            mask[i, start:start + len(word)] = True
+        torch.manual_seed(0)
+        noise = (torch.randn(S, m, seq, model.cfg.d_model) * (3.0 * model.W_E.std()) * mask[None, :, :, None]).reshape(S * m, seq, -1)
+        tiled = toks.repeat(S, 1)
+        ans = answers[:m].repeat(S, 1)
+
+        def prob(logits):
+            return logits[:, -1, :].softmax(-1).gather(1, ans[:, :1]).mean()
+
+        with torch.no_grad():
+            _, tiled_cache = model.run_with_cache(tiled)
+            model.add_hook("hook_embed", lambda x, hook: x + noise, is_permanent=True)
+            t["trace/corrupted_prob"] = prob(model(tiled)).reshape(1)
+            for key, fn in [("resid_pre", patching.get_act_patch_resid_pre), ("attn_out", patching.get_act_patch_attn_out),
+                            ("mlp_out", patching.get_act_patch_mlp_out)]:
+                if f"blocks.0.hook_{key}" in tiled_cache.cache_dict:  # Bloom's hook_attn_out never fires in TL 4.3
+                    t[f"trace/{key}"] = fn(model, tiled, tiled_cache, prob)
+        model.reset_hooks(including_permanent=True)
         # experiments/induction.toml's stripes: 4 rows of 50 random tokens (seed 0; [1000, 10000)
         # for vocabularies over 10,000 tokens, else the whole vocabulary), each repeated, no BOS;
         # the Exploratory Analysis demo's mean attention on each stripe, [layer, head].

@@ -117,6 +117,9 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
         .with_mlp(raw.intermediate_size, Activation::from_hf(act)?, true)?
         .with_attn_windows(windows)?
         .with_family(family, prepend_bos);
+    if lay.scale_embedding {
+        cfg.embed_scale = (raw.hidden_size as f64).sqrt();
+    }
     if family == "gemma2" {
         cfg = cfg
             .with_attn_scale(raw.query_pre_attn_scalar.unwrap_or(d_head as f64).sqrt())?
@@ -195,7 +198,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut w_e = sd.take_shaped("embed_tokens.weight", &[v, d])?;
     let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
     if lay.scale_embedding {
-        w_e = w_e.to_kind(tch::Kind::Float) * (cfg.d_model as f64).sqrt();
+        w_e = w_e.to_kind(tch::Kind::Float) * cfg.embed_scale;
     }
     Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm_at(&mut sd, "norm")?, w_u, b_u })
 }
