@@ -464,6 +464,7 @@ kind = "ablation"
 hooks = ["z"]
 units = [[0, 9], [5, 0]]
 method = "zero"
+positions = [2, 99]
 [[run]]
 name = "c"
 kind = "head_scores"
@@ -485,13 +486,14 @@ dir = "{}"
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&p)]);
         for want in [
-            "7 problems with model",
+            "8 problems with model",
+            "v.toml:21:13: run 'b': positions [99] are out of range: the prompts have 15 tokens (0-14)",
             "v.toml:14:10: run 'a': layer 7 is out of range: the model has 2 layers: 0-1",
             "v.toml:19:9: run 'b': unit [0, 9] is out of range: the model has 2 layers (0-1) of 4 heads (0-3)",
             "v.toml:19:9: run 'b': unit [5, 0] is out of range",
-            "v.toml:25:11: run 'c': seq_len = 40 makes 80 tokens (twice 40), more than the model's context of 64; use seq_len ≤ 32",
-            "v.toml:26:15: run 'c': token_range ends at 99999, past the model's vocabulary of 50257",
-            "v.toml:30:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
+            "v.toml:26:11: run 'c': seq_len = 40 makes 80 tokens (twice 40), more than the model's context of 64; use seq_len ≤ 32",
+            "v.toml:27:15: run 'c': token_range ends at 99999, past the model's vocabulary of 50257",
+            "v.toml:31:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
             "prompt 1: the incorrect answer \" Mary and\" is 2 tokens [\" Mary\", \" and\"], not one",
         ] {
             assert!(e.contains(want), "{cmd}: {want:?} not in\n{e}");

@@ -225,14 +225,17 @@ fn preflight(spec: &Spec) -> Result<(tl_run::model::config::ModelConfig, usize, 
     let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(&cfg, &spec.file).err()).collect();
     let mut shape = (0, 0);
     if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
-        match tl_run::graph::execute::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
-            Ok(toks) => {
-                let seq = toks.clean.size()[1] as usize;
-                if seq > cfg.n_ctx {
-                    problems.push(format!("{}: the longest prompt is {seq} tokens, more than the model's context of {}", spec.file, cfg.n_ctx));
-                }
-                shape = (seq, tl_run::graph::execute::first_changed(&toks));
+        // The clean prompts' length, even when answers or corruption have problems of their own.
+        let texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
+        if let Ok(b) = tok.batch(&texts, spec.model.prepend_bos_for(&cfg)) {
+            let seq = b.tokens.size()[1] as usize;
+            if seq > cfg.n_ctx {
+                problems.push(format!("{}: the longest prompt is {seq} tokens, more than the model's context of {}", spec.file, cfg.n_ctx));
             }
+            problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &spec.file).err()));
+        }
+        match tl_run::graph::execute::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
+            Ok(toks) => shape = (toks.clean.size()[1] as usize, tl_run::graph::execute::first_changed(&toks)),
             Err(e) => problems.push(format!("{}: {e}", spec.file)),
         }
     }

@@ -165,6 +165,17 @@ impl RunSpec {
         }
     }
 
+    /// Checks the run against the prompts' token length: ablation positions. One problem per line.
+    pub fn check_positions(&self, seq: usize, file: &str) -> Result<(), String> {
+        let RunKind::Ablation(a) = &self.kind else { return Ok(()) };
+        let bad: Vec<i64> = a.positions.iter().flatten().copied().filter(|&p| p < 0 || p as usize >= seq).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let at = self.keys_at.get("positions").map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        Err(format!("{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})", self.name, seq.saturating_sub(1)))
+    }
+
     pub fn kind_name(&self) -> &'static str {
         self.kind.name()
     }
@@ -313,6 +324,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
             ("units", r.units.as_ref().map(|v| v.span())),
             ("seq_len", r.seq_len.as_ref().map(|v| v.span())),
             ("token_range", r.token_range.as_ref().map(|v| v.span())),
+            ("positions", r.positions.as_ref().map(|v| v.span())),
         ] {
             if let Some(span) = span {
                 keys_at.insert(k, line_col(cx.text, span.start));
