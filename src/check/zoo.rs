@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::spec::{line_col, Diagnostic, SpecErrors};
+use crate::spec::resolve::Ctx;
+use crate::spec::{Diagnostic, SpecErrors};
 
 /// What a zoo file says, as written.
 #[derive(Debug, Deserialize)]
@@ -222,18 +223,6 @@ fn is_commit(rev: &str) -> bool {
     rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-struct Cx<'a> {
-    text: &'a str,
-    diags: Vec<Diagnostic>,
-}
-
-impl Cx<'_> {
-    fn at<T>(&mut self, v: &Spanned<T>, key: impl Into<String>, message: impl Into<String>) {
-        let (line, col) = line_col(self.text, v.span().start);
-        self.diags.push(Diagnostic { line, col, key: key.into(), message: message.into() });
-    }
-}
-
 /// Reads a prompt file: `.txt` (one prompt per line) or the JSONL / pair JSON experiment specs
 /// take (their clean prompts).
 pub fn read_prompt_file(path: &Path) -> Result<Vec<String>, String> {
@@ -257,10 +246,10 @@ impl Zoo {
             .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
         let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)] })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut cx = Cx { text: &text, diags: Vec::new() };
+        let mut cx = Ctx { text: &text, diags: Vec::new() };
         let defaults = raw.defaults.unwrap_or_default();
         if raw.model.is_empty() {
-            cx.diags.push(Diagnostic { line: 1, col: 1, key: "model".into(), message: "the zoo lists no [[model]]".into() });
+            cx.top("model", "the zoo lists no [[model]]");
         }
         if let Some(t) = &defaults.tolerance {
             check_tolerances(&mut cx, t, "defaults.tolerance");
@@ -425,7 +414,7 @@ impl Zoo {
     }
 }
 
-fn check_tolerances(cx: &mut Cx<'_>, t: &RawTolerances, prefix: &str) {
+fn check_tolerances(cx: &mut Ctx<'_>, t: &RawTolerances, prefix: &str) {
     for (key, v) in t.values(prefix) {
         let x = *v.get_ref();
         let bounded = key.ends_with("cosine") || key.ends_with("top1");
