@@ -52,18 +52,66 @@ pub enum Command {
         #[arg(long)]
         prepend_bos: bool,
     },
-    /// Run an experiment spec (also: `tl-run SPEC.toml`).
+    /// Run an experiment spec (also: `tl-run SPEC.toml`). Finished jobs are kept under
+    /// `<output.dir>/.tl-run/`: a rerun (after a kill or a changed spec) redoes only the jobs
+    /// whose results are not stored.
     Run {
         #[command(flatten)]
         spec: SpecArgs,
         /// No progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Ignore stored job results and run every job (new results are still stored).
+        #[arg(long)]
+        fresh: bool,
+        /// Run only shard i of n (0-based, e.g. 2/8): a cost-balanced share of the jobs, written
+        /// as `<dir>/<run>/shard=<i>-of-<n>/part-0.parquet`; `tl-run merge DIR` joins the parts.
+        /// Inside a Slurm array task the default is SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT.
+        #[arg(long)]
+        shard: Option<String>,
     },
-    /// Print the job graph of a spec without running it.
+    /// Print the job graph of a spec without running it: exactly the jobs `run` executes.
     Plan {
         #[command(flatten)]
         spec: SpecArgs,
+        /// Print the jobs as JSON (id, name, task, deps, cost, key).
+        #[arg(long)]
+        json: bool,
+        /// Also show how the jobs split over this many shards (and each shard's cost).
+        #[arg(long)]
+        shards: Option<usize>,
+    },
+    /// Join the shard parts of a sharded run into one Parquet file per run and one manifest.
+    Merge {
+        /// The output directory the shards wrote into.
+        dir: PathBuf,
+        /// Keep the shard parts and manifests after merging (they are removed by default).
+        #[arg(long)]
+        keep_shards: bool,
+    },
+    /// Write an sbatch script running a spec as a Slurm array, one shard per task (and submit
+    /// it, with a dependent job that merges the shards, with --submit).
+    Slurm {
+        #[command(flatten)]
+        spec: SpecArgs,
+        /// Array tasks (shards).
+        #[arg(long)]
+        tasks: usize,
+        /// GPUs per task (--gpus-per-task); omit for CPU-only tasks.
+        #[arg(long)]
+        gpus_per_task: Option<usize>,
+        /// CPUs per task.
+        #[arg(long)]
+        cpus_per_task: Option<usize>,
+        /// Slurm partition.
+        #[arg(long)]
+        partition: Option<String>,
+        /// Time limit per task (Slurm format, e.g. 04:00:00).
+        #[arg(long)]
+        time: Option<String>,
+        /// Submit the array with sbatch, and a merge job that runs after it succeeds.
+        #[arg(long)]
+        submit: bool,
     },
     /// Check a spec and the model's config and tokenizer, without loading weights.
     Validate {
@@ -172,9 +220,21 @@ pub fn dispatch(args: Args) -> Result<()> {
             };
             cache(&model, &prompts, &hooks, &out, bos)
         }
-        Command::Run { spec, quiet } => run(&spec, !quiet),
-        Command::Plan { spec } => plan(&spec, true),
-        Command::Validate { spec } => plan(&spec, false),
+        Command::Run { spec, quiet, fresh, shard } => run(&spec, !quiet, fresh, shard.as_deref()),
+        Command::Plan { spec, json, shards } => plan(&spec, Some(PlanOutput { json, shards })),
+        Command::Validate { spec } => plan(&spec, None),
+        Command::Merge { dir, keep_shards } => {
+            let merged = tl_run::graph::merge::merge(&dir, keep_shards)?;
+            for f in &merged.files {
+                println!("wrote {}", f.display());
+            }
+            println!("wrote {} ({} shards, {} jobs)", merged.manifest.display(), merged.shards, merged.jobs);
+            Ok(())
+        }
+        Command::Slurm { spec, tasks, gpus_per_task, cpus_per_task, partition, time, submit } => {
+            let opts = tl_run::graph::slurm::ArrayOptions { tasks, gpus_per_task, cpus_per_task, partition, time };
+            slurm(&spec, &opts, submit)
+        }
         Command::Check { zoo, update, only, dtype, junit, out, quiet } => {
             use tl_run::check::Update;
             let update = match update.as_deref() {
@@ -218,12 +278,20 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     Ok(spec)
 }
 
-/// What the config and tokenizer tell about a spec, before any weights are loaded: every
-/// problem at once, or the prompts' length and first changed position.
-fn preflight(spec: &Spec) -> Result<(tl_run::model::config::ModelConfig, usize, i64)> {
-    let (cfg, tok) = tl_run::model::describe(&spec.model.id, spec.model.revision.as_deref())?;
+/// What the config and tokenizer tell about a spec before any weights are loaded.
+struct Preflight {
+    cfg: tl_run::model::config::ModelConfig,
+    tok: tl_run::engine::tokenize::TextTokenizer,
+    files: tl_run::model::source::ModelFiles,
+    toks: Option<tl_run::graph::execute::Tokenized>,
+}
+
+/// Every problem of a spec against the model's config and tokenizer at once, or the tokenized
+/// prompts.
+fn preflight(spec: &Spec) -> Result<Preflight> {
+    let (cfg, tok, files) = tl_run::model::describe_files(&spec.model.id, spec.model.revision.as_deref())?;
     let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(&cfg, &spec.file).err()).collect();
-    let mut shape = (0, 0);
+    let mut toks = None;
     if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
         // The clean prompts' length, even when answers or corruption have problems of their own.
         let texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
@@ -235,47 +303,120 @@ fn preflight(spec: &Spec) -> Result<(tl_run::model::config::ModelConfig, usize, 
             problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &spec.file).err()));
         }
         match tl_run::graph::execute::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
-            Ok(toks) => shape = (toks.clean.size()[1] as usize, tl_run::graph::execute::first_changed(&toks)),
+            Ok(t) => toks = Some(t),
             Err(e) => problems.push(format!("{}: {e}", spec.file)),
         }
     }
     let lines: Vec<String> = problems.iter().flat_map(|p| p.lines().map(str::to_string)).collect();
     let n = lines.len();
     anyhow::ensure!(n == 0, "{n} problem{} with model {}:\n  {}", if n == 1 { "" } else { "s" }, spec.model.id, lines.join("\n  "));
-    Ok((cfg, shape.0, shape.1))
+    Ok(Preflight { cfg, tok, files, toks })
 }
 
-fn plan(a: &SpecArgs, print: bool) -> Result<()> {
+struct PlanOutput {
+    json: bool,
+    shards: Option<usize>,
+}
+
+/// `plan` (with output) or `validate` (None).
+fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
     let spec = read_spec(a)?;
-    let (cfg, seq, first_diff) = preflight(&spec)?;
-    if print {
-        print!("{}", tl_run::graph::Plan::build(&spec, &cfg, seq, first_diff).render());
-    } else {
+    let pf = preflight(&spec)?;
+    let seq = pf.toks.as_ref().map_or(0, |t| t.clean.size()[1]);
+    let Some(out) = output else {
         println!(
             "{}: ok ({} prompts of {seq} tokens, {} runs; model {} has {} layers, {} heads)",
-            a.spec.display(), spec.prompts.len(), spec.runs.len(), spec.model.id, cfg.n_layers, cfg.n_heads
+            a.spec.display(), spec.prompts.len(), spec.runs.len(), spec.model.id, pf.cfg.n_layers, pf.cfg.n_heads
         );
+        return Ok(());
+    };
+    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
+    let plan = &compiled.plan;
+    if out.json {
+        println!("{}", serde_json::to_string_pretty(&plan.jobs)?);
+    } else {
+        print!("{}", plan.render());
+    }
+    if let Some(n) = out.shards {
+        anyhow::ensure!(n > 0, "--shards must be at least 1");
+        let owner = tl_run::graph::shard::assign(plan, n);
+        let mut cost = vec![0.0f64; n];
+        let mut jobs = vec![0usize; n];
+        for j in plan.work() {
+            let s = owner[j.id].expect("work jobs have a shard");
+            cost[s] += j.cost;
+            jobs[s] += 1;
+        }
+        let (max, min) = (cost.iter().cloned().fold(0.0, f64::max), cost.iter().cloned().fold(f64::INFINITY, f64::min));
+        for s in 0..n {
+            println!("shard {s}/{n}: {} jobs, cost {:.0}", jobs[s], cost[s]);
+        }
+        println!("cost balance: max/min {:.3}", if min > 0.0 { max / min } else { f64::INFINITY });
     }
     Ok(())
 }
 
-fn run(a: &SpecArgs, progress: bool) -> Result<()> {
+fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>) -> Result<()> {
+    use tl_run::graph::execute::{ExecOptions, ModelSource};
     let spec = read_spec(a)?;
+    let shard = match shard {
+        Some(s) => Some(tl_run::graph::shard::Shard::parse(s)?),
+        None => tl_run::graph::shard::Shard::from_slurm_env()?,
+    };
+    if let Some(s) = shard {
+        tracing::info!("running shard {} of {}", s.index, s.count);
+    }
     tl_run::output::atomic::check_writable_dir(&spec.output_dir)?;
-    preflight(&spec)?;
+    let t = std::time::Instant::now();
+    let pf = preflight(&spec)?;
+    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
     let opts = LoadOptions {
         revision: spec.model.revision.clone(),
         processing: spec.model.processing,
         device: parse_device(&spec.model.device)?,
         kind: spec.model.kind()?,
     };
-    let model = Model::load(&spec.model.id, &opts)?;
-    let outcome = tl_run::graph::execute::run_spec(&spec, &model, progress && std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+    let load = || Model::load(&spec.model.id, &opts);
+    let source = ModelSource::Lazy { cfg: &pf.cfg, tokenizer: Some(&pf.tok), files: Some(&pf.files), load: Box::new(load) };
+    let exec = ExecOptions { progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()), store: true, fresh, shard };
+    let outcome = tl_run::graph::execute::execute_compiled(&spec, source, compiled, t.elapsed().as_secs_f64(), &exec)?;
     for f in &outcome.files {
         println!("wrote {}", f.display());
     }
     println!("wrote {}", outcome.manifest.display());
+    println!("{}", outcome.jobs);
     print!("{}", outcome.summary);
+    Ok(())
+}
+
+/// `tl-run slurm`: the sbatch script, written next to the outputs, and submitted with --submit.
+fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) -> Result<()> {
+    let spec = read_spec(a)?;
+    // The tasks must start: the spec and the model are checked here, not on the cluster.
+    preflight(&spec)?;
+    // The task command line: the same overrides, every path absolute, outputs where this spec's go.
+    let abs = |p: &std::path::Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
+    let mut args = vec!["--out".to_string(), abs(&spec.output_dir)];
+    if let Some(id) = &a.model_id {
+        let p = std::path::Path::new(id);
+        args.extend(["--model-id".into(), if p.exists() { abs(p) } else { id.clone() }]);
+    }
+    for (flag, v) in [("--device", &a.device), ("--dtype", &a.dtype)] {
+        if let Some(v) = v {
+            args.extend([flag.to_string(), v.clone()]);
+        }
+    }
+    if let Some(p) = &a.prompts {
+        args.extend(["--prompts".into(), abs(p)]);
+    }
+    let script = tl_run::graph::slurm::write_script(&spec, &a.spec, &args, opts)?;
+    println!("wrote {}", script.display());
+    if submit {
+        let ids = tl_run::graph::slurm::submit(&script, &spec.output_dir, opts.partition.as_deref())?;
+        println!("submitted array job {} ({} tasks) and merge job {} (after the array succeeds)", ids.0, opts.tasks, ids.1);
+    } else {
+        println!("submit with: sbatch {}   (then: tl-run merge {})", script.display(), spec.output_dir.display());
+    }
     Ok(())
 }
 

@@ -1,8 +1,10 @@
-//! Runs a resolved spec: shared jobs once (tokenizing, the clean and corrupted cached runs), then
-//! each run, writing its Parquet as soon as it is complete and the manifest after every run, so a
-//! failure later on leaves the finished outputs and a manifest that describes them.
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+//! Executes a spec's job graph: tokenizing, then every job in order. Work jobs are stored as they
+//! finish and read back on a rerun; shared passes run only for jobs that run; each run's Parquet
+//! is written as soon as its jobs are done and the manifest after every run, so a failure (or a
+//! kill) later on leaves the finished outputs, the stored jobs and a manifest that describes them.
+use std::cell::OnceCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
@@ -13,7 +15,11 @@ use crate::engine::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
 use crate::experiments::attribution;
 use crate::experiments::prepared::{Corrupt, Prepared};
-use crate::graph::kinds;
+use crate::graph::shard::{self, Shard};
+use crate::graph::store::Store;
+use crate::graph::{keys, kinds, Plan, Task};
+use crate::model::config::ModelConfig;
+use crate::model::source::ModelFiles;
 use crate::model::hook_point::Site;
 use crate::model::Model;
 use crate::output::atomic;
@@ -24,6 +30,8 @@ pub struct Outcome {
     pub files: Vec<PathBuf>,
     pub manifest: PathBuf,
     pub summary: String,
+    /// How many jobs ran and how many came from the store.
+    pub jobs: String,
 }
 
 /// Clean and corrupted token batches with the answers, checked.
@@ -225,7 +233,7 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
 }
 
 /// The clean and corrupted runs every patching run of the spec shares.
-fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
+pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
     let mut sites: Vec<Site> = Vec::new();
     for r in &spec.runs {
         let needed: Vec<Site> = match &r.kind {
@@ -260,107 +268,345 @@ fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
     Prepared::new(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites)
 }
 
-fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
+/// How `execute` runs a plan.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// Progress bars on stderr.
+    pub progress: bool,
+    /// Keep finished jobs in `<output.dir>/.tl-run/` and reuse them (a rerun redoes only
+    /// unfinished jobs).
+    pub store: bool,
+    /// Ignore stored results (still store new ones).
+    pub fresh: bool,
+    /// Run only this shard's jobs and write its parts.
+    pub shard: Option<Shard>,
 }
 
+/// The model a plan runs on: already loaded, or loaded when the first job that needs it runs
+/// (a rerun whose jobs are all stored loads nothing).
+pub enum ModelSource<'a> {
+    Loaded(&'a Model),
+    Lazy { cfg: &'a ModelConfig, tokenizer: Option<&'a TextTokenizer>, files: Option<&'a ModelFiles>, load: Box<dyn Fn() -> Result<Model> + 'a> },
+}
+
+impl ModelSource<'_> {
+    fn cfg(&self) -> &ModelConfig {
+        match self {
+            ModelSource::Loaded(m) => &m.cfg,
+            ModelSource::Lazy { cfg, .. } => cfg,
+        }
+    }
+    fn tokenizer(&self) -> Result<&TextTokenizer> {
+        match self {
+            ModelSource::Loaded(m) => m.tokenizer(),
+            ModelSource::Lazy { tokenizer, .. } => tokenizer.ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into())),
+        }
+    }
+    fn files(&self) -> Option<&ModelFiles> {
+        match self {
+            ModelSource::Loaded(m) => m.files.as_ref(),
+            ModelSource::Lazy { files, .. } => *files,
+        }
+    }
+}
+
+/// Runs a spec on an already loaded model, without a job store (the regression gate).
 pub fn run_spec(spec: &Spec, model: &Model, show_progress: bool) -> Result<Outcome> {
-    for run in &spec.runs {
-        run.check_model(&model.cfg, &spec.file).map_err(Error::Config)?;
-    }
-    let mut timings: BTreeMap<String, f64> = BTreeMap::new();
-    let manifest_path = spec.output_dir.join("manifest.json");
-    let weights: Vec<serde_json::Value> = match &model.files {
-        Some(f) => f.weights.iter().map(|w| Ok(serde_json::json!({"file": w.display().to_string(), "sha256": sha256_file(w)?}))).collect::<Result<_>>()?,
-        None => vec![],
-    };
-    let mut record = Record { spec, model, weights, path: manifest_path.clone(), nonfinite: Vec::new() };
-    if let Some(f) = nonfinite::first_in_weights(model) {
-        record.found(f, &serde_json::Map::new(), &timings, None, None)?;
-    }
-    let t = Instant::now();
+    execute(spec, ModelSource::Loaded(model), &ExecOptions { progress: show_progress, ..ExecOptions::default() })
+}
+
+/// The plan of a spec as it runs: tokens, the job graph and every work job's key.
+pub struct Compiled {
+    pub plan: Plan,
+    pub toks: Option<Tokenized>,
+    pub digests: Vec<(PathBuf, String)>,
+}
+
+/// Tokenizes the prompts and builds the job graph with its keys: what `plan` prints and `run`
+/// executes.
+pub fn compile(spec: &Spec, cfg: &ModelConfig, tok: Option<&TextTokenizer>, files: Option<&ModelFiles>) -> Result<Compiled> {
     let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
     let needs_corruption = spec.runs.iter().any(|r| r.kind.needs_corruption());
-    let toks = if needs_prompts { Some(tokenize(spec, model.tokenizer()?, &model.cfg, needs_corruption)?) } else { None };
-    timings.insert("tokenize".into(), t.elapsed().as_secs_f64());
-
-    let needs_prep = spec.runs.iter().any(|r| r.kind.patch_targets().is_some());
-    let prep = match (&toks, needs_prep) {
-        (Some(toks), true) => {
-            let t = Instant::now();
-            let p = crate::panics::guarded("the clean and corrupted runs", || prepare(spec, model, toks))?;
-            timings.insert("clean and corrupted runs".into(), t.elapsed().as_secs_f64());
-            tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
-            Some(p)
-        }
-        _ => None,
+    let toks = match (needs_prompts, tok) {
+        (true, Some(tok)) => Some(tokenize(spec, tok, cfg, needs_corruption)?),
+        (true, None) => return Err(Error::Tokenizer("the spec's runs read prompts, and this model has no tokenizer.json".into())),
+        (false, _) => None,
     };
-    if let (Some(p), Some(t)) = (&prep, &toks) {
-        // A NaN baseline: find the first hook of the clean (or corrupted) run it comes from.
-        let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
-        if bad_clean || p.corrupted_per_prompt.iter().any(|v| !v.is_finite()) {
-            let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
-            let found = match tokens {
-                Some(tokens) => nonfinite::first_in_activations(model, tokens, t.mask.as_ref())?,
-                None => None,
-            };
-            let f = found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None });
-            record.found(f, &serde_json::Map::new(), &timings, Some(p), Some(t))?;
+    compile_tokenized(spec, cfg, toks, files)
+}
+
+/// The job graph with its keys, for prompts already tokenized (None when no run reads prompts).
+pub fn compile_tokenized(spec: &Spec, cfg: &ModelConfig, toks: Option<Tokenized>, files: Option<&ModelFiles>) -> Result<Compiled> {
+    for run in &spec.runs {
+        run.check_model(cfg, &spec.file).map_err(Error::Config)?;
+    }
+    let (seq, first_diff) = toks.as_ref().map_or((0, 0), |t| (t.clean.size()[1] as usize, first_changed(t)));
+    let mut plan = Plan::build(spec, cfg, seq, first_diff);
+    let digests = match files {
+        Some(f) => keys::model_digests(f)?,
+        None => vec![],
+    };
+    keys::assign(&mut plan, spec, toks.as_ref(), &digests)?;
+    Ok(Compiled { plan, toks, digests })
+}
+
+/// One job as the manifest records it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct JobRecord {
+    id: usize,
+    name: String,
+    key: Option<String>,
+    /// ran | stored (its result read from the store) | skipped (no job that reads it had to
+    /// run) | other shard
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rows: Option<usize>,
+    seconds: f64,
+}
+
+/// Runs the plan of `spec`: every job in order; a work job's result comes from the store when
+/// its key is there, else it runs and is stored at once; shared passes run only when a job
+/// that reads them runs. Each run's Parquet (or shard part) is written as soon as its jobs are
+/// done, and the manifest after every run.
+pub fn execute(spec: &Spec, source: ModelSource, opts: &ExecOptions) -> Result<Outcome> {
+    let t = Instant::now();
+    let compiled = compile(spec, source.cfg(), if spec.runs.iter().any(|r| r.kind.needs_prompts()) { Some(source.tokenizer()?) } else { None }, source.files())?;
+    let seconds = t.elapsed().as_secs_f64();
+    execute_compiled(spec, source, compiled, seconds, opts)
+}
+
+/// `execute` for a spec already compiled (`compile_seconds`: what that took, for the manifest).
+pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, compile_seconds: f64, opts: &ExecOptions) -> Result<Outcome> {
+    let Compiled { plan, toks, digests } = compiled;
+    let mut timings: BTreeMap<String, f64> = BTreeMap::new();
+    timings.insert("tokenize and plan".into(), compile_seconds);
+    let out_dir = &spec.output_dir;
+    std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
+    atomic::remove_stale_temps(out_dir);
+    let store = if opts.store { Some(Store::open(out_dir)?) } else { None };
+    let shards = opts.shard.map(|s| shard::assign(&plan, s.count));
+    let owned = |id: usize| match (&shards, opts.shard) {
+        (Some(a), Some(s)) => a[id] == Some(s.index),
+        _ => true,
+    };
+    // Stored results of this shard's work jobs.
+    let mut results: HashMap<usize, (Vec<Row>, serde_json::Value)> = HashMap::new();
+    let mut status: Vec<&'static str> = vec!["ran"; plan.jobs.len()];
+    for j in plan.work() {
+        if !owned(j.id) {
+            status[j.id] = "other shard";
+        } else if let (Some(store), false, Some(key)) = (&store, opts.fresh, &j.key) {
+            if let Some(s) = store.get(key) {
+                let run_name = &spec.runs[j.task.run().expect("work jobs have a run")].name;
+                let rows = s.rows.into_iter().map(|r| Row { run: run_name.clone(), ..r }).collect();
+                results.insert(j.id, (rows, s.note));
+                status[j.id] = "stored";
+            }
         }
     }
+    // A shared pass runs only when some work job that reads it (directly or not) runs.
+    let mut needed = vec![false; plan.jobs.len()];
+    for j in plan.work().filter(|j| status[j.id] == "ran") {
+        let mut stack = vec![j.id];
+        while let Some(id) = stack.pop() {
+            if !needed[id] {
+                needed[id] = true;
+                stack.extend(&plan.jobs[id].deps);
+            }
+        }
+    }
+    for j in plan.jobs.iter().filter(|j| j.task.is_shared() && !needed[j.id]) {
+        status[j.id] = "skipped";
+    }
 
-    std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
+    let model_cell: OnceCell<Model> = OnceCell::new();
+    let mut cx: Option<kinds::RunContext> = None;
+    let multi = opts.progress.then(indicatif::MultiProgress::new);
+    let total_cost: f64 = plan.work().filter(|j| status[j.id] == "ran").map(|j| j.cost.max(1.0)).sum();
+    let overall = match &multi {
+        Some(m) if total_cost > 0.0 => {
+            let b = m.add(indicatif::ProgressBar::new(total_cost.round().max(1.0) as u64));
+            b.set_style(indicatif::ProgressStyle::with_template("jobs {msg:48} [{bar:30}] {percent}% {elapsed} (eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
+            b
+        }
+        _ => indicatif::ProgressBar::hidden(),
+    };
+    let mut record = Record::new(spec, &source, &digests, opts.shard);
+    let mut records: Vec<JobRecord> = Vec::new();
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
-    let cx = kinds::RunContext::new(spec, model, toks.as_ref(), prep.as_ref(), show_progress);
-    for run in &spec.runs {
-        let t_run = Instant::now();
-        let (rows, mut note) = crate::panics::guarded(run.kind_name(), || kinds::run(&cx, run, &mut timings)).map_err(|e| match e {
-            Error::Config(m) => Error::Config(format!("run '{}': {m}", run.name)),
-            other => Error::Other(format!("run '{}': {other}", run.name)),
-        })?;
-        let bad: Vec<&Row> = rows.iter().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
-        if let Some(first) = bad.first() {
-            let f = nonfinite::Finding { kind: "result".into(), at: format!("run '{}' ({})", run.name, first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) };
-            record.found(f, &run_notes, &timings, prep.as_ref(), toks.as_ref())?;
+    for job in &plan.jobs {
+        let t_job = Instant::now();
+        let mut rows_out = None;
+        match job.task {
+            Task::Tokenize => {}
+            Task::Load if needed[job.id] => {
+                let model: &Model = match &source {
+                    ModelSource::Loaded(m) => m,
+                    ModelSource::Lazy { load, .. } => {
+                        let _ = model_cell.set(load()?);
+                        model_cell.get().expect("set above")
+                    }
+                };
+                record.loaded(model);
+                if let Some(f) = nonfinite::first_in_weights(model) {
+                    record.found(f, &run_notes, &timings, None, toks.as_ref())?;
+                }
+                cx = Some(kinds::RunContext::new(spec, model, toks.as_ref(), multi.clone()));
+            }
+            task if task.is_shared() && needed[job.id] => {
+                let c = cx.as_ref().expect("the model loads before any shared pass");
+                overall.set_message(job.name.clone());
+                c.force(task).map_err(|e| Error::Other(format!("{}: {e}", job.name)))?;
+                if task == Task::Prepare {
+                    check_baselines(c, &mut record, &run_notes, &timings)?;
+                }
+            }
+            task if task.is_work() && status[job.id] == "ran" => {
+                let c = cx.as_ref().expect("the model loads before any work job");
+                overall.set_message(job.name.clone());
+                let run = &spec.runs[task.run().expect("work jobs have a run")];
+                let (rows, note) = crate::panics::guarded(&job.name, || kinds::run_job(c, task)).map_err(|e| match e {
+                    Error::Config(m) => Error::Config(format!("run '{}', job [{}] {}: {m}", run.name, job.id, job.name)),
+                    other => Error::Other(format!("run '{}', job [{}] {}: {other}", run.name, job.id, job.name)),
+                })?;
+                if let (Some(store), Some(key)) = (&store, &job.key) {
+                    store.put(key, &rows, &note)?;
+                }
+                rows_out = Some(rows.len());
+                results.insert(job.id, (rows, note));
+                overall.inc(job.cost.max(1.0).round() as u64);
+            }
+            Task::Write { run: r } => {
+                let run = &spec.runs[r];
+                let mine: Vec<usize> = job.deps.iter().copied().filter(|&d| owned(d)).collect();
+                let mut rows: Vec<Row> = Vec::new();
+                let mut notes: Vec<&serde_json::Value> = Vec::new();
+                for d in &mine {
+                    let (r, n) = results.get(d).expect("every owned work job ran or was stored");
+                    rows.extend(r.iter().cloned());
+                    notes.push(n);
+                }
+                let bad: Vec<&Row> = rows.iter().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
+                if let Some(first) = bad.first() {
+                    let f = nonfinite::Finding { kind: "result".into(), at: format!("run '{}' ({})", run.name, first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) };
+                    record.found(f, &run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
+                }
+                let path = match opts.shard {
+                    Some(s) => s.part_path(out_dir, &run.name)?,
+                    None => atomic::file_in(out_dir, &run.name, ".parquet")?,
+                };
+                if let Some(parent) = path.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                    atomic::remove_stale_temps(parent);
+                }
+                write_parquet(&path, &rows)?;
+                files.push(path.clone());
+                let mut note = match &run.kind {
+                    RunKind::ActivationPatching { .. } => kinds::activation_patching_note(&notes, toks.as_ref().map(first_changed)),
+                    _ => notes.first().map(|n| (*n).clone()).unwrap_or(serde_json::Value::Null),
+                };
+                if !note.is_object() {
+                    note = serde_json::json!({});
+                }
+                note["kind"] = run.kind_name().into();
+                note["file"] = path.strip_prefix(out_dir).unwrap_or(&path).display().to_string().into();
+                note["rows"] = rows.len().into();
+                note["jobs"] = mine.clone().into();
+                run_notes.insert(run.name.clone(), note);
+                rows_out = Some(rows.len());
+                if !rows.is_empty() {
+                    summary.push_str(&top_rows(&run.name, &rows));
+                }
+            }
+            _ => {}
         }
-        let path = atomic::file_in(&spec.output_dir, &run.name, ".parquet")?;
-        write_parquet(&path, &rows)?;
-        files.push(path.clone());
-        timings.insert(format!("{} (total)", run.name), t_run.elapsed().as_secs_f64());
-        note["kind"] = run.kind_name().into();
-        note["file"] = path.file_name().map(|f| f.to_string_lossy().into_owned()).into();
-        note["rows"] = rows.len().into();
-        run_notes.insert(run.name.clone(), note);
-        summary.push_str(&top_rows(&run.name, &rows));
-        record.write(&run_notes, &timings, prep.as_ref(), toks.as_ref())?;
+        let seconds = t_job.elapsed().as_secs_f64();
+        if status[job.id] == "ran" && (job.task.is_work() || needed[job.id]) {
+            timings.insert(job.name.clone(), seconds);
+        }
+        let stored_rows = results.get(&job.id).map(|(r, _)| r.len());
+        records.push(JobRecord {
+            id: job.id,
+            name: job.name.clone(),
+            key: job.key.clone(),
+            status: status[job.id],
+            shard: shards.as_ref().and_then(|a| a[job.id]),
+            rows: rows_out.or(stored_rows),
+            seconds,
+        });
+        if matches!(job.task, Task::Write { .. } | Task::Manifest) {
+            record.jobs = records.clone();
+            record.complete = job.task == Task::Manifest;
+            record.write(&run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
+        }
     }
-    Ok(Outcome { files, manifest: manifest_path, summary })
+    overall.finish_and_clear();
+    let count = |s: &str| records.iter().filter(|r| r.status == s && plan.jobs[r.id].task.is_work()).count();
+    let jobs = format!("jobs: {} ran, {} read from the store{}", count("ran"), count("stored"), opts.shard.map(|s| format!(", {} in other shards (this is shard {} of {})", count("other shard"), s.index, s.count)).unwrap_or_default());
+    Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
+}
+
+/// A NaN baseline: finds the first hook of the clean (or corrupted) run it comes from.
+fn check_baselines(cx: &kinds::RunContext, record: &mut Record, run_notes: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>) -> Result<()> {
+    let (Some(p), Some(t)) = (cx.prepared(), cx.toks) else { return Ok(()) };
+    let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
+    if bad_clean || p.corrupted_per_prompt.iter().any(|v| !v.is_finite()) {
+        let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
+        let found = match tokens {
+            Some(tokens) => nonfinite::first_in_activations(cx.model, tokens, t.mask.as_ref())?,
+            None => None,
+        };
+        let f = found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None });
+        record.found(f, run_notes, timings, Some(p), Some(t))?;
+    }
+    Ok(())
 }
 
 /// What the manifest records, written after every run (and when a run stops on a NaN).
 struct Record<'a> {
     spec: &'a Spec,
-    model: &'a Model,
-    weights: Vec<serde_json::Value>,
+    model: serde_json::Value,
+    device: String,
+    dtype: String,
     path: PathBuf,
+    shard: Option<Shard>,
+    jobs: Vec<JobRecord>,
     nonfinite: Vec<nonfinite::Finding>,
+    /// Set when the last job has run (what `merge` waits for).
+    complete: bool,
 }
 
-impl Record<'_> {
+impl<'a> Record<'a> {
+    fn new(spec: &'a Spec, source: &ModelSource, digests: &[(PathBuf, String)], shard: Option<Shard>) -> Self {
+        let files = source.files();
+        let is_weight = |p: &PathBuf| files.is_some_and(|f| f.weights.contains(p));
+        let weights: Vec<serde_json::Value> = digests.iter().filter(|(p, _)| is_weight(p)).map(|(p, d)| serde_json::json!({"file": p.display().to_string(), "sha256": d})).collect();
+        let model = serde_json::json!({
+            "id": spec.model.id,
+            "family": source.cfg().family,
+            "resolved_commit": files.and_then(|f| f.commit.clone()),
+            "weights": weights,
+            "processing": spec.model.processing,
+        });
+        let (device, dtype) = match source {
+            ModelSource::Loaded(m) => (format!("{:?}", m.device), format!("{:?}", m.kind)),
+            ModelSource::Lazy { .. } => (spec.model.device.clone(), spec.model.kind().map(|k| format!("{k:?}")).unwrap_or_else(|_| spec.model.dtype.clone())),
+        };
+        let name = shard.map_or_else(|| "manifest.json".to_string(), |s| s.manifest_name());
+        Record { spec, model, device, dtype, path: spec.output_dir.join(name), shard, jobs: Vec::new(), nonfinite: Vec::new(), complete: false }
+    }
+
+    /// What only a loaded model tells: the device and dtype it runs in, its processing.
+    fn loaded(&mut self, model: &Model) {
+        self.device = format!("{:?}", model.device);
+        self.dtype = format!("{:?}", model.kind);
+        self.model["processing"] = serde_json::to_value(model.processing).unwrap_or_default();
+    }
+
     fn write(&self, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
         let spec = self.spec;
         let metric = match prep {
@@ -372,19 +618,16 @@ impl Record<'_> {
         let manifest = serde_json::json!({
             "spec": spec,
             "spec_hash": spec.spec_hash,
-            "model": {
-                "id": spec.model.id,
-                "family": self.model.cfg.family,
-                "resolved_commit": self.model.files.as_ref().and_then(|f| f.commit.clone()),
-                "weights": self.weights,
-                "processing": self.model.processing,
-            },
-            "tl_run": {"version": env!("CARGO_PKG_VERSION"), "git_commit": option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown")},
-            "device": format!("{:?}", self.model.device),
-            "dtype": format!("{:?}", self.model.kind),
+            "model": self.model,
+            "tl_run": {"version": env!("CARGO_PKG_VERSION"), "git_commit": option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown"), "engine": keys::engine_id()},
+            "device": self.device,
+            "dtype": self.dtype,
+            "shard": self.shard,
+            "complete": self.complete,
             "metric": metric,
             "tokens": toks.map(|t| t.record.clone()),
             "runs": runs,
+            "jobs": self.jobs,
             "nonfinite": self.nonfinite,
             "timings_seconds": timings,
         });

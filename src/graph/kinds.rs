@@ -1,10 +1,10 @@
 //! Each run kind: compute with the experiments/ module of that kind, then lay the result out as
 //! tidy rows and a manifest note.
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Instant;
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tch::Tensor;
 
 use crate::engine::metric::Metric;
@@ -17,20 +17,23 @@ use crate::experiments::head_scores::{self, DetectOptions, Detection};
 use crate::experiments::mean;
 use crate::experiments::prepared::Prepared;
 use crate::graph::execute::Tokenized;
+use crate::graph::Task;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::runs::HeadSource;
 use crate::spec::{RunKind, RunSpec, Spec};
 
-/// What every run reads: the spec, the model, the tokenized prompts and the shared clean and
-/// corrupted runs (when some run patches).
+/// What every job reads: the spec, the model, the tokenized prompts and the shared passes, each
+/// made when its job in the graph runs (or on first use).
 pub struct RunContext<'a> {
     pub spec: &'a Spec,
     pub model: &'a Model,
     pub toks: Option<&'a Tokenized>,
-    pub prep: Option<&'a Prepared>,
-    pub show_progress: bool,
+    /// Where job progress bars go (None: no bars).
+    pub progress: Option<MultiProgress>,
+    /// The clean and corrupted runs every patching run shares.
+    prep: OnceCell<Prepared>,
     /// The corrupted forward+backward every attribution run reads, made on first use for the
     /// union of their hook points.
     atp_pass: OnceCell<Pass>,
@@ -39,8 +42,23 @@ pub struct RunContext<'a> {
 }
 
 impl<'a> RunContext<'a> {
-    pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, prep: Option<&'a Prepared>, show_progress: bool) -> Self {
-        RunContext { spec, model, toks, prep, show_progress, atp_pass: OnceCell::new(), analysis_cache: OnceCell::new() }
+    pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, progress: Option<MultiProgress>) -> Self {
+        RunContext { spec, model, toks, progress, prep: OnceCell::new(), atp_pass: OnceCell::new(), analysis_cache: OnceCell::new() }
+    }
+
+    /// Runs a shared pass now (its job in the graph).
+    pub fn force(&self, task: Task) -> Result<()> {
+        match task {
+            Task::Prepare => self.prep().map(|_| ()),
+            Task::AttributionPass => self.atp_pass().map(|_| ()),
+            Task::AnalysisCache => self.analysis_cache().map(|_| ()),
+            _ => Ok(()),
+        }
+    }
+
+    /// The shared clean and corrupted runs, if made.
+    pub fn prepared(&self) -> Option<&Prepared> {
+        self.prep.get()
     }
 
     fn atp_pass(&self) -> Result<&Pass> {
@@ -82,18 +100,21 @@ impl<'a> RunContext<'a> {
     fn toks(&self) -> Result<&Tokenized> {
         self.toks.ok_or_else(|| Error::Other("this run needs prompts".into()))
     }
-    fn prep(&self) -> Result<&Prepared> {
-        self.prep.ok_or_else(|| Error::Other("this run needs the clean and corrupted runs".into()))
+    pub fn prep(&self) -> Result<&Prepared> {
+        if self.prep.get().is_none() {
+            let p = crate::panics::guarded("the clean and corrupted runs", || crate::graph::execute::prepare(self.spec, self.model, self.toks()?))?;
+            tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
+            let _ = self.prep.set(p);
+        }
+        Ok(self.prep.get().expect("set above"))
     }
     fn metric(&self) -> Result<Metric> {
         let t = self.toks()?;
         Ok(Metric { kind: self.spec.metric.kind, correct: t.correct.clone(), incorrect: t.incorrect.clone() })
     }
     fn bar(&self, len: usize, msg: String) -> ProgressBar {
-        if !self.show_progress {
-            return ProgressBar::hidden();
-        }
-        let b = ProgressBar::new(len as u64);
+        let Some(multi) = &self.progress else { return ProgressBar::hidden() };
+        let b = multi.add(ProgressBar::new(len as u64));
         b.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
         b.set_message(msg);
         b
@@ -139,14 +160,20 @@ fn cell_row(run: &str, kind: &str, site: Site, c: &Cell) -> Row {
     }
 }
 
-pub fn run(cx: &RunContext, run: &RunSpec, timings: &mut BTreeMap<String, f64>) -> Result<(Vec<Row>, serde_json::Value)> {
-    match &run.kind {
-        RunKind::ActivationPatching { targets } => activation_patching(cx, run, targets, timings),
-        RunKind::AttributionPatching { targets, options, verify_top } => attribution_patching(cx, run, targets, *options, *verify_top),
-        RunKind::LogitLens { incl_mid, top_k, top_k_at } => logit_lens(cx, run, *incl_mid, *top_k, *top_k_at),
-        RunKind::DirectLogitAttribution { over } => dla(cx, run, *over),
-        RunKind::HeadScores { detections, options, source } => head_score_rows(cx, run, detections, *options, source),
-        RunKind::Ablation(a) => ablation(cx, run, a),
+/// Runs one work job: its rows (with the run's name) and a note for the manifest.
+pub fn run_job(cx: &RunContext, task: Task) -> Result<(Vec<Row>, serde_json::Value)> {
+    let run = &cx.spec.runs[task.run().ok_or_else(|| Error::Other(format!("{task:?} is not a work job")))?];
+    match (&run.kind, task) {
+        (RunKind::ActivationPatching { targets }, Task::Patch { target, layer, .. }) => {
+            let (site, axes) = targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
+            patch_layer(cx, run, *site, *axes, layer)
+        }
+        (RunKind::AttributionPatching { targets, options, verify_top }, _) => attribution_patching(cx, run, targets, *options, *verify_top),
+        (RunKind::LogitLens { incl_mid, top_k, top_k_at }, _) => logit_lens(cx, run, *incl_mid, *top_k, *top_k_at),
+        (RunKind::DirectLogitAttribution { over }, _) => dla(cx, run, *over),
+        (RunKind::HeadScores { detections, options, source }, _) => head_score_rows(cx, run, detections, *options, source),
+        (RunKind::Ablation(a), _) => ablation(cx, run, a),
+        (kind, task) => Err(Error::Other(format!("{task:?} does not belong to a {} run", kind.name()))),
     }
 }
 
@@ -154,36 +181,54 @@ fn layers_of(cx: &RunContext, run: &RunSpec) -> Vec<usize> {
     run.layers.clone().unwrap_or_else(|| (0..cx.model.cfg.n_layers).collect())
 }
 
-fn activation_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate::experiments::activation_patching::Axes)], timings: &mut BTreeMap<String, f64>) -> Result<(Vec<Row>, serde_json::Value)> {
+/// Activation patching of one target at one layer: the cells of that layer, in
+/// TransformerLens's order, each batch of patches run from this layer on.
+fn patch_layer(cx: &RunContext, run: &RunSpec, site: Site, axes: crate::experiments::activation_patching::Axes, layer: usize) -> Result<(Vec<Row>, serde_json::Value)> {
     let (model, prep) = (cx.model, cx.prep()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
     let norm = |v: f64| if cx.spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };
+    let target = Target::new(site, axes)?;
+    let total = cells_at(&model.cfg, target, layer, prep.seq_len()).len();
+    let pb = cx.bar(total, format!("{}: {} [{}] layer {layer}", run.name, site.name(), axes.names().join(",")));
+    let t = Instant::now();
+    let s = sweep_layers(model, prep, target, &[layer], |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("{}: {e}", site.name())))?;
+    pb.finish_and_clear();
     let mut rows = Vec::new();
-    let mut sweeps = Vec::new();
-    for (site, axes) in targets {
-        let target = Target::new(*site, *axes)?;
-        let layers = layers_of(cx, run);
-        let total: usize = layers.iter().map(|&l| cells_at(&model.cfg, target, l, prep.seq_len()).len()).sum();
-        let pb = cx.bar(total, format!("{}: {} [{}]", run.name, site.name(), axes.names().join(",")));
-        let t = Instant::now();
-        let s = sweep_layers(model, prep, target, &layers, |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("{}: {e}", site.name())))?;
-        pb.finish_and_clear();
-        let secs = t.elapsed().as_secs_f64();
-        timings.insert(format!("{}: {} over [{}]", run.name, site.name(), axes.names().join(", ")), secs);
-        sweeps.push(serde_json::json!({
-            "hook": site.name(), "over": axes.names(), "cells": s.cells.len(), "batched_forwards": s.forwards,
-            "filled_without_compute": s.skipped.iter().filter(|k| **k).count(),
-            "fill_rule": format!("positions before {} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline", prep.first_diff),
-            "seconds": secs,
-        }));
-        for (i, c) in s.cells.iter().enumerate() {
-            let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
-            let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", *site, c) };
-            with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+    for (i, c) in s.cells.iter().enumerate() {
+        let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
+        let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", site, c) };
+        with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+    }
+    let note = serde_json::json!({
+        "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
+        "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": t.elapsed().as_secs_f64(),
+    });
+    Ok((rows, note))
+}
+
+/// The note of an activation-patching run: its per-layer jobs' notes summed per target.
+pub fn activation_patching_note(job_notes: &[&serde_json::Value], first_diff: Option<i64>) -> serde_json::Value {
+    let mut sweeps: Vec<serde_json::Value> = Vec::new();
+    for n in job_notes {
+        match sweeps.iter_mut().find(|s| s["hook"] == n["hook"] && s["over"] == n["over"]) {
+            Some(s) => {
+                for k in ["cells", "batched_forwards", "filled_without_compute"] {
+                    s[k] = (s[k].as_u64().unwrap_or(0) + n[k].as_u64().unwrap_or(0)).into();
+                }
+                s["seconds"] = (s["seconds"].as_f64().unwrap_or(0.0) + n["seconds"].as_f64().unwrap_or(0.0)).into();
+            }
+            None => {
+                let mut s = (*n).clone();
+                if let Some(o) = s.as_object_mut() {
+                    o.remove("layer");
+                }
+                sweeps.push(s);
+            }
         }
     }
-    Ok((rows, serde_json::json!({"sweeps": sweeps})))
+    let rule = first_diff.map(|f| format!("positions before {f} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline"));
+    serde_json::json!({"sweeps": sweeps, "fill_rule": rule})
 }
 
 fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, crate::experiments::activation_patching::Axes)], options: AtpOptions, verify_top: usize) -> Result<(Vec<Row>, serde_json::Value)> {

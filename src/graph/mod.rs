@@ -1,18 +1,71 @@
-//! A spec compiled into a graph of jobs. Work several runs need (loading, tokenizing, the clean
-//! and corrupted cached runs) appears once and every run depends on it.
+//! A spec compiled into a graph of jobs, and the graph is what runs: `plan` prints these jobs and
+//! `run` executes exactly these, in this order. Shared passes (tokenizing, loading, the clean and
+//! corrupted runs, the attribution pass, the analysis cache) appear once and the runs that read
+//! them depend on them; work jobs (the ones that produce rows) carry a content key, a cost and a
+//! shard.
 pub mod execute;
+pub mod keys;
 pub mod kinds;
+pub mod merge;
+pub mod shard;
+pub mod slurm;
+pub mod store;
 
 use crate::experiments::ablation::all_units;
 use crate::experiments::activation_patching::{cannot_change, cells_at, cells_per_forward, Target};
 use crate::model::config::ModelConfig;
-use crate::model::hook_point::Site;
+use crate::spec::runs::HeadSource;
 use crate::spec::{RunKind, Spec};
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// What a job does. Indices are into `spec.runs` and a run's patch targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum Task {
+    Tokenize,
+    Load,
+    /// The clean and corrupted runs every patching run shares.
+    Prepare,
+    /// The corrupted forward+backward every attribution run reads.
+    AttributionPass,
+    /// The clean run caching what logit-lens, DLA and head-score runs read.
+    AnalysisCache,
+    /// Activation patching of one target at one layer.
+    Patch { run: usize, target: usize, layer: usize },
+    /// Attribution of every target of a run, with its verify_top patches.
+    Attribute { run: usize },
+    /// Logit lens, DLA or head scores of a run.
+    Analyse { run: usize },
+    Ablate { run: usize },
+    /// The run's Parquet (or its shard's part), from its work jobs' rows.
+    Write { run: usize },
+    Manifest,
+}
+
+impl Task {
+    /// Jobs that produce rows: they have keys, are stored and are split over shards.
+    pub fn is_work(&self) -> bool {
+        matches!(self, Task::Patch { .. } | Task::Attribute { .. } | Task::Analyse { .. } | Task::Ablate { .. })
+    }
+
+    pub fn run(&self) -> Option<usize> {
+        match *self {
+            Task::Patch { run, .. } | Task::Attribute { run } | Task::Analyse { run } | Task::Ablate { run } | Task::Write { run } => Some(run),
+            _ => None,
+        }
+    }
+
+    /// Whether this is a shared pass that work jobs read.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Task::Load | Task::Prepare | Task::AttributionPass | Task::AnalysisCache)
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct Job {
     pub id: usize,
     pub name: String,
+    #[serde(flatten)]
+    pub task: Task,
     pub deps: Vec<usize>,
     /// Cells this job measures (patched, estimated or ablated).
     pub cells: usize,
@@ -22,6 +75,11 @@ pub struct Job {
     pub forwards: usize,
     /// Forward passes TransformerLens runs for the same job (one per patched or ablated cell).
     pub tl_forwards: usize,
+    /// Estimated work in layer-rows (rows of a batch times the layers they pass through), what
+    /// shards are balanced by.
+    pub cost: f64,
+    /// Work jobs: the content key their result is stored under (set once tokens are known).
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -34,73 +92,88 @@ impl Plan {
     /// corrupted prompt differ.
     pub fn build(spec: &Spec, cfg: &ModelConfig, seq: usize, first_diff: i64) -> Plan {
         let mut jobs: Vec<Job> = Vec::new();
+        let blank = |task| Job { id: 0, name: String::new(), task, deps: vec![], cells: 0, filled: 0, forwards: 0, tl_forwards: 0, cost: 0.0, key: None };
         let mut add = |name: String, deps: Vec<usize>, work: Job| {
             let id = jobs.len();
             jobs.push(Job { id, name, deps, ..work });
             id
         };
-        let none = Job::default();
-        let forwards = |n: usize| Job { forwards: n, tl_forwards: n, ..Job::default() };
-        let load = add(format!("load model {}", spec.model.id), vec![], none.clone());
+        let n = (spec.prompts.len() * spec.corruption.samples()).max(1);
+        let full = |forwards: usize| (forwards * n * cfg.n_layers) as f64;
+        let forwards = |task, k: usize| Job { forwards: k, tl_forwards: k, cost: full(k), ..blank(task) };
         let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
-        let tok = if needs_prompts { add(format!("tokenize {} prompts", spec.prompts.len()), vec![load], none.clone()) } else { load };
+        let tok = needs_prompts.then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
+        let load = add(format!("load model {}", spec.model.id), vec![], blank(Task::Load));
+        let inputs: Vec<usize> = std::iter::once(load).chain(tok).collect();
         let patching = spec.runs.iter().any(|r| r.kind.patch_targets().is_some());
-        let shared = if patching {
+        let prepare = patching.then(|| {
             let samples = spec.corruption.samples();
-            let clean = add("clean run (cache patched hooks)".into(), vec![tok], forwards(1));
-            let copies = if samples > 1 { format!(" x{samples} noise samples") } else { String::new() };
-            let corrupted = add(format!("corrupted run{copies} (cache resid_pre)"), vec![tok], forwards(1));
-            vec![clean, corrupted]
-        } else {
-            vec![tok]
-        };
-        let n = (spec.prompts.len() * spec.corruption.samples()).max(1) as i64;
-        let chunk = cells_per_forward(cfg, n, seq as i64);
+            let copies = if samples > 1 { format!(" (x{samples} noise samples)") } else { String::new() };
+            add(format!("clean and corrupted runs{copies}"), inputs.clone(), forwards(Task::Prepare, 2))
+        });
+        let attributing = spec.runs.iter().any(|r| matches!(r.kind, RunKind::AttributionPatching { .. }));
+        let atp_pass = attributing.then(|| {
+            let grad_drop = spec.runs.iter().any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
+            let passes = 1 + if grad_drop { cfg.n_layers } else { 0 };
+            add(format!("corrupted forward+backward ({passes} pass{})", if passes == 1 { "" } else { "es" }), vec![prepare.expect("attribution patches")], Job { cost: 2.0 * full(passes), ..forwards(Task::AttributionPass, passes) })
+        });
+        let analysing = spec.runs.iter().any(|r| reads_analysis_cache(&r.kind));
+        let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
+        let chunk = cells_per_forward(cfg, n as i64, seq as i64);
+        let skip = if first_diff > 0 && (first_diff as usize) < seq { first_diff as usize } else { 0 };
         let mut writes = Vec::new();
-        for run in &spec.runs {
+        for (r, run) in spec.runs.iter().enumerate() {
             let layers: Vec<usize> = run.layers.clone().unwrap_or_else(|| (0..cfg.n_layers).collect());
-            let sweep = |site: Site, axes| {
-                let mut j = Job::default();
-                for &l in &layers {
-                    let at = cells_at(cfg, Target { site, axes }, l, seq as i64);
-                    let skip = at.iter().filter(|c| cannot_change(c, first_diff)).count();
-                    j.cells += at.len();
-                    j.filled += skip;
-                    j.forwards += (at.len() - skip).div_ceil(chunk);
-                }
-                j.tl_forwards = j.cells;
-                j
+            // Patched forwards of `cells` at `layer`: batches of `chunk` cells × n prompts, from
+            // the patched layer on, over the positions after the shared prefix.
+            let patch_cost = |cells: usize, layer: usize| {
+                let rows = (cells * n) as f64;
+                rows * (cfg.n_layers - layer.min(cfg.n_layers)) as f64 * ((seq - skip).max(1) as f64 / seq.max(1) as f64)
             };
-            let jobs: Vec<usize> = match &run.kind {
-                RunKind::ActivationPatching { targets } => targets
-                    .iter()
-                    .map(|(site, axes)| add(format!("{}: patch {} over [{}]", run.name, site.name(), axes.names().join(", ")), shared.clone(), sweep(*site, *axes)))
-                    .collect(),
-                RunKind::AttributionPatching { targets, options, verify_top } => {
-                    let cells: usize = targets.iter().map(|(s, a)| sweep(*s, *a).cells).sum();
-                    let passes = 1 + if options.grad_drop { cfg.n_layers } else { 0 };
-                    let name = format!("{}: attribution of {} targets ({passes} forward+backward)", run.name, targets.len());
-                    let atp = add(name, shared.clone(), Job { cells, ..forwards(passes) });
-                    let mut ids = vec![atp];
-                    if *verify_top > 0 {
-                        let verify = Job { cells: targets.len() * verify_top, forwards: targets.len() * verify_top.div_ceil(chunk), tl_forwards: targets.len() * verify_top, ..Job::default() };
-                        ids.push(add(format!("{}: patch the top {verify_top} cells per target", run.name), vec![atp], verify));
+            let ids: Vec<usize> = match &run.kind {
+                RunKind::ActivationPatching { targets } => {
+                    let mut ids = Vec::new();
+                    for (t, (site, axes)) in targets.iter().enumerate() {
+                        for &layer in &layers {
+                            let at = cells_at(cfg, Target { site: *site, axes: *axes }, layer, seq as i64);
+                            let filled = at.iter().filter(|c| cannot_change(c, first_diff)).count();
+                            let todo = at.len() - filled;
+                            let job = Job { cells: at.len(), filled, forwards: todo.div_ceil(chunk), tl_forwards: at.len(), cost: patch_cost(todo, layer), ..blank(Task::Patch { run: r, target: t, layer }) };
+                            let name = format!("{}: patch {} over [{}] at layer {layer}", run.name, site.name(), axes.names().join(", "));
+                            ids.push(add(name, vec![prepare.expect("patching prepares")], job));
+                        }
                     }
                     ids
+                }
+                RunKind::AttributionPatching { targets, verify_top, .. } => {
+                    let cells: usize = targets.iter().map(|(s, a)| layers.iter().map(|&l| cells_at(cfg, Target { site: *s, axes: *a }, l, seq as i64).len()).sum::<usize>()).sum();
+                    let verify = targets.len() * verify_top;
+                    let verify_forwards = targets.len() * verify_top.div_ceil(chunk);
+                    let job = Job { cells, forwards: verify_forwards, tl_forwards: verify, cost: full(1) + patch_cost(verify, cfg.n_layers / 2), ..blank(Task::Attribute { run: r }) };
+                    let also = if *verify_top > 0 { format!(", patch the top {verify_top} per target") } else { String::new() };
+                    vec![add(format!("{}: attribution of {} targets{also}", run.name, targets.len()), vec![atp_pass.expect("attribution pass")], job)]
                 }
                 RunKind::Ablation(a) => {
                     let together = a.units.is_some() || a.top_dla_heads.is_some();
                     let units = if together { 1 } else { all_units(cfg, a.site).len() };
                     let what = if together { "units together".to_string() } else { format!("each of {units} units in turn") };
-                    let work = Job { cells: units, forwards: 1 + if together { 1 } else { units.div_ceil(chunk) }, tl_forwards: 1 + units, ..Job::default() };
-                    vec![add(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), vec![tok], work)]
+                    let k = 1 + if together { 1 } else { units.div_ceil(chunk) };
+                    let job = Job { cells: units, forwards: k, tl_forwards: 1 + units, cost: full(1) + (units * n * cfg.n_layers) as f64, ..blank(Task::Ablate { run: r }) };
+                    vec![add(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), inputs.clone(), job)]
                 }
-                other => vec![add(format!("{}: {} (one cached forward)", run.name, other.name()), vec![tok], forwards(1))],
+                kind if reads_analysis_cache(kind) => {
+                    vec![add(format!("{}: {} from the cached clean run", run.name, kind.name()), vec![analysis.expect("analysis cache")], Job { cost: full(1) / 4.0, ..blank(Task::Analyse { run: r }) })]
+                }
+                kind => vec![add(format!("{}: {} (one forward)", run.name, kind.name()), vec![load], forwards(Task::Analyse { run: r }, 1))],
             };
-            writes.push(add(format!("{}: write {}.parquet", run.name, run.name), jobs, none.clone()));
+            writes.push(add(format!("{}: write {}.parquet", run.name, run.name), ids, blank(Task::Write { run: r })));
         }
-        add("write manifest.json".into(), writes, none);
+        add("write manifest.json".into(), writes, blank(Task::Manifest));
         Plan { jobs }
+    }
+
+    pub fn work(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.iter().filter(|j| j.task.is_work())
     }
 
     pub fn render(&self) -> String {
@@ -112,7 +185,8 @@ impl Plan {
                 (0, f) => format!("  {f} forward{}", if f == 1 { "" } else { "s" }),
                 (c, f) => format!("  {c} cells, {} filled without compute, {f} batched forwards", j.filled),
             };
-            s.push_str(&format!("[{:>2}] {:<60} after {deps}{work}\n", j.id, j.name));
+            let key = j.key.as_deref().map(|k| format!("  key {}", &k[..12.min(k.len())])).unwrap_or_default();
+            s.push_str(&format!("[{:>2}] {:<60} after {deps}{work}{key}\n", j.id, j.name));
         }
         let ours: usize = self.jobs.iter().map(|j| j.forwards).sum();
         let theirs: usize = self.jobs.iter().map(|j| j.tl_forwards).sum();
@@ -120,3 +194,13 @@ impl Plan {
         s
     }
 }
+
+/// Whether a run kind reads the clean run's cache of analysis hooks.
+pub fn reads_analysis_cache(kind: &RunKind) -> bool {
+    match kind {
+        RunKind::LogitLens { .. } | RunKind::DirectLogitAttribution { .. } => true,
+        RunKind::HeadScores { source, .. } => *source == HeadSource::Prompts,
+        _ => false,
+    }
+}
+

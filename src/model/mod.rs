@@ -53,17 +53,28 @@ pub fn is_gguf(id: &str) -> bool {
 
 /// The config and tokenizer of `id` without processing weights (validate, plan).
 pub fn describe(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTokenizer)> {
+    describe_files(id, revision).map(|(cfg, tok, _)| (cfg, tok))
+}
+
+/// The config, tokenizer and files of `id`, without reading weights.
+pub fn describe_files(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTokenizer, source::ModelFiles)> {
     if is_gguf(id) {
-        let g = gguf::Gguf::read(std::path::Path::new(id))?;
+        let path = std::path::Path::new(id);
+        let g = gguf::Gguf::read(path)?;
         let json = g.config_json()?;
         let tok = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
-        return Ok((family(&json)?.0, tok));
+        return Ok((family(&json)?.0, tok, gguf_files(path)));
     }
     let files = source::resolve(id, revision)?;
     let json = read_json(&files.config)?;
     let tok_path = files.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
     let tok = TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
-    Ok((family(&json)?.0, tok))
+    Ok((family(&json)?.0, tok, files))
+}
+
+/// A `.gguf` file holds config, tokenizer and weights in one.
+fn gguf_files(path: &std::path::Path) -> source::ModelFiles {
+    source::ModelFiles { id: path.display().to_string(), config: path.to_path_buf(), weights: vec![path.to_path_buf()], tokenizer: None, tokenizer_config: None, commit: None }
 }
 
 fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
@@ -127,14 +138,7 @@ impl Model {
         let tokenizer = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
         let mut model = Model::from_weights(cfg, weights, opts)?;
         model.tokenizer = Some(tokenizer);
-        model.files = Some(source::ModelFiles {
-            id: id.into(),
-            config: path.to_path_buf(),
-            weights: vec![path.to_path_buf()],
-            tokenizer: None,
-            tokenizer_config: None,
-            commit: None,
-        });
+        model.files = Some(gguf_files(path));
         Ok(model)
     }
 

@@ -96,14 +96,76 @@ pub fn write_parquet(path: &std::path::Path, rows: &[Row]) -> Result<()> {
     write_batch(path, &to_batch(rows)?)
 }
 
+/// Writes rows atomically with key-value metadata in the file footer (the job store's notes).
+pub fn write_parquet_with(path: &std::path::Path, rows: &[Row], metadata: &[(&str, String)]) -> Result<()> {
+    let kv = metadata.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.to_string(), v.clone())).collect();
+    let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
+    write_batch_with(path, &to_batch(rows)?, Some(props))
+}
+
 /// Writes any record batch to a Parquet file atomically.
 pub fn write_batch(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
+    write_batch_with(path, batch, None)
+}
+
+fn write_batch_with(path: &std::path::Path, batch: &RecordBatch, props: Option<parquet::file::properties::WriterProperties>) -> Result<()> {
     let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
     let mut buf = Vec::new();
     {
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).map_err(|e| pq(&e))?;
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), props).map_err(|e| pq(&e))?;
         w.write(batch).map_err(|e| pq(&e))?;
         w.close().map_err(|e| pq(&e))?;
     }
     atomic::write_bytes(path, &buf)
+}
+
+/// Reads a file of result rows (any file `write_parquet` wrote) with its key-value metadata.
+pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collections::HashMap<String, String>)> {
+    use arrow::array::{Array, AsArray};
+    use arrow::datatypes::{Float64Type, Int32Type};
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq(&e))?;
+    let metadata = builder.metadata().file_metadata().key_value_metadata().map(|kv| kv.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect()).unwrap_or_default();
+    if builder.schema().fields() != schema().fields() {
+        return Err(pq(&"not a tl-run result table (its columns differ)"));
+    }
+    let mut rows = Vec::new();
+    for batch in builder.build().map_err(|e| pq(&e))? {
+        let b = batch.map_err(|e| pq(&e))?;
+        let col = |name: &str| b.column_by_name(name).expect("schema checked above");
+        let s = |name: &str| col(name).as_string::<i32>().clone();
+        let i = |name: &str| col(name).as_primitive::<Int32Type>().clone();
+        let f = |name: &str| col(name).as_primitive::<Float64Type>().clone();
+        let (run, kind, hook, token, label, pattern) = (s("run"), s("kind"), s("hook"), s("token"), s("label"), s("pattern"));
+        let (layer, head, pos, dest, src, prompt, neuron, rank, token_id) = (i("layer"), i("head"), i("pos"), i("dest_pos"), i("src_pos"), i("prompt"), i("neuron"), i("rank"), i("token_id"));
+        let (value, patched) = (f("value"), f("patched"));
+        let computed = col("computed").as_boolean().clone();
+        let oi = |a: &arrow::array::Int32Array, r: usize| a.is_valid(r).then(|| a.value(r));
+        let os = |a: &arrow::array::StringArray, r: usize| a.is_valid(r).then(|| a.value(r).to_string());
+        for r in 0..b.num_rows() {
+            rows.push(Row {
+                run: run.value(r).to_string(),
+                kind: kind.value(r).to_string(),
+                hook: hook.value(r).to_string(),
+                layer: oi(&layer, r),
+                head: oi(&head, r),
+                pos: oi(&pos, r),
+                dest_pos: oi(&dest, r),
+                src_pos: oi(&src, r),
+                prompt: oi(&prompt, r),
+                value: value.value(r),
+                token: os(&token, r),
+                computed: computed.value(r),
+                label: os(&label, r),
+                neuron: oi(&neuron, r),
+                rank: oi(&rank, r),
+                token_id: oi(&token_id, r),
+                pattern: os(&pattern, r),
+                patched: patched.is_valid(r).then(|| patched.value(r)),
+            });
+        }
+    }
+    Ok((rows, metadata))
 }
