@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh clone: set-up (if needed), fixtures, TransformerLens outputs
-# and reference logits (if stale), every Rust test, then the regression gate over
-# configs/zoo-ci.toml (its table on stdout, check.parquet and JUnit XML under results/check/).
+# and reference logits (if stale), a single-node Slurm cluster for the array test (installed from
+# Debian if missing), every Rust test, then the regression gate over configs/zoo-ci.toml (its
+# table on stdout, check.parquet and JUnit XML under results/check/).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 bash scripts/setup.sh
 bash scripts/fixtures.sh
+eval "$(bash scripts/slurm.sh)"
 cargo test --all-targets "$@"
 cargo run --quiet -- check configs/zoo-ci.toml --quiet --junit results/check/junit.xml

@@ -11,6 +11,9 @@ fn main() -> ExitCode {
     #[cfg(unix)]
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        // `tl-run plan ... | head` ends quietly when the reader goes away, like any Unix tool,
+        // instead of a failed print.
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     // `tl-run SPEC.toml` is short for `tl-run run SPEC.toml`.
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();

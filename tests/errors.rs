@@ -369,11 +369,19 @@ fn a_full_disk_is_a_named_error_and_leaves_no_partial_file() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
-    assert!(err.contains(&format!("{}: File too large", out.join("ll.parquet").display())), "{err}");
+    // The logit lens's rows go to the job store first: that write is the one refused.
+    assert!(err.contains(&format!("{}", out.join(".tl-run/jobs").display())) && err.contains(".parquet: File too large"), "{err}");
     let mut left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     // The finished run and the manifest that describes it; nothing temporary, nothing partial.
-    assert_eq!(left, ["manifest.json", "resid.parquet"], "{err}");
+    assert_eq!(left, [".tl-run", "manifest.json", "resid.parquet"], "{err}");
+    let stored: Vec<String> = std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    // The first run's per-layer jobs, each a whole result table; nothing temporary.
+    assert!(!stored.is_empty(), "the finished run's jobs are stored");
+    for name in &stored {
+        assert!(!tl_run::output::atomic::is_temp(name), "temporary file {name} left in the store");
+        tl_run::output::table::read_parquet(&out.join(".tl-run/jobs").join(name)).unwrap();
+    }
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["runs"].as_object().unwrap().keys().collect::<Vec<_>>(), ["resid"]);
 }

@@ -75,10 +75,14 @@ fn check_against_oracle(out: &Path) {
     assert_eq!(manifest["model"]["weights"][0]["sha256"].as_str().unwrap().len(), 64);
     assert!(manifest["runs"]["resid"]["sweeps"][0]["filled_without_compute"].as_u64().unwrap() > 0);
     assert!(manifest["timings_seconds"].as_object().unwrap().len() >= 4);
-    // Nothing half-written is left behind.
+    // Nothing half-written is left behind: the outputs, and the job store holding finished jobs.
     for e in std::fs::read_dir(out).unwrap() {
         let name = e.unwrap().file_name().to_string_lossy().into_owned();
-        assert!(!name.starts_with('.'), "temporary file {name} left behind");
+        assert!(!name.starts_with('.') || name == ".tl-run", "temporary file {name} left behind");
+    }
+    for e in std::fs::read_dir(out.join(".tl-run/jobs")).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(!name.starts_with('.') && name.ends_with(".parquet"), "temporary file {name} left in the store");
     }
 }
 
@@ -123,8 +127,8 @@ fn plan_and_validate_need_no_weights() {
     std::fs::write(tmp.path().join("model.safetensors"), b"not read").unwrap();
     let (ok, out, err) = tl_run(&["plan", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head]") && out.contains("attribution: patch the top 20 cells per target"), "{out}");
-    assert!(out.contains("total: tl-run 29 forward passes (patches batched, each from the patched layer); TransformerLens 224"), "{out}");
+    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head] at layer 1") && out.contains("attribution: attribution of 3 targets, patch the top 20 per target"), "{out}");
+    assert!(out.contains("total: tl-run 25 forward passes (patches batched, each from the patched layer); TransformerLens 220"), "{out}");
     let (ok, out, err) = tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok && out.contains(": ok"), "{out}{err}");
 }

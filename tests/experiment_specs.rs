@@ -19,6 +19,7 @@ fn run_on(spec_file: &str, model: &str) {
     let dir = run_spec(&text, &args);
     let out = dir.path().join("out");
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    plan_is_what_ran(spec_file, model, &dir.path().join("spec.toml"), &args, &manifest);
     let spec: toml::Value = toml::from_str(&text).unwrap();
     let runs = spec["run"].as_array().unwrap();
     assert_eq!(manifest["runs"].as_object().unwrap().len(), runs.len(), "{spec_file} on {model}: manifest runs");
@@ -28,6 +29,21 @@ fn run_on(spec_file: &str, model: &str) {
         assert!(t.len() > 0, "{spec_file} on {model}: run {name} wrote no rows");
         assert!((0..t.len()).all(|i| t.value(i).is_finite()), "{spec_file} on {model}: run {name} has non-finite values");
         assert_eq!(t.str("kind", 0).as_deref(), r["kind"].as_str(), "{spec_file} on {model}: run {name} kind");
+    }
+}
+
+/// `plan --json` lists exactly the jobs the run's manifest records, in order, with the same keys,
+/// and a fresh run ran every one of them.
+fn plan_is_what_ran(spec_file: &str, model: &str, spec: &std::path::Path, args: &[&str], manifest: &serde_json::Value) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run")).arg("plan").arg("--json").arg(spec).args(args).output().unwrap();
+    assert!(o.status.success(), "{spec_file} on {model}: plan failed: {}", String::from_utf8_lossy(&o.stderr));
+    let plan: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    let ran = manifest["jobs"].as_array().unwrap();
+    let listed = |jobs: &[serde_json::Value]| jobs.iter().map(|j| (j["id"].as_u64().unwrap(), j["name"].as_str().unwrap().to_string(), j["key"].as_str().map(str::to_string))).collect::<Vec<_>>();
+    assert_eq!(listed(&plan), listed(ran), "{spec_file} on {model}: the planned jobs are not the executed ones");
+    assert!(plan.iter().any(|j| j["key"].is_string()), "{spec_file} on {model}: no work job has a key");
+    for j in ran {
+        assert_eq!(j["status"], "ran", "{spec_file} on {model}: job {} of a fresh run did not run", j["name"]);
     }
 }
 

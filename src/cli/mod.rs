@@ -156,8 +156,12 @@ pub struct SpecArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Run on this device instead of the spec's model.device (cpu, cuda, cuda:N).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "devices")]
     pub device: Option<String>,
+    /// Run on these devices (comma-separated, e.g. cuda:0,cuda:1): one model replica each,
+    /// independent jobs concurrently; instead of the spec's model.device(s).
+    #[arg(long, value_delimiter = ',')]
+    pub devices: Vec<String>,
     /// Run in this dtype instead of the spec's model.dtype (float32, bfloat16, float16).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -267,6 +271,11 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     }
     if let Some(d) = &a.device {
         spec.model.device = d.clone();
+        spec.model.devices.clear();
+    }
+    if let Some(first) = a.devices.first() {
+        spec.model.device = first.clone();
+        spec.model.devices = a.devices.clone();
     }
     if let Some(d) = &a.dtype {
         spec.model.dtype = d.clone();
@@ -376,9 +385,10 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>) -> Result
         device: parse_device(&spec.model.device)?,
         kind: spec.model.kind()?,
     };
-    let load = || Model::load(&spec.model.id, &opts);
-    let source = ModelSource::Lazy { cfg: &pf.cfg, tokenizer: Some(&pf.tok), files: Some(&pf.files), load: Box::new(load) };
-    let exec = ExecOptions { progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()), store: true, fresh, shard };
+    let devices: Vec<tch::Device> = spec.model.devices.iter().map(|d| parse_device(d)).collect::<Result<_>>()?;
+    let load = |device: tch::Device| Model::load(&spec.model.id, &LoadOptions { device, ..opts.clone() });
+    let source = ModelSource::Lazy { cfg: &pf.cfg, tokenizer: Some(&pf.tok), files: Some(&pf.files), device: opts.device, load: Box::new(load) };
+    let exec = ExecOptions { progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()), store: true, fresh, shard, devices };
     let outcome = tl_run::graph::execute::execute_compiled(&spec, source, compiled, t.elapsed().as_secs_f64(), &exec)?;
     for f in &outcome.files {
         println!("wrote {}", f.display());
@@ -400,6 +410,9 @@ fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) 
     if let Some(id) = &a.model_id {
         let p = std::path::Path::new(id);
         args.extend(["--model-id".into(), if p.exists() { abs(p) } else { id.clone() }]);
+    }
+    if !a.devices.is_empty() {
+        args.extend(["--devices".to_string(), a.devices.join(",")]);
     }
     for (flag, v) in [("--device", &a.device), ("--dtype", &a.dtype)] {
         if let Some(v) = v {

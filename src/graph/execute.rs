@@ -17,7 +17,7 @@ use crate::experiments::attribution;
 use crate::experiments::prepared::{Corrupt, Prepared};
 use crate::graph::shard::{self, Shard};
 use crate::graph::store::Store;
-use crate::graph::{keys, kinds, Plan, Task};
+use crate::graph::{devices, keys, kinds, Plan, Task};
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
 use crate::model::hook_point::Site;
@@ -53,6 +53,20 @@ pub struct Tokenized {
 impl Tokenized {
     pub fn n_prompts(&self) -> usize {
         self.clean_strs.len()
+    }
+
+    /// A copy with tensors of its own (tensors are not shared between threads).
+    pub fn duplicate(&self) -> Tokenized {
+        Tokenized {
+            clean: self.clean.copy(),
+            corrupted: self.corrupted.as_ref().map(Tensor::copy),
+            mask: self.mask.as_ref().map(Tensor::copy),
+            correct: self.correct.clone(),
+            incorrect: self.incorrect.clone(),
+            clean_strs: self.clean_strs.clone(),
+            noised: self.noised.as_ref().map(Tensor::copy),
+            record: self.record.clone(),
+        }
     }
 }
 
@@ -280,13 +294,16 @@ pub struct ExecOptions {
     pub fresh: bool,
     /// Run only this shard's jobs and write its parts.
     pub shard: Option<Shard>,
+    /// More than one: a model replica per device, work jobs spread over them (a lazily loaded
+    /// model only). One or none: the model's own device.
+    pub devices: Vec<Device>,
 }
 
 /// The model a plan runs on: already loaded, or loaded when the first job that needs it runs
 /// (a rerun whose jobs are all stored loads nothing).
 pub enum ModelSource<'a> {
     Loaded(&'a Model),
-    Lazy { cfg: &'a ModelConfig, tokenizer: Option<&'a TextTokenizer>, files: Option<&'a ModelFiles>, load: Box<dyn Fn() -> Result<Model> + 'a> },
+    Lazy { cfg: &'a ModelConfig, tokenizer: Option<&'a TextTokenizer>, files: Option<&'a ModelFiles>, device: Device, load: Box<devices::Loader<'a>> },
 }
 
 impl ModelSource<'_> {
@@ -421,6 +438,9 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
         status[j.id] = "skipped";
     }
 
+    let parallel = opts.devices.len() > 1 && matches!(source, ModelSource::Lazy { .. });
+    let queue = std::sync::Mutex::new(plan.work().filter(|j| status[j.id] == "ran").map(|j| j.id).collect::<std::collections::VecDeque<usize>>());
+    let (abort, reported) = (std::sync::atomic::AtomicBool::new(false), std::sync::atomic::AtomicBool::new(false));
     let model_cell: OnceCell<Model> = OnceCell::new();
     let mut cx: Option<kinds::RunContext> = None;
     let multi = opts.progress.then(indicatif::MultiProgress::new);
@@ -438,16 +458,29 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
+    std::thread::scope(|scope| {
+    let mut pool: Option<devices::Pool> = None;
+    let result = (|| -> Result<()> {
     for job in &plan.jobs {
         let t_job = Instant::now();
         let mut rows_out = None;
+        let mut seconds = None;
         match job.task {
             Task::Tokenize => {}
+            Task::Load if needed[job.id] && parallel => {
+                if let ModelSource::Lazy { load, .. } = &source {
+                    let shared = devices::Shared { spec, plan: &plan, store: store.as_ref(), load: load.as_ref(), abort: &abort, reported: &reported, queue: &queue };
+                    pool = Some(devices::Pool::start(scope, &opts.devices, shared, toks.as_ref()));
+                    record.device = format!("{:?}", opts.devices);
+                }
+            }
+            // With several devices every replica makes the shared passes its jobs read.
+            task if task.is_shared() && parallel => {}
             Task::Load if needed[job.id] => {
                 let model: &Model = match &source {
                     ModelSource::Loaded(m) => m,
-                    ModelSource::Lazy { load, .. } => {
-                        let _ = model_cell.set(load()?);
+                    ModelSource::Lazy { load, device, .. } => {
+                        let _ = model_cell.set(load(*device)?);
                         model_cell.get().expect("set above")
                     }
                 };
@@ -462,20 +495,34 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                 overall.set_message(job.name.clone());
                 c.force(task).map_err(|e| Error::Other(format!("{}: {e}", job.name)))?;
                 if task == Task::Prepare {
-                    check_baselines(c, &mut record, &run_notes, &timings)?;
+                    if let Some(f) = baseline_finding(c)? {
+                        record.found(f, &run_notes, &timings, c.prepared(), toks.as_ref())?;
+                    }
                 }
             }
             task if task.is_work() && status[job.id] == "ran" => {
-                let c = cx.as_ref().expect("the model loads before any work job");
                 overall.set_message(job.name.clone());
                 let run = &spec.runs[task.run().expect("work jobs have a run")];
-                let (rows, note) = crate::panics::guarded(&job.name, || kinds::run_job(c, task)).map_err(|e| match e {
+                let named = |e: Error| match e {
                     Error::Config(m) => Error::Config(format!("run '{}', job [{}] {}: {m}", run.name, job.id, job.name)),
                     other => Error::Other(format!("run '{}', job [{}] {}: {other}", run.name, job.id, job.name)),
-                })?;
-                if let (Some(store), Some(key)) = (&store, &job.key) {
-                    store.put(key, &rows, &note)?;
-                }
+                };
+                let (rows, note) = match pool.as_mut() {
+                    Some(p) => {
+                        let (rows, note, secs, device) = p.wait(job.id, |f| record.found(f, &run_notes, &timings, None, toks.as_ref())).map_err(named)?;
+                        seconds = Some(secs);
+                        tracing::debug!(job = job.id, ?device, "job done");
+                        (rows, note)
+                    }
+                    None => {
+                        let c = cx.as_ref().expect("the model loads before any work job");
+                        let (rows, note) = crate::panics::guarded(&prompts_of(toks.as_ref()), || kinds::run_job(c, task)).map_err(named)?;
+                        if let (Some(store), Some(key)) = (&store, &job.key) {
+                            store.put(key, &rows, &note)?;
+                        }
+                        (rows, note)
+                    }
+                };
                 rows_out = Some(rows.len());
                 results.insert(job.id, (rows, note));
                 overall.inc(job.cost.max(1.0).round() as u64);
@@ -524,7 +571,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             }
             _ => {}
         }
-        let seconds = t_job.elapsed().as_secs_f64();
+        let seconds = seconds.unwrap_or_else(|| t_job.elapsed().as_secs_f64());
         if status[job.id] == "ran" && (job.task.is_work() || needed[job.id]) {
             timings.insert(job.name.clone(), seconds);
         }
@@ -544,26 +591,41 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             record.write(&run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
         }
     }
+    Ok(())
+    })();
+    if let Some(p) = &pool {
+        p.stop();
+    }
+    result
+    })?;
     overall.finish_and_clear();
     let count = |s: &str| records.iter().filter(|r| r.status == s && plan.jobs[r.id].task.is_work()).count();
     let jobs = format!("jobs: {} ran, {} read from the store{}", count("ran"), count("stored"), opts.shard.map(|s| format!(", {} in other shards (this is shard {} of {})", count("other shard"), s.index, s.count)).unwrap_or_default());
     Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
 }
 
-/// A NaN baseline: finds the first hook of the clean (or corrupted) run it comes from.
-fn check_baselines(cx: &kinds::RunContext, record: &mut Record, run_notes: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>) -> Result<()> {
-    let (Some(p), Some(t)) = (cx.prepared(), cx.toks) else { return Ok(()) };
-    let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
-    if bad_clean || p.corrupted_per_prompt.iter().any(|v| !v.is_finite()) {
-        let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
-        let found = match tokens {
-            Some(tokens) => nonfinite::first_in_activations(cx.model, tokens, t.mask.as_ref())?,
-            None => None,
-        };
-        let f = found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None });
-        record.found(f, run_notes, timings, Some(p), Some(t))?;
+/// The prompts a job computes on, for a failure's message (jobs batch every prompt).
+pub(crate) fn prompts_of(toks: Option<&Tokenized>) -> String {
+    match toks.map(Tokenized::n_prompts) {
+        Some(0) | None => "no prompts".into(),
+        Some(1) => "prompt 0".into(),
+        Some(n) => format!("prompts 0-{} (one batch)", n - 1),
     }
-    Ok(())
+}
+
+/// A NaN baseline: the first hook of the clean (or corrupted) run it comes from.
+pub(crate) fn baseline_finding(cx: &kinds::RunContext) -> Result<Option<nonfinite::Finding>> {
+    let (Some(p), Some(t)) = (cx.prepared(), cx.toks) else { return Ok(None) };
+    let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
+    if !bad_clean && p.corrupted_per_prompt.iter().all(|v| v.is_finite()) {
+        return Ok(None);
+    }
+    let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
+    let found = match tokens {
+        Some(tokens) => nonfinite::first_in_activations(cx.model, tokens, t.mask.as_ref())?,
+        None => None,
+    };
+    Ok(Some(found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None })))
 }
 
 /// What the manifest records, written after every run (and when a run stops on a NaN).

@@ -36,7 +36,55 @@ pub fn model_digests(files: &ModelFiles) -> Result<Vec<(PathBuf, String)>> {
     let mut paths: Vec<&PathBuf> = std::iter::once(&files.config).chain(&files.weights).chain(&files.tokenizer).chain(&files.tokenizer_config).collect();
     paths.sort();
     paths.dedup();
-    paths.into_iter().map(|p| Ok((p.clone(), file_digest(p)?))).collect()
+    let mut cache = DigestCache::open();
+    let digests = paths.into_iter().map(|p| Ok((p.clone(), cache.digest(p)?))).collect();
+    cache.save();
+    digests
+}
+
+/// File digests without rereading weights on every plan and run: a hub snapshot file links to
+/// a blob named by its sha256; any other file's digest is kept in
+/// `~/.cache/tl-run/digests.json` under its path, size and modification time.
+struct DigestCache {
+    path: Option<PathBuf>,
+    known: serde_json::Map<String, serde_json::Value>,
+    changed: bool,
+}
+
+impl DigestCache {
+    fn open() -> DigestCache {
+        let dir = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        let path = dir.map(|d| d.join("tl-run").join("digests.json"));
+        let known = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        DigestCache { path, known, changed: false }
+    }
+
+    fn digest(&mut self, file: &Path) -> Result<String> {
+        if let Some(blob) = std::fs::read_link(file).ok().and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned())) {
+            if blob.len() == 64 && blob.bytes().all(|b| b.is_ascii_hexdigit()) && file.parent().is_some_and(|d| d.parent().is_some_and(|s| s.ends_with("snapshots"))) {
+                return Ok(blob);
+            }
+        }
+        let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let id = format!("{}:{}:{mtime}", std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display(), meta.len());
+        if let Some(d) = self.known.get(&id).and_then(|v| v.as_str()) {
+            return Ok(d.to_string());
+        }
+        let d = file_digest(file)?;
+        self.known.insert(id, d.clone().into());
+        self.changed = true;
+        Ok(d)
+    }
+
+    /// Best effort: a cache that cannot be written only costs rehashing next time.
+    fn save(&self) {
+        if let (true, Some(p)) = (self.changed, &self.path) {
+            if let Ok(text) = serde_json::to_string(&self.known) {
+                let _ = crate::output::atomic::write_bytes(p, text.as_bytes());
+            }
+        }
+    }
 }
 
 /// What identifies the code computing a result: the version and commit it was built from, and

@@ -3,6 +3,7 @@
 //! corrupted runs, the attribution pass, the analysis cache) appear once and the runs that read
 //! them depend on them; work jobs (the ones that produce rows) carry a content key, a cost and a
 //! shard.
+pub mod devices;
 pub mod execute;
 pub mod keys;
 pub mod kinds;

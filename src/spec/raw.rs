@@ -25,6 +25,8 @@ pub struct RawModel {
     pub revision: Option<String>,
     pub dtype: Option<Spanned<String>>,
     pub device: Option<Spanned<String>>,
+    /// Several devices: one model replica each, independent jobs spread over them.
+    pub devices: Option<Spanned<Vec<Spanned<String>>>>,
     pub fold_ln: Option<bool>,
     pub center_writing_weights: Option<bool>,
     pub center_unembed: Option<bool>,

@@ -20,6 +20,8 @@ pub struct ModelSpec {
     /// None: what TransformerLens's to_tokens does for the model's family.
     pub prepend_bos: Option<bool>,
     pub device: String,
+    /// `devices = [...]`: one replica per device, jobs run concurrently (empty: `device` alone).
+    pub devices: Vec<String>,
     /// float32 | bfloat16 | float16: weights are processed in f32, then cast to this.
     pub dtype: String,
 }
@@ -362,10 +364,26 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
         }
     }
     let device = m.device.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "cpu".into());
+    let known = |d: &str| d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
     if let Some(d) = &m.device {
-        let ok = d.get_ref() == "cpu" || d.get_ref() == "cuda" || d.get_ref().strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
-        if !ok {
+        if !known(d.get_ref()) {
             cx.at(d, "model.device", format!("unknown device '{}' (valid: cpu, cuda, cuda:N)", d.get_ref()));
+        }
+    }
+    let mut devices = Vec::new();
+    if let Some(list) = &m.devices {
+        if list.get_ref().is_empty() {
+            cx.at(list, "model.devices", "is empty; list at least one device, e.g. [\"cuda:0\", \"cuda:1\"], or drop the key");
+        }
+        if let Some(d) = &m.device {
+            cx.at(d, "model.device", "is given together with model.devices; keep one of them");
+        }
+        for d in list.get_ref() {
+            if known(d.get_ref()) {
+                devices.push(d.get_ref().clone());
+            } else {
+                cx.at(d, "model.devices", format!("unknown device '{}' (valid: cpu, cuda, cuda:N)", d.get_ref()));
+            }
         }
     }
     let tl = Processing::TRANSFORMER_LENS;
@@ -379,7 +397,8 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
             fold_value_biases: m.fold_value_biases.unwrap_or(tl.fold_value_biases),
         },
         prepend_bos: m.prepend_bos,
-        device,
+        device: devices.first().cloned().unwrap_or(device),
+        devices,
         dtype: m.dtype.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "float32".into()),
     }
 }

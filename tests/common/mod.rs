@@ -185,3 +185,26 @@ pub fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
         assert!(d <= tol, "{what}: value {i} is {} vs TransformerLens {} (|diff| {d:.3e} > {tol:.0e})", ours[i], theirs[i]);
     }
 }
+
+/// A spec with enough jobs (per-layer patching of several hooks, every other kind) and small
+/// patch batches (TL_RUN_BATCH_FLOATS = LONG_BATCH_FLOATS) that a run lasts long enough to be killed mid-sweep.
+pub fn long_ioi_spec(dir: &std::path::Path) -> PathBuf {
+    let text = std::fs::read_to_string(repo_root().join("experiments/ioi.toml")).unwrap()
+        .replace(r#"hooks = ["resid_pre", "attn_out", "mlp_out"]
+over = ["layer", "pos"]
+
+[[run]]
+name = "heads""#, r#"hooks = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"]
+over = ["layer", "pos"]
+
+[[run]]
+name = "heads""#)
+        .replace(r#"hooks = ["z", "v", "pattern"]
+over = ["layer", "head"]"#, r#"hooks = ["z", "v", "q"]
+over = ["layer", "pos", "head"]"#);
+    let p = dir.join("long-ioi.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub const LONG_BATCH_FLOATS: &str = "40000";

@@ -1,0 +1,163 @@
+//! A real Slurm array: `tl-run slurm --submit` on the single-node cluster `scripts/slurm.sh`
+//! starts (scripts/test.sh does, and exports SLURM_CONF). A 4-task array over the IOI spec gives
+//! the single-process rows, also when one task is cancelled with scancel mid-run and requeued.
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn slurm_conf() -> String {
+    std::env::var("SLURM_CONF").unwrap_or_else(|_| {
+        panic!("SLURM_CONF is not set: start the test cluster with `eval \"$(bash scripts/slurm.sh)\"` (scripts/test.sh does)")
+    })
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let o = Command::new(cmd).args(args).env("SLURM_CONF", slurm_conf()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// (array job id, merge job id) from `tl-run slurm --submit`'s output.
+fn submit(spec: &Path, out: &Path, tasks: usize, batch_floats: Option<&str>) -> (String, String) {
+    let model = fixture("gpt2-tiny").display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["slurm", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--tasks", &tasks.to_string(), "--submit"])
+        .env("SLURM_CONF", slurm_conf())
+        .env("HF_HUB_OFFLINE", "1")
+        // sbatch passes the environment on to the tasks.
+        .envs(batch_floats.map(|b| ("TL_RUN_BATCH_FLOATS", b)))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "tl-run slurm failed: {}\n{text}", String::from_utf8_lossy(&o.stderr));
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let after = |w: &str| words.iter().position(|x| *x == w).map(|i| words[i + 2].to_string()).unwrap();
+    (after("array"), after("merge"))
+}
+
+/// The state of a job as scontrol tells it.
+fn state(job: &str) -> String {
+    let o = Command::new("scontrol").args(["show", "job", job]).env("SLURM_CONF", slurm_conf()).output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.split_whitespace().find_map(|w| w.strip_prefix("JobState=")).unwrap_or("UNKNOWN").to_string()
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !done() {
+        assert!(t.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn single_run(spec: &Path, out: &Path, batch_floats: Option<&str>) {
+    let model = fixture("gpt2-tiny").display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"])
+        .envs(batch_floats.map(|b| ("TL_RUN_BATCH_FLOATS", b)))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Row sets equal, values within 1e-6 (keyed by every column but the values).
+fn assert_same_rows(single: &Path, merged: &Path, what: &str) {
+    let runs: Vec<String> = std::fs::read_dir(single).unwrap().flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect();
+    assert!(runs.len() >= 9, "{what}: {runs:?}");
+    for run in runs {
+        let (a, _) = tl_run::output::table::read_parquet(&single.join(format!("{run}.parquet"))).unwrap();
+        let (b, _) = tl_run::output::table::read_parquet(&merged.join(format!("{run}.parquet"))).unwrap_or_else(|e| panic!("{what}: {run}: {e}"));
+        let key = |r: &tl_run::output::table::Row| format!("{:?}", tl_run::output::table::Row { value: 0.0, patched: None, ..r.clone() });
+        let mut a: Vec<_> = a.iter().map(|r| (key(r), r.value, r.patched)).collect();
+        let mut b: Vec<_> = b.iter().map(|r| (key(r), r.value, r.patched)).collect();
+        a.sort_by(|x, y| x.0.cmp(&y.0));
+        b.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(a.len(), b.len(), "{what}: {run} row count");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x.0, y.0, "{what}: {run}: the row sets differ");
+            assert!((x.1 - y.1).abs() <= 1e-6, "{what}: {run} {}: {} vs {}", x.0, x.1, y.1);
+            assert_eq!(x.2.is_some(), y.2.is_some());
+            if let (Some(p), Some(q)) = (x.2, y.2) {
+                assert!((p - q).abs() <= 1e-6, "{what}: {run} patched: {p} vs {q}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_requeued() {
+    let _ = slurm_conf();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = repo_root().join("experiments/ioi.toml");
+    let single = tmp.path().join("single");
+    single_run(&spec, &single, None);
+
+    // A plain 4-task array, merged by the dependent job.
+    let out = tmp.path().join("array");
+    let t = Instant::now();
+    let (array, merge) = submit(&spec, &out, 4, None);
+    wait_for("the merge job", Duration::from_secs(180), || state(&merge) == "COMPLETED" || state(&merge) == "FAILED" || state(&merge) == "CANCELLED");
+    assert_eq!(state(&merge), "COMPLETED", "merge job {merge}; logs in {}", out.join(".tl-run/slurm").display());
+    eprintln!("4-task array {array} and its merge: {:.1}s from submit to merged", t.elapsed().as_secs_f64());
+    assert_same_rows(&single, &out, "4-task array");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let times: Vec<f64> = manifest["shards"].as_array().unwrap().iter().map(|s| s["timings_seconds"].as_object().unwrap().values().filter_map(|v| v.as_f64()).sum()).collect();
+    eprintln!("per-task job seconds: {times:?}");
+
+    // Task 2 is cancelled mid-run, then requeued: it resumes from the store and the result is
+    // the same. A longer spec, so the cancel lands while the task computes.
+    // Small patch batches make every task last several seconds.
+    const BATCH: &str = "8000";
+    let spec = long_ioi_spec(tmp.path());
+    let single = tmp.path().join("single-long");
+    single_run(&spec, &single, Some(BATCH));
+    let out = tmp.path().join("requeued");
+    let (array, merge) = submit(&spec, &out, 4, Some(BATCH));
+    let task = format!("{array}_2");
+    // Cancel once task 2's manifest records a work job it ran (stored) and before it has
+    // finished (the manifest is not complete).
+    let manifest = out.join("manifest.shard-2-of-4.json");
+    let ran_a_job = || {
+        let m: serde_json::Value = std::fs::read_to_string(&manifest).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        m["jobs"].as_array().is_some_and(|j| j.iter().any(|j| j["status"] == "ran" && j["key"].is_string()))
+    };
+    wait_for("task 2 to store a job", Duration::from_secs(120), || ran_a_job() || state(&task) == "COMPLETED");
+    let cancelled_while = state(&task);
+    let done_before: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap_or_else(|_| "{}".into())).unwrap_or_default();
+    sh("scancel", &[&task]);
+    wait_for("task 2 to end", Duration::from_secs(60), || state(&task) != "RUNNING");
+    sh("scontrol", &["requeue", &task]);
+    // A requeued job waits two minutes by default before it is eligible again.
+    let _ = Command::new("scontrol").args(["update", &format!("jobid={task}"), "StartTime=now"]).env("SLURM_CONF", slurm_conf()).output();
+    wait_for("the requeued task", Duration::from_secs(180), || state(&task) == "COMPLETED" || state(&task) == "FAILED");
+    assert_eq!(state(&task), "COMPLETED", "requeued task {task}");
+    // The cancellation may have made the merge job's afterok dependency unsatisfiable: then
+    // merge by hand, as a user would.
+    wait_for("the array", Duration::from_secs(120), || (0..4).all(|i| state(&format!("{array}_{i}")) == "COMPLETED"));
+    let merged_by_slurm = {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) && !matches!(state(&merge).as_str(), "COMPLETED" | "FAILED" | "CANCELLED") {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        state(&merge) == "COMPLETED"
+    };
+    if !merged_by_slurm {
+        let _ = Command::new("scancel").arg(&merge).env("SLURM_CONF", slurm_conf()).output();
+        let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(["merge", out.to_str().unwrap()]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    eprintln!("task 2 cancelled while {cancelled_while} (complete: {}), requeued; merged by the dependent job: {merged_by_slurm}", done_before["complete"]);
+    assert_eq!(cancelled_while, "RUNNING", "the cancel should land mid-run");
+    assert_ne!(done_before["complete"], true, "task 2 had already finished");
+    // The requeued task read what it had stored before the cancel.
+    let log = std::fs::read_to_string(out.join(format!(".tl-run/slurm/{array}_2.out"))).unwrap_or_default();
+    let last = log.lines().filter(|l| l.starts_with("jobs: ")).last().unwrap_or_else(|| panic!("the requeued task's log: {log}"));
+    let stored: usize = last.split(", ").nth(1).and_then(|w| w.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(stored > 0, "the requeued task read no stored job: {last}");
+    eprintln!("requeued task 2: {last}");
+    assert_same_rows(&single, &out, "array with a requeued task");
+}
