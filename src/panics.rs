@@ -39,6 +39,16 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Re
     }
 }
 
+/// Fault injection for tests (TL_RUN_INJECT_PANIC=text): panics as a libtorch binding would
+/// inside the job whose name contains the text, so the report of a panic is tested end to end.
+pub fn injected(job: &str) {
+    if let Ok(needle) = std::env::var("TL_RUN_INJECT_PANIC") {
+        if !needle.is_empty() && job.contains(&needle) {
+            panic!("injected panic (TL_RUN_INJECT_PANIC={needle:?})");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

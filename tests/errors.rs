@@ -520,3 +520,29 @@ fn a_hook_the_family_does_not_have_is_named_before_loading() {
     let e = fails(&["validate", &spec, "--model-id", s(&fixture("neox-tiny"))]);
     assert!(e.contains("run 'resid': a gpt_neox model has no hook_resid_mid"), "{e}");
 }
+
+#[test]
+fn a_panic_inside_a_job_names_the_run_the_job_and_the_prompts_and_keeps_finished_jobs() {
+    // TL_RUN_INJECT_PANIC panics inside the named job as a libtorch binding would.
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("gpt2-tiny").display().to_string();
+    let spec = common::repo_root().join("experiments/ioi.toml");
+    for devices in ["cpu", "cpu,cpu"] {
+        let out = tmp.path().join(devices.replace(',', "-"));
+        let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+            .args(["run", s(&spec), "--model-id", &model, "--out", s(&out), "--quiet", "--devices", devices])
+            .env("TL_RUN_INJECT_PANIC", "heads: patch attn.hook_v over [layer, head] at layer 1")
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{devices}: {e}");
+        assert!(
+            e.contains("run 'heads', job [15] heads: patch attn.hook_v over [layer, head] at layer 1: prompts 0-7 (one batch): internal failure: injected panic"),
+            "{devices}: {e}"
+        );
+        assert!(!e.contains("panicked at") && !e.contains("stack backtrace") && e.lines().count() <= 2, "{devices}: {e}");
+        // The finished run and the jobs done before the failure stay.
+        assert!(out.join("resid.parquet").is_file(), "{devices}");
+        assert!(std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().count() >= 6, "{devices}");
+    }
+}

@@ -165,6 +165,11 @@ pub struct SpecArgs {
     /// Run in this dtype instead of the spec's model.dtype (float32, bfloat16, float16).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Working memory one batch of patched forwards may use (e.g. 512MiB, 8GiB); default: half
+    /// the free memory of a CUDA device, 256MiB on CPU. A batch that runs out of memory is
+    /// halved and retried either way.
+    #[arg(long, value_parser = parse_size)]
+    pub batch_memory: Option<u64>,
     /// Use this prompt file (JSONL or prompt-pair JSON) instead of the spec's [prompts]: the
     /// same experiment on a model whose tokenizer needs other prompts.
     #[arg(long)]
@@ -253,8 +258,32 @@ pub fn dispatch(args: Args) -> Result<()> {
     }
 }
 
+/// A size in bytes: a number with an optional K/M/G/T suffix (KiB, MB, ... all mean powers of 1024).
+fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let x: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 512MiB or 8GiB"))?;
+    let scale = match unit.trim().to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
+        "" => 1u64,
+        "k" => 1 << 10,
+        "m" => 1 << 20,
+        "g" => 1 << 30,
+        "t" => 1 << 40,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use K, M, G or T (e.g. 512MiB)")),
+    };
+    let bytes = (x * scale as f64) as u64;
+    if bytes < 1 << 20 {
+        return Err(format!("{s:?} is less than 1MiB"));
+    }
+    Ok(bytes)
+}
+
 /// Reads and resolves a spec with the command-line overrides applied.
 fn read_spec(a: &SpecArgs) -> Result<Spec> {
+    if let Some(b) = a.batch_memory {
+        tl_run::engine::memory::set_budget_bytes(b);
+    }
     let mut spec = tl_run::spec::resolve_file(&a.spec)?;
     if let Some(id) = &a.model_id {
         spec.model.id = id.clone();
@@ -413,6 +442,9 @@ fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) 
     }
     if !a.devices.is_empty() {
         args.extend(["--devices".to_string(), a.devices.join(",")]);
+    }
+    if let Some(b) = a.batch_memory {
+        args.extend(["--batch-memory".to_string(), b.to_string()]);
     }
     for (flag, v) in [("--device", &a.device), ("--dtype", &a.dtype)] {
         if let Some(v) = v {

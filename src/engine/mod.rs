@@ -2,6 +2,7 @@
 pub mod device;
 pub mod forward;
 pub mod hooks;
+pub mod memory;
 pub mod metric;
 pub mod nonfinite;
 pub mod tokenize;

@@ -223,7 +223,7 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
     let positions = spec.positions.as_deref();
     if spec.units.is_none() {
         // Sweep: each unit in turn, many per forward, each forward from the unit's layer.
-        let budget = crate::experiments::activation_patching::cells_per_forward(&model.cfg, n, seq);
+        let budget = crate::experiments::activation_patching::cells_per_forward(&model.cfg, n, seq, model.device);
         let per_forward = if spec.measure == Measure::Loss { (budget / 8).max(1) } else { budget };
         for l in 0..n_layers {
             let layer_units: Vec<Unit> = units.iter().filter(|u| u.layer == l).copied().collect();

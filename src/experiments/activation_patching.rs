@@ -80,6 +80,10 @@ pub struct Sweep {
     /// Cells filled with the corrupted baseline without a forward pass.
     pub skipped: Vec<bool>,
     pub forwards: usize,
+    /// Cells per batched forward at the end (after any halving).
+    pub cells_per_forward: usize,
+    /// How many times a batch ran out of memory and was halved.
+    pub oom_halvings: usize,
 }
 
 impl Sweep {
@@ -179,10 +183,11 @@ fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64], skip: i
     mask.index_put(&index, &Tensor::from(true), false)
 }
 
-/// How many cells to run per forward: as many as fit a working-memory budget.
-pub(crate) fn cells_per_forward(c: &crate::model::config::ModelConfig, n: i64, seq: i64) -> usize {
+/// How many cells to run per forward: as many as fit the working-memory budget of `device`
+/// (engine::memory: a flag, TL_RUN_BATCH_FLOATS, a CUDA device's free memory or a CPU default).
+pub(crate) fn cells_per_forward(c: &crate::model::config::ModelConfig, n: i64, seq: i64, device: tch::Device) -> usize {
     let per_row_floats = seq * (12 * c.d_model as i64 + 4 * c.n_heads as i64 * seq + 3 * c.mlp.d_mlp as i64 + 4 * (c.n_heads * c.d_head) as i64);
-    let budget_floats: i64 = std::env::var("TL_RUN_BATCH_FLOATS").ok().and_then(|v| v.parse().ok()).unwrap_or(64 << 20);
+    let budget_floats = crate::engine::memory::budget_floats(device);
     ((budget_floats / per_row_floats.max(1)) / n).clamp(1, 4096) as usize
 }
 
@@ -211,7 +216,8 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
     let mut values: Vec<Option<Vec<f64>>> = cells.iter().map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone())).collect();
     progress(values.iter().filter(|v| v.is_some()).count());
     let mut forwards = 0;
-    let chunk_size = cells_per_forward(&model.cfg, n, seq);
+    let mut chunk_size = cells_per_forward(&model.cfg, n, seq, model.device);
+    let mut halvings = 0;
     // With a prefix only positions from `skip` on are computed: the query axis of patterns,
     // the position axis of everything else.
     let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
@@ -224,28 +230,47 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
         let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
         let clean = if target.site == Site::Pattern { clean.narrow(2, skip, computed) } else { clean.narrow(1, skip, computed) };
         let todo: Vec<usize> = (0..cells.len()).filter(|&i| cells[i].layer == layer && values[i].is_none()).collect();
-        for chunk_ids in todo.chunks(chunk_size) {
+        let mut at = 0;
+        while at < todo.len() {
+            let chunk_ids = &todo[at..(at + chunk_size).min(todo.len())];
             let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| cells[i]).collect();
             let k = chunk.len() as i64;
-            let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
-            let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-            let prefix = prep.prefix.as_ref().map(|p| p.repeat(k));
-            let patch = patch_mask(target, &chunk, n, &clean.size(), skip).to_device(model.device);
-            let source = clean.repeat(repeat_dims(k, clean.dim()));
-            let edit = Edit::Where { mask: patch, source };
-            let mut hooks = Hooks::new().intervene(point, Intervention::new(edit));
-            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
+            let forward = || -> Result<Vec<f64>> {
+                if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
+                    return Err(Error::Other(oom));
+                }
+                let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
+                let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
+                let prefix = prep.prefix.as_ref().map(|p| p.repeat(k));
+                let patch = patch_mask(target, &chunk, n, &clean.size(), skip).to_device(model.device);
+                let source = clean.repeat(repeat_dims(k, clean.dim()));
+                let edit = Edit::Where { mask: patch, source };
+                let mut hooks = Hooks::new().intervene(point, Intervention::new(edit));
+                let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
+                Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
+            };
+            // A batch that does not fit is halved and retried (libtorch reports a failed
+            // allocation as an error or, through tch, a panic).
+            let v = match crate::panics::guarded("a batch of patched forwards", forward) {
+                Err(e) if chunk.len() > 1 && crate::engine::memory::is_out_of_memory(&e.to_string()) => {
+                    chunk_size = chunk.len().div_ceil(2);
+                    halvings += 1;
+                    tracing::warn!(layer, cells = chunk.len(), now = chunk_size, "out of memory: halving the batch and retrying");
+                    continue;
+                }
+                other => other?,
+            };
             forwards += 1;
-            let v: Vec<f64> = Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?;
             for (j, &i) in chunk_ids.iter().enumerate() {
                 values[i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
             }
             progress(chunk_ids.len());
+            at += chunk_ids.len();
         }
     }
     let skipped = cells.iter().map(|c| cannot_change(c, prep.first_diff)).collect();
     let per_prompt = values.into_iter().map(|v| v.expect("every cell has a value")).collect();
-    Ok(Sweep { target, cells: cells.to_vec(), per_prompt, skipped, forwards })
+    Ok(Sweep { target, cells: cells.to_vec(), per_prompt, skipped, forwards, cells_per_forward: chunk_size, oom_halvings: halvings })
 }
 
 /// Repeat counts that stack `k` copies along the first axis of a `dim`-axis tensor.

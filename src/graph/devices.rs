@@ -76,7 +76,10 @@ impl<'env> Pool<'env> {
                     let Some(id) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
                     let job = &sh.plan.jobs[id];
                     let t = Instant::now();
-                    let mut result = crate::panics::guarded(&crate::graph::execute::prompts_of(toks.as_ref()), || kinds::run_job(&cx, job.task));
+                    let mut result = crate::panics::guarded(&crate::graph::execute::prompts_of(toks.as_ref()), || {
+                        crate::panics::injected(&job.name);
+                        kinds::run_job(&cx, job.task)
+                    });
                     if let (Ok((rows, note)), Some(store), Some(key)) = (&result, sh.store, &job.key) {
                         if let Err(e) = store.put(key, rows, note) {
                             result = Err(e);

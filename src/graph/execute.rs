@@ -516,7 +516,11 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     }
                     None => {
                         let c = cx.as_ref().expect("the model loads before any work job");
-                        let (rows, note) = crate::panics::guarded(&prompts_of(toks.as_ref()), || kinds::run_job(c, task)).map_err(named)?;
+                        let (rows, note) = crate::panics::guarded(&prompts_of(toks.as_ref()), || {
+                            crate::panics::injected(&job.name);
+                            kinds::run_job(c, task)
+                        })
+                        .map_err(named)?;
                         if let (Some(store), Some(key)) = (&store, &job.key) {
                             store.put(key, &rows, &note)?;
                         }

@@ -203,6 +203,7 @@ fn patch_layer(cx: &RunContext, run: &RunSpec, site: Site, axes: crate::experime
     let note = serde_json::json!({
         "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
         "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": t.elapsed().as_secs_f64(),
+        "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings,
     });
     Ok((rows, note))
 }
@@ -213,7 +214,7 @@ pub fn activation_patching_note(job_notes: &[&serde_json::Value], first_diff: Op
     for n in job_notes {
         match sweeps.iter_mut().find(|s| s["hook"] == n["hook"] && s["over"] == n["over"]) {
             Some(s) => {
-                for k in ["cells", "batched_forwards", "filled_without_compute"] {
+                for k in ["cells", "batched_forwards", "filled_without_compute", "oom_halvings"] {
                     s[k] = (s[k].as_u64().unwrap_or(0) + n[k].as_u64().unwrap_or(0)).into();
                 }
                 s["seconds"] = (s["seconds"].as_f64().unwrap_or(0.0) + n["seconds"].as_f64().unwrap_or(0.0)).into();

@@ -120,7 +120,12 @@ impl Plan {
         });
         let analysing = spec.runs.iter().any(|r| reads_analysis_cache(&r.kind));
         let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
-        let chunk = cells_per_forward(cfg, n as i64, seq as i64);
+        // The plan's device as named (availability is checked when the model loads).
+        let device = match spec.model.device.strip_prefix("cuda") {
+            Some(i) => tch::Device::Cuda(i.trim_start_matches(':').parse().unwrap_or(0)),
+            None => tch::Device::Cpu,
+        };
+        let chunk = cells_per_forward(cfg, n as i64, seq as i64, device);
         let skip = if first_diff > 0 && (first_diff as usize) < seq { first_diff as usize } else { 0 };
         let mut writes = Vec::new();
         for (r, run) in spec.runs.iter().enumerate() {

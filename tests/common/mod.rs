@@ -208,3 +208,74 @@ over = ["layer", "pos", "head"]"#);
 }
 
 pub const LONG_BATCH_FLOATS: &str = "40000";
+
+// Running the tl-run binary and reading what it wrote.
+
+pub fn tl_run() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run"));
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+/// Runs tl-run with `args`; returns stdout, panicking with stderr on failure.
+pub fn ok(args: &[&str]) -> String {
+    let o = tl_run().args(args).output().unwrap();
+    assert!(o.status.success(), "tl-run {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn fails(args: &[&str]) -> String {
+    let o = tl_run().args(args).output().unwrap();
+    assert!(!o.status.success(), "tl-run {args:?} should have failed");
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!e.contains("panicked"), "tl-run {args:?} panicked:\n{e}");
+    e
+}
+
+/// (ran, read from the store) from a run's "jobs: X ran, Y read from the store" line.
+pub fn job_counts(stdout: &str) -> (usize, usize) {
+    let line = stdout.lines().find(|l| l.starts_with("jobs: ")).unwrap_or_else(|| panic!("no jobs line in\n{stdout}"));
+    let nums: Vec<usize> = line.split(|c: char| !c.is_ascii_digit()).filter_map(|w| w.parse().ok()).collect();
+    (nums[0], nums[1])
+}
+
+/// Every file under `dir` (relative path → bytes), leaving out the job store.
+pub fn outputs(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if e.file_name() != ".tl-run" {
+                    stack.push(p);
+                }
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+pub fn parquet_files(dir: &std::path::Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    outputs(dir).into_iter().filter(|(p, _)| p.extension().is_some_and(|e| e == "parquet")).collect()
+}
+
+/// Every temporary file anywhere under `dir`, the store included.
+pub fn temp_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() {
+                stack.push(e.path());
+            } else if tl_run::output::atomic::is_temp(&name) || name.contains("probe") {
+                found.push(e.path());
+            }
+        }
+    }
+    found
+}
+
