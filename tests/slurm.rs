@@ -129,10 +129,12 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let cancelled_while = state(&task);
     let done_before: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap_or_else(|_| "{}".into())).unwrap_or_default();
     sh("scancel", &[&task]);
-    wait_for("task 2 to end", Duration::from_secs(60), || state(&task) != "RUNNING");
+    wait_for("task 2 to end", Duration::from_secs(60), || !matches!(state(&task).as_str(), "RUNNING" | "COMPLETING"));
     sh("scontrol", &["requeue", &task]);
-    // A requeued job waits two minutes by default before it is eligible again: release it as
-    // soon as it is pending.
+    // A requeued job waits two minutes by default before it is eligible again; started within
+    // the second of the kill, slurmd refuses it ("job credential revoked"). Release it after
+    // a pause.
+    std::thread::sleep(Duration::from_secs(3));
     wait_for("the requeued task", Duration::from_secs(180), || {
         let s = state(&task);
         if s == "PENDING" {
