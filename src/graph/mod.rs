@@ -18,6 +18,16 @@ use crate::model::config::ModelConfig;
 use crate::spec::runs::HeadSource;
 use crate::spec::{RunKind, Spec};
 
+/// Seconds per unit of estimated cost, relative to patching, measured per job kind on the
+/// GPT-2-small-shaped IOI run (`tl-run plan --json` against the manifest's job seconds): the
+/// attribution job also multiplies gradients over every cell, the logit lens unembeds every
+/// label at every position for its top-k, DLA and head scores only decompose the cached run,
+/// an ablation job runs whole forwards. Shards are balanced on these.
+const ATTRIBUTE_COST: f64 = 1.7;
+const LENS_COST: f64 = 4.0;
+const DECOMPOSE_COST: f64 = 0.25;
+const ABLATE_COST: f64 = 1.8;
+
 /// What a job does. Indices are into `spec.runs` and a run's patch targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(tag = "task", rename_all = "snake_case")]
@@ -155,7 +165,7 @@ impl Plan {
                     let cells: usize = targets.iter().map(|(s, a)| layers.iter().map(|&l| cells_at(cfg, Target { site: *s, axes: *a }, l, seq as i64).len()).sum::<usize>()).sum();
                     let verify = targets.len() * verify_top;
                     let verify_forwards = targets.len() * verify_top.div_ceil(chunk);
-                    let job = Job { cells, forwards: verify_forwards, tl_forwards: verify, cost: full(1) + patch_cost(verify, cfg.n_layers / 2), ..blank(Task::Attribute { run: r }) };
+                    let job = Job { cells, forwards: verify_forwards, tl_forwards: verify, cost: ATTRIBUTE_COST * (full(1) + patch_cost(verify, cfg.n_layers / 2)), ..blank(Task::Attribute { run: r }) };
                     let also = if *verify_top > 0 { format!(", patch the top {verify_top} per target") } else { String::new() };
                     vec![add(format!("{}: attribution of {} targets{also}", run.name, targets.len()), vec![atp_pass.expect("attribution pass")], job)]
                 }
@@ -164,11 +174,11 @@ impl Plan {
                     let units = if together { 1 } else { all_units(cfg, a.site).len() };
                     let what = if together { "units together".to_string() } else { format!("each of {units} units in turn") };
                     let k = 1 + if together { 1 } else { units.div_ceil(chunk) };
-                    let job = Job { cells: units, forwards: k, tl_forwards: 1 + units, cost: full(1) + (units * n * cfg.n_layers) as f64, ..blank(Task::Ablate { run: r }) };
+                    let job = Job { cells: units, forwards: k, tl_forwards: 1 + units, cost: ABLATE_COST * (full(1) + (units * n * cfg.n_layers) as f64), ..blank(Task::Ablate { run: r }) };
                     vec![add(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), inputs.clone(), job)]
                 }
                 kind if reads_analysis_cache(kind) => {
-                    vec![add(format!("{}: {} from the cached clean run", run.name, kind.name()), vec![analysis.expect("analysis cache")], Job { cost: full(1) / 4.0, ..blank(Task::Analyse { run: r }) })]
+                    vec![add(format!("{}: {} from the cached clean run", run.name, kind.name()), vec![analysis.expect("analysis cache")], Job { cost: full(1) * if matches!(kind, RunKind::LogitLens { .. }) { LENS_COST } else { DECOMPOSE_COST }, ..blank(Task::Analyse { run: r }) })]
                 }
                 kind => vec![add(format!("{}: {} (one forward)", run.name, kind.name()), vec![load], forwards(Task::Analyse { run: r }, 1))],
             };
