@@ -321,7 +321,7 @@ struct Preflight {
     cfg: tl_run::model::config::ModelConfig,
     tok: tl_run::engine::tokenize::TextTokenizer,
     files: tl_run::model::source::ModelFiles,
-    toks: Option<tl_run::graph::execute::Tokenized>,
+    toks: Option<tl_run::experiments::inputs::Tokenized>,
 }
 
 /// Every problem of a spec against the model's config and tokenizer at once, or the tokenized
@@ -340,7 +340,7 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
             }
             problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &spec.file).err()));
         }
-        match tl_run::graph::execute::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
+        match tl_run::experiments::inputs::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
             Ok(t) => toks = Some(t),
             Err(e) => problems.push(format!("{}: {e}", spec.file)),
         }

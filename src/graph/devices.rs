@@ -13,7 +13,7 @@ use tch::Device;
 
 use crate::engine::nonfinite::Finding;
 use crate::error::{Error, Result};
-use crate::graph::execute::Tokenized;
+use crate::experiments::inputs::Tokenized;
 use crate::graph::store::Store;
 use crate::graph::{kinds, Plan};
 use crate::model::Model;

@@ -7,24 +7,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
-use crate::engine::metric::Metric;
 use crate::engine::nonfinite;
-use crate::engine::tokenize::{TextTokenizer, TokenBatch};
+use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::experiments::attribution;
-use crate::experiments::prepared::{Corrupt, Prepared};
+use crate::experiments::inputs::{first_changed, tokenize, Tokenized};
+use crate::experiments::prepared::Prepared;
 use crate::graph::shard::{self, Shard};
 use crate::graph::store::Store;
 use crate::graph::{devices, keys, kinds, Plan, Task};
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
-use crate::model::hook_point::Site;
 use crate::model::Model;
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
-use crate::spec::{Corruption, RunKind, Spec};
+use crate::spec::{RunKind, Spec};
 
 pub struct Outcome {
     pub files: Vec<PathBuf>,
@@ -32,254 +30,6 @@ pub struct Outcome {
     pub summary: String,
     /// How many jobs ran and how many came from the store.
     pub jobs: String,
-}
-
-/// Clean and corrupted token batches with the answers, checked.
-pub struct Tokenized {
-    pub clean: Tensor,
-    /// None for noise corruption (the corrupted run reads the clean tokens).
-    pub corrupted: Option<Tensor>,
-    pub mask: Option<Tensor>,
-    pub correct: Vec<i64>,
-    pub incorrect: Vec<i64>,
-    /// The clean prompts' tokens as strings, for the `token` column.
-    pub clean_strs: Vec<Vec<String>>,
-    /// Noise corruption: [n, pos] true at the token positions to noise.
-    pub noised: Option<Tensor>,
-    /// What the manifest records: prepend_bos as applied and every prompt's token ids.
-    pub record: serde_json::Value,
-}
-
-impl Tokenized {
-    pub fn n_prompts(&self) -> usize {
-        self.clean_strs.len()
-    }
-
-    /// A copy with tensors of its own (tensors are not shared between threads).
-    pub fn duplicate(&self) -> Tokenized {
-        Tokenized {
-            clean: self.clean.copy(),
-            corrupted: self.corrupted.as_ref().map(Tensor::copy),
-            mask: self.mask.as_ref().map(Tensor::copy),
-            correct: self.correct.clone(),
-            incorrect: self.incorrect.clone(),
-            clean_strs: self.clean_strs.clone(),
-            noised: self.noised.as_ref().map(Tensor::copy),
-            record: self.record.clone(),
-        }
-    }
-}
-
-fn single_token(tok: &TextTokenizer, word: &str, prompt: usize, which: &str) -> Result<i64> {
-    let ids = tok.encode(word, false)?;
-    if ids.len() != 1 {
-        let shown: Vec<String> = ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect();
-        return Err(Error::Other(format!(
-            "prompt {prompt}: the {which} answer {word:?} is {} tokens [{}], not one; use a single-token answer (often with a leading space)",
-            ids.len(),
-            shown.join(", ")
-        )));
-    }
-    Ok(ids[0])
-}
-
-/// Positions of `word`'s tokens in `ids` (with or without a leading space), if present.
-fn find_word(tok: &TextTokenizer, ids: &[i64], word: &str) -> Result<Option<std::ops::Range<usize>>> {
-    for form in [format!(" {word}"), word.to_string()] {
-        let w = tok.encode(&form, false)?;
-        if w.is_empty() {
-            continue;
-        }
-        if let Some(start) = ids.windows(w.len()).position(|win| win == w.as_slice()) {
-            return Ok(Some(start..start + w.len()));
-        }
-    }
-    Ok(None)
-}
-
-/// [n, seq] true at the positions a noise corruption noises (left padding accounted for).
-fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<Vec<i64>>, words: &Option<Vec<String>>) -> Result<Tensor> {
-    let (n, seq) = (clean.tokens.size()[0], clean.tokens.size()[1]);
-    let mut mask = vec![false; (n * seq) as usize];
-    for p in 0..n as usize {
-        let len = clean.lengths[p] as i64;
-        let pad = seq - len;
-        let ids: Vec<i64> = Vec::try_from(clean.tokens.get(p as i64).narrow(0, pad, len))?;
-        let mut set = |i: i64| mask[p * seq as usize + (pad + i) as usize] = true;
-        if let Some(pos) = positions {
-            for &i in pos {
-                if i >= len {
-                    return Err(Error::Config(format!("corruption.positions: prompt {p} has {len} tokens, so position {i} does not exist")));
-                }
-                set(i);
-            }
-        }
-        // Every word found is noised; a prompt must contain at least one of them.
-        if let Some(words) = words {
-            let mut found = false;
-            for w in words {
-                if let Some(r) = find_word(tok, &ids, w)? {
-                    r.for_each(|i| set(i as i64));
-                    found = true;
-                }
-            }
-            if !found {
-                let shown = ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect::<Vec<_>>().join(", ");
-                return Err(Error::Config(format!("corruption.words: prompt {p} has no tokens spelling any of {words:?}: [{shown}]")));
-            }
-        }
-    }
-    Ok(Tensor::from_slice(&mask).view([n, seq]))
-}
-
-pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::ModelConfig, needs_corruption: bool) -> Result<Tokenized> {
-    let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
-    let bos = spec.model.prepend_bos_for(cfg);
-    let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
-    let clean = tok.batch(&clean_texts, bos)?;
-    let mut noised = None;
-    let corrupted = match &spec.corruption {
-        _ if !needs_corruption => None,
-        Corruption::SwapPairs => {
-            let n = clean_texts.len() as i64;
-            let swapped: Vec<i64> = (0..n).map(|i| i ^ 1).collect();
-            let idx = Tensor::from_slice(&swapped);
-            Some(TokenBatch {
-                tokens: clean.tokens.index_select(0, &idx),
-                mask: clean.mask.as_ref().map(|m| m.index_select(0, &idx)),
-                lengths: swapped.iter().map(|&i| clean.lengths[i as usize]).collect(),
-            })
-        }
-        Corruption::Prompts | Corruption::ReplaceTokens(_) => {
-            let texts: Vec<&str> = spec.prompts.iter().map(|p| p.corrupted.as_deref().unwrap_or(&p.clean)).collect();
-            Some(tok.batch(&texts, bos)?)
-        }
-        Corruption::Noise { positions, words, .. } => {
-            noised = Some(noise_positions(tok, &clean, positions, words)?);
-            None
-        }
-    };
-    if let Some(corrupted) = &corrupted {
-        for (i, (a, b)) in clean.lengths.iter().zip(&corrupted.lengths).enumerate() {
-            if a != b || clean.tokens.size() != corrupted.tokens.size() {
-                return Err(Error::Other(format!(
-                    "prompt {i}: clean is {a} tokens and corrupted is {b}; patching by position needs equal token lengths"
-                )));
-            }
-        }
-    }
-    let mut correct = Vec::new();
-    let mut incorrect = Vec::new();
-    let mut problems = Vec::new();
-    for (i, p) in spec.prompts.iter().enumerate().filter(|_| needs_answers) {
-        match single_token(tok, &p.correct, i, "correct") {
-            Ok(id) => correct.push(id),
-            Err(e) => problems.push(e.to_string()),
-        }
-        if let Some(w) = &p.incorrect {
-            match single_token(tok, w, i, "incorrect") {
-                Ok(id) => incorrect.push(id),
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
-    }
-    // Every answer that is not one token, not just the first.
-    if !problems.is_empty() {
-        return Err(Error::Other(problems.join("\n")));
-    }
-    // A tokenizer larger than the model's embedding gives ids the model has no row for.
-    let in_vocab = |id: i64, what: String| {
-        crate::engine::tokenize::check_in_vocab(tok, id, cfg.d_vocab).map_err(|e| Error::Config(format!("{what}: {e}")))
-    };
-    for (i, (&c, w)) in correct.iter().zip(incorrect.iter().map(Some).chain(std::iter::repeat(None))).enumerate() {
-        in_vocab(c, format!("prompt {i}: the correct answer"))?;
-        if let Some(&w) = w {
-            in_vocab(w, format!("prompt {i}: the incorrect answer"))?;
-        }
-    }
-    for (which, b) in [("clean", Some(&clean)), ("corrupted", corrupted.as_ref())] {
-        if let Some(b) = b {
-            if let Some(max) = Vec::<i64>::try_from(b.tokens.flatten(0, -1)).unwrap_or_default().into_iter().max() {
-                in_vocab(max, format!("the {which} prompts"))?;
-            }
-        }
-    }
-    let clean_strs = (0..clean_texts.len() as i64)
-        .map(|i| Vec::<i64>::try_from(clean.tokens.get(i)).unwrap_or_default().into_iter().map(|t| tok.token_str(t)).collect())
-        .collect();
-    let unpadded = |b: &TokenBatch| -> Vec<Vec<i64>> {
-        b.lengths.iter().enumerate().map(|(i, &len)| Vec::<i64>::try_from(b.tokens.get(i as i64).narrow(0, b.tokens.size()[1] - len as i64, len as i64)).unwrap_or_default()).collect()
-    };
-    let record = serde_json::json!({
-        "prepend_bos": bos,
-        "clean": unpadded(&clean),
-        "corrupted": corrupted.as_ref().map(unpadded),
-    });
-    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.map(|c| c.tokens), mask: clean.mask, correct, incorrect, clean_strs, noised, record })
-}
-
-/// The first position at which the corrupted run differs from the clean one (seq_len if none).
-pub fn first_changed(toks: &Tokenized) -> i64 {
-    let seq = toks.clean.size()[1];
-    match (&toks.corrupted, &toks.noised) {
-        (Some(c), _) => crate::experiments::prepared::first_difference(&toks.clean, c),
-        (None, Some(noised)) => {
-            let any: Vec<bool> = Vec::try_from(noised.any_dims(&[0i64][..], false)).unwrap_or_default();
-            any.iter().position(|b| *b).map_or(seq, |p| p as i64)
-        }
-        _ => seq,
-    }
-}
-
-/// The corrupted runs' noise, [samples·n, seq, d_model]: torch's CPU generator seeded with
-/// `seed` (torch.manual_seed(seed); torch.randn(samples, n, seq, d_model)), times `scale` × the
-/// std of W_E, zero outside the noised positions.
-pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usize, seed: u64) -> Tensor {
-    let (n, seq) = (noised.size()[0], noised.size()[1]);
-    let d = model.cfg.d_model as i64;
-    tch::manual_seed(seed as i64);
-    let raw = Tensor::randn([samples as i64, n, seq, d], (Kind::Float, Device::Cpu));
-    // The std of the unscaled embedding matrix, as TransformerLens 4.3's W_E.std() (Gemma's
-    // sqrt(d_model) is folded into our W_E).
-    let std = model.weights.w_e.to_device(Device::Cpu).to_kind(Kind::Float).std(true) / model.cfg.embed_scale;
-    let noise = raw * (std * scale) * noised.to_kind(Kind::Float).view([1, n, seq, 1]);
-    noise.view([samples as i64 * n, seq, d])
-}
-
-/// The clean and corrupted runs every patching run of the spec shares.
-pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
-    let mut sites: Vec<Site> = Vec::new();
-    for r in &spec.runs {
-        let needed: Vec<Site> = match &r.kind {
-            RunKind::ActivationPatching { targets } => targets.iter().map(|(s, _)| *s).collect(),
-            RunKind::AttributionPatching { targets, options, .. } => {
-                let t: Vec<_> = targets.iter().map(|(s, a)| crate::experiments::activation_patching::Target { site: *s, axes: *a }).collect();
-                attribution::clean_sites(model, &t, *options)
-            }
-            _ => vec![],
-        };
-        for s in needed {
-            if !sites.contains(&s) {
-                sites.push(s);
-            }
-        }
-    }
-    let samples = spec.corruption.samples() as i64;
-    let tile = |t: &Tensor| t.repeat([samples, 1]);
-    let metric = Metric {
-        kind: spec.metric.kind,
-        correct: toks.correct.repeat(samples as usize),
-        incorrect: toks.incorrect.repeat(samples as usize),
-    };
-    let (clean, corrupt) = match (&spec.corruption, &toks.corrupted, &toks.noised) {
-        (Corruption::Noise { noise, samples, seed, .. }, _, Some(noised)) => {
-            let noise_t = embedding_noise(model, noised, *noise, *samples, *seed);
-            (tile(&toks.clean), Corrupt::EmbedNoise { noise: noise_t, first: first_changed(toks) })
-        }
-        (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
-        _ => return Err(Error::Other("patching needs a corruption".into())),
-    };
-    Prepared::new(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites)
 }
 
 /// How `execute` runs a plan.

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use sha2::Digest;
 
 use crate::error::{Error, Result};
-use crate::graph::execute::Tokenized;
+use crate::experiments::inputs::Tokenized;
 use crate::graph::{Plan, Task};
 use crate::model::source::ModelFiles;
 use crate::spec::{RunKind, Spec};

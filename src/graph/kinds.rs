@@ -16,7 +16,7 @@ use crate::experiments::cache_analysis::{self, Component, DlaOver, LensPositions
 use crate::experiments::head_scores::{self, DetectOptions, Detection};
 use crate::experiments::mean;
 use crate::experiments::prepared::Prepared;
-use crate::graph::execute::Tokenized;
+use crate::experiments::inputs::Tokenized;
 use crate::graph::Task;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
@@ -102,7 +102,7 @@ impl<'a> RunContext<'a> {
     }
     pub fn prep(&self) -> Result<&Prepared> {
         if self.prep.get().is_none() {
-            let p = crate::panics::guarded("the clean and corrupted runs", || crate::graph::execute::prepare(self.spec, self.model, self.toks()?))?;
+            let p = crate::panics::guarded("the clean and corrupted runs", || crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?))?;
             tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
             let _ = self.prep.set(p);
         }
