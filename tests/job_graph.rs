@@ -195,3 +195,41 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("out of memory") && e.contains("job ["), "{e}");
 }
+
+#[test]
+fn a_model_split_by_layers_sees_every_hook_and_gives_the_one_device_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Every hook of a split model holds the one-device activation (families with learned,
+    // rotary and ALiBi positions, local attention and softcaps).
+    for family in ["gpt2-tiny", "llama-tiny", "gemma2-tiny", "bloom-tiny", "neox-tiny"] {
+        let model = fixture(family).display().to_string();
+        let (one, split) = (tmp.path().join(format!("{family}-one.st")), tmp.path().join(format!("{family}-split.st")));
+        let prompts = ["--prompt", "When John and Mary went to the shops", "--prompt", "the bag"];
+        ok(&[&["cache", &model, "--out", one.to_str().unwrap()][..], &prompts].concat());
+        ok(&[&["cache", &model, "--out", split.to_str().unwrap(), "--split", "cpu,cpu,cpu"][..], &prompts].concat());
+        let (a, b) = (std::fs::read(&one).unwrap(), std::fs::read(&split).unwrap());
+        let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+        let mut names = a.names();
+        names.sort();
+        let mut other = b.names();
+        other.sort();
+        assert_eq!(names, other, "{family}: hook names");
+        for n in names {
+            assert_eq!(a.tensor(n).unwrap().data(), b.tensor(n).unwrap().data(), "{family}: {n} differs when split");
+        }
+    }
+    // Every experiment kind on a split model: the one-device files.
+    let model = fixture("gpt2-tiny").display().to_string();
+    let (one, split) = (tmp.path().join("one"), tmp.path().join("split"));
+    ok(&["run", &ioi(), "--model-id", &model, "--out", one.to_str().unwrap(), "--quiet"]);
+    ok(&["run", &ioi(), "--model-id", &model, "--out", split.to_str().unwrap(), "--quiet", "--devices", "cpu,cpu", "--split-layers"]);
+    assert_eq!(parquet_files(&split), parquet_files(&one));
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model"]["layer_devices"], serde_json::json!(["Cpu", "Cpu"]));
+    let e = fails(&["run", &ioi(), "--model-id", &model, "--out", split.to_str().unwrap(), "--split-layers"]);
+    assert!(e.contains("--split-layers needs --devices"), "{e}");
+    let spec = tmp.path().join("split.toml");
+    std::fs::write(&spec, std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", "[model]\nsplit_layers = true\n")).unwrap();
+    let e = fails(&["validate", spec.to_str().unwrap(), "--model-id", &model]);
+    assert!(e.contains(":4:") && e.contains("model.split_layers: needs model.devices"), "{e}");
+}

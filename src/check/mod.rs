@@ -149,7 +149,7 @@ pub fn run(zoo: &Zoo, opts: &CheckOptions) -> Result<CheckOutcome> {
 fn load(m: &ZooModel, dtype: &str, processing: Processing) -> Result<Model> {
     let device = crate::engine::device::parse(&m.device)?;
     let kind = parse_dtype(dtype).ok_or_else(|| Error::Config(format!("unknown dtype '{dtype}'")))?;
-    Model::load(&m.source.model_id(), &LoadOptions { revision: m.source.revision(), processing, device, kind })
+    Model::load(&m.source.model_id(), &LoadOptions { revision: m.source.revision(), processing, device, kind, split: Vec::new() })
 }
 
 /// Our logits for each token sequence, f32 on the CPU.

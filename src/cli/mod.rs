@@ -162,6 +162,11 @@ pub struct SpecArgs {
     /// independent jobs concurrently; instead of the spec's model.device(s).
     #[arg(long, value_delimiter = ',')]
     pub devices: Vec<String>,
+    /// With --devices (or the spec's model.devices): split one model by layers over them
+    /// (layers 0..k on the first, ...; e.g. cuda:0,cpu offloads the last layers) instead of a
+    /// replica on each.
+    #[arg(long)]
+    pub split_layers: bool,
     /// Run in this dtype instead of the spec's model.dtype (float32, bfloat16, float16).
     #[arg(long)]
     pub dtype: Option<String>,
@@ -192,6 +197,10 @@ pub struct ModelArgs {
     /// float32, bfloat16 or float16 (weights are processed in f32, then cast).
     #[arg(long, default_value = "float32")]
     pub dtype: String,
+    /// Split the model by layers over these devices (comma-separated, e.g. cuda:0,cpu) instead
+    /// of --device.
+    #[arg(long, value_delimiter = ',')]
+    pub split: Vec<String>,
 }
 
 pub fn init_logging(verbose: u8) {
@@ -214,6 +223,7 @@ fn load(m: &ModelArgs) -> Result<Model> {
         processing: if m.no_processing { Processing::NONE } else { Processing::TRANSFORMER_LENS },
         device: parse_device(&m.device)?,
         kind: tl_run::model::config::parse_dtype(&m.dtype).with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
+        split: m.split.iter().map(|d| parse_device(d)).collect::<Result<_>>()?,
     };
     Ok(Model::load(&m.model, &opts)?)
 }
@@ -305,6 +315,10 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(first) = a.devices.first() {
         spec.model.device = first.clone();
         spec.model.devices = a.devices.clone();
+    }
+    if a.split_layers {
+        anyhow::ensure!(!spec.model.devices.is_empty(), "--split-layers needs --devices (or model.devices in the spec): the devices to split the layers over");
+        spec.model.split_layers = true;
     }
     if let Some(d) = &a.dtype {
         spec.model.dtype = d.clone();
@@ -408,13 +422,16 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>) -> Result
     let t = std::time::Instant::now();
     let pf = preflight(&spec)?;
     let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
+    let devices: Vec<tch::Device> = spec.model.devices.iter().map(|d| parse_device(d)).collect::<Result<_>>()?;
+    // Split by layers: one model over the devices; else a replica per device.
+    let (split, devices) = if spec.model.split_layers { (devices, Vec::new()) } else { (Vec::new(), devices) };
     let opts = LoadOptions {
         revision: spec.model.revision.clone(),
         processing: spec.model.processing,
         device: parse_device(&spec.model.device)?,
         kind: spec.model.kind()?,
+        split,
     };
-    let devices: Vec<tch::Device> = spec.model.devices.iter().map(|d| parse_device(d)).collect::<Result<_>>()?;
     let load = |device: tch::Device| Model::load(&spec.model.id, &LoadOptions { device, ..opts.clone() });
     let source = ModelSource::Lazy { cfg: &pf.cfg, tokenizer: Some(&pf.tok), files: Some(&pf.files), device: opts.device, load: Box::new(load) };
     let exec = ExecOptions { progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()), store: true, fresh, shard, devices };
@@ -442,6 +459,9 @@ fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) 
     }
     if !a.devices.is_empty() {
         args.extend(["--devices".to_string(), a.devices.join(",")]);
+    }
+    if a.split_layers {
+        args.push("--split-layers".into());
     }
     if let Some(b) = a.batch_memory {
         args.extend(["--batch-memory".to_string(), b.to_string()]);

@@ -91,6 +91,11 @@ impl Positions {
         }
     }
 
+    /// The same positions on another device (a model split by layers).
+    fn on(&self, device: tch::Device) -> Positions {
+        Positions { ids: self.ids.to_device(device), key_ids: self.key_ids.to_device(device), mask: self.mask.as_ref().map(|m| m.to_device(device)) }
+    }
+
     fn batch_seq(&self) -> (i64, i64) {
         let s = self.ids.size();
         (s[0], s[1])
@@ -117,8 +122,9 @@ impl Model {
                 if size.len() != 2 {
                     return Err(Error::Other(format!("tokens must be [batch, pos], got {size:?}")));
                 }
-                let pos = Positions::new(size[0], size[1], mask, self.device);
-                (0, self.embed(&tokens.to_device(self.device), &pos, hooks)?, pos)
+                let input = self.input_device();
+                let pos = Positions::new(size[0], size[1], mask, input);
+                (0, self.embed(&tokens.to_device(input), &pos, hooks)?, pos)
             }
             Input::Residual { layer, resid } => {
                 let size = resid.size();
@@ -128,10 +134,11 @@ impl Model {
                         self.cfg.n_layers, self.cfg.d_model
                     )));
                 }
-                let full = Positions::new(size[0], size[1] + skip, mask, self.device);
+                let device = self.device_of(layer);
+                let full = Positions::new(size[0], size[1] + skip, mask, device);
                 // Only the positions after the prefix are computed (keys still cover all).
                 let pos = Positions { ids: full.ids.narrow(1, skip, size[1]), key_ids: full.key_ids, mask: full.mask };
-                (layer, resid.to_device(self.device).to_kind(self.kind), pos)
+                (layer, resid.to_device(device).to_kind(self.kind), pos)
             }
         };
         let (end, logits) = match stop {
@@ -144,18 +151,32 @@ impl Model {
         let mut windows: Vec<Option<usize>> = self.cfg.attn_windows[start..end.max(start)].to_vec();
         windows.sort_unstable();
         windows.dedup();
-        let attn_masks = windows.into_iter().map(|w| (w, self.attention_mask(&pos, skip, w))).collect();
-        let ctx = Context { attn_masks, rotary: self.rotary_tables(&pos), alibi: self.alibi(&pos), prefix };
+        // Masks and position tables per device the layers run on (one unless split by layers);
+        // the residual moves to a layer's device at the split points.
+        let context = |device: tch::Device| {
+            let moved = (pos.ids.device() != device).then(|| pos.on(device));
+            let p = moved.as_ref().unwrap_or(&pos);
+            Context { attn_masks: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w))).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix }
+        };
+        let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
         for l in start..end {
-            x = self.block(l, x, &ctx, hooks)?;
+            let device = self.device_of(l);
+            if x.device() != device {
+                x = x.to_device(device);
+            }
+            if !contexts.iter().any(|(d, _)| *d == device) {
+                contexts.push((device, context(device)));
+            }
+            let ctx = &contexts.iter().find(|(d, _)| *d == device).expect("built above").1;
+            x = self.block(l, x, ctx, hooks)?;
         }
         if !logits {
             if end < self.cfg.n_layers && end > start {
-                x = hooks.at(HookPoint::Block(end, Site::ResidPre), x)?;
+                x = hooks.at(HookPoint::Block(end, Site::ResidPre), x.to_device(self.device_of(end)))?;
             }
             return Ok(x);
         }
-        let x = self.norm(x, &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
+        let x = self.norm(x.to_device(self.device), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
         if stop == Stop::FinalNorm {
             return Ok(x);
         }
@@ -166,7 +187,7 @@ impl Model {
     /// (TransformerLens's logit lens recomputes the final norm this way for every layer).
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         let mut none = Hooks::new();
-        self.norm(x.shallow_clone(), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), &mut none)
+        self.norm(x.to_device(self.device), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), &mut none)
     }
 
     /// Logits from ln_final's output.
@@ -214,7 +235,7 @@ impl Model {
     fn attention_mask(&self, pos: &Positions, skip: i64, window: Option<usize>) -> Tensor {
         let (_, queries) = pos.batch_seq();
         let keys = queries + skip;
-        let ones = Tensor::ones([queries, keys], (Kind::Bool, self.device));
+        let ones = Tensor::ones([queries, keys], (Kind::Bool, pos.ids.device()));
         let mut causal = ones.tril(skip);
         if let Some(w) = window {
             // Query i (at sequence index i + skip) sees keys j with i + skip − j < w.
@@ -236,12 +257,13 @@ impl Model {
         let h = self.cfg.n_heads as i64;
         let closest = 1i64 << (63 - (h as u64).leading_zeros());
         let base_of = |n: i64| 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
-        let powers = Tensor::arange_start(1, 1 + closest, (Kind::Float, self.device));
-        let mut slopes = Tensor::from(base_of(closest) as f32).to_device(self.device).pow(&powers);
+        let device = pos.ids.device();
+        let powers = Tensor::arange_start(1, 1 + closest, (Kind::Float, device));
+        let mut slopes = Tensor::from(base_of(closest) as f32).to_device(device).pow(&powers);
         if closest != h {
             let extra = (closest).min(h - closest);
-            let extra_powers = Tensor::arange_start_step(1, 1 + 2 * extra, 2, (Kind::Float, self.device));
-            slopes = Tensor::cat(&[slopes, Tensor::from(base_of(2 * closest) as f32).to_device(self.device).pow(&extra_powers)], 0);
+            let extra_powers = Tensor::arange_start_step(1, 1 + 2 * extra, 2, (Kind::Float, device));
+            slopes = Tensor::cat(&[slopes, Tensor::from(base_of(2 * closest) as f32).to_device(device).pow(&extra_powers)], 0);
         }
         let keys = pos.key_ids.to_kind(Kind::Float); // [batch, keys]
         let alibi = slopes.view([1, h, 1, 1]) * keys.unsqueeze(1).unsqueeze(1);
@@ -251,8 +273,9 @@ impl Model {
     /// (cos, sin), each [batch, pos, 1, rotary_dim], computed in f32 the way HF and TL do.
     fn rotary_tables(&self, pos: &Positions) -> Option<(Tensor, Tensor)> {
         let Positional::Rotary { dim, base, adjacent_pairs, scaling } = self.cfg.positional else { return None };
-        let exps = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Float, self.device)) / dim as f64;
-        let inv_freq = scale_frequencies(Tensor::from(base as f32).to_device(self.device).pow(&exps).reciprocal(), scaling);
+        let device = pos.ids.device();
+        let exps = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Float, device)) / dim as f64;
+        let inv_freq = scale_frequencies(Tensor::from(base as f32).to_device(device).pow(&exps).reciprocal(), scaling);
         let freq = if adjacent_pairs { inv_freq.repeat_interleave_self_int(2, 0, None) } else { Tensor::cat(&[&inv_freq, &inv_freq], 0) };
         let angles = pos.ids.to_kind(Kind::Float).unsqueeze(-1) * freq.view([1, 1, -1]);
         let angles = angles.unsqueeze(2);

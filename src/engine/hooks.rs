@@ -153,7 +153,7 @@ impl Intervention {
             Edit::Add(v) => slice.f_add(&v.to_device(slice.device()))?,
             Edit::Scale(s) => slice * *s,
             Edit::Zero => slice.zeros_like(),
-            Edit::Where { mask, source } => source.f_where_self(mask, slice)?,
+            Edit::Where { mask, source } => source.to_device(slice.device()).f_where_self(&mask.to_device(slice.device()), slice)?,
             Edit::Func(f) => {
                 let out = f(slice)?;
                 if out.size() != slice.size() {

@@ -153,7 +153,8 @@ pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Te
 pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, over: DlaOver) -> Result<Vec<Component>> {
     let n_layers = model.cfg.n_layers;
     let scale_point = HookPoint::LnFinal(NormHook::Scale);
-    let last = |p: HookPoint| cache.get(&p).map(|t| t.select(1, -1).to_kind(Kind::Float));
+    // Everything meets on the output device (a model split by layers caches each layer on its own).
+    let last = |p: HookPoint| cache.get(&p).map(|t| t.select(1, -1).to_device(model.device).to_kind(Kind::Float));
     let missing = |p: HookPoint| Error::Other(format!("{p} was not cached"));
     let scale = last(scale_point).ok_or_else(|| missing(scale_point))?; // [n, 1]
     let n = scale.size()[0] as usize;
@@ -182,7 +183,7 @@ pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metr
             for l in 0..n_layers {
                 let z = last(HookPoint::Block(l, Site::Z)).ok_or_else(|| missing(HookPoint::Block(l, Site::Z)))?; // [n, h, e]
                 // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
-                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o.to_kind(Kind::Float), &dir], None::<&[i64]>);
+                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o.to_device(model.device).to_kind(Kind::Float), &dir], None::<&[i64]>);
                 let per_head = (z * through).sum_dim_intlist(-1, false, None).to_kind(Kind::Double); // [n, h]
                 for h in 0..model.cfg.n_heads as i64 {
                     push(format!("L{l}H{h}"), HookPoint::Block(l, Site::Result), Some(l), Some(h), None, Vec::try_from(per_head.select(1, h))?);
@@ -192,7 +193,7 @@ pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metr
         DlaOver::Neuron => {
             for l in 0..n_layers {
                 let post = last(HookPoint::Block(l, Site::MlpPost)).ok_or_else(|| missing(HookPoint::Block(l, Site::MlpPost)))?; // [n, m]
-                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr().to_kind(Kind::Float)); // [n, m]
+                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr().to_device(model.device).to_kind(Kind::Float)); // [n, m]
                 // Transposed to [m, n] so each neuron's prompts are contiguous.
                 let per_neuron: Vec<f64> = Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
                 for (k, v) in per_neuron.chunks(n).enumerate() {

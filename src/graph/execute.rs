@@ -421,6 +421,7 @@ impl<'a> Record<'a> {
         self.device = format!("{:?}", model.device);
         self.dtype = format!("{:?}", model.kind);
         self.model["processing"] = serde_json::to_value(model.processing).unwrap_or_default();
+        self.model["layer_devices"] = model.layer_devices.iter().map(|d| format!("{d:?}")).collect();
     }
 
     fn write(&self, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {

@@ -24,12 +24,23 @@ pub struct LoadOptions {
     pub processing: Processing,
     pub device: Device,
     pub kind: Kind,
+    /// Non-empty: the model is split by layers over these devices (contiguous, even groups:
+    /// layers 0..k on the first, ...), embedding on the first, final norm and unembedding on
+    /// the last; `device` is then ignored.
+    pub split: Vec<Device>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { revision: None, processing: Processing::TRANSFORMER_LENS, device: Device::Cpu, kind: Kind::Float }
+        LoadOptions { revision: None, processing: Processing::TRANSFORMER_LENS, device: Device::Cpu, kind: Kind::Float, split: Vec::new() }
     }
+}
+
+/// The device of every layer when `n_layers` layers are split over `devices` in contiguous,
+/// even groups (the first groups take one more when they do not divide).
+pub fn split_layers(n_layers: usize, devices: &[Device]) -> Vec<Device> {
+    let k = devices.len().max(1);
+    (0..n_layers).map(|l| devices.get(l * k / n_layers.max(1)).copied().unwrap_or(Device::Cpu)).collect()
 }
 
 /// A loaded model: immutable weights and config; all run state lives in `Hooks` and the caller.
@@ -38,7 +49,11 @@ pub struct Model {
     pub weights: Weights,
     pub(crate) fused: Vec<FusedAttn>,
     pub processing: Processing,
+    /// Where the output side lives (final norm, unembedding, logits): the only device unless
+    /// the model is split by layers.
     pub device: Device,
+    /// The device of each layer (all `device` unless split); the embedding is on layer 0's.
+    pub layer_devices: Vec<Device>,
     pub kind: Kind,
     pub tokenizer: Option<TextTokenizer>,
     pub files: Option<source::ModelFiles>,
@@ -145,19 +160,41 @@ impl Model {
     /// Builds a model from unprocessed TL-layout weights (f32, CPU).
     pub fn from_weights(cfg: ModelConfig, mut weights: Weights, opts: &LoadOptions) -> Result<Model> {
         weights.validate(&cfg)?;
-        let (device, kind) = (opts.device, opts.kind);
-        process::process(&mut weights, &cfg, opts.processing, &|t: &Tensor| t.to_device(device).to_kind(kind));
+        let kind = opts.kind;
+        let layer_devices = if opts.split.is_empty() { vec![opts.device; cfg.n_layers] } else { split_layers(cfg.n_layers, &opts.split) };
+        let device = opts.split.last().copied().unwrap_or(opts.device);
+        let input = layer_devices.first().copied().unwrap_or(device);
+        let place = |at: process::Place, t: &Tensor| {
+            let d = match at {
+                process::Place::Block(l) => layer_devices[l],
+                process::Place::Input => input,
+                process::Place::Output => device,
+            };
+            t.to_device(d).to_kind(kind)
+        };
+        process::process(&mut weights, &cfg, opts.processing, &place);
         let fused = weights.blocks.iter().map(|b| b.attn.fused()).collect();
         Ok(Model {
             cfg,
             weights,
             fused,
             processing: opts.processing,
-            device: opts.device,
+            device,
+            layer_devices,
             kind: opts.kind,
             tokenizer: None,
             files: None,
         })
+    }
+
+    /// The device layer `l`'s weights and activations live on (`device` past the last layer).
+    pub fn device_of(&self, l: usize) -> Device {
+        self.layer_devices.get(l).copied().unwrap_or(self.device)
+    }
+
+    /// Where the embedding lives and a forward from tokens starts.
+    pub fn input_device(&self) -> Device {
+        self.device_of(0)
     }
 
     pub fn tokenizer(&self) -> Result<&TextTokenizer> {
@@ -235,5 +272,20 @@ impl Model {
                 _ => vec![batch, seq, d],
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_layers;
+    use tch::Device;
+
+    #[test]
+    fn layers_split_into_contiguous_even_groups_in_device_order() {
+        let (a, b, c) = (Device::Cuda(0), Device::Cuda(1), Device::Cpu);
+        assert_eq!(split_layers(5, &[a, c]), [a, a, a, c, c]);
+        assert_eq!(split_layers(6, &[a, b, c]), [a, a, b, b, c, c]);
+        assert_eq!(split_layers(2, &[a, b, c]), [a, b]);
+        assert_eq!(split_layers(3, &[a]), [a, a, a]);
     }
 }

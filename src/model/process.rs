@@ -12,10 +12,18 @@ use crate::model::weights::{BlockWeights, NormWeights, Weights};
 /// so a bf16 checkpoint is never held whole in f32: every step of TransformerLens's order
 /// either stays inside one block or touches only the embedding/unembedding, so doing the blocks
 /// one at a time computes the same weights.
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, finish: &dyn Fn(&Tensor) -> Tensor) {
+/// Where a finished weight goes: a block's device, the embedding's or the output side's.
+#[derive(Debug, Clone, Copy)]
+pub enum Place {
+    Block(usize),
+    Input,
+    Output,
+}
+
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn(Place, &Tensor) -> Tensor) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let f32 = |t: &Tensor| t.to_kind(Kind::Float);
-    for b in &mut w.blocks {
+    for (l, b) in w.blocks.iter_mut().enumerate() {
         *b = b.map(&f32);
         if p.fold_ln {
             fold_block_norms(b, layer_norm, cfg.shared_norm);
@@ -28,7 +36,7 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, finish: &dyn F
         if p.fold_value_biases {
             fold_value_biases(b, cfg);
         }
-        *b = b.map(finish);
+        *b = b.map(&|t: &Tensor| place(Place::Block(l), t));
     }
     w.w_u = f32(&w.w_u);
     w.b_u = f32(&w.b_u);
@@ -46,13 +54,14 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, finish: &dyn F
         w.w_u = &w.w_u - w.w_u.mean_dim(-1, true, None);
         w.b_u = &w.b_u - w.b_u.mean(None);
     }
-    w.w_e = finish(&w.w_e);
-    w.w_pos = w.w_pos.as_ref().map(finish);
-    w.w_u = finish(&w.w_u);
-    w.b_u = finish(&w.b_u);
-    let norm = |n: &NormWeights| NormWeights { w: n.w.as_ref().map(finish), b: n.b.as_ref().map(finish) };
-    w.ln_final = norm(&w.ln_final);
-    w.ln_embed = w.ln_embed.as_ref().map(norm);
+    let input = |t: &Tensor| place(Place::Input, t);
+    let output = |t: &Tensor| place(Place::Output, t);
+    w.w_e = input(&w.w_e);
+    w.w_pos = w.w_pos.as_ref().map(input);
+    w.w_u = output(&w.w_u);
+    w.b_u = output(&w.b_u);
+    w.ln_final = NormWeights { w: w.ln_final.w.as_ref().map(output), b: w.ln_final.b.as_ref().map(output) };
+    w.ln_embed = w.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
 }
 
 /// Folds a norm's weight (and, for LayerNorm, bias) into the matrices that read its output.

@@ -27,6 +27,8 @@ pub struct RawModel {
     pub device: Option<Spanned<String>>,
     /// Several devices: one model replica each, independent jobs spread over them.
     pub devices: Option<Spanned<Vec<Spanned<String>>>>,
+    /// With devices: one model split by layers over them instead of a replica on each.
+    pub split_layers: Option<Spanned<bool>>,
     pub fold_ln: Option<bool>,
     pub center_writing_weights: Option<bool>,
     pub center_unembed: Option<bool>,

@@ -22,6 +22,8 @@ pub struct ModelSpec {
     pub device: String,
     /// `devices = [...]`: one replica per device, jobs run concurrently (empty: `device` alone).
     pub devices: Vec<String>,
+    /// `split_layers = true`: one model split by layers over `devices` instead of replicas.
+    pub split_layers: bool,
     /// float32 | bfloat16 | float16: weights are processed in f32, then cast to this.
     pub dtype: String,
 }
@@ -370,6 +372,11 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
             cx.at(d, "model.device", format!("unknown device '{}' (valid: cpu, cuda, cuda:N)", d.get_ref()));
         }
     }
+    if let (Some(s), None) = (&m.split_layers, &m.devices) {
+        if *s.get_ref() {
+            cx.at(s, "model.split_layers", "needs model.devices, the devices to split the layers over, e.g. devices = [\"cuda:0\", \"cpu\"]");
+        }
+    }
     let mut devices = Vec::new();
     if let Some(list) = &m.devices {
         if list.get_ref().is_empty() {
@@ -398,6 +405,7 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
         },
         prepend_bos: m.prepend_bos,
         device: devices.first().cloned().unwrap_or(device),
+        split_layers: m.split_layers.as_ref().is_some_and(|s| *s.get_ref()),
         devices,
         dtype: m.dtype.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "float32".into()),
     }
