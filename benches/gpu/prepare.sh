@@ -3,6 +3,7 @@
 # reference activations. On a CUDA machine with PyTorch 2.11 (the device tool's image):
 #   bash gpucheck/run.sh        (OUT=<dir> for the outputs)
 #   bash gpucheck/kinds.sh      (every experiment kind, CUDA against CPU)
+#   bash gpucheck/cluster.sh    (split by layers over cuda:0+cpu, replicas on cuda:0+cpu)
 # run.sh compares every hook of the CUDA forward with the CPU one, runs experiments/ioi.toml on
 # CUDA and CPU and compares the Parquet, and times a GPT-2-small-shaped model it generates there.
 set -euo pipefail
@@ -12,7 +13,7 @@ bash scripts/setup.sh && bash scripts/fixtures.sh
 cargo build --release --quiet
 b=gpucheck
 rm -rf "$b" && mkdir -p "$b/models/gpt2-small-shaped"
-cp target/release/tl-run benches/gpu/run.sh benches/gpu/kinds.sh benches/gpu/gen_small.py benches/gpu/compare.py "$b/"
+cp target/release/tl-run benches/gpu/run.sh benches/gpu/kinds.sh benches/gpu/cluster.sh benches/gpu/gen_small.py benches/gpu/compare.py "$b/"
 cp -rL fixtures/gpt2-tiny fixtures/gpt2-odd "$b/models/" && cp -r tests/models/stories260K "$b/models/"
 mkdir -p "$b/experiments/prompts" "$b/benches" && cp experiments/*.toml "$b/experiments/" && cp experiments/prompts/*.jsonl "$b/experiments/prompts/"
 cp benches/kinds.toml "$b/benches/" && chmod -R u+w "$b"
