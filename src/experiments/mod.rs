@@ -1,7 +1,9 @@
 //! Experiment kinds, one file each. Each takes prepared runs (tokens, caches, metric) and
 //! returns tidy rows; the job graph decides what is shared between runs.
 pub mod activation_patching;
+pub mod context;
 pub mod inputs;
+pub mod kinds;
 pub mod prepared;
 pub mod cache_analysis;
 pub mod head_scores;

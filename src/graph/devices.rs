@@ -15,7 +15,8 @@ use crate::engine::nonfinite::Finding;
 use crate::error::{Error, Result};
 use crate::experiments::inputs::Tokenized;
 use crate::graph::store::Store;
-use crate::graph::{kinds, Plan};
+use crate::experiments::context::RunContext;
+use crate::graph::Plan;
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::Spec;
@@ -70,7 +71,7 @@ impl<'env> Pool<'env> {
                         let _ = tx.send(Msg::Nonfinite(f));
                     }
                 }
-                let cx = kinds::RunContext::new(sh.spec, &model, toks.as_ref(), None);
+                let cx = RunContext::new(sh.spec, &model, toks.as_ref(), None);
                 let mut baseline_checked = false;
                 while !sh.abort.load(Ordering::SeqCst) {
                     let Some(id) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
@@ -78,7 +79,7 @@ impl<'env> Pool<'env> {
                     let t = Instant::now();
                     let mut result = crate::panics::guarded(&crate::graph::execute::prompts_of(toks.as_ref()), || {
                         crate::panics::injected(&job.name);
-                        kinds::run_job(&cx, job.task)
+                        crate::experiments::kinds::run_job(&cx, &sh.spec.runs[job.task.run().expect("work jobs have a run")], job.task.part())
                     });
                     if let (Ok((rows, note)), Some(store), Some(key)) = (&result, sh.store, &job.key) {
                         if let Err(e) = store.put(key, rows, note) {

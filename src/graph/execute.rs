@@ -16,7 +16,8 @@ use crate::experiments::inputs::{first_changed, tokenize, Tokenized};
 use crate::experiments::prepared::Prepared;
 use crate::graph::shard::{self, Shard};
 use crate::graph::store::Store;
-use crate::graph::{devices, keys, kinds, Plan, Task};
+use crate::experiments::context::RunContext;
+use crate::graph::{devices, keys, Plan, Task};
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
 use crate::model::Model;
@@ -192,7 +193,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let queue = std::sync::Mutex::new(plan.work().filter(|j| status[j.id] == "ran").map(|j| j.id).collect::<std::collections::VecDeque<usize>>());
     let (abort, reported) = (std::sync::atomic::AtomicBool::new(false), std::sync::atomic::AtomicBool::new(false));
     let model_cell: OnceCell<Model> = OnceCell::new();
-    let mut cx: Option<kinds::RunContext> = None;
+    let mut cx: Option<RunContext> = None;
     let multi = opts.progress.then(indicatif::MultiProgress::new);
     let total_cost: f64 = plan.work().filter(|j| status[j.id] == "ran").map(|j| j.cost.max(1.0)).sum();
     let overall = match &multi {
@@ -238,12 +239,12 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                 if let Some(f) = nonfinite::first_in_weights(model) {
                     record.found(f, &run_notes, &timings, None, toks.as_ref())?;
                 }
-                cx = Some(kinds::RunContext::new(spec, model, toks.as_ref(), multi.clone()));
+                cx = Some(RunContext::new(spec, model, toks.as_ref(), multi.clone()));
             }
             task if task.is_shared() && needed[job.id] => {
                 let c = cx.as_ref().expect("the model loads before any shared pass");
                 overall.set_message(job.name.clone());
-                c.force(task).map_err(|e| Error::Other(format!("{}: {e}", job.name)))?;
+                c.force(task.shared_pass().expect("a shared pass")).map_err(|e| Error::Other(format!("{}: {e}", job.name)))?;
                 if task == Task::Prepare {
                     if let Some(f) = baseline_finding(c)? {
                         record.found(f, &run_notes, &timings, c.prepared(), toks.as_ref())?;
@@ -268,7 +269,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                         let c = cx.as_ref().expect("the model loads before any work job");
                         let (rows, note) = crate::panics::guarded(&prompts_of(toks.as_ref()), || {
                             crate::panics::injected(&job.name);
-                            kinds::run_job(c, task)
+                            crate::experiments::kinds::run_job(c, &spec.runs[task.run().expect("work jobs have a run")], task.part())
                         })
                         .map_err(named)?;
                         if let (Some(store), Some(key)) = (&store, &job.key) {
@@ -307,7 +308,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                 write_parquet(&path, &rows)?;
                 files.push(path.clone());
                 let mut note = match &run.kind {
-                    RunKind::ActivationPatching { .. } => kinds::activation_patching_note(&notes, toks.as_ref().map(first_changed)),
+                    RunKind::ActivationPatching { .. } => crate::experiments::kinds::activation_patching::activation_patching_note(&notes, toks.as_ref().map(first_changed)),
                     _ => notes.first().map(|n| (*n).clone()).unwrap_or(serde_json::Value::Null),
                 };
                 if !note.is_object() {
@@ -368,7 +369,7 @@ pub(crate) fn prompts_of(toks: Option<&Tokenized>) -> String {
 }
 
 /// A NaN baseline: the first hook of the clean (or corrupted) run it comes from.
-pub(crate) fn baseline_finding(cx: &kinds::RunContext) -> Result<Option<nonfinite::Finding>> {
+pub(crate) fn baseline_finding(cx: &RunContext) -> Result<Option<nonfinite::Finding>> {
     let (Some(p), Some(t)) = (cx.prepared(), cx.toks) else { return Ok(None) };
     let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
     if !bad_clean && p.corrupted_per_prompt.iter().all(|v| v.is_finite()) {

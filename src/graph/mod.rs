@@ -6,7 +6,6 @@
 pub mod devices;
 pub mod execute;
 pub mod keys;
-pub mod kinds;
 pub mod merge;
 pub mod shard;
 pub mod slurm;
@@ -61,6 +60,25 @@ impl Task {
     pub fn run(&self) -> Option<usize> {
         match *self {
             Task::Patch { run, .. } | Task::Attribute { run } | Task::Analyse { run } | Task::Ablate { run } | Task::Write { run } => Some(run),
+            _ => None,
+        }
+    }
+
+    /// The part of its run a work job computes.
+    pub fn part(&self) -> crate::experiments::kinds::Part {
+        match *self {
+            Task::Patch { target, layer, .. } => crate::experiments::kinds::Part::TargetLayer { target, layer },
+            _ => crate::experiments::kinds::Part::Whole,
+        }
+    }
+
+    /// The context's shared pass this job makes, if it is one.
+    pub fn shared_pass(&self) -> Option<crate::experiments::context::SharedPass> {
+        use crate::experiments::context::SharedPass;
+        match self {
+            Task::Prepare => Some(SharedPass::Prepare),
+            Task::AttributionPass => Some(SharedPass::AttributionPass),
+            Task::AnalysisCache => Some(SharedPass::AnalysisCache),
             _ => None,
         }
     }

@@ -1,0 +1,192 @@
+//! What every job of every kind reads (the spec, the model, the tokenized prompts, the shared
+//! passes, made once and on first use) and the row helpers all kinds lay their results out with.
+use std::cell::OnceCell;
+use std::collections::HashMap;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tch::Tensor;
+
+use crate::engine::metric::Metric;
+use crate::error::{Error, Result};
+use crate::experiments::activation_patching::{Cell, Target};
+use crate::experiments::attribution::{points_for, Pass};
+use crate::experiments::cache_analysis::{self, Component};
+use crate::experiments::head_scores;
+use crate::experiments::inputs::Tokenized;
+use crate::experiments::prepared::Prepared;
+use crate::model::hook_point::{HookPoint, Site};
+use crate::model::Model;
+use crate::output::table::Row;
+use crate::spec::runs::HeadSource;
+use crate::spec::{RunKind, RunSpec, Spec};
+
+/// What every job reads: the spec, the model, the tokenized prompts and the shared passes, each
+/// made when its job in the graph runs (or on first use).
+pub struct RunContext<'a> {
+    pub spec: &'a Spec,
+    pub model: &'a Model,
+    pub toks: Option<&'a Tokenized>,
+    /// Where job progress bars go (None: no bars).
+    pub progress: Option<MultiProgress>,
+    /// The clean and corrupted runs every patching run shares.
+    prep: OnceCell<Prepared>,
+    /// The corrupted forward+backward every attribution run reads, made on first use for the
+    /// union of their hook points.
+    atp_pass: OnceCell<Pass>,
+    /// The clean run's cache every logit-lens, DLA and head-score run reads, likewise.
+    analysis_cache: OnceCell<HashMap<HookPoint, Tensor>>,
+}
+
+impl<'a> RunContext<'a> {
+    pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, progress: Option<MultiProgress>) -> Self {
+        RunContext { spec, model, toks, progress, prep: OnceCell::new(), atp_pass: OnceCell::new(), analysis_cache: OnceCell::new() }
+    }
+
+    /// Runs a shared pass now (its job in the graph).
+    pub fn force(&self, pass: SharedPass) -> Result<()> {
+        match pass {
+            SharedPass::Prepare => self.prep().map(|_| ()),
+            SharedPass::AttributionPass => self.atp_pass().map(|_| ()),
+            SharedPass::AnalysisCache => self.analysis_cache().map(|_| ()),
+        }
+    }
+
+    /// The shared clean and corrupted runs, if made.
+    pub fn prepared(&self) -> Option<&Prepared> {
+        self.prep.get()
+    }
+
+    pub(crate) fn atp_pass(&self) -> Result<&Pass> {
+        if self.atp_pass.get().is_none() {
+            let mut points: Vec<HookPoint> = Vec::new();
+            for r in &self.spec.runs {
+                if let RunKind::AttributionPatching { targets, options, .. } = &r.kind {
+                    let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
+                    points.extend(points_for(self.model, &t, &layers_of(self, r), *options));
+                }
+            }
+            points.sort_by_key(|p| p.to_string());
+            points.dedup();
+            let _ = self.atp_pass.set(Pass::new(self.model, self.prep()?, &points)?);
+        }
+        Ok(self.atp_pass.get().expect("set above"))
+    }
+
+    pub(crate) fn analysis_cache(&self) -> Result<&HashMap<HookPoint, Tensor>> {
+        if self.analysis_cache.get().is_none() {
+            let model = self.model;
+            let mut points: Vec<HookPoint> = Vec::new();
+            for r in &self.spec.runs {
+                match &r.kind {
+                    RunKind::LogitLens { incl_mid, .. } => points.extend(cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p)),
+                    RunKind::DirectLogitAttribution { over } => points.extend(cache_analysis::dla_points(model, *over)),
+                    RunKind::HeadScores { source: HeadSource::Prompts, .. } => points.extend(head_scores::pattern_points(model)),
+                    _ => {}
+                }
+            }
+            let toks = self.toks()?;
+            let mut hooks = crate::Hooks::capture(points);
+            let _ = model.run(crate::Input::Tokens(&toks.clean), toks.mask.as_ref(), &mut hooks, crate::Stop::FinalNorm)?;
+            let _ = self.analysis_cache.set(hooks.cache);
+        }
+        Ok(self.analysis_cache.get().expect("set above"))
+    }
+
+    pub(crate) fn toks(&self) -> Result<&Tokenized> {
+        self.toks.ok_or_else(|| Error::Other("this run needs prompts".into()))
+    }
+    pub fn prep(&self) -> Result<&Prepared> {
+        if self.prep.get().is_none() {
+            let p = crate::panics::guarded("the clean and corrupted runs", || crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?))?;
+            tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
+            let _ = self.prep.set(p);
+        }
+        Ok(self.prep.get().expect("set above"))
+    }
+    pub(crate) fn metric(&self) -> Result<Metric> {
+        let t = self.toks()?;
+        Ok(Metric { kind: self.spec.metric.kind, correct: t.correct.clone(), incorrect: t.incorrect.clone() })
+    }
+    pub(crate) fn bar(&self, len: usize, msg: String) -> ProgressBar {
+        let Some(multi) = &self.progress else { return ProgressBar::hidden() };
+        let b = multi.add(ProgressBar::new(len as u64));
+        b.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+        b.set_message(msg);
+        b
+    }
+    /// The string of prompt p's token at `pos`.
+    pub(crate) fn token(&self, prompt: usize, pos: Option<i64>) -> Option<String> {
+        let t = self.toks?;
+        pos.and_then(|p| t.clean_strs.get(prompt % t.n_prompts())?.get(p as usize).cloned())
+    }
+}
+
+/// Values over samples·n rows (noise corruption) folded to one per prompt (mean over samples).
+pub(crate) fn per_prompt(v: &[f64], n: usize) -> Vec<f64> {
+    if v.len() <= n {
+        return v.to_vec();
+    }
+    let samples = (v.len() / n) as f64;
+    (0..n).map(|p| v.iter().skip(p).step_by(n).sum::<f64>() / samples).collect()
+}
+
+/// The mean row, and with metric.per_prompt one row per prompt (value from `values`).
+pub(crate) fn with_prompts(cx: &RunContext, base: Row, values: &[f64], mean_value: f64, token_pos: Option<i64>, out: &mut Vec<Row>) {
+    if cx.spec.metric.per_prompt {
+        for (p, v) in values.iter().enumerate() {
+            out.push(Row { prompt: Some(p as i32), value: *v, token: cx.token(p, token_pos), ..base.clone() });
+        }
+    }
+    out.push(Row { value: mean_value, token: cx.token(0, token_pos), ..base });
+}
+
+pub(crate) fn cell_row(run: &str, kind: &str, site: Site, c: &Cell) -> Row {
+    Row {
+        run: run.into(),
+        kind: kind.into(),
+        hook: HookPoint::Block(c.layer, site).to_string(),
+        layer: Some(c.layer as i32),
+        head: c.head.map(|h| h as i32),
+        pos: c.pos.map(|p| p as i32),
+        dest_pos: c.dest.map(|p| p as i32),
+        src_pos: c.src.map(|p| p as i32),
+        computed: true,
+        ..Row::default()
+    }
+}
+
+/// The shared passes a context makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedPass {
+    /// The clean and corrupted runs every patching run shares.
+    Prepare,
+    /// The corrupted forward+backward every attribution run reads.
+    AttributionPass,
+    /// The clean run caching what logit-lens, DLA and head-score runs read.
+    AnalysisCache,
+}
+
+/// The layers a run covers (all when the spec names none).
+pub(crate) fn layers_of(cx: &RunContext, run: &RunSpec) -> Vec<usize> {
+    run.layers.clone().unwrap_or_else(|| (0..cx.model.cfg.n_layers).collect())
+}
+
+
+pub(crate) fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Component], pos: i64, out: &mut Vec<Row>) {
+    for c in comps {
+        let base = Row {
+            run: run.into(),
+            kind: kind.into(),
+            hook: c.hook.clone(),
+            layer: c.layer.map(|l| l as i32),
+            head: c.head.map(|h| h as i32),
+            neuron: c.neuron.map(|k| k as i32),
+            pos: Some(pos as i32),
+            label: Some(c.label.clone()),
+            computed: true,
+            ..Row::default()
+        };
+        with_prompts(cx, base, &c.per_prompt, c.mean(), Some(pos), out);
+    }
+}
+

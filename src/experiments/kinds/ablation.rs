@@ -1,0 +1,159 @@
+//! ablation: zero, mean or resample ablation of heads, neurons or whole sites, each unit in turn
+//! or a set together, measured by the metric, the loss or DLA per head.
+use std::path::Path;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
+use crate::experiments::cache_analysis::{self, Component, DlaOver};
+use crate::experiments::context::{component_rows, with_prompts, RunContext};
+use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::mean;
+use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::output::table::Row;
+use crate::spec::raw::RawRun;
+use crate::spec::resolve::Ctx;
+use crate::spec::runs::choice;
+use crate::spec::{RunKind, RunSpec};
+
+pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, run };
+
+fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
+    resolve_ablation(cx, r, i, base).map(RunKind::Ablation)
+}
+
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+    let RunKind::Ablation(a) = &run.kind else {
+        return Err(Error::Other(format!("run '{}' is not an ablation run", run.name)));
+    };
+    ablation(cx, run, a)
+}
+
+fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<AblationSpec> {
+    let key = |k: &str| format!("run[{i}].{k}");
+    const HOOKS: &[&str] = &["z", "attn_out", "mlp_out", "mlp_post"];
+    let site = match r.hooks.as_slice() {
+        [h] if HOOKS.contains(&h.get_ref().as_str()) => Site::from_short(h.get_ref())?,
+        [h] => {
+            cx.at(h, key("hooks"), format!("unknown hook '{}' for ablation (valid: {}); did you mean '{}'?", h.get_ref(), HOOKS.join(", "), nearest(h.get_ref(), HOOKS.iter().copied())[0]));
+            return None;
+        }
+        _ => {
+            cx.at(&r.kind, key("hooks"), format!("ablation needs exactly one hook, hooks = [\"z\"] (valid: {})", HOOKS.join(", ")));
+            return None;
+        }
+    };
+    let axes = unit_axes(site).ok()?;
+    let units = match &r.units {
+        None => None,
+        Some(u) => {
+            let mut out = Vec::new();
+            for unit in u.get_ref() {
+                if unit.len() != axes.len() || unit.iter().any(|&x| x < 0) {
+                    cx.at(u, key("units"), format!("each unit of {} is [{}], got {unit:?}", site.name(), axes.join(", ")));
+                    return None;
+                }
+                out.push(Unit { layer: unit[0] as usize, index: unit.get(1).copied() });
+            }
+            Some(out)
+        }
+    };
+    let top_dla_heads = match &r.top_dla_heads {
+        None => None,
+        Some(t) if *t.get_ref() < 1 || units.is_some() || site != Site::Z => {
+            cx.at(t, key("top_dla_heads"), "top_dla_heads = N (N >= 1) picks the heads to ablate, instead of units, for hooks = [\"z\"]");
+            None
+        }
+        Some(t) => Some(*t.get_ref() as usize),
+    };
+    let measure = choice(cx, &r.measure, key("measure"), &[("metric", Measure::Metric), ("loss", Measure::Loss), ("direct_logit_attribution", Measure::DirectLogitAttribution)], Measure::Metric);
+    if measure == Measure::DirectLogitAttribution && units.is_none() && top_dla_heads.is_none() {
+        cx.at(r.measure.as_ref()?, key("units"), "measure = \"direct_logit_attribution\" needs the heads to knock out: units = [[layer, head], ...] or top_dla_heads = N");
+    }
+    let positions = match &r.positions {
+        Some(p) if p.get_ref().iter().any(|&x| x < 0) => {
+            cx.at(p, key("positions"), format!("positions must be non-negative, got {:?}", p.get_ref()));
+            None
+        }
+        Some(p) => Some(p.get_ref().clone()),
+        None => None,
+    };
+    let method = choice(cx, &r.method, key("method"), &[("zero", AblationMethod::Zero), ("mean", AblationMethod::Mean), ("resample", AblationMethod::Resample)], AblationMethod::Mean);
+    if r.dataset.is_some() && method != AblationMethod::Mean {
+        cx.at(r.dataset.as_ref()?, key("dataset"), "dataset is the prompt set of a mean ablation; set method = \"mean\"");
+    }
+    Some(AblationSpec { site, method, units, top_dla_heads, positions, measure, dataset: r.dataset.as_ref().map(|d| base.join(d.get_ref())) })
+}
+
+fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<(Vec<Row>, serde_json::Value)> {
+    let (model, toks) = (cx.model, cx.toks()?);
+    let metric = cx.metric()?;
+    let dataset = match &a.dataset {
+        Some(path) => {
+            let prompts = crate::spec::prompts::read(path).map_err(|e| Error::Config(format!("dataset {}: {e}", path.display())))?;
+            let texts: Vec<&str> = prompts.iter().map(|p| p.clean.as_str()).collect();
+            Some(model.tokenizer()?.batch(&texts, cx.spec.model.prepend_bos_for(&model.cfg))?)
+        }
+        None => None,
+    };
+    let inputs = AblationInputs {
+        tokens: &toks.clean,
+        mask: toks.mask.as_ref(),
+        metric: &metric,
+        corrupted: toks.corrupted.as_ref(),
+        dataset: dataset.as_ref().map(|d| (&d.tokens, d.mask.as_ref())),
+    };
+    // The top name movers of this model: the heads with the largest clean-run DLA.
+    let mut a = a.clone();
+    if let Some(k) = a.top_dla_heads {
+        let comps = cache_analysis::direct_logit_attribution(model, &toks.clean, toks.mask.as_ref(), &metric, DlaOver::Head, crate::Hooks::new())?;
+        let mut order: Vec<&Component> = comps.iter().collect();
+        order.sort_by(|x, y| y.mean().total_cmp(&x.mean()));
+        a.units = Some(order.iter().take(k).map(|c| Unit { layer: c.layer.unwrap_or(0), index: c.head }).collect());
+    }
+    let a = &a;
+    let total = if a.units.is_some() { 1 } else { crate::experiments::ablation::all_units(&model.cfg, a.site).len() };
+    let pb = cx.bar(total, format!("{}: ablate {}", run.name, a.site.name()));
+    let t = Instant::now();
+    let out: AblationOutcome = run_ablation(model, a, &inputs, |k| pb.inc(k as u64))?;
+    pb.finish_and_clear();
+    let mut rows = Vec::new();
+    let base = Row { run: run.name.clone(), kind: "ablation".into(), computed: true, ..Row::default() };
+    let hook_of = |u: &Unit| HookPoint::Block(u.layer, a.site).to_string();
+    with_prompts(cx, Row { label: Some("baseline".into()), hook: "-".into(), ..base.clone() }, &out.baseline, mean(&out.baseline), None, &mut rows);
+    for (units, values) in &out.cells {
+        let row = if let [u] = units.as_slice() {
+            let (h, k) = unit_index(a, u);
+            Row { hook: hook_of(u), layer: Some(u.layer as i32), head: h, neuron: k, ..base.clone() }
+        } else {
+            let label = units.iter().map(|u| unit_label(a, u)).collect::<Vec<_>>().join("+");
+            Row { hook: a.site.name().to_string(), label: Some(format!("ablated {label}")), ..base.clone() }
+        };
+        with_prompts(cx, row, values, mean(values), None, &mut rows);
+    }
+    if let Some(comps) = &out.dla {
+        component_rows(cx, &run.name, "ablation", comps, toks.clean.size()[1] - 1, &mut rows);
+    }
+    let measure = match a.measure {
+        Measure::Metric => serde_json::json!(cx.spec.metric.kind),
+        Measure::Loss => "next-token cross-entropy".into(),
+        Measure::DirectLogitAttribution => "direct logit attribution per head of the ablated run".into(),
+    };
+    Ok((rows, serde_json::json!({"ablation": a, "measure": measure, "baseline": mean(&out.baseline), "forwards": out.forwards, "seconds": t.elapsed().as_secs_f64()})))
+}
+
+fn unit_index(a: &AblationSpec, u: &Unit) -> (Option<i32>, Option<i32>) {
+    match a.site {
+        Site::Z => (u.index.map(|i| i as i32), None),
+        Site::MlpPost => (None, u.index.map(|i| i as i32)),
+        _ => (None, None),
+    }
+}
+
+fn unit_label(a: &AblationSpec, u: &Unit) -> String {
+    match (a.site, u.index) {
+        (Site::Z, Some(h)) => format!("L{}H{h}", u.layer),
+        (Site::MlpPost, Some(k)) => format!("L{}N{k}", u.layer),
+        (s, _) => format!("{}.{}", u.layer, s.name()),
+    }
+}

@@ -1,0 +1,89 @@
+//! attribution_patching: AtP (and AtP* with qk_fix / grad_drop), one forward+backward shared by
+//! every attribution run, the estimate for every cell, and the top cells patched for real.
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
+use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
+use crate::experiments::context::{cell_row, layers_of, per_prompt, RunContext};
+use crate::experiments::kinds::{KindInfo, Part};
+use crate::model::hook_point::Site;
+use crate::output::table::Row;
+use crate::spec::raw::RawRun;
+use crate::spec::resolve::Ctx;
+use crate::spec::runs::{positive, resolve_patch_targets};
+use crate::spec::{RunKind, RunSpec};
+
+pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, run };
+
+fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    resolve_patch_targets(cx, r, i).map(|targets| {
+        let verify_top = positive(cx, &r.verify_top, format!("run[{i}].verify_top"), 0, 0) as usize;
+        RunKind::AttributionPatching { targets, options: AtpOptions { qk_fix: r.qk_fix.unwrap_or(false), grad_drop: r.grad_drop.unwrap_or(false) }, verify_top }
+    })
+}
+
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+    let RunKind::AttributionPatching { targets, options, verify_top } = &run.kind else {
+        return Err(Error::Other(format!("run '{}' is not an attribution_patching run", run.name)));
+    };
+    attribution_patching(cx, run, targets, *options, *verify_top)
+}
+
+fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)], options: AtpOptions, verify_top: usize) -> Result<(Vec<Row>, serde_json::Value)> {
+    let (model, prep) = (cx.model, cx.prep()?);
+    let n = cx.toks()?.n_prompts();
+    let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
+    // Attribution estimates a change from the corrupted run: normalising divides by the gap.
+    let scale = if cx.spec.metric.normalize { 1.0 / (clean_b - corr_b) } else { 1.0 };
+    let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
+    let layers = layers_of(cx, run);
+    let t = Instant::now();
+    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options)?;
+    let atp_secs = t.elapsed().as_secs_f64();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    for a in &atts {
+        // The real patching effect of the cells with the largest |estimate|.
+        let mut order: Vec<usize> = (0..a.cells.len()).collect();
+        order.sort_by(|&i, &j| a.mean[j].abs().total_cmp(&a.mean[i].abs()));
+        let top: Vec<usize> = order.into_iter().take(verify_top).collect();
+        // The real change per cell: the mean, and per prompt (each against its own baseline).
+        let mut patched: Vec<Option<(f64, Vec<f64>)>> = vec![None; a.cells.len()];
+        let mut verify_note = serde_json::Value::Null;
+        if !top.is_empty() {
+            let cells: Vec<Cell> = top.iter().map(|&i| a.cells[i]).collect();
+            let pb = cx.bar(cells.len(), format!("{}: verify {} top cells", run.name, a.target.site.name()));
+            let s = sweep_cells(model, prep, a.target, &cells, |k| pb.inc(k as u64))?;
+            pb.finish_and_clear();
+            let corr_pp = per_prompt(&prep.corrupted_per_prompt, n);
+            for (j, &i) in top.iter().enumerate() {
+                let pp = per_prompt(&s.per_prompt[j], n).iter().zip(&corr_pp).map(|(v, c)| (v - c) * scale).collect();
+                patched[i] = Some(((s.mean(j) - corr_b) * scale, pp));
+            }
+            let est: Vec<f64> = top.iter().map(|&i| a.mean[i] * scale).collect();
+            let real: Vec<f64> = top.iter().map(|&i| patched[i].as_ref().expect("set").0).collect();
+            let (pearson, spearman) = correlations(&est, &real);
+            verify_note = serde_json::json!({"cells": top.len(), "batched_forwards": s.forwards, "pearson": pearson, "spearman": spearman});
+        }
+        notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
+        for (i, c) in a.cells.iter().enumerate() {
+            let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
+            let base = cell_row(&run.name, "attribution_patching", a.target.site, c);
+            let token_pos = c.pos.or(c.dest);
+            if cx.spec.metric.per_prompt {
+                for (p, v) in values.iter().enumerate() {
+                    let real = patched[i].as_ref().map(|(_, pp)| pp[p]);
+                    rows.push(Row { prompt: Some(p as i32), value: *v, patched: real, token: cx.token(p, token_pos), ..base.clone() });
+                }
+            }
+            rows.push(Row { value: a.mean[i] * scale, patched: patched[i].as_ref().map(|(m, _)| *m), token: cx.token(0, token_pos), ..base });
+        }
+    }
+    let passes = 1 + if options.grad_drop { model.cfg.n_layers } else { 0 };
+    Ok((rows, serde_json::json!({
+        "targets": notes, "options": options, "forward_backward_passes": passes, "seconds": atp_secs,
+        "value": "estimated change of the metric from the corrupted run (normalised by clean - corrupted when metric.normalize); patched: the real change"
+    })))
+}
+

@@ -1,0 +1,50 @@
+//! direct_logit_attribution: the final residual decomposed into layers, heads or neurons, each
+//! along the answer direction (apply_ln_to_stack).
+use crate::error::{Error, Result};
+use crate::experiments::cache_analysis::{self, Component, DlaOver};
+use crate::experiments::context::{component_rows, RunContext};
+use crate::experiments::kinds::{KindInfo, Part};
+use crate::output::table::Row;
+use crate::spec::raw::RawRun;
+use crate::spec::resolve::Ctx;
+use crate::spec::{RunKind, RunSpec};
+
+pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, run };
+
+fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    resolve_dla(cx, r, i)
+}
+
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+    let RunKind::DirectLogitAttribution { over } = &run.kind else {
+        return Err(Error::Other(format!("run '{}' is not a direct_logit_attribution run", run.name)));
+    };
+    dla(cx, run, *over)
+}
+
+fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
+    let over = match r.over.as_ref().map(|o| o.get_ref().iter().map(String::as_str).collect::<Vec<_>>()) {
+        None => DlaOver::Layer,
+        Some(o) => match o.as_slice() {
+            ["layer"] => DlaOver::Layer,
+            ["layer", "head"] => DlaOver::Head,
+            ["layer", "neuron"] => DlaOver::Neuron,
+            _ => {
+                cx.at(r.over.as_ref()?, format!("run[{i}].over"), format!("unknown axes {o:?} (valid: [layer], [layer, head], [layer, neuron])"));
+                return None;
+            }
+        },
+    };
+    Some(RunKind::DirectLogitAttribution { over })
+}
+
+fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<(Vec<Row>, serde_json::Value)> {
+    let toks = cx.toks()?;
+    let metric = cx.metric()?;
+    let comps = cache_analysis::dla_from(cx.model, cx.analysis_cache()?, &metric, over)?;
+    let mut rows = Vec::new();
+    component_rows(cx, &run.name, "direct_logit_attribution", &comps, toks.clean.size()[1] - 1, &mut rows);
+    let total: f64 = comps.iter().map(Component::mean).sum();
+    Ok((rows, serde_json::json!({"over": over, "components": comps.len(), "sum_of_components": total})))
+}
+

@@ -1,0 +1,159 @@
+//! head_scores: TransformerLens's head_detector patterns over the prompts, or the attention
+//! stripes on repeated random tokens.
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::experiments::context::RunContext;
+use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
+use crate::experiments::kinds::{KindInfo, Part};
+use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::output::table::Row;
+use crate::spec::raw::RawRun;
+use crate::spec::resolve::Ctx;
+use crate::spec::runs::{choice, positive, HeadSource};
+use crate::spec::{RunKind, RunSpec};
+
+pub const KIND: KindInfo = KindInfo {
+    name: "head_scores",
+    keys: &["patterns", "error_measure", "source", "seq_len", "batch", "seed", "token_range", "exclude_bos", "exclude_current_token", "custom"],
+    resolve,
+    run,
+};
+
+fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    resolve_head_scores(cx, r, i)
+}
+
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+    let RunKind::HeadScores { detections, options, source } = &run.kind else {
+        return Err(Error::Other(format!("run '{}' is not a head_scores run", run.name)));
+    };
+    head_score_rows(cx, run, detections, *options, source)
+}
+
+fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
+    let key = |k: &str| format!("run[{i}].{k}");
+    const NAMED: &[&str] = &["previous_token", "duplicate_token", "induction"];
+    let source = match r.source.as_ref().map(|s| s.get_ref().as_str()) {
+        None | Some("prompts") => HeadSource::Prompts,
+        Some("repeated_random") => {
+            let range = match &r.token_range {
+                None => None,
+                Some(v) if v.get_ref().len() == 2 && v.get_ref()[0] >= 0 && v.get_ref()[0] < v.get_ref()[1] => Some((v.get_ref()[0], v.get_ref()[1])),
+                Some(v) => {
+                    cx.at(v, key("token_range"), format!("give [low, high) with 0 <= low < high, got {:?}", v.get_ref()));
+                    None
+                }
+            };
+            HeadSource::RepeatedRandom {
+                seq_len: positive(cx, &r.seq_len, key("seq_len"), 50, 2),
+                batch: positive(cx, &r.batch, key("batch"), 4, 1),
+                seed: positive(cx, &r.seed, key("seed"), 0, 0) as u64,
+                token_range: range,
+            }
+        }
+        Some(other) => {
+            let s = r.source.as_ref()?;
+            cx.at(s, key("source"), format!("unknown source '{other}' (valid: prompts, repeated_random)"));
+            return None;
+        }
+    };
+    let mut detections = Vec::new();
+    let named: Vec<Spanned<String>> = match &r.patterns {
+        Some(p) => p.get_ref().clone(),
+        None => vec![],
+    };
+    let default_named = r.patterns.is_none() && r.custom.is_empty();
+    for name in if default_named { NAMED.iter().map(|s| s.to_string()).collect() } else { named.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>() } {
+        let d = match name.as_str() {
+            "previous_token" => Detection::PreviousToken,
+            "duplicate_token" => Detection::DuplicateToken,
+            "induction" => Detection::Induction,
+            other => {
+                let at = named.iter().find(|s| s.get_ref() == other)?;
+                cx.at(at, key("patterns"), format!("unknown pattern '{other}' (valid: {}; or give [[run.custom]] patterns); did you mean '{}'?", NAMED.join(", "), nearest(other, NAMED.iter().copied())[0]));
+                continue;
+            }
+        };
+        detections.push((name, d));
+    }
+    if matches!(source, HeadSource::RepeatedRandom { .. }) && !r.custom.is_empty() {
+        cx.at(&r.custom[0].name, key("custom"), "repeated_random scores the demo's stripes (previous_token, duplicate_token, induction); custom patterns need source = \"prompts\"");
+    }
+    for (j, c) in r.custom.iter().enumerate() {
+        let ck = |k: &str| format!("run[{i}].custom[{j}].{k}");
+        let d = match (&c.matrix, &c.rule) {
+            (Some(m), None) => Detection::Matrix(m.get_ref().clone()),
+            (None, Some(rule)) => {
+                let offset = positive(cx, &c.offset, ck("offset"), 1, 0) as usize;
+                match rule.get_ref().as_str() {
+                    "same_token" => Detection::SameToken { offset },
+                    "relative" => Detection::Relative { offset },
+                    other => {
+                        cx.at(rule, ck("rule"), format!("unknown rule '{other}' (valid: same_token, relative)"));
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                cx.at(&c.name, ck("matrix"), "give either matrix = [[...]] or rule = \"same_token\" | \"relative\" (with offset)");
+                continue;
+            }
+        };
+        detections.push((c.name.get_ref().clone(), d));
+    }
+    let options = DetectOptions {
+        measure: choice(cx, &r.error_measure, key("error_measure"), &[("mul", ErrorMeasure::Mul), ("abs", ErrorMeasure::Abs)], ErrorMeasure::Mul),
+        exclude_bos: r.exclude_bos.unwrap_or(false),
+        exclude_current_token: r.exclude_current_token.unwrap_or(false),
+    };
+    Some(RunKind::HeadScores { detections, options, source })
+}
+
+fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detection)], options: DetectOptions, source: &HeadSource) -> Result<(Vec<Row>, serde_json::Value)> {
+    let model = cx.model;
+    let mut rows = Vec::new();
+    let mut push = |pattern: &str, label: &str, per_layer: &[Vec<f64>]| {
+        for (l, heads) in per_layer.iter().enumerate() {
+            for (h, v) in heads.iter().enumerate() {
+                rows.push(Row {
+                    run: run.name.clone(),
+                    kind: "head_scores".into(),
+                    hook: HookPoint::Block(l, Site::Pattern).to_string(),
+                    layer: Some(l as i32),
+                    head: Some(h as i32),
+                    pattern: Some(pattern.to_string()),
+                    label: Some(label.to_string()),
+                    value: *v,
+                    computed: true,
+                    ..Row::default()
+                });
+            }
+        }
+    };
+    let note = match source {
+        HeadSource::Prompts => {
+            let toks = cx.toks()?;
+            let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
+            let scores = head_scores::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+            for ((name, _), s) in detections.iter().zip(&scores) {
+                push(name, "prompts", s);
+            }
+            serde_json::json!({"source": "prompts", "options": options, "prompts": toks.n_prompts()})
+        }
+        HeadSource::RepeatedRandom { seq_len, batch, seed, token_range } => {
+            let v = model.cfg.d_vocab as i64;
+            let (lo, hi) = token_range.unwrap_or(if v > 10_000 { (1000, 10_000) } else { (0, v) });
+            if hi > v || 2 * seq_len >= model.cfg.n_ctx as i64 + 1 {
+                return Err(Error::Config(format!("repeated random tokens need token_range within the vocabulary (0..{v}) and 2·seq_len <= {} positions", model.cfg.n_ctx)));
+            }
+            let tokens = head_scores::repeated_random_tokens(*seed, *batch, *seq_len, lo, hi);
+            for (name, s) in head_scores::repeated_stripes(model, &tokens)? {
+                push(name, "repeated_random", &s);
+            }
+            serde_json::json!({"source": "repeated_random", "seq_len": seq_len, "batch": batch, "seed": seed, "token_range": [lo, hi]})
+        }
+    };
+    Ok((rows, note))
+}
+

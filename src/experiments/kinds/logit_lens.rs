@@ -1,0 +1,59 @@
+//! logit_lens: the accumulated residual stream at every layer read through the final norm, along
+//! the answer direction, with the top-k next tokens per label.
+use crate::error::{Error, Result};
+use crate::experiments::cache_analysis::{self, LensPositions};
+use crate::experiments::context::{component_rows, RunContext};
+use crate::experiments::kinds::{KindInfo, Part};
+use crate::output::table::Row;
+use crate::spec::raw::RawRun;
+use crate::spec::resolve::Ctx;
+use crate::spec::runs::{choice, positive};
+use crate::spec::{RunKind, RunSpec};
+
+pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, run };
+
+fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    Some(RunKind::LogitLens {
+        incl_mid: r.incl_mid.unwrap_or(false),
+        top_k: positive(cx, &r.top_k, format!("run[{i}].top_k"), 0, 0) as usize,
+        top_k_at: choice(cx, &r.top_k_at, format!("run[{i}].top_k_at"), &[("last", LensPositions::Last), ("all", LensPositions::All)], LensPositions::Last),
+    })
+}
+
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+    let RunKind::LogitLens { incl_mid, top_k, top_k_at } = &run.kind else {
+        return Err(Error::Other(format!("run '{}' is not a logit_lens run", run.name)));
+    };
+    logit_lens(cx, run, *incl_mid, *top_k, *top_k_at)
+}
+
+fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<(Vec<Row>, serde_json::Value)> {
+    let toks = cx.toks()?;
+    let metric = cx.metric()?;
+    let (comps, top) = cache_analysis::logit_lens_from(cx.model, cx.analysis_cache()?, &metric, incl_mid, top_k, at)?;
+    let last = toks.clean.size()[1] - 1;
+    let mut rows = Vec::new();
+    component_rows(cx, &run.name, "logit_lens", &comps, last, &mut rows);
+    let tok = cx.model.tokenizer()?;
+    for t in &top {
+        let c = &comps[t.component];
+        rows.push(Row {
+            run: run.name.clone(),
+            kind: "logit_lens".into(),
+            hook: c.hook.clone(),
+            layer: c.layer.map(|l| l as i32),
+            pos: Some(t.pos as i32),
+            prompt: Some(t.prompt as i32),
+            label: Some(c.label.clone()),
+            rank: Some(t.rank as i32),
+            token_id: Some(t.token_id as i32),
+            token: Some(tok.token_str(t.token_id)),
+            value: t.prob,
+            computed: true,
+            ..Row::default()
+        });
+    }
+    Ok((rows, serde_json::json!({"labels": comps.iter().map(|c| c.label.clone()).collect::<Vec<_>>(), "incl_mid": incl_mid, "top_k": top_k,
+        "value": "mean over prompts of the final-norm'd accumulated residual at the last position along the answer direction; top-k rows: probability"})))
+}
+
