@@ -14,7 +14,6 @@ pub mod store;
 use crate::experiments::ablation::all_units;
 use crate::experiments::activation_patching::{cannot_change, cells_at, cells_per_forward, Target};
 use crate::model::config::ModelConfig;
-use crate::spec::runs::HeadSource;
 use crate::spec::{RunKind, Spec};
 
 /// Seconds per unit of estimated cost, relative to patching, measured per job kind on the
@@ -134,19 +133,19 @@ impl Plan {
         let tok = needs_prompts.then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
         let load = add(format!("load model {}", spec.model.id), vec![], blank(Task::Load));
         let inputs: Vec<usize> = std::iter::once(load).chain(tok).collect();
-        let patching = spec.runs.iter().any(|r| r.kind.patch_targets().is_some());
+        let patching = spec.runs.iter().any(|r| r.kind.needs().clean_and_corrupted);
         let prepare = patching.then(|| {
             let samples = spec.corruption.samples();
             let copies = if samples > 1 { format!(" (x{samples} noise samples)") } else { String::new() };
             add(format!("clean and corrupted runs{copies}"), inputs.clone(), forwards(Task::Prepare, 2))
         });
-        let attributing = spec.runs.iter().any(|r| matches!(r.kind, RunKind::AttributionPatching { .. }));
+        let attributing = spec.runs.iter().any(|r| r.kind.needs().attribution_pass);
         let atp_pass = attributing.then(|| {
             let grad_drop = spec.runs.iter().any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
             let passes = 1 + if grad_drop { cfg.n_layers } else { 0 };
             add(format!("corrupted forward+backward ({passes} pass{})", if passes == 1 { "" } else { "es" }), vec![prepare.expect("attribution patches")], Job { cost: 2.0 * full(passes), ..forwards(Task::AttributionPass, passes) })
         });
-        let analysing = spec.runs.iter().any(|r| reads_analysis_cache(&r.kind));
+        let analysing = spec.runs.iter().any(|r| r.kind.needs().analysis_cache);
         let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
         // The plan's device as named (availability is checked when the model loads).
         let device = match spec.model.device.strip_prefix("cuda") {
@@ -195,7 +194,7 @@ impl Plan {
                     let job = Job { cells: units, forwards: k, tl_forwards: 1 + units, cost: ABLATE_COST * (full(1) + (units * n * cfg.n_layers) as f64), ..blank(Task::Ablate { run: r }) };
                     vec![add(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), inputs.clone(), job)]
                 }
-                kind if reads_analysis_cache(kind) => {
+                kind if kind.needs().analysis_cache => {
                     vec![add(format!("{}: {} from the cached clean run", run.name, kind.name()), vec![analysis.expect("analysis cache")], Job { cost: full(1) * if matches!(kind, RunKind::LogitLens { .. }) { LENS_COST } else { DECOMPOSE_COST }, ..blank(Task::Analyse { run: r }) })]
                 }
                 kind => vec![add(format!("{}: {} (one forward)", run.name, kind.name()), vec![load], forwards(Task::Analyse { run: r }, 1))],
@@ -228,13 +227,3 @@ impl Plan {
         s
     }
 }
-
-/// Whether a run kind reads the clean run's cache of analysis hooks.
-pub fn reads_analysis_cache(kind: &RunKind) -> bool {
-    match kind {
-        RunKind::LogitLens { .. } | RunKind::DirectLogitAttribution { .. } => true,
-        RunKind::HeadScores { source, .. } => *source == HeadSource::Prompts,
-        _ => false,
-    }
-}
-

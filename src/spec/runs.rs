@@ -4,7 +4,7 @@ use std::path::Path;
 
 use toml::Spanned;
 
-use crate::experiments::ablation::{AblationMethod, AblationSpec, Measure};
+use crate::experiments::ablation::AblationSpec;
 use crate::experiments::activation_patching::{Axes, Target};
 use crate::experiments::attribution::AtpOptions;
 use crate::experiments::cache_analysis::{DlaOver, LensPositions};
@@ -50,34 +50,24 @@ impl RunKind {
         }
     }
 
+    /// What the run reads, as its kind declares it (experiments/kinds/).
+    pub fn needs(&self) -> kinds::Needs {
+        kinds::needs(self)
+    }
+
     /// Whether the run reads the spec's prompts (repeated random tokens need none).
     pub fn needs_prompts(&self) -> bool {
-        !matches!(self, RunKind::HeadScores { source: HeadSource::RepeatedRandom { .. }, .. })
+        self.needs().prompts
     }
 
     /// Whether the run needs corrupted prompts.
     pub fn needs_corruption(&self) -> bool {
-        match self {
-            RunKind::ActivationPatching { .. } | RunKind::AttributionPatching { .. } => true,
-            RunKind::Ablation(a) => a.method == AblationMethod::Resample,
-            _ => false,
-        }
+        self.needs().corruption
     }
 
     /// Whether the run reads the metric's answers.
     pub fn needs_answers(&self) -> bool {
-        match self {
-            RunKind::HeadScores { .. } => false,
-            RunKind::Ablation(a) => a.measure != Measure::Loss,
-            _ => true,
-        }
-    }
-
-    pub fn patch_targets(&self) -> Option<&[(Site, Axes)]> {
-        match self {
-            RunKind::ActivationPatching { targets } | RunKind::AttributionPatching { targets, .. } => Some(targets),
-            _ => None,
-        }
+        self.needs().answers
     }
 }
 

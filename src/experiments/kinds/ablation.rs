@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::experiments::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
@@ -16,7 +16,13 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::choice;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, run };
+pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, run };
+
+/// Resample ablation reads the corrupted prompts; the loss needs no answers.
+fn needs(kind: &RunKind) -> Needs {
+    let RunKind::Ablation(a) = kind else { return Needs::default() };
+    Needs { prompts: true, corruption: a.method == AblationMethod::Resample, answers: a.measure != Measure::Loss, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
     resolve_ablation(cx, r, i, base).map(RunKind::Ablation)

@@ -5,7 +5,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{cells_at, sweep_layers, Axes, Target};
 use crate::experiments::context::{cell_row, per_prompt, with_prompts, RunContext};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -13,7 +13,11 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::resolve_patch_targets;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, run };
+pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, run };
+
+fn needs(_: &RunKind) -> Needs {
+    Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_patch_targets(cx, r, i).map(|targets| RunKind::ActivationPatching { targets })

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
 use crate::experiments::context::{cell_row, layers_of, per_prompt, RunContext};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -14,7 +14,11 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::{positive, resolve_patch_targets};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, run };
+pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, run };
+
+fn needs(_: &RunKind) -> Needs {
+    Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, attribution_pass: true, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_patch_targets(cx, r, i).map(|targets| {

@@ -3,13 +3,17 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, run };
+pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, run };
+
+fn needs(_: &RunKind) -> Needs {
+    Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_dla(cx, r, i)

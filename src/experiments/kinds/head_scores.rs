@@ -5,7 +5,7 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
 use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -17,8 +17,16 @@ pub const KIND: KindInfo = KindInfo {
     name: "head_scores",
     keys: &["patterns", "error_measure", "source", "seq_len", "batch", "seed", "token_range", "exclude_bos", "exclude_current_token", "custom"],
     resolve,
+    needs,
     run,
 };
+
+/// Repeated random tokens need nothing of the spec; the prompts' patterns need the prompts and
+/// the cached clean run.
+fn needs(kind: &RunKind) -> Needs {
+    let prompts = matches!(kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
+    Needs { prompts, analysis_cache: prompts, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_head_scores(cx, r, i)

@@ -3,14 +3,18 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, LensPositions};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{KindInfo, Part};
+use crate::experiments::kinds::{KindInfo, Needs, Part};
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::runs::{choice, positive};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, run };
+pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, run };
+
+fn needs(_: &RunKind) -> Needs {
+    Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
+}
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     Some(RunKind::LogitLens {
