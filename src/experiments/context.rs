@@ -8,17 +8,15 @@ use tch::Tensor;
 
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{Cell, Target};
-use crate::experiments::attribution::{points_for, Pass};
-use crate::experiments::cache_analysis::{self, Component};
-use crate::experiments::head_scores;
+use crate::experiments::activation_patching::Cell;
+use crate::experiments::attribution::Pass;
+use crate::experiments::cache_analysis::Component;
 use crate::experiments::inputs::Tokenized;
 use crate::experiments::prepared::Prepared;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::runs::HeadSource;
-use crate::spec::{RunKind, RunSpec, Spec};
+use crate::spec::{RunSpec, Spec};
 
 /// What every job reads: the spec, the model, the tokenized prompts and the shared passes, each
 /// made when its job in the graph runs (or on first use).
@@ -60,10 +58,7 @@ impl<'a> RunContext<'a> {
         if self.atp_pass.get().is_none() {
             let mut points: Vec<HookPoint> = Vec::new();
             for r in &self.spec.runs {
-                if let RunKind::AttributionPatching { targets, options, .. } = &r.kind {
-                    let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
-                    points.extend(points_for(self.model, &t, &layers_of(self, r), *options));
-                }
+                points.extend(crate::experiments::kinds::captures(r, self.model)?.gradient_points);
             }
             points.sort_by_key(|p| p.to_string());
             points.dedup();
@@ -77,12 +72,7 @@ impl<'a> RunContext<'a> {
             let model = self.model;
             let mut points: Vec<HookPoint> = Vec::new();
             for r in &self.spec.runs {
-                match &r.kind {
-                    RunKind::LogitLens { incl_mid, .. } => points.extend(cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p)),
-                    RunKind::DirectLogitAttribution { over } => points.extend(cache_analysis::dla_points(model, *over)),
-                    RunKind::HeadScores { source: HeadSource::Prompts, .. } => points.extend(head_scores::pattern_points(model)),
-                    _ => {}
-                }
+                points.extend(crate::experiments::kinds::captures(r, model)?.analysis_points);
             }
             let toks = self.toks()?;
             let mut hooks = crate::Hooks::capture(points);

@@ -7,11 +7,10 @@ use tch::{Device, Kind, Tensor};
 use crate::engine::metric::Metric;
 use crate::engine::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
-use crate::experiments::attribution;
 use crate::experiments::prepared::{Corrupt, Prepared};
 use crate::model::hook_point::Site;
 use crate::model::Model;
-use crate::spec::{Corruption, RunKind, Spec};
+use crate::spec::{Corruption, Spec};
 
 /// Clean and corrupted token batches with the answers, checked.
 pub struct Tokenized {
@@ -227,17 +226,10 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
 
 /// The clean and corrupted runs every patching run of the spec shares.
 pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
+    // The union of the sites every run's kind says the clean run caches.
     let mut sites: Vec<Site> = Vec::new();
     for r in &spec.runs {
-        let needed: Vec<Site> = match &r.kind {
-            RunKind::ActivationPatching { targets } => targets.iter().map(|(s, _)| *s).collect(),
-            RunKind::AttributionPatching { targets, options, .. } => {
-                let t: Vec<_> = targets.iter().map(|(s, a)| crate::experiments::activation_patching::Target { site: *s, axes: *a }).collect();
-                attribution::clean_sites(model, &t, *options)
-            }
-            _ => vec![],
-        };
-        for s in needed {
+        for s in crate::experiments::kinds::captures(r, model)?.clean_sites {
             if !sites.contains(&s) {
                 sites.push(s);
             }

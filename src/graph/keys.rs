@@ -130,12 +130,7 @@ pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &
                     RunKind::Ablation(a) => a.dataset.as_deref().map(file_digest).transpose()?,
                     _ => None,
                 };
-                let name = match task {
-                    Task::Attribute { .. } => "attribute",
-                    Task::Ablate { .. } => "ablate",
-                    _ => "analyse",
-                };
-                serde_json::json!({"task": name, "kind": run.kind, "layers": run.layers, "dataset": dataset})
+                serde_json::json!({"task": "whole", "kind": run.kind, "layers": run.layers, "dataset": dataset})
             }
         };
         job.key = Some(sha256_json(&serde_json::json!({"base": base, "job": what})));

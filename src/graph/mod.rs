@@ -11,20 +11,10 @@ pub mod shard;
 pub mod slurm;
 pub mod store;
 
-use crate::experiments::ablation::all_units;
-use crate::experiments::activation_patching::{cannot_change, cells_at, cells_per_forward, Target};
+use crate::experiments::activation_patching::cells_per_forward;
+use crate::experiments::kinds::{self, Part, Sizing};
 use crate::model::config::ModelConfig;
 use crate::spec::{RunKind, Spec};
-
-/// Seconds per unit of estimated cost, relative to patching, measured per job kind on the
-/// GPT-2-small-shaped IOI run (`tl-run plan --json` against the manifest's job seconds): the
-/// attribution job also multiplies gradients over every cell, the logit lens unembeds every
-/// label at every position for its top-k, DLA and head scores only decompose the cached run,
-/// an ablation job runs whole forwards. Shards are balanced on these.
-const ATTRIBUTE_COST: f64 = 1.7;
-const LENS_COST: f64 = 4.0;
-const DECOMPOSE_COST: f64 = 0.25;
-const ABLATE_COST: f64 = 1.8;
 
 /// What a job does. Indices are into `spec.runs` and a run's patch targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -40,11 +30,8 @@ pub enum Task {
     AnalysisCache,
     /// Activation patching of one target at one layer.
     Patch { run: usize, target: usize, layer: usize },
-    /// Attribution of every target of a run, with its verify_top patches.
-    Attribute { run: usize },
-    /// Logit lens, DLA or head scores of a run.
-    Analyse { run: usize },
-    Ablate { run: usize },
+    /// A whole run in one job (attribution, lens, DLA, head scores, ablation).
+    Whole { run: usize },
     /// The run's Parquet (or its shard's part), from its work jobs' rows.
     Write { run: usize },
     Manifest,
@@ -53,12 +40,12 @@ pub enum Task {
 impl Task {
     /// Jobs that produce rows: they have keys, are stored and are split over shards.
     pub fn is_work(&self) -> bool {
-        matches!(self, Task::Patch { .. } | Task::Attribute { .. } | Task::Analyse { .. } | Task::Ablate { .. })
+        matches!(self, Task::Patch { .. } | Task::Whole { .. })
     }
 
     pub fn run(&self) -> Option<usize> {
         match *self {
-            Task::Patch { run, .. } | Task::Attribute { run } | Task::Analyse { run } | Task::Ablate { run } | Task::Write { run } => Some(run),
+            Task::Patch { run, .. } | Task::Whole { run } | Task::Write { run } => Some(run),
             _ => None,
         }
     }
@@ -153,52 +140,28 @@ impl Plan {
             None => tch::Device::Cpu,
         };
         let chunk = cells_per_forward(cfg, n as i64, seq as i64, device);
-        let skip = if first_diff > 0 && (first_diff as usize) < seq { first_diff as usize } else { 0 };
         let mut writes = Vec::new();
         for (r, run) in spec.runs.iter().enumerate() {
-            let layers: Vec<usize> = run.layers.clone().unwrap_or_else(|| (0..cfg.n_layers).collect());
-            // Patched forwards of `cells` at `layer`: batches of `chunk` cells × n prompts, from
-            // the patched layer on, over the positions after the shared prefix.
-            let patch_cost = |cells: usize, layer: usize| {
-                let rows = (cells * n) as f64;
-                rows * (cfg.n_layers - layer.min(cfg.n_layers)) as f64 * ((seq - skip).max(1) as f64 / seq.max(1) as f64)
+            let sizing = Sizing { cfg, seq, first_diff, n, chunk, layers: run.layers.clone().unwrap_or_else(|| (0..cfg.n_layers).collect()) };
+            let Some(kind) = kinds::by_name(run.kind_name()) else { continue };
+            // A job reads the shared pass its kind needs, else the model and the prompts.
+            let needs = run.kind.needs();
+            let deps = match (needs.attribution_pass, needs.clean_and_corrupted, needs.analysis_cache) {
+                (true, _, _) => vec![atp_pass.expect("attribution needs the pass")],
+                (_, true, _) => vec![prepare.expect("patching needs the clean and corrupted runs")],
+                (_, _, true) => vec![analysis.expect("analysis needs the cached clean run")],
+                _ => inputs.clone(),
             };
-            let ids: Vec<usize> = match &run.kind {
-                RunKind::ActivationPatching { targets } => {
-                    let mut ids = Vec::new();
-                    for (t, (site, axes)) in targets.iter().enumerate() {
-                        for &layer in &layers {
-                            let at = cells_at(cfg, Target { site: *site, axes: *axes }, layer, seq as i64);
-                            let filled = at.iter().filter(|c| cannot_change(c, first_diff)).count();
-                            let todo = at.len() - filled;
-                            let job = Job { cells: at.len(), filled, forwards: todo.div_ceil(chunk), tl_forwards: at.len(), cost: patch_cost(todo, layer), ..blank(Task::Patch { run: r, target: t, layer }) };
-                            let name = format!("{}: patch {} over [{}] at layer {layer}", run.name, site.name(), axes.names().join(", "));
-                            ids.push(add(name, vec![prepare.expect("patching prepares")], job));
-                        }
-                    }
-                    ids
-                }
-                RunKind::AttributionPatching { targets, verify_top, .. } => {
-                    let cells: usize = targets.iter().map(|(s, a)| layers.iter().map(|&l| cells_at(cfg, Target { site: *s, axes: *a }, l, seq as i64).len()).sum::<usize>()).sum();
-                    let verify = targets.len() * verify_top;
-                    let verify_forwards = targets.len() * verify_top.div_ceil(chunk);
-                    let job = Job { cells, forwards: verify_forwards, tl_forwards: verify, cost: ATTRIBUTE_COST * (full(1) + patch_cost(verify, cfg.n_layers / 2)), ..blank(Task::Attribute { run: r }) };
-                    let also = if *verify_top > 0 { format!(", patch the top {verify_top} per target") } else { String::new() };
-                    vec![add(format!("{}: attribution of {} targets{also}", run.name, targets.len()), vec![atp_pass.expect("attribution pass")], job)]
-                }
-                RunKind::Ablation(a) => {
-                    let together = a.units.is_some() || a.top_dla_heads.is_some();
-                    let units = if together { 1 } else { all_units(cfg, a.site).len() };
-                    let what = if together { "units together".to_string() } else { format!("each of {units} units in turn") };
-                    let k = 1 + if together { 1 } else { units.div_ceil(chunk) };
-                    let job = Job { cells: units, forwards: k, tl_forwards: 1 + units, cost: ABLATE_COST * (full(1) + (units * n * cfg.n_layers) as f64), ..blank(Task::Ablate { run: r }) };
-                    vec![add(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), inputs.clone(), job)]
-                }
-                kind if kind.needs().analysis_cache => {
-                    vec![add(format!("{}: {} from the cached clean run", run.name, kind.name()), vec![analysis.expect("analysis cache")], Job { cost: full(1) * if matches!(kind, RunKind::LogitLens { .. }) { LENS_COST } else { DECOMPOSE_COST }, ..blank(Task::Analyse { run: r }) })]
-                }
-                kind => vec![add(format!("{}: {} (one forward)", run.name, kind.name()), vec![load], forwards(Task::Analyse { run: r }, 1))],
-            };
+            let ids: Vec<usize> = (kind.jobs)(run, &sizing)
+                .into_iter()
+                .map(|d| {
+                    let task = match d.part {
+                        Part::TargetLayer { target, layer } => Task::Patch { run: r, target, layer },
+                        Part::Whole => Task::Whole { run: r },
+                    };
+                    add(d.name, deps.clone(), Job { cells: d.cells, filled: d.filled, forwards: d.forwards, tl_forwards: d.tl_forwards, cost: d.cost, ..blank(task) })
+                })
+                .collect();
             writes.push(add(format!("{}: write {}.parquet", run.name, run.name), ids, blank(Task::Write { run: r })));
         }
         add("write manifest.json".into(), writes, blank(Task::Manifest));

@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::experiments::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
@@ -16,7 +17,10 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::choice;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, run };
+pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, captures, jobs, run };
+
+/// Seconds per cost unit relative to patching, measured: whole forwards, every layer.
+const COST_SCALE: f64 = 1.8;
 
 /// Resample ablation reads the corrupted prompts; the loss needs no answers.
 fn needs(kind: &RunKind) -> Needs {
@@ -26,6 +30,24 @@ fn needs(kind: &RunKind) -> Needs {
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
     resolve_ablation(cx, r, i, base).map(RunKind::Ablation)
+}
+
+fn captures(_: &RunSpec, _: &Model) -> Result<Captures> {
+    Ok(Captures::default())
+}
+
+/// One job: the baseline, then each unit in turn (batched) or the units together.
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    let RunKind::Ablation(a) = &run.kind else { return vec![] };
+    let together = a.units.is_some() || a.top_dla_heads.is_some();
+    let units = if together { 1 } else { crate::experiments::ablation::all_units(z.cfg, a.site).len() };
+    let what = if together { "units together".to_string() } else { format!("each of {units} units in turn") };
+    vec![JobDraft {
+        cells: units,
+        forwards: 1 + if together { 1 } else { units.div_ceil(z.chunk) },
+        tl_forwards: 1 + units,
+        ..JobDraft::whole(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), COST_SCALE * (z.full(1) + (units * z.n * z.cfg.n_layers) as f64))
+    }]
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {

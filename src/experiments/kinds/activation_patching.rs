@@ -5,7 +5,9 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{cells_at, sweep_layers, Axes, Target};
 use crate::experiments::context::{cell_row, per_prompt, with_prompts, RunContext};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::activation_patching::cannot_change;
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -13,7 +15,7 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::resolve_patch_targets;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, run };
+pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, captures, jobs, run };
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
@@ -21,6 +23,36 @@ fn needs(_: &RunKind) -> Needs {
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_patch_targets(cx, r, i).map(|targets| RunKind::ActivationPatching { targets })
+}
+
+/// The clean run caches every patched site.
+fn captures(run: &RunSpec, _: &Model) -> Result<Captures> {
+    let RunKind::ActivationPatching { targets } = &run.kind else { return Ok(Captures::default()) };
+    Ok(Captures { clean_sites: targets.iter().map(|(s, _)| *s).collect(), ..Captures::default() })
+}
+
+/// One job per target and layer: cells that provably cannot change are filled, the rest run in
+/// batches from the patched layer on.
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    let RunKind::ActivationPatching { targets } = &run.kind else { return vec![] };
+    let mut out = Vec::new();
+    for (t, (site, axes)) in targets.iter().enumerate() {
+        for &layer in &z.layers {
+            let at = cells_at(z.cfg, Target { site: *site, axes: *axes }, layer, z.seq as i64);
+            let filled = at.iter().filter(|c| cannot_change(c, z.first_diff)).count();
+            let todo = at.len() - filled;
+            out.push(JobDraft {
+                name: format!("{}: patch {} over [{}] at layer {layer}", run.name, site.name(), axes.names().join(", ")),
+                part: Part::TargetLayer { target: t, layer },
+                cells: at.len(),
+                filled,
+                forwards: todo.div_ceil(z.chunk),
+                tl_forwards: at.len(),
+                cost: z.patch_cost(todo, layer),
+            });
+        }
+    }
+    out
 }
 
 fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<(Vec<Row>, serde_json::Value)> {

@@ -6,7 +6,10 @@ use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
 use crate::experiments::context::{cell_row, layers_of, per_prompt, RunContext};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::activation_patching::cells_at;
+use crate::experiments::attribution::{clean_sites, points_for};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -14,7 +17,11 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::{positive, resolve_patch_targets};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, run };
+pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, captures, jobs, run };
+
+/// Seconds per cost unit relative to patching, measured (GPT-2-small-shaped IOI run): the job
+/// multiplies gradients over every cell besides its verify patches.
+const COST_SCALE: f64 = 1.7;
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, attribution_pass: true, ..Needs::default() }
@@ -25,6 +32,29 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
         let verify_top = positive(cx, &r.verify_top, format!("run[{i}].verify_top"), 0, 0) as usize;
         RunKind::AttributionPatching { targets, options: AtpOptions { qk_fix: r.qk_fix.unwrap_or(false), grad_drop: r.grad_drop.unwrap_or(false) }, verify_top }
     })
+}
+
+/// The clean run caches what the estimates read; the corrupted forward+backward captures the
+/// targets' points (and what AtP* needs).
+fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
+    let RunKind::AttributionPatching { targets, options, .. } = &run.kind else { return Ok(Captures::default()) };
+    let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
+    let layers = run.layers.clone().unwrap_or_else(|| (0..model.cfg.n_layers).collect());
+    Ok(Captures { clean_sites: clean_sites(model, &t, *options), gradient_points: points_for(model, &t, &layers, *options), ..Captures::default() })
+}
+
+/// One job: every target's estimates from the shared pass, then the verify_top patches.
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    let RunKind::AttributionPatching { targets, verify_top, .. } = &run.kind else { return vec![] };
+    let cells: usize = targets.iter().map(|(s, a)| z.layers.iter().map(|&l| cells_at(z.cfg, Target { site: *s, axes: *a }, l, z.seq as i64).len()).sum::<usize>()).sum();
+    let verify = targets.len() * verify_top;
+    let also = if *verify_top > 0 { format!(", patch the top {verify_top} per target") } else { String::new() };
+    vec![JobDraft {
+        cells,
+        forwards: targets.len() * verify_top.div_ceil(z.chunk),
+        tl_forwards: verify,
+        ..JobDraft::whole(format!("{}: attribution of {} targets{also}", run.name, targets.len()), COST_SCALE * (z.full(1) + z.patch_cost(verify, z.cfg.n_layers / 2)))
+    }]
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {

@@ -3,13 +3,17 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, run };
+pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, captures, jobs, run };
+
+/// Seconds per cost unit relative to patching, measured: it only decomposes the cached run.
+const COST_SCALE: f64 = 0.25;
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
@@ -17,6 +21,15 @@ fn needs(_: &RunKind) -> Needs {
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_dla(cx, r, i)
+}
+
+fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
+    let RunKind::DirectLogitAttribution { over } = &run.kind else { return Ok(Captures::default()) };
+    Ok(Captures { analysis_points: cache_analysis::dla_points(model, *over), ..Captures::default() })
+}
+
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    vec![JobDraft::whole(format!("{}: direct_logit_attribution from the cached clean run", run.name), COST_SCALE * z.full(1))]
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {

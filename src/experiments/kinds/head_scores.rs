@@ -5,7 +5,8 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
 use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -18,8 +19,13 @@ pub const KIND: KindInfo = KindInfo {
     keys: &["patterns", "error_measure", "source", "seq_len", "batch", "seed", "token_range", "exclude_bos", "exclude_current_token", "custom"],
     resolve,
     needs,
+    captures,
+    jobs,
     run,
 };
+
+/// Seconds per cost unit relative to patching, measured: scoring the cached patterns is cheap.
+const COST_SCALE: f64 = 0.25;
 
 /// Repeated random tokens need nothing of the spec; the prompts' patterns need the prompts and
 /// the cached clean run.
@@ -30,6 +36,20 @@ fn needs(kind: &RunKind) -> Needs {
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_head_scores(cx, r, i)
+}
+
+/// The prompts' patterns come from the cached clean run; repeated random tokens run their own.
+fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
+    let prompts = matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
+    Ok(Captures { analysis_points: if prompts { head_scores::pattern_points(model) } else { vec![] }, ..Captures::default() })
+}
+
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    if matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. }) {
+        vec![JobDraft::whole(format!("{}: head_scores from the cached clean run", run.name), COST_SCALE * z.full(1))]
+    } else {
+        vec![JobDraft { forwards: 1, tl_forwards: 1, ..JobDraft::whole(format!("{}: head_scores (one forward)", run.name), z.full(1)) }]
+    }
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {

@@ -3,14 +3,19 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, LensPositions};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{KindInfo, Needs, Part};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::runs::{choice, positive};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, run };
+pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, captures, jobs, run };
+
+/// Seconds per cost unit relative to patching, measured: every label is unembedded at every
+/// position for its top-k.
+const COST_SCALE: f64 = 4.0;
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
@@ -22,6 +27,16 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
         top_k: positive(cx, &r.top_k, format!("run[{i}].top_k"), 0, 0) as usize,
         top_k_at: choice(cx, &r.top_k_at, format!("run[{i}].top_k_at"), &[("last", LensPositions::Last), ("all", LensPositions::All)], LensPositions::Last),
     })
+}
+
+/// The accumulated residual at every label's hook.
+fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
+    let RunKind::LogitLens { incl_mid, .. } = &run.kind else { return Ok(Captures::default()) };
+    Ok(Captures { analysis_points: cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(), ..Captures::default() })
+}
+
+fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
+    vec![JobDraft::whole(format!("{}: logit_lens from the cached clean run", run.name), COST_SCALE * z.full(1))]
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {

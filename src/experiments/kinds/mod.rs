@@ -13,6 +13,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
+use crate::model::config::ModelConfig;
+use crate::model::hook_point::{HookPoint, Site};
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
@@ -28,8 +31,73 @@ pub struct KindInfo {
     pub(crate) resolve: fn(&mut Ctx, &RawRun, usize, &Path) -> Option<RunKind>,
     /// What a run of this kind reads: the job graph adds those inputs and shared passes.
     pub needs: fn(&RunKind) -> Needs,
+    /// The hook points its runs capture in the shared passes.
+    pub captures: fn(&RunSpec, &Model) -> Result<Captures>,
+    /// The jobs a run of this kind is split into, with their sizes and costs.
+    pub jobs: fn(&RunSpec, &Sizing) -> Vec<JobDraft>,
     /// The rows and manifest note of one job of a run of this kind.
     pub run: fn(&RunContext, &RunSpec, Part) -> Result<(Vec<Row>, serde_json::Value)>,
+}
+
+/// The hook points a run captures in the shared passes (the graph makes each pass once, for
+/// the union over runs).
+#[derive(Debug, Clone, Default)]
+pub struct Captures {
+    /// Sites the clean run caches at every layer (patch sources).
+    pub clean_sites: Vec<Site>,
+    /// Points of the corrupted forward+backward (activations and gradients).
+    pub gradient_points: Vec<HookPoint>,
+    /// Points of the clean run cached for analysis.
+    pub analysis_points: Vec<HookPoint>,
+}
+
+/// What a kind sizes its jobs with.
+pub struct Sizing<'a> {
+    pub cfg: &'a ModelConfig,
+    /// The prompts' token length.
+    pub seq: usize,
+    /// The first position where clean and corrupted differ.
+    pub first_diff: i64,
+    /// Rows per batch: prompts × noise samples.
+    pub n: usize,
+    /// Cells per batched forward.
+    pub chunk: usize,
+    /// The run's layers.
+    pub layers: Vec<usize>,
+}
+
+impl Sizing<'_> {
+    /// Work of `forwards` whole forward passes, in layer-rows.
+    pub fn full(&self, forwards: usize) -> f64 {
+        (forwards * self.n * self.cfg.n_layers) as f64
+    }
+
+    /// Work of patched forwards of `cells` at `layer`: batches of cells × n prompts, from the
+    /// patched layer on, over the positions after the shared prefix.
+    pub fn patch_cost(&self, cells: usize, layer: usize) -> f64 {
+        let skip = if self.first_diff > 0 && (self.first_diff as usize) < self.seq { self.first_diff as usize } else { 0 };
+        let rows = (cells * self.n) as f64;
+        rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64 * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
+    }
+}
+
+/// One job of a run, before the graph places it.
+#[derive(Debug, Clone)]
+pub struct JobDraft {
+    pub name: String,
+    pub part: Part,
+    pub cells: usize,
+    pub filled: usize,
+    pub forwards: usize,
+    pub tl_forwards: usize,
+    /// Estimated work in layer-rows (what shards are balanced on).
+    pub cost: f64,
+}
+
+impl JobDraft {
+    pub fn whole(name: String, cost: f64) -> JobDraft {
+        JobDraft { name, part: Part::Whole, cells: 0, filled: 0, forwards: 0, tl_forwards: 0, cost }
+    }
 }
 
 /// What a run reads; declared once per kind, read by validation, tokenizing and the job graph.
@@ -70,6 +138,11 @@ pub fn needs(kind: &RunKind) -> Needs {
 
 pub fn names() -> Vec<&'static str> {
     KINDS.iter().map(|k| k.name).collect()
+}
+
+/// The hook points `run` captures in the shared passes.
+pub fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
+    by_name(run.kind_name()).map_or(Ok(Captures::default()), |k| (k.captures)(run, model))
 }
 
 /// Runs one job of `run`.
