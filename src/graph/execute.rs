@@ -231,7 +231,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                 let model: &Model = match &source {
                     ModelSource::Loaded(m) => m,
                     ModelSource::Lazy { load, device, .. } => {
-                        let _ = model_cell.set(load(*device)?);
+                        let _ = model_cell.set(crate::panics::guarded(&job.name, || load(*device))?);
                         model_cell.get().expect("set above")
                     }
                 };
@@ -244,7 +244,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             task if task.is_shared() && needed[job.id] => {
                 let c = cx.as_ref().expect("the model loads before any shared pass");
                 overall.set_message(job.name.clone());
-                c.force(task.shared_pass().expect("a shared pass")).map_err(|e| Error::Other(format!("{}: {e}", job.name)))?;
+                c.force(task.shared_pass().expect("a shared pass")).map_err(|e| Error::Other(format!("job [{}] {} on {}: {e}", job.id, job.name, prompts_of(toks.as_ref()))))?;
                 if task == Task::Prepare {
                     if let Some(f) = baseline_finding(c)? {
                         record.found(f, &run_notes, &timings, c.prepared(), toks.as_ref())?;
