@@ -16,7 +16,7 @@ use crate::experiments::prepared::Prepared;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::{RunSpec, Spec};
+use crate::spec::Spec;
 
 /// What every job reads: the spec, the model, the tokenized prompts and the shared passes, each
 /// made when its job in the graph runs (or on first use).
@@ -156,12 +156,7 @@ pub enum SharedPass {
     AnalysisCache,
 }
 
-/// The layers a run covers (all when the spec names none).
-pub(crate) fn layers_of(cx: &RunContext, run: &RunSpec) -> Vec<usize> {
-    run.layers.clone().unwrap_or_else(|| (0..cx.model.cfg.n_layers).collect())
-}
-
-
+/// One row per component (and per prompt with metric.per_prompt) of a lens, DLA or ablation run.
 pub(crate) fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Component], pos: i64, out: &mut Vec<Row>) {
     for c in comps {
         let base = Row {

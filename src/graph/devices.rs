@@ -77,15 +77,7 @@ impl<'env> Pool<'env> {
                     let Some(id) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
                     let job = &sh.plan.jobs[id];
                     let t = Instant::now();
-                    let mut result = crate::panics::guarded(&crate::graph::execute::prompts_of(toks.as_ref()), || {
-                        crate::panics::injected(&job.name);
-                        crate::experiments::kinds::run_job(&cx, &sh.spec.runs[job.task.run().expect("work jobs have a run")], job.task.part())
-                    });
-                    if let (Ok((rows, note)), Some(store), Some(key)) = (&result, sh.store, &job.key) {
-                        if let Err(e) = store.put(key, rows, note) {
-                            result = Err(e);
-                        }
-                    }
+                    let mut result = crate::graph::execute::run_and_store(&cx, job, sh.store);
                     if !baseline_checked && cx.prepared().is_some() {
                         baseline_checked = true;
                         match crate::graph::execute::baseline_finding(&cx) {

@@ -23,7 +23,7 @@ use crate::model::source::ModelFiles;
 use crate::model::Model;
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
-use crate::spec::{RunKind, Spec};
+use crate::spec::Spec;
 
 pub struct Outcome {
     pub files: Vec<PathBuf>,
@@ -265,18 +265,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                         tracing::debug!(job = job.id, ?device, "job done");
                         (rows, note)
                     }
-                    None => {
-                        let c = cx.as_ref().expect("the model loads before any work job");
-                        let (rows, note) = crate::panics::guarded(&prompts_of(toks.as_ref()), || {
-                            crate::panics::injected(&job.name);
-                            crate::experiments::kinds::run_job(c, &spec.runs[task.run().expect("work jobs have a run")], task.part())
-                        })
-                        .map_err(named)?;
-                        if let (Some(store), Some(key)) = (&store, &job.key) {
-                            store.put(key, &rows, &note)?;
-                        }
-                        (rows, note)
-                    }
+                    None => run_and_store(cx.as_ref().expect("the model loads before any work job"), job, store.as_ref()).map_err(named)?,
                 };
                 rows_out = Some(rows.len());
                 results.insert(job.id, (rows, note));
@@ -307,10 +296,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                 }
                 write_parquet(&path, &rows)?;
                 files.push(path.clone());
-                let mut note = match &run.kind {
-                    RunKind::ActivationPatching { .. } => crate::experiments::kinds::activation_patching::activation_patching_note(&notes, toks.as_ref().map(first_changed)),
-                    _ => notes.first().map(|n| (*n).clone()).unwrap_or(serde_json::Value::Null),
-                };
+                let mut note = crate::experiments::kinds::run_note(run, &notes);
                 if !note.is_object() {
                     note = serde_json::json!({});
                 }
@@ -357,6 +343,20 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let count = |s: &str| records.iter().filter(|r| r.status == s && plan.jobs[r.id].task.is_work()).count();
     let jobs = format!("jobs: {} ran, {} read from the store{}", count("ran"), count("stored"), opts.shard.map(|s| format!(", {} in other shards (this is shard {} of {})", count("other shard"), s.index, s.count)).unwrap_or_default());
     Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
+}
+
+/// Runs work job `job` (a panic in it becomes an error naming its prompts) and stores its
+/// result under its key at once.
+pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Option<&Store>) -> Result<(Vec<Row>, serde_json::Value)> {
+    let run = &cx.spec.runs[job.task.run().ok_or_else(|| Error::Other(format!("job [{}] is not a work job", job.id)))?];
+    let (rows, note) = crate::panics::guarded(&prompts_of(cx.toks), || {
+        crate::panics::injected(&job.name);
+        crate::experiments::kinds::run_job(cx, run, job.task.part())
+    })?;
+    if let (Some(store), Some(key)) = (store, &job.key) {
+        store.put(key, &rows, &note)?;
+    }
+    Ok((rows, note))
 }
 
 /// The prompts a job computes on, for a failure's message (jobs batch every prompt).

@@ -134,15 +134,13 @@ impl Plan {
         });
         let analysing = spec.runs.iter().any(|r| r.kind.needs().analysis_cache);
         let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
-        // The plan's device as named (availability is checked when the model loads).
-        let device = match spec.model.device.strip_prefix("cuda") {
-            Some(i) => tch::Device::Cuda(i.trim_start_matches(':').parse().unwrap_or(0)),
-            None => tch::Device::Cpu,
-        };
+        // Batches are sized for the spec's device; one that is not here (a plan made on a login
+        // node) is sized as CPU, and running there names the missing device.
+        let device = crate::engine::device::parse(&spec.model.device).unwrap_or(tch::Device::Cpu);
         let chunk = cells_per_forward(cfg, n as i64, seq as i64, device);
         let mut writes = Vec::new();
         for (r, run) in spec.runs.iter().enumerate() {
-            let sizing = Sizing { cfg, seq, first_diff, n, chunk, layers: run.layers.clone().unwrap_or_else(|| (0..cfg.n_layers).collect()) };
+            let sizing = Sizing { cfg, seq, first_diff, n, chunk, layers: run.layers_or_all(cfg.n_layers) };
             let Some(kind) = kinds::by_name(run.kind_name()) else { continue };
             // A job reads the shared pass its kind needs, else the model and the prompts.
             let needs = run.kind.needs();

@@ -180,6 +180,11 @@ impl RunSpec {
         Err(format!("{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})", self.name, seq.saturating_sub(1)))
     }
 
+    /// The layers the run covers: its `layers`, else all `n_layers`.
+    pub fn layers_or_all(&self, n_layers: usize) -> Vec<usize> {
+        self.layers.clone().unwrap_or_else(|| (0..n_layers).collect())
+    }
+
     pub fn kind_name(&self) -> &'static str {
         self.kind.name()
     }

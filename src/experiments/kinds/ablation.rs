@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::experiments::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
@@ -17,7 +17,7 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::choice;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, captures, jobs, run };
+pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, captures, jobs, run, note: only_note };
 
 /// Seconds per cost unit relative to patching, measured: whole forwards, every layer.
 const COST_SCALE: f64 = 1.8;

@@ -15,7 +15,7 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::resolve_patch_targets;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, captures, jobs, run };
+pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, captures, jobs, run, note };
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
@@ -85,13 +85,14 @@ fn patch_layer(cx: &RunContext, run: &RunSpec, site: Site, axes: Axes, layer: us
     let note = serde_json::json!({
         "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
         "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": t.elapsed().as_secs_f64(),
-        "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings,
+        "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
     });
     Ok((rows, note))
 }
 
 /// The note of an activation-patching run: its per-layer jobs' notes summed per target.
-pub fn activation_patching_note(job_notes: &[&serde_json::Value], first_diff: Option<i64>) -> serde_json::Value {
+fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
+    let first_diff = job_notes.iter().find_map(|n| n["first_diff"].as_i64());
     let mut sweeps: Vec<serde_json::Value> = Vec::new();
     for n in job_notes {
         match sweeps.iter_mut().find(|s| s["hook"] == n["hook"] && s["over"] == n["over"]) {
@@ -105,6 +106,7 @@ pub fn activation_patching_note(job_notes: &[&serde_json::Value], first_diff: Op
                 let mut s = (*n).clone();
                 if let Some(o) = s.as_object_mut() {
                     o.remove("layer");
+                    o.remove("first_diff");
                 }
                 sweeps.push(s);
             }

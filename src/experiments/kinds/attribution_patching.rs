@@ -5,10 +5,10 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
-use crate::experiments::context::{cell_row, layers_of, per_prompt, RunContext};
+use crate::experiments::context::{cell_row, per_prompt, RunContext};
 use crate::experiments::activation_patching::cells_at;
 use crate::experiments::attribution::{clean_sites, points_for};
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
@@ -17,7 +17,7 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::{positive, resolve_patch_targets};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, captures, jobs, run };
+pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, captures, jobs, run, note: only_note };
 
 /// Seconds per cost unit relative to patching, measured (GPT-2-small-shaped IOI run): the job
 /// multiplies gradients over every cell besides its verify patches.
@@ -39,7 +39,7 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let RunKind::AttributionPatching { targets, options, .. } = &run.kind else { return Ok(Captures::default()) };
     let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
-    let layers = run.layers.clone().unwrap_or_else(|| (0..model.cfg.n_layers).collect());
+    let layers = run.layers_or_all(model.cfg.n_layers);
     Ok(Captures { clean_sites: clean_sites(model, &t, *options), gradient_points: points_for(model, &t, &layers, *options), ..Captures::default() })
 }
 
@@ -71,7 +71,7 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
     // Attribution estimates a change from the corrupted run: normalising divides by the gap.
     let scale = if cx.spec.metric.normalize { 1.0 / (clean_b - corr_b) } else { 1.0 };
     let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
-    let layers = layers_of(cx, run);
+    let layers = run.layers_or_all(cx.model.cfg.n_layers);
     let t = Instant::now();
     let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options)?;
     let atp_secs = t.elapsed().as_secs_f64();

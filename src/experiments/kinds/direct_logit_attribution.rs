@@ -3,14 +3,14 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, captures, jobs, run };
+pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, captures, jobs, run, note: only_note };
 
 /// Seconds per cost unit relative to patching, measured: it only decomposes the cached run.
 const COST_SCALE: f64 = 0.25;

@@ -5,7 +5,7 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
 use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
@@ -22,6 +22,7 @@ pub const KIND: KindInfo = KindInfo {
     captures,
     jobs,
     run,
+    note: only_note,
 };
 
 /// Seconds per cost unit relative to patching, measured: scoring the cached patterns is cheap.

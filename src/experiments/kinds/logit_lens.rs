@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, LensPositions};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -11,7 +11,7 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::{choice, positive};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, captures, jobs, run };
+pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, captures, jobs, run, note: only_note };
 
 /// Seconds per cost unit relative to patching, measured: every label is unembedded at every
 /// position for its top-k.

@@ -37,6 +37,13 @@ pub struct KindInfo {
     pub jobs: fn(&RunSpec, &Sizing) -> Vec<JobDraft>,
     /// The rows and manifest note of one job of a run of this kind.
     pub run: fn(&RunContext, &RunSpec, Part) -> Result<(Vec<Row>, serde_json::Value)>,
+    /// The run's manifest note from its jobs' notes.
+    pub note: fn(&[&serde_json::Value]) -> serde_json::Value,
+}
+
+/// The note of a run that is one job: that job's.
+pub fn only_note(notes: &[&serde_json::Value]) -> serde_json::Value {
+    notes.first().map(|n| (*n).clone()).unwrap_or(serde_json::Value::Null)
 }
 
 /// The hook points a run captures in the shared passes (the graph makes each pass once, for
@@ -143,6 +150,11 @@ pub fn names() -> Vec<&'static str> {
 /// The hook points `run` captures in the shared passes.
 pub fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     by_name(run.kind_name()).map_or(Ok(Captures::default()), |k| (k.captures)(run, model))
+}
+
+/// The manifest note of `run` from its jobs' notes.
+pub fn run_note(run: &RunSpec, notes: &[&serde_json::Value]) -> serde_json::Value {
+    by_name(run.kind_name()).map_or_else(|| only_note(notes), |k| (k.note)(notes))
 }
 
 /// Runs one job of `run`.
