@@ -108,6 +108,13 @@ fn prompt_files_jsonl_and_prompt_pairs() {
     assert_eq!(s.prompts[0].corrupted.as_deref(), Some("a c"));
     let e = resolve_text(&with_file("missing.jsonl"), "s", dir.path()).err().unwrap().to_string();
     assert!(e.contains("prompts.file") && e.contains("missing.jsonl"), "{e}");
+    // --prompts replaces the spec's file, which then need not exist (a spec copied elsewhere).
+    let spec_path = dir.path().join("copied.toml");
+    std::fs::write(&spec_path, with_file("missing.jsonl")).unwrap();
+    let s = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("p.jsonl"))).unwrap();
+    assert_eq!(s.prompts.len(), 2);
+    let e = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("gone.jsonl"))).err().unwrap().to_string();
+    assert!(e.contains("--prompts") && e.contains("gone.jsonl"), "{e}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")"
 export LD_LIBRARY_PATH="$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib"
 nvidia-smi -L
-for case in "ioi.toml gpt2-odd" "ioi.toml stories260K" "causal_tracing.toml gpt2-odd" "induction.toml stories260K" "induction.toml gpt2-odd"; do
+for case in "ioi.toml gpt2-tiny" "ioi.toml stories260K" "causal_tracing.toml gpt2-tiny" "induction.toml stories260K" "induction.toml gpt2-tiny"; do
   set -- $case
   spec="experiments/$1"; model="$2"; extra=()
   if [ "$model" = stories260K ] && grep -q '^\[prompts\]' "$spec"; then extra=(--prompts experiments/prompts/stories.jsonl); fi

@@ -12,7 +12,7 @@ python3 compare.py cpu_gpt2-tiny.safetensors "$OUT/cuda_gpt2-tiny.safetensors" |
 ./tl-run cache models/stories260K --device cuda --prompt "Once upon a time, there was a little girl named Lily." --prompt "Tim ran." --out "$OUT/cuda_stories.safetensors"
 python3 compare.py cpu_stories260K.safetensors "$OUT/cuda_stories.safetensors" | tail -1
 cp models/gpt2-tiny/tokenizer.json models/gpt2-small-shaped/
-python3 gen_small.py models/gpt2-small-shaped && ls -la models/gpt2-small-shaped
+[ -f models/gpt2-small-shaped/model.safetensors ] || python3 gen_small.py models/gpt2-small-shaped
 for dev in cuda cpu; do
   /usr/bin/time -f "$dev wall %e s" ./tl-run ../experiments/ioi.toml --model-id models/gpt2-small-shaped --device $dev --out "$OUT/ioi_$dev" --quiet | tail -12
   python3 -c "import json; m=json.load(open('$OUT/ioi_$dev/manifest.json')); t=m['timings_seconds']; print('$dev', {k: round(v, 3) for k, v in t.items()})"

@@ -294,7 +294,7 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(b) = a.batch_memory {
         tl_run::engine::memory::set_budget_bytes(b);
     }
-    let mut spec = tl_run::spec::resolve_file(&a.spec)?;
+    let mut spec = tl_run::spec::resolve_file_with_prompts(&a.spec, a.prompts.as_deref())?;
     if let Some(id) = &a.model_id {
         spec.model.id = id.clone();
     } else {

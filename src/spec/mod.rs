@@ -5,7 +5,7 @@ pub mod raw;
 pub mod resolve;
 pub mod runs;
 
-pub use resolve::{resolve_file, Corruption, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
+pub use resolve::{resolve_file, resolve_file_with_prompts, Corruption, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
 
 /// One problem in a spec, located in the file.
 #[derive(Debug, Clone)]

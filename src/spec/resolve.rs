@@ -273,14 +273,25 @@ impl Ctx<'_> {
 
 /// Reads and resolves a spec file. Relative paths in it are relative to the file.
 pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
+    resolve_file_with_prompts(path, None)
+}
+
+/// Like `resolve_file`, with the prompts read from `prompts_file` instead of the spec's own
+/// `prompts.file` (the `--prompts` flag): the spec's file need not exist where the override is
+/// given, e.g. a spec copied away from the repository it names a file in.
+pub fn resolve_file_with_prompts(path: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
     let base = path.parent().unwrap_or(Path::new("."));
-    resolve_text(&text, &file, base)
+    resolve_text_with_prompts(&text, &file, base, prompts_file)
 }
 
 pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErrors> {
+    resolve_text_with_prompts(text, file, base, None)
+}
+
+fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
     let fail = |diagnostics| SpecErrors { file: file.to_string(), diagnostics };
     let raw: RawSpec = toml::from_str(text).map_err(|e| fail(vec![crate::spec::toml_diagnostic(text, &e)]))?;
     let mut cx = Ctx { text, diags: Vec::new() };
@@ -289,7 +300,7 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
         format!("{:x}", sha2::Sha256::digest(text.as_bytes()))
     };
     let model = resolve_model(&mut cx, &raw.model);
-    let (prompts, corruption) = resolve_prompts(&mut cx, &raw, base);
+    let (prompts, corruption) = resolve_prompts(&mut cx, &raw, base, prompts_file);
     let metric = match &raw.metric {
         None => MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false },
         Some(m) => {
@@ -418,7 +429,7 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
 
 /// The prompts (none when the spec has no [prompts]: only runs that need none may then be
 /// given) and the corruption (None when the spec gives none and the prompts carry none).
-fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>, Option<Corruption>) {
+fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_file: Option<&Path>) -> (Vec<PromptPair>, Option<Corruption>) {
     let mut prompts: Vec<PromptPair> = Vec::new();
     let Some(p) = &raw.prompts else {
         if let Some(c) = &raw.corruption {
@@ -452,8 +463,9 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path) -> (Vec<PromptPair>
                 }
             }
         }
-        (None, Some(f)) => match prompts::read(&base.join(f.get_ref())) {
+        (None, Some(f)) => match prompts::read(&prompts_file.map(Path::to_path_buf).unwrap_or_else(|| base.join(f.get_ref()))) {
             Ok(v) => prompts = v,
+            Err(e) if prompts_file.is_some() => cx.at(f, "prompts.file (replaced by --prompts)", e),
             Err(e) => cx.at(f, "prompts.file", e),
         },
         (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# #13's GPU bench: TransformerLens 4.3 against tl-run on the same device in the same run, and the
+# Llama-3-8B-shaped bf16 model. Run from the bundle benches/gpu/prepare.sh makes (gpucheck/):
+#
+#   bash gpucheck/bench.sh ioi       GPT-2-small-shaped and SmolLM2-135M-shaped (random weights, the
+#                                    real config and tokenizer), f32 and bf16: TL vs tl-run table
+#   bash gpucheck/bench.sh llama8b   the 8B model: attribution of every target against one forward +
+#                                    backward, the head x position sweep of 100 IOI prompts, peak memory
+#
+# DEVICE (default cuda), HEADS_LIMIT (seconds for the 8B sweep, default 420), WORK (default
+# /tmp/tl-run-bench). benches/gpu/short.sh runs the same steps on CPU with tiny models in CI
+# (no timing gates): BIN, PY and MODELS point it at the repository's build, venv and fixtures.
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+BIN="${BIN:-$here/tl-run}"; PY="${PY:-python3}"; MODELS="${MODELS:-$here/models}"
+DEVICE="${DEVICE:-cuda}"; WORK="${WORK:-/tmp/tl-run-bench}"; HEADS_LIMIT="${HEADS_LIMIT:-420}"
+P_IOI="${P_IOI:-$here/experiments/prompts/ioi.jsonl}"; P_100="${P_100:-$here/ioi100.jsonl}"
+DTYPES="${DTYPES:-float32 bfloat16}"
+export HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore PYTHONUNBUFFERED=1
+mkdir -p "$WORK"
+now() { date +%s.%N; }
+minus() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", a - b }'; }
+
+poll_gpu_memory() {  # MiB used on the GPU every 100 ms into $1, until killed
+  if command -v nvidia-smi > /dev/null && [ "$DEVICE" != cpu ]; then
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$1" 2>/dev/null &
+  else
+    sleep 100000 > /dev/null &
+  fi
+  echo $!
+}
+
+ioi() {
+  ls "$MODELS/gpt2-small-shaped/"model*.safetensors > /dev/null 2>&1 || "$PY" "$here/gen_small.py" "$MODELS/gpt2-small-shaped"
+  ls "$MODELS/smollm2-shaped/"model*.safetensors > /dev/null 2>&1 || "$PY" "$here/gen_llama.py" "$MODELS/smollm2-shaped" > /dev/null
+  for case in "gpt2-small-shaped ioi_patching.toml ioi" "smollm2-shaped smollm2_patching.toml smollm2"; do
+    set -- $case
+    for dtype in $DTYPES; do
+      tag="${1}_$dtype"
+      rm -rf "$WORK/tlrun_$tag"
+      t0=$(now)
+      "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_$tag" --quiet > /dev/null \
+        || { echo "FAILED tl-run $tag"; continue; }
+      t1=$(now)
+      "$PY" "$here/tl_patching.py" "$MODELS/$1" "$P_IOI" "$DEVICE" "$dtype" "$3" "$WORK/tl_$tag.json" > /dev/null 2> "$WORK/tl_$tag.err" \
+        || { echo "FAILED TransformerLens $tag:"; tail -5 "$WORK/tl_$tag.err"; rm -f "$WORK/tl_$tag.json"; continue; }
+      t2=$(now)
+      echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1)}" > "$WORK/wall_$tag.json"
+      echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s (whole processes)"
+    done
+  done
+  "$PY" "$here/tables.py" ioi "$WORK"
+}
+
+llama8b() {
+  local m="$MODELS/llama8b"
+  ls "$m"/model*.safetensors > /dev/null 2>&1 || { t0=$(now); "$PY" "$here/gen_llama.py" "$m" && echo "generated in $(minus $(now) $t0) s"; }
+  poll=$(poll_gpu_memory "$WORK/gpumem_atp.csv")
+  t0=$(now)
+  "$BIN" run "$here/llama8b_atp.toml" --model-id "$m" --device "$DEVICE" --prompts "$P_100" --out "$WORK/atp" --fresh --quiet > /dev/null || echo "FAILED 8B attribution"
+  t1=$(now); kill $poll 2>/dev/null
+  "$BIN" plan "$here/llama8b_heads.toml" --model-id "$m" --device "$DEVICE" --prompts "$P_100" --json > "$WORK/plan_heads.json" 2>/dev/null
+  rm -rf "$WORK/heads"
+  poll=$(poll_gpu_memory "$WORK/gpumem_heads.csv")
+  t2=$(now)
+  timeout "$HEADS_LIMIT" "$BIN" run "$here/llama8b_heads.toml" --model-id "$m" --device "$DEVICE" --prompts "$P_100" --out "$WORK/heads" --quiet > /dev/null \
+    || echo "8B head x position sweep: stopped or failed (exit $?)"
+  t3=$(now); kill $poll 2>/dev/null
+  echo "{\"atp\": $(minus $t1 $t0), \"heads\": $(minus $t3 $t2), \"heads_start\": $t2}" > "$WORK/wall_llama8b.json"
+  timeout 150 "$PY" "$here/hf_fwd_bwd.py" "$m" "$P_100" "$DEVICE" bfloat16 > "$WORK/hf_fwd_bwd.json" 2> "$WORK/hf_fwd_bwd.err" \
+    || { echo "HF forward+backward reference failed:"; tail -3 "$WORK/hf_fwd_bwd.err"; }
+  "$PY" "$here/tables.py" llama8b "$WORK"
+}
+
+for part in "${@:-ioi llama8b}"; do
+  for p in $part; do "$p"; done
+done

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# benches/gpu/bench.sh in short mode, on CPU with tiny models, for CI (no timing gates): the
+# GPT-2 slot is the gpt2-tiny fixture, the SmolLM2 and 8B slots are tiny Llama-architecture
+# models that gen_llama.py draws (f32 and bf16) with the GPT-2 tokenizer, the 8B prompts are the
+# 8 IOI prompts. It checks that every step ran and that TransformerLens and tl-run agree in f32
+# (normalised metric, 1e-3 as in tests/activation_patching.rs).
+# Usage (from the repository root, after scripts/setup.sh and scripts/fixtures.sh):
+#   BIN=target/debug/tl-run bash benches/gpu/short.sh
+set -euo pipefail
+root="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$root"
+work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
+models="$work/models"; mkdir -p "$models"
+ln -s "$(readlink -f fixtures/gpt2-tiny)" "$models/gpt2-small-shaped"
+for m in smollm2-shaped llama8b; do
+  mkdir -p "$models/$m"; cp fixtures/gpt2-tiny/tokenizer.json fixtures/gpt2-tiny/tokenizer_config.json "$models/$m/"
+  dtype=float32; tie=true; [ $m = llama8b ] && dtype=bfloat16 && tie=false
+  cat > "$models/$m/config.json" <<JSON
+{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "num_hidden_layers": 3, "hidden_size": 64, "num_attention_heads": 4,
+ "num_key_value_heads": 2, "intermediate_size": 160, "vocab_size": 50257, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+ "rope_theta": 10000.0, "hidden_act": "silu", "torch_dtype": "$dtype", "tie_word_embeddings": $tie, "bos_token_id": 50256, "eos_token_id": 50256}
+JSON
+done
+log="$work/log"
+BIN="$root/${BIN:-target/release/tl-run}" PY="$root/.venv/bin/python" MODELS="$models" DEVICE=cpu WORK="$work/bench" \
+  P_IOI="$root/experiments/prompts/ioi.jsonl" P_100="$root/experiments/prompts/ioi.jsonl" DTYPES="float32" \
+  bash benches/gpu/bench.sh ioi llama8b 2>&1 | tee "$log"
+# Every step ran, and in f32 the two implementations agree.
+! grep -q FAILED "$log"
+[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32 ' "$log")" = 2 ]
+awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print "TransformerLens and tl-run differ: " $0; exit 1 } }' "$log"
+grep -q "attribution of every target" "$log" && grep -q "HF transformers forward+backward" "$log"
+grep -q "head x position sweep: .* (complete)" "$log"
+echo "benches/gpu/short.sh: every step ran"

@@ -1,0 +1,96 @@
+"""Prints the tables of benches/gpu/bench.sh from what its steps left in WORK.
+
+  ioi WORK:     TransformerLens vs tl-run per model and dtype (sweeps and whole command), and
+                the max |difference| of their patching values
+  llama8b WORK: the 8B attribution and head x position timings, peak GPU memory, and the
+                attribution time against one HF forward + backward
+"""
+import glob
+import json
+import os
+import sys
+
+import pyarrow.parquet as pq
+
+mode, work = sys.argv[1], sys.argv[2]
+SUFFIX = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+          "z": "attn.hook_z", "v": "attn.hook_v", "pattern": "attn.hook_pattern"}
+
+
+def tl_run_values(out_dir):
+    """{hook short name: {(layer, pos or head): value}} over the mean rows of every Parquet."""
+    vals = {}
+    for f in glob.glob(os.path.join(out_dir, "*.parquet")):
+        t = pq.read_table(f).to_pydict()
+        for i, hook in enumerate(t["hook"]):
+            if t["prompt"][i] is not None:
+                continue
+            short = next(k for k, s in SUFFIX.items() if hook.endswith(s))
+            idx = t["pos"][i] if t["pos"][i] is not None else t["head"][i]
+            vals.setdefault(short, {})[(t["layer"][i], idx)] = t["value"][i]
+    return vals
+
+
+def sweeps_seconds(manifest):
+    t = manifest["timings_seconds"]
+    return sum(v for k, v in t.items() if k == "clean and corrupted runs" or ": patch " in k)
+
+
+if mode == "ioi":
+    rows = []
+    for tl_json in sorted(glob.glob(os.path.join(work, "tl_*.json"))):
+        tag = os.path.basename(tl_json)[3:-5]
+        tl = json.load(open(tl_json))
+        run_dir = os.path.join(work, f"tlrun_{tag}")
+        m = json.load(open(os.path.join(run_dir, "manifest.json")))
+        wall = json.load(open(os.path.join(work, f"wall_{tag}.json")))
+        ours = tl_run_values(run_dir)
+        worst = 0.0
+        for hook, grid in tl["values"].items():
+            for layer, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    worst = max(worst, abs(v - ours[hook][(layer, j)]))
+        sw = sweeps_seconds(m)
+        rows.append((tag, tl["patching_s"], wall["tl"], sw, wall["tl_run"], worst))
+    print(f"{'model / dtype':<32} {'TL sweeps':>10} {'TL whole':>9} {'tl-run sweeps':>14} {'tl-run whole':>13} {'ratio sweeps':>13} {'ratio whole':>12} {'max |TL - tl-run|':>18}")
+    for tag, tls, tlw, sw, w, worst in rows:
+        print(f"{tag:<32} {tls:>9.2f}s {tlw:>8.2f}s {sw:>13.3f}s {w:>12.2f}s {tls / sw:>12.1f}x {tlw / w:>11.1f}x {worst:>18.2e}")
+elif mode == "llama8b":
+    def peak(name):
+        try:
+            return max(int(x) for x in open(os.path.join(work, f"gpumem_{name}.csv")).read().split() if x.strip().isdigit()) / 1024
+        except (OSError, ValueError):
+            return float("nan")
+    atp = json.load(open(os.path.join(work, "atp", "manifest.json")))
+    t = atp["timings_seconds"]
+    attribution = sum(v for k, v in t.items() if k in ("clean and corrupted runs", "corrupted forward+backward (1 pass)") or "attribution of" in k)
+    wall = json.load(open(os.path.join(work, "wall_llama8b.json")))
+    print("attribution of every target:", {k: round(v, 3) for k, v in t.items()})
+    print(f"  clean + corrupted runs, forward+backward and every target's products: {attribution:.2f} s; whole command {wall['atp']:.1f} s; peak GPU memory {peak('atp'):.1f} GiB")
+    try:
+        hf = json.loads(open(os.path.join(work, "hf_fwd_bwd.json")).read().strip().splitlines()[-1])
+        print(f"  one HF transformers forward+backward of the same batch: {hf['fwd_bwd_s']:.3f} s (peak {hf['peak_gib']} GiB): attribution = {attribution / hf['fwd_bwd_s']:.2f}x that")
+    except (OSError, ValueError, IndexError, KeyError) as e:
+        print("  no HF forward+backward reference:", e)
+    fb = t.get("corrupted forward+backward (1 pass)")
+    if fb:
+        print(f"  tl-run's own corrupted forward+backward pass: {fb:.3f} s: attribution = {attribution / fb:.2f}x that")
+    plan = json.load(open(os.path.join(work, "plan_heads.json")))
+    jobs = [j for j in plan if j["task"] == "patch"] if isinstance(plan, list) else []
+    total_cost = sum(j["cost"] for j in jobs)
+    stored = {os.path.basename(p)[:-8] for p in glob.glob(os.path.join(work, "heads", ".tl-run", "jobs", "*.parquet"))}
+    done = [j for j in jobs if j["key"] in stored]
+    done_cost = sum(j["cost"] for j in done)
+    hm = os.path.join(work, "heads", "manifest.json")
+    complete = os.path.exists(hm) and json.load(open(hm)).get("complete")
+    print(f"head x position sweep: {len(done)} of {len(jobs)} layer jobs stored, {done_cost / max(total_cost, 1e-9):.1%} of the plan's cost; "
+          f"whole command {wall['heads']:.1f} s ({'complete' if complete else 'stopped at its time limit'}); peak GPU memory {peak('heads'):.1f} GiB")
+    if complete:
+        ht = json.load(open(hm))["timings_seconds"]
+        print("  timings:", {k: round(v, 2) for k, v in ht.items() if not k.startswith("heads-by-pos: patch")})
+        print(f"  sweep jobs: {sum(v for k, v in ht.items() if k.startswith('heads-by-pos: patch')):.1f} s")
+    elif done_cost > 0:
+        last = max(os.path.getmtime(os.path.join(work, "heads", ".tl-run", "jobs", j["key"] + ".parquet")) for j in done)
+        so_far = last - wall["heads_start"]
+        print(f"  {so_far:.0f} s from the start to the last stored job; by the plan's cost that puts the whole command at about "
+              f"{so_far * total_cost / done_cost:.0f} s (an upper estimate: load and the clean/corrupted runs are scaled too; not a measurement)")
