@@ -2,7 +2,8 @@
 # The whole test suite from a fresh clone: set-up (if needed), fixtures, TransformerLens outputs
 # and reference logits (if stale), a single-node Slurm cluster for the array test (installed from
 # Debian if missing), every Rust test, then the regression gate over configs/zoo-ci.toml (its
-# table on stdout, check.parquet and JUnit XML under results/check/).
+# table on stdout, check.parquet and JUnit XML under results/check/), and the GPU bench's steps in
+# their short CPU mode (benches/gpu/short.sh: TransformerLens against tl-run, the 8B bench's specs).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -10,4 +11,5 @@ bash scripts/setup.sh
 bash scripts/fixtures.sh
 eval "$(bash scripts/slurm.sh)"
 cargo test --all-targets "$@"
+BIN=target/debug/tl-run bash benches/gpu/short.sh
 cargo run --quiet -- check configs/zoo-ci.toml --quiet --junit results/check/junit.xml
