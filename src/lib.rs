@@ -8,6 +8,7 @@ pub mod graph;
 pub mod model;
 pub mod output;
 pub mod panics;
+pub mod report;
 pub mod spec;
 
 pub use engine::forward::{Input, Stop};

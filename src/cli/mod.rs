@@ -69,6 +69,9 @@ pub enum Command {
         /// Inside a Slurm array task the default is SLURM_ARRAY_TASK_ID of SLURM_ARRAY_TASK_COUNT.
         #[arg(long)]
         shard: Option<String>,
+        /// Write `<output dir>/report.html` and `figures/` after the run (as `[output] report = true`).
+        #[arg(long)]
+        report: bool,
     },
     /// Print the job graph of a spec without running it: exactly the jobs `run` executes.
     Plan {
@@ -80,6 +83,15 @@ pub enum Command {
         /// Also show how the jobs split over this many shards (and each shard's cost).
         #[arg(long)]
         shards: Option<usize>,
+    },
+    /// Draw a results directory: one self-contained HTML page (inline SVG, no script, opens
+    /// offline) and one SVG per figure under figures/ beside it.
+    Report {
+        /// The output directory of a finished run (the spec's output.dir).
+        dir: PathBuf,
+        /// Write the page here instead of <DIR>/report.html.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Join the shard parts of a sharded run into one Parquet file per run and one manifest.
     Merge {
@@ -239,7 +251,13 @@ pub fn dispatch(args: Args) -> Result<()> {
             };
             cache(&model, &prompts, &hooks, &out, bos)
         }
-        Command::Run { spec, quiet, fresh, shard } => run(&spec, !quiet, fresh, shard.as_deref()),
+        Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
+        Command::Report { dir, out } => {
+            let t = std::time::Instant::now();
+            let w = tl_run::report::write(&dir, out.as_deref())?;
+            println!("wrote {} ({} KiB, {} figures under {}) in {:.2} s", w.page.display(), w.bytes / 1024, w.figures.len(), w.page.with_file_name("figures").display(), t.elapsed().as_secs_f64());
+            Ok(())
+        }
         Command::Plan { spec, json, shards } => plan(&spec, Some(PlanOutput { json, shards })),
         Command::Validate { spec } => plan(&spec, None),
         Command::Merge { dir, keep_shards } => {
@@ -408,7 +426,7 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
     Ok(())
 }
 
-fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>) -> Result<()> {
+fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: bool) -> Result<()> {
     use tl_run::graph::execute::{ExecOptions, ModelSource};
     let spec = read_spec(a)?;
     let shard = match shard {
@@ -442,6 +460,14 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>) -> Result
     println!("wrote {}", outcome.manifest.display());
     println!("{}", outcome.jobs);
     print!("{}", outcome.summary);
+    if report || spec.report {
+        if shard.is_some() {
+            println!("no report for one shard: run `tl-run merge {}`, then `tl-run report {}`", spec.output_dir.display(), spec.output_dir.display());
+        } else {
+            let w = tl_run::report::write(&spec.output_dir, None)?;
+            println!("wrote {} ({} figures)", w.page.display(), w.figures.len());
+        }
+    }
     Ok(())
 }
 

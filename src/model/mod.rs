@@ -108,12 +108,14 @@ impl Model {
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
         let json = read_json(&files.config)?;
         let (cfg, convert) = family(&json)?;
+        let started = std::time::Instant::now();
         let sd = checkpoint::StateDict::read(&files.weights)?;
         let (names, taken) = sd.names_and_taken();
         let weights = convert(sd, &cfg).map_err(|e| match e {
             Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
             e => e,
         })?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "checkpoint read and converted to the TransformerLens layout");
         // A tensor no converter step read is a checkpoint that does not match its config.
         let unused = checkpoint::unused(&names, &taken);
         if !unused.is_empty() {
@@ -133,7 +135,9 @@ impl Model {
             Some(t) => Some(TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json)?),
             None => None,
         };
+        let started = std::time::Instant::now();
         let mut model = Model::from_weights(cfg, weights, opts)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "weights processed and placed");
         model.tokenizer = tokenizer;
         model.files = Some(files);
         Ok(model)

@@ -126,4 +126,6 @@ pub struct RawCustomPattern {
 #[serde(deny_unknown_fields)]
 pub struct RawOutput {
     pub dir: Spanned<String>,
+    /// Write `<dir>/report.html` (and `figures/`) after the run.
+    pub report: Option<bool>,
 }

@@ -201,6 +201,8 @@ pub struct Spec {
     pub output_dir: PathBuf,
     /// sha256 of the spec file's bytes.
     pub spec_hash: String,
+    /// `[output] report = true`: write the HTML report after the run.
+    pub report: bool,
     /// The spec file, for messages.
     pub file: String,
     /// Go on (recording them in the manifest) when NaN/inf appear; stop with an error otherwise.
@@ -372,7 +374,8 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
         return Err(fail(cx.diags));
     }
     let corruption = corruption.unwrap_or(Corruption::SwapPairs);
-    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, file: file.to_string(), allow_nonfinite: raw.allow_nonfinite.unwrap_or(false) })
+    let report = raw.output.as_ref().and_then(|o| o.report).unwrap_or(false);
+    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, report, file: file.to_string(), allow_nonfinite: raw.allow_nonfinite.unwrap_or(false) })
 }
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {

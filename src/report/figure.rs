@@ -1,0 +1,419 @@
+//! From result rows to figures: which picture each run kind gets, and exactly which values it
+//! shows. Nothing here draws; `svg.rs` renders these descriptions.
+use std::collections::BTreeMap;
+
+use crate::output::table::Row;
+
+/// How values map to colour. Diverging scales are symmetric around zero, as in the
+/// TransformerLens demos (`color_continuous_midpoint=0`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scale {
+    Diverging { limit: f64 },
+    Sequential { min: f64, max: f64 },
+}
+
+impl Scale {
+    /// Diverging around 0, from −max|v| to +max|v|.
+    pub fn symmetric<'a>(values: impl Iterator<Item = &'a f64>) -> Scale {
+        let limit = values.filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs()));
+        Scale::Diverging { limit: if limit > 0.0 { limit } else { 1.0 } }
+    }
+
+    /// Diverging when any value is negative, else sequential from 0 (or the minimum) to the maximum.
+    pub fn for_values<'a>(values: impl Iterator<Item = &'a f64> + Clone) -> Scale {
+        let finite = values.filter(|v| v.is_finite());
+        let (min, max) = finite.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        if !min.is_finite() {
+            return Scale::Diverging { limit: 1.0 };
+        }
+        if min < 0.0 {
+            let limit = finite.fold(0.0f64, |m, v| m.max(v.abs()));
+            Scale::Diverging { limit: if limit > 0.0 { limit } else { 1.0 } }
+        } else {
+            Scale::Sequential { min: min.min(0.0), max: if max > min.min(0.0) { max } else { min.min(0.0) + 1.0 } }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Heatmap {
+    pub title: String,
+    pub x_title: String,
+    pub y_title: String,
+    pub x_ticks: Vec<String>,
+    pub y_ticks: Vec<String>,
+    /// cells[y][x]; None where the results hold no value.
+    pub cells: Vec<Vec<Option<f64>>>,
+    /// Hover text per cell (SVG <title>).
+    pub hover: Vec<Vec<String>>,
+    pub scale: Scale,
+    /// What the colour bar measures.
+    pub value_label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Bars {
+    pub title: String,
+    pub labels: Vec<String>,
+    pub values: Vec<f64>,
+    /// A reference value drawn as a line across the bars (ablation's unablated metric).
+    pub baseline: Option<f64>,
+    pub value_label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lines {
+    pub title: String,
+    pub x_ticks: Vec<String>,
+    pub series: Vec<(String, Vec<f64>)>,
+    pub value_label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Scatter {
+    pub title: String,
+    pub x_title: String,
+    pub y_title: String,
+    /// (x, y, hover text)
+    pub points: Vec<(f64, f64, String)>,
+    pub pearson: Option<f64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Figure {
+    Heatmap(Heatmap),
+    Bars(Bars),
+    Lines(Lines),
+    Scatter(Scatter),
+    Table(Table),
+}
+
+impl Figure {
+    /// What the figure's values are, for the caption under it.
+    pub fn caption(&self) -> String {
+        match self {
+            Figure::Heatmap(f) => format!("colour: {}; hover a cell for its value", f.value_label),
+            Figure::Bars(f) => format!("{}; hover a bar for its value", f.value_label),
+            Figure::Lines(f) => f.value_label.clone(),
+            Figure::Scatter(f) => format!("x: {}, y: {}; dashed: y = x", f.x_title, f.y_title),
+            Figure::Table(_) => "probability of each token".into(),
+        }
+    }
+
+    pub fn title(&self) -> &str {
+        match self {
+            Figure::Heatmap(f) => &f.title,
+            Figure::Bars(f) => &f.title,
+            Figure::Lines(f) => &f.title,
+            Figure::Scatter(f) => &f.title,
+            Figure::Table(f) => &f.title,
+        }
+    }
+}
+
+/// The figures of one run: those of the mean rows, and per prompt where the run kept them.
+#[derive(Debug, Clone)]
+pub struct RunFigures {
+    pub run: String,
+    pub kind: String,
+    pub figures: Vec<Figure>,
+    pub per_prompt: Vec<(i32, Vec<Figure>)>,
+}
+
+/// What a run's manifest entry adds to its figures: attribution's correlations with real
+/// patching, by hook name suffix (e.g. "hook_resid_pre", "attn.hook_z").
+#[derive(Debug, Clone, Default)]
+pub struct RunFacts {
+    pub pearson_by_hook: Vec<(String, f64)>,
+}
+
+impl RunFacts {
+    pub fn from_manifest(run: &serde_json::Value) -> RunFacts {
+        let mut pearson_by_hook = Vec::new();
+        for t in run.get("targets").and_then(|t| t.as_array()).into_iter().flatten() {
+            if let (Some(h), Some(r)) = (t.get("hook").and_then(|h| h.as_str()), t.pointer("/verify_top/pearson").and_then(|r| r.as_f64())) {
+                pearson_by_hook.push((h.to_string(), r));
+            }
+        }
+        RunFacts { pearson_by_hook }
+    }
+
+    fn pearson(&self, hook: &str) -> Option<f64> {
+        self.pearson_by_hook.iter().filter(|(h, _)| hook.ends_with(h.as_str())).max_by_key(|(h, _)| h.len()).map(|(_, r)| *r)
+    }
+}
+
+/// Figures for a run of `kind` from its rows. `metric` names the value's units for colour bars.
+pub fn run_figures(run: &str, kind: &str, rows: &[Row], facts: &RunFacts, metric: &str) -> RunFigures {
+    let (mean, by_prompt) = split_by_prompt(rows);
+    let figures = kind_figures(run, kind, &mean, facts, metric, None);
+    let per_prompt = by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, kind, &rs, facts, metric, Some(p)))).collect();
+    RunFigures { run: run.to_string(), kind: kind.to_string(), figures, per_prompt }
+}
+
+fn split_by_prompt(rows: &[Row]) -> (Vec<&Row>, BTreeMap<i32, Vec<&Row>>) {
+    let mut mean = Vec::new();
+    let mut by = BTreeMap::new();
+    for r in rows {
+        match r.prompt {
+            None => mean.push(r),
+            Some(p) => by.entry(p).or_insert_with(Vec::new).push(r),
+        }
+    }
+    (mean, by)
+}
+
+fn kind_figures(run: &str, kind: &str, rows: &[&Row], facts: &RunFacts, metric: &str, prompt: Option<i32>) -> Vec<Figure> {
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    let suffix = prompt.map(|p| format!(" (prompt {p})")).unwrap_or_default();
+    match kind {
+        "activation_patching" | "attribution_patching" => {
+            let value_label = if kind == "attribution_patching" { format!("estimated change of {metric}") } else { metric.to_string() };
+            let mut out = Vec::new();
+            for (hook, rs) in group_by(rows, |r| hook_family(&r.hook)) {
+                out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, &value_label));
+                let verified: Vec<&Row> = rs.iter().copied().filter(|r| r.patched.is_some()).collect();
+                if !verified.is_empty() {
+                    out.push(Figure::Scatter(Scatter {
+                        title: format!("{run}: {hook}, attribution against real patching{suffix}"),
+                        x_title: "attribution estimate".into(),
+                        y_title: "activation patching".into(),
+                        points: verified.iter().map(|r| (r.value, r.patched.unwrap_or(f64::NAN), cell_name(r))).collect(),
+                        pearson: facts.pearson(&hook),
+                    }));
+                }
+            }
+            out
+        }
+        "logit_lens" => logit_lens_figures(run, rows, &suffix),
+        "direct_logit_attribution" => dla_figures(run, rows, &suffix),
+        "head_scores" => group_by(rows, |r| format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default()))
+            .into_iter()
+            .map(|(p, rs)| grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| (r.layer.unwrap_or(0), r.head.unwrap_or(0))))
+            .collect(),
+        "ablation" => {
+            let baseline = rows.iter().find(|r| r.label.as_deref() == Some("baseline")).map(|r| r.value);
+            let units: Vec<&&Row> = rows.iter().filter(|r| r.label.as_deref() != Some("baseline")).collect();
+            vec![Figure::Bars(Bars {
+                title: format!("{run}: ablated units{suffix}"),
+                labels: units.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+                values: units.iter().map(|r| r.value).collect(),
+                baseline,
+                value_label: metric.to_string(),
+            })]
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Rows grouped by `key`, groups in the order their first row appears.
+fn group_by<'a>(rows: &[&'a Row], key: impl Fn(&Row) -> String) -> Vec<(String, Vec<&'a Row>)> {
+    let mut out: Vec<(String, Vec<&Row>)> = Vec::new();
+    for r in rows {
+        let k = key(r);
+        match out.iter_mut().find(|(g, _)| *g == k) {
+            Some((_, v)) => v.push(r),
+            None => out.push((k, vec![r])),
+        }
+    }
+    out
+}
+
+/// A hook name with its layer made a wildcard ("blocks.3.attn.hook_z" → "blocks.*.attn.hook_z"):
+/// one figure covers a hook at every layer.
+pub fn hook_family(hook: &str) -> String {
+    match hook.strip_prefix("blocks.").and_then(|rest| rest.split_once('.')) {
+        Some((layer, rest)) if layer.chars().all(|c| c.is_ascii_digit()) => format!("blocks.*.{rest}"),
+        _ => hook.to_string(),
+    }
+}
+
+/// "L3H7", "L3 pos 5", ...: a cell's name for hover text.
+fn cell_name(r: &Row) -> String {
+    let mut s = String::new();
+    if let Some(l) = r.layer {
+        s.push_str(&format!("L{l}"));
+    }
+    if let Some(h) = r.head {
+        s.push_str(&format!("H{h}"));
+    }
+    if let Some(n) = r.neuron {
+        s.push_str(&format!("N{n}"));
+    }
+    if let Some(p) = r.pos {
+        s.push_str(&format!(" pos {p}"));
+    }
+    if let Some(d) = r.dest_pos {
+        s.push_str(&format!(" dest {d}"));
+    }
+    if let Some(p) = r.src_pos {
+        s.push_str(&format!(" src {p}"));
+    }
+    if let Some(t) = &r.token {
+        s.push_str(&format!(" {t:?}"));
+    }
+    s.trim().to_string()
+}
+
+/// A position's axis label: its index and the token there (prompt 0's for mean rows).
+pub fn pos_label(pos: i32, token: Option<&str>) -> String {
+    match token {
+        Some(t) => format!("{pos} {t:?}"),
+        None => pos.to_string(),
+    }
+}
+
+fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
+    let has = |f: fn(&Row) -> bool| rows.iter().any(|r| f(r));
+    let (pos, head, dest) = (has(|r| r.pos.is_some()), has(|r| r.head.is_some()), has(|r| r.dest_pos.is_some()));
+    if dest {
+        // Pattern entries: the entry with the largest |value| per head, so the heads that
+        // matter stand out; the hover text names the entry.
+        let mut best: BTreeMap<(i32, i32), &Row> = BTreeMap::new();
+        for r in rows {
+            let k = (r.layer.unwrap_or(0), r.head.unwrap_or(0));
+            if best.get(&k).is_none_or(|b| r.value.abs() > b.value.abs()) {
+                best.insert(k, r);
+            }
+        }
+        let picked: Vec<&Row> = best.into_values().collect();
+        return layer_by_head(&format!("{title}, largest |value| over (dest, src) per head"), &picked, value_label);
+    }
+    match (pos, head) {
+        (true, false) => grid(title, rows, value_label, "position", "layer", |r| (r.layer.unwrap_or(0), r.pos.unwrap_or(0))),
+        (false, true) => layer_by_head(title, rows, value_label),
+        (true, true) => {
+            let heads = rows.iter().filter_map(|r| r.head).max().unwrap_or(0) + 1;
+            let mut f = grid(title, rows, value_label, "position", "layer, head", |r| (r.layer.unwrap_or(0) * heads + r.head.unwrap_or(0), r.pos.unwrap_or(0)));
+            if let Figure::Heatmap(h) = &mut f {
+                h.y_ticks = (0..h.y_ticks.len() as i32).map(|i| format!("L{}H{}", i / heads, i % heads)).collect();
+            }
+            f
+        }
+        (false, false) => {
+            let rs: Vec<&&Row> = rows.iter().collect();
+            Figure::Bars(Bars {
+                title: title.to_string(),
+                labels: rs.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+                values: rs.iter().map(|r| r.value).collect(),
+                baseline: None,
+                value_label: value_label.to_string(),
+            })
+        }
+    }
+}
+
+fn layer_by_head(title: &str, rows: &[&Row], value_label: &str) -> Figure {
+    grid(title, rows, value_label, "head", "layer", |r| (r.layer.unwrap_or(0), r.head.unwrap_or(0)))
+}
+
+/// A heatmap with a row per `at(r).0` and a column per `at(r).1`; x ticks carry the tokens when
+/// the columns are positions.
+fn grid(title: &str, rows: &[&Row], value_label: &str, x_title: &str, y_title: &str, at: impl Fn(&Row) -> (i32, i32)) -> Figure {
+    grid_on(title, rows, value_label, x_title, y_title, true, at)
+}
+
+/// `diverging`: a red-white-blue scale symmetric around 0 (patching, attribution, DLA), else
+/// one chosen from the values (head scores: viridis when none is negative).
+fn grid_on(title: &str, rows: &[&Row], value_label: &str, x_title: &str, y_title: &str, diverging: bool, at: impl Fn(&Row) -> (i32, i32)) -> Figure {
+    let ny = rows.iter().map(|r| at(r).0).max().unwrap_or(0).max(0) as usize + 1;
+    let nx = rows.iter().map(|r| at(r).1).max().unwrap_or(0).max(0) as usize + 1;
+    let mut cells = vec![vec![None; nx]; ny];
+    let mut hover = vec![vec![String::new(); nx]; ny];
+    let mut tokens: Vec<Option<String>> = vec![None; nx];
+    for r in rows {
+        let (y, x) = at(r);
+        if y < 0 || x < 0 {
+            continue;
+        }
+        let (y, x) = (y as usize, x as usize);
+        cells[y][x] = Some(r.value);
+        hover[y][x] = format!("{}: {}", cell_name(r), crate::report::svg::num(r.value));
+        if x_title == "position" && tokens[x].is_none() {
+            tokens[x] = r.token.clone();
+        }
+    }
+    let x_ticks = (0..nx).map(|x| if x_title == "position" { pos_label(x as i32, tokens[x].as_deref()) } else { x.to_string() }).collect();
+    let scale = if diverging { Scale::symmetric(cells.iter().flatten().flatten()) } else { Scale::for_values(cells.iter().flatten().flatten()) };
+    Figure::Heatmap(Heatmap {
+        title: title.to_string(),
+        x_title: x_title.into(),
+        y_title: y_title.into(),
+        x_ticks,
+        y_ticks: (0..ny).map(|y| y.to_string()).collect(),
+        cells,
+        hover,
+        scale,
+        value_label: value_label.to_string(),
+    })
+}
+
+fn logit_lens_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
+    let lens: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_none()).collect();
+    let mut out = Vec::new();
+    if !lens.is_empty() {
+        out.push(Figure::Lines(Lines {
+            title: format!("{run}: accumulated residual along the answer direction{suffix}"),
+            x_ticks: lens.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            series: vec![("logit difference".into(), lens.iter().map(|r| r.value).collect())],
+            value_label: "logit difference".into(),
+        }));
+    }
+    let top: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_some()).collect();
+    if !top.is_empty() {
+        let mut rows_out = Vec::new();
+        for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {
+            let mut rs = rs;
+            rs.sort_by_key(|r| r.rank);
+            rows_out.push(std::iter::once(label).chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value))).collect());
+        }
+        let k = top.iter().filter_map(|r| r.rank).max().unwrap_or(0) + 1;
+        out.push(Figure::Table(Table {
+            title: format!("{run}: most probable next tokens at the last position{suffix}"),
+            header: std::iter::once("label".to_string()).chain((1..=k).map(|i| format!("#{i}"))).collect(),
+            rows: rows_out,
+        }));
+    }
+    out
+}
+
+fn dla_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
+    let neurons: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_some()).collect();
+    let heads: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_some()).collect();
+    let rest: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_none()).collect();
+    let mut out = Vec::new();
+    if !rest.is_empty() {
+        out.push(Figure::Bars(Bars {
+            title: format!("{run}: direct logit attribution per component{suffix}"),
+            labels: rest.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            values: rest.iter().map(|r| r.value).collect(),
+            baseline: None,
+            value_label: "logit difference".into(),
+        }));
+    }
+    if !heads.is_empty() {
+        out.push(layer_by_head(&format!("{run}: direct logit attribution per head{suffix}"), &heads, "logit difference"));
+    }
+    if !neurons.is_empty() {
+        let mut top = neurons.clone();
+        top.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+        top.truncate(20);
+        out.push(Figure::Bars(Bars {
+            title: format!("{run}: the 20 neurons with the largest |direct logit attribution|{suffix}"),
+            labels: top.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            values: top.iter().map(|r| r.value).collect(),
+            baseline: None,
+            value_label: "logit difference".into(),
+        }));
+    }
+    out
+}

@@ -1,0 +1,149 @@
+//! `tl-run report`: the pictures of a results directory as one self-contained HTML page
+//! (`report.html`) plus one SVG per figure under `figures/`.
+//!
+//! figure.rs decides what each run kind shows (rows → figure descriptions, unit-tested);
+//! svg.rs draws them; html.rs lays out the page.
+pub mod figure;
+pub mod html;
+pub mod svg;
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::output::atomic;
+use crate::output::table::read_parquet;
+
+/// What was written.
+#[derive(Debug)]
+pub struct Written {
+    pub page: PathBuf,
+    pub figures: Vec<PathBuf>,
+    pub bytes: u64,
+}
+
+/// Reads `dir` (a finished run's output directory) and writes the report to `out` (default
+/// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
+pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| Error::Config(format!("{}: {e}; is {} a tl-run results directory (the spec's output.dir)?", manifest_path.display(), dir.display())))?;
+    let manifest: Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
+    let metric = metric_label(&manifest);
+    let mut runs = Vec::new();
+    for name in run_order(&manifest) {
+        let entry = &manifest["runs"][&name];
+        let file = entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
+        let path = dir.join(&file);
+        if !path.exists() {
+            let sharded = dir.join(&name).is_dir();
+            return Err(Error::Config(format!(
+                "run '{name}': {} is missing{}",
+                path.display(),
+                if sharded { "; this directory holds shards: join them first with `tl-run merge DIR`" } else { "; did the run finish (manifest.json's \"complete\")?" }
+            )));
+        }
+        let (rows, _) = read_parquet(&path)?;
+        let kind = entry.get("kind").and_then(Value::as_str).or_else(|| rows.first().map(|r| r.kind.as_str())).unwrap_or("").to_string();
+        runs.push(figure::run_figures(&name, &kind, &rows, &figure::RunFacts::from_manifest(entry), &metric));
+    }
+    let page_path = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join("report.html"));
+    let fig_dir = page_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("figures");
+    let mut figures = Vec::new();
+    for r in &runs {
+        let all = r.figures.iter().map(|f| (None, f)).chain(r.per_prompt.iter().flat_map(|(p, fs)| fs.iter().map(move |f| (Some(*p), f))));
+        for (i, (prompt, f)) in all.enumerate() {
+            if let Some(svg) = svg::render(f) {
+                let stem = match prompt {
+                    Some(p) => format!("{}-prompt{p}-{i}", r.run),
+                    None => format!("{}-{i}", r.run),
+                };
+                let path = fig_dir.join(format!("{}.svg", sanitize(&stem)));
+                atomic::write_bytes(&path, svg.as_bytes())?;
+                figures.push(path);
+            }
+        }
+    }
+    // Figures of an earlier report of this directory that this one did not redraw.
+    if let Ok(entries) = std::fs::read_dir(&fig_dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "svg") && !figures.contains(&p) {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+    let title = format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
+    let page = html::page(&title, &facts(&manifest, &metric), &runs);
+    atomic::write_bytes(&page_path, page.as_bytes())?;
+    Ok(Written { page: page_path, figures, bytes: page.len() as u64 })
+}
+
+/// File-name-safe stem (run names are already checked, but prompts and indices are appended).
+fn sanitize(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '_' }).collect()
+}
+
+/// Runs in the spec's order (the manifest's object is keyed by name).
+fn run_order(m: &Value) -> Vec<String> {
+    let from_spec: Vec<String> = m.pointer("/spec/runs").and_then(Value::as_array).into_iter().flatten().filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_string)).collect();
+    let known: Vec<String> = m.get("runs").and_then(Value::as_object).map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let mut order: Vec<String> = from_spec.into_iter().filter(|n| known.contains(n)).collect();
+    for k in known {
+        if !order.contains(&k) {
+            order.push(k);
+        }
+    }
+    order
+}
+
+/// The metric's name as the colour bars show it.
+pub fn metric_label(m: &Value) -> String {
+    let kind = m.pointer("/spec/metric/kind").and_then(Value::as_str).unwrap_or("logit_diff");
+    let name = match kind {
+        "logit_diff" => "logit difference",
+        "logprob" => "log-probability of the answer",
+        "prob" => "probability of the answer",
+        other => other,
+    };
+    if m.pointer("/spec/metric/normalize").and_then(Value::as_bool).unwrap_or(false) {
+        format!("{name}, normalised (m − corrupted) / (clean − corrupted)")
+    } else {
+        name.to_string()
+    }
+}
+
+fn facts(m: &Value, metric: &str) -> Vec<html::Fact> {
+    let esc = html::escape;
+    let s = |p: &str| m.pointer(p).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "—".into());
+    let mut out: Vec<html::Fact> = vec![
+        ("model".into(), format!("<code>{}</code> ({})", esc(&s("/model/id")), esc(&s("/model/family")))),
+        ("revision".into(), esc(&s("/model/resolved_commit").replace("null", "local files"))),
+    ];
+    let weights: Vec<String> = m.pointer("/model/weights").and_then(Value::as_array).into_iter().flatten()
+        .map(|w| format!("<code>{}</code> sha256 {}", esc(w.get("file").and_then(Value::as_str).unwrap_or("")), esc(&w.get("sha256").and_then(Value::as_str).unwrap_or("").chars().take(16).collect::<String>())))
+        .collect();
+    out.push(("weights".into(), weights.join("<br>")));
+    out.push(("dtype, device".into(), format!("{}, {}", esc(&s("/dtype")), esc(&s("/device")))));
+    let processing: Vec<String> = m.pointer("/model/processing").and_then(Value::as_object).into_iter().flatten().map(|(k, v)| format!("{k} = {v}")).collect();
+    out.push(("processing".into(), esc(&processing.join(", "))));
+    let prompts: Vec<String> = m.pointer("/spec/prompts").and_then(Value::as_array).into_iter().flatten().take(4)
+        .map(|p| format!("{} → {}", esc(&format!("{:?}", p.get("clean").and_then(Value::as_str).unwrap_or(""))), esc(&format!("{:?}", p.get("correct").and_then(Value::as_str).unwrap_or("")))))
+        .collect();
+    let n = m.pointer("/spec/prompts").and_then(Value::as_array).map_or(0, Vec::len);
+    out.push((format!("prompts ({n})"), format!("{}{}", prompts.join("<br>"), if n > 4 { format!("<br>… and {} more", n - 4) } else { String::new() })));
+    out.push(("metric".into(), esc(metric)));
+    if let (Some(c), Some(k)) = (m.pointer("/metric/clean_baseline").and_then(Value::as_f64), m.pointer("/metric/corrupted_baseline").and_then(Value::as_f64)) {
+        out.push(("baselines".into(), format!("clean {c:.4}, corrupted {k:.4}")));
+    }
+    if let Some(t) = m.get("timings_seconds").and_then(Value::as_object) {
+        let total: f64 = t.values().filter_map(Value::as_f64).sum();
+        out.push(("time".into(), format!("{total:.2} s over {} timed steps", t.len())));
+    }
+    out.push(("tl-run".into(), format!("{} (commit {})", esc(&s("/tl_run/version")), esc(&s("/tl_run/git_commit").chars().take(12).collect::<String>()))));
+    if m.get("complete").and_then(Value::as_bool) == Some(false) {
+        out.push(("status".into(), "<b>incomplete</b>: the run stopped before its last job".into()));
+    }
+    out
+}

@@ -1,0 +1,268 @@
+//! Figures as standalone SVG documents (built with the `svg` crate, which escapes text). Every
+//! cell, bar and point carries a <title>, which browsers show as hover text; no script.
+use svg::node::element::{Group, Line, Rectangle, Text, Title};
+use svg::Document;
+
+use crate::report::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table};
+
+const FONT: &str = "font-family:system-ui,sans-serif;font-size:11px";
+const TITLE_H: f64 = 28.0;
+
+/// The SVG of a figure; None for tables, which the page shows as HTML.
+pub fn render(f: &Figure) -> Option<String> {
+    match f {
+        Figure::Heatmap(h) => Some(heatmap(h).to_string()),
+        Figure::Bars(b) => Some(bars(b).to_string()),
+        Figure::Lines(l) => Some(lines(l).to_string()),
+        Figure::Scatter(s) => Some(scatter(s).to_string()),
+        Figure::Table(_) => None,
+    }
+}
+
+/// CSS colour of `v` on `scale`: ColorBrewer RdBu (negative red, positive blue, white at zero,
+/// as TransformerLens's demos draw with plotly's RdBu) or viridis; grey where there is no value.
+pub fn colour(scale: &Scale, v: Option<f64>) -> String {
+    let Some(v) = v.filter(|v| v.is_finite()) else { return "#d9d9d9".into() };
+    let c = match *scale {
+        Scale::Diverging { limit } => colorous::RED_BLUE.eval_continuous(((v / limit).clamp(-1.0, 1.0) + 1.0) / 2.0),
+        Scale::Sequential { min, max } => colorous::VIRIDIS.eval_continuous(((v - min) / (max - min)).clamp(0.0, 1.0)),
+    };
+    format!("#{:x}", c)
+}
+
+/// A tick or hover number: three decimals, or scientific notation for small magnitudes.
+pub fn num(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
+/// Room for a title of `s` in the figure's width.
+fn title_width(s: &str) -> f64 {
+    20.0 + 8.0 * s.chars().count() as f64
+}
+
+fn text(x: f64, y: f64, s: &str) -> Text {
+    Text::new(s).set("x", x).set("y", y).set("style", FONT)
+}
+
+fn title_text(s: &str) -> Text {
+    text(8.0, 18.0, s).set("style", "font-family:system-ui,sans-serif;font-size:13px;font-weight:600")
+}
+
+/// Shows at most ~`max` tick labels: every k-th.
+fn tick_step(n: usize, max: usize) -> usize {
+    n.div_ceil(max).max(1)
+}
+
+fn doc(width: f64, height: f64) -> Document {
+    Document::new().set("viewBox", (0, 0, width, height)).set("width", width).set("height", height).set("role", "img")
+}
+
+fn heatmap(h: &Heatmap) -> Document {
+    let ny = h.cells.len().max(1);
+    let nx = h.cells.first().map_or(1, |r| r.len()).max(1);
+    let cw = (720.0 / nx as f64).clamp(5.0, 34.0);
+    let ch = (420.0 / ny as f64).clamp(4.0, 24.0);
+    let longest_x = h.x_ticks.iter().map(|t| t.chars().count()).max().unwrap_or(1) as f64;
+    let longest_y = h.y_ticks.iter().map(|t| t.chars().count()).max().unwrap_or(1) as f64;
+    let (left, top) = (28.0 + 7.0 * longest_y, TITLE_H + 8.0);
+    let bottom = 30.0 + 6.0 * longest_x.min(24.0);
+    let (pw, ph) = (cw * nx as f64, ch * ny as f64);
+    let width = (left + pw + 100.0).max(420.0).max(title_width(&h.title));
+    let height = top + ph + bottom;
+    let mut cells = Group::new().set("class", "cells");
+    for (y, row) in h.cells.iter().enumerate() {
+        for (x, v) in row.iter().enumerate() {
+            let hover = h.hover.get(y).and_then(|r| r.get(x)).cloned().unwrap_or_default();
+            let hover = if hover.is_empty() { format!("{} {}, {} {}: no value", h.y_title, h.y_ticks[y], h.x_title, h.x_ticks[x]) } else { hover };
+            cells = cells.add(
+                Rectangle::new()
+                    .set("x", left + x as f64 * cw)
+                    .set("y", top + y as f64 * ch)
+                    .set("width", cw)
+                    .set("height", ch)
+                    .set("fill", colour(&h.scale, *v))
+                    .set("data-y", y)
+                    .set("data-x", x)
+                    .set("data-value", v.map(|v| format!("{v:e}")).unwrap_or_default())
+                    .add(Title::new(hover)),
+            );
+        }
+    }
+    let mut axes = Group::new();
+    let ys = tick_step(ny, (ph / 11.0) as usize);
+    for (y, t) in h.y_ticks.iter().enumerate().step_by(ys) {
+        axes = axes.add(text(left - 4.0, top + (y as f64 + 0.5) * ch + 4.0, t).set("text-anchor", "end"));
+    }
+    let xs = tick_step(nx, (pw / 11.0) as usize);
+    for (x, t) in h.x_ticks.iter().enumerate().step_by(xs) {
+        let (tx, ty) = (left + (x as f64 + 0.5) * cw + 3.0, top + ph + 6.0);
+        axes = axes.add(text(tx, ty, t).set("class", "xtick").set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
+    }
+    axes = axes
+        .add(text(left + pw / 2.0, height - 6.0, &h.x_title).set("text-anchor", "middle"))
+        .add(text(12.0, top + ph / 2.0, &h.y_title).set("text-anchor", "middle").set("transform", format!("rotate(-90 12 {})", top + ph / 2.0)));
+    doc(width, height).add(title_text(&h.title)).add(cells).add(axes).add(colour_bar(&h.scale, &h.value_label, left + pw + 24.0, top, ph.max(80.0)))
+}
+
+/// A vertical colour bar with its ends, zero (diverging) and the measured quantity.
+fn colour_bar(scale: &Scale, label: &str, x: f64, y: f64, h: f64) -> Group {
+    let (lo, hi) = match *scale {
+        Scale::Diverging { limit } => (-limit, limit),
+        Scale::Sequential { min, max } => (min, max),
+    };
+    let steps = 40;
+    let mut g = Group::new().set("class", "colourbar");
+    for i in 0..steps {
+        let v = hi - (hi - lo) * (i as f64 + 0.5) / steps as f64;
+        g = g.add(Rectangle::new().set("x", x).set("y", y + h * i as f64 / steps as f64).set("width", 12).set("height", h / steps as f64 + 0.5).set("fill", colour(scale, Some(v))));
+    }
+    g = g.add(text(x + 16.0, y + 8.0, &num(hi))).add(text(x + 16.0, y + h, &num(lo)));
+    if matches!(scale, Scale::Diverging { .. }) {
+        g = g.add(text(x + 16.0, y + h / 2.0 + 4.0, "0"));
+    }
+    // The full name of the measure is in the caption; the bar's <title> carries it on hover.
+    g.add(Title::new(label.to_string()))
+}
+
+/// y axis for values in [lo, hi] drawn over [top, top + h]: the pixel of a value.
+fn y_of(lo: f64, hi: f64, top: f64, h: f64) -> impl Fn(f64) -> f64 {
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    move |v: f64| top + h * (hi - v) / span
+}
+
+fn value_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.filter(|v| v.is_finite()).fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let pad = (hi - lo).max(1e-9) * 0.05;
+    (lo - if lo < 0.0 { pad } else { 0.0 }, hi + if hi > 0.0 { pad } else { 0.0 })
+}
+
+fn y_axis(lo: f64, hi: f64, left: f64, top: f64, h: f64, w: f64, label: &str) -> Group {
+    let y = y_of(lo, hi, top, h);
+    let mut g = Group::new().set("class", "axis");
+    for i in 0..=4 {
+        let v = lo + (hi - lo) * i as f64 / 4.0;
+        g = g.add(Line::new().set("x1", left).set("x2", left + w).set("y1", y(v)).set("y2", y(v)).set("stroke", "#e5e5e5"));
+        g = g.add(text(left - 4.0, y(v) + 4.0, &num(v)).set("text-anchor", "end"));
+    }
+    g.add(Line::new().set("x1", left).set("x2", left + w).set("y1", y(0.0)).set("y2", y(0.0)).set("stroke", "#777"))
+        .add(text(12.0, top + h / 2.0, label).set("text-anchor", "middle").set("transform", format!("rotate(-90 12 {})", top + h / 2.0)))
+}
+
+fn bars(b: &Bars) -> Document {
+    let n = b.values.len().max(1);
+    let bw = (640.0 / n as f64).clamp(4.0, 36.0);
+    let longest = b.labels.iter().map(|t| t.chars().count()).max().unwrap_or(1) as f64;
+    let (left, top, h) = (70.0, TITLE_H + 10.0, 260.0);
+    let pw = bw * n as f64;
+    let width = (left + pw + 30.0).max(420.0).max(title_width(&b.title));
+    let height = top + h + 24.0 + 6.0 * longest.min(28.0);
+    let (lo, hi) = value_range(b.values.iter().copied().chain(b.baseline));
+    let y = y_of(lo, hi, top, h);
+    let scale = Scale::Diverging { limit: b.values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12) };
+    let mut g = Group::new().set("class", "bars");
+    for (i, (label, v)) in b.labels.iter().zip(&b.values).enumerate() {
+        let (y0, y1) = (y(0.0), y(*v));
+        g = g.add(
+            Rectangle::new()
+                .set("x", left + i as f64 * bw + bw * 0.1)
+                .set("y", y0.min(y1))
+                .set("width", bw * 0.8)
+                .set("height", (y1 - y0).abs().max(0.5))
+                .set("fill", colour(&scale, Some(*v)))
+                .set("stroke", "#555")
+                .set("stroke-width", 0.3)
+                .set("data-value", format!("{v:e}"))
+                .add(Title::new(format!("{label}: {}", num(*v)))),
+        );
+    }
+    let step = tick_step(n, (pw / 11.0) as usize);
+    let mut ticks = Group::new();
+    for (i, label) in b.labels.iter().enumerate().step_by(step) {
+        let (tx, ty) = (left + (i as f64 + 0.5) * bw + 3.0, top + h + 8.0);
+        ticks = ticks.add(text(tx, ty, label).set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
+    }
+    let mut d = doc(width, height).add(title_text(&b.title)).add(y_axis(lo, hi, left, top, h, pw, &b.value_label)).add(g).add(ticks);
+    if let Some(base) = b.baseline {
+        d = d.add(
+            Line::new().set("x1", left).set("x2", left + pw).set("y1", y(base)).set("y2", y(base)).set("stroke", "#000").set("stroke-dasharray", "5 3").add(Title::new(format!("baseline (nothing ablated): {base:.4}"))),
+        );
+        d = d.add(text(left + pw + 2.0, y(base) - 3.0, "baseline"));
+    }
+    d
+}
+
+fn lines(l: &Lines) -> Document {
+    let n = l.x_ticks.len().max(2);
+    let step_w = (640.0 / (n - 1) as f64).clamp(8.0, 48.0);
+    let longest = l.x_ticks.iter().map(|t| t.chars().count()).max().unwrap_or(1) as f64;
+    let (left, top, h) = (70.0, TITLE_H + 10.0, 240.0);
+    let pw = step_w * (n - 1) as f64;
+    let width = (left + pw + 40.0).max(420.0).max(title_width(&l.title));
+    let height = top + h + 24.0 + 6.0 * longest.min(24.0);
+    let (lo, hi) = value_range(l.series.iter().flat_map(|(_, v)| v.iter().copied()));
+    let y = y_of(lo, hi, top, h);
+    let mut d = doc(width, height).add(title_text(&l.title)).add(y_axis(lo, hi, left, top, h, pw, &l.value_label));
+    let palette = ["#1f4e99", "#b2182b", "#4d9221", "#762a83"];
+    for (si, (name, values)) in l.series.iter().enumerate() {
+        let pts: Vec<String> = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.2},{:.2}", left + i as f64 * step_w, y(*v))).collect();
+        let c = palette[si % palette.len()];
+        d = d.add(svg::node::element::Polyline::new().set("points", pts.join(" ")).set("fill", "none").set("stroke", c).set("stroke-width", 1.8).add(Title::new(name.clone())));
+        for (i, v) in values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
+            d = d.add(svg::node::element::Circle::new().set("cx", left + i as f64 * step_w).set("cy", y(*v)).set("r", 3).set("fill", c).set("data-value", format!("{v:e}")).add(Title::new(format!("{}: {v:.4}", l.x_ticks[i]))));
+        }
+    }
+    let step = tick_step(n, (pw / 11.0).max(1.0) as usize);
+    for (i, t) in l.x_ticks.iter().enumerate().step_by(step) {
+        let (tx, ty) = (left + i as f64 * step_w + 3.0, top + h + 8.0);
+        d = d.add(text(tx, ty, t).set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
+    }
+    d
+}
+
+fn scatter(s: &Scatter) -> Document {
+    let (left, top, side): (f64, f64, f64) = (70.0, TITLE_H + 10.0, 300.0);
+    let width = (left + side + 40.0).max(title_width(&s.title));
+    let height = top + side + 50.0;
+    let (lo, hi) = value_range(s.points.iter().flat_map(|(x, y, _)| [*x, *y]));
+    let px = |v: f64| left + side * (v - lo) / (hi - lo).max(1e-12);
+    let py = y_of(lo, hi, top, side);
+    let mut d = doc(width, height).add(title_text(&s.title)).add(y_axis(lo, hi, left, top, side, side, &s.y_title));
+    d = d.add(Line::new().set("x1", px(lo)).set("y1", py(lo)).set("x2", px(hi)).set("y2", py(hi)).set("stroke", "#999").set("stroke-dasharray", "4 3").add(Title::new("y = x")));
+    for (x, y, label) in &s.points {
+        if x.is_finite() && y.is_finite() {
+            d = d.add(svg::node::element::Circle::new().set("cx", px(*x)).set("cy", py(*y)).set("r", 3.2).set("fill", "#2166ac").set("fill-opacity", 0.8).add(Title::new(format!("{label}: estimate {x:.4}, patched {y:.4}"))));
+        }
+    }
+    for i in 0..=4 {
+        let v = lo + (hi - lo) * i as f64 / 4.0;
+        d = d.add(text(px(v), top + side + 14.0, &num(v)).set("text-anchor", "middle"));
+    }
+    d = d.add(text(left + side / 2.0, top + side + 32.0, &s.x_title).set("text-anchor", "middle"));
+    if let Some(r) = s.pearson {
+        d = d.add(text(left + 8.0, top + 14.0, &format!("Pearson r = {r:.3}")).set("class", "pearson"));
+    }
+    d
+}
+
+/// A table figure as an HTML <table> (escaped).
+pub fn table_html(t: &Table) -> String {
+    let esc = crate::report::html::escape;
+    let mut s = String::from("<table class=\"topk\"><thead><tr>");
+    for h in &t.header {
+        s.push_str(&format!("<th>{}</th>", esc(h)));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for r in &t.rows {
+        s.push_str("<tr>");
+        for c in r {
+            s.push_str(&format!("<td>{}</td>", esc(c)));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table>");
+    s
+}

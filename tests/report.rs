@@ -1,0 +1,154 @@
+//! `tl-run report`: the data → figure mapping against the Parquet it reads, and the page as a
+//! person sees it: Chromium (headless, installed by scripts/chromium.sh in the test set-up)
+//! opens the reports of the default experiment and of experiments/induction.toml from file://.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tl_run::output::table::read_parquet;
+use tl_run::report::figure::{hook_family, pos_label, run_figures, Figure, RunFacts, Scale};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tl_run(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(args).current_dir(repo()).output().expect("tl-run runs");
+    assert!(out.status.success(), "tl-run {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ioi");
+    tl_run(&["run", "experiments/ioi.toml", "--model-id", "tests/models/stories260K", "--prompts", "experiments/prompts/stories.jsonl", "--out", s(&out), "--quiet"]);
+    let (rows, _) = read_parquet(&out.join("resid.parquet")).unwrap();
+    let figs = run_figures("resid", "activation_patching", &rows, &RunFacts::default(), "metric");
+    let Some(Figure::Heatmap(h)) = figs.figures.iter().find(|f| f.title() == "resid: blocks.*.hook_resid_pre") else { panic!("no resid_pre heatmap in {:?}", figs.figures.iter().map(Figure::title).collect::<Vec<_>>()) };
+    let mean: Vec<_> = rows.iter().filter(|r| r.prompt.is_none() && hook_family(&r.hook) == "blocks.*.hook_resid_pre").collect();
+    let cell = mean.iter().find(|r| r.layer == Some(3) && r.pos == Some(7)).expect("a (layer 3, pos 7) row");
+    assert_eq!(h.cells[3][7], Some(cell.value), "the cell carries exactly the Parquet value");
+    assert_eq!((h.y_title.as_str(), h.x_title.as_str()), ("layer", "position"));
+    assert_eq!(h.cells.len(), 5, "one row per layer of stories260K");
+    for r in &mean {
+        let (l, p) = (r.layer.unwrap() as usize, r.pos.unwrap() as usize);
+        assert_eq!(h.cells[l][p], Some(r.value));
+        assert_eq!(h.x_ticks[p], pos_label(p as i32, r.token.as_deref()), "x axis labels are the tokens");
+    }
+    assert!(h.x_ticks[7].contains(cell.token.as_deref().unwrap()), "{:?}", h.x_ticks);
+    let max = mean.iter().map(|r| r.value.abs()).fold(0.0, f64::max);
+    assert_eq!(h.scale, Scale::Diverging { limit: max }, "symmetric around zero");
+    let blue = tl_run::report::svg::colour(&h.scale, Some(max));
+    let red = tl_run::report::svg::colour(&h.scale, Some(-max));
+    assert_eq!((red.as_str(), blue.as_str()), ("#67001f", "#042f60"), "RdBu ends (d3's scheme): negative red, positive blue");
+    // The drawn cell: its colour, its value and its hover text.
+    let svg = tl_run::report::svg::render(&figs.figures[0]).unwrap();
+    let rect = svg.split("<rect").find(|r| r.contains("data-x=\"7\"") && r.contains("data-y=\"3\"")).expect("the (3, 7) cell");
+    assert!(rect.contains(&format!("data-value=\"{:e}\"", cell.value)), "{rect}");
+    assert!(rect.contains(&format!("fill=\"{}\"", tl_run::report::svg::colour(&h.scale, Some(cell.value)))), "{rect}");
+    assert!(rect.contains("<title>L3 pos 7"), "{rect}");
+
+    // Per-kind figures of the whole spec, and the page: self-contained, no script.
+    let said = tl_run(&["report", s(&out)]);
+    assert!(said.contains("report.html"), "{said}");
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    for section in ["resid", "heads", "logit-lens", "dla-layers", "dla-heads", "head-scores", "attribution", "attribution-heads", "ablate-name-mover"] {
+        assert!(page.contains(&format!("id=\"run-{section}\"")), "no section for {section}");
+    }
+    assert!(page.contains("attribution against real patching") && page.contains("Pearson r = "), "the verify_top scatter with its r");
+    assert!(page.contains("most probable next tokens"), "the logit lens top-k table");
+    assert!(page.contains("baseline (nothing ablated)"), "the ablation baseline line");
+    assert!(!page.to_ascii_lowercase().contains("<script"), "no script");
+    assert_eq!(page.matches("http").count(), page.matches("http://www.w3.org/2000/svg").count(), "nothing to fetch: the only URLs are the SVG namespace");
+    let figures = std::fs::read_dir(out.join("figures")).unwrap().count();
+    assert!(figures >= 15, "one SVG per figure, got {figures}");
+}
+
+/// Chromium, found on PATH (scripts/chromium.sh installs it in the test set-up).
+fn chromium() -> PathBuf {
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        if let Ok(out) = Command::new("which").arg(name).output() {
+            if out.status.success() {
+                return PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            }
+        }
+    }
+    panic!("no chromium on PATH: the test set-up (scripts/test.sh → scripts/chromium.sh) installs Debian's chromium");
+}
+
+fn headless(args: &[String]) -> (String, String) {
+    let out = Command::new(chromium())
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--enable-logging=stderr", "--v=0"])
+        .args(args)
+        .output()
+        .expect("chromium runs");
+    assert!(out.status.success(), "chromium {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Opens `page` as a person would and checks what they would see.
+fn check_in_browser(page: &Path, work: &Path) {
+    let url = format!("file://{}", page.display());
+    // A probe page beside it loads the report in an iframe and reports, as text in its DOM,
+    // each figure's box and every resource the report requested.
+    let probe = page.with_file_name("probe.html");
+    std::fs::write(
+        &probe,
+        format!(
+            r#"<!DOCTYPE html><html><body><iframe id="f" src="{url}" style="width:1400px;height:4000px"></iframe><pre id="out">waiting</pre>
+<script>document.getElementById("f").onload = function () {{
+  var d = this.contentDocument, w = this.contentWindow;
+  var boxes = Array.prototype.map.call(d.querySelectorAll("figure"), function (f) {{ var r = f.getBoundingClientRect(); return [r.width, r.height]; }});
+  var resources = w.performance.getEntriesByType("resource").map(function (e) {{ return e.name; }});
+  document.getElementById("out").textContent = "RESULT " + JSON.stringify({{figures: boxes, resources: resources, title: d.title}});
+}};</script></body></html>"#
+        ),
+    )
+    .unwrap();
+    let (dom, log) = headless(&["--allow-file-access-from-files".into(), "--virtual-time-budget=10000".into(), "--dump-dom".into(), format!("file://{}", probe.display())]);
+    let result = dom.split("RESULT ").nth(1).and_then(|r| r.split("</pre>").next()).unwrap_or_else(|| panic!("the probe did not report:\n{dom}\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(&result.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")).unwrap();
+    let boxes = v["figures"].as_array().unwrap();
+    assert!(!boxes.is_empty(), "no figure on {url}");
+    for (i, b) in boxes.iter().enumerate() {
+        let (w, h) = (b[0].as_f64().unwrap(), b[1].as_f64().unwrap());
+        assert!(w > 50.0 && h > 50.0, "figure {i} of {url} has an empty box: {w} x {h}");
+    }
+    assert_eq!(v["resources"].as_array().unwrap().len(), 0, "the report requested resources: {}", v["resources"]);
+    assert!(v["title"].as_str().unwrap().starts_with("tl-run report"), "{v}");
+
+    // The report itself: no console message, no failed load, and a screenshot that is not blank.
+    let shot = work.join(format!("{}.png", page.parent().unwrap().file_name().unwrap().to_string_lossy()));
+    let (_, log) = headless(&["--window-size=1400,1600".into(), format!("--screenshot={}", shot.display()), url.clone()]);
+    for line in log.lines() {
+        assert!(!line.contains("CONSOLE") && !line.contains("Failed to load") && !line.contains("net::ERR"), "{url}: {line}");
+    }
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let lum: Vec<f64> = buf[..info.buffer_size()].chunks(channels).map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect();
+    let mean = lum.iter().sum::<f64>() / lum.len() as f64;
+    let var = lum.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lum.len() as f64;
+    assert!(var > 200.0, "{url}: the screenshot looks blank (luminance variance {var:.1})");
+}
+
+#[test]
+fn chromium_shows_the_reports_of_the_default_and_induction_experiments() {
+    let work = tempfile::tempdir().unwrap();
+    let default = work.path().join("default");
+    // The default experiment's spec asks for its report (`[output] report = true`).
+    let said = tl_run(&["run", "experiments/default.toml", "--out", s(&default), "--quiet"]);
+    assert!(said.contains("report.html"), "{said}");
+    let induction = work.path().join("induction");
+    let said = tl_run(&["run", "experiments/induction.toml", "--model-id", "tests/models/stories260K", "--out", s(&induction), "--quiet", "--report"]);
+    assert!(said.contains("report.html"), "{said}");
+    for dir in [&default, &induction] {
+        check_in_browser(&dir.join("report.html"), work.path());
+    }
+}
