@@ -71,8 +71,9 @@ fn heatmap(h: &Heatmap) -> Document {
     let (left, top) = (28.0 + 7.0 * longest_y, TITLE_H + 8.0);
     let bottom = 30.0 + 6.0 * longest_x.min(24.0);
     let (pw, ph) = (cw * nx as f64, ch * ny as f64);
-    let width = (left + pw + 100.0).max(420.0).max(title_width(&h.title));
-    let height = top + ph + bottom;
+    let width = (left + pw + 100.0).max(420.0).max(title_width(&h.title)).max(16.0 + 6.5 * (h.value_label.chars().count() + 8) as f64);
+    // The last line names what the colours measure, so an SVG taken out of the page keeps it.
+    let height = top + ph + bottom + 16.0;
     let mut cells = Group::new().set("class", "cells");
     for (y, row) in h.cells.iter().enumerate() {
         for (x, v) in row.iter().enumerate() {
@@ -103,7 +104,8 @@ fn heatmap(h: &Heatmap) -> Document {
         axes = axes.add(text(tx, ty, t).set("class", "xtick").set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
     }
     axes = axes
-        .add(text(left + pw / 2.0, height - 6.0, &h.x_title).set("text-anchor", "middle"))
+        .add(text(left + pw / 2.0, height - 22.0, &h.x_title).set("text-anchor", "middle"))
+        .add(text(8.0, height - 5.0, &format!("colour: {}", h.value_label)).set("class", "scale-label").set("fill", "#555"))
         .add(text(12.0, top + ph / 2.0, &h.y_title).set("text-anchor", "middle").set("transform", format!("rotate(-90 12 {})", top + ph / 2.0)));
     doc(width, height).add(title_text(&h.title)).add(cells).add(axes).add(colour_bar(&h.scale, &h.value_label, left + pw + 24.0, top, ph.max(80.0)))
 }
