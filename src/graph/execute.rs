@@ -154,6 +154,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     atomic::remove_stale_temps(out_dir);
     let store = if opts.store { Some(Store::open(out_dir)?) } else { None };
+    let mut writer = store.as_ref().map(crate::graph::store::Writer::start);
     let shards = opts.shard.map(|s| shard::assign(&plan, s.count));
     let owned = |id: usize| match (&shards, opts.shard) {
         (Some(a), Some(s)) => a[id] == Some(s.index),
@@ -265,7 +266,13 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                         tracing::debug!(job = job.id, ?device, "job done");
                         (rows, note)
                     }
-                    None => run_and_store(cx.as_ref().expect("the model loads before any work job"), job, store.as_ref()).map_err(named)?,
+                    None => {
+                        let (rows, note) = run_and_store(cx.as_ref().expect("the model loads before any work job"), job, None).map_err(named)?;
+                        if let (Some(w), Some(s), Some(key)) = (&writer, &store, &job.key) {
+                            w.put(s, key, rows.clone(), note.clone())?;
+                        }
+                        (rows, note)
+                    }
                 };
                 rows_out = Some(rows.len());
                 results.insert(job.id, (rows, note));
@@ -326,6 +333,12 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             rows: rows_out.or(stored_rows),
             seconds,
         });
+        if job.task == Task::Manifest {
+            // The manifest says complete only once every job is in the store.
+            if let Some(w) = writer.take() {
+                w.finish()?;
+            }
+        }
         if matches!(job.task, Task::Write { .. } | Task::Manifest) {
             record.jobs = records.clone();
             record.complete = job.task == Task::Manifest;

@@ -9,8 +9,75 @@ use crate::output::table::{read_parquet, write_parquet_with, Row};
 
 const NOTE: &str = "tl-run.note";
 
+#[derive(Clone)]
 pub struct Store {
     dir: PathBuf,
+}
+
+/// Stores finished jobs on a background thread, so the device goes on with the next job while
+/// one job's Parquet is encoded and fsynced (on a GPU that write took about as long as the
+/// job). A job is in the store once its file is renamed into place, as before; a kill loses
+/// only the writes still queued, and a rerun redoes those jobs.
+pub struct Writer {
+    queue: Option<std::sync::mpsc::Sender<(String, Vec<Row>, serde_json::Value)>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+impl Writer {
+    pub fn start(store: &Store) -> Writer {
+        let store = store.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<(String, Vec<Row>, serde_json::Value)>();
+        let thread = std::thread::Builder::new()
+            .name("tl-run-store".into())
+            .spawn(move || {
+                let mut first_error = None;
+                for (key, rows, note) in rx {
+                    // After a failed write the rest are not attempted (a full disk stays full);
+                    // the error is reported when the run finishes.
+                    if first_error.is_none() {
+                        if let Err(e) = store.put(&key, &rows, &note) {
+                            first_error = Some(e);
+                        }
+                    }
+                }
+                first_error.map_or(Ok(()), Err)
+            })
+            .ok();
+        Writer { queue: Some(tx), thread }
+    }
+
+    /// Queues job `key`'s result (written in the calling thread if the writer thread could not
+    /// be started).
+    pub fn put(&self, store: &Store, key: &str, rows: Vec<Row>, note: serde_json::Value) -> Result<()> {
+        match (&self.queue, &self.thread) {
+            (Some(q), Some(_)) => {
+                if let Err(std::sync::mpsc::SendError((k, r, n))) = q.send((key.to_string(), rows, note)) {
+                    return store.put(&k, &r, &n);
+                }
+                Ok(())
+            }
+            _ => store.put(key, &rows, &note),
+        }
+    }
+
+    /// Waits for every queued write; the first failed one is the error.
+    pub fn finish(mut self) -> Result<()> {
+        self.queue.take();
+        match self.thread.take() {
+            Some(t) => t.join().unwrap_or_else(|_| Err(crate::error::Error::Other("the job store's writer thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    /// On an early return (an error in a job) the writes already queued still complete.
+    fn drop(&mut self) {
+        self.queue.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A stored job result. Rows carry an empty `run` (the key has no run name); the writer sets it.
