@@ -84,6 +84,22 @@ pub enum Command {
         #[arg(long)]
         shards: Option<usize>,
     },
+    /// Fetch into the hub cache every file runs of these models need (config, tokenizer,
+    /// weights) and print each resolved commit, so that `HF_HUB_OFFLINE=1 tl-run ...` works on a
+    /// node without internet (download on the login node, run on the compute nodes).
+    Download {
+        /// Hub ids (org/name).
+        models: Vec<String>,
+        /// Branch, tag or commit for the ids given here (default main).
+        #[arg(long)]
+        revision: Option<String>,
+        /// Also every model this spec runs (model.id, model.revision).
+        #[arg(long)]
+        spec: Vec<PathBuf>,
+        /// Also every hub model of this zoo file.
+        #[arg(long)]
+        zoo: Vec<PathBuf>,
+    },
     /// Draw a results directory: one self-contained HTML page (inline SVG, no script, opens
     /// offline) and one SVG per figure under figures/ beside it.
     Report {
@@ -252,6 +268,7 @@ pub fn dispatch(args: Args) -> Result<()> {
             cache(&model, &prompts, &hooks, &out, bos)
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
+        Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
         Command::Report { dir, out } => {
             let t = std::time::Instant::now();
             let w = tl_run::report::write(&dir, out.as_deref())?;
@@ -467,6 +484,43 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
             let w = tl_run::report::write(&spec.output_dir, None)?;
             println!("wrote {} ({} figures)", w.page.display(), w.figures.len());
         }
+    }
+    Ok(())
+}
+
+/// `tl-run download`: resolves (downloading what is missing) every hub model named.
+fn download(models: &[String], revision: Option<&str>, specs: &[PathBuf], zoos: &[PathBuf]) -> Result<()> {
+    let mut wanted: Vec<(String, Option<String>)> = models.iter().map(|m| (m.clone(), revision.map(str::to_string))).collect();
+    for path in specs {
+        let spec = tl_run::spec::resolve_file(path)?;
+        wanted.push((spec.model.id.clone(), spec.model.revision.clone()));
+    }
+    for path in zoos {
+        let zoo = tl_run::check::zoo::Zoo::read(path, true)?;
+        for m in zoo.models {
+            if let tl_run::check::zoo::Source::Hub { id, revision } = m.source {
+                wanted.push((id, Some(revision)));
+            }
+        }
+    }
+    anyhow::ensure!(!wanted.is_empty(), "name at least one model (org/name), --spec SPEC.toml or --zoo ZOO.toml");
+    wanted.dedup();
+    for (id, rev) in wanted {
+        let path = std::path::Path::new(&id);
+        if path.exists() || id.ends_with(".gguf") {
+            println!("{id}: a local file or directory, nothing to download");
+            continue;
+        }
+        let files = tl_run::model::source::resolve(&id, rev.as_deref())?;
+        let bytes: u64 = files.weights.iter().chain([&files.config]).chain(files.tokenizer.iter()).chain(files.tokenizer_config.iter()).filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        println!(
+            "{id}@{}: commit {} ({} weight file(s), {:.1} MB) in {}",
+            rev.as_deref().unwrap_or("main"),
+            files.commit.as_deref().unwrap_or("?"),
+            files.weights.len(),
+            bytes as f64 / 1e6,
+            files.config.parent().map(|p| p.display().to_string()).unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -1,6 +1,9 @@
 //! Where a model's files come from: a local directory, or a Hugging Face hub id resolved through
 //! the standard hub cache (HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub) and
-//! downloaded with hf-hub when missing. With HF_HUB_OFFLINE=1 only the cache is read.
+//! downloaded with hf-hub when missing, from HF_ENDPOINT (default https://huggingface.co) with
+//! HF_TOKEN when set. A revision whose files are all in the cache (or known absent, as
+//! huggingface_hub records under .no_exist/) is served from it without a request; with
+//! HF_HUB_OFFLINE=1 only the cache is read.
 //! Only safetensors weights are ever loaded: pickle checkpoints can execute code.
 use std::path::{Path, PathBuf};
 
@@ -71,18 +74,61 @@ impl FileStore for HubCache {
     }
 }
 
+/// The cache, trusted only where it knows: a file in the snapshot, or a file huggingface_hub
+/// recorded as absent (`.no_exist/<commit>/<name>`). Anything else needs the hub.
+struct CacheOnlyIfComplete(HubCache);
+
+/// The error CacheOnlyIfComplete gives for a file the cache cannot answer for.
+const NOT_CACHED: &str = "\u{0}not cached";
+
+impl FileStore for CacheOnlyIfComplete {
+    fn get(&self, name: &str) -> Result<Option<PathBuf>> {
+        if let Some(p) = self.0.get(name)? {
+            return Ok(Some(p));
+        }
+        match &self.0.commit {
+            Some(c) if self.0.repo_dir.join(".no_exist").join(c).join(name).exists() => Ok(None),
+            _ => Err(Error::Load { id: String::new(), reason: NOT_CACHED.into() }),
+        }
+    }
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
 struct Hub {
     repo: hf_hub::api::sync::ApiRepo,
     label: String,
+    /// models--{org}--{name} in the cache, for .no_exist markers.
+    repo_dir: PathBuf,
 }
 
 impl FileStore for Hub {
     fn get(&self, name: &str) -> Result<Option<PathBuf>> {
         match self.repo.get(name) {
             Ok(p) => Ok(Some(p)),
-            // A 404 means the repository has no such file; anything else is a real failure.
-            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
-            Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("downloading {name}: {e}") }),
+            // A 404 means the repository has no such file (recorded, as huggingface_hub does, so
+            // the next run need not ask); anything else is a real failure.
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => {
+                if let ureq::Error::Status(_, r) = *e {
+                    if let Some(commit) = r.header("x-repo-commit").filter(|c| is_commit_hash(c)) {
+                        let marker = self.repo_dir.join(".no_exist").join(commit).join(name);
+                        if let Some(dir) = marker.parent() {
+                            let _ = std::fs::create_dir_all(dir).and_then(|_| std::fs::write(&marker, b""));
+                        }
+                    }
+                }
+                Ok(None)
+            }
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(401 | 403, _)) => Err(Error::Load {
+                id: self.label.clone(),
+                reason: format!(
+                    "downloading {name}: the hub refused access ({}): the repository is gated or private. Accept its terms on the hub \
+                     and set HF_TOKEN to an access token of an account that may read it",
+                    if let ureq::Error::Status(code, _) = *e { code } else { 0 }
+                ),
+            }),
+            Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("downloading {name}: {}", redact(&e.to_string())) }),
         }
     }
     fn describe(&self) -> String {
@@ -108,6 +154,20 @@ pub fn hub_cache_dir() -> PathBuf {
     base.join("huggingface").join("hub")
 }
 
+/// HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), sent as `Authorization: Bearer`; never
+/// logged or written to the manifest.
+fn hub_token() -> Option<String> {
+    ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"].iter().find_map(|k| std::env::var(k).ok().filter(|t| !t.trim().is_empty())).map(|t| t.trim().to_string())
+}
+
+/// An error message with the token, if it appears, blanked out.
+fn redact(message: &str) -> String {
+    match hub_token() {
+        Some(t) => message.replace(&t, "<HF_TOKEN>"),
+        None => message.to_string(),
+    }
+}
+
 pub fn offline() -> bool {
     std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on")).unwrap_or(false)
 }
@@ -126,12 +186,25 @@ pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     if offline() {
         return resolve_in_cache(&cache_dir, id, revision);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
-        .with_progress(true)
-        .build()
-        .map_err(|e| Error::Load { id: id.into(), reason: format!("hub client: {e}") })?;
+    // Everything already cached: no request at all.
+    let cached = HubCache::open(&cache_dir, id, revision);
+    if let Some(commit) = cached.commit.clone() {
+        match collect(id, &CacheOnlyIfComplete(cached), Some(commit)) {
+            Err(Error::Load { reason, .. }) if reason == NOT_CACHED => {}
+            done => return done,
+        }
+    }
+    let repo_dir = cache_dir.join(format!("models--{}", id.replace('/', "--")));
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir)).with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
+    }
+    if let Some(token) = hub_token() {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| Error::Load { id: id.into(), reason: format!("hub client: {e}") })?;
     let repo = api.repo(hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string()));
-    let hub = Hub { repo, label: format!("{id}@{revision}") };
+    let hub = Hub { repo, label: format!("{id}@{revision}"), repo_dir };
     let mut files = collect(id, &hub, None)?;
     // Downloads land in snapshots/<commit>/; read the commit back from the path.
     files.commit = files.config.parent().and_then(|p| p.file_name()).map(|c| c.to_string_lossy().into_owned());
