@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use sha2::Digest;
@@ -24,17 +25,24 @@ struct HubRepo {
     /// Branches and tags: name -> commit.
     refs: HashMap<String, String>,
     gated: bool,
+    /// Answer this many requests with 503 before serving (a flaky hub).
+    failures: AtomicU32,
+    /// Send weights from the CDN slowly (64 KiB every 20 ms), so a download can be killed midway.
+    slow: bool,
 }
 
 #[derive(Debug, Clone)]
 struct Seen {
     path: String,
     authorization: Option<String>,
+    range: Option<String>,
 }
 
 struct LoopbackHub {
     url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Bytes of weights sent from the CDN path.
+    cdn_bytes: Arc<AtomicU64>,
 }
 
 impl LoopbackHub {
@@ -42,17 +50,18 @@ impl LoopbackHub {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (repos, seen2, base) = (Arc::new(repos), seen.clone(), url.clone());
+        let cdn_bytes = Arc::new(AtomicU64::new(0));
+        let (repos, seen2, base, sent) = (Arc::new(repos), seen.clone(), url.clone(), cdn_bytes.clone());
         // The thread ends with the test process.
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let (repos, seen, base) = (repos.clone(), seen2.clone(), base.clone());
+                let (repos, seen, base, sent) = (repos.clone(), seen2.clone(), base.clone(), sent.clone());
                 std::thread::spawn(move || {
-                    let _ = serve(stream, &repos, &seen, &base);
+                    let _ = serve(stream, &repos, &seen, &base, &sent);
                 });
             }
         });
-        LoopbackHub { url, seen }
+        LoopbackHub { url, seen, cdn_bytes }
     }
 
     fn count(&self) -> usize {
@@ -64,7 +73,7 @@ fn sha256(b: &[u8]) -> String {
     format!("{:x}", sha2::Sha256::digest(b))
 }
 
-fn serve(mut stream: TcpStream, repos: &HashMap<String, HubRepo>, seen: &Mutex<Vec<Seen>>, base: &str) -> std::io::Result<()> {
+fn serve(mut stream: TcpStream, repos: &HashMap<String, HubRepo>, seen: &Mutex<Vec<Seen>>, base: &str, sent: &AtomicU64) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
@@ -79,7 +88,7 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, HubRepo>, seen: &Mutex<V
         }
     }
     let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
-    seen.lock().unwrap().push(Seen { path: path.clone(), authorization: headers.get("authorization").cloned() });
+    seen.lock().unwrap().push(Seen { path: path.clone(), authorization: headers.get("authorization").cloned(), range: headers.get("range").cloned() });
     let respond = |stream: &mut TcpStream, status: &str, extra: &[(String, String)], body: &[u8]| -> std::io::Result<()> {
         let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
         for (k, v) in extra {
@@ -106,9 +115,25 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, HubRepo>, seen: &Mutex<V
         }
     };
     if let Some(sha) = path.strip_prefix("/cdn/") {
-        let blob = repos.values().flat_map(|r| r.files.values()).find(|b| sha256(b) == sha);
+        let blob = repos.values().flat_map(|r| r.files.values().map(move |b| (r, b))).find(|(_, b)| sha256(b) == sha);
         return match blob {
-            Some(b) => send(&mut stream, b, vec![]),
+            Some((r, b)) => {
+                let slow = r.slow && headers.get("range").is_some_and(|r| r != "bytes=0-0");
+                if slow {
+                    // The header says how much follows; the body trickles.
+                    let (a, _) = headers["range"].trim_start_matches("bytes=").split_once('-').unwrap_or(("0", ""));
+                    let a: usize = a.parse().unwrap_or(0);
+                    let head = format!("HTTP/1.1 206 Partial Content\r\nConnection: close\r\nContent-Length: {}\r\nContent-Range: bytes {a}-{}/{}\r\n\r\n", b.len() - a, b.len() - 1, b.len());
+                    stream.write_all(head.as_bytes())?;
+                    for chunk in b[a..].chunks(64 << 10) {
+                        stream.write_all(chunk)?;
+                        sent.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    return Ok(());
+                }
+                send(&mut stream, b, vec![])
+            }
             None => respond(&mut stream, "404 Not Found", &[], b"no such blob"),
         };
     }
@@ -117,6 +142,10 @@ fn serve(mut stream: TcpStream, repos: &HashMap<String, HubRepo>, seen: &Mutex<V
     let Some(repo) = repos.get(&format!("{org}/{name}")) else {
         return respond(&mut stream, "404 Not Found", &[("x-error-code".into(), "RepositoryNotFound".into())], b"Repository not found");
     };
+    if repo.failures.load(Ordering::SeqCst) > 0 {
+        repo.failures.fetch_sub(1, Ordering::SeqCst);
+        return respond(&mut stream, "503 Service Unavailable", &[], b"try later");
+    }
     if repo.gated && headers.get("authorization").map(String::as_str) != Some(&format!("Bearer {TOKEN}")) {
         return respond(&mut stream, "401 Unauthorized", &[("x-error-code".into(), "GatedRepo".into())], b"Access to this model is restricted");
     }
@@ -150,7 +179,7 @@ fn fixture_repo(drop: &[&str], gated: bool) -> HubRepo {
             files.insert(name, std::fs::read(e.path()).unwrap());
         }
     }
-    HubRepo { files, refs: HashMap::from([("main".to_string(), COMMIT.to_string()), ("v1.0".to_string(), COMMIT.to_string())]), gated }
+    HubRepo { files, refs: HashMap::from([("main".to_string(), COMMIT.to_string()), ("v1.0".to_string(), COMMIT.to_string())]), gated, failures: AtomicU32::new(0), slow: false }
 }
 
 fn tl_run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
@@ -282,4 +311,115 @@ fn download_prefetches_models_of_ids_a_spec_and_a_zoo_for_offline_runs() {
     let offline = [("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_CACHE", s(&cache)), ("HF_HUB_OFFLINE", "1")];
     let (ok, _, err) = tl_run(&["run", s(&spec), "--out", s(&tmp.path().join("out")), "--quiet"], &offline);
     assert!(ok, "{err}");
+}
+
+fn repo_with(mut r: HubRepo, f: impl FnOnce(&mut HubRepo)) -> HubRepo {
+    f(&mut r);
+    r
+}
+
+#[test]
+fn a_pickle_only_repo_is_refused_before_the_pickle_is_downloaded() {
+    let pickle = repo_with(fixture_repo(&["model.safetensors"], false), |r| {
+        r.files.insert("pytorch_model.bin".into(), vec![0x80; 4 << 20]);
+    });
+    let hub = LoopbackHub::start(HashMap::from([("tl-run-test/pickle".to_string(), pickle)]));
+    let tmp = tempfile::tempdir().unwrap();
+    let (ok, _, err) = tl_run(&["validate", "experiments/ioi.toml", "--model-id", "tl-run-test/pickle"], &[("HF_ENDPOINT", &hub.url), ("HF_HUB_CACHE", s(&tmp.path().join("hub")))]);
+    assert!(!ok);
+    assert!(err.contains("pytorch_model.bin") && err.contains("pickle") && err.contains("safetensors only"), "{err}");
+    let seen = hub.seen.lock().unwrap().clone();
+    let asked: Vec<&Seen> = seen.iter().filter(|r| r.path.ends_with("/pytorch_model.bin")).collect();
+    assert!(!asked.is_empty() && asked.iter().all(|r| r.range.as_deref() == Some("bytes=0-0")), "the pickle was fetched, not only asked for: {asked:?}");
+    let blobs = tmp.path().join("hub/models--tl-run-test--pickle/blobs");
+    let big = std::fs::read_dir(&blobs).map(|d| d.flatten().filter(|e| e.metadata().unwrap().len() >= 4 << 20).count()).unwrap_or(0);
+    assert_eq!(big, 0, "no pickle in the cache");
+}
+
+#[test]
+fn a_flaky_hub_is_retried_and_a_failing_one_is_a_named_error() {
+    let hub = LoopbackHub::start(HashMap::from([
+        ("tl-run-test/flaky".to_string(), repo_with(fixture_repo(&[], false), |r| r.failures = AtomicU32::new(2))),
+        ("tl-run-test/down".to_string(), repo_with(fixture_repo(&[], false), |r| r.failures = AtomicU32::new(1_000))),
+    ]));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let env = [("HF_ENDPOINT", hub.url.as_str()), ("HF_HUB_CACHE", s(&cache))];
+    let (ok, _, err) = tl_run(&["validate", "experiments/ioi.toml", "--model-id", "tl-run-test/flaky"], &env);
+    assert!(ok, "two 503s are retried: {err}");
+    let before = hub.count();
+    let t = std::time::Instant::now();
+    let (ok, _, err) = tl_run(&["validate", "experiments/ioi.toml", "--model-id", "tl-run-test/down"], &env);
+    assert!(!ok);
+    assert!(err.contains("503") && err.contains("failed 4 times in a row"), "{err}");
+    assert_eq!(hub.count() - before, 4, "a bounded number of tries");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(1_500), "with backoff (0.25 + 0.5 + 1 s)");
+}
+
+#[test]
+fn a_download_killed_mid_file_leaves_no_trusted_blob_and_the_rerun_completes() {
+    let hub = LoopbackHub::start(HashMap::from([("tl-run-test/slow".to_string(), repo_with(fixture_repo(&[], false), |r| r.slow = true))]));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["download", "tl-run-test/slow"])
+        .env("HF_ENDPOINT", &hub.url)
+        .env("HF_HUB_CACHE", &cache)
+        .env_remove("HF_HUB_OFFLINE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while hub.cdn_bytes.load(Ordering::SeqCst) < 2 << 20 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(60), "the download did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let weights = fixture_repo(&[], false).files.remove("model.safetensors").unwrap();
+    let etag = sha256(&weights);
+    let blobs = cache.join("models--tl-run-test--slow/blobs");
+    assert!(!blobs.join(&etag).exists(), "a partial download sits under the blob's name");
+    let (ok, stdout, err) = tl_run(&["download", "tl-run-test/slow"], &[("HF_ENDPOINT", &hub.url), ("HF_HUB_CACHE", s(&cache))]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains(COMMIT), "{stdout}");
+    assert_eq!(sha256(&std::fs::read(blobs.join(&etag)).unwrap()), etag, "the finished blob hashes to its etag");
+    let resumed = hub.seen.lock().unwrap().iter().filter(|r| r.path.starts_with("/cdn/")).filter_map(|r| r.range.clone()).any(|r| r != "bytes=0-0" && r != "bytes=0-");
+    assert!(resumed, "the rerun resumed the partial file with a range request");
+}
+
+#[test]
+fn a_sharded_checkpoint_downloads_every_shard() {
+    // gpt2-tiny's tensors split over two shards with an index, as the hub stores large models.
+    let dir = repo_root().join("fixtures/gpt2-tiny");
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+    names.sort();
+    let (a, b) = names.split_at(names.len() / 2);
+    let mut repo = fixture_repo(&["model.safetensors"], false);
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [a, b].iter().enumerate() {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        repo.files.insert(file.clone(), safetensors::serialize(views, &None).unwrap());
+        for n in part.iter() {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    repo.files.insert("model.safetensors.index.json".into(), serde_json::to_vec(&serde_json::json!({"metadata": {}, "weight_map": weight_map})).unwrap());
+    let hub = LoopbackHub::start(HashMap::from([("tl-run-test/sharded".to_string(), repo)]));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let out = tmp.path().join("out");
+    let (ok, _, err) = tl_run(&["run", "experiments/ioi.toml", "--model-id", "tl-run-test/sharded", "--out", s(&out), "--quiet"], &[("HF_ENDPOINT", &hub.url), ("HF_HUB_CACHE", s(&cache))]);
+    assert!(ok, "{err}");
+    for i in 1..=2 {
+        assert!(cache.join(format!("models--tl-run-test--sharded/snapshots/{COMMIT}/model-0000{i}-of-00002.safetensors")).is_file());
+    }
+    let local = tmp.path().join("local");
+    let (ok, _, err) = tl_run(&["run", "experiments/ioi.toml", "--model-id", "fixtures/gpt2-tiny", "--out", s(&local), "--quiet"], &[]);
+    assert!(ok, "{err}");
+    assert_eq!(parquet_values(&out.join("resid.parquet")), parquet_values(&local.join("resid.parquet")));
 }

@@ -30,6 +30,10 @@ const PICKLES: &[&str] = &["pytorch_model.bin", "pytorch_model.bin.index.json", 
 trait FileStore {
     fn get(&self, name: &str) -> Result<Option<PathBuf>>;
     fn describe(&self) -> String;
+    /// Whether the repository has `name`, without fetching it (the hub is asked for its headers).
+    fn has(&self, name: &str) -> Result<bool> {
+        Ok(self.get(name)?.is_some())
+    }
 }
 
 struct LocalDir(PathBuf);
@@ -101,12 +105,87 @@ struct Hub {
     label: String,
     /// models--{org}--{name} in the cache, for .no_exist markers.
     repo_dir: PathBuf,
+    token: Option<String>,
+}
+
+/// Tries a hub request up to this many times while the hub answers 5xx or the connection fails.
+const HUB_ATTEMPTS: u32 = 4;
+
+fn is_transient(e: &hf_hub::api::sync::ApiError) -> bool {
+    match e {
+        hf_hub::api::sync::ApiError::RequestError(e) => match &**e {
+            ureq::Error::Status(code, _) => *code >= 500,
+            ureq::Error::Transport(_) => true,
+        },
+        hf_hub::api::sync::ApiError::IoError(_) | hf_hub::api::sync::ApiError::TooManyRetries(_) => true,
+        _ => false,
+    }
+}
+
+impl Hub {
+    /// `repo.get` with bounded retries and backoff (0.25 s, 0.5 s, 1 s) on 5xx answers and
+    /// broken connections; a partly downloaded file resumes from where it stopped.
+    fn get_with_retries(&self, name: &str) -> std::result::Result<PathBuf, hf_hub::api::sync::ApiError> {
+        let mut attempt = 1;
+        loop {
+            match self.repo.get(name) {
+                Err(e) if is_transient(&e) && attempt < HUB_ATTEMPTS => {
+                    tracing::warn!("hub request for {name} failed ({}); retrying ({attempt} of {})", redact(&e.to_string()), HUB_ATTEMPTS - 1);
+                    std::thread::sleep(std::time::Duration::from_millis(250 << (attempt - 1)));
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// A blob named by a sha256 (weights: the etag of an LFS file) must hash to its name, or it
+    /// is removed: the digest of a hub file is read from its blob name (graph/keys.rs).
+    fn verify(&self, name: &str, path: &Path, fetched_after: std::time::SystemTime) -> Result<()> {
+        let Ok(blob) = std::fs::canonicalize(path) else { return Ok(()) };
+        let Some(expected) = blob.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())) else {
+            return Ok(());
+        };
+        let fresh = std::fs::metadata(&blob).and_then(|m| m.modified()).is_ok_and(|t| t >= fetched_after);
+        if !fresh {
+            return Ok(());
+        }
+        let actual = crate::graph::keys::file_digest(&blob)?;
+        if actual != expected {
+            let _ = std::fs::remove_file(&blob);
+            return Err(Error::Load {
+                id: self.label.clone(),
+                reason: format!("downloaded {name} hashes to sha256 {actual}, not its etag {expected}: removed it; run again to download it anew"),
+            });
+        }
+        Ok(())
+    }
 }
 
 impl FileStore for Hub {
+    /// Asks for the first byte (no redirect followed), so a pickle checkpoint is named without
+    /// being downloaded.
+    fn has(&self, name: &str) -> Result<bool> {
+        let agent = ureq::AgentBuilder::new().redirects(0).build();
+        let mut req = agent.get(&self.repo.url(name)).set("Range", "bytes=0-0");
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(_) => Ok(true),
+            Err(ureq::Error::Status(404, _)) => Ok(false),
+            Err(ureq::Error::Status(code, _)) if (300..400).contains(&code) => Ok(true),
+            Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("asking the hub for {name}: {}", redact(&e.to_string())) }),
+        }
+    }
+
     fn get(&self, name: &str) -> Result<Option<PathBuf>> {
-        match self.repo.get(name) {
-            Ok(p) => Ok(Some(p)),
+        let started = std::time::SystemTime::now() - std::time::Duration::from_secs(2);
+        match self.get_with_retries(name) {
+            Ok(p) => {
+                self.verify(name, &p, started)?;
+                Ok(Some(p))
+            }
             // A 404 means the repository has no such file (recorded, as huggingface_hub does, so
             // the next run need not ask); anything else is a real failure.
             Err(hf_hub::api::sync::ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => {
@@ -127,6 +206,10 @@ impl FileStore for Hub {
                      and set HF_TOKEN to an access token of an account that may read it",
                     if let ureq::Error::Status(code, _) = *e { code } else { 0 }
                 ),
+            }),
+            Err(e) if is_transient(&e) => Err(Error::Load {
+                id: self.label.clone(),
+                reason: format!("downloading {name}: the hub failed {HUB_ATTEMPTS} times in a row (last: {}); try again later", redact(&e.to_string())),
             }),
             Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("downloading {name}: {}", redact(&e.to_string())) }),
         }
@@ -204,7 +287,7 @@ pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     }
     let api = builder.build().map_err(|e| Error::Load { id: id.into(), reason: format!("hub client: {e}") })?;
     let repo = api.repo(hf_hub::Repo::with_revision(id.to_string(), hf_hub::RepoType::Model, revision.to_string()));
-    let hub = Hub { repo, label: format!("{id}@{revision}"), repo_dir };
+    let hub = Hub { repo, label: format!("{id}@{revision}"), repo_dir, token: hub_token() };
     let mut files = collect(id, &hub, None)?;
     // Downloads land in snapshots/<commit>/; read the commit back from the path.
     files.commit = files.config.parent().and_then(|p| p.file_name()).map(|c| c.to_string_lossy().into_owned());
@@ -237,7 +320,7 @@ fn collect(id: &str, store: &dyn FileStore, commit: Option<String>) -> Result<Mo
         shard_files(id, &index, store)?
     } else {
         for p in PICKLES {
-            if store.get(p)?.is_some() {
+            if store.has(p)? {
                 return Err(Error::Load {
                     id: id.into(),
                     reason: format!(
