@@ -311,6 +311,25 @@ fn download_prefetches_models_of_ids_a_spec_and_a_zoo_for_offline_runs() {
     let offline = [("HF_ENDPOINT", "http://127.0.0.1:9"), ("HF_HUB_CACHE", s(&cache)), ("HF_HUB_OFFLINE", "1")];
     let (ok, _, err) = tl_run(&["run", s(&spec), "--out", s(&tmp.path().join("out")), "--quiet"], &offline);
     assert!(ok, "{err}");
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tmp.path().join("out/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["model"]["resolved_commit"], COMMIT, "the tag's commit is recorded");
+}
+
+#[test]
+fn a_large_download_shows_a_progress_bar_on_a_terminal() {
+    let hub = LoopbackHub::start(HashMap::from([("tl-run-test/slow".to_string(), repo_with(fixture_repo(&[], false), |r| r.slow = true))]));
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("hub");
+    let cmd = format!("'{}' download tl-run-test/slow", env!("CARGO_BIN_EXE_tl-run"));
+    // script(1) gives the command a pseudo-terminal and copies what it prints.
+    let o = Command::new("script").args(["-qec", &cmd, "/dev/null"]).env("HF_ENDPOINT", &hub.url).env("HF_HUB_CACHE", &cache).env_remove("HF_HUB_OFFLINE").output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{text}");
+    assert!(text.contains("model.safetensors") && (text.contains("MiB") || text.contains("MB")), "no progress bar on a terminal:\n{text}");
+    // Not on a pipe: logs stay clean.
+    let (ok, stdout, err) = tl_run(&["download", "tl-run-test/slow"], &[("HF_ENDPOINT", &hub.url), ("HF_HUB_CACHE", s(&tmp.path().join("hub2")))]);
+    assert!(ok, "{err}");
+    assert!(!err.contains('%') && !stdout.contains('%'), "{stdout}{err}");
 }
 
 fn repo_with(mut r: HubRepo, f: impl FnOnce(&mut HubRepo)) -> HubRepo {
