@@ -11,12 +11,15 @@ tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore .venv/bin/python benc
 import json, sys
 m = json.load(open(sys.argv[1]))["timings_seconds"]
 tl = json.loads(sys.argv[2])
+def run(name):
+    """Seconds of the jobs of run `name` (the manifest times each job: "<run>: <what>")."""
+    return sum(v for k, v in m.items() if k.startswith(name + ": "))
 ours = {
-    # Both sides include the clean and corrupted runs the attribution needs.
-    "attribution": m["clean and corrupted runs"] + m["attribution (total)"] + m["attribution-heads (total)"],
-    # tl-run makes one clean forward for all of these (in whichever run comes first).
-    "logit lens, DLA layers + heads, head scores": m["logit-lens (total)"] + m["dla-layers (total)"] + m["dla-heads (total)"] + m["head-scores (total)"],
-    "ablation sweep (every head)": m["ablation (total)"],
+    # Both sides include the clean and corrupted runs and the forward+backward attribution needs.
+    "attribution": m["clean and corrupted runs"] + m.get("corrupted forward+backward (1 pass)", 0.0) + run("attribution") + run("attribution-heads"),
+    # tl-run makes one clean forward that caches the hooks all of these read.
+    "logit lens, DLA layers + heads, head scores": m.get("clean run (cache analysis hooks)", 0.0) + run("logit-lens") + run("dla-layers") + run("dla-heads") + run("head-scores"),
+    "ablation sweep (every head)": run("ablation"),
 }
 tl["logit lens, DLA layers + heads, head scores"] = tl.pop("logit lens + DLA layers + DLA heads") + tl.pop("head scores")
 print(f"{'kind':<46}{'TransformerLens':>16}{'tl-run':>10}{'ratio':>8}   (torch threads: {tl['torch_threads']})")

@@ -16,7 +16,7 @@ import subprocess, time
 t = time.perf_counter()
 subprocess.run(['target/release/tl-run', 'benches/smollm2.toml', '--dtype', '$dtype', '--out', '$out', '--quiet'], check=True, stdout=subprocess.DEVNULL)
 print(round(time.perf_counter() - t, 2))")
-  sweeps[$dtype]=$(python3 -c "import json; m=json.load(open('$out/manifest.json'))['timings_seconds']; print(round(sum(m[k] for k in ['clean and corrupted runs', 'resid (total)', 'heads (total)']), 2))")
+  sweeps[$dtype]=$(python3 -c "import json; m=json.load(open('$out/manifest.json'))['timings_seconds']; print(round(sum(v for k, v in m.items() if k == 'clean and corrupted runs' or k.startswith(('resid: patch ', 'heads: patch '))), 2))")
   rm -rf "$out"
 done
 tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/tl_smollm2.py .models/SmolLM2-135M-Instruct.Q4_1.gguf "$hf_dir" 2>/dev/null | tail -1)
