@@ -12,7 +12,7 @@ print(round(time.perf_counter() - t, 2))")
 # Same work as TL's timed part: the clean and corrupted runs plus the activation-patching sweeps
 # (runs "resid" and "heads"; the spec's other kinds are timed by benches/kinds_vs_transformer_lens.sh).
 patch_s=$(python3 -c "import json; m=json.load(open('$out/manifest.json'))['timings_seconds']; print(round(sum(v for k, v in m.items() if k == 'clean and corrupted runs' or k.startswith(('resid: patch ', 'heads: patch '))), 2))")
-tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore .venv/bin/python benches/tl_ioi.py "$model" 2>/dev/null | tail -1)
+tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore .venv/bin/python benches/gpu/tl_patching.py "$model" experiments/prompts/ioi.jsonl cpu float32 ioi /dev/null 2>/dev/null | tail -1)
 tl_patch_s=$(python3 -c "import json; print(json.loads('$tl')['patching_s'])")
 echo "tl-run whole command (load + runs + writes): ${tl_run_s}s; patching sweeps: ${patch_s}s"
 echo "TransformerLens patching.py sweeps: ${tl_patch_s}s ($tl)"

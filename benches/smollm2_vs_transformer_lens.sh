@@ -19,7 +19,8 @@ print(round(time.perf_counter() - t, 2))")
   sweeps[$dtype]=$(python3 -c "import json; m=json.load(open('$out/manifest.json'))['timings_seconds']; print(round(sum(v for k, v in m.items() if k == 'clean and corrupted runs' or k.startswith(('resid: patch ', 'heads: patch '))), 2))")
   rm -rf "$out"
 done
-tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/tl_smollm2.py .models/SmolLM2-135M-Instruct.Q4_1.gguf "$hf_dir" 2>/dev/null | tail -1)
+HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/tl_smollm2.py .models/SmolLM2-135M-Instruct.Q4_1.gguf "$hf_dir" 2>/dev/null
+tl=$(HF_HUB_OFFLINE=1 TQDM_DISABLE=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/gpu/tl_patching.py "$hf_dir" experiments/prompts/ioi.jsonl cpu float32 smollm2 /dev/null 2>/dev/null | tail -1)
 tl_s=$(python3 -c "import json; print(round(json.loads('$tl')['patching_s'], 2))")
 echo "TransformerLens patching.py (resid_pre by position + z by head, 8 IOI prompts): ${tl_s}s ($tl)"
 for dtype in $dtypes; do
