@@ -152,3 +152,19 @@ fn chromium_shows_the_reports_of_the_default_and_induction_experiments() {
         check_in_browser(&dir.join("report.html"), work.path());
     }
 }
+
+#[test]
+fn a_directory_that_is_not_a_finished_run_is_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = |d: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(["report", s(d)]).output().unwrap();
+        assert_eq!(o.status.code(), Some(1));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = fail(dir.path());
+    assert!(e.contains("is") && e.contains("a tl-run results directory"), "{e}");
+    std::fs::write(dir.path().join("manifest.shard-0-of-2.json"), "{}").unwrap();
+    let e = fail(dir.path());
+    assert!(e.contains("tl-run merge"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}

@@ -27,8 +27,14 @@ pub struct Written {
 /// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
 pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
     let manifest_path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest_path)
-        .map_err(|e| Error::Config(format!("{}: {e}; is {} a tl-run results directory (the spec's output.dir)?", manifest_path.display(), dir.display())))?;
+    let sharded = std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().starts_with("manifest.shard-"));
+    let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
+        Error::Config(if sharded {
+            format!("{} holds the shards of a sharded run: join them first with `tl-run merge {}`", dir.display(), dir.display())
+        } else {
+            format!("{}: {e}; is {} a tl-run results directory (the spec's output.dir)?", manifest_path.display(), dir.display())
+        })
+    })?;
     let manifest: Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
     let metric = metric_label(&manifest);
     let mut runs = Vec::new();
