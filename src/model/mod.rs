@@ -97,10 +97,39 @@ fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
+/// While weights load, glibc's malloc hands back every freed block over 1 MiB to the system.
+/// Otherwise its dynamic mmap threshold, raised by the first large frees, keeps the per-tensor
+/// f32 working copies of weight processing in the heap after they are freed. Measured on a 2.15 GB
+/// bf16 checkpoint, that retention was about 0.7 GB of peak RSS. Afterwards the threshold is
+/// glibc's largest default (32 MiB), so sweeps reuse their heap as before.
+struct LoadingAllocator;
+
+impl LoadingAllocator {
+    fn enter() -> LoadingAllocator {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: mallopt only sets an allocator tunable; any value is valid.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        }
+        LoadingAllocator
+    }
+}
+
+impl Drop for LoadingAllocator {
+    fn drop(&mut self) {
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: as above.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        }
+    }
+}
+
 impl Model {
     /// Loads `id` (a local directory, a hub id or a `.gguf` file) with TransformerLens-style
     /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
+        let _allocator = LoadingAllocator::enter();
         if is_gguf(id) {
             return Model::load_gguf(id, opts);
         }

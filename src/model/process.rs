@@ -38,10 +38,13 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
         }
         *b = b.map(&|t: &Tensor| place(Place::Block(l), t));
     }
-    w.w_u = f32(&w.w_u);
-    w.b_u = f32(&w.b_u);
+    // The unembedding is the largest matrix (d_model × vocab): it is processed in place on one
+    // f32 copy of its own (never the embedding's storage, which it shares when tied), so loading
+    // holds one f32 unembedding at a time rather than three.
+    w.w_u = own_f32(&w.w_u);
+    w.b_u = own_f32(&w.b_u);
     if p.fold_ln {
-        fold_norm_into(&mut w.ln_final, vec![(&mut w.w_u, Some(&mut w.b_u))], layer_norm);
+        fold_final_norm_in_place(&mut w.ln_final, &mut w.w_u, &mut w.b_u, layer_norm);
     }
     if p.center_writing_weights && layer_norm {
         let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
@@ -51,8 +54,10 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
     // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
     // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
     if p.center_unembed && cfg.final_softcap.is_none() {
-        w.w_u = &w.w_u - w.w_u.mean_dim(-1, true, None);
-        w.b_u = &w.b_u - w.b_u.mean(None);
+        let mean = w.w_u.mean_dim(-1, true, None);
+        let _ = w.w_u.g_sub_(&mean);
+        let mean = w.b_u.mean(None);
+        let _ = w.b_u.g_sub_(&mean);
     }
     let input = |t: &Tensor| place(Place::Input, t);
     let output = |t: &Tensor| place(Place::Output, t);
@@ -62,6 +67,33 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
     w.b_u = output(&w.b_u);
     w.ln_final = NormWeights { w: w.ln_final.w.as_ref().map(output), b: w.ln_final.b.as_ref().map(output) };
     w.ln_embed = w.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
+}
+
+/// An f32 tensor with storage of its own (a copy even when `t` already is f32), safe to change
+/// in place.
+fn own_f32(t: &Tensor) -> Tensor {
+    if t.kind() == Kind::Float {
+        t.copy()
+    } else {
+        t.to_kind(Kind::Float)
+    }
+}
+
+/// `fold_norm_into` for the final norm and the unembedding, in place (same arithmetic, same
+/// order: bias from the unscaled weight first, then the scale, then the mean over d_model).
+fn fold_final_norm_in_place(norm: &mut NormWeights, w_u: &mut Tensor, b_u: &mut Tensor, layer_norm: bool) {
+    let (Some(nw), nb) = (norm.w.take(), norm.b.take()) else {
+        return;
+    };
+    if let (true, Some(nb)) = (layer_norm, nb.as_ref()) {
+        let shift = (&*w_u * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
+        *b_u = &*b_u + shift;
+    }
+    let _ = w_u.g_mul_(&nw.unsqueeze(-1));
+    if layer_norm {
+        let mean = w_u.mean_dim(-2, true, None);
+        let _ = w_u.g_sub_(&mean);
+    }
 }
 
 /// Folds a norm's weight (and, for LayerNorm, bias) into the matrices that read its output.
