@@ -99,7 +99,7 @@ impl Figure {
     /// What the figure's values are, for the caption under it.
     pub fn caption(&self) -> String {
         match self {
-            Figure::Heatmap(f) => format!("colour: {}; hover a cell for its value", f.value_label),
+            Figure::Heatmap(_) => "hover a cell for its value".into(),
             Figure::Bars(f) => format!("{}; hover a bar for its value", f.value_label),
             Figure::Lines(f) => f.value_label.clone(),
             Figure::Scatter(f) => format!("x: {}, y: {}; dashed: y = x", f.x_title, f.y_title),
