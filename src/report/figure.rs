@@ -27,8 +27,7 @@ impl Scale {
             return Scale::Diverging { limit: 1.0 };
         }
         if min < 0.0 {
-            let limit = finite.fold(0.0f64, |m, v| m.max(v.abs()));
-            Scale::Diverging { limit: if limit > 0.0 { limit } else { 1.0 } }
+            Scale::symmetric(finite)
         } else {
             Scale::Sequential { min: min.min(0.0), max: if max > min.min(0.0) { max } else { min.min(0.0) + 1.0 } }
         }
