@@ -1,5 +1,7 @@
-//! Makes the binary find libtorch without LD_LIBRARY_PATH, and keeps libtorch_cuda linked even
-//! though no symbol of it is referenced directly, so one build uses CUDA wherever it is present.
+//! Makes the binary find libtorch without LD_LIBRARY_PATH. libtorch_cuda is deliberately not
+//! linked: its static initialisers (and the CUDA libraries it pulls in) cost 0.15-0.4 s at every
+//! start, even of a CPU run; `engine::device` opens it when a CUDA device is first named, and
+//! this records where to find it.
 use std::path::PathBuf;
 
 fn main() {
@@ -17,9 +19,5 @@ fn main() {
     // `.libtorch` is a symlink into the shared virtualenv; the rpath gets the real directory.
     let lib_dir = std::fs::canonicalize(&lib_dir).unwrap_or_else(|_| PathBuf::from(&lib_dir));
     println!("cargo:rustc-link-arg=-Wl,-rpath={}", lib_dir.display());
-    if lib_dir.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
-        println!("cargo:rustc-link-arg=-Wl,--as-needed");
-    }
+    println!("cargo:rustc-env=TL_RUN_LIBTORCH_LIB={}", lib_dir.display());
 }

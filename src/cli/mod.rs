@@ -572,6 +572,7 @@ fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {
         out.push_str(&format!("{:<36} {:?}\n", p.to_string(), model.hook_shape(p, batch, seq)));
     }
     print!("{out}");
+    model.release_at_exit();
     Ok(())
 }
 
@@ -601,6 +602,7 @@ fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::P
     ]);
     tl_run::output::activations::write(out, &tensors, metadata)?;
     println!("wrote {} activations for {} prompt(s) to {}", tensors.len(), prompts.len(), out.display());
+    model.release_at_exit();
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Tensors are read from disk one at a time as they are taken, in their stored dtype, so loading
 //! never holds the file's bytes and the converted weights at once.
 use std::collections::BTreeMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::PathBuf;
 
 use tch::{Kind, Tensor};
@@ -77,15 +77,37 @@ fn index(file: &PathBuf, out: &mut BTreeMap<String, Entry>) -> Result<()> {
     Ok(())
 }
 
+/// Reads every tensor a converter will take, on all cores: reading from the page cache is bound
+/// by page faults on the fresh memory, which the kernel serves per core. Tensors are read in
+/// their stored dtype (what the file holds, no more), and derived buffers stay unread.
+fn read_all(tensors: BTreeMap<String, Entry>) -> Result<BTreeMap<String, Entry>> {
+    use rayon::prelude::*;
+    let mut entries: Vec<(String, Entry)> = tensors.into_iter().collect();
+    // Largest first, so the cores finish together.
+    entries.sort_by_key(|(_, e)| std::cmp::Reverse(if let Entry::OnDisk { len, .. } = e { *len } else { 0 }));
+    entries
+        .into_par_iter()
+        .map(|(name, e)| if is_derived_buffer(&name) { Ok((name, e)) } else { e.load().map(|t| (name, Entry::Loaded(t))) })
+        .collect()
+}
+
 impl Entry {
     fn load(self) -> Result<Tensor> {
         match self {
             Entry::Loaded(t) => Ok(t),
             Entry::OnDisk { file, start, len, shape, kind } => {
-                let mut f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
-                let mut bytes = vec![0u8; len];
-                f.seek(SeekFrom::Start(start)).and_then(|_| f.read_exact(&mut bytes)).map_err(|e| Error::io(&file, e))?;
-                Tensor::f_from_data_size(&bytes, &shape, kind).map_err(|e| Error::Load { id: file.display().to_string(), reason: e.to_string() })
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
+                // Read straight into the tensor's own storage: one copy from the page cache, no
+                // intermediate buffer.
+                let t = Tensor::f_empty(&shape, (kind, tch::Device::Cpu)).map_err(|e| Error::Load { id: file.display().to_string(), reason: e.to_string() })?;
+                if len > 0 {
+                    // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `len` bytes (numel ×
+                    // element width was checked against the byte range when indexing), owned here.
+                    let bytes = unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut u8, len) };
+                    f.read_exact_at(bytes, start).map_err(|e| Error::io(&file, e))?;
+                }
+                Ok(t)
             }
         }
     }
@@ -101,7 +123,7 @@ impl StateDict {
             index(f, &mut tensors)?;
         }
         let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
-        Ok(StateDict { tensors, taken: Default::default(), prefix: String::new(), origin })
+        Ok(StateDict { tensors: read_all(tensors)?, taken: Default::default(), prefix: String::new(), origin })
     }
 
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
@@ -192,3 +214,4 @@ pub fn unused(all: &[String], taken: &std::sync::Mutex<Vec<String>>) -> Vec<Stri
     let taken: std::collections::BTreeSet<String> = taken.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
     all.iter().filter(|n| !taken.contains(*n) && !is_derived_buffer(n)).cloned().collect()
 }
+

@@ -7,11 +7,6 @@ use tch::{Kind, Tensor};
 use crate::model::config::{ModelConfig, NormKind, Processing};
 use crate::model::weights::{BlockWeights, NormWeights, Weights};
 
-/// Processes the weights in f32 and hands every finished tensor to `finish` (the cast to the
-/// run's device and dtype). It goes block by block — each block upcast, processed, finished —
-/// so a bf16 checkpoint is never held whole in f32: every step of TransformerLens's order
-/// either stays inside one block or touches only the embedding/unembedding, so doing the blocks
-/// one at a time computes the same weights.
 /// Where a finished weight goes: a block's device, the embedding's or the output side's.
 #[derive(Debug, Clone, Copy)]
 pub enum Place {
@@ -20,6 +15,17 @@ pub enum Place {
     Output,
 }
 
+/// Processes the weights in f32 and hands every finished tensor to `place` (the cast to the
+/// run's device and dtype). It goes block by block — each block upcast, processed, placed —
+/// so a bf16 checkpoint is never held whole in f32: every step of TransformerLens's order
+/// either stays inside one block or touches only the embedding/unembedding, so doing the blocks
+/// one at a time computes the same weights.
+///
+/// Weights are changed in place wherever they own their memory: an f32 checkpoint read from
+/// disk is processed without allocating a second copy of it (fresh allocations, page-faulted
+/// in, were most of the loading time). The tensors handed in are therefore consumed: a caller
+/// must not keep its own handles on them. The one shared storage a converter creates, a tied
+/// unembedding viewing the embedding, gets its own copy before either is changed.
 pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn(Place, &Tensor) -> Tensor) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let f32 = |t: &Tensor| t.to_kind(Kind::Float);
@@ -47,9 +53,13 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
         fold_final_norm_in_place(&mut w.ln_final, &mut w.w_u, &mut w.b_u, layer_norm);
     }
     if p.center_writing_weights && layer_norm {
-        let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
-        w.w_e = center(&f32(&w.w_e));
-        w.w_pos = w.w_pos.as_ref().map(|t| center(&f32(t)));
+        // In place: the unembedding no longer shares the embedding's storage (own_f32 above).
+        w.w_e = f32(&w.w_e);
+        center_in_place(&mut w.w_e);
+        if let Some(p) = w.w_pos.as_mut() {
+            *p = f32(p);
+            center_in_place(p);
+        }
     }
     // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
     // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
@@ -73,7 +83,10 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
 /// in place.
 fn own_f32(t: &Tensor) -> Tensor {
     if t.kind() == Kind::Float {
-        t.copy()
+        // empty_like keeps a transposed view's layout, so this is a straight copy.
+        let mut own = t.empty_like();
+        own.copy_(t);
+        own
     } else {
         t.to_kind(Kind::Float)
     }
@@ -86,8 +99,7 @@ fn fold_final_norm_in_place(norm: &mut NormWeights, w_u: &mut Tensor, b_u: &mut 
         return;
     };
     if let (true, Some(nb)) = (layer_norm, nb.as_ref()) {
-        let shift = (&*w_u * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
-        *b_u = &*b_u + shift;
+        *b_u = &*b_u + nb.matmul(w_u);
     }
     let _ = w_u.g_mul_(&nw.unsqueeze(-1));
     if layer_norm {
@@ -104,14 +116,17 @@ fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut
     };
     for (w, bias) in reading {
         if let (true, Some(bias), Some(nb)) = (layer_norm, bias, nb.as_ref()) {
-            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW.
-            *bias = &*bias + (&*w * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
+            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW. A vector-matrix
+            // product, not TransformerLens's broadcast multiply and sum, so no [d_model, out]
+            // temporary (the sums differ by f32 rounding only).
+            *bias = &*bias + nb.matmul(w);
         }
-        *w = &*w * nw.unsqueeze(-1);
+        let _ = w.g_mul_(&nw.unsqueeze(-1));
         if layer_norm {
             // The folded norm's output has zero mean over d_model, so the mean of W over d_model
             // contributes nothing; removing it is TransformerLens's canonical form.
-            *w = &*w - w.mean_dim(-2, true, None);
+            let mean = w.mean_dim(-2, true, None);
+            let _ = w.g_sub_(&mean);
         }
     }
 }
@@ -140,12 +155,16 @@ fn fold_block_norms(b: &mut BlockWeights, layer_norm: bool, shared_norm: bool) {
     }
 }
 
+/// Removes the mean over the last axis (d_model for every matrix writing to the residual).
+fn center_in_place(t: &mut Tensor) {
+    let mean = t.mean_dim(-1, true, None);
+    let _ = t.g_sub_(&mean);
+}
+
 fn center_block_writes(b: &mut BlockWeights) {
-    let center = |t: &Tensor| t - t.mean_dim(-1, true, None);
-    b.attn.w_o = center(&b.attn.w_o);
-    b.attn.b_o = center(&b.attn.b_o);
-    b.mlp.w_out = center(&b.mlp.w_out);
-    b.mlp.b_out = center(&b.mlp.b_out);
+    for t in [&mut b.attn.w_o, &mut b.attn.b_o, &mut b.mlp.w_out, &mut b.mlp.b_out] {
+        center_in_place(t);
+    }
 }
 
 /// Attention patterns sum to one over keys, so a constant added to every value vector reaches

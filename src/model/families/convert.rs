@@ -81,21 +81,26 @@ pub fn layer_windows(json: &Value, n_layers: usize, window: Option<usize>, fallb
     Ok(sliding.into_iter().map(|s| if s { window } else { None }).collect())
 }
 
-/// nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head].
+// The layout changes below are views, not copies: the forward multiplies through strided
+// weights as HF's nn.Linear does (BLAS takes the transpose for free), and the fused q/k/v
+// projection the forward uses is the checkpoint's own [n*d_head, d_model] layout again, so a
+// contiguous TransformerLens layout would cost two transposes of every attention matrix.
+
+/// nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head] (a view).
 pub fn linear_per_head_in(w: &Tensor, n: i64, d_head: i64) -> Tensor {
     let d = w.size()[1];
-    w.view([n, d_head, d]).transpose(1, 2).contiguous()
+    w.view([n, d_head, d]).transpose(1, 2)
 }
 
-/// nn.Linear output projection [d_model, n*d_head] -> [n, d_head, d_model].
+/// nn.Linear output projection [d_model, n*d_head] -> [n, d_head, d_model] (a view).
 pub fn linear_per_head_out(w: &Tensor, n: i64, d_head: i64) -> Tensor {
     let d = w.size()[0];
-    w.tr().contiguous().view([n, d_head, d])
+    w.view([d, n, d_head]).permute([1, 2, 0])
 }
 
-/// nn.Linear [out, in] -> TransformerLens [in, out].
+/// nn.Linear [out, in] -> TransformerLens [in, out] (a view).
 pub fn linear_t(w: Tensor) -> Tensor {
-    w.tr().contiguous()
+    w.tr()
 }
 
 pub fn zeros(shape: &[i64]) -> Tensor {
@@ -119,7 +124,8 @@ pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWei
 /// The unembedding [d_model, d_vocab]: `lm_head.weight` or, for tied models, W_E's transpose;
 /// with its bias (GPT-J, Phi) or zeros.
 pub fn unembed(sd: &mut StateDict, head: &str, w_e: &Tensor, d_vocab: i64) -> Result<(Tensor, Tensor)> {
-    let w_u = sd.take_opt(&format!("{head}.weight"))?.unwrap_or_else(|| w_e.copy()).tr().contiguous();
+    // Tied: a view of W_E; weight processing gives the unembedding its own copy before changing it.
+    let w_u = sd.take_opt(&format!("{head}.weight"))?.unwrap_or_else(|| w_e.shallow_clone()).tr();
     let b_u = bias_or_zeros(sd, &format!("{head}.bias"), &[d_vocab])?;
     Ok((w_u, b_u))
 }
@@ -130,7 +136,7 @@ pub fn split_per_head_qkv(w: &Tensor, b: &Tensor, n: i64, e: i64) -> [(Tensor, T
     let d = w.size()[1];
     let w = w.view([n, 3, e, d]);
     let b = b.view([n, 3, e]);
-    [0, 1, 2].map(|i| (w.select(1, i).transpose(1, 2).contiguous(), b.select(1, i).contiguous()))
+    [0, 1, 2].map(|i| (w.select(1, i).transpose(1, 2), b.select(1, i)))
 }
 
 /// A non-gated MLP of two nn.Linear layers with biases (`{up}.weight` [m, d], `{down}.weight` [d, m]).

@@ -50,10 +50,10 @@ pub fn config(json: &serde_json::Value) -> Result<ModelConfig> {
         .map(|c| c.with_family("gpt2", true))
 }
 
-/// [d_model, n*d_head] (Conv1D, in x out) -> [n, d_model, d_head].
+/// [d_model, n*d_head] (Conv1D, in x out) -> [n, d_model, d_head] (a view; see convert.rs).
 fn per_head_in(w: &Tensor, n: i64, d_head: i64) -> Tensor {
     let d = w.size()[0];
-    w.view([d, n, d_head]).permute([1, 0, 2]).contiguous()
+    w.view([d, n, d_head]).permute([1, 0, 2])
 }
 
 pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
@@ -92,7 +92,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     }
     let w_e = sd.take("wte.weight")?;
     // GPT-2 ties the unembedding to the embedding unless the checkpoint has its own lm_head.
-    let w_u = sd.take_opt("lm_head.weight")?.unwrap_or_else(|| w_e.copy()).tr().contiguous();
+    let w_u = sd.take_opt("lm_head.weight")?.unwrap_or_else(|| w_e.shallow_clone()).tr();
     Ok(Weights {
         ln_embed: None,
         w_pos: Some(sd.take("wpe.weight")?),
