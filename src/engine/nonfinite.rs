@@ -53,8 +53,10 @@ fn count(mask: &Tensor) -> i64 {
 /// The first weight (in forward order) holding a NaN or inf.
 pub fn first_in_weights(model: &Model) -> Option<Finding> {
     model.weights.named().into_iter().find_map(|(name, t)| {
-        // One cheap pass per tensor; counting only where something is wrong.
-        if t.isfinite().all().int64_value(&[]) != 0 {
+        // One reduction per tensor, allocating nothing: a NaN or inf anywhere makes the sum
+        // non-finite. Only then (or when finite weights overflow the f32 sum) the exact check.
+        let sum_finite = t.sum(tch::Kind::Float).isfinite().int64_value(&[]) != 0;
+        if sum_finite || t.isfinite().all().int64_value(&[]) != 0 {
             return None;
         }
         let n = count(&bad_mask(t, false));

@@ -44,11 +44,10 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
         }
         *b = b.map(&|t: &Tensor| place(Place::Block(l), t));
     }
-    // The unembedding is the largest matrix (d_model × vocab): it is processed in place on one
-    // f32 copy of its own (never the embedding's storage, which it shares when tied), so loading
-    // holds one f32 unembedding at a time rather than three.
-    w.w_u = own_f32(&w.w_u);
-    w.b_u = own_f32(&w.b_u);
+    // The unembedding is the largest matrix (d_model × vocab): it is processed in place, in f32,
+    // so loading holds one f32 unembedding at a time rather than three.
+    w.w_u = own_f32(&w.w_u, &w.w_e);
+    w.b_u = own_f32(&w.b_u, &w.w_e);
     if p.fold_ln {
         fold_final_norm_in_place(&mut w.ln_final, &mut w.w_u, &mut w.b_u, layer_norm);
     }
@@ -79,16 +78,13 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
     w.ln_embed = w.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
 }
 
-/// An f32 tensor with storage of its own (a copy even when `t` already is f32), safe to change
-/// in place.
-fn own_f32(t: &Tensor) -> Tensor {
-    if t.kind() == Kind::Float {
-        // empty_like keeps a transposed view's layout, so this is a straight copy.
-        let mut own = t.empty_like();
-        own.copy_(t);
-        own
-    } else {
-        t.to_kind(Kind::Float)
+/// `t` in f32, changeable in place without touching `tied` (the embedding): converters give the
+/// unembedding storage of its own, but a degenerate shape can make the transpose a view.
+fn own_f32(t: &Tensor, tied: &Tensor) -> Tensor {
+    match t.kind() {
+        Kind::Float if t.data_ptr() == tied.data_ptr() => t.copy(),
+        Kind::Float => t.shallow_clone(),
+        _ => t.to_kind(Kind::Float),
     }
 }
 

@@ -92,7 +92,7 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     }
     let w_e = sd.take("wte.weight")?;
     // GPT-2 ties the unembedding to the embedding unless the checkpoint has its own lm_head.
-    let w_u = sd.take_opt("lm_head.weight")?.unwrap_or_else(|| w_e.shallow_clone()).tr();
+    let w_u = super::convert::unembed_layout(sd.take_opt("lm_head.weight")?.as_ref().unwrap_or(&w_e));
     Ok(Weights {
         ln_embed: None,
         w_pos: Some(sd.take("wpe.weight")?),
