@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tl_run::output::table::read_parquet;
-use tl_run::report::figure::{hook_family, pos_label, run_figures, Figure, RunFacts, Scale};
+use tl_run::report::figure::{hook_family, pos_label, run_figures, top_heads, Figure, RunFacts, Scale, PATTERN_HEADS};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -66,6 +66,63 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     assert_eq!(page.matches("http").count(), page.matches("http://www.w3.org/2000/svg").count(), "nothing to fetch: the only URLs are the SVG namespace");
     let figures = std::fs::read_dir(out.join("figures")).unwrap().count();
     assert!(figures >= 15, "one SVG per figure, got {figures}");
+
+    // Dest × src attention patterns of the top heads of the by-head run: the heads with the
+    // largest |value| in heads.parquet, each cell exactly hook_pattern of prompt 0 as
+    // `tl-run cache` captures it from the same model.
+    let (head_rows, _) = read_parquet(&out.join("heads.parquet")).unwrap();
+    let top = top_heads("activation_patching", &head_rows, PATTERN_HEADS);
+    assert_eq!(top.len(), PATTERN_HEADS);
+    let best = head_rows.iter().filter(|r| r.prompt.is_none() && r.head.is_some()).max_by(|a, b| a.value.abs().total_cmp(&b.value.abs())).unwrap();
+    assert_eq!(top[0], (best.layer.unwrap() as usize, best.head.unwrap() as usize), "the first pattern is the head with the largest |value|");
+    assert!(page.contains("Attention patterns of the 4 heads with the largest |value| (prompt 0, clean run)"), "no pattern section");
+    let prompt0: serde_json::Value = serde_json::from_str(std::fs::read_to_string(repo().join("experiments/prompts/stories.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let acts = dir.path().join("patterns.safetensors");
+    let hooks: Vec<String> = top.iter().map(|(l, _)| format!("blocks.{l}.attn.hook_pattern")).collect();
+    tl_run(&["cache", "tests/models/stories260K", "--prompt", prompt0["clean"].as_str().unwrap(), "--hooks", &hooks.join(","), "--out", s(&acts)]);
+    let cached = tch::Tensor::read_safetensors(&acts).unwrap();
+    for (layer, head) in &top {
+        let want = &cached.iter().find(|(n, _)| *n == format!("blocks.{layer}.attn.hook_pattern")).unwrap().1;
+        let title = format!("heads: L{layer}H{head} attention, prompt 0");
+        let svg = page.split("<svg").find(|f| f.contains(&format!("\n{title}\n"))).unwrap_or_else(|| panic!("no figure titled {title}"));
+        let n = want.size()[2];
+        let mut seen = 0;
+        for rect in svg.split("<rect").filter(|r| r.contains("data-x=")) {
+            let attr = |k: &str| rect.split(&format!("{k}=\"")).nth(1).unwrap().split('"').next().unwrap().to_string();
+            let (x, y, v) = (attr("data-x").parse::<i64>().unwrap(), attr("data-y").parse::<i64>().unwrap(), attr("data-value").parse::<f64>().unwrap());
+            assert_eq!(v, want.double_value(&[0, *head as i64, y, x]), "L{layer}H{head} dest {y} src {x}");
+            seen += 1;
+        }
+        assert_eq!(seen, n * n, "one cell per (dest, src) of the {n}-token prompt");
+    }
+
+    // --png: a PNG (twice the size) beside every SVG, not blank; --no-patterns leaves them out.
+    tl_run(&["report", s(&out), "--png"]);
+    let listed: Vec<PathBuf> = std::fs::read_dir(out.join("figures")).unwrap().map(|e| e.unwrap().path()).collect();
+    let svgs: Vec<&PathBuf> = listed.iter().filter(|p| p.extension().unwrap() == "svg").collect();
+    assert_eq!(listed.len(), 2 * svgs.len(), "{listed:?}");
+    for svg in svgs.iter().take(3) {
+        let text = std::fs::read_to_string(svg).unwrap();
+        let width: f64 = text.split("width=\"").nth(1).unwrap().split('"').next().unwrap().parse().unwrap();
+        let (w, _, var) = png_stats(&svg.with_extension("png"));
+        assert_eq!(w as f64, 2.0 * width.ceil(), "{}", svg.display());
+        assert!(var > 200.0, "{}: blank PNG (variance {var:.1})", svg.display());
+    }
+    tl_run(&["report", s(&out), "--no-patterns"]);
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(!page.contains("attention, prompt 0") && page.contains("left out (--no-patterns)"));
+}
+
+/// Width, height and luminance variance of a PNG.
+fn png_stats(path: &Path) -> (u32, u32, f64) {
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let lum: Vec<f64> = buf[..info.buffer_size()].chunks(channels).map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect();
+    let mean = lum.iter().sum::<f64>() / lum.len() as f64;
+    (info.width, info.height, lum.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lum.len() as f64)
 }
 
 /// Chromium, found on PATH (scripts/chromium.sh installs it in the test set-up).
@@ -127,14 +184,7 @@ fn check_in_browser(page: &Path, work: &Path) {
     for line in log.lines() {
         assert!(!line.contains("CONSOLE") && !line.contains("Failed to load") && !line.contains("net::ERR"), "{url}: {line}");
     }
-    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
-    let mut reader = decoder.read_info().unwrap();
-    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
-    let info = reader.next_frame(&mut buf).unwrap();
-    let channels = info.color_type.samples();
-    let lum: Vec<f64> = buf[..info.buffer_size()].chunks(channels).map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect();
-    let mean = lum.iter().sum::<f64>() / lum.len() as f64;
-    let var = lum.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lum.len() as f64;
+    let (_, _, var) = png_stats(&shot);
     assert!(var > 200.0, "{url}: the screenshot looks blank (luminance variance {var:.1})");
 }
 

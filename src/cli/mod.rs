@@ -108,6 +108,12 @@ pub enum Command {
         /// Write the page here instead of <DIR>/report.html.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Also write a PNG (2x) beside every SVG under figures/.
+        #[arg(long)]
+        png: bool,
+        /// Leave out the attention patterns of the top heads (drawing them loads the run's model).
+        #[arg(long)]
+        no_patterns: bool,
     },
     /// Join the shard parts of a sharded run into one Parquet file per run and one manifest.
     Merge {
@@ -269,9 +275,9 @@ pub fn dispatch(args: Args) -> Result<()> {
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
         Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
-        Command::Report { dir, out } => {
+        Command::Report { dir, out, png, no_patterns } => {
             let t = std::time::Instant::now();
-            let w = tl_run::report::write(&dir, out.as_deref())?;
+            let w = tl_run::report::write(&dir, out.as_deref(), tl_run::report::Options { png, patterns: !no_patterns })?;
             println!("wrote {} ({} KiB, {} figures under {}) in {:.2} s", w.page.display(), w.bytes / 1024, w.figures.len(), w.page.with_file_name("figures").display(), t.elapsed().as_secs_f64());
             Ok(())
         }
@@ -481,7 +487,7 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
         if shard.is_some() {
             println!("no report for one shard: run `tl-run merge {}`, then `tl-run report {}`", spec.output_dir.display(), spec.output_dir.display());
         } else {
-            let w = tl_run::report::write(&spec.output_dir, None)?;
+            let w = tl_run::report::write(&spec.output_dir, None, tl_run::report::Options::default())?;
             println!("wrote {} ({} figures)", w.page.display(), w.figures.len());
         }
     }

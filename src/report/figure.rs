@@ -124,6 +124,11 @@ pub struct RunFigures {
     pub kind: String,
     pub figures: Vec<Figure>,
     pub per_prompt: Vec<(i32, Vec<Figure>)>,
+    /// Dest × src attention patterns of the run's top heads (patching by head), drawn as small
+    /// multiples; `patterns_note` says why there are none when the run has heads but no patterns
+    /// could be computed.
+    pub patterns: Vec<Figure>,
+    pub patterns_note: Option<String>,
 }
 
 /// What a run's manifest entry adds to its figures: attribution's correlations with real
@@ -154,7 +159,7 @@ pub fn run_figures(run: &str, kind: &str, rows: &[Row], facts: &RunFacts, metric
     let (mean, by_prompt) = split_by_prompt(rows);
     let figures = kind_figures(run, kind, &mean, facts, metric, None);
     let per_prompt = by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, kind, &rs, facts, metric, Some(p)))).collect();
-    RunFigures { run: run.to_string(), kind: kind.to_string(), figures, per_prompt }
+    RunFigures { run: run.to_string(), kind: kind.to_string(), figures, per_prompt, patterns: Vec::new(), patterns_note: None }
 }
 
 fn split_by_prompt(rows: &[Row]) -> (Vec<&Row>, BTreeMap<i32, Vec<&Row>>) {
@@ -212,6 +217,50 @@ fn kind_figures(run: &str, kind: &str, rows: &[&Row], facts: &RunFacts, metric: 
         }
         _ => Vec::new(),
     }
+}
+
+/// How many heads get their attention pattern drawn.
+pub const PATTERN_HEADS: usize = 4;
+
+/// The `k` heads (layer, head) with the largest |value| among a patching run's mean rows by
+/// head, over all its hooks (z, v, pattern, ...), largest first; none for other kinds.
+pub fn top_heads(kind: &str, rows: &[Row], k: usize) -> Vec<(usize, usize)> {
+    if !matches!(kind, "activation_patching" | "attribution_patching") {
+        return Vec::new();
+    }
+    let mut best: BTreeMap<(i32, i32), f64> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r.prompt.is_none() && r.value.is_finite()) {
+        if let (Some(l), Some(h)) = (r.layer, r.head) {
+            let v = best.entry((l, h)).or_insert(0.0);
+            *v = v.max(r.value.abs());
+        }
+    }
+    let mut ranked: Vec<((i32, i32), f64)> = best.into_iter().filter(|((l, h), _)| *l >= 0 && *h >= 0).collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.into_iter().take(k).map(|((l, h), _)| (l as usize, h as usize)).collect()
+}
+
+/// One head's dest × src pattern on prompt 0 as a heatmap: rows are destination (query)
+/// positions, columns source (key) positions, both labelled with the prompt's tokens; a
+/// sequential scale from 0 to 1 (probabilities), as circuitsvis shows them.
+pub fn pattern_figure(run: &str, layer: usize, head: usize, tokens: &[String], probabilities: &[Vec<f64>]) -> Figure {
+    let labels: Vec<String> = (0..probabilities.len()).map(|i| pos_label(i as i32, tokens.get(i).map(String::as_str))).collect();
+    let n = probabilities.len();
+    let cells: Vec<Vec<Option<f64>>> = probabilities.iter().map(|row| row.iter().map(|&p| Some(p)).collect()).collect();
+    let hover = (0..n)
+        .map(|d| (0..probabilities[d].len()).map(|s| format!("L{layer}H{head} dest {} → src {}: {}", labels[d], labels.get(s).cloned().unwrap_or_default(), crate::report::svg::num(probabilities[d][s]))).collect())
+        .collect();
+    Figure::Heatmap(Heatmap {
+        title: format!("{run}: L{layer}H{head} attention, prompt 0"),
+        x_title: "source position".into(),
+        y_title: "destination position".into(),
+        x_ticks: labels.clone(),
+        y_ticks: labels,
+        cells,
+        hover,
+        scale: Scale::Sequential { min: 0.0, max: 1.0 },
+        value_label: "attention probability".into(),
+    })
 }
 
 /// Rows grouped by `key`, groups in the order their first row appears.

@@ -13,7 +13,8 @@ table.facts{border-collapse:collapse;font-size:12px;margin:8px 0 16px}table.fact
 table.facts td:first-child{color:#666;white-space:nowrap}\
 figure.fig{display:inline-block;margin:8px 16px 16px 0;vertical-align:top}figcaption{font-size:11px;color:#555;max-width:760px}\
 table.topk{border-collapse:collapse;font-size:11px}table.topk td,table.topk th{border:1px solid #ddd;padding:2px 6px;text-align:left}\
-.ttl{font-size:13px;font-weight:600;margin:4px 0 6px}details{margin:8px 0}summary{cursor:pointer;font-size:13px;color:#333}code{font-size:11px}";
+.ttl{font-size:13px;font-weight:600;margin:4px 0 6px}details{margin:8px 0}summary{cursor:pointer;font-size:13px;color:#333}code{font-size:11px}\
+h3{font-size:13px;margin:16px 0 4px}.multiples figure.fig{margin:4px 8px 8px 0}.multiples svg{width:420px;height:auto}p.note{font-size:12px;color:#8a4b00}";
 
 /// One header line: (label, HTML value already escaped).
 pub type Fact = (String, String);
@@ -32,11 +33,21 @@ pub fn page(title: &str, facts: &[Fact], runs: &[RunFigures]) -> String {
     s.push_str("</nav>\n");
     for r in runs {
         s.push_str(&format!("<section id=\"run-{}\"><h2>{} <small>({})</small></h2>\n", escape(&r.run), escape(&r.run), escape(&r.kind)));
-        if r.figures.is_empty() && r.per_prompt.is_empty() {
+        if r.figures.is_empty() && r.per_prompt.is_empty() && r.patterns.is_empty() {
             s.push_str("<p>No rows to draw.</p>");
         }
         for f in &r.figures {
             s.push_str(&figure(f));
+        }
+        if !r.patterns.is_empty() {
+            s.push_str(&format!("<h3>Attention patterns of the {} heads with the largest |value| (prompt 0, clean run)</h3>\n<div class=\"multiples\">", r.patterns.len()));
+            for f in &r.patterns {
+                s.push_str(&figure(f));
+            }
+            s.push_str("</div>\n");
+        }
+        if let Some(note) = &r.patterns_note {
+            s.push_str(&format!("<p class=\"note\">Attention patterns of the top heads are not shown: {}</p>\n", escape(note)));
         }
         if !r.per_prompt.is_empty() {
             s.push_str(&format!("<details><summary>Per prompt ({} prompts)</summary>\n", r.per_prompt.len()));

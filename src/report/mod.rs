@@ -2,9 +2,12 @@
 //! (`report.html`) plus one SVG per figure under `figures/`.
 //!
 //! figure.rs decides what each run kind shows (rows → figure descriptions, unit-tested);
-//! svg.rs draws them; html.rs lays out the page.
+//! svg.rs draws them; html.rs lays out the page; patterns.rs recomputes the attention patterns
+//! of the top heads; png.rs rasterises figures for `--png`.
 pub mod figure;
 pub mod html;
+pub mod patterns;
+pub mod png;
 pub mod svg;
 
 use std::path::{Path, PathBuf};
@@ -23,9 +26,24 @@ pub struct Written {
     pub bytes: u64,
 }
 
+/// What to draw besides the figures the results hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// A PNG beside every SVG under figures/ (for slides and papers).
+    pub png: bool,
+    /// Attention patterns of the top heads of patching runs by head: loads the run's model.
+    pub patterns: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { png: false, patterns: true }
+    }
+}
+
 /// Reads `dir` (a finished run's output directory) and writes the report to `out` (default
 /// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
-pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
+pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
     let manifest_path = dir.join("manifest.json");
     let sharded = std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().starts_with("manifest.shard-"));
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
@@ -37,6 +55,7 @@ pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
     })?;
     let manifest: Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
     let metric = metric_label(&manifest);
+    let source = patterns::PatternSource::new(&manifest);
     let mut runs = Vec::new();
     for name in run_order(&manifest) {
         let entry = &manifest["runs"][&name];
@@ -52,13 +71,29 @@ pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
         }
         let (rows, _) = read_parquet(&path)?;
         let kind = entry.get("kind").and_then(Value::as_str).or_else(|| rows.first().map(|r| r.kind.as_str())).unwrap_or("").to_string();
-        runs.push(figure::run_figures(&name, &kind, &rows, &figure::RunFacts::from_manifest(entry), &metric));
+        let mut figs = figure::run_figures(&name, &kind, &rows, &figure::RunFacts::from_manifest(entry), &metric);
+        let heads = figure::top_heads(&kind, &rows, figure::PATTERN_HEADS);
+        if !heads.is_empty() {
+            if !opts.patterns {
+                figs.patterns_note = Some("left out (--no-patterns)".into());
+            } else {
+                match source.patterns(&heads) {
+                    Ok((tokens, ps)) => figs.patterns = ps.iter().map(|p| figure::pattern_figure(&name, p.layer, p.head, &tokens, &p.probabilities)).collect(),
+                    Err(why) => {
+                        tracing::warn!(run = %name, "no attention patterns in the report: {why}");
+                        figs.patterns_note = Some(why);
+                    }
+                }
+            }
+        }
+        runs.push(figs);
     }
     let page_path = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join("report.html"));
     let fig_dir = page_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("figures");
     let mut figures = Vec::new();
+    let rasteriser = opts.png.then(png::Rasteriser::new);
     for r in &runs {
-        let all = r.figures.iter().map(|f| (None, f)).chain(r.per_prompt.iter().flat_map(|(p, fs)| fs.iter().map(move |f| (Some(*p), f))));
+        let all = r.figures.iter().chain(&r.patterns).map(|f| (None, f)).chain(r.per_prompt.iter().flat_map(|(p, fs)| fs.iter().map(move |f| (Some(*p), f))));
         for (i, (prompt, f)) in all.enumerate() {
             if let Some(svg) = svg::render(f) {
                 let stem = match prompt {
@@ -67,6 +102,11 @@ pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
                 };
                 let path = fig_dir.join(format!("{}.svg", sanitize(&stem)));
                 atomic::write_bytes(&path, svg.as_bytes())?;
+                if let Some(raster) = &rasteriser {
+                    let png_path = path.with_extension("png");
+                    atomic::write_bytes(&png_path, &raster.png(&svg).map_err(|e| Error::Other(format!("{}: {e}", png_path.display())))?)?;
+                    figures.push(png_path);
+                }
                 figures.push(path);
             }
         }
@@ -75,7 +115,7 @@ pub fn write(dir: &Path, out: Option<&Path>) -> Result<Written> {
     if let Ok(entries) = std::fs::read_dir(&fig_dir) {
         for e in entries.flatten() {
             let p = e.path();
-            if p.extension().is_some_and(|x| x == "svg") && !figures.contains(&p) {
+            if p.extension().is_some_and(|x| x == "svg" || x == "png") && !figures.contains(&p) {
                 let _ = std::fs::remove_file(&p);
             }
         }
