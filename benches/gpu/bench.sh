@@ -6,6 +6,8 @@
 #                                    real config and tokenizer), f32 and bf16: TL vs tl-run table
 #   bash gpucheck/bench.sh llama8b   the 8B model: attribution of every target against one forward +
 #                                    backward, the head x position sweep of 100 IOI prompts, peak memory
+#   bash gpucheck/bench.sh startup   process start, `tl-run hooks` (CPU and CUDA) and load GB/s on the
+#                                    GPT-2-small-shaped model; with the 8B model present, its load to CUDA
 #
 # DEVICE (default cuda), HEADS_LIMIT (seconds for the 8B sweep, default 420), WORK (default
 # /tmp/tl-run-bench). benches/gpu/short.sh runs the same steps on CPU with tiny models in CI
@@ -70,6 +72,32 @@ llama8b() {
   timeout 150 "$PY" "$here/hf_fwd_bwd.py" "$m" "$P_100" "$DEVICE" bfloat16 > "$WORK/hf_fwd_bwd.json" 2> "$WORK/hf_fwd_bwd.err" \
     || { echo "HF forward+backward reference failed:"; tail -3 "$WORK/hf_fwd_bwd.err"; }
   "$PY" "$here/tables.py" llama8b "$WORK"
+}
+
+# Start-up as #13 measures it: the process floor, `tl-run hooks` (load included) on CPU and CUDA,
+# and the load's read+convert and processing times (its -vv log) against the file's size.
+startup() {
+  local m="$MODELS/gpt2-small-shaped"
+  ls "$m"/model*.safetensors > /dev/null 2>&1 || "$PY" "$here/gen_small.py" "$m"
+  cat "$m"/model*.safetensors > /dev/null
+  load_line() {  # $1 model, rest: flags; prints wall, read+convert, process, GB/s
+    local bytes t0 log
+    bytes=$(cat "$1"/model*.safetensors | wc -c)
+    t0=$(now)
+    log=$("$BIN" hooks "$@" -vv 2>&1 >/dev/null | sed 's/\x1b\[[0-9;]*m//g')
+    local wall; wall=$(minus $(now) $t0)
+    local r p; r=$(echo "$log" | grep -o 'TransformerLens layout seconds=[0-9.]*' | cut -d= -f2); p=$(echo "$log" | grep -o 'processed and placed seconds=[0-9.]*' | cut -d= -f2)
+    echo "$wall $r $p" | awk -v b="$bytes" '{ printf "hooks %.2f s wall; load %.2f s (read+convert %.2f, process+place %.2f) = %.2f GB/s of %.2f GB\n", $1, $2 + $3, $2, $3, b / ($2 + $3) / 1e9, b / 1e9 }'
+  }
+  for i in 1 2 3; do
+    t0=$(now); "$BIN" --version > /dev/null; echo "floor (tl-run --version) $(minus $(now) $t0) s"
+    echo "cpu:  $(load_line "$m")"
+    echo "cuda: $(load_line "$m" --device "$DEVICE")"
+  done
+  if ls "$MODELS/llama8b"/model*.safetensors > /dev/null 2>&1; then
+    cat "$MODELS/llama8b"/model*.safetensors > /dev/null
+    echo "8B bf16 to $DEVICE: $(load_line "$MODELS/llama8b" --device "$DEVICE" --dtype bfloat16)"
+  fi
 }
 
 for part in "${@:-ioi llama8b}"; do
