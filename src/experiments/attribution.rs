@@ -25,6 +25,8 @@ pub struct AtpOptions {
 pub struct Attribution {
     pub target: Target,
     pub cells: Vec<Cell>,
+    /// Each cell's estimates per prompt; empty unless asked for (the metric's per_prompt), as
+    /// copying [cells, prompts] off the device was most of the time of a large pattern target.
     pub per_prompt: Vec<Vec<f64>>,
     /// The estimate for the whole prompt set (the mean over prompts, except under GradDrop,
     /// whose absolute values are taken of the prompt-set estimates).
@@ -187,8 +189,9 @@ impl Pass {
 }
 
 /// Estimates for every target at `layers` from a corrupted forward+backward `pass` covering
-/// `points_for` them (plus one pass per layer with grad_drop).
-pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Target], layers: &[usize], opts: AtpOptions) -> Result<Vec<Attribution>> {
+/// `points_for` them (plus one pass per layer with grad_drop); with `per_prompt`, each cell's
+/// estimate per prompt too.
+pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Target], layers: &[usize], opts: AtpOptions, per_prompt: bool) -> Result<Vec<Attribution>> {
     let (q_site, k_site) = score_sites(model);
     let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);
     let points = points_for(model, targets, layers, opts);
@@ -236,21 +239,24 @@ pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Ta
     let mut out = Vec::new();
     for ((t, per_layer), mean_layer) in targets.iter().zip(per_target).zip(means) {
         let mut cells = Vec::new();
-        let mut per_prompt = Vec::new();
+        let mut by_prompt = Vec::new();
         let mut mean = Vec::new();
         for ((&l, est), m) in layers.iter().zip(per_layer).zip(mean_layer) {
-            mean.extend(Vec::<f64>::try_from(m.to_kind(Kind::Double))?);
+            let layer_mean = Vec::<f64>::try_from(m.to_kind(Kind::Double))?;
             let layer_cells = cells_at(&model.cfg, *t, l, seq);
-            // [cells, n] so each cell's prompts are contiguous.
-            let v: Vec<f64> = Vec::try_from(est.tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
-            let n = prep.n_prompts() as usize;
-            if v.len() != layer_cells.len() * n {
-                return Err(Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), v.len() / n, layer_cells.len())));
+            if layer_mean.len() != layer_cells.len() {
+                return Err(Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), layer_mean.len(), layer_cells.len())));
             }
-            per_prompt.extend(v.chunks(n).map(|c| c.to_vec()));
+            if per_prompt {
+                // [cells, n] so each cell's prompts are contiguous.
+                let v: Vec<f64> = Vec::try_from(est.tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
+                let n = prep.n_prompts() as usize;
+                by_prompt.extend(v.chunks(n).map(|c| c.to_vec()));
+            }
+            mean.extend(layer_mean);
             cells.extend(layer_cells);
         }
-        out.push(Attribution { target: *t, cells, per_prompt, mean });
+        out.push(Attribution { target: *t, cells, per_prompt: by_prompt, mean });
     }
     Ok(out)
 }

@@ -73,7 +73,7 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
     let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = run.layers_or_all(cx.model.cfg.n_layers);
     let t = Instant::now();
-    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options)?;
+    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options, cx.spec.metric.per_prompt)?;
     let atp_secs = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     let mut notes = Vec::new();
@@ -102,10 +102,10 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
         }
         notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
         for (i, c) in a.cells.iter().enumerate() {
-            let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
             let base = cell_row(&run.name, "attribution_patching", a.target.site, c);
             let token_pos = c.pos.or(c.dest);
             if cx.spec.metric.per_prompt {
+                let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
                 for (p, v) in values.iter().enumerate() {
                     let real = patched[i].as_ref().map(|(_, pp)| pp[p]);
                     rows.push(Row { prompt: Some(p as i32), value: *v, patched: real, token: cx.token(p, token_pos), ..base.clone() });
