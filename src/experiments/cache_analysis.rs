@@ -44,7 +44,7 @@ pub struct TopToken {
 /// W_U[:, incorrect] for a logit difference, W_U[:, correct] otherwise (b_U excluded, as logit_attrs).
 pub fn answer_directions(model: &Model, metric: &Metric) -> Tensor {
     // In f32 whatever the run dtype: every value reported from it accumulates in f32.
-    let col = |ids: &[i64]| model.weights.w_u.index_select(1, &Tensor::from_slice(ids).to_device(model.device)).tr().to_kind(Kind::Float);
+    let col = |ids: &[i64]| model.weights.unembed_columns(&Tensor::from_slice(ids).to_device(model.device)).to_kind(Kind::Float);
     match metric.kind {
         MetricKind::LogitDiff => col(&metric.correct) - col(&metric.incorrect),
         MetricKind::Logprob | MetricKind::Prob => col(&metric.correct),

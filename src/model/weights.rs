@@ -111,6 +111,18 @@ fn expect_shape(name: &str, t: &Tensor, want: &[i64]) -> Result<()> {
 }
 
 impl Weights {
+    /// W_U[:, ids] as rows, [ids, d_model]: the unembedding directions of those tokens. The
+    /// gather runs along W_U's storage (its transpose is the checkpoint's [vocab, d_model]
+    /// layout): on a strided view, index_select first copies the whole matrix, which on
+    /// GPT-2-small made every metric read cost a 154 MB transpose.
+    pub fn unembed_columns(&self, ids: &Tensor) -> Tensor {
+        if self.w_u.tr().is_contiguous() {
+            self.w_u.tr().index_select(0, ids)
+        } else {
+            self.w_u.index_select(1, ids).tr()
+        }
+    }
+
     /// Checks every shape against the config, so the forward pass cannot meet a mismatch later.
     pub fn validate(&self, cfg: &ModelConfig) -> Result<()> {
         let (d, v, h, kv, e, m) = (

@@ -121,13 +121,11 @@ pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWei
     Ok(NormWeights { w: Some(sd.take(&format!("{prefix}.weight"))?), b: if with_bias { Some(sd.take(&format!("{prefix}.bias"))?) } else { None } })
 }
 
-/// An [d_vocab, d_model] head (or the tied embedding) as TransformerLens's W_U [d_model, d_vocab],
-/// contiguous: the one weight that is copied rather than viewed, because the metric reads
-/// columns of it on every patched forward, and on the transposed view that read was the
-/// slowest step of a sweep (2.5x the whole sweep time on GPT-2-small). The copy also gives a
-/// tied unembedding storage of its own.
+/// An [d_vocab, d_model] head (or the tied embedding) as TransformerLens's W_U [d_model, d_vocab]:
+/// a transposed view, like the other weights (`Weights::unembed_columns` reads it along its
+/// storage). Tied, it shares W_E's storage until weight processing gives it its own.
 pub fn unembed_layout(head: &Tensor) -> Tensor {
-    head.tr().contiguous()
+    head.tr()
 }
 
 /// The unembedding [d_model, d_vocab]: `lm_head.weight` or, for tied models, W_E's transpose;
