@@ -213,7 +213,10 @@ impl Model {
             t.to_device(d).to_kind(kind)
         };
         process::process(&mut weights, &cfg, opts.processing, &place);
-        let fused = weights.blocks.iter().map(|b| b.attn.fused()).collect();
+        let fused = {
+            use rayon::prelude::*;
+            weights.blocks.par_iter_mut().map(|b| b.attn.fused()).collect()
+        };
         Ok(Model {
             cfg,
             weights,

@@ -26,10 +26,10 @@ pub enum Place {
 /// in, were most of the loading time). The tensors handed in are therefore consumed: a caller
 /// must not keep its own handles on them. The one shared storage a converter creates, a tied
 /// unembedding viewing the embedding, gets its own copy before either is changed.
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn(Place, &Tensor) -> Tensor) {
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let f32 = |t: &Tensor| t.to_kind(Kind::Float);
-    for (l, b) in w.blocks.iter_mut().enumerate() {
+    let process_block = |l: usize, b: &mut BlockWeights| {
         *b = b.map(&f32);
         if p.fold_ln {
             fold_block_norms(b, layer_norm, cfg.shared_norm);
@@ -43,19 +43,49 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
             fold_value_biases(b, cfg);
         }
         *b = b.map(&|t: &Tensor| place(Place::Block(l), t));
+    };
+    // Blocks are independent here, and of the embedding and unembedding. An f32 checkpoint's are
+    // processed in place on all cores, the ends beside them (their ops are too small for
+    // libtorch's own threads to fill the cores); a bf16 or f16 one's block by block, then the
+    // ends, so that only one block or the unembedding is ever held in f32.
+    let Weights { blocks, w_e, w_pos, w_u, b_u, ln_final, ln_embed } = w;
+    let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, place);
+    if blocks.iter().all(|b| b.attn.w_q.kind() == Kind::Float) {
+        use rayon::prelude::*;
+        rayon::join(|| blocks.par_iter_mut().enumerate().for_each(|(l, b)| process_block(l, b)), ends);
+    } else {
+        blocks.iter_mut().enumerate().for_each(|(l, b)| process_block(l, b));
+        ends();
     }
+}
+
+/// The weights outside the blocks.
+struct Ends<'a> {
+    w_e: &'a mut Tensor,
+    w_pos: &'a mut Option<Tensor>,
+    w_u: &'a mut Tensor,
+    b_u: &'a mut Tensor,
+    ln_final: &'a mut NormWeights,
+    ln_embed: &'a mut Option<NormWeights>,
+}
+
+/// The final norm folded into the unembedding, the embeddings centred, the unembedding centred,
+/// each then placed.
+fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
+    let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
+    let f32 = |t: &Tensor| t.to_kind(Kind::Float);
     // The unembedding is the largest matrix (d_model × vocab): it is processed in place, in f32,
     // so loading holds one f32 unembedding at a time rather than three.
-    w.w_u = own_f32(&w.w_u, &w.w_e);
-    w.b_u = own_f32(&w.b_u, &w.w_e);
+    *e.w_u = own_f32(e.w_u, e.w_e);
+    *e.b_u = own_f32(e.b_u, e.w_e);
     if p.fold_ln {
-        fold_final_norm_in_place(&mut w.ln_final, &mut w.w_u, &mut w.b_u, layer_norm);
+        fold_final_norm_in_place(e.ln_final, e.w_u, e.b_u, layer_norm);
     }
     if p.center_writing_weights && layer_norm {
         // In place: the unembedding no longer shares the embedding's storage (own_f32 above).
-        w.w_e = f32(&w.w_e);
-        center_in_place(&mut w.w_e);
-        if let Some(p) = w.w_pos.as_mut() {
+        *e.w_e = f32(e.w_e);
+        center_in_place(e.w_e);
+        if let Some(p) = e.w_pos.as_mut() {
             *p = f32(p);
             center_in_place(p);
         }
@@ -63,19 +93,19 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &dyn Fn
     // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
     // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
     if p.center_unembed && cfg.final_softcap.is_none() {
-        let mean = w.w_u.mean_dim(-1, true, None);
-        let _ = w.w_u.g_sub_(&mean);
-        let mean = w.b_u.mean(None);
-        let _ = w.b_u.g_sub_(&mean);
+        let mean = e.w_u.mean_dim(-1, true, None);
+        let _ = e.w_u.g_sub_(&mean);
+        let mean = e.b_u.mean(None);
+        let _ = e.b_u.g_sub_(&mean);
     }
     let input = |t: &Tensor| place(Place::Input, t);
     let output = |t: &Tensor| place(Place::Output, t);
-    w.w_e = input(&w.w_e);
-    w.w_pos = w.w_pos.as_ref().map(input);
-    w.w_u = output(&w.w_u);
-    w.b_u = output(&w.b_u);
-    w.ln_final = NormWeights { w: w.ln_final.w.as_ref().map(output), b: w.ln_final.b.as_ref().map(output) };
-    w.ln_embed = w.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
+    *e.w_e = input(e.w_e);
+    *e.w_pos = e.w_pos.as_ref().map(input);
+    *e.w_u = output(e.w_u);
+    *e.b_u = output(e.b_u);
+    *e.ln_final = NormWeights { w: e.ln_final.w.as_ref().map(output), b: e.ln_final.b.as_ref().map(output) };
+    *e.ln_embed = e.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
 }
 
 /// `t` in f32, changeable in place without touching `tied` (the embedding): converters give the
