@@ -6,6 +6,7 @@
 #   bash gpucheck/setup.sh           unpack the binary, install the wheels into /tmp/site
 #   bash gpucheck/bench.sh ioi       TransformerLens vs tl-run on the same GPU (#13), f32 and bf16
 #   bash gpucheck/bench.sh llama8b   the Llama-3-8B-shaped bf16 model (#13)
+#   bash gpucheck/bench.sh startup   process floor, `tl-run hooks` and load GB/s, CPU and CUDA (#13)
 #   bash gpucheck/run.sh             CUDA forward (every hook) and the IOI Parquet against CPU
 #   bash gpucheck/kinds.sh           every experiment kind, CUDA against CPU
 #   bash gpucheck/cluster.sh         split by layers over cuda:0+cpu, replicas on cuda:0+cpu

@@ -24,11 +24,14 @@ done
 log="$work/log"
 BIN="$root/${BIN:-target/release/tl-run}" PY="$root/.venv/bin/python" MODELS="$models" DEVICE=cpu WORK="$work/bench" \
   P_IOI="$root/experiments/prompts/ioi.jsonl" P_100="$root/experiments/prompts/ioi.jsonl" DTYPES="float32" \
-  bash benches/gpu/bench.sh ioi llama8b 2>&1 | tee "$log"
+  bash benches/gpu/bench.sh ioi llama8b startup 2>&1 | tee "$log"
 # Every step ran, and in f32 the two implementations agree.
 ! grep -q FAILED "$log"
 [ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32 ' "$log")" = 2 ]
 awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print "TransformerLens and tl-run differ: " $0; exit 1 } }' "$log"
 grep -q "attribution of every target" "$log" && grep -q "HF transformers forward+backward" "$log"
 grep -q "head x position sweep: .* (complete)" "$log"
+# startup: three rounds on CPU and the "cuda" slot (DEVICE=cpu here), and the 8B slot's load.
+[ "$(grep -cE '^(cpu|cuda): +hooks [0-9.]+ s wall; load [0-9.]+ s .* GB/s' "$log")" = 6 ]
+grep -qE '^8B bf16 to cpu: hooks [0-9.]+ s wall' "$log"
 echo "benches/gpu/short.sh: every step ran"
