@@ -125,7 +125,10 @@ fn fold_final_norm_in_place(norm: &mut NormWeights, w_u: &mut Tensor, b_u: &mut 
         return;
     };
     if let (true, Some(nb)) = (layer_norm, nb.as_ref()) {
-        *b_u = &*b_u + nb.matmul(w_u);
+        // TransformerLens's broadcast multiply and sum, not a vector-matrix product: the same sum
+        // in a different order moves normalised results on small random fixtures past the
+        // regression gate's goldens.
+        *b_u = &*b_u + (&*w_u * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
     }
     let _ = w_u.g_mul_(&nw.unsqueeze(-1));
     if layer_norm {
@@ -142,10 +145,9 @@ fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut
     };
     for (w, bias) in reading {
         if let (true, Some(bias), Some(nb)) = (layer_norm, bias, nb.as_ref()) {
-            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW. A vector-matrix
-            // product, not TransformerLens's broadcast multiply and sum, so no [d_model, out]
-            // temporary (the sums differ by f32 rounding only).
-            *bias = &*bias + nb.matmul(w);
+            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW, summed as
+            // TransformerLens sums it (see fold_final_norm_in_place).
+            *bias = &*bias + (&*w * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
         }
         let _ = w.g_mul_(&nw.unsqueeze(-1));
         if layer_norm {
