@@ -1,7 +1,8 @@
 //! A checkpoint's tensors by name, read from safetensors files only. Family converters `take`
 //! tensors out; a missing name fails at load time with the name and the nearest names present.
-//! Tensors are read from disk one at a time as they are taken, in their stored dtype, so loading
-//! never holds the file's bytes and the converted weights at once.
+//! Every tensor but the derived buffers is read when the files are opened, on all cores and in
+//! its stored dtype, straight into its own storage; converters then mostly make views of it, and
+//! weight processing upcasts one block at a time, so loading holds the file's bytes once.
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
@@ -214,4 +215,3 @@ pub fn unused(all: &[String], taken: &std::sync::Mutex<Vec<String>>) -> Vec<Stri
     let taken: std::collections::BTreeSet<String> = taken.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
     all.iter().filter(|n| !taken.contains(*n) && !is_derived_buffer(n)).cloned().collect()
 }
-

@@ -79,7 +79,7 @@ fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place
     *e.w_u = own_f32(e.w_u, e.w_e);
     *e.b_u = own_f32(e.b_u, e.w_e);
     if p.fold_ln {
-        fold_final_norm_in_place(e.ln_final, e.w_u, e.b_u, layer_norm);
+        fold_norm_into(e.ln_final, vec![(e.w_u, Some(e.b_u))], layer_norm);
     }
     if p.center_writing_weights && layer_norm {
         // In place: the unembedding no longer shares the embedding's storage (own_f32 above).
@@ -93,10 +93,8 @@ fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place
     // Under a final-logit softcap a constant shift of the logits is no longer harmless, so
     // TransformerLens leaves the unembedding alone there (Gemma 2) and so do we.
     if p.center_unembed && cfg.final_softcap.is_none() {
-        let mean = e.w_u.mean_dim(-1, true, None);
-        let _ = e.w_u.g_sub_(&mean);
-        let mean = e.b_u.mean(None);
-        let _ = e.b_u.g_sub_(&mean);
+        center_in_place(e.w_u);
+        center_in_place(e.b_u);
     }
     let input = |t: &Tensor| place(Place::Input, t);
     let output = |t: &Tensor| place(Place::Output, t);
@@ -118,25 +116,6 @@ fn own_f32(t: &Tensor, tied: &Tensor) -> Tensor {
     }
 }
 
-/// `fold_norm_into` for the final norm and the unembedding, in place (same arithmetic, same
-/// order: bias from the unscaled weight first, then the scale, then the mean over d_model).
-fn fold_final_norm_in_place(norm: &mut NormWeights, w_u: &mut Tensor, b_u: &mut Tensor, layer_norm: bool) {
-    let (Some(nw), nb) = (norm.w.take(), norm.b.take()) else {
-        return;
-    };
-    if let (true, Some(nb)) = (layer_norm, nb.as_ref()) {
-        // TransformerLens's broadcast multiply and sum, not a vector-matrix product: the same sum
-        // in a different order moves normalised results on small random fixtures past the
-        // regression gate's goldens.
-        *b_u = &*b_u + (&*w_u * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
-    }
-    let _ = w_u.g_mul_(&nw.unsqueeze(-1));
-    if layer_norm {
-        let mean = w_u.mean_dim(-2, true, None);
-        let _ = w_u.g_sub_(&mean);
-    }
-}
-
 /// Folds a norm's weight (and, for LayerNorm, bias) into the matrices that read its output.
 /// `reading` are [.., d_model, out] matrices whose d_model axis is `-2`; their biases [.., out].
 fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut Tensor>)>, layer_norm: bool) {
@@ -145,8 +124,10 @@ fn fold_norm_into(norm: &mut NormWeights, reading: Vec<(&mut Tensor, Option<&mut
     };
     for (w, bias) in reading {
         if let (true, Some(bias), Some(nb)) = (layer_norm, bias, nb.as_ref()) {
-            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW, summed as
-            // TransformerLens sums it (see fold_final_norm_in_place).
+            // Bias first, with the unscaled weight: (x̂·γ + β)·W = x̂·(γW) + βW. Summed as
+            // TransformerLens sums it (broadcast multiply, then sum), not as a vector-matrix
+            // product: the same sum in another order moves normalised results on small random
+            // fixtures past the regression gate's goldens.
             *bias = &*bias + (&*w * nb.unsqueeze(-1)).sum_dim_intlist(-2, false, None);
         }
         let _ = w.g_mul_(&nw.unsqueeze(-1));

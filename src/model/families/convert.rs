@@ -124,7 +124,7 @@ pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWei
 }
 
 /// An [d_vocab, d_model] head (or the tied embedding) as TransformerLens's W_U [d_model, d_vocab]:
-/// a transposed view, like the other weights (`Weights::unembed_columns` reads it along its
+/// a transposed view, like the attention weights (`Weights::unembed_columns` reads it along its
 /// storage). Tied, it shares W_E's storage until weight processing gives it its own.
 pub fn unembed_layout(head: &Tensor) -> Tensor {
     head.tr()
