@@ -112,7 +112,7 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     // the same. A longer spec, so the cancel lands while the task computes.
     // Small patch batches make every task last several seconds (8000 floats stopped being enough
     // once loading got faster: the task could finish before the cancel landed).
-    const BATCH: &str = "2000";
+    const BATCH: &str = "500";
     let spec = long_ioi_spec(tmp.path());
     let single = tmp.path().join("single-long");
     single_run(&spec, &single, Some(BATCH));
