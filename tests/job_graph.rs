@@ -64,10 +64,22 @@ fn shards_cover_every_job_once_read_as_one_dataset_and_merge_to_the_single_run()
     let sharded = tmp.path().join("sharded");
     let first = ok(&["run", &ioi(), "--model-id", &model, "--out", single.to_str().unwrap(), "--quiet"]);
     let (total, _) = job_counts(&first);
+    // `plan --shards 3 --json` names each work job's shard: after shard i the job store holds
+    // exactly the keys of shards 0..=i.
+    let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--shards", "3", "--json"])).unwrap();
+    let shard_keys = |i: usize| -> std::collections::BTreeSet<String> {
+        plan.as_array().unwrap().iter().filter(|j| j["shard"] == i && j["key"].is_string()).map(|j| j["key"].as_str().unwrap().to_string()).collect()
+    };
+    let mut expected = std::collections::BTreeSet::new();
     let mut ran = 0;
     for i in 0..3 {
         let s = ok(&["run", &ioi(), "--model-id", &model, "--out", sharded.to_str().unwrap(), "--quiet", "--shard", &format!("{i}/3")]);
         ran += job_counts(&s).0;
+        assert!(!shard_keys(i).is_empty(), "shard {i} has no keyed job");
+        expected.extend(shard_keys(i));
+        let stored: std::collections::BTreeSet<String> = std::fs::read_dir(sharded.join(".tl-run/jobs")).unwrap().flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect();
+        assert_eq!(stored, expected, "the store after shard {i}");
     }
     assert_eq!(ran, total, "the shards together run every job exactly once");
     assert!(sharded.join("resid/shard=0-of-3/part-0.parquet").is_file());

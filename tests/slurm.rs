@@ -64,6 +64,19 @@ fn single_run(spec: &Path, out: &Path, batch_floats: Option<&str>) {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
+/// The store keys of shard `shard`'s work jobs when the spec's jobs split over `count` shards.
+fn shard_keys(spec: &Path, count: usize, shard: usize, batch_floats: &str) -> Vec<String> {
+    let model = fixture("gpt2-tiny").display().to_string();
+    let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["plan", spec.to_str().unwrap(), "--model-id", &model, "--shards", &count.to_string(), "--json"])
+        .env("TL_RUN_BATCH_FLOATS", batch_floats)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let jobs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("plan --json: {e}"));
+    jobs.as_array().unwrap().iter().filter(|j| j["shard"] == shard && j["key"].is_string()).map(|j| j["key"].as_str().unwrap().to_string()).collect()
+}
+
 /// Row sets equal, values within 1e-6 (keyed by every column but the values).
 fn assert_same_rows(single: &Path, merged: &Path, what: &str) {
     let runs: Vec<String> = std::fs::read_dir(single).unwrap().flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect();
@@ -119,18 +132,24 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let out = tmp.path().join("requeued");
     let (array, merge) = submit(&spec, &out, 4, Some(BATCH));
     let task = format!("{array}_2");
-    // Cancel once task 2's manifest records a work job it ran (stored) and before it has
-    // finished (the manifest is not complete).
-    let manifest = out.join("manifest.shard-2-of-4.json");
-    let ran_a_job = || {
-        let m: serde_json::Value = std::fs::read_to_string(&manifest).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
-        m["jobs"].as_array().is_some_and(|j| j.iter().any(|j| j["status"] == "ran" && j["key"].is_string()))
-    };
-    wait_for("task 2 to store a job", Duration::from_secs(120), || ran_a_job() || state(&task) == "COMPLETED");
+    // Cancel once task 2 has stored one of its work jobs and before it has stored them all: its
+    // keys (from `tl-run plan --shards 4 --json`) are watched in the shared job store, where
+    // each job lands the moment it finishes (its shard manifest is written only per run).
+    let keys = shard_keys(&spec, 4, 2, BATCH);
+    assert!(keys.len() >= 4, "task 2 has too few jobs to cancel mid-run: {keys:?}");
+    let jobs = out.join(".tl-run/jobs");
+    let stored = || keys.iter().filter(|k| jobs.join(format!("{k}.parquet")).exists()).count();
+    let t = Instant::now();
+    while stored() == 0 && state(&task) != "COMPLETED" {
+        assert!(t.elapsed() < Duration::from_secs(120), "timed out waiting for task 2 to store a job");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let cancelled_while = state(&task);
+    let manifest = out.join("manifest.shard-2-of-4.json");
     let done_before: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap_or_else(|_| "{}".into())).unwrap_or_default();
     sh("scancel", &[&task]);
     wait_for("task 2 to end", Duration::from_secs(60), || !matches!(state(&task).as_str(), "RUNNING" | "COMPLETING"));
+    let stored_at_cancel = stored();
     sh("scontrol", &["requeue", &task]);
     // A requeued job waits two minutes by default before it is eligible again; started within
     // the second of the kill, slurmd refuses it ("job credential revoked"). Release it after
@@ -159,8 +178,12 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
         let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(["merge", out.to_str().unwrap()]).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    eprintln!("task 2 cancelled while {cancelled_while} (complete: {}), requeued; merged by the dependent job: {merged_by_slurm}", done_before["complete"]);
+    eprintln!(
+        "task 2 cancelled while {cancelled_while} with {stored_at_cancel} of its {} jobs stored (manifest complete: {}), requeued; merged by the dependent job: {merged_by_slurm}",
+        keys.len(), done_before["complete"]
+    );
     assert_eq!(cancelled_while, "RUNNING", "the cancel should land mid-run");
+    assert!(stored_at_cancel < keys.len(), "task 2 had stored all its jobs before the cancel landed");
     assert_ne!(done_before["complete"], true, "task 2 had already finished");
     // The requeued task read what it had stored before the cancel.
     let log = std::fs::read_to_string(out.join(format!(".tl-run/slurm/{array}_2.out"))).unwrap_or_default();

@@ -425,14 +425,27 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
     };
     let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
     let plan = &compiled.plan;
+    let owner = match out.shards {
+        Some(n) => {
+            anyhow::ensure!(n > 0, "--shards must be at least 1");
+            Some(tl_run::graph::shard::assign(plan, n))
+        }
+        None => None,
+    };
     if out.json {
-        println!("{}", serde_json::to_string_pretty(&plan.jobs)?);
+        // With --shards each work job says which shard runs it (a Slurm task's keys, for
+        // watching its progress in the job store).
+        let mut jobs = serde_json::to_value(&plan.jobs)?;
+        if let (Some(owner), Some(list)) = (&owner, jobs.as_array_mut()) {
+            for (job, shard) in list.iter_mut().zip(owner.iter()) {
+                job["shard"] = serde_json::json!(shard);
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&jobs)?);
     } else {
         print!("{}", plan.render());
     }
-    if let Some(n) = out.shards {
-        anyhow::ensure!(n > 0, "--shards must be at least 1");
-        let owner = tl_run::graph::shard::assign(plan, n);
+    if let (Some(n), Some(owner)) = (out.shards, owner) {
         let mut cost = vec![0.0f64; n];
         let mut jobs = vec![0usize; n];
         for j in plan.work() {
@@ -441,10 +454,16 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
             jobs[s] += 1;
         }
         let (max, min) = (cost.iter().cloned().fold(0.0, f64::max), cost.iter().cloned().fold(f64::INFINITY, f64::min));
-        for s in 0..n {
-            println!("shard {s}/{n}: {} jobs, cost {:.0}", jobs[s], cost[s]);
+        // The summary goes to stderr under --json, so that stdout stays one JSON document.
+        let mut summary: Vec<String> = (0..n).map(|s| format!("shard {s}/{n}: {} jobs, cost {:.0}", jobs[s], cost[s])).collect();
+        summary.push(format!("cost balance: max/min {:.3}", if min > 0.0 { max / min } else { f64::INFINITY }));
+        for line in summary {
+            if out.json {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
         }
-        println!("cost balance: max/min {:.3}", if min > 0.0 { max / min } else { f64::INFINITY });
     }
     Ok(())
 }
