@@ -241,20 +241,25 @@ pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Ta
         let mut cells = Vec::new();
         let mut by_prompt = Vec::new();
         let mut mean = Vec::new();
-        for ((&l, est), m) in layers.iter().zip(per_layer).zip(mean_layer) {
-            let layer_mean = Vec::<f64>::try_from(m.to_kind(Kind::Double))?;
+        // Every layer's means in one copy off the device (one per layer was a synchronisation
+        // each: 32 layers x 10 targets on an 8B model).
+        let all_means = if mean_layer.is_empty() { Vec::new() } else { Vec::<f64>::try_from(Tensor::cat(&mean_layer, 0).to_kind(Kind::Double))? };
+        let mut at = 0;
+        for (&l, est) in layers.iter().zip(per_layer) {
             let layer_cells = cells_at(&model.cfg, *t, l, seq);
-            if layer_mean.len() != layer_cells.len() {
-                return Err(Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), layer_mean.len(), layer_cells.len())));
-            }
+            let layer_mean = all_means.get(at..at + layer_cells.len()).ok_or_else(|| Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), all_means.len() - at.min(all_means.len()), layer_cells.len())))?;
+            at += layer_cells.len();
             if per_prompt {
                 // [cells, n] so each cell's prompts are contiguous.
                 let v: Vec<f64> = Vec::try_from(est.tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
                 let n = prep.n_prompts() as usize;
                 by_prompt.extend(v.chunks(n).map(|c| c.to_vec()));
             }
-            mean.extend(layer_mean);
+            mean.extend_from_slice(layer_mean);
             cells.extend(layer_cells);
+        }
+        if at != all_means.len() {
+            return Err(Error::Other(format!("{}: {} estimates for {at} cells", t.site.name(), all_means.len())));
         }
         out.push(Attribution { target: *t, cells, per_prompt: by_prompt, mean });
     }

@@ -161,7 +161,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
         _ => true,
     };
     // Stored results of this shard's work jobs.
-    let mut results: HashMap<usize, (Vec<Row>, serde_json::Value)> = HashMap::new();
+    let mut results: HashMap<usize, (std::sync::Arc<Vec<Row>>, serde_json::Value)> = HashMap::new();
     let mut status: Vec<&'static str> = vec!["ran"; plan.jobs.len()];
     for j in plan.work() {
         if !owned(j.id) {
@@ -170,7 +170,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             if let Some(s) = store.get(key) {
                 let run_name = &spec.runs[j.task.run().expect("work jobs have a run")].name;
                 let rows = s.rows.into_iter().map(|r| Row { run: run_name.clone(), ..r }).collect();
-                results.insert(j.id, (rows, s.note));
+                results.insert(j.id, (std::sync::Arc::new(rows), s.note));
                 status[j.id] = "stored";
             }
         }
@@ -264,10 +264,11 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                         let (rows, note, secs, device) = p.wait(job.id, |f| record.found(f, &run_notes, &timings, None, toks.as_ref())).map_err(named)?;
                         seconds = Some(secs);
                         tracing::debug!(job = job.id, ?device, "job done");
-                        (rows, note)
+                        (std::sync::Arc::new(rows), note)
                     }
                     None => {
                         let (rows, note) = run_and_store(cx.as_ref().expect("the model loads before any work job"), job, None).map_err(named)?;
+                        let rows = std::sync::Arc::new(rows);
                         if let (Some(w), Some(s), Some(key)) = (&writer, &store, &job.key) {
                             w.put(s, key, rows.clone(), note.clone())?;
                         }

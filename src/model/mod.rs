@@ -130,9 +130,16 @@ impl Model {
     /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
         let _allocator = LoadingAllocator::enter();
-        if is_gguf(id) {
-            return Model::load_gguf(id, opts);
+        let devices = if opts.split.is_empty() { vec![opts.device] } else { opts.split.clone() };
+        let warm_up = crate::engine::device::warm_up(&devices, opts.kind);
+        let model = if is_gguf(id) { Model::load_gguf(id, opts) } else { Model::load_safetensors(id, opts) };
+        if let Some(w) = warm_up {
+            let _ = w.join();
         }
+        model
+    }
+
+    fn load_safetensors(id: &str, opts: &LoadOptions) -> Result<Model> {
         let files = source::resolve(id, opts.revision.as_deref())?;
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
         let json = read_json(&files.config)?;
