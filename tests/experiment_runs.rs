@@ -94,6 +94,13 @@ fn ioi_spec_on_a_local_fixture_matches_patching_py() {
     assert!(ok, "{err}");
     assert!(stdout.contains("resid.parquet") && stdout.contains("top rows"), "{stdout}");
     check_against_oracle(&out);
+    // The six patching targets of its two runs share one forward per layer (jobs together).
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    for run in ["resid", "heads"] {
+        for s in manifest["runs"][run]["sweeps"].as_array().unwrap() {
+            assert_eq!(s["forwards_shared_with_jobs"], 5, "{run}: {s}");
+        }
+    }
 }
 
 #[test]

@@ -37,7 +37,7 @@ def sweeps_seconds(manifest):
 
 
 if mode == "ioi":
-    rows = []
+    rows, gaps = [], []
     for tl_json in sorted(glob.glob(os.path.join(work, "tl_*.json"))):
         tag = os.path.basename(tl_json)[3:-5]
         tl = json.load(open(tl_json))
@@ -52,9 +52,16 @@ if mode == "ioi":
                     worst = max(worst, abs(v - ours[hook][(layer, j)]))
         sw = sweeps_seconds(m)
         rows.append((tag, tl["patching_s"], wall["tl"], sw, wall["tl_run"], worst))
+        # The normalised values divide by clean - corrupted: with a small gap (random weights)
+        # a low-precision dtype's rounding is magnified, so the gaps and the raw difference.
+        gap_tl = tl["clean"] - tl["corrupted"]
+        gap_ours = m["metric"]["clean_baseline"] - m["metric"]["corrupted_baseline"]
+        gaps.append(f"{tag}: clean - corrupted logit diff {gap_tl:.4f} (TL) {gap_ours:.4f} (tl-run); max |TL - tl-run| in logit units {worst * abs(gap_tl):.3e}")
     print(f"{'model / dtype':<32} {'TL sweeps':>10} {'TL whole':>9} {'tl-run sweeps':>14} {'tl-run whole':>13} {'ratio sweeps':>13} {'ratio whole':>12} {'max |TL - tl-run|':>18}")
     for tag, tls, tlw, sw, w, worst in rows:
         print(f"{tag:<32} {tls:>9.2f}s {tlw:>8.2f}s {sw:>13.3f}s {w:>12.2f}s {tls / sw:>12.1f}x {tlw / w:>11.1f}x {worst:>18.2e}")
+    for g in gaps:
+        print(g)
 elif mode == "llama8b":
     def peak(name):
         try:

@@ -136,11 +136,12 @@ pub(crate) fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
     before(cell.pos) || before(cell.dest) || matches!((cell.dest, cell.src), (Some(d), Some(s)) if s > d)
 }
 
-/// The mask of what to take from the clean run for a chunk of cells (each repeated over the n
-/// prompts), shaped to broadcast against the activation.
+/// The mask of what to take from the clean run for some cells of a chunk of `blocks` cells (each
+/// block is the n prompts of one cell; `cells` pairs a block index with its cell, and blocks not
+/// named stay unpatched), shaped to broadcast against the activation.
 /// `skip` positions are not computed (a key-value prefix): position coordinates shift by it.
-fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64], skip: i64) -> Tensor {
-    let rows = chunk.len() as i64 * n;
+fn patch_mask(target: Target, cells: &[(i64, Cell)], blocks: i64, n: i64, act_shape: &[i64], skip: i64) -> Tensor {
+    let rows = blocks * n;
     // The mask's shape: activation shape with broadcast (size-1) axes where a cell covers all.
     let attn = target.site == Site::Pattern;
     let mut shape = act_shape.to_vec();
@@ -160,8 +161,8 @@ fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64], skip: i
         Axes::LayerHeadDestSrc => {}
     }
     // One coordinate list per mask axis (0 on broadcast axes), one entry per row.
-    let mut coords: Vec<Vec<i64>> = vec![Vec::with_capacity(rows as usize); shape.len()];
-    for (k, c) in chunk.iter().enumerate() {
+    let mut coords: Vec<Vec<i64>> = vec![Vec::with_capacity(cells.len() * n as usize); shape.len()];
+    for &(k, c) in cells {
         let (pos, dest) = (c.pos.unwrap_or(0) - skip, c.dest.unwrap_or(0) - skip);
         let at: Vec<i64> = match (target.axes, attn) {
             (Axes::LayerPos, _) => vec![pos, 0],
@@ -172,7 +173,7 @@ fn patch_mask(target: Target, chunk: &[Cell], n: i64, act_shape: &[i64], skip: i
             (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), dest, c.src.unwrap_or(0)],
         };
         for i in 0..n {
-            coords[0].push(k as i64 * n + i);
+            coords[0].push(k * n + i);
             for (ax, v) in at.iter().enumerate() {
                 coords[ax + 1].push(*v);
             }
@@ -210,31 +211,54 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
 
 /// Patches each of `cells` (any subset of the target's cells, e.g. the top cells of an
 /// attribution) in batched forwards grouped by layer; results in the order given.
-pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell], mut progress: impl FnMut(usize)) -> Result<Sweep> {
+pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell], progress: impl FnMut(usize)) -> Result<Sweep> {
+    let mut sweeps = sweep_together(model, prep, &[(target, cells.to_vec())], progress)?;
+    Ok(sweeps.pop().expect("one sweep per part"))
+}
+
+/// Several targets' cells patched in shared forwards: the cells of every part at one layer
+/// are the batch of one forward from that layer (each part's patch edits only its own rows),
+/// so the sweeps of one layer pay one pass's fixed costs, not one each. On a GPU those costs,
+/// kernel launches through every later layer, were most of a job's time. Each row's numbers
+/// are those of a forward of its part alone. One sweep per part, cells in the order given.
+pub fn sweep_together(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], mut progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
     let n = prep.n_prompts();
     let seq = prep.seq_len();
-    let mut values: Vec<Option<Vec<f64>>> = cells.iter().map(|c| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone())).collect();
-    progress(values.iter().filter(|v| v.is_some()).count());
-    let mut forwards = 0;
+    let fill = |c: &Cell| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone());
+    let mut values: Vec<Vec<Option<Vec<f64>>>> = parts.iter().map(|(_, cells)| cells.iter().map(fill).collect()).collect();
+    progress(values.iter().flatten().filter(|v| v.is_some()).count());
+    let mut forwards = vec![0usize; parts.len()];
     let mut chunk_size = cells_per_forward(&model.cfg, n, seq, model.device);
     let mut halvings = 0;
     // With a prefix only positions from `skip` on are computed: the query axis of patterns,
     // the position axis of everything else.
     let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
     let computed = seq - skip;
-    let mut layers: Vec<usize> = cells.iter().map(|c| c.layer).collect();
+    let mut layers: Vec<usize> = parts.iter().flat_map(|(_, cells)| cells.iter().map(|c| c.layer)).collect();
     layers.sort_unstable();
     layers.dedup();
     for layer in layers {
-        let point = HookPoint::Block(layer, target.site);
-        let clean = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
-        let clean = if target.site == Site::Pattern { clean.narrow(2, skip, computed) } else { clean.narrow(1, skip, computed) };
-        let todo: Vec<usize> = (0..cells.len()).filter(|&i| cells[i].layer == layer && values[i].is_none()).collect();
+        // Each part's clean activation at this layer (computed positions only).
+        let mut clean: Vec<Option<Tensor>> = Vec::with_capacity(parts.len());
+        for (target, cells) in parts {
+            if !cells.iter().any(|c| c.layer == layer) {
+                clean.push(None);
+                continue;
+            }
+            let point = HookPoint::Block(layer, target.site);
+            let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
+            clean.push(Some(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) }));
+        }
+        // (part, cell index) of every cell at this layer that needs a forward, part by part.
+        let todo: Vec<(usize, usize)> = (0..parts.len())
+            .flat_map(|p| (0..parts[p].1.len()).map(move |i| (p, i)))
+            .filter(|&(p, i)| parts[p].1[i].layer == layer && values[p][i].is_none())
+            .collect();
         let mut at = 0;
         while at < todo.len() {
-            let chunk_ids = &todo[at..(at + chunk_size).min(todo.len())];
-            let chunk: Vec<Cell> = chunk_ids.iter().map(|&i| cells[i]).collect();
+            let chunk = &todo[at..(at + chunk_size).min(todo.len())];
             let k = chunk.len() as i64;
+            let in_chunk: Vec<usize> = (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)).collect();
             let forward = || -> Result<Vec<f64>> {
                 if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
                     return Err(Error::Other(oom));
@@ -242,10 +266,15 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
                 let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
                 let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
                 let prefix = prep.prefix.as_ref().map(|p| p.repeat(k));
-                let patch = patch_mask(target, &chunk, n, &clean.size(), skip).to_device(model.device);
-                let source = clean.repeat(repeat_dims(k, clean.dim()));
-                let edit = Edit::Where { mask: patch, source };
-                let mut hooks = Hooks::new().intervene(point, Intervention::new(edit));
+                let mut hooks = Hooks::new();
+                for &p in &in_chunk {
+                    let (target, cells) = &parts[p];
+                    let clean = clean[p].as_ref().expect("a part with cells at this layer has its clean activation");
+                    let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
+                    let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
+                    let source = clean.repeat(repeat_dims(k, clean.dim()));
+                    hooks.add_intervention(HookPoint::Block(layer, target.site), Intervention::new(Edit::Where { mask: patch, source }));
+                }
                 let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
                 Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
             };
@@ -260,17 +289,31 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
                 }
                 other => other?,
             };
-            forwards += 1;
-            for (j, &i) in chunk_ids.iter().enumerate() {
-                values[i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
+            for &p in &in_chunk {
+                forwards[p] += 1;
             }
-            progress(chunk_ids.len());
-            at += chunk_ids.len();
+            for (j, &(p, i)) in chunk.iter().enumerate() {
+                values[p][i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
+            }
+            progress(chunk.len());
+            at += chunk.len();
         }
     }
-    let skipped = cells.iter().map(|c| cannot_change(c, prep.first_diff)).collect();
-    let per_prompt = values.into_iter().map(|v| v.expect("every cell has a value")).collect();
-    Ok(Sweep { target, cells: cells.to_vec(), per_prompt, skipped, forwards, cells_per_forward: chunk_size, oom_halvings: halvings })
+    let sweeps = parts
+        .iter()
+        .zip(values)
+        .zip(forwards)
+        .map(|(((target, cells), values), forwards)| Sweep {
+            target: *target,
+            cells: cells.clone(),
+            skipped: cells.iter().map(|c| cannot_change(c, prep.first_diff)).collect(),
+            per_prompt: values.into_iter().map(|v| v.expect("every cell has a value")).collect(),
+            forwards,
+            cells_per_forward: chunk_size,
+            oom_halvings: halvings,
+        })
+        .collect();
+    Ok(sweeps)
 }
 
 /// Repeat counts that stack `k` copies along the first axis of a `dim`-axis tensor.

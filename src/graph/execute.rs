@@ -210,6 +210,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
+    let mut done_together: HashMap<usize, (Vec<Row>, serde_json::Value)> = HashMap::new();
     std::thread::scope(|scope| {
     let mut pool: Option<devices::Pool> = None;
     let result = (|| -> Result<()> {
@@ -267,7 +268,26 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                         (std::sync::Arc::new(rows), note)
                     }
                     None => {
-                        let (rows, note) = run_and_store(cx.as_ref().expect("the model loads before any work job"), job, None).map_err(named)?;
+                        let c = cx.as_ref().expect("the model loads before any work job");
+                        let (rows, note) = match done_together.remove(&job.id) {
+                            Some(done) => done,
+                            None => {
+                                // Patching jobs at this job's layer that are still to run share
+                                // its forwards; their results wait here until the loop reaches them.
+                                let group = patch_group(&plan, job, &status);
+                                if group.len() > 1 {
+                                    let mut done = run_patch_group(c, &plan, &group).map_err(named)?.into_iter();
+                                    let first = done.next().expect("one result per job");
+                                    done_together.extend(group[1..].iter().copied().zip(done));
+                                    first
+                                } else {
+                                    run_and_store(c, job, None).map_err(named)?
+                                }
+                            }
+                        };
+                        if note.get("forwards_shared_with_jobs").and_then(|v| v.as_u64()).is_some_and(|k| k > 0) {
+                            seconds = note["seconds"].as_f64();
+                        }
                         let rows = std::sync::Arc::new(rows);
                         if let (Some(w), Some(s), Some(key)) = (&writer, &store, &job.key) {
                             w.put(s, key, rows.clone(), note.clone())?;
@@ -371,6 +391,38 @@ pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Opt
         store.put(key, &rows, &note)?;
     }
     Ok((rows, note))
+}
+
+/// `job` and the activation-patching jobs at its layer that are still to run (status "ran",
+/// later in the plan, their inputs ready): one group of forwards (patch_together). Any other
+/// job alone.
+fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str]) -> Vec<usize> {
+    let Task::Patch { layer, .. } = job.task else { return vec![job.id] };
+    let mut group = vec![job.id];
+    for other in plan.jobs.iter().skip(job.id + 1) {
+        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer) && status[other.id] == "ran" && other.deps.iter().all(|&d| d < job.id) {
+            group.push(other.id);
+        }
+    }
+    group
+}
+
+/// Runs a group of patching jobs together (their stores are written as the loop reaches them).
+fn run_patch_group(cx: &RunContext, plan: &crate::graph::Plan, group: &[usize]) -> Result<Vec<(Vec<Row>, serde_json::Value)>> {
+    let jobs: Vec<(&crate::spec::RunSpec, crate::experiments::kinds::Part)> = group
+        .iter()
+        .map(|&id| {
+            let task = plan.jobs[id].task;
+            let run = task.run().ok_or_else(|| Error::Other(format!("job [{id}] is not a work job")))?;
+            Ok((&cx.spec.runs[run], task.part()))
+        })
+        .collect::<Result<_>>()?;
+    crate::panics::guarded(&prompts_of(cx.toks), || {
+        for &id in group {
+            crate::panics::injected(&plan.jobs[id].name);
+        }
+        crate::experiments::kinds::activation_patching::patch_together(cx, &jobs)
+    })
 }
 
 /// The prompts a job computes on, for a failure's message (jobs batch every prompt).

@@ -3,12 +3,11 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{cells_at, sweep_layers, Axes, Target};
+use crate::experiments::activation_patching::{cells_at, sweep_together, Target};
 use crate::experiments::context::{cell_row, per_prompt, with_prompts, RunContext};
 use crate::experiments::activation_patching::cannot_change;
 use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
-use crate::model::hook_point::Site;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
@@ -56,38 +55,63 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<(Vec<Row>, serde_json::Value)> {
-    let (RunKind::ActivationPatching { targets }, Part::TargetLayer { target, layer }) = (&run.kind, part) else {
-        return Err(Error::Other(format!("run '{}': activation patching runs one target at one layer per job", run.name)));
-    };
-    let (site, axes) = targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
-    patch_layer(cx, run, *site, *axes, layer)
+    let mut out = patch_together(cx, &[(run, part)])?;
+    Ok(out.pop().expect("one result per job"))
 }
 
-/// Activation patching of one target at one layer: the cells of that layer, in
-/// TransformerLens's order, each batch of patches run from this layer on.
-fn patch_layer(cx: &RunContext, run: &RunSpec, site: Site, axes: Axes, layer: usize) -> Result<(Vec<Row>, serde_json::Value)> {
+/// Activation patching of several (run, target, layer) jobs, each the cells of one target at one
+/// layer in TransformerLens's order: the jobs at one layer share their forwards
+/// (activation_patching::sweep_together). One (rows, note) per job, in the order given.
+pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<(Vec<Row>, serde_json::Value)>> {
     let (model, prep) = (cx.model, cx.prep()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
     let norm = |v: f64| if cx.spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };
-    let target = Target::new(site, axes)?;
-    let total = cells_at(&model.cfg, target, layer, prep.seq_len()).len();
-    let pb = cx.bar(total, format!("{}: {} [{}] layer {layer}", run.name, site.name(), axes.names().join(",")));
-    let t = Instant::now();
-    let s = sweep_layers(model, prep, target, &[layer], |k| pb.inc(k as u64)).map_err(|e| Error::Other(format!("{}: {e}", site.name())))?;
-    pb.finish_and_clear();
-    let mut rows = Vec::new();
-    for (i, c) in s.cells.iter().enumerate() {
-        let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
-        let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", site, c) };
-        with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+    let mut parts = Vec::with_capacity(jobs.len());
+    let mut sites = Vec::with_capacity(jobs.len());
+    for (run, part) in jobs {
+        let (RunKind::ActivationPatching { targets }, Part::TargetLayer { target, layer }) = (&run.kind, *part) else {
+            return Err(Error::Other(format!("run '{}': activation patching runs one target at one layer per job", run.name)));
+        };
+        let (site, axes) = *targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
+        let t = Target::new(site, axes)?;
+        parts.push((t, cells_at(&model.cfg, t, layer, prep.seq_len())));
+        sites.push((site, axes, layer));
     }
-    let note = serde_json::json!({
-        "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
-        "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": t.elapsed().as_secs_f64(),
-        "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
-    });
-    Ok((rows, note))
+    let total: usize = parts.iter().map(|(_, c)| c.len()).sum();
+    let label = match jobs {
+        [(run, _)] => format!("{}: {} [{}] layer {}", run.name, sites[0].0.name(), sites[0].1.names().join(","), sites[0].2),
+        _ => format!("{} patching jobs together", jobs.len()),
+    };
+    let pb = cx.bar(total, label);
+    let t = Instant::now();
+    let sweeps = sweep_together(model, prep, &parts, |k| pb.inc(k as u64)).map_err(|e| {
+        let names: Vec<&str> = sites.iter().map(|(s, _, _)| s.name()).collect();
+        Error::Other(format!("{}: {e}", names.join(", ")))
+    })?;
+    pb.finish_and_clear();
+    // The shared time, shared out by computed cells.
+    let seconds = t.elapsed().as_secs_f64();
+    let computed: Vec<usize> = sweeps.iter().map(|s| s.skipped.iter().filter(|k| !**k).count()).collect();
+    let all_computed = computed.iter().sum::<usize>().max(1) as f64;
+    let mut out = Vec::with_capacity(jobs.len());
+    for (j, s) in sweeps.iter().enumerate() {
+        let ((run, _), (site, axes, layer)) = (&jobs[j], sites[j]);
+        let mut rows = Vec::new();
+        for (i, c) in s.cells.iter().enumerate() {
+            let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
+            let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", site, c) };
+            with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+        }
+        let note = serde_json::json!({
+            "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
+            "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": seconds * computed[j] as f64 / all_computed,
+            "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
+            "forwards_shared_with_jobs": jobs.len() - 1,
+        });
+        out.push((rows, note));
+    }
+    Ok(out)
 }
 
 /// The note of an activation-patching run: its per-layer jobs' notes summed per target.
@@ -101,6 +125,8 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
                     s[k] = (s[k].as_u64().unwrap_or(0) + n[k].as_u64().unwrap_or(0)).into();
                 }
                 s["seconds"] = (s["seconds"].as_f64().unwrap_or(0.0) + n["seconds"].as_f64().unwrap_or(0.0)).into();
+                // The most jobs any of this target's forwards were shared with.
+                s["forwards_shared_with_jobs"] = s["forwards_shared_with_jobs"].as_u64().unwrap_or(0).max(n["forwards_shared_with_jobs"].as_u64().unwrap_or(0)).into();
             }
             None => {
                 let mut s = (*n).clone();
