@@ -50,9 +50,10 @@ impl Prefix {
 
 /// What every layer of one forward shares.
 struct Context<'a> {
-    /// [batch|1, 1, query, key] true where attention is allowed, per distinct window size
+    /// [batch|1, 1, query, key] true where attention is NOT allowed (the scores' masked_fill
+    /// mask, inverted once per forward rather than in every layer), per distinct window size
     /// (None = global causal attention).
-    attn_masks: Vec<(Option<usize>, Tensor)>,
+    blocked: Vec<(Option<usize>, Tensor)>,
     rotary: Option<(Tensor, Tensor)>,
     /// ALiBi biases [batch|1, heads, 1, key].
     alibi: Option<Tensor>,
@@ -60,8 +61,8 @@ struct Context<'a> {
 }
 
 impl Context<'_> {
-    fn attn_mask(&self, window: Option<usize>) -> &Tensor {
-        &self.attn_masks.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1
+    fn blocked(&self, window: Option<usize>) -> &Tensor {
+        &self.blocked.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1
     }
 }
 
@@ -156,7 +157,7 @@ impl Model {
         let context = |device: tch::Device| {
             let moved = (pos.ids.device() != device).then(|| pos.on(device));
             let p = moved.as_ref().unwrap_or(&pos);
-            Context { attn_masks: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w))).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix }
+            Context { blocked: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix }
         };
         let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
         for l in start..end {
@@ -310,10 +311,15 @@ impl Model {
             NormKind::RmsNorm => x,
         };
         let variance = x.square().mean_dim(-1, true, None) + self.cfg.norm.eps;
-        let scale = hooks.at(scale_point, variance.sqrt())?;
         // x * rsqrt(var + eps), as HF and the TL bridge compute it; an edited scale is divided
-        // by instead, so the edit reaches hook_normalized.
-        let normalized = if hooks.edits(scale_point) { x / scale } else { x * variance.rsqrt() };
+        // by instead, so the edit reaches hook_normalized. The scale itself is computed only
+        // when hooked (a kernel per norm that a GPU's patched forwards otherwise launch).
+        let normalized = if hooks.wants(scale_point) {
+            let scale = hooks.at(scale_point, variance.sqrt())?;
+            if hooks.edits(scale_point) { x / scale } else { x * variance.rsqrt() }
+        } else {
+            x * variance.rsqrt()
+        };
         // TL 4.x hooks the normalized value before the affine (HookedTransformer 2.x hooked
         // LayerNorm's after it); with fold_ln there is no affine and both agree.
         let mut y = hooks.at(norm_point, normalized.to_kind(kind))?;
@@ -394,8 +400,8 @@ impl Model {
         if let Some(alibi) = &ctx.alibi {
             scores = scores + alibi;
         }
-        let mask = ctx.attn_mask(self.cfg.attn_windows[l]);
-        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&mask.logical_not(), f64::NEG_INFINITY))?;
+        let blocked = ctx.blocked(self.cfg.attn_windows[l]);
+        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(blocked, f64::NEG_INFINITY))?;
         // Softmax accumulates in f32 whatever the run dtype, then returns to it.
         let pattern = scores.softmax(-1, Kind::Float);
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
