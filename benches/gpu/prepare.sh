@@ -10,6 +10,7 @@
 #   bash gpucheck/run.sh             CUDA forward (every hook) and the IOI Parquet against CPU
 #   bash gpucheck/kinds.sh           every experiment kind, CUDA against CPU
 #   bash gpucheck/cluster.sh         split by layers over cuda:0+cpu, replicas on cuda:0+cpu
+#   OUT=<dir> bash gpucheck/session.sh   one device call: ioi, startup, llama8b (no sweep), run.sh
 # (OUT=<dir> for run/kinds/cluster outputs.)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
