@@ -97,14 +97,20 @@ fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
     serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
-/// While weights load, glibc's malloc hands back every freed block over 1 MiB to the system.
-/// Otherwise its dynamic mmap threshold, raised by the first large frees, keeps the per-tensor
-/// f32 working copies of weight processing in the heap after they are freed. Measured on a 2.15 GB
-/// bf16 checkpoint, that retention was about 0.7 GB of peak RSS. Afterwards the threshold is
-/// glibc's largest default (32 MiB), so sweeps reuse their heap as before.
+/// While a half-precision checkpoint is processed, glibc's malloc hands back every freed block
+/// over 1 MiB to the system. Otherwise its dynamic mmap threshold, raised by the first large
+/// frees, keeps the per-tensor f32 working copies of weight processing in the heap after they are
+/// freed. Measured on a 2.15 GB bf16 checkpoint, that retention was about 0.7 GB of peak RSS. An
+/// f32 checkpoint, processed in place, keeps the default (its temporaries reuse the heap).
+/// After any load the threshold is glibc's largest default (32 MiB), so sweeps reuse their heap.
 struct LoadingAllocator;
 
 impl LoadingAllocator {
+    /// Leaves the allocator as it is until dropped.
+    fn until_loaded() -> LoadingAllocator {
+        LoadingAllocator
+    }
+
     fn enter() -> LoadingAllocator {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: mallopt only sets an allocator tunable; any value is valid.
@@ -129,7 +135,7 @@ impl Model {
     /// Loads `id` (a local directory, a hub id or a `.gguf` file) with TransformerLens-style
     /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
-        let _allocator = LoadingAllocator::enter();
+        let _loaded = LoadingAllocator::until_loaded();
         let devices = if opts.split.is_empty() { vec![opts.device] } else { opts.split.clone() };
         let warm_up = crate::engine::device::warm_up(&devices, opts.kind);
         let model = if is_gguf(id) { Model::load_gguf(id, opts) } else { Model::load_safetensors(id, opts) };
@@ -149,6 +155,10 @@ impl Model {
             None => None,
         };
         let started = std::time::Instant::now();
+        // Only a half-precision checkpoint makes f32 working copies to hand back; an f32 one is
+        // processed in place, and its few temporaries reuse the heap (with the 1 MiB threshold
+        // each was a fresh mapping, page-faulted in: about 20% of processing GPT-2 small).
+        let _allocator = weights.blocks.iter().any(|b| b.attn.w_q.kind() != tch::Kind::Float).then(LoadingAllocator::enter);
         let mut model = Model::from_weights(cfg, weights, opts)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), "weights processed and placed");
         model.tokenizer = tokenizer;
@@ -187,6 +197,7 @@ impl Model {
 
     /// A `.gguf` file: tensors dequantized to f32, processed, then cast to the run dtype.
     fn load_gguf(id: &str, opts: &LoadOptions) -> Result<Model> {
+        let _allocator = LoadingAllocator::enter();
         let path = std::path::Path::new(id);
         tracing::info!(id, "loading GGUF model");
         let g = gguf::Gguf::read(path)?;
