@@ -211,6 +211,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
     let mut done_together: HashMap<usize, (Vec<Row>, serde_json::Value)> = HashMap::new();
+    let mut alone: std::collections::HashSet<usize> = std::collections::HashSet::new();
     std::thread::scope(|scope| {
     let mut pool: Option<devices::Pool> = None;
     let result = (|| -> Result<()> {
@@ -274,14 +275,22 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                             None => {
                                 // Patching jobs at this job's layer that are still to run share
                                 // its forwards; their results wait here until the loop reaches them.
-                                let group = patch_group(&plan, job, &status);
-                                if group.len() > 1 {
-                                    let mut done = run_patch_group(c, &plan, &group).map_err(named)?.into_iter();
-                                    let first = done.next().expect("one result per job");
-                                    done_together.extend(group[1..].iter().copied().zip(done));
-                                    first
-                                } else {
-                                    run_and_store(c, job, None).map_err(named)?
+                                let group = patch_group(&plan, job, &status, &alone);
+                                match (group.len() > 1).then(|| run_patch_group(c, &plan, &group)) {
+                                    Some(Ok(done)) => {
+                                        let mut done = done.into_iter();
+                                        let first = done.next().expect("one result per job");
+                                        done_together.extend(group[1..].iter().copied().zip(done));
+                                        first
+                                    }
+                                    // A failed group runs its jobs one by one, so that a failure
+                                    // is its own job's (named, and the others' rows kept).
+                                    Some(Err(e)) => {
+                                        tracing::debug!(error = %e, jobs = ?group, "a group of patching jobs failed: running them one by one");
+                                        alone.extend(group.iter().copied());
+                                        run_and_store(c, job, None).map_err(named)?
+                                    }
+                                    None => run_and_store(c, job, None).map_err(named)?,
                                 }
                             }
                         };
@@ -394,13 +403,17 @@ pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Opt
 }
 
 /// `job` and the activation-patching jobs at its layer that are still to run (status "ran",
-/// later in the plan, their inputs ready): one group of forwards (patch_together). Any other
-/// job alone.
-fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str]) -> Vec<usize> {
+/// later in the plan, their inputs ready, not in a group that failed): one group of forwards
+/// (patch_together). Any other job alone.
+fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str], alone: &std::collections::HashSet<usize>) -> Vec<usize> {
     let Task::Patch { layer, .. } = job.task else { return vec![job.id] };
+    if alone.contains(&job.id) {
+        return vec![job.id];
+    }
     let mut group = vec![job.id];
     for other in plan.jobs.iter().skip(job.id + 1) {
-        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer) && status[other.id] == "ran" && other.deps.iter().all(|&d| d < job.id) {
+        let ready = other.deps.iter().all(|&d| d < job.id) && !alone.contains(&other.id);
+        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer) && status[other.id] == "ran" && ready {
             group.push(other.id);
         }
     }
