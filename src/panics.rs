@@ -49,6 +49,15 @@ pub fn injected(job: &str) {
     }
 }
 
+/// Slowness injection for tests (TL_RUN_INJECT_DELAY_MS=n): each work job waits n ms before its
+/// result is stored, so a test can stop a process between two stored jobs (a Slurm task cancelled
+/// mid-run) however fast the jobs themselves are.
+pub fn injected_delay() {
+    if let Some(ms) = std::env::var("TL_RUN_INJECT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -22,14 +22,14 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 }
 
 /// (array job id, merge job id) from `tl-run slurm --submit`'s output.
-fn submit(spec: &Path, out: &Path, tasks: usize, batch_floats: Option<&str>) -> (String, String) {
+fn submit(spec: &Path, out: &Path, tasks: usize, envs: &[(&str, &str)]) -> (String, String) {
     let model = fixture("gpt2-tiny").display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
         .args(["slurm", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--tasks", &tasks.to_string(), "--submit"])
         .env("SLURM_CONF", slurm_conf())
         .env("HF_HUB_OFFLINE", "1")
         // sbatch passes the environment on to the tasks.
-        .envs(batch_floats.map(|b| ("TL_RUN_BATCH_FLOATS", b)))
+        .envs(envs.iter().copied())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -54,22 +54,20 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
-fn single_run(spec: &Path, out: &Path, batch_floats: Option<&str>) {
+fn single_run(spec: &Path, out: &Path) {
     let model = fixture("gpt2-tiny").display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
         .args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"])
-        .envs(batch_floats.map(|b| ("TL_RUN_BATCH_FLOATS", b)))
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// The store keys of shard `shard`'s work jobs when the spec's jobs split over `count` shards.
-fn shard_keys(spec: &Path, count: usize, shard: usize, batch_floats: &str) -> Vec<String> {
+fn shard_keys(spec: &Path, count: usize, shard: usize) -> Vec<String> {
     let model = fixture("gpt2-tiny").display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
         .args(["plan", spec.to_str().unwrap(), "--model-id", &model, "--shards", &count.to_string(), "--json"])
-        .env("TL_RUN_BATCH_FLOATS", batch_floats)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -107,12 +105,12 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let tmp = tempfile::tempdir().unwrap();
     let spec = repo_root().join("experiments/ioi.toml");
     let single = tmp.path().join("single");
-    single_run(&spec, &single, None);
+    single_run(&spec, &single);
 
     // A plain 4-task array, merged by the dependent job.
     let out = tmp.path().join("array");
     let t = Instant::now();
-    let (array, merge) = submit(&spec, &out, 4, None);
+    let (array, merge) = submit(&spec, &out, 4, &[]);
     wait_for("the merge job", Duration::from_secs(180), || state(&merge) == "COMPLETED" || state(&merge) == "FAILED" || state(&merge) == "CANCELLED");
     assert_eq!(state(&merge), "COMPLETED", "merge job {merge}; logs in {}", out.join(".tl-run/slurm").display());
     eprintln!("4-task array {array} and its merge: {:.1}s from submit to merged", t.elapsed().as_secs_f64());
@@ -122,20 +120,19 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     eprintln!("per-task job seconds: {times:?}");
 
     // Task 2 is cancelled mid-run, then requeued: it resumes from the store and the result is
-    // the same. A longer spec, so the cancel lands while the task computes.
-    // Small patch batches make every task last several seconds (8000 floats stopped being enough
-    // once loading got faster: the task could finish before the cancel landed).
-    const BATCH: &str = "500";
+    // the same. Its jobs are fast (and the patching jobs of a layer finish together), so each
+    // job waits before it is stored (TL_RUN_INJECT_DELAY_MS): the cancel lands between two.
+    const DELAY_MS: &str = "700";
     let spec = long_ioi_spec(tmp.path());
     let single = tmp.path().join("single-long");
-    single_run(&spec, &single, Some(BATCH));
+    single_run(&spec, &single);
     let out = tmp.path().join("requeued");
-    let (array, merge) = submit(&spec, &out, 4, Some(BATCH));
+    let (array, merge) = submit(&spec, &out, 4, &[("TL_RUN_INJECT_DELAY_MS", DELAY_MS)]);
     let task = format!("{array}_2");
     // Cancel once task 2 has stored one of its work jobs and before it has stored them all: its
     // keys (from `tl-run plan --shards 4 --json`) are watched in the shared job store, where
     // each job lands the moment it finishes (its shard manifest is written only per run).
-    let keys = shard_keys(&spec, 4, 2, BATCH);
+    let keys = shard_keys(&spec, 4, 2);
     assert!(keys.len() >= 4, "task 2 has too few jobs to cancel mid-run: {keys:?}");
     let jobs = out.join(".tl-run/jobs");
     let stored = || keys.iter().filter(|k| jobs.join(format!("{k}.parquet")).exists()).count();
