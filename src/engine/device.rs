@@ -39,37 +39,3 @@ pub fn load_cuda_backend() {
         tracing::debug!("libtorch_cuda.so not found: CUDA unavailable");
     });
 }
-
-/// Starts CUDA on `devices` on a background thread while the weights are read: the context, the
-/// cuBLAS handle and the matrix, softmax and normalisation kernels in the run's dtype (and f32,
-/// which metrics and processing use). On an H200 these first-use costs were about 0.3 s of the
-/// first forward pass (the clean and corrupted runs took 0.35 s, their CPU run 0.15 s); here
-/// they overlap the checkpoint read instead. Nothing for CPU devices.
-pub fn warm_up(devices: &[tch::Device], kind: tch::Kind) -> Option<std::thread::JoinHandle<()>> {
-    let cuda: Vec<tch::Device> = devices.iter().copied().filter(|d| d.is_cuda()).collect();
-    if cuda.is_empty() {
-        return None;
-    }
-    std::thread::Builder::new()
-        .name("tl-run-cuda-warm-up".into())
-        .spawn(move || {
-            let started = std::time::Instant::now();
-            let warm = |device: tch::Device, kind: tch::Kind| -> std::result::Result<(), tch::TchError> {
-                let a = tch::Tensor::f_ones([4, 64, 64], (kind, device))?;
-                let s = a.f_matmul(&a.f_transpose(-1, -2)?)?.f_softmax(-1, kind)?;
-                let n = s.f_layer_norm([64], None::<tch::Tensor>, None::<tch::Tensor>, 1e-5, false)?;
-                let total = n.f_gelu("tanh")?.f_silu()?.f_sum(tch::Kind::Float)?;
-                total.f_double_value(&[]).map(|_| ())
-            };
-            for device in cuda {
-                for k in [kind, tch::Kind::Float] {
-                    // Best effort: a failure here shows again, named, when the weights are placed.
-                    if let Err(e) = warm(device, k) {
-                        tracing::debug!(?device, error = %e, "CUDA warm-up failed");
-                    }
-                }
-            }
-            tracing::debug!(seconds = started.elapsed().as_secs_f64(), "CUDA started beside the load");
-        })
-        .ok()
-}

@@ -41,25 +41,23 @@ pub fn model_digests(files: &ModelFiles) -> Result<Vec<(PathBuf, String)>> {
     paths.dedup();
     let mut cache = DigestCache::open();
     let looked_up: Vec<(&PathBuf, Known)> = paths.into_iter().map(|p| Ok((p, cache.look_up(p)?))).collect::<Result<_>>()?;
-    let hashed: Vec<Option<String>> = looked_up
-        .par_iter()
-        .map(|(p, known)| match known {
-            Known::Digest(_) => Ok(None),
-            Known::Unknown(_) => file_digest(p).map(Some),
+    let found: Vec<(&PathBuf, Known, String)> = looked_up
+        .into_par_iter()
+        .map(|(p, known)| {
+            let digest = match &known {
+                Known::Digest(d) => d.clone(),
+                Known::Unknown(_) => file_digest(p)?,
+            };
+            Ok((p, known, digest))
         })
         .collect::<Result<_>>()?;
-    let digests = looked_up
-        .into_iter()
-        .zip(hashed)
-        .map(|((p, known), hashed)| match (known, hashed) {
-            (Known::Digest(d), _) => (p.clone(), d),
-            (Known::Unknown(id), Some(d)) => {
-                cache.remember(id, &d);
-                (p.clone(), d)
-            }
-            (Known::Unknown(_), None) => unreachable!("every unknown file was hashed"),
-        })
-        .collect();
+    let mut digests = Vec::with_capacity(found.len());
+    for (p, known, digest) in found {
+        if let Known::Unknown(id) = known {
+            cache.remember(id, &digest);
+        }
+        digests.push((p.clone(), digest));
+    }
     cache.save();
     Ok(digests)
 }

@@ -136,13 +136,11 @@ impl Model {
     /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
         let _loaded = LoadingAllocator::until_loaded();
-        let devices = if opts.split.is_empty() { vec![opts.device] } else { opts.split.clone() };
-        let warm_up = crate::engine::device::warm_up(&devices, opts.kind);
-        let model = if is_gguf(id) { Model::load_gguf(id, opts) } else { Model::load_safetensors(id, opts) };
-        if let Some(w) = warm_up {
-            let _ = w.join();
+        if is_gguf(id) {
+            Model::load_gguf(id, opts)
+        } else {
+            Model::load_safetensors(id, opts)
         }
-        model
     }
 
     fn load_safetensors(id: &str, opts: &LoadOptions) -> Result<Model> {
