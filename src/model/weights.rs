@@ -87,9 +87,11 @@ pub struct FusedAttn {
 impl AttnWeights {
     pub fn fused(&self) -> FusedAttn {
         // [out, in] like nn.Linear, used through `linear` (addmm), as HF computes projections.
+        // A view where the checkpoint's layout allows one (GPT-2's Conv1D [in, out] gives rows of
+        // stride 1 and columns of stride 3·d_model, which BLAS reads as they are), else a copy.
         let flat_in = |w: &Tensor| {
             let (h, d, e) = w.size3().expect("per-head weight is 3-d");
-            w.permute([0, 2, 1]).contiguous().view([h * e, d])
+            w.permute([0, 2, 1]).reshape([h * e, d])
         };
         FusedAttn {
             w_q: flat_in(&self.w_q),
