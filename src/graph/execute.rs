@@ -312,14 +312,15 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             Task::Write { run: r } => {
                 let run = &spec.runs[r];
                 let mine: Vec<usize> = job.deps.iter().copied().filter(|&d| owned(d)).collect();
-                let mut rows: Vec<Row> = Vec::new();
+                // The jobs' rows are borrowed, not copied, into the file.
+                let mut rows: Vec<&Row> = Vec::new();
                 let mut notes: Vec<&serde_json::Value> = Vec::new();
                 for d in &mine {
                     let (r, n) = results.get(d).expect("every owned work job ran or was stored");
-                    rows.extend(r.iter().cloned());
+                    rows.extend(r.iter());
                     notes.push(n);
                 }
-                let bad: Vec<&Row> = rows.iter().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
+                let bad: Vec<&Row> = rows.iter().copied().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
                 if let Some(first) = bad.first() {
                     let f = nonfinite::Finding { kind: "result".into(), at: format!("run '{}' ({})", run.name, first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) };
                     record.found(f, &run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
@@ -551,8 +552,8 @@ impl<'a> Record<'a> {
 }
 
 /// A one-screen summary: the rows with the largest |value| per run.
-fn top_rows(run: &str, rows: &[Row]) -> String {
-    let mut means: Vec<&Row> = rows.iter().filter(|r| r.prompt.is_none() && r.rank.is_none()).collect();
+fn top_rows(run: &str, rows: &[&Row]) -> String {
+    let mut means: Vec<&Row> = rows.iter().copied().filter(|r| r.prompt.is_none() && r.rank.is_none()).collect();
     means.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
     let mut s = format!("{run}: top rows by |value|\n");
     for r in means.iter().take(5) {

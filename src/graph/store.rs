@@ -120,7 +120,7 @@ impl Store {
     }
 
     pub fn put(&self, key: &str, rows: &[Row], note: &serde_json::Value) -> Result<()> {
-        let rows: Vec<Row> = rows.iter().map(|r| Row { run: String::new(), ..r.clone() }).collect();
-        write_parquet_with(&self.path(key), &rows, &[(NOTE, note.to_string())])
+        // The run's name is left out: a job's result is keyed by its content, not by its run.
+        write_parquet_with(&self.path(key), rows, Some(""), &[(NOTE, note.to_string())])
     }
 }

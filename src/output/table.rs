@@ -1,4 +1,5 @@
 //! The tidy long-format result table: one row per measured value, written as Parquet.
+use std::borrow::Borrow;
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, BooleanArray, Float64Array, Int32Array, StringArray};
@@ -65,11 +66,22 @@ pub fn schema() -> Schema {
     ])
 }
 
-pub fn to_batch(rows: &[Row]) -> Result<RecordBatch> {
-    let s = |f: fn(&Row) -> &str| Arc::new(StringArray::from_iter_values(rows.iter().map(f))) as ArrayRef;
-    let i = |f: fn(&Row) -> Option<i32>| Arc::new(Int32Array::from_iter(rows.iter().map(f))) as ArrayRef;
+/// The rows as one record batch. Rows are borrowed (`Row` or `&Row`): the rows of a run's jobs
+/// are written without being copied, which for a pattern target was 230,000 rows of strings.
+pub fn to_batch<R: Borrow<Row>>(rows: &[R]) -> Result<RecordBatch> {
+    to_batch_as(rows, None)
+}
+
+/// `to_batch` with every row's `run` replaced by `run` when given.
+fn to_batch_as<R: Borrow<Row>>(rows: &[R], run: Option<&str>) -> Result<RecordBatch> {
+    let rows = || rows.iter().map(Borrow::borrow);
+    let s = |f: fn(&Row) -> &str| Arc::new(StringArray::from_iter_values(rows().map(f))) as ArrayRef;
+    let i = |f: fn(&Row) -> Option<i32>| Arc::new(Int32Array::from_iter(rows().map(f))) as ArrayRef;
     let columns: Vec<ArrayRef> = vec![
-        s(|r| &r.run),
+        match run {
+            Some(run) => Arc::new(StringArray::from_iter_values(rows().map(|_| run))),
+            None => s(|r| &r.run),
+        },
         s(|r| &r.kind),
         s(|r| &r.hook),
         i(|r| r.layer),
@@ -78,29 +90,30 @@ pub fn to_batch(rows: &[Row]) -> Result<RecordBatch> {
         i(|r| r.dest_pos),
         i(|r| r.src_pos),
         i(|r| r.prompt),
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.value))),
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.token.as_deref()))),
-        Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.computed)))),
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.label.as_deref()))),
+        Arc::new(Float64Array::from_iter_values(rows().map(|r| r.value))),
+        Arc::new(StringArray::from_iter(rows().map(|r| r.token.as_deref()))),
+        Arc::new(BooleanArray::from_iter(rows().map(|r| Some(r.computed)))),
+        Arc::new(StringArray::from_iter(rows().map(|r| r.label.as_deref()))),
         i(|r| r.neuron),
         i(|r| r.rank),
         i(|r| r.token_id),
-        Arc::new(StringArray::from_iter(rows.iter().map(|r| r.pattern.as_deref()))),
-        Arc::new(Float64Array::from_iter(rows.iter().map(|r| r.patched))),
+        Arc::new(StringArray::from_iter(rows().map(|r| r.pattern.as_deref()))),
+        Arc::new(Float64Array::from_iter(rows().map(|r| r.patched))),
     ];
     RecordBatch::try_new(Arc::new(schema()), columns).map_err(|e| Error::Other(format!("arrow: {e}")))
 }
 
 /// Writes rows to a Parquet file atomically.
-pub fn write_parquet(path: &std::path::Path, rows: &[Row]) -> Result<()> {
+pub fn write_parquet<R: Borrow<Row>>(path: &std::path::Path, rows: &[R]) -> Result<()> {
     write_batch(path, &to_batch(rows)?)
 }
 
-/// Writes rows atomically with key-value metadata in the file footer (the job store's notes).
-pub fn write_parquet_with(path: &std::path::Path, rows: &[Row], metadata: &[(&str, String)]) -> Result<()> {
+/// Writes rows atomically with key-value metadata in the file footer (the job store's notes),
+/// each row's `run` written as `run` when given.
+pub fn write_parquet_with<R: Borrow<Row>>(path: &std::path::Path, rows: &[R], run: Option<&str>, metadata: &[(&str, String)]) -> Result<()> {
     let kv = metadata.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.to_string(), v.clone())).collect();
     let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
-    write_batch_with(path, &to_batch(rows)?, Some(props))
+    write_batch_with(path, &to_batch_as(rows, run)?, Some(props))
 }
 
 /// Writes any record batch to a Parquet file atomically.

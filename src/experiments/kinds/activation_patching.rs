@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{cells_at, sweep_together, Target};
-use crate::experiments::context::{cell_row, per_prompt, with_prompts, RunContext};
+use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
 use crate::experiments::activation_patching::cannot_change;
 use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
@@ -97,10 +97,11 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut out = Vec::with_capacity(jobs.len());
     for (j, s) in sweeps.iter().enumerate() {
         let ((run, _), (site, axes, layer)) = (&jobs[j], sites[j]);
-        let mut rows = Vec::new();
+        let mut rows = Vec::with_capacity(s.cells.len() * if cx.spec.metric.per_prompt { n + 1 } else { 1 });
+        let mut cell_rows = CellRows::new(&run.name, "activation_patching", site);
         for (i, c) in s.cells.iter().enumerate() {
             let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
-            let base = Row { computed: !s.skipped[i], ..cell_row(&run.name, "activation_patching", site, c) };
+            let base = Row { computed: !s.skipped[i], ..cell_rows.row(c) };
             with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
         }
         let note = serde_json::json!({

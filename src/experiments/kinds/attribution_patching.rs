@@ -5,7 +5,7 @@ use std::time::Instant;
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
-use crate::experiments::context::{cell_row, per_prompt, RunContext};
+use crate::experiments::context::{per_prompt, CellRows, RunContext};
 use crate::experiments::activation_patching::cells_at;
 use crate::experiments::attribution::{clean_sites, points_for};
 use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
@@ -101,8 +101,10 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
             verify_note = serde_json::json!({"cells": top.len(), "batched_forwards": s.forwards, "pearson": pearson, "spearman": spearman});
         }
         notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
+        rows.reserve(a.cells.len() * if cx.spec.metric.per_prompt { n + 1 } else { 1 });
+        let mut cell_rows = CellRows::new(&run.name, "attribution_patching", a.target.site);
         for (i, c) in a.cells.iter().enumerate() {
-            let base = cell_row(&run.name, "attribution_patching", a.target.site, c);
+            let base = cell_rows.row(c);
             let token_pos = c.pos.or(c.dest);
             if cx.spec.metric.per_prompt {
                 let values: Vec<f64> = per_prompt(&a.per_prompt[i], n).into_iter().map(|v| v * scale).collect();
