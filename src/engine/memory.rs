@@ -35,7 +35,7 @@ pub fn budget_floats(device: Device) -> i64 {
 
 /// Free memory of CUDA device `index` from the CUDA runtime that libtorch loaded
 /// (cudaMemGetInfo on the current device, which is device 0 unless something set another).
-fn cuda_free_bytes(index: usize) -> Option<u64> {
+pub(crate) fn cuda_free_bytes(index: usize) -> Option<u64> {
     type MemGetInfo = unsafe extern "C" fn(*mut usize, *mut usize) -> i32;
     type SetDevice = unsafe extern "C" fn(i32) -> i32;
     type GetDevice = unsafe extern "C" fn(*mut i32) -> i32;

@@ -6,3 +6,4 @@ pub mod memory;
 pub mod metric;
 pub mod nonfinite;
 pub mod tokenize;
+pub mod warm;

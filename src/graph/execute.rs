@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::engine::nonfinite;
 use crate::engine::tokenize::TextTokenizer;
@@ -20,7 +20,7 @@ use crate::experiments::context::RunContext;
 use crate::graph::{devices, keys, Plan, Task};
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
-use crate::model::Model;
+use crate::model::{LoadOptions, Model};
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
 use crate::spec::Spec;
@@ -233,8 +233,24 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             Task::Load if needed[job.id] => {
                 let model: &Model = match &source {
                     ModelSource::Loaded(m) => m,
-                    ModelSource::Lazy { load, device, .. } => {
-                        let _ = model_cell.set(crate::panics::guarded(&job.name, || load(*device))?);
+                    ModelSource::Lazy { load, device, cfg, .. } => {
+                        let warm = warm_up_for(spec, &plan, &needed, cfg, *device, toks.as_ref());
+                        let loaded = std::thread::scope(|s| {
+                            let warming = warm.map(|(opts, run)| s.spawn(move || crate::engine::warm::warm_up(cfg, &opts, run)));
+                            let loaded = crate::panics::guarded(&job.name, || load(*device));
+                            match warming.map(|w| w.join()) {
+                                Some(Ok(Ok(seconds))) => {
+                                    tracing::debug!(seconds, "warmed the device beside the load");
+                                    // "load model" first: start-up benches count it as loading.
+                                    timings.insert("load model (device warm-up beside it)".into(), seconds);
+                                }
+                                Some(Ok(Err(e))) => tracing::debug!(error = %e, "warming the device failed; the runs pay the first use of its kernels"),
+                                Some(Err(_)) => tracing::debug!("warming the device stopped unexpectedly"),
+                                None => {}
+                            }
+                            loaded
+                        });
+                        let _ = model_cell.set(loaded?);
                         model_cell.get().expect("set above")
                     }
                 };
@@ -388,6 +404,21 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let count = |s: &str| records.iter().filter(|r| r.status == s && plan.jobs[r.id].task.is_work()).count();
     let jobs = format!("jobs: {} ran, {} read from the store{}", count("ran"), count("stored"), opts.shard.map(|s| format!(", {} in other shards (this is shard {} of {})", count("other shard"), s.index, s.count)).unwrap_or_default());
     Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
+}
+
+/// The warm-up of a CUDA device beside the model's load (engine::warm): the clean run's tokens,
+/// with a backward when an attribution pass will run. None on the CPU, for a model split over
+/// devices, without prompts, or where the miniature would crowd the model out of memory.
+fn warm_up_for(spec: &Spec, plan: &Plan, needed: &[bool], cfg: &ModelConfig, device: Device, toks: Option<&Tokenized>) -> Option<(LoadOptions, crate::engine::warm::WarmUp)> {
+    use crate::engine::warm::{fits, WarmUp};
+    let toks = toks?;
+    if !device.is_cuda() || spec.model.split_layers {
+        return None;
+    }
+    let backward = plan.jobs.iter().any(|j| j.task == Task::AttributionPass && needed[j.id]);
+    let run = WarmUp { tokens: toks.clean.shallow_clone(), mask: toks.mask.as_ref().map(Tensor::shallow_clone), backward };
+    let kind = spec.model.kind().ok()?;
+    fits(cfg, kind, device, &run).then(|| (LoadOptions { revision: None, processing: spec.model.processing, device, kind, split: Vec::new() }, run))
 }
 
 /// Runs work job `job` (a panic in it becomes an error naming its prompts) and stores its
