@@ -237,15 +237,13 @@ impl Model {
         let layer_devices = if opts.split.is_empty() { vec![opts.device; cfg.n_layers] } else { split_layers(cfg.n_layers, &opts.split) };
         let device = opts.split.last().copied().unwrap_or(opts.device);
         let input = layer_devices.first().copied().unwrap_or(device);
-        let place = |at: process::Place, t: &Tensor| {
-            let d = match at {
-                process::Place::Block(l) => layer_devices[l],
-                process::Place::Input => input,
-                process::Place::Output => device,
-            };
-            t.to_device(d).to_kind(kind)
+        let device_of = |at: process::Place| match at {
+            process::Place::Block(l) => layer_devices[l],
+            process::Place::Input => input,
+            process::Place::Output => device,
         };
-        process::process(&mut weights, &cfg, opts.processing, &place);
+        let place = |at: process::Place, t: &Tensor| t.to_device(device_of(at)).to_kind(kind);
+        process::process(&mut weights, &cfg, opts.processing, &device_of, &place);
         let fused = {
             use rayon::prelude::*;
             weights.blocks.par_iter_mut().map(|b| b.attn.fused()).collect()

@@ -2,7 +2,7 @@
 //! fold_ln → center_writing_weights → center_unembed → fold_value_biases.
 //! Each step leaves the model computing the same function (up to a constant per position in the
 //! logits for center_unembed); what changes is the coordinate system researchers read hooks in.
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::model::config::{ModelConfig, NormKind, Processing};
 use crate::model::weights::{BlockWeights, NormWeights, Weights};
@@ -26,11 +26,16 @@ pub enum Place {
 /// in, were most of the loading time). The tensors handed in are therefore consumed: a caller
 /// must not keep its own handles on them. The one shared storage a converter creates, a tied
 /// unembedding viewing the embedding, gets its own copy before either is changed.
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
+///
+/// Each weight is processed on the device it will live on (`device`): a half-precision
+/// checkpoint bound for a GPU crosses to it in its stored dtype and is upcast and processed
+/// there, rather than upcast and processed block by block on the host (10.5 s of the 27 s load
+/// of an 8B bf16 checkpoint on an H200 machine, the GPU idle).
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
-    let f32 = |t: &Tensor| t.to_kind(Kind::Float);
     let process_block = |l: usize, b: &mut BlockWeights| {
-        *b = b.map(&f32);
+        let on = device(Place::Block(l));
+        *b = b.map(&|t: &Tensor| t.to_device(on).to_kind(Kind::Float));
         if p.fold_ln {
             fold_block_norms(b, layer_norm, cfg.shared_norm);
         }
@@ -49,7 +54,7 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, place: &(dyn F
     // libtorch's own threads to fill the cores); a bf16 or f16 one's block by block, then the
     // ends, so that only one block or the unembedding is ever held in f32.
     let Weights { blocks, w_e, w_pos, w_u, b_u, ln_final, ln_embed } = w;
-    let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, place);
+    let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, device, place);
     if blocks.iter().all(|b| b.attn.w_q.kind() == Kind::Float) {
         use rayon::prelude::*;
         rayon::join(|| blocks.par_iter_mut().enumerate().for_each(|(l, b)| process_block(l, b)), ends);
@@ -71,9 +76,21 @@ struct Ends<'a> {
 
 /// The final norm folded into the unembedding, the embeddings centred, the unembedding centred,
 /// each then placed.
-fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
+fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
-    let f32 = |t: &Tensor| t.to_kind(Kind::Float);
+    let (input, output) = (device(Place::Input), device(Place::Output));
+    let f32 = |t: &Tensor| t.to_device(input).to_kind(Kind::Float);
+    // The output side moves first, in its stored dtype. A tied unembedding that crosses to
+    // another device is a copy there, so no longer the embedding's storage.
+    let on_output = |t: &mut Tensor| *t = t.to_device(output);
+    on_output(e.w_u);
+    on_output(e.b_u);
+    if let Some(w) = e.ln_final.w.as_mut() {
+        on_output(w);
+    }
+    if let Some(b) = e.ln_final.b.as_mut() {
+        on_output(b);
+    }
     // The unembedding is the largest matrix (d_model × vocab): it is made f32 and given storage
     // of its own (a tied one shares the embedding's) and has the final norm folded in one band
     // of vocabulary columns at a time, on all cores, while the band is in cache. Whole, each
@@ -120,10 +137,12 @@ fn unembed_folded(w_u: &Tensor, b_u: &Tensor, tied: &Tensor, norm: (Option<Tenso
     // The bias is small (one number per token) and folded in place: always a copy of its own.
     let b = b_u.to_kind(Kind::Float).copy();
     let vocab = w.size()[1];
+    // Bands are for the host's caches and cores; a GPU takes the matrix whole.
+    let band = if w.device().is_cuda() { vocab.max(1) } else { UNEMBED_BAND };
     let bands: Vec<_> = (0..vocab)
-        .step_by(UNEMBED_BAND as usize)
+        .step_by(band as usize)
         .map(|s| {
-            let n = UNEMBED_BAND.min(vocab - s);
+            let n = band.min(vocab - s);
             let src = copy_w.then(|| w_u.narrow(1, s, n));
             let f = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
             (w.narrow(1, s, n), b.narrow(0, s, n), src, f(&norm.0), f(&norm.1))
