@@ -47,8 +47,12 @@ ioi() {
       "$PY" "$here/tl_patching.py" "$MODELS/$1" "$P_IOI" "$DEVICE" "$dtype" "$3" "$WORK/tl_$tag.json" > /dev/null 2> "$WORK/tl_$tag.err" \
         || { echo "FAILED TransformerLens $tag:"; tail -5 "$WORK/tl_$tag.err"; rm -f "$WORK/tl_$tag.json"; continue; }
       t2=$(now)
-      echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1)}" > "$WORK/wall_$tag.json"
-      echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s (whole processes)"
+      # The same tl-run command without the device warm-up beside the load (engine/warm.rs).
+      rm -rf "$WORK/tlrun_nowarm_$tag"
+      TL_RUN_WARM_UP=0 "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_nowarm_$tag" --quiet > /dev/null || echo "FAILED tl-run without warm-up $tag"
+      t3=$(now)
+      echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1), \"tl_run_no_warm_up\": $(minus $t3 $t2)}" > "$WORK/wall_$tag.json"
+      echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s, tl-run without the warm-up $(minus $t3 $t2) s (whole processes)"
     done
   done
   "$PY" "$here/tables.py" ioi "$WORK"

@@ -62,6 +62,20 @@ if mode == "ioi":
         print(f"{tag:<32} {tls:>9.2f}s {tlw:>8.2f}s {sw:>13.3f}s {w:>12.2f}s {tls / sw:>12.1f}x {tlw / w:>11.1f}x {worst:>18.2e}")
     for g in gaps:
         print(g)
+    # The device warm-up beside the load (src/engine/warm.rs): the same command without it.
+    for tag, tls, tlw, sw, w, worst in rows:
+        wall = json.load(open(os.path.join(work, f"wall_{tag}.json")))
+        m = json.load(open(os.path.join(work, f"tlrun_{tag}", "manifest.json")))
+        warm = m["timings_seconds"].get("load model (device warm-up beside it)")
+        try:
+            cold = json.load(open(os.path.join(work, f"tlrun_nowarm_{tag}", "manifest.json")))
+            cold_sw = sweeps_seconds(cold)
+            print(f"{tag}: warm-up {warm if warm is None else round(warm, 3)} s beside the load; without it sweeps {cold_sw:.3f} s "
+                  f"(clean and corrupted {cold['timings_seconds'].get('clean and corrupted runs', float('nan')):.3f} s), "
+                  f"whole {wall.get('tl_run_no_warm_up', float('nan')):.2f} s; with it sweeps {sw:.3f} s "
+                  f"(clean and corrupted {m['timings_seconds'].get('clean and corrupted runs', float('nan')):.3f} s), whole {w:.2f} s")
+        except (OSError, KeyError, ValueError) as e:
+            print(f"{tag}: no run without the warm-up ({e})")
 elif mode == "llama8b":
     def peak(name):
         try:

@@ -121,7 +121,7 @@ pub fn warm_up(cfg: &ModelConfig, opts: &LoadOptions, run: WarmUp) -> Result<f64
     let total = logits.select(1, -1).log_softmax(-1, Kind::Float).sum(Kind::Float);
     if run.backward {
         let acts: Vec<Tensor> = points.iter().filter_map(|p| hooks.cache.get(p).map(Tensor::shallow_clone)).collect();
-        let _ = Tensor::f_run_backward(&[&total], &acts, false, true)?;
+        let _ = Tensor::f_run_backward(&[&total], &acts, false, false)?;
     }
     let _ = total.double_value(&[]);
     Ok(started.elapsed().as_secs_f64())

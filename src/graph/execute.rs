@@ -408,11 +408,12 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
 
 /// The warm-up of a CUDA device beside the model's load (engine::warm): the clean run's tokens,
 /// with a backward when an attribution pass will run. None on the CPU, for a model split over
-/// devices, without prompts, or where the miniature would crowd the model out of memory.
+/// devices, without prompts, where the miniature would crowd the model out of memory, or with
+/// TL_RUN_WARM_UP=0 (so a bench can measure what it saves).
 fn warm_up_for(spec: &Spec, plan: &Plan, needed: &[bool], cfg: &ModelConfig, device: Device, toks: Option<&Tokenized>) -> Option<(LoadOptions, crate::engine::warm::WarmUp)> {
     use crate::engine::warm::{fits, WarmUp};
     let toks = toks?;
-    if !device.is_cuda() || spec.model.split_layers {
+    if !device.is_cuda() || spec.model.split_layers || std::env::var("TL_RUN_WARM_UP").is_ok_and(|v| v == "0") {
         return None;
     }
     let backward = plan.jobs.iter().any(|j| j.task == Task::AttributionPass && needed[j.id]);
