@@ -236,7 +236,8 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     ModelSource::Lazy { load, device, cfg, .. } => {
                         let warm = warm_up_for(spec, &plan, &needed, cfg, *device, toks.as_ref());
                         let loaded = std::thread::scope(|s| {
-                            let warming = warm.map(|(opts, run)| s.spawn(move || crate::engine::warm::warm_up(cfg, &opts, run)));
+                            // Guarded: a failed warm-up (a libtorch panic) is only logged.
+                            let warming = warm.map(|(opts, run)| s.spawn(move || crate::panics::guarded("device warm-up", || crate::engine::warm::warm_up(cfg, &opts, run))));
                             let loaded = crate::panics::guarded(&job.name, || load(*device));
                             match warming.map(|w| w.join()) {
                                 Some(Ok(Ok(seconds))) => {
