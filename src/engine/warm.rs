@@ -102,14 +102,22 @@ fn zero_weights(cfg: &ModelConfig, processing: Processing, device: Device) -> We
     }
 }
 
+/// The one-layer miniature of `cfg` with zero weights, loaded as `opts` says.
+pub fn miniature(cfg: &ModelConfig, opts: &LoadOptions) -> Result<Model> {
+    let cfg = one_layer(cfg);
+    let weights = zero_weights(&cfg, opts.processing, opts.device);
+    // The weights are already in processed form: processing them again would fold nothing, and
+    // the model records the processing asked for.
+    let mut model = Model::from_weights(cfg, weights, &LoadOptions { processing: Processing::NONE, split: Vec::new(), ..opts.clone() })?;
+    model.processing = opts.processing;
+    Ok(model)
+}
+
 /// Runs the one-layer miniature of `cfg` on `opts.device` as `run` says, and returns its
 /// seconds. Its results are discarded; only the device's warmed state remains.
 pub fn warm_up(cfg: &ModelConfig, opts: &LoadOptions, run: WarmUp) -> Result<f64> {
     let started = std::time::Instant::now();
-    let cfg = one_layer(cfg);
-    let weights = zero_weights(&cfg, opts.processing, opts.device);
-    // The weights are already in processed form: processing them again would fold nothing.
-    let model = Model::from_weights(cfg, weights, &LoadOptions { processing: Processing::NONE, split: Vec::new(), ..opts.clone() })?;
+    let model = miniature(cfg, opts)?;
     let tokens = run.tokens.to_device(opts.device);
     let mask = run.mask.as_ref().map(|m| m.to_device(opts.device));
     let points = model.hook_points();
