@@ -9,7 +9,7 @@ pub mod process;
 pub mod source;
 pub mod weights;
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
@@ -242,8 +242,7 @@ impl Model {
             process::Place::Input => input,
             process::Place::Output => device,
         };
-        let place = |at: process::Place, t: &Tensor| t.to_device(device_of(at)).to_kind(kind);
-        process::process(&mut weights, &cfg, opts.processing, &device_of, &place);
+        process::process(&mut weights, &cfg, opts.processing, &device_of, kind);
         let fused = {
             use rayon::prelude::*;
             weights.blocks.par_iter_mut().map(|b| b.attn.fused()).collect()

@@ -15,8 +15,8 @@ pub enum Place {
     Output,
 }
 
-/// Processes the weights in f32 and hands every finished tensor to `place` (the cast to the
-/// run's device and dtype). It goes block by block — each block upcast, processed, placed —
+/// Processes the weights in f32, each on the device `device` names for its place, and casts every
+/// finished tensor to `kind`. It goes block by block — each block upcast, processed, cast —
 /// so a bf16 checkpoint is never held whole in f32: every step of TransformerLens's order
 /// either stays inside one block or touches only the embedding/unembedding, so doing the blocks
 /// one at a time computes the same weights.
@@ -31,7 +31,7 @@ pub enum Place {
 /// checkpoint bound for a GPU crosses to it in its stored dtype and is upcast and processed
 /// there, rather than upcast and processed block by block on the host (10.5 s of the 27 s load
 /// of an 8B bf16 checkpoint on an H200 machine, the GPU idle).
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
+pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), kind: Kind) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let process_block = |l: usize, b: &mut BlockWeights| {
         let on = device(Place::Block(l));
@@ -47,14 +47,14 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn 
         if p.fold_value_biases {
             fold_value_biases(b, cfg);
         }
-        *b = b.map(&|t: &Tensor| place(Place::Block(l), t));
+        *b = b.map(&|t: &Tensor| t.to_kind(kind));
     };
     // Blocks are independent here, and of the embedding and unembedding. An f32 checkpoint's are
     // processed in place on all cores, the ends beside them (their ops are too small for
     // libtorch's own threads to fill the cores); a bf16 or f16 one's block by block, then the
     // ends, so that only one block or the unembedding is ever held in f32.
     let Weights { blocks, w_e, w_pos, w_u, b_u, ln_final, ln_embed } = w;
-    let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, device, place);
+    let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, device, kind);
     if blocks.iter().all(|b| b.attn.w_q.kind() == Kind::Float) {
         use rayon::prelude::*;
         rayon::join(|| blocks.par_iter_mut().enumerate().for_each(|(l, b)| process_block(l, b)), ends);
@@ -75,8 +75,8 @@ struct Ends<'a> {
 }
 
 /// The final norm folded into the unembedding, the embeddings centred, the unembedding centred,
-/// each then placed.
-fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), place: &(dyn Fn(Place, &Tensor) -> Tensor + Sync)) {
+/// each then cast to `kind` on its device.
+fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), kind: Kind) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let (input, output) = (device(Place::Input), device(Place::Output));
     let f32 = |t: &Tensor| t.to_device(input).to_kind(Kind::Float);
@@ -113,14 +113,14 @@ fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Plac
         center_in_place(e.w_u);
         center_in_place(e.b_u);
     }
-    let input = |t: &Tensor| place(Place::Input, t);
-    let output = |t: &Tensor| place(Place::Output, t);
-    *e.w_e = input(e.w_e);
-    *e.w_pos = e.w_pos.as_ref().map(input);
-    *e.w_u = output(e.w_u);
-    *e.b_u = output(e.b_u);
-    *e.ln_final = NormWeights { w: e.ln_final.w.as_ref().map(output), b: e.ln_final.b.as_ref().map(output) };
-    *e.ln_embed = e.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(input), b: n.b.as_ref().map(input) });
+    let to_input = |t: &Tensor| t.to_device(input).to_kind(kind);
+    let to_output = |t: &Tensor| t.to_device(output).to_kind(kind);
+    *e.w_e = to_input(e.w_e);
+    *e.w_pos = e.w_pos.as_ref().map(to_input);
+    *e.w_u = to_output(e.w_u);
+    *e.b_u = to_output(e.b_u);
+    *e.ln_final = NormWeights { w: e.ln_final.w.as_ref().map(to_output), b: e.ln_final.b.as_ref().map(to_output) };
+    *e.ln_embed = e.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(to_input), b: n.b.as_ref().map(to_input) });
 }
 
 /// Vocabulary columns per band of the unembedding: 1024 × d_model f32 is 3 MB at GPT-2's width.
