@@ -31,7 +31,7 @@ pub fn fits(cfg: &ModelConfig, kind: Kind, device: Device, run: &WarmUp) -> bool
     let Some(free) = crate::engine::memory::cuda_free_bytes(i) else { return false };
     let (d, v, h, kv, e, m) = (cfg.d_model, cfg.d_vocab, cfg.n_heads, cfg.n_kv_heads, cfg.d_head, cfg.mlp.d_mlp);
     let layer = d * e * (2 * h + 2 * kv) + d * m * if cfg.mlp.gated { 3 } else { 2 };
-    let ends = 2 * v * d + cfg.has_pos_embed().then_some(cfg.n_ctx * d).unwrap_or(0);
+    let ends = 2 * v * d + if cfg.has_pos_embed() { cfg.n_ctx * d } else { 0 };
     let width = if kind == Kind::Float { 4 } else { 2 };
     let model = (cfg.n_layers * layer + ends) * width;
     let miniature = 2 * (layer + ends) * 4;

@@ -150,7 +150,7 @@ fn unembed_folded(w_u: &Tensor, b_u: &Tensor, tied: &Tensor, norm: (Option<Tenso
         .collect();
     bands.into_par_iter().for_each(|(mut w, mut b, src, nw, nb)| {
         if let Some(src) = src {
-            let _ = w.copy_(&src);
+            w.copy_(&src);
         }
         if let Some(nw) = nw {
             fold_norm_columns(&mut w, Some(&mut b), &nw, nb.as_ref(), layer_norm);
