@@ -22,6 +22,29 @@ fn hooks_lists_every_point_with_its_shape() {
     assert_eq!(out.lines().count(), 1 + 5 * 21 + 2);
 }
 
+/// `hooks` lists from the config, checking the checkpoint without loading it: its names and shapes
+/// must be exactly what a forward of the loaded model captures, in every family.
+#[test]
+fn hooks_lists_what_a_forward_captures_in_every_family() {
+    let fixtures = [
+        "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
+        "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+        "stories260K",
+    ];
+    for name in fixtures {
+        let (ok, out, err) = tl_run(&["hooks", fixture(name).to_str().unwrap(), "--batch", "2", "--seq", "5"]);
+        assert!(ok, "{name}: {err}");
+        let listed: Vec<(String, String)> = out.lines().map(|l| l.split_once(' ').map(|(n, s)| (n.to_string(), s.trim().to_string())).unwrap()).collect();
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let tokens = tch::Tensor::zeros([2, 5], (tch::Kind::Int64, tch::Device::Cpu));
+        let mut hooks = Hooks::capture_all();
+        model.run(Input::Tokens(&tokens), None, &mut hooks, Stop::Logits).unwrap();
+        let captured: Vec<(String, String)> = model.hook_points().iter().map(|p| (p.to_string(), format!("{:?}", hooks.cache[p].size()))).collect();
+        assert_eq!(listed, captured, "{name}");
+        assert_eq!(hooks.cache.len(), captured.len(), "{name}: the forward captured points the listing lacks");
+    }
+}
+
 #[test]
 fn cache_writes_named_activations_equal_to_the_library() {
     let tmp = tempfile::tempdir().unwrap();

@@ -20,7 +20,8 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Print every hook point of a model with its shape.
+    /// Print every hook point of a model with its shape (the checkpoint is checked against its
+    /// config; weights are not read or processed).
     Hooks {
         #[command(flatten)]
         model: ModelArgs,
@@ -252,14 +253,17 @@ fn parse_device(s: &str) -> Result<tch::Device> {
 }
 
 fn load(m: &ModelArgs) -> Result<Model> {
-    let opts = LoadOptions {
+    Ok(Model::load(&m.model, &load_options(m)?)?)
+}
+
+fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
+    Ok(LoadOptions {
         revision: m.revision.clone(),
         processing: if m.no_processing { Processing::NONE } else { Processing::TRANSFORMER_LENS },
         device: parse_device(&m.device)?,
         kind: tl_run::model::config::parse_dtype(&m.dtype).with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
         split: m.split.iter().map(|d| parse_device(d)).collect::<Result<_>>()?,
-    };
-    Ok(Model::load(&m.model, &opts)?)
+    })
 }
 
 pub fn dispatch(args: Args) -> Result<()> {
@@ -590,14 +594,18 @@ fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) 
     Ok(())
 }
 
+/// Hook points follow from the config, so the listing checks the checkpoint against it without
+/// reading or processing weight values (`Model::inspect`): milliseconds for any model size.
 fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {
-    let model = load(m)?;
+    // The load options are still checked, so that a command that fails under `cache` (a device
+    // that is not here, an unknown dtype) fails here too.
+    load_options(m)?;
+    let cfg = Model::inspect(&m.model, m.revision.as_deref())?;
     let mut out = String::new();
-    for p in model.hook_points() {
-        out.push_str(&format!("{:<36} {:?}\n", p.to_string(), model.hook_shape(p, batch, seq)));
+    for p in cfg.hook_points() {
+        out.push_str(&format!("{:<36} {:?}\n", p.to_string(), cfg.hook_shape(p, batch, seq)));
     }
     print!("{out}");
-    model.release_at_exit();
     Ok(())
 }
 

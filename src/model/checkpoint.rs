@@ -12,10 +12,12 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::hook_point::nearest;
 
-/// Where a tensor's bytes are: already in memory, or a byte range of a safetensors file.
+/// Where a tensor's bytes are: already in memory, a byte range of a safetensors file, or the
+/// address of that range in a file mapped by `StateDict::check_mapped`.
 enum Entry {
     Loaded(Tensor),
     OnDisk { file: PathBuf, start: u64, len: usize, shape: Vec<i64>, kind: Kind },
+    Mapped { address: usize, len: usize, shape: Vec<i64>, kind: Kind },
 }
 
 pub struct StateDict {
@@ -110,6 +112,56 @@ impl Entry {
                 }
                 Ok(t)
             }
+            Entry::Mapped { address, len, shape, kind } => {
+                let width = kind.elt_size_in_bytes();
+                let strides: Vec<i64> = (0..shape.len()).map(|i| shape[i + 1..].iter().product()).collect();
+                let failed = |e: tch::TchError| Error::Load { id: "a mapped checkpoint".into(), reason: e.to_string() };
+                if address % width == 0 {
+                    // SAFETY: the range lies inside a private mapping (checked against the file
+                    // size when indexing) that `check_mapped` keeps until every tensor taken from
+                    // it is gone; aligned for the element type.
+                    unsafe { Tensor::f_from_blob(address as *const u8, &shape, &strides, kind, tch::Device::Cpu) }.map_err(failed)
+                } else {
+                    // A tensor the file does not align for its type gets aligned storage of its own.
+                    let t = Tensor::f_empty(&shape, (kind, tch::Device::Cpu)).map_err(failed)?;
+                    // SAFETY: as above for the source; `t` is fresh, contiguous and `len` bytes.
+                    unsafe { std::ptr::copy_nonoverlapping(address as *const u8, t.data_ptr() as *mut u8, len) };
+                    Ok(t)
+                }
+            }
+        }
+    }
+}
+
+/// A safetensors file mapped copy-on-write: its pages are read only where touched, and a write
+/// changes this process's copy, never the file.
+struct Mapping {
+    address: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn of(file: &PathBuf) -> Result<Mapping> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
+        let len = f.metadata().map_err(|e| Error::io(file, e))?.len() as usize;
+        if len == 0 {
+            return Ok(Mapping { address: std::ptr::null_mut(), len });
+        }
+        // SAFETY: a fresh private mapping of an open file; the kernel picks the address.
+        let address = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        if address == libc::MAP_FAILED {
+            return Err(Error::io(file, std::io::Error::last_os_error()));
+        }
+        Ok(Mapping { address, len })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: unmaps exactly the mapping made in `of`, once.
+            unsafe { libc::munmap(self.address, self.len) };
         }
     }
 }
@@ -125,6 +177,30 @@ impl StateDict {
         }
         let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
         Ok(StateDict { tensors: read_all(tensors)?, taken: Default::default(), prefix: String::new(), origin })
+    }
+
+    /// Runs `check` on the checkpoint with every tensor a view of the files mapped into memory:
+    /// converting and checking shapes reads no weight values, so this costs what the files'
+    /// headers do, whatever their size. Every tensor taken must be dropped inside `check` (the
+    /// mappings end when it returns), so it returns no tensors.
+    pub(crate) fn check_mapped<T>(files: &[PathBuf], check: impl FnOnce(StateDict) -> Result<T>) -> Result<T> {
+        let mut tensors = BTreeMap::new();
+        for f in files {
+            index(f, &mut tensors)?;
+        }
+        let maps = files.iter().map(Mapping::of).collect::<Result<Vec<_>>>()?;
+        let base: BTreeMap<&PathBuf, usize> = files.iter().zip(&maps).map(|(f, m)| (f, m.address as usize)).collect();
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, e)| match e {
+                Entry::OnDisk { file, start, len, shape, kind } => (name, Entry::Mapped { address: base[&file] + start as usize, len, shape, kind }),
+                e => (name, e),
+            })
+            .collect();
+        let origin = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+        let checked = check(StateDict { tensors, taken: Default::default(), prefix: String::new(), origin });
+        drop(maps);
+        checked
     }
 
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {

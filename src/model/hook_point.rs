@@ -232,6 +232,79 @@ pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     scored.into_iter().take_while(|(d, _)| *d <= best + 1).take(3).map(|(_, c)| c.to_string()).collect()
 }
 
+/// A model's hook points follow from its config alone (what `tl-run hooks` lists without
+/// loading weights).
+impl crate::model::config::ModelConfig {
+    /// Every hook point of this model in forward order (hook_result included: it is computed
+    /// only when captured or edited).
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        let mut out = Vec::new();
+        if self.embed_norm {
+            out.extend([HookPoint::EmbedLn(NormHook::Scale), HookPoint::EmbedLn(NormHook::Normalized)]);
+        }
+        out.push(HookPoint::Embed);
+        if self.has_pos_embed() {
+            out.push(HookPoint::PosEmbed);
+        }
+        for l in 0..self.n_layers {
+            out.extend(SITE_NAMES.iter().filter(|(s, _)| self.has_site(*s)).map(|(s, _)| HookPoint::Block(l, *s)));
+        }
+        out.push(HookPoint::LnFinal(NormHook::Scale));
+        out.push(HookPoint::LnFinal(NormHook::Normalized));
+        out
+    }
+
+    /// Parses a TransformerLens hook name and checks that this model has it; the error names the
+    /// nearest valid names or the valid layer range.
+    pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
+        let point = match name.parse::<HookPoint>() {
+            Ok(p) => p,
+            Err(_) => {
+                let names: Vec<String> = self.hook_points().iter().map(|p| p.to_string()).collect();
+                return Err(Error::UnknownHook { name: name.into(), suggestions: nearest(name, names.iter().map(|s| s.as_str())) });
+            }
+        };
+        match point {
+            HookPoint::Block(l, _) if l >= self.n_layers => Err(Error::AbsentHook {
+                name: name.into(),
+                why: format!("the model has {} layers: 0-{}", self.n_layers, self.n_layers - 1),
+            }),
+            HookPoint::Block(_, s) if !self.has_site(s) => Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) }),
+            HookPoint::PosEmbed if !self.has_pos_embed() => {
+                Err(Error::AbsentHook { name: name.into(), why: "this model has no learned position embedding (rotary or ALiBi)".into() })
+            }
+            HookPoint::EmbedLn(_) if !self.embed_norm => Err(Error::AbsentHook { name: name.into(), why: "this model has no embedding norm".into() }),
+            p => Ok(p),
+        }
+    }
+
+    /// The shape of `point`'s activation for a [batch, seq] input.
+    pub fn hook_shape(&self, point: HookPoint, batch: i64, seq: i64) -> Vec<i64> {
+        let c = self;
+        let (d, h, kv, e, m) = (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
+        match point {
+            HookPoint::Embed | HookPoint::PosEmbed => vec![batch, seq, d],
+            HookPoint::LnFinal(NormHook::Scale) | HookPoint::EmbedLn(NormHook::Scale) => vec![batch, seq, 1],
+            HookPoint::LnFinal(NormHook::Normalized) | HookPoint::EmbedLn(NormHook::Normalized) => vec![batch, seq, d],
+            HookPoint::Block(_, s) => match s {
+                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) | Site::Ln1Post(NormHook::Scale) | Site::Ln2Post(NormHook::Scale) => {
+                    vec![batch, seq, 1]
+                }
+                Site::QNorm(NormHook::Scale) => vec![batch, h, seq, 1],
+                Site::KNorm(NormHook::Scale) => vec![batch, kv, seq, 1],
+                Site::QNorm(NormHook::Normalized) | Site::QNormed => vec![batch, h, seq, e],
+                Site::KNorm(NormHook::Normalized) | Site::KNormed => vec![batch, kv, seq, e],
+                Site::Q | Site::RotQ | Site::Z => vec![batch, seq, h, e],
+                Site::K | Site::V | Site::RotK => vec![batch, seq, kv, e],
+                Site::AttnScores | Site::Pattern => vec![batch, h, seq, seq],
+                Site::Result => vec![batch, seq, h, d],
+                Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => vec![batch, seq, m],
+                _ => vec![batch, seq, d],
+            },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

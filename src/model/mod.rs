@@ -14,7 +14,7 @@ use tch::{Device, Kind};
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
 use config::{ModelConfig, Processing};
-use hook_point::{nearest, HookPoint, NormHook, Site, SITE_NAMES};
+use hook_point::HookPoint;
 use weights::{FusedAttn, Weights};
 
 /// How to load a model.
@@ -183,15 +183,22 @@ impl Model {
 
     /// The config and the unprocessed TL-layout weights of a safetensors checkpoint.
     fn read_weights(id: &str, files: &source::ModelFiles, json: &serde_json::Value) -> Result<(ModelConfig, Weights)> {
-        let (cfg, convert) = family(json)?;
         let started = std::time::Instant::now();
-        let sd = checkpoint::StateDict::read(&files.weights)?;
+        let converted = Model::convert_checked(id, json, checkpoint::StateDict::read(&files.weights)?)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "checkpoint read and converted to the TransformerLens layout");
+        Ok(converted)
+    }
+
+    /// Converts a checkpoint's tensors to TL-layout weights for the family config.json names,
+    /// checking that they are the checkpoint of that config: every tensor present, of the shape
+    /// the config implies, and none left over.
+    fn convert_checked(id: &str, json: &serde_json::Value, sd: checkpoint::StateDict) -> Result<(ModelConfig, Weights)> {
+        let (cfg, convert) = family(json)?;
         let (names, taken) = sd.names_and_taken();
         let weights = convert(sd, &cfg).map_err(|e| match e {
             Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
             e => e,
         })?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "checkpoint read and converted to the TransformerLens layout");
         // A tensor no converter step read is a checkpoint that does not match its config.
         let unused = checkpoint::unused(&names, &taken);
         if !unused.is_empty() {
@@ -210,6 +217,25 @@ impl Model {
         Ok((cfg, weights))
     }
 
+    /// The config of `id` with its checkpoint checked against it as a load checks it (every
+    /// tensor present with the shape config.json implies, none left over, the TL-layout weights
+    /// consistent), for what needs the model's structure but not its values, such as listing
+    /// hook points. A safetensors checkpoint is mapped, not read: the check reads its headers and
+    /// no weight values, so it takes milliseconds whatever the model's size. Nothing is
+    /// processed, placed on a device or tokenized. A `.gguf` file is read and dequantized whole.
+    pub fn inspect(id: &str, revision: Option<&str>) -> Result<ModelConfig> {
+        let validated = |(cfg, weights): (ModelConfig, Weights)| weights.validate(&cfg).map(|()| cfg);
+        if is_gguf(id) {
+            let g = gguf::Gguf::read(std::path::Path::new(id))?;
+            let json = g.config_json()?;
+            return Model::convert_gguf(id, &g, &json).and_then(validated);
+        }
+        let files = source::resolve(id, revision)?;
+        tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "checking model");
+        let json = read_json(&files.config)?;
+        checkpoint::StateDict::check_mapped(&files.weights, |sd| Model::convert_checked(id, &json, sd).and_then(validated))
+    }
+
     /// A `.gguf` file: tensors dequantized to f32, processed, then cast to the run dtype.
     fn load_gguf(id: &str, opts: &LoadOptions) -> Result<Model> {
         let _allocator = LoadingAllocator::enter();
@@ -217,16 +243,21 @@ impl Model {
         tracing::info!(id, "loading GGUF model");
         let g = gguf::Gguf::read(path)?;
         let json = g.config_json()?;
-        let (cfg, convert) = family(&json)?;
-        let weights = convert(g.state_dict()?, &cfg).map_err(|e| match e {
-            Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
-            e => e,
-        })?;
+        let (cfg, weights) = Model::convert_gguf(id, &g, &json)?;
         let tokenizer = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
         let mut model = Model::from_weights(cfg, weights, opts)?;
         model.tokenizer = Some(tokenizer);
         model.files = Some(gguf_files(path));
         Ok(model)
+    }
+
+    fn convert_gguf(id: &str, g: &gguf::Gguf, json: &serde_json::Value) -> Result<(ModelConfig, Weights)> {
+        let (cfg, convert) = family(json)?;
+        let weights = convert(g.state_dict()?, &cfg).map_err(|e| match e {
+            Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
+            e => e,
+        })?;
+        Ok((cfg, weights))
     }
 
     /// Builds a model from unprocessed TL-layout weights (f32, CPU). The weights are processed
@@ -281,77 +312,19 @@ impl Model {
         self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into()))
     }
 
-    fn has_site(&self, site: Site) -> bool {
-        self.cfg.has_site(site)
-    }
-
-    /// Every hook point of this model in forward order (hook_result included: it is computed
-    /// only when captured or edited).
+    /// Every hook point of this model in forward order (see `ModelConfig::hook_points`).
     pub fn hook_points(&self) -> Vec<HookPoint> {
-        let mut out = Vec::new();
-        if self.cfg.embed_norm {
-            out.extend([HookPoint::EmbedLn(NormHook::Scale), HookPoint::EmbedLn(NormHook::Normalized)]);
-        }
-        out.push(HookPoint::Embed);
-        if self.cfg.has_pos_embed() {
-            out.push(HookPoint::PosEmbed);
-        }
-        for l in 0..self.cfg.n_layers {
-            out.extend(SITE_NAMES.iter().filter(|(s, _)| self.has_site(*s)).map(|(s, _)| HookPoint::Block(l, *s)));
-        }
-        out.push(HookPoint::LnFinal(NormHook::Scale));
-        out.push(HookPoint::LnFinal(NormHook::Normalized));
-        out
+        self.cfg.hook_points()
     }
 
-    /// Parses a TransformerLens hook name and checks that this model has it; the error names the
-    /// nearest valid names or the valid layer range.
+    /// Parses a TransformerLens hook name and checks that this model has it.
     pub fn hook_point(&self, name: &str) -> Result<HookPoint> {
-        let point = match name.parse::<HookPoint>() {
-            Ok(p) => p,
-            Err(_) => {
-                let names: Vec<String> = self.hook_points().iter().map(|p| p.to_string()).collect();
-                return Err(Error::UnknownHook { name: name.into(), suggestions: nearest(name, names.iter().map(|s| s.as_str())) });
-            }
-        };
-        match point {
-            HookPoint::Block(l, _) if l >= self.cfg.n_layers => Err(Error::AbsentHook {
-                name: name.into(),
-                why: format!("the model has {} layers: 0-{}", self.cfg.n_layers, self.cfg.n_layers - 1),
-            }),
-            HookPoint::Block(_, s) if !self.has_site(s) => Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) }),
-            HookPoint::PosEmbed if !self.cfg.has_pos_embed() => {
-                Err(Error::AbsentHook { name: name.into(), why: "this model has no learned position embedding (rotary or ALiBi)".into() })
-            }
-            HookPoint::EmbedLn(_) if !self.cfg.embed_norm => Err(Error::AbsentHook { name: name.into(), why: "this model has no embedding norm".into() }),
-            p => Ok(p),
-        }
+        self.cfg.hook_point(name)
     }
 
     /// The shape of `point`'s activation for a [batch, seq] input.
     pub fn hook_shape(&self, point: HookPoint, batch: i64, seq: i64) -> Vec<i64> {
-        let c = &self.cfg;
-        let (d, h, kv, e, m) = (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
-        match point {
-            HookPoint::Embed | HookPoint::PosEmbed => vec![batch, seq, d],
-            HookPoint::LnFinal(NormHook::Scale) | HookPoint::EmbedLn(NormHook::Scale) => vec![batch, seq, 1],
-            HookPoint::LnFinal(NormHook::Normalized) | HookPoint::EmbedLn(NormHook::Normalized) => vec![batch, seq, d],
-            HookPoint::Block(_, s) => match s {
-                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) | Site::Ln1Post(NormHook::Scale) | Site::Ln2Post(NormHook::Scale) => {
-                    vec![batch, seq, 1]
-                }
-                Site::QNorm(NormHook::Scale) => vec![batch, h, seq, 1],
-                Site::KNorm(NormHook::Scale) => vec![batch, kv, seq, 1],
-                Site::QNorm(NormHook::Normalized) | Site::QNormed => vec![batch, h, seq, e],
-                Site::KNorm(NormHook::Normalized) | Site::KNormed => vec![batch, kv, seq, e],
-                Site::Q | Site::RotQ | Site::Z => vec![batch, seq, h, e],
-                Site::K | Site::V | Site::RotK => vec![batch, seq, kv, e],
-                Site::AttnScores | Site::Pattern => vec![batch, h, seq, seq],
-                Site::Result => vec![batch, seq, h, d],
-                Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => vec![batch, seq, m],
-                _ => vec![batch, seq, d],
-            },
-        }
+        self.cfg.hook_shape(point, batch, seq)
     }
 }
 
