@@ -38,7 +38,7 @@ fn hooks_lists_what_a_forward_captures_in_every_family() {
         let model = load(name, Processing::TRANSFORMER_LENS);
         let tokens = tch::Tensor::zeros([2, 5], (tch::Kind::Int64, tch::Device::Cpu));
         let mut hooks = Hooks::capture_all();
-        model.run(Input::Tokens(&tokens), None, &mut hooks, Stop::Logits).unwrap();
+        let _logits = model.run(Input::Tokens(&tokens), None, &mut hooks, Stop::Logits).unwrap();
         let captured: Vec<(String, String)> = model.hook_points().iter().map(|p| (p.to_string(), format!("{:?}", hooks.cache[p].size()))).collect();
         assert_eq!(listed, captured, "{name}");
         assert_eq!(hooks.cache.len(), captured.len(), "{name}: the forward captured points the listing lacks");

@@ -305,6 +305,13 @@ impl crate::model::config::ModelConfig {
     }
 }
 
+/// Sites serialise as their TransformerLens name after `blocks.{l}.` (e.g. "attn.hook_z").
+impl serde::Serialize for Site {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,12 +341,5 @@ mod tests {
     fn nearest_names_are_suggested() {
         let names = ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.0.attn.hook_z"];
         assert_eq!(nearest("blocks.0.hook_resid_pr", names)[0], "blocks.0.hook_resid_pre");
-    }
-}
-
-/// Sites serialise as their TransformerLens name after `blocks.{l}.` (e.g. "attn.hook_z").
-impl serde::Serialize for Site {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
     }
 }
