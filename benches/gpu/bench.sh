@@ -6,7 +6,7 @@
 #                                    real config and tokenizer), f32 and bf16: TL vs tl-run table
 #   bash gpucheck/bench.sh llama8b   the 8B model: attribution of every target against one forward +
 #                                    backward, the head x position sweep of 100 IOI prompts, peak memory
-#   bash gpucheck/bench.sh startup   process start, `tl-run hooks` (CPU and CUDA) and load GB/s on the
+#   bash gpucheck/bench.sh startup   process start, `tl-run hooks`, `tl-run cache` (CPU and CUDA) and load GB/s on the
 #                                    GPT-2-small-shaped model; with the 8B model present, its load to CUDA
 #
 # DEVICE (default cuda), HEADS_LIMIT (seconds for the 8B sweep, default 420), WORK (default
@@ -78,20 +78,24 @@ llama8b() {
   "$PY" "$here/tables.py" llama8b "$WORK"
 }
 
-# Start-up as #13 measures it: the process floor, `tl-run hooks` (load included) on CPU and CUDA,
-# and the load's read+convert and processing times (its -vv log) against the file's size.
+# Start-up as #13 measures it: the process floor, `tl-run hooks` (the checkpoint checked, no
+# weight values read) and a full start-up, `tl-run cache` of one prompt and one hook, on CPU and
+# CUDA, with that load's read+convert and processing times (its -vv log) against the file's size.
 startup() {
   local m="$MODELS/gpt2-small-shaped"
   ls "$m"/model*.safetensors > /dev/null 2>&1 || "$PY" "$here/gen_small.py" "$m"
   cat "$m"/model*.safetensors > /dev/null
-  load_line() {  # $1 model, rest: flags; prints wall, read+convert, process, GB/s
-    local bytes t0 log
+  local acts; acts="$(mktemp -d)/acts.safetensors"
+  load_line() {  # $1 model, rest: flags; prints hooks and cache walls, read+convert, process, GB/s
+    local bytes t0 log hooks wall
     bytes=$(cat "$1"/model*.safetensors | wc -c)
+    t0=$(now); "$BIN" hooks "$@" > /dev/null; hooks=$(minus $(now) $t0)
     t0=$(now)
-    log=$("$BIN" hooks "$@" -vv 2>&1 >/dev/null | sed 's/\x1b\[[0-9;]*m//g')
-    local wall; wall=$(minus $(now) $t0)
+    log=$("$BIN" cache "$1" --prompt "When Mary and John went to the store, John gave a drink to" --no-prepend-bos \
+      --hooks blocks.0.hook_resid_pre --out "$acts" "${@:2}" -vv 2>&1 >/dev/null | sed 's/\x1b\[[0-9;]*m//g')
+    wall=$(minus $(now) $t0)
     local r p; r=$(echo "$log" | grep -o 'TransformerLens layout seconds=[0-9.]*' | cut -d= -f2); p=$(echo "$log" | grep -o 'processed and placed seconds=[0-9.]*' | cut -d= -f2)
-    echo "$wall $r $p" | awk -v b="$bytes" '{ printf "hooks %.2f s wall; load %.2f s (read+convert %.2f, process+place %.2f) = %.2f GB/s of %.2f GB\n", $1, $2 + $3, $2, $3, b / ($2 + $3) / 1e9, b / 1e9 }'
+    echo "$hooks $wall $r $p" | awk -v b="$bytes" '{ printf "hooks %.2f s wall; cache %.2f s wall; load %.2f s (read+convert %.2f, process+place %.2f) = %.2f GB/s of %.2f GB\n", $1, $2, $3 + $4, $3, $4, b / ($3 + $4) / 1e9, b / 1e9 }'
   }
   for i in 1 2 3; do
     t0=$(now); "$BIN" --version > /dev/null; echo "floor (tl-run --version) $(minus $(now) $t0) s"
@@ -102,6 +106,7 @@ startup() {
     cat "$MODELS/llama8b"/model*.safetensors > /dev/null
     echo "8B bf16 to $DEVICE: $(load_line "$MODELS/llama8b" --device "$DEVICE" --dtype bfloat16)"
   fi
+  rm -rf "$(dirname "$acts")"
 }
 
 for part in "${@:-ioi llama8b}"; do

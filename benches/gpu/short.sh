@@ -33,6 +33,6 @@ awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print
 grep -q "attribution of every target" "$log" && grep -q "HF transformers forward+backward" "$log"
 grep -q "head x position sweep: .* (complete)" "$log"
 # startup: three rounds on CPU and the "cuda" slot (DEVICE=cpu here), and the 8B slot's load.
-[ "$(grep -cE '^(cpu|cuda): +hooks [0-9.]+ s wall; load [0-9.]+ s .* GB/s' "$log")" = 6 ]
+[ "$(grep -cE '^(cpu|cuda): +hooks [0-9.]+ s wall; cache [0-9.]+ s wall; load [0-9.]+ s .* GB/s' "$log")" = 6 ]
 grep -qE '^8B bf16 to cpu: hooks [0-9.]+ s wall' "$log"
 echo "benches/gpu/short.sh: every step ran"
