@@ -20,7 +20,14 @@ fn main() {
             argv.insert(pos + 1, "run".into());
         }
     }
-    let args = cli::Args::parse_from(argv);
+    let args = match cli::Args::try_parse_from(argv) {
+        Ok(args) => args,
+        // --help, --version and argument errors: clap's text and exit code, through `exit_now`.
+        Err(e) => {
+            let _ = e.print();
+            exit_now(e.exit_code())
+        }
+    };
     cli::init_logging(args.verbose);
     // A panic inside libtorch bindings must still reach the user as one readable line.
     tl_run::panics::install_hook();
