@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::hook_point::nearest;
+use crate::model::mapped::MappedFile;
 
 /// Where a tensor's bytes are: already in memory, a byte range of a safetensors file, or the
 /// address of that range in a file mapped by `StateDict::check_mapped`.
@@ -133,39 +134,6 @@ impl Entry {
     }
 }
 
-/// A safetensors file mapped copy-on-write: its pages are read only where touched, and a write
-/// changes this process's copy, never the file.
-struct Mapping {
-    address: *mut libc::c_void,
-    len: usize,
-}
-
-impl Mapping {
-    fn of(file: &PathBuf) -> Result<Mapping> {
-        use std::os::fd::AsRawFd;
-        let f = std::fs::File::open(file).map_err(|e| Error::io(file, e))?;
-        let len = f.metadata().map_err(|e| Error::io(file, e))?.len() as usize;
-        if len == 0 {
-            return Ok(Mapping { address: std::ptr::null_mut(), len });
-        }
-        // SAFETY: a fresh private mapping of an open file; the kernel picks the address.
-        let address = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
-        if address == libc::MAP_FAILED {
-            return Err(Error::io(file, std::io::Error::last_os_error()));
-        }
-        Ok(Mapping { address, len })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        if self.len > 0 {
-            // SAFETY: unmaps exactly the mapping made in `of`, once.
-            unsafe { libc::munmap(self.address, self.len) };
-        }
-    }
-}
-
 impl StateDict {
     /// Indexes every shard; tensors are read (in their stored dtype) when taken. Weight
     /// processing upcasts them to f32 one block at a time (as TransformerLens processes in f32),
@@ -188,8 +156,8 @@ impl StateDict {
         for f in files {
             index(f, &mut tensors)?;
         }
-        let maps = files.iter().map(Mapping::of).collect::<Result<Vec<_>>>()?;
-        let base: BTreeMap<&PathBuf, usize> = files.iter().zip(&maps).map(|(f, m)| (f, m.address as usize)).collect();
+        let maps = files.iter().map(|f| MappedFile::open(f)).collect::<Result<Vec<_>>>()?;
+        let base: BTreeMap<&PathBuf, usize> = files.iter().zip(&maps).map(|(f, m)| (f, m.address())).collect();
         let tensors = tensors
             .into_iter()
             .map(|(name, e)| match e {

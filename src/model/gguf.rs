@@ -10,6 +10,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::model::checkpoint::StateDict;
+use crate::model::mapped::MappedFile;
 
 /// A metadata value.
 #[derive(Debug, Clone)]
@@ -54,7 +55,7 @@ struct TensorInfo {
 pub struct Gguf {
     pub metadata: BTreeMap<String, Value>,
     tensors: Vec<TensorInfo>,
-    data: Vec<u8>,
+    data: MappedFile,
     data_start: usize,
     origin: String,
 }
@@ -152,42 +153,47 @@ fn half_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
-fn dequantize(ty: u32, bytes: &[u8], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
+/// Dequantizes `bytes` of ggml type `ty` into `out` (as many values as it holds).
+fn dequantize_into(ty: u32, bytes: &[u8], out: &mut [f32]) {
+    let fill = |out: &mut [f32], values: &mut dyn Iterator<Item = f32>| out.iter_mut().zip(values).for_each(|(o, v)| *o = v);
     match ty {
-        0 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
-        1 => out.extend(bytes.chunks_exact(2).map(f16)),
-        30 => out.extend(bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))),
+        0 => fill(out, &mut bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        1 => fill(out, &mut bytes.chunks_exact(2).map(f16)),
+        30 => fill(out, &mut bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))),
         8 => {
-            for blk in bytes.chunks_exact(34) {
+            for (blk, out) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
                 let d = f16(&blk[0..2]);
-                out.extend(blk[2..].iter().map(|&q| q as i8 as f32 * d));
+                out.iter_mut().zip(&blk[2..]).for_each(|(o, &q)| *o = q as i8 as f32 * d);
             }
         }
         2 | 3 => {
             // 32 weights per block: the low nibbles are weights 0..16, the high nibbles 16..32.
             let (head, min_of) = if ty == 2 { (2, None) } else { (4, Some(2)) };
-            for blk in bytes.chunks_exact(if ty == 2 { 18 } else { 20 }) {
+            for (blk, out) in bytes.chunks_exact(if ty == 2 { 18 } else { 20 }).zip(out.chunks_exact_mut(32)) {
                 let d = f16(&blk[0..2]);
                 let (offset, m) = match min_of {
                     Some(at) => (0.0, f16(&blk[at..at + 2])),
                     None => (-8.0, 0.0),
                 };
                 let qs = &blk[head..head + 16];
-                out.extend(qs.iter().map(|&q| ((q & 0x0f) as f32 + offset) * d + m));
-                out.extend(qs.iter().map(|&q| ((q >> 4) as f32 + offset) * d + m));
+                let (low, high) = out.split_at_mut(16);
+                for ((l, h), &q) in low.iter_mut().zip(high.iter_mut()).zip(qs) {
+                    *l = ((q & 0x0f) as f32 + offset) * d + m;
+                    *h = ((q >> 4) as f32 + offset) * d + m;
+                }
             }
         }
         _ => unreachable!("checked by block_layout"),
     }
-    out
 }
 
 impl Gguf {
     pub fn read(path: &Path) -> Result<Gguf> {
         let origin = path.display().to_string();
-        let data = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let mut c = Cursor { bytes: &data, pos: 0, origin: &origin };
+        // Mapped, not read: metadata and tensor table are a few MB at the front, and the tensors
+        // are dequantized straight from the page cache.
+        let data = MappedFile::open(path)?;
+        let mut c = Cursor { bytes: data.bytes(), pos: 0, origin: &origin };
         if c.take(4, "the magic number")? != b"GGUF" {
             return Err(Error::Load { id: origin.clone(), reason: "not a GGUF file (no GGUF magic number)".into() });
         }
@@ -218,23 +224,22 @@ impl Gguf {
         }
         let align = metadata.get("general.alignment").and_then(Value::as_i64).unwrap_or(32).max(1) as usize;
         let data_start = c.pos.div_ceil(align) * align;
-        let g = Gguf { metadata, tensors, data_start, origin, data: Vec::new() };
         // Every tensor must fit in the file and be of a type we can read, before any is used.
-        for t in &g.tensors {
+        for t in &tensors {
             let Some((_, per_block, bytes)) = block_layout(t.ggml_type) else {
                 return Err(Error::Load {
-                    id: g.origin.clone(),
+                    id: origin.clone(),
                     reason: format!("tensor '{}' has ggml type {}, which tl-run cannot dequantize (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)", t.name, t.ggml_type),
                 });
             };
             let n: u64 = t.dims.iter().product();
             let size = (n as usize).div_ceil(per_block) * bytes;
-            let start = g.data_start + t.offset as usize;
-            if n as usize % per_block != 0 || start + size > data.len() {
-                return Err(Error::Load { id: g.origin.clone(), reason: format!("tensor '{}' runs past the end of the file", t.name) });
+            let start = data_start + t.offset as usize;
+            if n as usize % per_block != 0 || start + size > data.bytes().len() {
+                return Err(Error::Load { id: origin.clone(), reason: format!("tensor '{}' runs past the end of the file", t.name) });
             }
         }
-        Ok(Gguf { data, ..g })
+        Ok(Gguf { metadata, tensors, data, data_start, origin })
     }
 
     fn meta(&self, key: &str) -> Result<&Value> {
@@ -283,33 +288,46 @@ impl Gguf {
         }))
     }
 
-    /// One tensor dequantized to f32, in torch's shape (GGUF dims reversed).
-    fn tensor(&self, t: &TensorInfo) -> Tensor {
+    /// One tensor dequantized to f32 straight into its storage, in torch's shape (GGUF dims
+    /// reversed).
+    fn tensor(&self, t: &TensorInfo) -> Result<Tensor> {
         let (_, per_block, bytes) = block_layout(t.ggml_type).expect("checked on read");
         let n: usize = t.dims.iter().product::<u64>() as usize;
         let start = self.data_start + t.offset as usize;
-        let raw = &self.data[start..start + n / per_block * bytes];
-        let values = dequantize(t.ggml_type, raw, n);
+        let raw = &self.data.bytes()[start..start + n / per_block * bytes];
         let shape: Vec<i64> = t.dims.iter().rev().map(|&d| d as i64).collect();
-        Tensor::from_slice(&values).view(shape.as_slice())
+        let w = Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu)).map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })?;
+        if n > 0 {
+            // SAFETY: `w` is a fresh contiguous f32 tensor of exactly n elements, owned here.
+            let out = unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, n) };
+            dequantize_into(t.ggml_type, raw, out);
+        }
+        Ok(w)
     }
 
-    /// Every tensor under its HF Llama name, in f32, with q/k rows in HF's order again.
+    /// Every tensor under its HF Llama name, in f32, with q/k rows in HF's order again;
+    /// dequantized on all cores.
     pub fn state_dict(&self) -> Result<StateDict> {
+        use rayon::prelude::*;
         let cfg = self.config_json()?;
         let heads = cfg["num_attention_heads"].as_i64().unwrap_or(1);
         let kv_heads = cfg["num_key_value_heads"].as_i64().unwrap_or(heads);
-        let mut out = Vec::with_capacity(self.tensors.len());
-        for t in &self.tensors {
-            let name = hf_name(&t.name).ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF tensor '{}' has no Llama counterpart", t.name) })?;
-            let mut w = self.tensor(t);
-            if t.name.ends_with("attn_q.weight") {
-                w = unpermute(&w, heads)?;
-            } else if t.name.ends_with("attn_k.weight") {
-                w = unpermute(&w, kv_heads)?;
-            }
-            out.push((name, w.to_kind(Kind::Float)));
-        }
+        let out = self
+            .tensors
+            .par_iter()
+            .map(|t| {
+                let name = hf_name(&t.name).ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF tensor '{}' has no Llama counterpart", t.name) })?;
+                let w = self.tensor(t)?;
+                let w = if t.name.ends_with("attn_q.weight") {
+                    unpermute(&w, heads)?
+                } else if t.name.ends_with("attn_k.weight") {
+                    unpermute(&w, kv_heads)?
+                } else {
+                    w
+                };
+                Ok((name, w))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(StateDict::from_tensors(out))
     }
 
@@ -412,18 +430,32 @@ mod tests {
     }
 
     #[test]
-    fn q4_1_and_q8_0_blocks_dequantize() {
+    fn blocks_and_half_floats_dequantize() {
         // Q4_1: d = 1, m = 0.5; nibble j of byte i -> weight i (low) or 16 + i (high).
         let mut blk = vec![0x00, 0x3c, 0x00, 0x38];
         blk.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
-        let v = dequantize(3, &blk, 32);
+        let mut v = [0.0; 32];
+        dequantize_into(3, &blk, &mut v);
         assert_eq!(v[0], 0.5);
         assert_eq!(v[15], 15.5);
         assert_eq!(v[16], 15.5);
         assert_eq!(v[31], 0.5);
+        // Q4_0: d = 1, no minimum, nibbles offset by -8.
+        let mut blk = vec![0x00, 0x3c];
+        blk.extend((0..16u8).map(|i| i | ((15 - i) << 4)));
+        let mut v = [0.0; 32];
+        dequantize_into(2, &blk, &mut v);
+        assert_eq!((v[0], v[15], v[16], v[31]), (-8.0, 7.0, 7.0, -8.0));
+        // F16 and BF16 element by element.
+        let mut v = [0.0; 2];
+        dequantize_into(1, &[0x00, 0x3c, 0x00, 0xc0], &mut v);
+        assert_eq!(v, [1.0, -2.0]);
+        dequantize_into(30, &[0x80, 0x3f, 0x00, 0xc0], &mut v);
+        assert_eq!(v, [1.0, -2.0]);
         let mut blk = vec![0x00, 0x40]; // d = 2
         blk.extend((0..32).map(|i| (i as i8 - 16) as u8));
-        let v = dequantize(8, &blk, 32);
+        let mut v = [0.0; 32];
+        dequantize_into(8, &blk, &mut v);
         assert_eq!(v[0], -32.0);
         assert_eq!(v[31], 30.0);
     }

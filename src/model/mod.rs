@@ -5,6 +5,7 @@ pub mod config;
 pub mod families;
 pub mod gguf;
 pub mod hook_point;
+pub mod mapped;
 pub mod process;
 pub mod source;
 pub mod weights;
