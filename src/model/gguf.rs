@@ -235,7 +235,7 @@ impl Gguf {
             let n: u64 = t.dims.iter().product();
             let size = (n as usize).div_ceil(per_block) * bytes;
             let start = data_start + t.offset as usize;
-            if n as usize % per_block != 0 || start + size > data.bytes().len() {
+            if !(n as usize).is_multiple_of(per_block) || start + size > data.bytes().len() {
                 return Err(Error::Load { id: origin.clone(), reason: format!("tensor '{}' runs past the end of the file", t.name) });
             }
         }
