@@ -223,7 +223,7 @@ impl Model {
     /// consistent), for what needs the model's structure but not its values, such as listing
     /// hook points. A safetensors checkpoint is mapped, not read: the check reads its headers and
     /// no weight values, so it takes milliseconds whatever the model's size. Nothing is
-    /// processed, placed on a device or tokenized. A `.gguf` file is read and dequantized whole.
+    /// processed, placed on a device or tokenized. A `.gguf` file is still dequantized whole.
     pub fn inspect(id: &str, revision: Option<&str>) -> Result<ModelConfig> {
         let validated = |(cfg, weights): (ModelConfig, Weights)| weights.validate(&cfg).map(|()| cfg);
         if is_gguf(id) {
