@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use tch::{Kind, Tensor};
 use tl_run::engine::metric::{Metric, MetricKind};
-use tl_run::experiments::activation_patching::{sweep, Axes, Target};
+use tl_run::experiments::activation_patching::{sweep, sweep_scheduled, Axes, Schedule, Target};
 use tl_run::experiments::prepared::{Corrupt, Prepared};
 use tl_run::model::config::Processing;
 use tl_run::{Model, Site};
@@ -21,9 +21,12 @@ fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
     Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), Corrupt::Tokens(oracle.get("corrupted_tokens").shallow_clone()), None, metric, sites).unwrap()
 }
 
-/// Our sweep as a tensor in TransformerLens's axis order.
-fn ours(model: &Model, prep: &Prepared, site: Site, axes: Axes) -> Tensor {
-    let s = sweep(model, prep, Target::new(site, axes).unwrap(), |_| {}).unwrap();
+/// Our sweep as a tensor in TransformerLens's axis order, every layer's cells in one call under
+/// `schedule` (by layer on a CPU, a staircase on a GPU).
+fn ours(model: &Model, prep: &Prepared, site: Site, axes: Axes, schedule: Schedule) -> Tensor {
+    let target = Target::new(site, axes).unwrap();
+    let cells: Vec<_> = (0..model.cfg.n_layers).flat_map(|l| tl_run::experiments::activation_patching::cells_at(&model.cfg, target, l, prep.seq_len())).collect();
+    let s = sweep_scheduled(model, prep, &[(target, cells)], schedule, |_| {}).unwrap().pop().unwrap();
     let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
     let (l, p) = (model.cfg.n_layers as i64, prep.seq_len());
     let h = if matches!(site, Site::K | Site::V) { model.cfg.n_kv_heads } else { model.cfg.n_heads } as i64;
@@ -60,19 +63,19 @@ fn target_of(key: &str) -> Option<(Site, Axes)> {
 }
 
 /// TransformerLens's grouped sweeps, rebuilt from ours.
-fn stacked(model: &Model, prep: &Prepared, key: &str) -> Option<Tensor> {
+fn stacked(model: &Model, prep: &Prepared, key: &str, schedule: Schedule) -> Option<Tensor> {
     let heads = [Site::Z, Site::Q, Site::K, Site::V];
     Some(match key {
-        "block_every" => Tensor::stack(&[Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| ours(model, prep, s, Axes::LayerPos)), 0),
+        "block_every" => Tensor::stack(&[Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| ours(model, prep, s, Axes::LayerPos, schedule)), 0),
         "all_pos_every" => {
-            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerHead)).collect();
-            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHead));
+            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerHead, schedule)).collect();
+            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHead, schedule));
             Tensor::stack(&parts, 0)
         }
         "by_pos_every" => {
-            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerPosHead)).collect();
+            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerPosHead, schedule)).collect();
             // pattern by destination is [layer, head, dest]; TL rearranges it to [layer, pos, head].
-            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHeadDest).permute([0, 2, 1]));
+            parts.push(ours(model, prep, Site::Pattern, Axes::LayerHeadDest, schedule).permute([0, 2, 1]));
             Tensor::stack(&parts, 0)
         }
         _ => return None,
@@ -90,14 +93,15 @@ fn check_fixture(name: &str, min_targets: usize) {
     assert!((prep.corrupted_baseline() - corr_b).abs() <= 1e-4);
     let mut failures = Vec::new();
     let mut checked = 0;
-    for (key, theirs) in &oracle.tensors {
+    for ((key, theirs), schedule) in oracle.tensors.iter().flat_map(|kv| [(kv, Schedule::ByLayer), (kv, Schedule::Staircase)]) {
         let ours = match target_of(key) {
-            Some((site, axes)) => ours(&model, &prep, site, axes),
-            None => match stacked(&model, &prep, key) {
+            Some((site, axes)) => ours(&model, &prep, site, axes, schedule),
+            None => match stacked(&model, &prep, key, schedule) {
                 Some(t) => t,
                 None => continue,
             },
         };
+        let key = format!("{key} ({schedule:?})");
         checked += 1;
         if ours.size() != theirs.size() {
             failures.push(format!("{key}: shape {:?} vs TL {:?}", ours.size(), theirs.size()));
@@ -117,18 +121,18 @@ fn check_fixture(name: &str, min_targets: usize) {
 
 #[test]
 fn gpt2_tiny_every_target_equals_patching_py() {
-    check_fixture("gpt2-tiny", 19);
+    check_fixture("gpt2-tiny", 2 * 19);
 }
 
 #[test]
 fn gpt2_odd_every_target_equals_patching_py() {
-    check_fixture("gpt2-odd", 18);
+    check_fixture("gpt2-odd", 2 * 18);
 }
 
 /// Grouped-query attention: k and v are patched over the 2 key-value heads (TL issue #980).
 #[test]
 fn llama_gqa_every_target_equals_patching_py() {
-    check_fixture("llama-tiny", 15);
+    check_fixture("llama-tiny", 2 * 15);
 }
 
 /// The prob metric through a head sweep.
@@ -139,8 +143,10 @@ fn prob_metric_equals_patching_py() {
     let mut prep = prepare(&model, &oracle, &[Site::Z]);
     prep.metric.kind = MetricKind::Prob;
     let theirs = oracle.get("z_all_pos_prob");
-    let ours = ours(&model, &prep, Site::Z, Axes::LayerHead);
-    assert!(max_abs_diff(&ours, theirs) <= 1e-6, "{}", max_abs_diff(&ours, theirs));
+    for schedule in [Schedule::ByLayer, Schedule::Staircase] {
+        let ours = ours(&model, &prep, Site::Z, Axes::LayerHead, schedule);
+        assert!(max_abs_diff(&ours, theirs) <= 1e-6, "{schedule:?}: {}", max_abs_diff(&ours, theirs));
+    }
 }
 
 /// The cells filled without compute are the positions before the first clean/corrupted

@@ -208,6 +208,64 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
     assert!(!o.status.success() && e.contains("out of memory") && e.contains("job ["), "{e}");
 }
 
+/// The staircase schedule (a GPU's default: the patching jobs of every layer in one forward whose
+/// batch grows as layers are reached) gives the by-layer schedule's rows, on every file of
+/// ioi.toml; out of memory, a staircase falls back to its layers one by one, halving as needed.
+#[test]
+fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("gpt2-tiny").display().to_string();
+    let run = |spec: &str, out: &Path, schedule: &str, oom_rows: Option<&str>| {
+        let mut c = tl_run();
+        c.args(["run", spec, "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]).env("TL_RUN_PATCH_SCHEDULE", schedule);
+        if let Some(rows) = oom_rows {
+            c.env("TL_RUN_INJECT_OOM_ROWS", rows);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{schedule}: {}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap()
+    };
+    let same_rows = |a: &Path, b: &Path| {
+        let files = parquet_files(a);
+        assert_eq!(files.keys().collect::<Vec<_>>(), parquet_files(b).keys().collect::<Vec<_>>());
+        for name in files.keys() {
+            let (x, y) = (Table::read(&a.join(name)), Table::read(&b.join(name)));
+            assert_eq!(x.len(), y.len(), "{}", name.display());
+            for i in 0..x.len() {
+                assert_eq!((x.str("hook", i), x.int("layer", i), x.int("pos", i), x.int("head", i)), (y.str("hook", i), y.int("layer", i), y.int("pos", i), y.int("head", i)));
+                assert!((x.value(i) - y.value(i)).abs() <= 1e-6, "{} row {i}: {} vs {}", name.display(), x.value(i), y.value(i));
+                // Attribution's verified cells are patched through the same schedules.
+                let (p, q) = (x.float("patched", i), y.float("patched", i));
+                assert!(p.is_some() == q.is_some() && p.zip(q).is_none_or(|(p, q)| (p - q).abs() <= 1e-6), "{} row {i}: patched {p:?} vs {q:?}", name.display());
+            }
+        }
+    };
+    let (by_layer, staircase) = (tmp.path().join("by-layer"), tmp.path().join("staircase"));
+    let manifest = run(&ioi(), &by_layer, "by_layer", None);
+    let shared = |m: &serde_json::Value| m["runs"]["resid"]["sweeps"][0]["forwards_shared_with_jobs"].as_u64().unwrap();
+    // By layer, each of gpt2-tiny's 2 layers is one group of its 6 targets.
+    assert_eq!(shared(&manifest), 5);
+    let manifest = run(&ioi(), &staircase, "staircase", None);
+    // As a staircase, the jobs of both layers (and of the heads run) are one group.
+    assert!(shared(&manifest) >= 11, "{}", manifest["runs"]["resid"]);
+    same_rows(&by_layer, &staircase);
+
+    // Hundreds of pattern cells per layer: the staircase of both layers is refused by the
+    // injected limit, and each layer then halves down to 8 cells.
+    let text = std::fs::read_to_string(ioi()).unwrap().replace(
+        "hooks = [\"z\", \"v\", \"pattern\"]\nover = [\"layer\", \"head\"]",
+        "hooks = [\"pattern\"]\nover = [\"layer\", \"head\", \"dest\", \"src\"]",
+    );
+    let spec = tmp.path().join("pattern.toml");
+    std::fs::write(&spec, text).unwrap();
+    let (plain, halved) = (tmp.path().join("plain"), tmp.path().join("halved"));
+    run(spec.to_str().unwrap(), &plain, "by_layer", None);
+    let manifest = run(spec.to_str().unwrap(), &halved, "staircase", Some("64"));
+    let sweep = &manifest["runs"]["heads"]["sweeps"][0];
+    assert!(sweep["oom_halvings"].as_u64().unwrap() >= 2 && sweep["cells_per_forward"].as_u64().unwrap() <= 8, "{sweep}");
+    same_rows(&plain, &halved);
+}
+
 #[test]
 fn a_model_split_by_layers_sees_every_hook_and_gives_the_one_device_rows() {
     let tmp = tempfile::tempdir().unwrap();

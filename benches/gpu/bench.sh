@@ -51,8 +51,14 @@ ioi() {
       rm -rf "$WORK/tlrun_nowarm_$tag"
       TL_RUN_WARM_UP=0 "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_nowarm_$tag" --quiet > /dev/null || echo "FAILED tl-run without warm-up $tag"
       t3=$(now)
-      echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1), \"tl_run_no_warm_up\": $(minus $t3 $t2)}" > "$WORK/wall_$tag.json"
-      echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s, tl-run without the warm-up $(minus $t3 $t2) s (whole processes)"
+      # And with the other patching schedule (staircase on CUDA, by layer on the CPU; see
+      # activation_patching::Schedule).
+      other=$([ "$DEVICE" = cpu ] && echo staircase || echo by_layer)
+      rm -rf "$WORK/tlrun_other_$tag"
+      TL_RUN_PATCH_SCHEDULE=$other "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_other_$tag" --quiet > /dev/null || echo "FAILED tl-run with the $other schedule $tag"
+      t4=$(now)
+      echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1), \"tl_run_no_warm_up\": $(minus $t3 $t2), \"tl_run_other_schedule\": $(minus $t4 $t3)}" > "$WORK/wall_$tag.json"
+      echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s, tl-run without the warm-up $(minus $t3 $t2) s, with the $other schedule $(minus $t4 $t3) s (whole processes)"
     done
   done
   "$PY" "$here/tables.py" ioi "$WORK"

@@ -76,6 +76,26 @@ if mode == "ioi":
                   f"(clean and corrupted {m['timings_seconds'].get('clean and corrupted runs', float('nan')):.3f} s), whole {w:.2f} s")
         except (OSError, KeyError, ValueError) as e:
             print(f"{tag}: no run without the warm-up ({e})")
+    # The patching schedule (activation_patching::Schedule): the same command with the other one.
+    def schedule(m):
+        return next(iter(m["runs"].values()))["sweeps"][0].get("schedule", "?")
+
+    def max_difference(dir_a, dir_b):
+        a, b = tl_run_values(dir_a), tl_run_values(dir_b)
+        return max(abs(v - b[hook][cell]) for hook, grid in a.items() for cell, v in grid.items())
+
+    for tag, tls, tlw, sw, w, worst in rows:
+        wall = json.load(open(os.path.join(work, f"wall_{tag}.json")))
+        m = json.load(open(os.path.join(work, f"tlrun_{tag}", "manifest.json")))
+        try:
+            other_dir = os.path.join(work, f"tlrun_other_{tag}")
+            other = json.load(open(os.path.join(other_dir, "manifest.json")))
+            osw = sweeps_seconds(other)
+            print(f"{tag}: schedule {schedule(m)} sweeps {sw:.3f} s, whole {w:.2f} s; schedule {schedule(other)} sweeps {osw:.3f} s, "
+                  f"whole {wall.get('tl_run_other_schedule', float('nan')):.2f} s; ratio sweeps {tls / sw:.1f}x and {tls / osw:.1f}x; "
+                  f"max |difference| {max_difference(os.path.join(work, f'tlrun_{tag}'), other_dir):.2e}")
+        except (OSError, KeyError, ValueError, StopIteration) as e:
+            print(f"{tag}: no run with the other schedule ({e})")
 elif mode == "llama8b":
     def peak(name):
         try:

@@ -43,8 +43,19 @@ pub struct Prefix {
 impl Prefix {
     /// The same prefix for `k` stacked copies of the batch (patch cells as the batch axis).
     pub fn repeat(&self, k: i64) -> Prefix {
-        let rep = |t: &Tensor| t.repeat([k, 1, 1, 1]);
-        Prefix { len: self.len, keys: self.keys.iter().map(rep).collect(), values: self.values.iter().map(rep).collect() }
+        self.repeat_layers(k, 0..self.keys.len())
+    }
+
+    /// `repeat` for a forward that starts at `layer`: the layers before it are never read.
+    pub fn repeat_from(&self, k: i64, layer: usize) -> Prefix {
+        self.repeat_layers(k, layer..self.keys.len())
+    }
+
+    /// `repeat` of the layers in `layers` only (a forward that runs just those); the others stay
+    /// as they are and must not be read.
+    pub fn repeat_layers(&self, k: i64, layers: std::ops::Range<usize>) -> Prefix {
+        let rep = |(l, t): (usize, &Tensor)| if layers.contains(&l) { t.repeat([k, 1, 1, 1]) } else { t.shallow_clone() };
+        Prefix { len: self.len, keys: self.keys.iter().enumerate().map(rep).collect(), values: self.values.iter().enumerate().map(rep).collect() }
     }
 }
 

@@ -3,7 +3,7 @@
 //! cached corrupted residual, and cells that provably cannot change are filled without compute.
 use tch::{Kind, Tensor};
 
-use crate::engine::hooks::{Edit, Intervention};
+use crate::engine::hooks::{Edit, Intervention, Sel};
 use crate::error::{Error, Result};
 use crate::experiments::prepared::Prepared;
 use crate::model::hook_point::{HookPoint, Site};
@@ -100,7 +100,7 @@ fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
 }
 
 /// Every cell of `target` at one layer, in row-major order of the target's axes.
-pub(crate) fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
+pub fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
     let heads = heads_at(cfg, target.site);
     let base = Cell { layer, head: None, pos: None, dest: None, src: None };
     let mut out = Vec::new();
@@ -216,93 +216,116 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
     Ok(sweeps.pop().expect("one sweep per part"))
 }
 
+/// How a sweep over several layers is cut into forwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    /// One forward (or chunk of forwards) per layer, each starting at that layer: on a CPU the
+    /// work is the arithmetic, and this keeps every forward's batch small.
+    ByLayer,
+    /// One forward for the cells of many layers: it starts at the first layer, and before each
+    /// later layer the cells patched there join the batch, so each row still runs only the
+    /// layers from its own on. The arithmetic is the same as `ByLayer`'s, but a sweep over L
+    /// layers launches each kernel about L times instead of L²/2: on a GPU, where launches
+    /// rather than arithmetic bound these small batches, that is most of a sweep's time.
+    Staircase,
+}
+
+impl Schedule {
+    /// The name TL_RUN_PATCH_SCHEDULE and the manifest use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::ByLayer => "by_layer",
+            Schedule::Staircase => "staircase",
+        }
+    }
+
+    /// Staircase on CUDA devices, ByLayer on the CPU; TL_RUN_PATCH_SCHEDULE=staircase|by_layer
+    /// chooses (the tests run both on the CPU).
+    pub fn for_device(device: tch::Device) -> Schedule {
+        match std::env::var("TL_RUN_PATCH_SCHEDULE").as_deref() {
+            Ok("staircase") => Schedule::Staircase,
+            Ok("by_layer") => Schedule::ByLayer,
+            _ if device.is_cuda() => Schedule::Staircase,
+            _ => Schedule::ByLayer,
+        }
+    }
+}
+
+/// A sweep's results as they are filled in, and how its forwards went.
+struct Progress<'a> {
+    /// [part][cell]: per-prompt metric values once known.
+    values: Vec<Vec<Option<Vec<f64>>>>,
+    forwards: Vec<usize>,
+    chunk_size: usize,
+    halvings: usize,
+    report: &'a mut dyn FnMut(usize),
+}
+
 /// Several targets' cells patched in shared forwards: the cells of every part at one layer
 /// are the batch of one forward from that layer (each part's patch edits only its own rows),
 /// so the sweeps of one layer pay one pass's fixed costs, not one each. On a GPU those costs,
-/// kernel launches through every later layer, were most of a job's time. Each row's numbers
-/// are those of a forward of its part alone. One sweep per part, cells in the order given.
-pub fn sweep_together(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], mut progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
+/// kernel launches through every later layer, were most of a job's time; there, the layers'
+/// forwards are also merged into staircases (`Schedule`). Each row's numbers are those of a
+/// forward of its part alone. One sweep per part, cells in the order given.
+pub fn sweep_together(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
+    sweep_scheduled(model, prep, parts, Schedule::for_device(model.device), progress)
+}
+
+/// `sweep_together` with the schedule given rather than the device's.
+pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], schedule: Schedule, mut progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
     let n = prep.n_prompts();
     let seq = prep.seq_len();
     let fill = |c: &Cell| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone());
-    let mut values: Vec<Vec<Option<Vec<f64>>>> = parts.iter().map(|(_, cells)| cells.iter().map(fill).collect()).collect();
+    let values: Vec<Vec<Option<Vec<f64>>>> = parts.iter().map(|(_, cells)| cells.iter().map(fill).collect()).collect();
     progress(values.iter().flatten().filter(|v| v.is_some()).count());
-    let mut forwards = vec![0usize; parts.len()];
-    let mut chunk_size = cells_per_forward(&model.cfg, n, seq, model.device);
-    let mut halvings = 0;
-    // With a prefix only positions from `skip` on are computed: the query axis of patterns,
-    // the position axis of everything else.
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
-    let computed = seq - skip;
+    let mut state = Progress { values, forwards: vec![0; parts.len()], chunk_size: cells_per_forward(&model.cfg, n, seq, model.device), halvings: 0, report: &mut progress };
     let mut layers: Vec<usize> = parts.iter().flat_map(|(_, cells)| cells.iter().map(|c| c.layer)).collect();
     layers.sort_unstable();
     layers.dedup();
-    for layer in layers {
-        // Each part's clean activation at this layer (computed positions only).
-        let mut clean: Vec<Option<Tensor>> = Vec::with_capacity(parts.len());
-        for (target, cells) in parts {
-            if !cells.iter().any(|c| c.layer == layer) {
-                clean.push(None);
-                continue;
-            }
-            let point = HookPoint::Block(layer, target.site);
-            let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
-            clean.push(Some(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) }));
-        }
-        // (part, cell index) of every cell at this layer that needs a forward, part by part.
-        let todo: Vec<(usize, usize)> = (0..parts.len())
+    let todo_at = |state: &Progress, layer: usize| -> Vec<(usize, usize)> {
+        (0..parts.len())
             .flat_map(|p| (0..parts[p].1.len()).map(move |i| (p, i)))
-            .filter(|&(p, i)| parts[p].1[i].layer == layer && values[p][i].is_none())
-            .collect();
-        let mut at = 0;
-        while at < todo.len() {
-            let chunk = &todo[at..(at + chunk_size).min(todo.len())];
-            let k = chunk.len() as i64;
-            let in_chunk: Vec<usize> = (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)).collect();
-            let forward = || -> Result<Vec<f64>> {
-                if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
-                    return Err(Error::Other(oom));
-                }
-                let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
-                let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-                let prefix = prep.prefix.as_ref().map(|p| p.repeat(k));
-                let mut hooks = Hooks::new();
-                for &p in &in_chunk {
-                    let (target, cells) = &parts[p];
-                    let clean = clean[p].as_ref().expect("a part with cells at this layer has its clean activation");
-                    let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
-                    let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
-                    let source = clean.repeat(repeat_dims(k, clean.dim()));
-                    hooks.add_intervention(HookPoint::Block(layer, target.site), Intervention::new(Edit::Where { mask: patch, source }));
-                }
-                let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
-                Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
-            };
-            // A batch that does not fit is halved and retried (libtorch reports a failed
-            // allocation as an error or, through tch, a panic).
-            let v = match crate::panics::guarded("a batch of patched forwards", forward) {
-                Err(e) if chunk.len() > 1 && crate::engine::memory::is_out_of_memory(&e.to_string()) => {
-                    chunk_size = chunk.len().div_ceil(2);
-                    halvings += 1;
-                    tracing::warn!(layer, cells = chunk.len(), now = chunk_size, "out of memory: halving the batch and retrying");
+            .filter(|&(p, i)| parts[p].1[i].layer == layer && state.values[p][i].is_none())
+            .collect()
+    };
+    match schedule {
+        Schedule::ByLayer => {
+            for layer in layers {
+                let todo = todo_at(&state, layer);
+                patch_layer(model, prep, parts, layer, &todo, &mut state)?;
+            }
+        }
+        Schedule::Staircase => {
+            // Consecutive layers whose cells fit one batch share a staircase; a layer with more
+            // cells than a batch holds runs by itself, in chunks.
+            let mut window: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+            let mut in_window = 0;
+            for &layer in &layers {
+                let todo = todo_at(&state, layer);
+                if todo.is_empty() {
                     continue;
                 }
-                other => other?,
-            };
-            for &p in &in_chunk {
-                forwards[p] += 1;
+                if todo.len() > state.chunk_size {
+                    patch_layer(model, prep, parts, layer, &todo, &mut state)?;
+                    continue;
+                }
+                if in_window + todo.len() > state.chunk_size {
+                    patch_staircase(model, prep, parts, std::mem::take(&mut window), &mut state)?;
+                    in_window = 0;
+                }
+                in_window += todo.len();
+                window.push((layer, todo));
             }
-            for (j, &(p, i)) in chunk.iter().enumerate() {
-                values[p][i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
+            if !window.is_empty() {
+                patch_staircase(model, prep, parts, window, &mut state)?;
             }
-            progress(chunk.len());
-            at += chunk.len();
         }
     }
+    let (chunk_size, halvings) = (state.chunk_size, state.halvings);
     let sweeps = parts
         .iter()
-        .zip(values)
-        .zip(forwards)
+        .zip(state.values)
+        .zip(state.forwards)
         .map(|(((target, cells), values), forwards)| Sweep {
             target: *target,
             cells: cells.clone(),
@@ -314,6 +337,146 @@ pub fn sweep_together(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell
         })
         .collect();
     Ok(sweeps)
+}
+
+/// `target`'s clean activation at `layer`, computed positions only (the query axis of
+/// patterns, the position axis of everything else).
+fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let computed = prep.seq_len() - skip;
+    let point = HookPoint::Block(layer, target.site);
+    let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
+    Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
+}
+
+/// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
+/// chunk entry j is rows j·n..(j+1)·n of the `k` blocks the patched rows span, which start at
+/// block `offset` of a batch of `rows` blocks.
+fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64, rows: i64) -> Result<Hooks> {
+    let n = prep.n_prompts();
+    let k = chunk.len() as i64;
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let mut hooks = Hooks::new();
+    for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
+        let (target, cells) = &parts[p];
+        let clean = clean_at(prep, *target, layer)?;
+        let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
+        let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
+        let source = clean.repeat(repeat_dims(k, clean.dim()));
+        let mut edit = Intervention::new(Edit::Where { mask: patch, source });
+        if k != rows {
+            // Only the chunk's rows are edited (sliced out and put back): rows that joined at
+            // earlier layers pass through.
+            edit = edit.batch(Sel::List((offset * n..(offset + k) * n).collect()));
+        }
+        hooks.add_intervention(HookPoint::Block(layer, target.site), edit);
+    }
+    Ok(hooks)
+}
+
+/// The cells `todo` of one layer in batched forwards from that layer, chunked to the batch
+/// budget (halved on running out of memory).
+fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
+    let n = prep.n_prompts();
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let computed = prep.seq_len() - skip;
+    let mut at = 0;
+    while at < todo.len() {
+        let chunk = &todo[at..(at + state.chunk_size).min(todo.len())];
+        let k = chunk.len() as i64;
+        let forward = || -> Result<Vec<f64>> {
+            if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
+                return Err(Error::Other(oom));
+            }
+            let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
+            let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
+            let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
+            let mut hooks = patches(model, prep, parts, layer, chunk, 0, k)?;
+            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
+            Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
+        };
+        // A batch that does not fit is halved and retried (libtorch reports a failed
+        // allocation as an error or, through tch, a panic).
+        let v = match crate::panics::guarded("a batch of patched forwards", forward) {
+            Err(e) if chunk.len() > 1 && crate::engine::memory::is_out_of_memory(&e.to_string()) => {
+                state.chunk_size = chunk.len().div_ceil(2);
+                state.halvings += 1;
+                tracing::warn!(layer, cells = chunk.len(), now = state.chunk_size, "out of memory: halving the batch and retrying");
+                continue;
+            }
+            other => other?,
+        };
+        state.record(chunk, &v, n);
+        at += chunk.len();
+    }
+    Ok(())
+}
+
+/// The cells of several layers (`window`: each layer with its cells, in layer order) in one
+/// staircase forward (`Schedule::Staircase`). Out of memory, the window's layers run one by
+/// one instead, each chunked and halved as it needs.
+fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
+    let n = prep.n_prompts();
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let computed = prep.seq_len() - skip;
+    let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
+    let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
+    let forward = || -> Result<Vec<f64>> {
+        if let Some(oom) = crate::engine::memory::injected_oom(total * n) {
+            return Err(Error::Other(oom));
+        }
+        let mut x: Option<Tensor> = None;
+        let mut blocks = 0i64;
+        for layer in first..model.cfg.n_layers {
+            let mut hooks = Hooks::new();
+            if let Some((_, todo)) = window.iter().find(|(l, _)| *l == layer) {
+                let k = todo.len() as i64;
+                let joining = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
+                x = Some(match x.take() {
+                    Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
+                    None => joining,
+                });
+                hooks = patches(model, prep, parts, layer, todo, blocks, blocks + k)?;
+                blocks += k;
+            }
+            let Some(resid) = x.take() else { continue };
+            let mask = prep.mask.as_ref().map(|m| m.repeat([blocks, 1]));
+            let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
+            x = Some(model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::BeforeLayer(layer + 1), prefix.as_ref())?);
+        }
+        let last = model.final_norm(&x.expect("the window has cells").select(1, -1))?;
+        Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
+    };
+    match crate::panics::guarded("a staircase of patched forwards", forward) {
+        Ok(v) => {
+            let order: Vec<(usize, usize)> = window.iter().flat_map(|(_, todo)| todo.iter().copied()).collect();
+            state.record(&order, &v, n);
+            Ok(())
+        }
+        Err(e) if crate::engine::memory::is_out_of_memory(&e.to_string()) => {
+            tracing::warn!(layers = window.len(), cells = total, "out of memory in a staircase of layers: running them one by one");
+            for (layer, todo) in &window {
+                patch_layer(model, prep, parts, *layer, todo, state)?;
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+impl Progress<'_> {
+    /// Stores one forward's per-row values (n per cell of `cells`, in order): one forward for
+    /// each part with cells in it.
+    fn record(&mut self, cells: &[(usize, usize)], v: &[f64], n: i64) {
+        let parts: std::collections::BTreeSet<usize> = cells.iter().map(|&(p, _)| p).collect();
+        for p in parts {
+            self.forwards[p] += 1;
+        }
+        for (j, &(p, i)) in cells.iter().enumerate() {
+            self.values[p][i] = Some(v[j * n as usize..(j + 1) * n as usize].to_vec());
+        }
+        (self.report)(cells.len());
+    }
 }
 
 /// Repeat counts that stack `k` copies along the first axis of a `dim`-axis tensor.

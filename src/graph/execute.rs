@@ -12,6 +12,7 @@ use tch::{Device, Tensor};
 use crate::engine::nonfinite;
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::experiments::activation_patching::Schedule;
 use crate::experiments::inputs::{first_changed, tokenize, Tokenized};
 use crate::experiments::prepared::Prepared;
 use crate::graph::shard::{self, Shard};
@@ -292,7 +293,8 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                             None => {
                                 // Patching jobs at this job's layer that are still to run share
                                 // its forwards; their results wait here until the loop reaches them.
-                                let group = patch_group(&plan, job, &status, &alone);
+                                let across_layers = Schedule::for_device(c.model.device) == Schedule::Staircase;
+                                let group = patch_group(&plan, job, &status, &alone, across_layers);
                                 match (group.len() > 1).then(|| run_patch_group(c, &plan, &group)) {
                                     Some(Ok(done)) => {
                                         let mut done = done.into_iter();
@@ -437,10 +439,11 @@ pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Opt
     Ok((rows, note))
 }
 
-/// `job` and the activation-patching jobs at its layer that are still to run (status "ran",
-/// later in the plan, their inputs ready, not in a group that failed): one group of forwards
-/// (patch_together). Any other job alone.
-fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str], alone: &std::collections::HashSet<usize>) -> Vec<usize> {
+/// `job` and the activation-patching jobs at its layer (at any layer with `across_layers`, for
+/// the staircase schedule) that are still to run (status "ran", later in the plan, their inputs
+/// ready, not in a group that failed): one group of forwards (patch_together). Any other job
+/// alone.
+fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str], alone: &std::collections::HashSet<usize>, across_layers: bool) -> Vec<usize> {
     let Task::Patch { layer, .. } = job.task else { return vec![job.id] };
     if alone.contains(&job.id) {
         return vec![job.id];
@@ -448,7 +451,7 @@ fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&st
     let mut group = vec![job.id];
     for other in plan.jobs.iter().skip(job.id + 1) {
         let ready = other.deps.iter().all(|&d| d < job.id) && !alone.contains(&other.id);
-        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer) && status[other.id] == "ran" && ready {
+        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer || across_layers) && status[other.id] == "ran" && ready {
             group.push(other.id);
         }
     }

@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{cells_at, sweep_together, Target};
+use crate::experiments::activation_patching::{cells_at, sweep_together, Schedule, Target};
 use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
 use crate::experiments::activation_patching::cannot_change;
 use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
@@ -108,7 +108,7 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
             "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
             "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": seconds * computed[j] as f64 / all_computed,
             "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
-            "forwards_shared_with_jobs": jobs.len() - 1,
+            "forwards_shared_with_jobs": jobs.len() - 1, "schedule": Schedule::for_device(model.device).name(),
         });
         out.push((rows, note));
     }
