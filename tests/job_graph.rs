@@ -168,6 +168,18 @@ fn two_device_replicas_run_jobs_concurrently_and_give_the_one_device_files() {
     }
 }
 
+/// ioi.toml with its heads run patching every pattern entry, [layer, head, dest, src]: hundreds
+/// of cells per layer.
+fn pattern_spec(dir: &Path) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(ioi()).unwrap().replace(
+        "hooks = [\"z\", \"v\", \"pattern\"]\nover = [\"layer\", \"head\"]",
+        "hooks = [\"pattern\"]\nover = [\"layer\", \"head\", \"dest\", \"src\"]",
+    );
+    let spec = dir.join("pattern.toml");
+    std::fs::write(&spec, text).unwrap();
+    spec
+}
+
 #[test]
 fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results() {
     // Pattern patching over [layer, head, dest, src]: hundreds of cells per layer, all in one
@@ -175,12 +187,7 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
     // refuses as CUDA would: the sweep halves down to 8 cells and records it.
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("gpt2-tiny").display().to_string();
-    let text = std::fs::read_to_string(ioi()).unwrap().replace(
-        "hooks = [\"z\", \"v\", \"pattern\"]\nover = [\"layer\", \"head\"]",
-        "hooks = [\"pattern\"]\nover = [\"layer\", \"head\", \"dest\", \"src\"]",
-    );
-    let spec = tmp.path().join("pattern.toml");
-    std::fs::write(&spec, text).unwrap();
+    let spec = pattern_spec(tmp.path());
     let (plain, halved) = (tmp.path().join("plain"), tmp.path().join("halved"));
     ok(&["run", spec.to_str().unwrap(), "--model-id", &model, "--out", plain.to_str().unwrap(), "--quiet"]);
     let o = tl_run()
@@ -252,12 +259,7 @@ fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory()
 
     // Hundreds of pattern cells per layer: the staircase of both layers is refused by the
     // injected limit, and each layer then halves down to 8 cells.
-    let text = std::fs::read_to_string(ioi()).unwrap().replace(
-        "hooks = [\"z\", \"v\", \"pattern\"]\nover = [\"layer\", \"head\"]",
-        "hooks = [\"pattern\"]\nover = [\"layer\", \"head\", \"dest\", \"src\"]",
-    );
-    let spec = tmp.path().join("pattern.toml");
-    std::fs::write(&spec, text).unwrap();
+    let spec = pattern_spec(tmp.path());
     let (plain, halved) = (tmp.path().join("plain"), tmp.path().join("halved"));
     run(spec.to_str().unwrap(), &plain, "by_layer", None);
     let manifest = run(spec.to_str().unwrap(), &halved, "staircase", Some("64"));

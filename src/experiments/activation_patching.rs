@@ -339,11 +339,17 @@ pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cel
     Ok(sweeps)
 }
 
+/// With a key-value prefix only the positions after it are computed: (prefix length, positions
+/// computed).
+fn computed_positions(prep: &Prepared) -> (i64, i64) {
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    (skip, prep.seq_len() - skip)
+}
+
 /// `target`'s clean activation at `layer`, computed positions only (the query axis of
 /// patterns, the position axis of everything else).
 fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
-    let computed = prep.seq_len() - skip;
+    let (skip, computed) = computed_positions(prep);
     let point = HookPoint::Block(layer, target.site);
     let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
@@ -355,7 +361,7 @@ fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
 fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64, rows: i64) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+    let (skip, _) = computed_positions(prep);
     let mut hooks = Hooks::new();
     for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
         let (target, cells) = &parts[p];
@@ -378,8 +384,7 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
 /// budget (halved on running out of memory).
 fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
-    let computed = prep.seq_len() - skip;
+    let (skip, computed) = computed_positions(prep);
     let mut at = 0;
     while at < todo.len() {
         let chunk = &todo[at..(at + state.chunk_size).min(todo.len())];
@@ -417,8 +422,7 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 /// one instead, each chunked and halved as it needs.
 fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
-    let computed = prep.seq_len() - skip;
+    let (skip, computed) = computed_positions(prep);
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
     let forward = || -> Result<Vec<f64>> {
