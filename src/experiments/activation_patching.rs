@@ -346,6 +346,13 @@ fn computed_positions(prep: &Prepared) -> (i64, i64) {
     (skip, prep.seq_len() - skip)
 }
 
+/// The corrupted run's residual entering `layer` (computed positions), once per cell of `k`:
+/// the rows a forward from `layer` starts from.
+fn corrupted_rows(prep: &Prepared, layer: usize, k: i64) -> Tensor {
+    let (skip, computed) = computed_positions(prep);
+    prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1])
+}
+
 /// `target`'s clean activation at `layer`, computed positions only (the query axis of
 /// patterns, the position axis of everything else).
 fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
@@ -356,9 +363,9 @@ fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
 }
 
 /// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
-/// chunk entry j is rows j·n..(j+1)·n of the `k` blocks the patched rows span, which start at
-/// block `offset` of a batch of `rows` blocks.
-fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64, rows: i64) -> Result<Hooks> {
+/// chunk entry j is rows j·n..(j+1)·n of the blocks the patched rows span, which start at block
+/// `offset` of the batch and run to its end.
+fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
     let (skip, _) = computed_positions(prep);
@@ -370,7 +377,7 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
         let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
         let source = clean.repeat(repeat_dims(k, clean.dim()));
         let mut edit = Intervention::new(Edit::Where { mask: patch, source });
-        if k != rows {
+        if offset > 0 {
             // Only the chunk's rows are edited (sliced out and put back): rows that joined at
             // earlier layers pass through.
             edit = edit.batch(Sel::List((offset * n..(offset + k) * n).collect()));
@@ -384,7 +391,6 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
 /// budget (halved on running out of memory).
 fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let (skip, computed) = computed_positions(prep);
     let mut at = 0;
     while at < todo.len() {
         let chunk = &todo[at..(at + state.chunk_size).min(todo.len())];
@@ -393,10 +399,10 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
             if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
                 return Err(Error::Other(oom));
             }
-            let resid = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
+            let resid = corrupted_rows(prep, layer, k);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
-            let mut hooks = patches(model, prep, parts, layer, chunk, 0, k)?;
+            let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
             let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
             Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
         };
@@ -422,7 +428,6 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 /// one instead, each chunked and halved as it needs.
 fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let (skip, computed) = computed_positions(prep);
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
     let forward = || -> Result<Vec<f64>> {
@@ -435,12 +440,12 @@ fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)]
             let mut hooks = Hooks::new();
             if let Some((_, todo)) = window.iter().find(|(l, _)| *l == layer) {
                 let k = todo.len() as i64;
-                let joining = prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1]);
+                let joining = corrupted_rows(prep, layer, k);
                 x = Some(match x.take() {
                     Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
                     None => joining,
                 });
-                hooks = patches(model, prep, parts, layer, todo, blocks, blocks + k)?;
+                hooks = patches(model, prep, parts, layer, todo, blocks)?;
                 blocks += k;
             }
             let Some(resid) = x.take() else { continue };
