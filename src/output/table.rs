@@ -68,18 +68,23 @@ pub fn schema() -> Schema {
 
 /// The rows as one record batch. Rows are borrowed (`Row` or `&Row`): the rows of a run's jobs
 /// are written without being copied, which for a pattern target was 230,000 rows of strings.
-pub fn to_batch<R: Borrow<Row>>(rows: &[R]) -> Result<RecordBatch> {
+pub fn to_batch<R: Borrow<Row> + Sync>(rows: &[R]) -> Result<RecordBatch> {
     to_batch_as(rows, None)
 }
 
-/// `to_batch` with every row's `run` replaced by `run` when given.
-fn to_batch_as<R: Borrow<Row>>(rows: &[R], run: Option<&str>) -> Result<RecordBatch> {
+/// `to_batch` with every row's `run` replaced by `run` when given. The columns are built on all
+/// cores (each string column of a 230,000-row file took about 10 ms).
+fn to_batch_as<R: Borrow<Row> + Sync>(rows: &[R], run: Option<&str>) -> Result<RecordBatch> {
+    use rayon::prelude::*;
+    type Column<'a> = Box<dyn Fn() -> ArrayRef + Sync + 'a>;
     let rows = || rows.iter().map(Borrow::borrow);
-    let s = |f: fn(&Row) -> &str| Arc::new(StringArray::from_iter_values(rows().map(f))) as ArrayRef;
-    let i = |f: fn(&Row) -> Option<i32>| Arc::new(Int32Array::from_iter(rows().map(f))) as ArrayRef;
-    let columns: Vec<ArrayRef> = vec![
+    let s = |f: fn(&Row) -> &str| -> Column { Box::new(move || Arc::new(StringArray::from_iter_values(rows().map(f)))) };
+    let i = |f: fn(&Row) -> Option<i32>| -> Column { Box::new(move || Arc::new(Int32Array::from_iter(rows().map(f)))) };
+    let opt_s = |f: fn(&Row) -> Option<&str>| -> Column { Box::new(move || Arc::new(StringArray::from_iter(rows().map(f)))) };
+    // In the schema's order.
+    let columns: Vec<Column> = vec![
         match run {
-            Some(run) => Arc::new(StringArray::from_iter_values(rows().map(|_| run))),
+            Some(run) => Box::new(move || Arc::new(StringArray::from_iter_values(rows().map(|_| run)))),
             None => s(|r| &r.run),
         },
         s(|r| &r.kind),
@@ -90,27 +95,28 @@ fn to_batch_as<R: Borrow<Row>>(rows: &[R], run: Option<&str>) -> Result<RecordBa
         i(|r| r.dest_pos),
         i(|r| r.src_pos),
         i(|r| r.prompt),
-        Arc::new(Float64Array::from_iter_values(rows().map(|r| r.value))),
-        Arc::new(StringArray::from_iter(rows().map(|r| r.token.as_deref()))),
-        Arc::new(BooleanArray::from_iter(rows().map(|r| Some(r.computed)))),
-        Arc::new(StringArray::from_iter(rows().map(|r| r.label.as_deref()))),
+        Box::new(move || Arc::new(Float64Array::from_iter_values(rows().map(|r| r.value)))),
+        opt_s(|r| r.token.as_deref()),
+        Box::new(move || Arc::new(BooleanArray::from_iter(rows().map(|r| Some(r.computed))))),
+        opt_s(|r| r.label.as_deref()),
         i(|r| r.neuron),
         i(|r| r.rank),
         i(|r| r.token_id),
-        Arc::new(StringArray::from_iter(rows().map(|r| r.pattern.as_deref()))),
-        Arc::new(Float64Array::from_iter(rows().map(|r| r.patched))),
+        opt_s(|r| r.pattern.as_deref()),
+        Box::new(move || Arc::new(Float64Array::from_iter(rows().map(|r| r.patched)))),
     ];
+    let columns: Vec<ArrayRef> = columns.par_iter().map(|make| make()).collect();
     RecordBatch::try_new(Arc::new(schema()), columns).map_err(|e| Error::Other(format!("arrow: {e}")))
 }
 
 /// Writes rows to a Parquet file atomically.
-pub fn write_parquet<R: Borrow<Row>>(path: &std::path::Path, rows: &[R]) -> Result<()> {
+pub fn write_parquet<R: Borrow<Row> + Sync>(path: &std::path::Path, rows: &[R]) -> Result<()> {
     write_batch(path, &to_batch(rows)?)
 }
 
 /// Writes rows atomically with key-value metadata in the file footer (the job store's notes),
 /// each row's `run` written as `run` when given.
-pub fn write_parquet_with<R: Borrow<Row>>(path: &std::path::Path, rows: &[R], run: Option<&str>, metadata: &[(&str, String)]) -> Result<()> {
+pub fn write_parquet_with<R: Borrow<Row> + Sync>(path: &std::path::Path, rows: &[R], run: Option<&str>, metadata: &[(&str, String)]) -> Result<()> {
     let kv = metadata.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.to_string(), v.clone())).collect();
     let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
     write_batch_with(path, &to_batch_as(rows, run)?, Some(props))
@@ -121,13 +127,45 @@ pub fn write_batch(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
     write_batch_with(path, batch, None)
 }
 
+/// Encodes the batch's columns on all cores, row group by row group (the row groups and bytes
+/// `ArrowWriter` would write serially), then writes the file atomically.
 fn write_batch_with(path: &std::path::Path, batch: &RecordBatch, props: Option<parquet::file::properties::WriterProperties>) -> Result<()> {
+    use parquet::arrow::arrow_writer::compute_leaves;
+    use rayon::prelude::*;
     let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
+    let props = props.unwrap_or_default();
+    let group_rows = props.max_row_group_size().max(1);
     let mut buf = Vec::new();
     {
-        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), props).map_err(|e| pq(&e))?;
-        w.write(batch).map_err(|e| pq(&e))?;
-        w.close().map_err(|e| pq(&e))?;
+        // Made by ArrowWriter, so the file carries the Arrow schema in its metadata as before.
+        let (mut file, groups) = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).and_then(|w| w.into_serialized_writer()).map_err(|e| pq(&e))?;
+        let schema = batch.schema();
+        for (index, start) in (0..batch.num_rows()).step_by(group_rows).enumerate() {
+            let group = batch.slice(start, group_rows.min(batch.num_rows() - start));
+            let mut leaves = Vec::new();
+            for (field, column) in schema.fields().iter().zip(group.columns()) {
+                leaves.extend(compute_leaves(field, column).map_err(|e| pq(&e))?);
+            }
+            let writers = groups.create_column_writers(index).map_err(|e| pq(&e))?;
+            if writers.len() != leaves.len() {
+                return Err(pq(&format!("{} column writers for {} leaf columns", writers.len(), leaves.len())));
+            }
+            let chunks = writers
+                .into_par_iter()
+                .zip(leaves)
+                .map(|(mut w, leaf)| {
+                    w.write(&leaf)?;
+                    w.close()
+                })
+                .collect::<parquet::errors::Result<Vec<_>>>()
+                .map_err(|e| pq(&e))?;
+            let mut row_group = file.next_row_group().map_err(|e| pq(&e))?;
+            for chunk in chunks {
+                chunk.append_to_row_group(&mut row_group).map_err(|e| pq(&e))?;
+            }
+            row_group.close().map_err(|e| pq(&e))?;
+        }
+        file.close().map_err(|e| pq(&e))?;
     }
     atomic::write_bytes(path, &buf)
 }
@@ -181,4 +219,55 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
         }
     }
     Ok((rows, metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Row {
+                run: "r".into(),
+                kind: "attribution_patching".into(),
+                hook: format!("blocks.{}.attn.hook_pattern", i / 100),
+                layer: Some((i / 100) as i32),
+                head: (i % 3 != 0).then_some((i % 4) as i32),
+                value: i as f64 * 0.5 - 7.0,
+                token: (i % 5 != 0).then(|| format!(" t{}", i % 7)),
+                computed: i % 2 == 0,
+                label: (i % 11 == 0).then(|| "L0H1".to_string()),
+                patched: (i % 13 == 0).then_some(i as f64),
+                ..Row::default()
+            })
+            .collect()
+    }
+
+    /// What `ArrowWriter` writes serially, for the same batch and properties.
+    fn serial(batch: &RecordBatch, props: parquet::file::properties::WriterProperties) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).unwrap();
+        w.write(batch).unwrap();
+        w.close().unwrap();
+        buf
+    }
+
+    #[test]
+    fn columns_encoded_in_parallel_give_the_bytes_arrow_writer_gives() {
+        let dir = std::env::temp_dir().join(format!("tl-run-table-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kv = || Some(vec![parquet::file::metadata::KeyValue::new("note".into(), "{}".to_string())]);
+        // Several row groups (the last one short), one row group, and no rows at all.
+        for (n, group_rows) in [(2500, 1000), (2500, 1 << 20), (0, 1000)] {
+            let batch = to_batch(&rows(n)).unwrap();
+            let props = || parquet::file::properties::WriterProperties::builder().set_max_row_group_size(group_rows).set_key_value_metadata(kv()).build();
+            let path = dir.join(format!("{n}-{group_rows}.parquet"));
+            write_batch_with(&path, &batch, Some(props())).unwrap();
+            assert_eq!(std::fs::read(&path).unwrap(), serial(&batch, props()), "{n} rows in groups of {group_rows}");
+            let (back, meta) = read_parquet(&path).unwrap();
+            assert_eq!(back, rows(n));
+            assert_eq!(meta.get("note").map(String::as_str), Some("{}"));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
