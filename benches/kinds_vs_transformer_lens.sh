@@ -15,8 +15,9 @@ def run(name):
     """Seconds of the jobs of run `name` (the manifest times each job: "<run>: <what>")."""
     return sum(v for k, v in m.items() if k.startswith(name + ": "))
 ours = {
-    # Both sides include the clean and corrupted runs and the forward+backward attribution needs.
-    "attribution": m["clean and corrupted runs"] + m.get("corrupted forward+backward (1 pass)", 0.0) + run("attribution") + run("attribution-heads"),
+    # Both sides include the clean and corrupted runs and the backward attribution needs (tl-run
+    # keeps the corrupted run's graph for it).
+    "attribution": m["clean and corrupted runs"] + m.get("corrupted run's backward", 0.0) + run("attribution") + run("attribution-heads"),
     # tl-run makes one clean forward that caches the hooks all of these read.
     "logit lens, DLA layers + heads, head scores": m.get("clean run (cache analysis hooks)", 0.0) + run("logit-lens") + run("dla-layers") + run("dla-heads") + run("head-scores"),
     "ablation sweep (every head)": run("ablation"),

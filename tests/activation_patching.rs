@@ -11,14 +11,21 @@ use tl_run::experiments::prepared::{Corrupt, Prepared};
 use tl_run::model::config::Processing;
 use tl_run::{Model, Site};
 
-fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
+fn logit_diff(oracle: &Oracle) -> Metric {
     let answers: Vec<i64> = Vec::try_from(oracle.get("answers").flatten(0, -1)).unwrap();
-    let metric = Metric {
+    Metric {
         kind: MetricKind::LogitDiff,
         correct: answers.iter().step_by(2).copied().collect(),
         incorrect: answers.iter().skip(1).step_by(2).copied().collect(),
-    };
-    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), Corrupt::Tokens(oracle.get("corrupted_tokens").shallow_clone()), None, metric, sites).unwrap()
+    }
+}
+
+fn corrupt(oracle: &Oracle) -> Corrupt {
+    Corrupt::Tokens(oracle.get("corrupted_tokens").shallow_clone())
+}
+
+fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
+    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites).unwrap()
 }
 
 /// Our sweep as a tensor in TransformerLens's axis order, every layer's cells in one call under
@@ -169,4 +176,39 @@ fn unchangeable_cells_are_skipped() {
         }
     }
     assert!(Target::new(Site::ResidPre, Axes::LayerHead).is_err());
+}
+
+/// With an attribution pass to follow, the corrupted run keeps its graph and the pass is its
+/// backward: the same activations and gradients as a pass with its own forward, and the
+/// baselines and corrupted caches of the clean and corrupted runs unchanged.
+#[test]
+fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
+    use tl_run::experiments::attribution::Pass;
+    use tl_run::HookPoint;
+    let model = load("llama-tiny", Processing::TRANSFORMER_LENS);
+    let oracle = Oracle::read("llama-tiny", "patching.safetensors");
+    let sites = [Site::ResidPre, Site::Z, Site::Pattern];
+    let points: Vec<HookPoint> = (0..model.cfg.n_layers).flat_map(|l| [Site::ResidPre, Site::AttnOut, Site::Z, Site::Pattern].map(|s| HookPoint::Block(l, s))).collect();
+    let plain = prepare(&model, &oracle, &sites);
+    let kept = Prepared::keeping_gradients(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, logit_diff(&oracle), &sites, &points).unwrap();
+    assert_eq!(kept.corrupted_per_prompt, plain.corrupted_per_prompt);
+    assert_eq!(kept.clean_per_prompt, plain.clean_per_prompt);
+    for (a, b) in kept.corrupted_resid_pre.iter().zip(&plain.corrupted_resid_pre) {
+        assert!(!a.requires_grad(), "what the sweeps read carries no graph");
+        assert_eq!(a, b);
+    }
+    // A pass at a point the corrupted run did not capture runs its own forward.
+    let elsewhere = [HookPoint::Block(0, Site::MlpOut)];
+    assert!(kept.take_pending_backward(&elsewhere).is_none());
+    let from_kept = Pass::new(&model, &kept, &points).unwrap();
+    assert!(kept.take_pending_backward(&points).is_none(), "the kept run is taken by the first pass");
+    let own_forward = Pass::new(&model, &plain, &points).unwrap();
+    for p in &points {
+        for (what, a, b) in [("activation", &from_kept.acts[p], &own_forward.acts[p]), ("gradient", &from_kept.grads[p], &own_forward.grads[p])] {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff <= 1e-6, "{p} {what}: {diff}");
+            assert!(b.abs().max().double_value(&[]) > 0.0 || what == "gradient", "{p}: an all-zero {what}");
+        }
+    }
+    assert!(points.iter().all(|p| own_forward.grads[p].abs().max().double_value(&[]) > 0.0), "a point without gradient");
 }

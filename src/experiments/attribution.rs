@@ -72,14 +72,20 @@ fn forward_backward(model: &Model, prep: &Prepared, points: &[HookPoint], cut_la
     let out = model.run(Input::Tokens(&prep.corrupted_tokens), prep.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
     // Σ over prompts: the gradient at prompt p is that of prompt p's own metric.
     let total = prep.metric.per_row(model, &out.select(1, -1)).sum(Kind::Float);
-    let acts: Vec<Tensor> = points.iter().map(|p| hooks.cache[p].shallow_clone()).collect();
+    backward(&total, points, &hooks.cache)
+}
+
+/// The activations at `points` (detached) and the gradients of `total` there; a point `total`
+/// does not depend on gets a zero gradient.
+fn backward(total: &Tensor, points: &[HookPoint], cache: &HashMap<HookPoint, Tensor>) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
+    let acts: Vec<Tensor> = points.iter().map(|p| cache[p].shallow_clone()).collect();
     let grads = Tensor::f_run_backward(&[total], &acts, false, false)?;
     let mut g = HashMap::new();
     for (p, t) in points.iter().zip(grads) {
-        let t = if t.defined() { t } else { hooks.cache[p].zeros_like() };
+        let t = if t.defined() { t } else { cache[p].zeros_like() };
         g.insert(*p, t);
     }
-    let a = points.iter().map(|p| (*p, hooks.cache[p].detach())).collect();
+    let a = points.iter().map(|p| (*p, cache[p].detach())).collect();
     Ok((a, g))
 }
 
@@ -179,7 +185,11 @@ pub struct Pass {
 
 impl Pass {
     pub fn new(model: &Model, prep: &Prepared, points: &[HookPoint]) -> Result<Pass> {
-        let (acts, grads) = forward_backward(model, prep, points, None)?;
+        let (acts, grads) = match prep.take_pending_backward(points) {
+            // The clean and corrupted runs kept the corrupted forward's graph for this pass.
+            Some(kept) => backward(&kept.total, points, &kept.acts)?,
+            None => forward_backward(model, prep, points, None)?,
+        };
         Ok(Pass { acts, grads })
     }
 

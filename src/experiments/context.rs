@@ -28,16 +28,19 @@ pub struct RunContext<'a> {
     pub progress: Option<MultiProgress>,
     /// The clean and corrupted runs every patching run shares.
     prep: OnceCell<Prepared>,
-    /// The corrupted forward+backward every attribution run reads, made on first use for the
-    /// union of their hook points.
+    /// The corrupted backward every attribution run reads (of the corrupted run, kept for it),
+    /// made on first use for the union of their hook points.
     atp_pass: OnceCell<Pass>,
     /// The clean run's cache every logit-lens, DLA and head-score run reads, likewise.
     analysis_cache: OnceCell<HashMap<HookPoint, Tensor>>,
+    /// Set when the attribution pass will run after the clean and corrupted runs: the
+    /// corrupted run then keeps its graph for that pass's backward.
+    attribution_follows: std::cell::Cell<bool>,
 }
 
 impl<'a> RunContext<'a> {
     pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, progress: Option<MultiProgress>) -> Self {
-        RunContext { spec, model, toks, progress, prep: OnceCell::new(), atp_pass: OnceCell::new(), analysis_cache: OnceCell::new() }
+        RunContext { spec, model, toks, progress, prep: OnceCell::new(), atp_pass: OnceCell::new(), analysis_cache: OnceCell::new(), attribution_follows: Default::default() }
     }
 
     /// Runs a shared pass now (its job in the graph).
@@ -54,14 +57,31 @@ impl<'a> RunContext<'a> {
         self.prep.get()
     }
 
+    /// Says that the attribution pass runs after the clean and corrupted runs (its job is to
+    /// run), so the corrupted run keeps its autograd graph and the pass is a backward alone.
+    /// Without it (the pass's results stored, or no attribution run) nothing is kept.
+    pub fn expect_attribution_pass(&self) {
+        self.attribution_follows.set(true);
+    }
+
+    /// The points of the attribution pass: the union of every attribution run's.
+    fn gradient_points(&self) -> Result<Vec<HookPoint>> {
+        let mut points: Vec<HookPoint> = Vec::new();
+        for r in &self.spec.runs {
+            points.extend(crate::experiments::kinds::captures(r, self.model)?.gradient_points);
+        }
+        points.sort_by_key(|p| p.to_string());
+        points.dedup();
+        Ok(points)
+    }
+
     pub(crate) fn atp_pass(&self) -> Result<&Pass> {
         if self.atp_pass.get().is_none() {
-            let mut points: Vec<HookPoint> = Vec::new();
-            for r in &self.spec.runs {
-                points.extend(crate::experiments::kinds::captures(r, self.model)?.gradient_points);
+            if self.prep.get().is_none() {
+                // Made on first use here: the corrupted run is made for this pass too.
+                self.attribution_follows.set(true);
             }
-            points.sort_by_key(|p| p.to_string());
-            points.dedup();
+            let points = self.gradient_points()?;
             let _ = self.atp_pass.set(Pass::new(self.model, self.prep()?, &points)?);
         }
         Ok(self.atp_pass.get().expect("set above"))
@@ -87,7 +107,8 @@ impl<'a> RunContext<'a> {
     }
     pub fn prep(&self) -> Result<&Prepared> {
         if self.prep.get().is_none() {
-            let p = crate::panics::guarded("the clean and corrupted runs", || crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?))?;
+            let grad_points = if self.attribution_follows.get() && self.atp_pass.get().is_none() { self.gradient_points()? } else { Vec::new() };
+            let p = crate::panics::guarded("the clean and corrupted runs", || crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?, &grad_points))?;
             tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
             let _ = self.prep.set(p);
         }
@@ -173,7 +194,7 @@ impl<'a> CellRows<'a> {
 pub enum SharedPass {
     /// The clean and corrupted runs every patching run shares.
     Prepare,
-    /// The corrupted forward+backward every attribution run reads.
+    /// The corrupted backward every attribution run reads.
     AttributionPass,
     /// The clean run caching what logit-lens, DLA and head-score runs read.
     AnalysisCache,

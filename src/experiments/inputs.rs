@@ -8,7 +8,7 @@ use crate::engine::metric::Metric;
 use crate::engine::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
 use crate::experiments::prepared::{Corrupt, Prepared};
-use crate::model::hook_point::Site;
+use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::spec::{Corruption, Spec};
 
@@ -225,7 +225,8 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
 }
 
 /// The clean and corrupted runs every patching run of the spec shares.
-pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Prepared> {
+/// With `grad_points`, the corrupted run is kept for the attribution pass's backward there.
+pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized, grad_points: &[HookPoint]) -> Result<Prepared> {
     // The union of the sites every run's kind says the clean run caches.
     let mut sites: Vec<Site> = Vec::new();
     for r in &spec.runs {
@@ -250,6 +251,6 @@ pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized) -> Result<Pr
         (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
         _ => return Err(Error::Other("patching needs a corruption".into())),
     };
-    Prepared::new(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites)
+    Prepared::keeping_gradients(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites, grad_points)
 }
 

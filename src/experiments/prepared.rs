@@ -42,11 +42,29 @@ pub struct Prepared {
     /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
     /// the positions from `first_diff` on (None when first_diff is 0).
     pub prefix: Option<Prefix>,
+    /// The corrupted run kept for the attribution pass's backward (when one follows), which
+    /// then needs no forward of its own; taken by the first pass it covers.
+    pending_backward: std::sync::Mutex<Option<PendingBackward>>,
+}
+
+/// A corrupted forward run with its autograd graph: Σ over prompts of the metric, and the
+/// activations at the attribution pass's points (in the graph, differentiable).
+pub struct PendingBackward {
+    pub total: Tensor,
+    pub acts: HashMap<HookPoint, Tensor>,
 }
 
 impl Prepared {
     /// Runs the clean and corrupted batches once, caching what the sweeps need.
     pub fn new(model: &Model, clean_tokens: Tensor, corrupt: Corrupt, mask: Option<Tensor>, metric: Metric, sites: &[Site]) -> Result<Self> {
+        Self::keeping_gradients(model, clean_tokens, corrupt, mask, metric, sites, &[])
+    }
+
+    /// `new`, with the corrupted run also capturing `grad_points` and keeping its autograd graph
+    /// (when there are any), so the attribution pass that follows is a backward alone: AtP then
+    /// costs one clean forward and one corrupted forward + backward, as TransformerLens's AtP
+    /// does, instead of a second corrupted forward.
+    pub fn keeping_gradients(model: &Model, clean_tokens: Tensor, corrupt: Corrupt, mask: Option<Tensor>, metric: Metric, sites: &[Site], grad_points: &[HookPoint]) -> Result<Self> {
         let (corrupted_tokens, corrupt_embed, noise_first) = match corrupt {
             Corrupt::Tokens(t) => (t, None, None),
             Corrupt::EmbedNoise { noise, first } => (clean_tokens.shallow_clone(), Some(noise.to_device(model.device).to_kind(model.kind)), Some(first)),
@@ -65,7 +83,11 @@ impl Prepared {
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
         let kv_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
-        let mut corr_hooks = Hooks::capture(corr_points.iter().chain(&kv_points).copied());
+        let mut corr_hooks = Hooks::capture(corr_points.iter().chain(&kv_points).chain(grad_points).copied());
+        let keep_graph = !grad_points.is_empty();
+        if keep_graph {
+            corr_hooks = corr_hooks.with_grad();
+        }
         if let Some(noise) = &corrupt_embed {
             corr_hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
         }
@@ -74,12 +96,21 @@ impl Prepared {
             Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
         };
         let clean_per_prompt = values(&clean_final)?;
-        let corrupted_per_prompt = values(&corr_final)?;
-        let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks.cache.remove(p).expect("captured")).collect();
+        let corr_rows = metric.per_row(model, &corr_final.select(1, -1));
+        let corrupted_per_prompt = Vec::<f64>::try_from(corr_rows.detach().to_kind(tch::Kind::Double))?;
+        // Σ over prompts: the gradient at prompt p is that of prompt p's own metric.
+        let pending = keep_graph.then(|| PendingBackward {
+            total: corr_rows.sum(tch::Kind::Float),
+            acts: grad_points.iter().map(|p| (*p, corr_hooks.cache[p].shallow_clone())).collect(),
+        });
+        // What the sweeps read from the corrupted run carries no graph.
+        let mut corr_hooks_cache: HashMap<HookPoint, Tensor> = corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
+        let corr_hooks_cache = &mut corr_hooks_cache;
+        let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
         let prefix = (first_diff > 0 && first_diff < seq).then(|| {
-            let mut take = |l: usize, s: Site| corr_hooks.cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
+            let mut take = |l: usize, s: Site| corr_hooks_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
             let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
             Prefix { len: first_diff, keys, values }
@@ -96,7 +127,19 @@ impl Prepared {
             corrupted_per_prompt,
             first_diff,
             prefix,
+            pending_backward: std::sync::Mutex::new(pending),
         })
+    }
+
+    /// The corrupted run's graph for a backward at `points`, if it was kept and captured them
+    /// all (taken: a second pass runs its own forward).
+    pub fn take_pending_backward(&self, points: &[HookPoint]) -> Option<PendingBackward> {
+        let mut pending = self.pending_backward.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.as_ref().is_some_and(|p| points.iter().all(|q| p.acts.contains_key(q))) {
+            pending.take()
+        } else {
+            None
+        }
     }
 
     /// Plans the corruption on `hooks` (a corrupted forward from tokens).

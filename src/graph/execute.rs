@@ -265,6 +265,9 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
             task if task.is_shared() && needed[job.id] => {
                 let c = cx.as_ref().expect("the model loads before any shared pass");
                 overall.set_message(job.name.clone());
+                if task == Task::Prepare && plan.jobs.iter().any(|j| j.task == Task::AttributionPass && needed[j.id]) {
+                    c.expect_attribution_pass();
+                }
                 c.force(task.shared_pass().expect("a shared pass")).map_err(|e| Error::Other(format!("job [{}] {} on {}: {e}", job.id, job.name, prompts_of(toks.as_ref()))))?;
                 if task == Task::Prepare {
                     if let Some(f) = baseline_finding(c)? {

@@ -24,7 +24,9 @@ pub enum Task {
     Load,
     /// The clean and corrupted runs every patching run shares.
     Prepare,
-    /// The corrupted forward+backward every attribution run reads.
+    /// The corrupted backward every attribution run reads: of the corrupted run of `Prepare`,
+    /// which keeps its graph for it (a replica of a multi-device run that made the clean and
+    /// corrupted runs for another job first runs a forward of its own).
     AttributionPass,
     /// The clean run caching what logit-lens, DLA and head-score runs read.
     AnalysisCache,
@@ -130,7 +132,13 @@ impl Plan {
         let atp_pass = attributing.then(|| {
             let grad_drop = spec.runs.iter().any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
             let passes = 1 + if grad_drop { cfg.n_layers } else { 0 };
-            add(format!("corrupted forward+backward ({passes} pass{})", if passes == 1 { "" } else { "es" }), vec![prepare.expect("attribution patches")], Job { cost: 2.0 * full(passes), ..forwards(Task::AttributionPass, passes) })
+            // Its first pass is the backward of the corrupted run, which keeps its graph for it
+            // (GradDrop adds a forward + backward per layer).
+            let name = match passes - 1 {
+                0 => "corrupted run's backward".to_string(),
+                extra => format!("corrupted run's backward + {extra} GradDrop forward+backward passes"),
+            };
+            add(name, vec![prepare.expect("attribution patches")], Job { forwards: passes - 1, tl_forwards: passes, cost: 2.0 * full(passes) - full(1), ..blank(Task::AttributionPass) })
         });
         let analysing = spec.runs.iter().any(|r| r.kind.needs().analysis_cache);
         let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
