@@ -37,6 +37,12 @@ ioi() {
   ls "$MODELS/smollm2-shaped/"model*.safetensors > /dev/null 2>&1 || "$PY" "$here/gen_llama.py" "$MODELS/smollm2-shaped" > /dev/null
   for case in "gpt2-small-shaped ioi_patching.toml ioi" "smollm2-shaped smollm2_patching.toml smollm2"; do
     set -- $case
+    # A weight file's sha256 (in every job key) is computed by the first command that reads the
+    # file on a machine and cached under its path, size and mtime (~/.cache/tl-run/digests.json);
+    # timed apart here, so that every dtype's row times what every later run pays.
+    t0=$(now)
+    "$BIN" plan "$here/$2" --model-id "$MODELS/$1" --prompts "$P_IOI" > /dev/null || echo "FAILED tl-run plan $1"
+    echo "$1: first-run weight digest and plan $(minus $(now) $t0) s"
     for dtype in $DTYPES; do
       tag="${1}_$dtype"
       rm -rf "$WORK/tlrun_$tag"
@@ -67,6 +73,10 @@ ioi() {
 llama8b() {
   local m="$MODELS/llama8b"
   ls "$m"/model*.safetensors > /dev/null 2>&1 || { t0=$(now); "$PY" "$here/gen_llama.py" "$m" && echo "generated in $(minus $(now) $t0) s"; }
+  # The 15 GiB's first-run digests, timed apart as in ioi().
+  t0=$(now)
+  "$BIN" plan "$here/llama8b_atp.toml" --model-id "$m" --prompts "$P_100" > /dev/null || echo "FAILED tl-run plan llama8b"
+  echo "llama8b: first-run weight digests and plan $(minus $(now) $t0) s"
   poll=$(poll_gpu_memory "$WORK/gpumem_atp.csv")
   t0=$(now)
   "$BIN" run "$here/llama8b_atp.toml" --model-id "$m" --device "$DEVICE" --prompts "$P_100" --out "$WORK/atp" --fresh --quiet > /dev/null || echo "FAILED 8B attribution"

@@ -99,7 +99,7 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
             verify_note = serde_json::json!({"cells": top.len(), "batched_forwards": s.forwards, "pearson": pearson, "spearman": spearman});
         }
         notes.push(serde_json::json!({"hook": a.target.site.name(), "over": a.target.axes.names(), "cells": a.cells.len(), "verify_top": verify_note}));
-        push_cell_rows(&mut rows, run, a, &patched, scale, n, cx.spec.metric.per_prompt, cx.toks.map(|t| &t.clean_strs));
+        push_cell_rows(&mut rows, run, a, &patched, scale, n, cx.toks.map(|t| &t.clean_strs));
     }
     let passes = 1 + if options.grad_drop { model.cfg.n_layers } else { 0 };
     Ok((rows, serde_json::json!({
@@ -129,8 +129,10 @@ fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
 /// before it, appended to `rows` on all cores: a pattern target's rows (230,400 on an 8B model's
 /// 100 prompts) took longer to build one by one than its estimates took on the GPU. Each row is
 /// written in its place, so none is moved after it is built.
-fn push_cell_rows(rows: &mut Vec<Row>, run: &RunSpec, a: &crate::experiments::attribution::Attribution, patched: &[Option<(f64, Vec<f64>)>], scale: f64, n: usize, per_prompts: bool, tokens: Option<&Vec<Vec<String>>>) {
+fn push_cell_rows(rows: &mut Vec<Row>, run: &RunSpec, a: &crate::experiments::attribution::Attribution, patched: &[Option<(f64, Vec<f64>)>], scale: f64, n: usize, tokens: Option<&Vec<Vec<String>>>) {
     use rayon::prelude::*;
+    // Estimates per prompt are there when the metric asked for them.
+    let per_prompts = !a.per_prompt.is_empty();
     let token = |prompt: usize, pos: Option<i64>| -> Option<String> { tokens.and_then(|t| t.get(prompt % t.len().max(1))?.get(pos? as usize).cloned()) };
     let per_cell = if per_prompts { n + 1 } else { 1 };
     let start = rows.len();
