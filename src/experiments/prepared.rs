@@ -104,13 +104,12 @@ impl Prepared {
             acts: grad_points.iter().map(|p| (*p, corr_hooks.cache[p].shallow_clone())).collect(),
         });
         // What the sweeps read from the corrupted run carries no graph.
-        let mut corr_hooks_cache: HashMap<HookPoint, Tensor> = corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
-        let corr_hooks_cache = &mut corr_hooks_cache;
-        let corrupted_resid_pre = corr_points.iter().map(|p| corr_hooks_cache.remove(p).expect("captured")).collect();
+        let mut corr_cache: HashMap<HookPoint, Tensor> = corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
+        let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
         let prefix = (first_diff > 0 && first_diff < seq).then(|| {
-            let mut take = |l: usize, s: Site| corr_hooks_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
+            let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
             let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
             Prefix { len: first_diff, keys, values }
