@@ -127,8 +127,7 @@ impl<'a> RunContext<'a> {
     }
     /// The string of prompt p's token at `pos`.
     pub(crate) fn token(&self, prompt: usize, pos: Option<i64>) -> Option<String> {
-        let t = self.toks?;
-        pos.and_then(|p| t.clean_strs.get(prompt % t.n_prompts())?.get(p as usize).cloned())
+        self.toks?.token(prompt, pos)
     }
 }
 

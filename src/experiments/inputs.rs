@@ -33,6 +33,11 @@ impl Tokenized {
         self.clean_strs.len()
     }
 
+    /// The string of prompt p's token at `pos` (prompts repeat past the last: noise samples).
+    pub fn token(&self, prompt: usize, pos: Option<i64>) -> Option<String> {
+        token_at(&self.clean_strs, prompt, pos)
+    }
+
     /// A copy with tensors of its own (tensors are not shared between threads).
     pub fn duplicate(&self) -> Tokenized {
         Tokenized {
@@ -46,6 +51,12 @@ impl Tokenized {
             record: self.record.clone(),
         }
     }
+}
+
+/// `Tokenized::token` on the token strings alone, which threads can share (the tensors beside
+/// them are not shared between threads).
+pub(crate) fn token_at(clean_strs: &[Vec<String>], prompt: usize, pos: Option<i64>) -> Option<String> {
+    clean_strs.get(prompt % clean_strs.len().max(1))?.get(pos? as usize).cloned()
 }
 
 fn single_token(tok: &TextTokenizer, word: &str, prompt: usize, which: &str) -> Result<i64> {

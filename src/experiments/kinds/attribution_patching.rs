@@ -6,6 +6,7 @@ use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
 use crate::experiments::context::{per_prompt, CellRows, RunContext};
+use crate::experiments::inputs::token_at;
 use crate::experiments::activation_patching::cells_at;
 use crate::experiments::attribution::{clean_sites, points_for};
 use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
@@ -108,15 +109,14 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
     })))
 }
 
-
 /// The indices of the `k` largest |values|, largest first (ties in index order). Only these are
 /// sorted: a pattern target has hundreds of thousands of cells and usually verifies a few.
 fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
-    let by_size = |&i: &usize, &j: &usize| values[j].abs().total_cmp(&values[i].abs()).then(i.cmp(&j));
-    let mut order: Vec<usize> = (0..values.len()).collect();
     if k == 0 {
         return Vec::new();
     }
+    let by_size = |&i: &usize, &j: &usize| values[j].abs().total_cmp(&values[i].abs()).then(i.cmp(&j));
+    let mut order: Vec<usize> = (0..values.len()).collect();
     if k < order.len() {
         order.select_nth_unstable_by(k - 1, by_size);
         order.truncate(k);
@@ -133,7 +133,7 @@ fn push_cell_rows(rows: &mut Vec<Row>, run: &RunSpec, a: &crate::experiments::at
     use rayon::prelude::*;
     // Estimates per prompt are there when the metric asked for them.
     let per_prompts = !a.per_prompt.is_empty();
-    let token = |prompt: usize, pos: Option<i64>| -> Option<String> { tokens.and_then(|t| t.get(prompt % t.len().max(1))?.get(pos? as usize).cloned()) };
+    let token = |prompt: usize, pos: Option<i64>| tokens.and_then(|t| token_at(t, prompt, pos));
     let per_cell = if per_prompts { n + 1 } else { 1 };
     let start = rows.len();
     rows.resize(start + a.cells.len() * per_cell, Row::default());
