@@ -1,7 +1,9 @@
 //! Golden Parquet comparison. Rows are matched by their keys (every string and integer column:
 //! run, kind, hook, layer, head, pos, prompt, label, …); float columns must agree within
 //! atol + rtol·|golden|, boolean columns exactly. Any table tl-run writes can be compared, so a
-//! new column needs no change here.
+//! new column needs no change here. One rule knows a column's meaning: `patched` is there only
+//! for the cells a top-k of |value| chose (`SELECTED_BY_VALUE`), so which cells those are may
+//! differ at the cut when the values agree within tolerance.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
@@ -19,6 +21,22 @@ pub struct KeyedTable {
     pub exact_columns: Vec<String>,
     /// key → (float values in float_columns order, exact values in exact_columns order).
     pub rows: BTreeMap<String, (Vec<Option<f64>>, Vec<Option<bool>>)>,
+    /// key → the rows one top-k selection ranks together (`selection_group`).
+    pub groups: BTreeMap<String, String>,
+}
+
+/// Float columns with a value only in the rows a top-k of |value| selected within their group:
+/// attribution's `patched`, the real patching of each target's `verify_top` cells.
+pub const SELECTED_BY_VALUE: &[&str] = &["patched"];
+
+/// The rows a `verify_top` selection ranks together: one run's target (its hook without the
+/// layer) and prompt (or the mean over prompts).
+fn selection_group(run: Option<&str>, hook: Option<&str>, prompt: Option<&str>) -> String {
+    let target = hook.map(|h| match h.strip_prefix("blocks.").and_then(|rest| rest.split_once('.')) {
+        Some((layer, site)) if layer.chars().all(|c| c.is_ascii_digit()) => site,
+        _ => h,
+    });
+    format!("{}|{}|{}", run.unwrap_or(""), target.unwrap_or(""), prompt.unwrap_or("mean"))
 }
 
 enum Col {
@@ -87,7 +105,11 @@ impl KeyedTable {
             t.key_columns = keys.iter().map(|k| k.0.clone()).collect();
             t.float_columns = floats.iter().map(|k| k.0.clone()).collect();
             t.exact_columns = exact.iter().map(|k| k.0.clone()).collect();
+            let column = |name: &str| keys.iter().find(|(n, _)| n == name).map(|(_, j)| batch.column(*j).as_ref());
+            let (run, hook, prompt) = (column("run"), column("hook"), column("prompt"));
             for i in 0..batch.num_rows() {
+                let at = |a: Option<&dyn Array>| a.and_then(|a| key_value(a, i));
+                let group = selection_group(at(run).as_deref(), at(hook).as_deref(), at(prompt).as_deref());
                 let mut key = keys
                     .iter()
                     .filter_map(|(n, j)| key_value(batch.column(*j).as_ref(), i).map(|v| format!("{n}={v}")))
@@ -107,6 +129,7 @@ impl KeyedTable {
                         (!a.is_null(i)).then(|| a.as_boolean().value(i))
                     })
                     .collect();
+                t.groups.insert(key.clone(), group);
                 t.rows.insert(key, (f, e));
             }
         }
@@ -134,6 +157,29 @@ pub struct TableDiff {
     pub schema: Vec<String>,
 }
 
+/// For a column in `SELECTED_BY_VALUE`: per selection group, the smallest |value| among the rows
+/// the column has a value in (the selection's cut).
+fn selection_cuts(t: &KeyedTable, column: usize, value: usize) -> BTreeMap<&str, f64> {
+    let mut cuts: BTreeMap<&str, f64> = BTreeMap::new();
+    for (k, (f, _)) in &t.rows {
+        if let (Some(_), Some(v), Some(g)) = (f[column], f[value], t.groups.get(k)) {
+            let cut = cuts.entry(g.as_str()).or_insert(f64::INFINITY);
+            *cut = cut.min(v.abs());
+        }
+    }
+    cuts
+}
+
+/// Whether a row that one side selected and `lacking` did not was within tolerance of
+/// `lacking`'s cut: its |value| there within atol + rtol·cut of the smallest selected.
+fn near_the_cut(lacking: &KeyedTable, cuts: &BTreeMap<&str, f64>, key: &str, value: usize, atol: f64, rtol: f64) -> bool {
+    let (Some((f, _)), Some(group)) = (lacking.rows.get(key), lacking.groups.get(key)) else { return false };
+    match (f[value], cuts.get(group.as_str())) {
+        (Some(v), Some(&cut)) => (cut - v.abs()).abs() <= atol + rtol * cut,
+        _ => false,
+    }
+}
+
 fn same(a: Option<f64>, b: Option<f64>) -> bool {
     match (a, b) {
         (None, None) => true,
@@ -157,15 +203,32 @@ pub fn diff(ours: &KeyedTable, golden: &KeyedTable, atol: f64, rtol: f64) -> Tab
     }
     d.missing = golden.rows.keys().filter(|k| !ours.rows.contains_key(*k)).cloned().collect();
     d.extra = ours.rows.keys().filter(|k| !golden.rows.contains_key(*k)).cloned().collect();
+    let value_at = |t: &KeyedTable| t.float_columns.iter().position(|x| x == "value");
     for (j, c) in golden.float_columns.iter().enumerate() {
         let jo = ours.float_columns.iter().position(|x| x == c).unwrap_or(j);
         let mut col = ColumnDiff { column: c.clone(), max_abs_diff: 0.0, outside: Vec::new() };
         let mut worst: Vec<(f64, String, Option<f64>, Option<f64>)> = Vec::new();
+        // A selected column: a row one side selected is fine when the other side's value for it
+        // was within tolerance of that side's cut (bf16's rounding reorders near-equal cells).
+        let selection = match (SELECTED_BY_VALUE.contains(&c.as_str()), value_at(ours), value_at(golden)) {
+            (true, Some(vo), Some(vg)) => Some((vo, vg, selection_cuts(ours, jo, vo), selection_cuts(golden, j, vg))),
+            _ => None,
+        };
         for (k, (gf, _)) in &golden.rows {
             let Some((of, _)) = ours.rows.get(k) else { continue };
             let (o, g) = (of[jo], gf[j]);
             if same(o, g) {
                 continue;
+            }
+            if let Some((vo, vg, ours_cuts, golden_cuts)) = &selection {
+                let chosen_differently = match (o, g) {
+                    (Some(_), None) => near_the_cut(golden, golden_cuts, k, *vg, atol, rtol),
+                    (None, Some(_)) => near_the_cut(ours, ours_cuts, k, *vo, atol, rtol),
+                    _ => false,
+                };
+                if chosen_differently {
+                    continue;
+                }
             }
             let dist = match (o, g) {
                 (Some(x), Some(y)) => (x - y).abs(),
@@ -187,4 +250,53 @@ pub fn diff(ours: &KeyedTable, golden: &KeyedTable, atol: f64, rtol: f64) -> Tab
         d.exact.push((c.clone(), bad));
     }
     d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table of one attribution target's cells (value, patched) at layer 0, heads 0..n.
+    fn table(cells: &[(f64, Option<f64>)]) -> KeyedTable {
+        let mut t = KeyedTable { key_columns: vec!["run".into(), "hook".into(), "head".into()], float_columns: vec!["value".into(), "patched".into()], ..KeyedTable::default() };
+        for (h, (v, p)) in cells.iter().enumerate() {
+            let key = format!("run=a hook=blocks.0.attn.hook_z head={h}");
+            t.groups.insert(key.clone(), selection_group(Some("a"), Some("blocks.0.attn.hook_z"), None));
+            t.rows.insert(key, (vec![Some(*v), *p], vec![]));
+        }
+        t
+    }
+
+    /// Rows of `patched` outside tolerance.
+    fn outside(ours: &KeyedTable, golden: &KeyedTable, atol: f64) -> usize {
+        diff(ours, golden, atol, 0.0).floats.iter().filter(|c| c.column == "patched").map(|c| c.outside.len()).sum()
+    }
+
+    #[test]
+    fn cells_selected_differently_at_the_cut_pass_within_tolerance_only() {
+        // The golden verified heads 0 and 1 (|0.30|, |0.20|); head 2's estimate was 0.19.
+        let golden = table(&[(0.30, Some(0.5)), (-0.20, Some(0.4)), (0.19, None), (0.01, None)]);
+        // Ours: head 2's estimate moved to 0.21 and took head 1's place.
+        let ours = table(&[(0.30, Some(0.5)), (-0.20, None), (0.21, Some(0.3)), (0.01, None)]);
+        // Head 2 was 0.01 below the golden's cut, head 1 0.01 below ours.
+        assert_eq!(outside(&ours, &golden, 0.02), 0);
+        assert_eq!(outside(&ours, &golden, 0.005), 2, "beyond tolerance of the cut, both differences fail");
+        // A cell far below the cut verified in place of one at it fails whatever the values do.
+        let ours = table(&[(0.30, Some(0.5)), (-0.20, None), (0.19, None), (0.01, Some(0.0))]);
+        assert_eq!(outside(&ours, &golden, 0.02), 2);
+        // Nothing verified at all is not a different choice.
+        let ours = table(&[(0.30, None), (-0.20, None), (0.19, None), (0.01, None)]);
+        assert_eq!(outside(&ours, &golden, 0.02), 2);
+        // A verified value itself is held to the tolerance as before.
+        let ours = table(&[(0.30, Some(0.5)), (-0.20, Some(0.45)), (0.19, None), (0.01, None)]);
+        assert_eq!(outside(&ours, &golden, 0.02), 1);
+    }
+
+    #[test]
+    fn selection_groups_are_a_runs_target_and_prompt() {
+        assert_eq!(selection_group(Some("r"), Some("blocks.11.attn.hook_q"), None), selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None));
+        assert_ne!(selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None), selection_group(Some("r"), Some("blocks.0.attn.hook_k"), None));
+        assert_ne!(selection_group(Some("r"), Some("blocks.0.attn.hook_q"), Some("1")), selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None));
+        assert_eq!(selection_group(None, Some("hook_embed"), None), "|hook_embed|mean");
+    }
 }
