@@ -22,21 +22,62 @@ fn gguf_tokens_and_logits_equal_transformers() {
     assert_eq!((model.cfg.n_layers, model.cfg.d_model, model.cfg.n_heads, model.cfg.n_kv_heads, model.cfg.d_vocab), (30, 576, 9, 3, 49152));
     let tok = model.tokenizer().unwrap();
     let prompts: Vec<String> = serde_json::from_str(&o.metadata["prompts"]).unwrap();
-    let mut worst: f64 = 0.0;
+    // Held to the gate's f32 agreement with HF (configs/zoo-ci.toml: atol 1e-4, rtol 1e-4):
+    // these logits reach |20| or more through 30 layers, where summation order alone moves the
+    // last digits by about 1e-4 (1.12e-4 on a CPU with AVX-512 BF16/AMX kernels).
+    let (mut worst, mut excess, mut largest): (f64, f64, f64) = (0.0, f64::NEG_INFINITY, 0.0);
     for (i, p) in prompts.iter().enumerate() {
         let theirs: Vec<i64> = Vec::try_from(o.get(&format!("hf_tokens/{i}"))).unwrap();
         assert_eq!(tok.encode(p, false).unwrap(), theirs, "tokens of {p:?}");
         let tokens = tch::Tensor::from_slice(&theirs).unsqueeze(0);
-        let logits = model.run(Input::Tokens(&tokens), None, &mut Hooks::new(), Stop::Logits).unwrap().squeeze_dim(0);
-        worst = worst.max(max_abs_diff(&logits, o.get(&format!("hf_logits/{i}"))));
+        let logits = model.run(Input::Tokens(&tokens), None, &mut Hooks::new(), Stop::Logits).unwrap().squeeze_dim(0).to_kind(tch::Kind::Double);
+        let reference = o.get(&format!("hf_logits/{i}")).to_kind(tch::Kind::Double);
+        worst = worst.max(max_abs_diff(&logits, &reference));
+        largest = largest.max(reference.abs().max().double_value(&[]));
+        // How far past atol + rtol·|reference| the worst element is (≤ 0: within).
+        let past = ((&logits - &reference).abs() - (reference.abs() * 1e-4 + 1e-4)).max().double_value(&[]);
+        excess = excess.max(past);
     }
-    eprintln!("max |diff| {worst:.2e}  SmolLM2 logits vs transformers (GGUF), 8 prompts");
-    assert!(worst <= 1e-4, "logits differ from transformers by {worst:.3e}");
+    eprintln!("max |diff| {worst:.2e} (largest |logit| {largest:.1}, worst excess over 1e-4 + 1e-4·|ref| {excess:.2e})  SmolLM2 logits vs transformers (GGUF), 8 prompts");
+    assert!(excess <= 0.0, "logits differ from transformers by up to {worst:.3e}, {excess:.3e} past atol 1e-4 + rtol 1e-4");
     // A real trained model: the IOI answer is its top token.
     let tokens = tch::Tensor::from_slice(&tok.encode(&prompts[0], false).unwrap()).unsqueeze(0);
     let logits = model.run(Input::Tokens(&tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
     let top = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
     assert_eq!(tok.token_str(top), " Mary");
+}
+
+/// `tl-run hooks` checks a GGUF by its tensors' shapes alone, dequantizing nothing: its listing
+/// must be exactly what a forward of the loaded model captures.
+#[test]
+fn hooks_of_the_gguf_are_what_its_forward_captures() {
+    let out = tl_run().args(["hooks", &gguf_path(), "--batch", "2", "--seq", "5"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Vec<(String, String)> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| l.split_once(' ').map(|(n, s)| (n.to_string(), s.trim().to_string())).unwrap()).collect();
+    let model = Model::load(&gguf_path(), &LoadOptions::default()).unwrap();
+    let tokens = tch::Tensor::zeros([2, 5], (tch::Kind::Int64, tch::Device::Cpu));
+    let mut hooks = Hooks::capture_all();
+    let _logits = model.run(Input::Tokens(&tokens), None, &mut hooks, Stop::Logits).unwrap();
+    let captured: Vec<(String, String)> = model.hook_points().iter().map(|p| (p.to_string(), format!("{:?}", hooks.cache[p].size()))).collect();
+    assert_eq!(listed, captured);
+    assert_eq!(hooks.cache.len(), captured.len(), "the forward captured points the listing lacks");
+    // Checked by shape: a key-value head count that does not fit the k and v weights is refused.
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = tmp.path().join("m.gguf");
+    let mut bytes = std::fs::read(gguf_path()).unwrap();
+    let key = b"llama.attention.head_count_kv";
+    let mut entry = (key.len() as u64).to_le_bytes().to_vec();
+    entry.extend(key);
+    let at = bytes.windows(entry.len()).position(|w| w == entry.as_slice()).expect("head_count_kv in the metadata") + entry.len();
+    // The value after the key: its type (u32; 4 = uint32), then the count (3 in SmolLM2).
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4);
+    assert_eq!(u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()), 3);
+    bytes[at + 4..at + 8].copy_from_slice(&1u32.to_le_bytes());
+    std::fs::write(&bad, bytes).unwrap();
+    let out = tl_run().args(["hooks", bad.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("k_proj") && !err.contains("panicked"), "{err}");
 }
 
 #[test]

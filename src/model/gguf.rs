@@ -308,6 +308,17 @@ impl Gguf {
     /// Every tensor under its HF Llama name, in f32, with q/k rows in HF's order again;
     /// dequantized on all cores.
     pub fn state_dict(&self) -> Result<StateDict> {
+        self.named_tensors(true)
+    }
+
+    /// The same names and shapes without the values, for checking the checkpoint against its
+    /// config (`Model::inspect`, `tl-run hooks`) without dequantizing it: each tensor is
+    /// uninitialised storage that nothing reads, which the allocator maps without touching.
+    pub fn state_dict_shapes(&self) -> Result<StateDict> {
+        self.named_tensors(false)
+    }
+
+    fn named_tensors(&self, values: bool) -> Result<StateDict> {
         use rayon::prelude::*;
         let cfg = self.config_json()?;
         let heads = cfg["num_attention_heads"].as_i64().unwrap_or(1);
@@ -317,18 +328,33 @@ impl Gguf {
             .par_iter()
             .map(|t| {
                 let name = hf_name(&t.name).ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF tensor '{}' has no Llama counterpart", t.name) })?;
-                let w = self.tensor(t)?;
-                let w = if t.name.ends_with("attn_q.weight") {
-                    unpermute(&w, heads)?
+                let permuted_over = if t.name.ends_with("attn_q.weight") {
+                    Some(heads)
                 } else if t.name.ends_with("attn_k.weight") {
-                    unpermute(&w, kv_heads)?
+                    Some(kv_heads)
                 } else {
-                    w
+                    None
+                };
+                let w = if values { self.tensor(t)? } else { self.shaped(t)? };
+                let w = match permuted_over {
+                    Some(h) if values => unpermute(&w, h)?,
+                    // Undoing the permutation keeps the shape; whether it can be undone is checked.
+                    Some(h) => {
+                        permuted_rows(&w, h)?;
+                        w
+                    }
+                    None => w,
                 };
                 Ok((name, w))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(StateDict::from_tensors(out))
+    }
+
+    /// A tensor of `t`'s torch shape whose storage is allocated but never written or read.
+    fn shaped(&self, t: &TensorInfo) -> Result<Tensor> {
+        let shape: Vec<i64> = t.dims.iter().rev().map(|&d| d as i64).collect();
+        Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu)).map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })
     }
 
     /// The tokenizer the metadata describes (byte-level BPE, "gpt2" in GGUF's words), built as
@@ -376,14 +402,20 @@ impl Gguf {
 /// HF's rotate-half layout is recovered by the inverse reshape.
 fn unpermute(w: &Tensor, heads: i64) -> Result<Tensor> {
     let size = w.size();
-    let rows = size[0];
-    if heads <= 0 || rows % (heads * 2) != 0 {
-        return Err(Error::Config(format!("cannot undo the q/k permutation: {rows} rows over {heads} heads")));
-    }
+    let rows = permuted_rows(w, heads)?;
     let rest: Vec<i64> = size[1..].to_vec();
     let mut shape = vec![heads, rows / heads / 2, 2];
     shape.extend(&rest);
     Ok(w.reshape(shape.as_slice()).transpose(1, 2).reshape(size.as_slice()))
+}
+
+/// The rows of a q/k weight permuted over `heads`, when they split into a rotary pair per head.
+fn permuted_rows(w: &Tensor, heads: i64) -> Result<i64> {
+    let rows = w.size()[0];
+    if heads <= 0 || rows % (heads * 2) != 0 {
+        return Err(Error::Config(format!("cannot undo the q/k permutation: {rows} rows over {heads} heads")));
+    }
+    Ok(rows)
 }
 
 /// GGUF's Llama tensor names -> HF's.

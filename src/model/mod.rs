@@ -223,13 +223,14 @@ impl Model {
     /// consistent), for what needs the model's structure but not its values, such as listing
     /// hook points. A safetensors checkpoint is mapped, not read: the check reads its headers and
     /// no weight values, so it takes milliseconds whatever the model's size. Nothing is
-    /// processed, placed on a device or tokenized. A `.gguf` file is still dequantized whole.
+    /// processed, placed on a device or tokenized. A `.gguf` file is mapped too, and its tensors
+    /// converted by shape alone (`Gguf::state_dict_shapes`): nothing is dequantized.
     pub fn inspect(id: &str, revision: Option<&str>) -> Result<ModelConfig> {
         let validated = |(cfg, weights): (ModelConfig, Weights)| weights.validate(&cfg).map(|()| cfg);
         if is_gguf(id) {
             let g = gguf::Gguf::read(std::path::Path::new(id))?;
             let json = g.config_json()?;
-            return Model::convert_gguf(id, &g, &json).and_then(validated);
+            return Model::convert_gguf(id, &json, g.state_dict_shapes()?).and_then(validated);
         }
         let files = source::resolve(id, revision)?;
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "checking model");
@@ -244,7 +245,7 @@ impl Model {
         tracing::info!(id, "loading GGUF model");
         let g = gguf::Gguf::read(path)?;
         let json = g.config_json()?;
-        let (cfg, weights) = Model::convert_gguf(id, &g, &json)?;
+        let (cfg, weights) = Model::convert_gguf(id, &json, g.state_dict()?)?;
         let tokenizer = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
         let mut model = Model::from_weights(cfg, weights, opts)?;
         model.tokenizer = Some(tokenizer);
@@ -252,9 +253,9 @@ impl Model {
         Ok(model)
     }
 
-    fn convert_gguf(id: &str, g: &gguf::Gguf, json: &serde_json::Value) -> Result<(ModelConfig, Weights)> {
+    fn convert_gguf(id: &str, json: &serde_json::Value, tensors: checkpoint::StateDict) -> Result<(ModelConfig, Weights)> {
         let (cfg, convert) = family(json)?;
-        let weights = convert(g.state_dict()?, &cfg).map_err(|e| match e {
+        let weights = convert(tensors, &cfg).map_err(|e| match e {
             Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
             e => e,
         })?;
