@@ -199,3 +199,55 @@ fn key_value_prefix_reproduces_the_full_run() {
         assert!(max_abs_diff(&part.cache[&z], &full.cache[&z].narrow(1, s, seq - s)) <= 1e-5, "{name} z");
     }
 }
+
+/// `Stop::LastPosition` returns ln_final's output at the last position, computing the last
+/// block's queries, attention and MLP there alone: equal to a full run's last position in every
+/// family (rotary, ALiBi, windows, parallel blocks, post norms, grouped and per-head-normed
+/// keys), from tokens, after a key-value prefix and with left padding; a hook past the last
+/// block's keys and values makes it compute every position, which that hook then sees.
+#[test]
+fn last_position_stop_equals_the_full_runs_last_position() {
+    use tl_run::engine::forward::Prefix;
+    let fixtures = [
+        "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
+        "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+        "stories260K",
+    ];
+    for name in fixtures {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);
+        tch::manual_seed(0);
+        let toks = Tensor::randint_low(1, vocab, [3, 9], (Kind::Int64, tch::Device::Cpu));
+        // Row 2 is left-padded by three positions.
+        let mask = Tensor::ones([3, 9], (Kind::Int64, tch::Device::Cpu));
+        let _ = mask.get(2).narrow(0, 0, 3).fill_(0);
+        for mask in [None, Some(&mask)] {
+            let mut full = Hooks::capture_all();
+            let all = model.run(Input::Tokens(&toks), mask, &mut full, Stop::FinalNorm).unwrap();
+            let expected = all.select(1, -1);
+            let last = model.run(Input::Tokens(&toks), mask, &mut Hooks::new(), Stop::LastPosition).unwrap();
+            assert_eq!(last.size(), expected.size(), "{name}");
+            let d = max_abs_diff(&last, &expected);
+            assert!(d <= 1e-5, "{name} (mask {}): last position differs by {d:.2e}", mask.is_some());
+            // From the last block's residual after a 4-position prefix, with keys and values hooked.
+            let s = 4;
+            let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
+            let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+            let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
+            let layer = n_layers - 1;
+            let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, 9 - s);
+            let v = HookPoint::Block(layer, Site::V);
+            let mut kv = Hooks::capture([v, HookPoint::Block(layer, key_site)]);
+            let last = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask, &mut kv, Stop::LastPosition, Some(&prefix)).unwrap();
+            let d = max_abs_diff(&last, &expected);
+            assert!(d <= 1e-5, "{name} (mask {}): after a prefix, differs by {d:.2e}", mask.is_some());
+            assert_eq!(kv.cache[&v].size()[1], 9 - s, "{name}: keys and values at every computed position");
+            // A hook on z in the last block sees every position.
+            let z = HookPoint::Block(layer, Site::Z);
+            let mut hooks = Hooks::capture([z]);
+            let last = model.run(Input::Tokens(&toks), mask, &mut hooks, Stop::LastPosition).unwrap();
+            assert!(max_abs_diff(&last, &expected) <= 1e-5, "{name}: with a hook in the last block");
+            assert_eq!(hooks.cache[&z].size(), full.cache[&z].size(), "{name}: z hooked in full");
+        }
+    }
+}

@@ -26,6 +26,12 @@ pub enum Stop {
     /// Return the input of the unembedding (ln_final's output), [batch, pos, d_model]: metrics
     /// that read a few logits at one position take them from here instead of the full vocabulary.
     FinalNorm,
+    /// Return ln_final's output at the last position only, [batch, d_model] (where every metric
+    /// reads). Nothing after the last block reads its other positions, so that block computes
+    /// keys and values at every position but queries, attention output and MLP at the last one
+    /// alone; when a hook in that block past its keys and values (or at ln_final) is set, every
+    /// position is computed as for `FinalNorm` and the last one returned.
+    LastPosition,
     /// Return the residual entering block `l` (blocks.{l}.hook_resid_pre; l = n_layers gives the
     /// last resid_post) without running it.
     BeforeLayer(usize),
@@ -41,6 +47,12 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// The first `len` positions of this prefix (views).
+    pub fn first(&self, len: i64) -> Prefix {
+        let first = |t: &Tensor| t.narrow(1, 0, len);
+        Prefix { len, keys: self.keys.iter().map(first).collect(), values: self.values.iter().map(first).collect() }
+    }
+
     /// The same prefix for `k` stacked copies of the batch (patch cells as the batch axis).
     pub fn repeat(&self, k: i64) -> Prefix {
         self.repeat_layers(k, 0..self.keys.len())
@@ -57,6 +69,20 @@ impl Prefix {
         let rep = |(l, t): (usize, &Tensor)| if layers.contains(&l) { t.repeat([k, 1, 1, 1]) } else { t.shallow_clone() };
         Prefix { len: self.len, keys: self.keys.iter().enumerate().map(rep).collect(), values: self.values.iter().enumerate().map(rep).collect() }
     }
+}
+
+/// Which query positions a block computes past its keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Queries {
+    All,
+    /// The last position only (the last block of a `Stop::LastPosition` forward).
+    Last,
+}
+
+/// Hook sites of a block that see every position when it computes only the last query: those
+/// its keys and values are computed from.
+fn feeds_keys_and_values(site: Site) -> bool {
+    matches!(site, Site::ResidPre | Site::Ln1(_) | Site::K | Site::V | Site::KNorm(_) | Site::KNormed | Site::RotK)
 }
 
 /// What every layer of one forward shares.
@@ -154,7 +180,7 @@ impl Model {
             }
         };
         let (end, logits) = match stop {
-            Stop::Logits | Stop::FinalNorm => (self.cfg.n_layers, true),
+            Stop::Logits | Stop::FinalNorm | Stop::LastPosition => (self.cfg.n_layers, true),
             Stop::BeforeLayer(l) if l >= start && l <= self.cfg.n_layers => (l, false),
             Stop::BeforeLayer(l) => {
                 return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
@@ -171,6 +197,14 @@ impl Model {
             Context { blocked: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix }
         };
         let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
+        let last_block = self.cfg.n_layers - 1;
+        let last_query_only = stop == Stop::LastPosition
+            && start <= last_block
+            && !hooks.any_at(|p| match p {
+                HookPoint::Block(l, site) => l == last_block && !feeds_keys_and_values(site),
+                HookPoint::LnFinal(_) => true,
+                _ => false,
+            });
         for l in start..end {
             let device = self.device_of(l);
             if x.device() != device {
@@ -180,7 +214,8 @@ impl Model {
                 contexts.push((device, context(device)));
             }
             let ctx = &contexts.iter().find(|(d, _)| *d == device).expect("built above").1;
-            x = self.block(l, x, ctx, hooks)?;
+            let queries = if last_query_only && l == last_block { Queries::Last } else { Queries::All };
+            x = self.block(l, x, ctx, hooks, queries)?;
         }
         if !logits {
             if end < self.cfg.n_layers && end > start {
@@ -189,8 +224,10 @@ impl Model {
             return Ok(x);
         }
         let x = self.norm(x.to_device(self.device), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
-        if stop == Stop::FinalNorm {
-            return Ok(x);
+        match stop {
+            Stop::FinalNorm => return Ok(x),
+            Stop::LastPosition => return Ok(x.select(1, -1)),
+            _ => {}
         }
         Ok(self.unembed(&x))
     }
@@ -343,12 +380,17 @@ impl Model {
         Ok(y)
     }
 
-    fn block(&self, l: usize, resid_pre: Tensor, ctx: &Context<'_>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn block(&self, l: usize, resid_pre: Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let bw = &self.weights.blocks[l];
         let resid_pre = hooks.at(at(Site::ResidPre), resid_pre)?;
         let x = self.norm(resid_pre.shallow_clone(), &bw.ln1, at(Site::Ln1(NormHook::Scale)), at(Site::Ln1(NormHook::Normalized)), hooks)?;
-        let mut attn_out = self.attention(l, &x, ctx, hooks)?;
+        let mut attn_out = self.attention(l, &x, ctx, hooks, queries)?;
+        // From here on only the computed queries' positions go on.
+        let (resid_pre, x) = match queries {
+            Queries::All => (resid_pre, x),
+            Queries::Last => (last_position(&resid_pre), last_position(&x)),
+        };
         if let Some(post) = &bw.ln1_post {
             attn_out = self.norm(attn_out, post, at(Site::Ln1Post(NormHook::Scale)), at(Site::Ln1Post(NormHook::Normalized)), hooks)?;
         }
@@ -377,12 +419,17 @@ impl Model {
         hooks.at(at(Site::ResidPost), resid_post)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, ctx: &Context<'_>, hooks: &mut Hooks) -> Result<Tensor> {
+    fn attention(&self, l: usize, x: &Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
         let (b, p) = (x.size()[0], x.size()[1]);
         let (h, kv, e) = (self.cfg.n_heads as i64, self.cfg.n_kv_heads as i64, self.cfg.d_head as i64);
-        let q = hooks.at(at(Site::Q), x.linear(&fw.w_q, Some(&fw.b_q)).view([b, p, h, e]))?;
+        // Queries at the positions this block goes on with; keys and values at all of them.
+        let (x_q, p_q) = match queries {
+            Queries::All => (x.shallow_clone(), p),
+            Queries::Last => (last_position(x), 1),
+        };
+        let q = hooks.at(at(Site::Q), x_q.linear(&fw.w_q, Some(&fw.b_q)).view([b, p_q, h, e]))?;
         let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
         let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
         let (q, k) = match (&aw.q_norm, &aw.k_norm) {
@@ -393,7 +440,13 @@ impl Model {
             _ => (q, k),
         };
         let (q, k) = match &ctx.rotary {
-            Some(t) => (hooks.at(at(Site::RotQ), self.rotate(&q, t))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?),
+            Some(t) => {
+                let t_q = match queries {
+                    Queries::All => (t.0.shallow_clone(), t.1.shallow_clone()),
+                    Queries::Last => (last_position(&t.0), last_position(&t.1)),
+                };
+                (hooks.at(at(Site::RotQ), self.rotate(&q, &t_q))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?)
+            }
             None => (q, k),
         };
         let (k, v) = match ctx.prefix {
@@ -412,7 +465,11 @@ impl Model {
             scores = scores + alibi;
         }
         let blocked = ctx.blocked(self.cfg.attn_windows[l]);
-        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(blocked, f64::NEG_INFINITY))?;
+        let blocked = match queries {
+            Queries::All => blocked.shallow_clone(),
+            Queries::Last => blocked.narrow(2, blocked.size()[2] - 1, 1),
+        };
+        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&blocked, f64::NEG_INFINITY))?;
         // Softmax accumulates in f32 whatever the run dtype, then returns to it.
         let pattern = scores.softmax(-1, Kind::Float);
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
@@ -424,7 +481,7 @@ impl Model {
             let result = hooks.at(at(Site::Result), result)?;
             Ok(result.sum_dim_intlist(2, false, None) + &aw.b_o)
         } else {
-            Ok(z.view([b, p, h * e]).matmul(&fw.w_o) + &aw.b_o)
+            Ok(z.view([b, p_q, h * e]).matmul(&fw.w_o) + &aw.b_o)
         }
     }
 
@@ -472,6 +529,11 @@ impl Model {
         let post = hooks.at(at(Site::MlpPost), post)?;
         Ok(post.matmul(&mw.w_out) + &mw.b_out)
     }
+}
+
+/// The last position of a [batch, pos, ..] tensor, keeping the axis.
+fn last_position(x: &Tensor) -> Tensor {
+    x.narrow(1, x.size()[1] - 1, 1)
 }
 
 /// Rescaled rotary inverse frequencies, as HF's rope initialisation functions compute them (f32).

@@ -235,6 +235,16 @@ impl Hooks {
         self.interventions.contains_key(&point)
     }
 
+    /// Whether any point `pick` selects is edited or captured (capturing everything counts).
+    pub fn any_at(&self, pick: impl Fn(HookPoint) -> bool) -> bool {
+        let captured = match &self.capture {
+            Capture::Nothing => false,
+            Capture::All => true,
+            Capture::Only(s) => s.iter().any(|p| pick(*p)),
+        };
+        captured || self.interventions.keys().any(|p| pick(*p))
+    }
+
     fn captures(&self, point: HookPoint) -> bool {
         match &self.capture {
             Capture::Nothing => false,

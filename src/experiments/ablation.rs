@@ -184,6 +184,8 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
     let measure_of = |out: &Tensor, rows: i64| -> Result<Vec<f64>> {
         let v = match spec.measure {
             Measure::Loss => next_token_loss(out, &inp.tokens.repeat([rows / n, 1]), inp.mask.map(|m| m.repeat([rows / n, 1])).as_ref()),
+            // ln_final's output at every position, or (a sweep's `Stop::LastPosition`) the last.
+            _ if out.dim() == 2 => inp.metric.per_row(model, out),
             _ => inp.metric.per_row(model, &out.select(1, -1)),
         };
         Ok(Vec::try_from(v.to_kind(Kind::Double))?)
@@ -237,7 +239,8 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
                 let mut hooks = Hooks::new().intervene(point(l), Intervention::new(Edit::Where { mask, source }));
                 let resid = clean_hooks.cache[&HookPoint::Block(l, Site::ResidPre)].repeat([k, 1, 1]);
                 let attn_mask = inp.mask.map(|m| m.repeat([k, 1]));
-                let out = model.run(Input::Residual { layer: l, resid: &resid }, attn_mask.as_ref(), &mut hooks, stop)?;
+                let sweep_stop = if stop == Stop::FinalNorm { Stop::LastPosition } else { stop };
+                let out = model.run(Input::Residual { layer: l, resid: &resid }, attn_mask.as_ref(), &mut hooks, sweep_stop)?;
                 forwards += 1;
                 let vals = measure_of(&out, k * n)?;
                 for (j, u) in chunk.iter().enumerate() {

@@ -219,8 +219,10 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
 /// How a sweep over several layers is cut into forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
-    /// One forward (or chunk of forwards) per layer, each starting at that layer: on a CPU the
-    /// work is the arithmetic, and this keeps every forward's batch small.
+    /// Forwards of one layer's cells, each starting at that layer: on a CPU the work is the
+    /// arithmetic, and this keeps every forward's batch small. A patch at position p changes
+    /// nothing before p, so the cells are also grouped by the position their changes start at
+    /// (`first_changed`), each group's forwards computing only the positions from there on.
     ByLayer,
     /// One forward for the cells of many layers: it starts at the first layer, and before each
     /// later layer the cells patched there join the batch, so each row still runs only the
@@ -305,7 +307,9 @@ pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cel
                 if todo.is_empty() {
                     continue;
                 }
-                if todo.len() > state.chunk_size {
+                // The last layer's cells run by themselves: a forward that starts there computes
+                // every position (`last_block_stop`), which the staircase's other rows need not.
+                if todo.len() > state.chunk_size || layer + 1 == model.cfg.n_layers {
                     patch_layer(model, prep, parts, layer, &todo, &mut state)?;
                     continue;
                 }
@@ -339,24 +343,36 @@ pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cel
     Ok(sweeps)
 }
 
-/// With a key-value prefix only the positions after it are computed: (prefix length, positions
-/// computed).
-fn computed_positions(prep: &Prepared) -> (i64, i64) {
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+/// The first position whose activations patching `cell` can change: its own position (the
+/// query position of a pattern row or entry), since under causal attention every earlier one is
+/// computed from unpatched activations alone; never before the first clean/corrupted difference.
+fn first_changed(cell: &Cell, first_diff: i64) -> i64 {
+    cell.pos.or(cell.dest).unwrap_or(0).max(first_diff)
+}
+
+/// A patched forward computes the positions from `skip` on, taking the keys and values of those
+/// before it from the corrupted run: (skip, positions computed).
+fn computed_positions(prep: &Prepared, skip: i64) -> (i64, i64) {
     (skip, prep.seq_len() - skip)
 }
 
-/// The corrupted run's residual entering `layer` (computed positions), once per cell of `k`:
-/// the rows a forward from `layer` starts from.
-fn corrupted_rows(prep: &Prepared, layer: usize, k: i64) -> Tensor {
-    let (skip, computed) = computed_positions(prep);
+/// The corrupted run's keys and values before `skip` for `k` stacked copies of the batch, at
+/// the layers from `layers` on (None when every position is computed).
+fn corrupted_prefix(prep: &Prepared, skip: i64, k: i64, layers: std::ops::Range<usize>) -> Option<crate::engine::forward::Prefix> {
+    (skip > 0).then(|| prep.corrupted_kv.first(skip).repeat_layers(k, layers))
+}
+
+/// The corrupted run's residual entering `layer` (positions from `skip` on), once per cell of
+/// `k`: the rows a forward from `layer` starts from.
+fn corrupted_rows(prep: &Prepared, layer: usize, k: i64, skip: i64) -> Tensor {
+    let (skip, computed) = computed_positions(prep, skip);
     prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1])
 }
 
-/// `target`'s clean activation at `layer`, computed positions only (the query axis of
+/// `target`'s clean activation at `layer`, positions from `skip` on (the query axis of
 /// patterns, the position axis of everything else).
-fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
-    let (skip, computed) = computed_positions(prep);
+fn clean_at(prep: &Prepared, target: Target, layer: usize, skip: i64) -> Result<Tensor> {
+    let (skip, computed) = computed_positions(prep, skip);
     let point = HookPoint::Block(layer, target.site);
     let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
@@ -364,15 +380,14 @@ fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
 
 /// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
 /// chunk entry j is rows j·n..(j+1)·n of the blocks the patched rows span, which start at block
-/// `offset` of the batch and run to its end.
-fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64) -> Result<Hooks> {
+/// `offset` of the batch and run to its end. The forward computes the positions from `skip` on.
+fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64, skip: i64) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
-    let (skip, _) = computed_positions(prep);
     let mut hooks = Hooks::new();
     for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
         let (target, cells) = &parts[p];
-        let clean = clean_at(prep, *target, layer)?;
+        let clean = clean_at(prep, *target, layer, skip)?;
         let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
         let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
         let source = clean.repeat(repeat_dims(k, clean.dim()));
@@ -387,9 +402,52 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
     Ok(hooks)
 }
 
-/// The cells `todo` of one layer in batched forwards from that layer, chunked to the batch
-/// budget (halved on running out of memory).
+/// The cells `todo` of one layer in batched forwards from that layer, grouped by the position
+/// their changes start at: each group computes only the positions from its start on, taking the
+/// keys and values before it from the corrupted run. A cell's start is its own (never merged
+/// with another's to save a forward), so its numbers do not depend on which cells share its
+/// forwards.
 fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
+    for (start, cells) in by_start(todo.iter().map(|&(p, i)| (first_changed(&parts[p].1[i], prep.first_diff), (p, i)))) {
+        patch_group(model, prep, parts, layer, &cells, start, state)?;
+    }
+    Ok(())
+}
+
+/// Items grouped by their start position, in increasing order of it (each group in the order given).
+fn by_start<T>(items: impl Iterator<Item = (i64, T)>) -> Vec<(i64, Vec<T>)> {
+    let mut groups: std::collections::BTreeMap<i64, Vec<T>> = std::collections::BTreeMap::new();
+    for (start, item) in items {
+        groups.entry(start).or_default().push(item);
+    }
+    groups.into_iter().collect()
+}
+
+/// What the by-layer schedule runs for one layer's `cells` (none of them unchangeable), as the
+/// plan counts it: (forwards, positions computed summed over cells).
+pub fn planned_work(cells: &[Cell], first_diff: i64, seq: i64, chunk: usize) -> (usize, i64) {
+    by_start(cells.iter().map(|c| (first_changed(c, first_diff), ()))).iter().fold((0, 0), |(forwards, positions), (start, group)| {
+        (forwards + group.len().div_ceil(chunk.max(1)), positions + group.len() as i64 * (seq - start))
+    })
+}
+
+/// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
+/// block, which then computes only the last position (`Stop::LastPosition`). A forward that
+/// starts in the last block patches it: there, whether a patch's site lets that block skip
+/// positions would depend on which other jobs share the forward, so it computes every position
+/// whatever they are, and each row's numbers stay those of its own cell (byte-identical files
+/// whether jobs share forwards, run on replicas or under either schedule).
+fn last_block_stop(model: &Model, layer: usize) -> Stop {
+    if layer + 1 < model.cfg.n_layers {
+        Stop::LastPosition
+    } else {
+        Stop::FinalNorm
+    }
+}
+
+/// The cells `todo` of one layer, all computing from position `skip`, in batched forwards from
+/// that layer, chunked to the batch budget (halved on running out of memory).
+fn patch_group(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], skip: i64, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
     let mut at = 0;
     while at < todo.len() {
@@ -399,12 +457,14 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
             if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
                 return Err(Error::Other(oom));
             }
-            let resid = corrupted_rows(prep, layer, k);
+            let resid = corrupted_rows(prep, layer, k, skip);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-            let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
-            let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
-            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::FinalNorm, prefix.as_ref())?;
-            Ok(Vec::try_from(prep.metric.per_row(model, &out.select(1, -1)).to_kind(Kind::Double))?)
+            let prefix = corrupted_prefix(prep, skip, k, layer..model.cfg.n_layers);
+            let mut hooks = patches(model, prep, parts, layer, chunk, 0, skip)?;
+            let stop = last_block_stop(model, layer);
+            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?;
+            let last = if stop == Stop::LastPosition { out } else { out.select(1, -1) };
+            Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
         };
         // A batch that does not fit is halved and retried (libtorch reports a failed
         // allocation as an error or, through tch, a panic).
@@ -424,10 +484,13 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 }
 
 /// The cells of several layers (`window`: each layer with its cells, in layer order) in one
-/// staircase forward (`Schedule::Staircase`). Out of memory, the window's layers run one by
-/// one instead, each chunked and halved as it needs.
+/// staircase forward (`Schedule::Staircase`), computing the positions from the first
+/// clean/corrupted difference on. Out of memory, the window's layers run one by one instead,
+/// each chunked and halved as it needs.
 fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
+    let skip = prep.first_diff;
+    let last_layer = model.cfg.n_layers - 1;
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
     let forward = || -> Result<Vec<f64>> {
@@ -440,20 +503,22 @@ fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)]
             let mut hooks = Hooks::new();
             if let Some((_, todo)) = window.iter().find(|(l, _)| *l == layer) {
                 let k = todo.len() as i64;
-                let joining = corrupted_rows(prep, layer, k);
+                let joining = corrupted_rows(prep, layer, k, skip);
                 x = Some(match x.take() {
                     Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
                     None => joining,
                 });
-                hooks = patches(model, prep, parts, layer, todo, blocks)?;
+                hooks = patches(model, prep, parts, layer, todo, blocks, skip)?;
                 blocks += k;
             }
             let Some(resid) = x.take() else { continue };
             let mask = prep.mask.as_ref().map(|m| m.repeat([blocks, 1]));
-            let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
-            x = Some(model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, Stop::BeforeLayer(layer + 1), prefix.as_ref())?);
+            let prefix = corrupted_prefix(prep, skip, blocks, layer..layer + 1);
+            // The last layer ends the staircase: ln_final's output at the last position.
+            let stop = if layer == last_layer { Stop::LastPosition } else { Stop::BeforeLayer(layer + 1) };
+            x = Some(model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?);
         }
-        let last = model.final_norm(&x.expect("the window has cells").select(1, -1))?;
+        let last = x.expect("the window has cells");
         Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
     };
     match crate::panics::guarded("a staircase of patched forwards", forward) {
@@ -493,4 +558,25 @@ pub(crate) fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
     let mut r = vec![1i64; dim];
     r[0] = k;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_are_grouped_by_the_position_their_changes_start_at() {
+        let groups = by_start([(5, 'a'), (2, 'b'), (5, 'c'), (3, 'd'), (2, 'e')].into_iter());
+        assert_eq!(groups, vec![(2, vec!['b', 'e']), (3, vec!['d']), (5, vec!['a', 'c'])]);
+        let cell = |pos: Option<i64>, dest: Option<i64>| Cell { layer: 0, head: Some(0), pos, dest, src: None };
+        // Its position, a pattern row's destination, or the first difference if earlier or none.
+        assert_eq!(first_changed(&cell(Some(7), None), 4), 7);
+        assert_eq!(first_changed(&cell(None, Some(6)), 4), 6);
+        assert_eq!(first_changed(&cell(Some(2), None), 4), 4);
+        assert_eq!(first_changed(&cell(None, None), 4), 4);
+        // Two cells from 4 (a head over all positions and position 4), three from 7, one from 9,
+        // in chunks of 2: 1 + 2 + 1 forwards, 2·6 + 3·3 + 1·1 positions of 10.
+        let cells = [cell(None, None), cell(Some(4), None), cell(Some(7), None), cell(Some(7), None), cell(None, Some(7)), cell(Some(9), None)];
+        assert_eq!(planned_work(&cells, 4, 10, 2), (4, 22));
+    }
 }
