@@ -137,7 +137,7 @@ fn plan_and_validate_need_no_weights() {
     assert!(out.contains("heads: patch attn.hook_pattern over [layer, head] at layer 1") && out.contains("attribution: attribution of 3 targets, patch the top 20 per target"), "{out}");
     // The attribution pass is the backward of the corrupted run, which is kept for it.
     assert!(out.contains("corrupted run's backward "), "{out}");
-    assert!(out.contains("total: tl-run 48 forward passes (patches batched, each from the patched layer); TransformerLens 220"), "{out}");
+    assert!(out.contains("total: tl-run 24 forward passes (patches batched, each from the patched layer); TransformerLens 220"), "{out}");
     let (ok, out, err) = tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok && out.contains(": ok"), "{out}{err}");
 }

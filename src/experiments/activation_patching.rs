@@ -219,10 +219,8 @@ pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell
 /// How a sweep over several layers is cut into forwards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Schedule {
-    /// Forwards of one layer's cells, each starting at that layer: on a CPU the work is the
-    /// arithmetic, and this keeps every forward's batch small. A patch at position p changes
-    /// nothing before p, so the cells are also grouped by the position their changes start at
-    /// (`first_changed`), each group's forwards computing only the positions from there on.
+    /// One forward (or chunk of forwards) per layer, each starting at that layer: on a CPU the
+    /// work is the arithmetic, and this keeps every forward's batch small.
     ByLayer,
     /// One forward for the cells of many layers: it starts at the first layer, and before each
     /// later layer the cells patched there join the batch, so each row still runs only the
@@ -343,13 +341,6 @@ pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cel
     Ok(sweeps)
 }
 
-/// The first position whose activations patching `cell` can change: its own position (the
-/// query position of a pattern row or entry), since under causal attention every earlier one is
-/// computed from unpatched activations alone; never before the first clean/corrupted difference.
-fn first_changed(cell: &Cell, first_diff: i64) -> i64 {
-    cell.pos.or(cell.dest).unwrap_or(0).max(first_diff)
-}
-
 /// A patched forward computes the positions from `skip` on, taking the keys and values of those
 /// before it from the corrupted run: (skip, positions computed).
 fn computed_positions(prep: &Prepared, skip: i64) -> (i64, i64) {
@@ -402,33 +393,14 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
     Ok(hooks)
 }
 
-/// The cells `todo` of one layer in batched forwards from that layer, grouped by the position
-/// their changes start at: each group computes only the positions from its start on, taking the
-/// keys and values before it from the corrupted run. A cell's start is its own (never merged
-/// with another's to save a forward), so its numbers do not depend on which cells share its
-/// forwards.
+/// The cells `todo` of one layer in batched forwards from that layer, computing the positions
+/// from the first clean/corrupted difference on. (Grouping cells by their own position, each
+/// computing only the positions from there, was measured and left out: the forwards of one
+/// position hold a few cells, and on SmolLM2-135M the smaller products made the IOI sweeps 15%
+/// slower; merging positions to keep batches large would make a row's numbers depend on which
+/// other jobs share its forwards.)
 fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
-    for (start, cells) in by_start(todo.iter().map(|&(p, i)| (first_changed(&parts[p].1[i], prep.first_diff), (p, i)))) {
-        patch_group(model, prep, parts, layer, &cells, start, state)?;
-    }
-    Ok(())
-}
-
-/// Items grouped by their start position, in increasing order of it (each group in the order given).
-fn by_start<T>(items: impl Iterator<Item = (i64, T)>) -> Vec<(i64, Vec<T>)> {
-    let mut groups: std::collections::BTreeMap<i64, Vec<T>> = std::collections::BTreeMap::new();
-    for (start, item) in items {
-        groups.entry(start).or_default().push(item);
-    }
-    groups.into_iter().collect()
-}
-
-/// What the by-layer schedule runs for one layer's `cells` (none of them unchangeable), as the
-/// plan counts it: (forwards, positions computed summed over cells).
-pub fn planned_work(cells: &[Cell], first_diff: i64, seq: i64, chunk: usize) -> (usize, i64) {
-    by_start(cells.iter().map(|c| (first_changed(c, first_diff), ()))).iter().fold((0, 0), |(forwards, positions), (start, group)| {
-        (forwards + group.len().div_ceil(chunk.max(1)), positions + group.len() as i64 * (seq - start))
-    })
+    patch_group(model, prep, parts, layer, todo, prep.first_diff, state)
 }
 
 /// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
@@ -558,25 +530,4 @@ pub(crate) fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
     let mut r = vec![1i64; dim];
     r[0] = k;
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cells_are_grouped_by_the_position_their_changes_start_at() {
-        let groups = by_start([(5, 'a'), (2, 'b'), (5, 'c'), (3, 'd'), (2, 'e')].into_iter());
-        assert_eq!(groups, vec![(2, vec!['b', 'e']), (3, vec!['d']), (5, vec!['a', 'c'])]);
-        let cell = |pos: Option<i64>, dest: Option<i64>| Cell { layer: 0, head: Some(0), pos, dest, src: None };
-        // Its position, a pattern row's destination, or the first difference if earlier or none.
-        assert_eq!(first_changed(&cell(Some(7), None), 4), 7);
-        assert_eq!(first_changed(&cell(None, Some(6)), 4), 6);
-        assert_eq!(first_changed(&cell(Some(2), None), 4), 4);
-        assert_eq!(first_changed(&cell(None, None), 4), 4);
-        // Two cells from 4 (a head over all positions and position 4), three from 7, one from 9,
-        // in chunks of 2: 1 + 2 + 1 forwards, 2·6 + 3·3 + 1·1 positions of 10.
-        let cells = [cell(None, None), cell(Some(4), None), cell(Some(7), None), cell(Some(7), None), cell(None, Some(7)), cell(Some(9), None)];
-        assert_eq!(planned_work(&cells, 4, 10, 2), (4, 22));
-    }
 }

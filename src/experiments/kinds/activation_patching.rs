@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{cells_at, planned_work, sweep_together, Schedule, Target};
+use crate::experiments::activation_patching::{cells_at, sweep_together, Schedule, Target};
 use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
 use crate::experiments::activation_patching::cannot_change;
 use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
@@ -38,17 +38,16 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     for (t, (site, axes)) in targets.iter().enumerate() {
         for &layer in &z.layers {
             let at = cells_at(z.cfg, Target { site: *site, axes: *axes }, layer, z.seq as i64);
-            let todo: Vec<_> = at.iter().filter(|c| !cannot_change(c, z.first_diff)).copied().collect();
-            let filled = at.len() - todo.len();
-            let (forwards, cell_positions) = planned_work(&todo, z.first_diff, z.seq as i64, z.chunk);
+            let filled = at.iter().filter(|c| cannot_change(c, z.first_diff)).count();
+            let todo = at.len() - filled;
             out.push(JobDraft {
                 name: format!("{}: patch {} over [{}] at layer {layer}", run.name, site.name(), axes.names().join(", ")),
                 part: Part::TargetLayer { target: t, layer },
                 cells: at.len(),
                 filled,
-                forwards,
+                forwards: todo.div_ceil(z.chunk),
                 tl_forwards: at.len(),
-                cost: z.patch_positions_cost(cell_positions, layer),
+                cost: z.patch_cost(todo, layer),
             });
         }
     }

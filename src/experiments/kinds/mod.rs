@@ -83,14 +83,8 @@ impl Sizing<'_> {
     /// patched layer on, over the positions after the shared prefix.
     pub fn patch_cost(&self, cells: usize, layer: usize) -> f64 {
         let skip = if self.first_diff > 0 && (self.first_diff as usize) < self.seq { self.first_diff as usize } else { 0 };
-        self.patch_positions_cost(cells as i64 * (self.seq - skip) as i64, layer)
-    }
-
-    /// Work of patched forwards from `layer` that compute `cell_positions` positions over all
-    /// their cells (each of the n prompts).
-    pub fn patch_positions_cost(&self, cell_positions: i64, layer: usize) -> f64 {
-        let rows = (cell_positions.max(0) as usize * self.n) as f64 / self.seq.max(1) as f64;
-        rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64
+        let rows = (cells * self.n) as f64;
+        rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64 * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
     }
 }
 
