@@ -187,3 +187,29 @@ fn per_prompt_logprob_rows() {
         assert!((a - b).abs() <= 1e-4, "logprob {a} vs TransformerLens {b}");
     }
 }
+
+/// Corrupted prompts equal to the clean ones: nothing differs, so every position is computed
+/// for the cells over all positions (under both schedules), and every cell equals the baseline.
+#[test]
+fn patching_runs_when_clean_and_corrupted_do_not_differ() {
+    let prompts = r#"["When John and Mary went to the shops, John gave the bag to", "When Tom and James went to the park, James gave the ball to"]"#;
+    let spec = format!(
+        "name = \"same\"\n[model]\nid = \"{}\"\n[prompts]\nclean = {prompts}\nanswers = [[\" Mary\", \" John\"], [\" Tom\", \" James\"]]\n[corruption]\nkind = \"prompts\"\nprompts = {prompts}\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",
+        fixture("gpt2-tiny").display()
+    );
+    for schedule in ["by_layer", "staircase"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spec.toml");
+        std::fs::write(&path, &spec).unwrap();
+        let out = dir.path().join("out");
+        let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).env("HF_HUB_OFFLINE", "1").args(["run", "--quiet", path.to_str().unwrap(), "--out", out.to_str().unwrap()]).env("TL_RUN_PATCH_SCHEDULE", schedule).output().unwrap();
+        assert!(o.status.success(), "{schedule}: {}", String::from_utf8_lossy(&o.stderr));
+        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let base = manifest["metric"]["clean_baseline"].as_f64().unwrap();
+        let t = Table::read(&out.join("heads.parquet"));
+        assert_eq!(t.len(), 8, "{schedule}");
+        for i in 0..t.len() {
+            assert!((t.value(i) - base).abs() <= 1e-5, "{schedule} row {i}: {} vs baseline {base}", t.value(i));
+        }
+    }
+}

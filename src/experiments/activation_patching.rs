@@ -400,7 +400,17 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
 /// slower; merging positions to keep batches large would make a row's numbers depend on which
 /// other jobs share its forwards.)
 fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
-    patch_group(model, prep, parts, layer, todo, prep.first_diff, state)
+    patch_group(model, prep, parts, layer, todo, shared_skip(prep), state)
+}
+
+/// The positions before the first clean/corrupted difference, which no patch changes; none when
+/// the pairs do not differ at all (a cell over every position still runs then, from position 0).
+fn shared_skip(prep: &Prepared) -> i64 {
+    if prep.first_diff < prep.seq_len() {
+        prep.first_diff
+    } else {
+        0
+    }
 }
 
 /// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
@@ -461,7 +471,7 @@ fn patch_group(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 /// each chunked and halved as it needs.
 fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let skip = prep.first_diff;
+    let skip = shared_skip(prep);
     let last_layer = model.cfg.n_layers - 1;
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
