@@ -26,12 +26,7 @@ fn hooks_lists_every_point_with_its_shape() {
 /// must be exactly what a forward of the loaded model captures, in every family.
 #[test]
 fn hooks_lists_what_a_forward_captures_in_every_family() {
-    let fixtures = [
-        "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
-        "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
-        "stories260K",
-    ];
-    for name in fixtures {
+    for &name in EVERY_FAMILY {
         let (ok, out, err) = tl_run(&["hooks", fixture(name).to_str().unwrap(), "--batch", "2", "--seq", "5"]);
         assert!(ok, "{name}: {err}");
         let listed: Vec<(String, String)> = out.lines().map(|l| l.split_once(' ').map(|(n, s)| (n.to_string(), s.trim().to_string())).unwrap()).collect();

@@ -208,12 +208,7 @@ fn key_value_prefix_reproduces_the_full_run() {
 #[test]
 fn last_position_stop_equals_the_full_runs_last_position() {
     use tl_run::engine::forward::Prefix;
-    let fixtures = [
-        "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
-        "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
-        "stories260K",
-    ];
-    for name in fixtures {
+    for &name in EVERY_FAMILY {
         let model = load(name, Processing::TRANSFORMER_LENS);
         let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);
         tch::manual_seed(0);

@@ -147,6 +147,14 @@ pub fn run_spec(spec: &str, args: &[&str]) -> tempfile::TempDir {
     dir
 }
 
+/// One fixture of every family (and its variants: two GPT-2 shapes, Llama 3 and linear rope
+/// scaling), and the real stories260K.
+pub const EVERY_FAMILY: &[&str] = &[
+    "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
+    "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+    "stories260K",
+];
+
 /// Whether a fixture uses the GPT-2 tokenizer (configs/fixtures.toml says; stories260K and the
 /// "stories" fixtures use the 512-token sentencepiece one).
 pub fn uses_gpt2_tokenizer(fixture: &str) -> bool {
