@@ -47,12 +47,6 @@ pub struct Prefix {
 }
 
 impl Prefix {
-    /// The first `len` positions of this prefix (views).
-    pub fn first(&self, len: i64) -> Prefix {
-        let first = |t: &Tensor| t.narrow(1, 0, len);
-        Prefix { len, keys: self.keys.iter().map(first).collect(), values: self.values.iter().map(first).collect() }
-    }
-
     /// The same prefix for `k` stacked copies of the batch (patch cells as the batch axis).
     pub fn repeat(&self, k: i64) -> Prefix {
         self.repeat_layers(k, 0..self.keys.len())

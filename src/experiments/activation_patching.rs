@@ -341,29 +341,24 @@ pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cel
     Ok(sweeps)
 }
 
-/// A patched forward computes the positions from `skip` on, taking the keys and values of those
-/// before it from the corrupted run: (skip, positions computed).
-fn computed_positions(prep: &Prepared, skip: i64) -> (i64, i64) {
+/// With a key-value prefix only the positions after it are computed: (prefix length, positions
+/// computed).
+fn computed_positions(prep: &Prepared) -> (i64, i64) {
+    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
     (skip, prep.seq_len() - skip)
 }
 
-/// The corrupted run's keys and values before `skip` for `k` stacked copies of the batch, at
-/// the layers from `layers` on (None when every position is computed).
-fn corrupted_prefix(prep: &Prepared, skip: i64, k: i64, layers: std::ops::Range<usize>) -> Option<crate::engine::forward::Prefix> {
-    (skip > 0).then(|| prep.corrupted_kv.first(skip).repeat_layers(k, layers))
-}
-
-/// The corrupted run's residual entering `layer` (positions from `skip` on), once per cell of
-/// `k`: the rows a forward from `layer` starts from.
-fn corrupted_rows(prep: &Prepared, layer: usize, k: i64, skip: i64) -> Tensor {
-    let (skip, computed) = computed_positions(prep, skip);
+/// The corrupted run's residual entering `layer` (computed positions), once per cell of `k`:
+/// the rows a forward from `layer` starts from.
+fn corrupted_rows(prep: &Prepared, layer: usize, k: i64) -> Tensor {
+    let (skip, computed) = computed_positions(prep);
     prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1])
 }
 
-/// `target`'s clean activation at `layer`, positions from `skip` on (the query axis of
+/// `target`'s clean activation at `layer`, computed positions only (the query axis of
 /// patterns, the position axis of everything else).
-fn clean_at(prep: &Prepared, target: Target, layer: usize, skip: i64) -> Result<Tensor> {
-    let (skip, computed) = computed_positions(prep, skip);
+fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
+    let (skip, computed) = computed_positions(prep);
     let point = HookPoint::Block(layer, target.site);
     let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
@@ -371,14 +366,15 @@ fn clean_at(prep: &Prepared, target: Target, layer: usize, skip: i64) -> Result<
 
 /// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
 /// chunk entry j is rows j·n..(j+1)·n of the blocks the patched rows span, which start at block
-/// `offset` of the batch and run to its end. The forward computes the positions from `skip` on.
-fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64, skip: i64) -> Result<Hooks> {
+/// `offset` of the batch and run to its end.
+fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
+    let (skip, _) = computed_positions(prep);
     let mut hooks = Hooks::new();
     for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
         let (target, cells) = &parts[p];
-        let clean = clean_at(prep, *target, layer, skip)?;
+        let clean = clean_at(prep, *target, layer)?;
         let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
         let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
         let source = clean.repeat(repeat_dims(k, clean.dim()));
@@ -391,26 +387,6 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
         hooks.add_intervention(HookPoint::Block(layer, target.site), edit);
     }
     Ok(hooks)
-}
-
-/// The cells `todo` of one layer in batched forwards from that layer, computing the positions
-/// from the first clean/corrupted difference on. (Grouping cells by their own position, each
-/// computing only the positions from there, was measured and left out: the forwards of one
-/// position hold a few cells, and on SmolLM2-135M the smaller products made the IOI sweeps 15%
-/// slower; merging positions to keep batches large would make a row's numbers depend on which
-/// other jobs share its forwards.)
-fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
-    patch_group(model, prep, parts, layer, todo, shared_skip(prep), state)
-}
-
-/// The positions before the first clean/corrupted difference, which no patch changes; none when
-/// the pairs do not differ at all (a cell over every position still runs then, from position 0).
-fn shared_skip(prep: &Prepared) -> i64 {
-    if prep.first_diff < prep.seq_len() {
-        prep.first_diff
-    } else {
-        0
-    }
 }
 
 /// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
@@ -427,9 +403,13 @@ fn last_block_stop(model: &Model, layer: usize) -> Stop {
     }
 }
 
-/// The cells `todo` of one layer, all computing from position `skip`, in batched forwards from
-/// that layer, chunked to the batch budget (halved on running out of memory).
-fn patch_group(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], skip: i64, state: &mut Progress) -> Result<()> {
+/// The cells `todo` of one layer in batched forwards from that layer, chunked to the batch
+/// budget (halved on running out of memory). (Computing each cell only from its own position on,
+/// which a patch at position p allows, was measured and left out: the forwards of one position
+/// hold a few cells, and on SmolLM2-135M the smaller products made the IOI sweeps 15% slower;
+/// merging positions to keep batches large would make a row's numbers depend on which other
+/// jobs share its forwards.)
+fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
     let mut at = 0;
     while at < todo.len() {
@@ -439,10 +419,10 @@ fn patch_group(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
             if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
                 return Err(Error::Other(oom));
             }
-            let resid = corrupted_rows(prep, layer, k, skip);
+            let resid = corrupted_rows(prep, layer, k);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-            let prefix = corrupted_prefix(prep, skip, k, layer..model.cfg.n_layers);
-            let mut hooks = patches(model, prep, parts, layer, chunk, 0, skip)?;
+            let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
+            let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
             let stop = last_block_stop(model, layer);
             let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?;
             let last = if stop == Stop::LastPosition { out } else { out.select(1, -1) };
@@ -466,12 +446,10 @@ fn patch_group(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 }
 
 /// The cells of several layers (`window`: each layer with its cells, in layer order) in one
-/// staircase forward (`Schedule::Staircase`), computing the positions from the first
-/// clean/corrupted difference on. Out of memory, the window's layers run one by one instead,
-/// each chunked and halved as it needs.
+/// staircase forward (`Schedule::Staircase`). Out of memory, the window's layers run one by
+/// one instead, each chunked and halved as it needs.
 fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
     let n = prep.n_prompts();
-    let skip = shared_skip(prep);
     let last_layer = model.cfg.n_layers - 1;
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
@@ -485,17 +463,17 @@ fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)]
             let mut hooks = Hooks::new();
             if let Some((_, todo)) = window.iter().find(|(l, _)| *l == layer) {
                 let k = todo.len() as i64;
-                let joining = corrupted_rows(prep, layer, k, skip);
+                let joining = corrupted_rows(prep, layer, k);
                 x = Some(match x.take() {
                     Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
                     None => joining,
                 });
-                hooks = patches(model, prep, parts, layer, todo, blocks, skip)?;
+                hooks = patches(model, prep, parts, layer, todo, blocks)?;
                 blocks += k;
             }
             let Some(resid) = x.take() else { continue };
             let mask = prep.mask.as_ref().map(|m| m.repeat([blocks, 1]));
-            let prefix = corrupted_prefix(prep, skip, blocks, layer..layer + 1);
+            let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
             // The last layer ends the staircase: ln_final's output at the last position.
             let stop = if layer == last_layer { Stop::LastPosition } else { Stop::BeforeLayer(layer + 1) };
             x = Some(model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?);

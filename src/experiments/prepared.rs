@@ -39,11 +39,9 @@ pub struct Prepared {
     /// Every position before this one holds the same tokens in every clean/corrupted pair, so
     /// under causal attention nothing computed there can differ.
     pub first_diff: i64,
-    /// The corrupted run's keys and values at every layer and position (post-rotary, one per
-    /// key-value head). A patched forward whose edits start at position p takes those before p
-    /// from here (causal attention: nothing there can change) and computes only the positions
-    /// from p on; before `first_diff` they are the clean run's too.
-    pub corrupted_kv: Prefix,
+    /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
+    /// the positions from `first_diff` on (None when first_diff is 0).
+    pub prefix: Option<Prefix>,
     /// The corrupted run kept for the attribution pass's backward (when one follows), which
     /// then needs no forward of its own; taken by the first pass it covers.
     pending_backward: std::sync::Mutex<Option<PendingBackward>>,
@@ -109,10 +107,13 @@ impl Prepared {
         let mut corr_cache: HashMap<HookPoint, Tensor> = corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
-        let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured");
-        let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
-        let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
-        let corrupted_kv = Prefix { len: clean_tokens.size()[1], keys, values };
+        let seq = clean_tokens.size()[1];
+        let prefix = (first_diff > 0 && first_diff < seq).then(|| {
+            let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
+            let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
+            let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
+            Prefix { len: first_diff, keys, values }
+        });
         Ok(Prepared {
             clean_tokens,
             corrupted_tokens,
@@ -124,7 +125,7 @@ impl Prepared {
             clean_per_prompt,
             corrupted_per_prompt,
             first_diff,
-            corrupted_kv,
+            prefix,
             pending_backward: std::sync::Mutex::new(pending),
         })
     }
