@@ -217,7 +217,7 @@ fn bf16_under_f32_tolerances_fails() {
     let z = OneModelZoo::new(&fixture(MODEL));
     let r = z.check(&["--dtype", "bfloat16"]);
     assert!(!r.ok);
-    let fails = |fig: &str| r.stdout.lines().any(|l| l.starts_with(&format!("{MODEL}")) && l.contains("bfloat16") && l.contains(&format!(" {fig} ")) && l.ends_with("FAIL"));
+    let fails = |fig: &str| r.stdout.lines().any(|l| l.starts_with(&MODEL.to_string()) && l.contains("bfloat16") && l.contains(&format!(" {fig} ")) && l.ends_with("FAIL"));
     assert!(fails("allclose") && fails("mse"), "{}", r.stdout);
     // No bf16 goldens are stored for this model: named, not skipped.
     assert!(r.stdout.contains("no golden") && r.stdout.contains("bfloat16/ioi/resid.parquet"), "{}", r.stdout);

@@ -280,7 +280,7 @@ fn a_gated_repo_names_hf_token_and_the_token_is_sent_but_never_shown() {
     let (ok, stdout, err) = tl_run(&args, &[("HF_ENDPOINT", &hub.url), ("HF_HUB_CACHE", s(&cache)), ("HF_TOKEN", TOKEN)]);
     assert!(ok, "{err}");
     let seen = hub.seen.lock().unwrap().clone();
-    assert!(seen.iter().filter(|r| !r.path.starts_with("/cdn/")).last().unwrap().authorization.as_deref() == Some(&format!("Bearer {TOKEN}")), "{seen:?}");
+    assert!(seen.iter().rfind(|r| !r.path.starts_with("/cdn/")).unwrap().authorization.as_deref() == Some(&format!("Bearer {TOKEN}")), "{seen:?}");
     let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
     for text in [&stdout, &err, &manifest] {
         assert!(!text.contains(TOKEN), "the token leaked: {text}");

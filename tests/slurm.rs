@@ -184,7 +184,7 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     assert_ne!(done_before["complete"], true, "task 2 had already finished");
     // The requeued task read what it had stored before the cancel.
     let log = std::fs::read_to_string(out.join(format!(".tl-run/slurm/{array}_2.out"))).unwrap_or_default();
-    let last = log.lines().filter(|l| l.starts_with("jobs: ")).last().unwrap_or_else(|| panic!("the requeued task's log: {log}"));
+    let last = log.lines().rfind(|l| l.starts_with("jobs: ")).unwrap_or_else(|| panic!("the requeued task's log: {log}"));
     let stored: usize = last.split(", ").nth(1).and_then(|w| w.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
     assert!(stored > 0, "the requeued task read no stored job: {last}");
     eprintln!("requeued task 2: {last}");

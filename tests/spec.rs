@@ -44,7 +44,7 @@ over = ["layer", "pos"]
 "#;
 
 fn errors(text: &str) -> String {
-    resolve_text(text, "spec.toml", Path::new(".")).err().expect("should fail").to_string()
+    resolve_text(text, "spec.toml", Path::new(".")).expect_err("should fail").to_string()
 }
 
 #[test]

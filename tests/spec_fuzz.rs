@@ -70,7 +70,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             lines[at] = format!("{key} = {rest}");
         }
         // Retype or replace a value.
-        2 | 3 | 4 if !kv.is_empty() => {
+        2..=4 if !kv.is_empty() => {
             let (key, _) = lines[at].split_once(" = ").unwrap();
             lines[at] = format!("{key} = {}", rng.pick(VALUES));
         }
@@ -79,7 +79,8 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             let i = rng.below(lines.len());
             let pos = rng.below(lines[i].len() + 1);
             let pos = (0..=pos).rev().find(|&p| lines[i].is_char_boundary(p)).unwrap_or(0);
-            lines[i].insert_str(pos, *rng.pick(&["é", "漢字", "🙂", "\u{200b}", "\u{202e}", "\"", "'", "[", "]", "=", "#", "\\"]));
+            let odd: &&str = rng.pick(&["é", "漢字", "🙂", "\u{200b}", "\u{202e}", "\"", "'", "[", "]", "=", "#", "\\"]);
+            lines[i].insert_str(pos, odd);
         }
         // Deeply nested values.
         6 if !kv.is_empty() => {

@@ -13,6 +13,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
 
+/// One row's values: its float columns, then its exact (boolean) columns, each in column order.
+pub type RowValues = (Vec<Option<f64>>, Vec<Option<bool>>);
+
 /// A Parquet table as keyed rows.
 #[derive(Debug, Default)]
 pub struct KeyedTable {
@@ -20,7 +23,7 @@ pub struct KeyedTable {
     pub float_columns: Vec<String>,
     pub exact_columns: Vec<String>,
     /// key → (float values in float_columns order, exact values in exact_columns order).
-    pub rows: BTreeMap<String, (Vec<Option<f64>>, Vec<Option<bool>>)>,
+    pub rows: BTreeMap<String, RowValues>,
     /// key → the rows one top-k selection ranks together (`selection_group`).
     pub groups: BTreeMap<String, String>,
 }

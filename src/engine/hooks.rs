@@ -37,6 +37,9 @@ impl Sel {
     }
 }
 
+/// A hook function: the selected slice in, its replacement (same shape) out.
+pub type SliceFn = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send>;
+
 /// What to do to the selected slice.
 pub enum Edit {
     /// Replace it with these values (shape of the slice, or broadcastable to it).
@@ -45,7 +48,7 @@ pub enum Edit {
     Scale(f64),
     Zero,
     /// Any function of the slice; its result must have the slice's shape.
-    Func(Box<dyn Fn(&Tensor) -> Result<Tensor> + Send>),
+    Func(SliceFn),
     /// Take `source` where `mask` is true (both broadcastable to the slice): many different
     /// patches in one batched forward, one per batch row.
     Where { mask: Tensor, source: Tensor },

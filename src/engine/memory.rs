@@ -54,7 +54,11 @@ pub(crate) fn cuda_free_bytes(index: usize) -> Option<u64> {
             if info.is_null() || set.is_null() || get.is_null() {
                 continue;
             }
-            let (info, set, get): (MemGetInfo, SetDevice, GetDevice) = (std::mem::transmute(info), std::mem::transmute(set), std::mem::transmute(get));
+            let (info, set, get): (MemGetInfo, SetDevice, GetDevice) = (
+                std::mem::transmute::<*mut libc::c_void, MemGetInfo>(info),
+                std::mem::transmute::<*mut libc::c_void, SetDevice>(set),
+                std::mem::transmute::<*mut libc::c_void, GetDevice>(get),
+            );
             let mut current = 0i32;
             if get(&mut current) != 0 || set(index as i32) != 0 {
                 continue;

@@ -118,10 +118,13 @@ pub fn pattern_points(model: &Model) -> Vec<HookPoint> {
     (0..model.cfg.n_layers).map(|l| HookPoint::Block(l, Site::Pattern)).collect()
 }
 
+/// Scores indexed [layer][head].
+pub type LayerHeadScores = Vec<Vec<f64>>;
+
 /// Scores every head against each detection from a run's cache of `pattern_points` for
 /// `tokens`, per prompt (its own tokens, padding cut off) and averaged over prompts:
 /// [layer][head] per detection.
-pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, Tensor>, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<Vec<Vec<f64>>>> {
+pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, Tensor>, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<LayerHeadScores>> {
     let (n, seq) = (tokens.size()[0], tokens.size()[1]);
     if seq < 2 || seq >= model.cfg.n_ctx as i64 {
         return Err(Error::Config(format!("head scores need prompts of 2 to {} tokens, got {seq}", model.cfg.n_ctx - 1)));
@@ -138,9 +141,8 @@ pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, T
         let start = seq - len; // left padding
         let toks: Vec<i64> = Vec::try_from(tokens.get(p).narrow(0, start, len).to_device(Device::Cpu))?;
         let dets: Vec<Tensor> = detections.iter().map(|d| detection_matrix(d, &toks)).collect::<Result<_>>()?;
-        for l in 0..n_layers {
-            let point = HookPoint::Block(l, Site::Pattern);
-            let attn = cache.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached")))?.get(p).narrow(1, start, len).narrow(2, start, len);
+        for (l, point) in pattern_points(model).iter().enumerate() {
+            let attn = cache.get(point).ok_or_else(|| Error::Other(format!("{point} was not cached")))?.get(p).narrow(1, start, len).narrow(2, start, len);
             for (di, det) in dets.iter().enumerate() {
                 for (h, s) in similarity(&attn, det, o)?.into_iter().enumerate() {
                     out[di][l][h] += s / n as f64;
@@ -162,7 +164,7 @@ pub fn repeated_random_tokens(seed: u64, batch: i64, seq_len: i64, lo: i64, hi: 
 /// The Exploratory Analysis demo's scores on repeated random tokens: the mean attention on the
 /// previous-token (offset −1), duplicate-token (−seq_len) and induction (1 − seq_len) stripes,
 /// over batch and positions. Returns (name, [layer][head]).
-pub fn repeated_stripes(model: &Model, tokens: &Tensor) -> Result<Vec<(&'static str, Vec<Vec<f64>>)>> {
+pub fn repeated_stripes(model: &Model, tokens: &Tensor) -> Result<Vec<(&'static str, LayerHeadScores)>> {
     let seq_len = tokens.size()[1] / 2;
     let n_layers = model.cfg.n_layers;
     let mut hooks = Hooks::capture(pattern_points(model));

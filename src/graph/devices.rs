@@ -20,12 +20,13 @@ use crate::graph::Plan;
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::Spec;
+use crate::experiments::kinds::JobOutput;
 
 /// Loads a replica of the model on a device.
 pub type Loader<'a> = dyn Fn(Device) -> Result<Model> + Sync + 'a;
 
 enum Msg {
-    Done { id: usize, result: Result<(Vec<Row>, serde_json::Value)>, seconds: f64, device: Device },
+    Done { id: usize, result: Result<JobOutput>, seconds: f64, device: Device },
     Nonfinite(Finding),
     Failed(Error),
 }
@@ -33,7 +34,7 @@ enum Msg {
 pub struct Pool<'env> {
     rx: Receiver<Msg>,
     abort: &'env AtomicBool,
-    done: HashMap<usize, (Result<(Vec<Row>, serde_json::Value)>, f64, Device)>,
+    done: HashMap<usize, (Result<JobOutput>, f64, Device)>,
 }
 
 /// What every replica shares.

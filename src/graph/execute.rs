@@ -25,6 +25,7 @@ use crate::model::{LoadOptions, Model};
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
 use crate::spec::Spec;
+use crate::experiments::kinds::JobOutput;
 
 pub struct Outcome {
     pub files: Vec<PathBuf>,
@@ -211,7 +212,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
-    let mut done_together: HashMap<usize, (Vec<Row>, serde_json::Value)> = HashMap::new();
+    let mut done_together: HashMap<usize, JobOutput> = HashMap::new();
     let mut alone: std::collections::HashSet<usize> = std::collections::HashSet::new();
     std::thread::scope(|scope| {
     let mut pool: Option<devices::Pool> = None;
@@ -430,7 +431,7 @@ fn warm_up_for(spec: &Spec, plan: &Plan, needed: &[bool], cfg: &ModelConfig, dev
 
 /// Runs work job `job` (a panic in it becomes an error naming its prompts) and stores its
 /// result under its key at once.
-pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Option<&Store>) -> Result<(Vec<Row>, serde_json::Value)> {
+pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Option<&Store>) -> Result<JobOutput> {
     let run = &cx.spec.runs[job.task.run().ok_or_else(|| Error::Other(format!("job [{}] is not a work job", job.id)))?];
     let (rows, note) = crate::panics::guarded(&prompts_of(cx.toks), || {
         crate::panics::injected(&job.name);
@@ -462,7 +463,7 @@ fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&st
 }
 
 /// Runs a group of patching jobs together (their stores are written as the loop reaches them).
-fn run_patch_group(cx: &RunContext, plan: &crate::graph::Plan, group: &[usize]) -> Result<Vec<(Vec<Row>, serde_json::Value)>> {
+fn run_patch_group(cx: &RunContext, plan: &crate::graph::Plan, group: &[usize]) -> Result<Vec<JobOutput>> {
     let jobs: Vec<(&crate::spec::RunSpec, crate::experiments::kinds::Part)> = group
         .iter()
         .map(|&id| {

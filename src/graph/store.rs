@@ -18,15 +18,18 @@ pub struct Store {
 /// one job's Parquet is encoded and fsynced (on a GPU that write took about as long as the
 /// job). A job is in the store once its file is renamed into place, as before; a kill loses
 /// only the writes still queued, and a rerun redoes those jobs.
+/// A finished job waiting to be written: its key, its rows and its manifest note.
+type QueuedJob = (String, std::sync::Arc<Vec<Row>>, serde_json::Value);
+
 pub struct Writer {
-    queue: Option<std::sync::mpsc::Sender<(String, std::sync::Arc<Vec<Row>>, serde_json::Value)>>,
+    queue: Option<std::sync::mpsc::Sender<QueuedJob>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Writer {
     pub fn start(store: &Store) -> Writer {
         let store = store.clone();
-        let (tx, rx) = std::sync::mpsc::channel::<(String, std::sync::Arc<Vec<Row>>, serde_json::Value)>();
+        let (tx, rx) = std::sync::mpsc::channel::<QueuedJob>();
         let thread = std::thread::Builder::new()
             .name("tl-run-store".into())
             .spawn(move || {

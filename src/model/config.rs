@@ -163,7 +163,7 @@ impl ModelConfig {
     }
 
     pub fn with_rotary(mut self, dim: usize, base: f64, adjacent_pairs: bool) -> Result<Self> {
-        if dim == 0 || dim > self.d_head || dim % 2 != 0 {
+        if dim == 0 || dim > self.d_head || !dim.is_multiple_of(2) {
             return Err(Error::Config(format!("rotary dim must be even and in 2..={}, got {dim}", self.d_head)));
         }
         if !(base > 0.0 && base.is_finite()) {
@@ -244,7 +244,7 @@ impl ModelConfig {
     }
 
     pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Result<Self> {
-        if n_kv_heads == 0 || self.n_heads % n_kv_heads != 0 {
+        if n_kv_heads == 0 || !self.n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::Config(format!(
                 "{} query heads cannot be grouped over {n_kv_heads} key-value heads", self.n_heads
             )));

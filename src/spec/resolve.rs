@@ -231,7 +231,7 @@ impl Spec {
             Corruption::Prompts if self.prompts.iter().any(|p| p.corrupted.is_none()) => {
                 return Err("the spec's corruption is kind = \"prompts\": every prompt in the file needs a corrupted prompt".into());
             }
-            Corruption::SwapPairs if self.prompts.len() % 2 != 0 => return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len())),
+            Corruption::SwapPairs if !self.prompts.len().is_multiple_of(2) => return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len())),
             _ => {}
         }
         Ok(())
@@ -479,7 +479,7 @@ fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_file: Optio
         None => None,
         Some(c) => Some(match c.kind.get_ref().as_str() {
             "swap_pairs" => {
-                if prompts.len() % 2 != 0 {
+                if !prompts.len().is_multiple_of(2) {
                     cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
                 }
                 // The pair partner is the corruption; a file's own "corrupt" prompts are not used.

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
 use crate::experiments::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
@@ -50,7 +50,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     }]
 }
 
-fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     let RunKind::Ablation(a) = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not an ablation run", run.name)));
     };
@@ -113,7 +113,7 @@ fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<A
     Some(AblationSpec { site, method, units, top_dla_heads, positions, measure, dataset: r.dataset.as_ref().map(|d| base.join(d.get_ref())) })
 }
 
-fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<(Vec<Row>, serde_json::Value)> {
+fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutput> {
     let (model, toks) = (cx.model, cx.toks()?);
     let metric = cx.metric()?;
     let dataset = match &a.dataset {

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::experiments::activation_patching::{cells_at, sweep_together, Schedule, Target};
 use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
 use crate::experiments::activation_patching::cannot_change;
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -54,7 +54,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     out
 }
 
-fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> {
     let mut out = patch_together(cx, &[(run, part)])?;
     Ok(out.pop().expect("one result per job"))
 }
@@ -62,7 +62,7 @@ fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<(Vec<Row>, serde_js
 /// Activation patching of several (run, target, layer) jobs, each the cells of one target at one
 /// layer in TransformerLens's order: the jobs at one layer share their forwards
 /// (activation_patching::sweep_together). One (rows, note) per job, in the order given.
-pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<(Vec<Row>, serde_json::Value)>> {
+pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<JobOutput>> {
     let (model, prep) = (cx.model, cx.prep()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());

@@ -9,7 +9,7 @@ use crate::experiments::context::{per_prompt, CellRows, RunContext};
 use crate::experiments::inputs::token_at;
 use crate::experiments::activation_patching::cells_at;
 use crate::experiments::attribution::{clean_sites, points_for};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
 use crate::model::hook_point::Site;
 use crate::output::table::Row;
@@ -58,14 +58,14 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     }]
 }
 
-fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     let RunKind::AttributionPatching { targets, options, verify_top } = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not an attribution_patching run", run.name)));
     };
     attribution_patching(cx, run, targets, *options, *verify_top)
 }
 
-fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)], options: AtpOptions, verify_top: usize) -> Result<(Vec<Row>, serde_json::Value)> {
+fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)], options: AtpOptions, verify_top: usize) -> Result<JobOutput> {
     let (model, prep) = (cx.model, cx.prep()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());

@@ -3,9 +3,8 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
-use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::{RunKind, RunSpec};
@@ -32,7 +31,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     vec![JobDraft::whole(format!("{}: direct_logit_attribution from the cached clean run", run.name), COST_SCALE * z.full(1))]
 }
 
-fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     let RunKind::DirectLogitAttribution { over } = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a direct_logit_attribution run", run.name)));
     };
@@ -55,7 +54,7 @@ fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
     Some(RunKind::DirectLogitAttribution { over })
 }
 
-fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<(Vec<Row>, serde_json::Value)> {
+fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<JobOutput> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
     let comps = cache_analysis::dla_from(cx.model, cx.analysis_cache()?, &metric, over)?;

@@ -5,7 +5,7 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
 use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::output::table::Row;
@@ -53,7 +53,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     }
 }
 
-fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     let RunKind::HeadScores { detections, options, source } = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a head_scores run", run.name)));
     };
@@ -139,7 +139,7 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
     Some(RunKind::HeadScores { detections, options, source })
 }
 
-fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detection)], options: DetectOptions, source: &HeadSource) -> Result<(Vec<Row>, serde_json::Value)> {
+fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detection)], options: DetectOptions, source: &HeadSource) -> Result<JobOutput> {
     let model = cx.model;
     let mut rows = Vec::new();
     let mut push = |pattern: &str, label: &str, per_layer: &[Vec<f64>]| {
@@ -173,7 +173,7 @@ fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detect
         HeadSource::RepeatedRandom { seq_len, batch, seed, token_range } => {
             let v = model.cfg.d_vocab as i64;
             let (lo, hi) = token_range.unwrap_or(if v > 10_000 { (1000, 10_000) } else { (0, v) });
-            if hi > v || 2 * seq_len >= model.cfg.n_ctx as i64 + 1 {
+            if hi > v || 2 * seq_len > model.cfg.n_ctx as i64 {
                 return Err(Error::Config(format!("repeated random tokens need token_range within the vocabulary (0..{v}) and 2·seq_len <= {} positions", model.cfg.n_ctx)));
             }
             let tokens = head_scores::repeated_random_tokens(*seed, *batch, *seq_len, lo, hi);

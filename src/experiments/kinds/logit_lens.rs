@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, LensPositions};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -39,14 +39,14 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     vec![JobDraft::whole(format!("{}: logit_lens from the cached clean run", run.name), COST_SCALE * z.full(1))]
 }
 
-fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     let RunKind::LogitLens { incl_mid, top_k, top_k_at } = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a logit_lens run", run.name)));
     };
     logit_lens(cx, run, *incl_mid, *top_k, *top_k_at)
 }
 
-fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<(Vec<Row>, serde_json::Value)> {
+fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<JobOutput> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
     let (comps, top) = cache_analysis::logit_lens_from(cx.model, cx.analysis_cache()?, &metric, incl_mid, top_k, at)?;

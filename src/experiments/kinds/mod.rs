@@ -36,10 +36,13 @@ pub struct KindInfo {
     /// The jobs a run of this kind is split into, with their sizes and costs.
     pub jobs: fn(&RunSpec, &Sizing) -> Vec<JobDraft>,
     /// The rows and manifest note of one job of a run of this kind.
-    pub run: fn(&RunContext, &RunSpec, Part) -> Result<(Vec<Row>, serde_json::Value)>,
+    pub run: fn(&RunContext, &RunSpec, Part) -> Result<JobOutput>,
     /// The run's manifest note from its jobs' notes.
     pub note: fn(&[&serde_json::Value]) -> serde_json::Value,
 }
+
+/// What one job returns: its rows and its manifest note.
+pub type JobOutput = (Vec<Row>, serde_json::Value);
 
 /// The note of a run that is one job: that job's.
 pub fn only_note(notes: &[&serde_json::Value]) -> serde_json::Value {
@@ -158,7 +161,7 @@ pub fn run_note(run: &RunSpec, notes: &[&serde_json::Value]) -> serde_json::Valu
 }
 
 /// Runs one job of `run`.
-pub fn run_job(cx: &RunContext, run: &RunSpec, part: Part) -> Result<(Vec<Row>, serde_json::Value)> {
+pub fn run_job(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> {
     let kind = by_name(run.kind_name()).ok_or_else(|| Error::Other(format!("run '{}': kind {} is not registered", run.name, run.kind_name())))?;
     (kind.run)(cx, run, part)
 }

@@ -16,7 +16,7 @@ pub fn parse<T: serde::de::DeserializeOwned>(json: &Value, family: &str) -> Resu
 
 /// d_model / n_heads, refusing a head count that does not divide it.
 pub fn head_dim(d_model: usize, n_heads: usize) -> Result<usize> {
-    if n_heads == 0 || d_model % n_heads != 0 {
+    if n_heads == 0 || !d_model.is_multiple_of(n_heads) {
         return Err(Error::Config(format!("hidden size {d_model} is not divisible by {n_heads} attention heads")));
     }
     Ok(d_model / n_heads)
