@@ -79,7 +79,9 @@ impl Prepared {
         let n_layers = model.cfg.n_layers;
         let clean_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| sites.iter().map(move |s| HookPoint::Block(l, *s))).collect();
         let mut clean_hooks = Hooks::capture(clean_points.iter().copied());
+        let started = std::time::Instant::now();
         let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), captured = clean_points.len(), "clean run");
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
         let kv_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
@@ -91,7 +93,9 @@ impl Prepared {
         if let Some(noise) = &corrupt_embed {
             corr_hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
         }
+        let started = std::time::Instant::now();
         let corr_final = model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), keep_graph, "corrupted run");
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
         };
