@@ -120,3 +120,24 @@ fn missing_tensors_are_named_with_the_nearest_present() {
     let err = Model::load(tmp.path().to_str().unwrap(), &LoadOptions::default()).err().expect("must fail").to_string();
     assert!(err.contains("h.1.ln_2.weight") && err.contains("nearest"), "{err}");
 }
+
+/// Converters hand the nn.Linear MLP matrices over as transposed views (so `tl-run hooks` copies
+/// nothing); a loaded model's must be contiguous, the layout its forward is fast with, whatever
+/// the family and dtype.
+#[test]
+fn loaded_mlp_matrices_are_contiguous() {
+    for name in EVERY_FAMILY {
+        for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
+            let opts = LoadOptions { processing: Processing::TRANSFORMER_LENS, kind, ..LoadOptions::default() };
+            let model = Model::load(fixture(name).to_str().unwrap(), &opts).unwrap();
+            for (l, b) in model.weights.blocks.iter().enumerate() {
+                let m = &b.mlp;
+                for (what, t) in [("w_in", Some(&m.w_in)), ("w_gate", m.w_gate.as_ref()), ("w_out", Some(&m.w_out))] {
+                    if let Some(t) = t {
+                        assert!(t.is_contiguous(), "{name} {kind:?}: block {l}'s {what} is not contiguous (strides {:?})", t.stride());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -35,6 +35,7 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn 
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let process_block = |l: usize, b: &mut BlockWeights| {
         let on = device(Place::Block(l));
+        contiguous_mlp(b, on);
         *b = b.map(&|t: &Tensor| t.to_device(on).to_kind(Kind::Float));
         if p.fold_ln {
             fold_block_norms(b, layer_norm, cfg.shared_norm);
@@ -54,6 +55,12 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn 
     // libtorch's own threads to fill the cores); a bf16 or f16 one's block by block, then the
     // ends, so that only one block or the unembedding is ever held in f32.
     let Weights { blocks, w_e, w_pos, w_u, b_u, ln_final, ln_embed } = w;
+    {
+        // The host's share of `contiguous_mlp` on all cores first: in the block-by-block path
+        // below it would run on one.
+        use rayon::prelude::*;
+        blocks.par_iter_mut().enumerate().filter(|(l, _)| device(Place::Block(*l)) == Device::Cpu).for_each(|(_, b)| contiguous_mlp(b, Device::Cpu));
+    }
     let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, device, kind);
     if blocks.iter().all(|b| b.attn.w_q.kind() == Kind::Float) {
         use rayon::prelude::*;
@@ -61,6 +68,15 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn 
     } else {
         blocks.iter_mut().enumerate().for_each(|(l, b)| process_block(l, b));
         ends();
+    }
+}
+
+/// The MLP matrices of nn.Linear checkpoints arrive as transposed views (`linear_t`): made
+/// contiguous on their device `on`, in their stored dtype, before anything reads them in order
+/// (the folds and the centring sum over their rows). A no-op for those already contiguous.
+fn contiguous_mlp(b: &mut BlockWeights, on: Device) {
+    for t in [&mut b.mlp.w_in, &mut b.mlp.w_out].into_iter().chain(b.mlp.w_gate.as_mut()) {
+        *t = t.to_device(on).contiguous();
     }
 }
 

@@ -84,7 +84,7 @@ pub fn layer_windows(json: &Value, n_layers: usize, window: Option<usize>, fallb
 // The attention layout changes below are views, not copies: the forward multiplies through
 // fused q/k/v/o projections, which are the checkpoint's own layouts again, so a contiguous
 // TransformerLens layout would cost two transposes of every attention matrix. The MLP matrices
-// are the exception (`linear_t`).
+// are the exception (`linear_t`): contiguous once processed.
 
 /// nn.Linear weight [n*d_head, d_model] -> [n, d_model, d_head] (a view).
 pub fn linear_per_head_in(w: &Tensor, n: i64, d_head: i64) -> Tensor {
@@ -98,11 +98,12 @@ pub fn linear_per_head_out(w: &Tensor, n: i64, d_head: i64) -> Tensor {
     w.view([d, n, d_head]).permute([1, 2, 0])
 }
 
-/// nn.Linear [out, in] -> TransformerLens [in, out], contiguous: the forward multiplies by the
-/// MLP matrices directly, and on the CPU (MKL) the transposed view made SmolLM2's patching sweeps
-/// about 20% slower than the one-off copy at load costs.
+/// nn.Linear [out, in] -> TransformerLens [in, out], a view. The forward multiplies by the MLP
+/// matrices directly, and on the CPU (MKL) the transposed view made SmolLM2's patching sweeps
+/// about 20% slower than a one-off copy, so `process` makes them contiguous on their device; a
+/// shape check (`Model::inspect`, `tl-run hooks`) copies nothing.
 pub fn linear_t(w: Tensor) -> Tensor {
-    w.tr().contiguous()
+    w.tr()
 }
 
 pub fn zeros(shape: &[i64]) -> Tensor {
