@@ -27,5 +27,51 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
-    atomic::write_bytes(path, &bytes)
+    atomic::write_bytes(path, &sorted_header(bytes)?)
+}
+
+/// The same file with its JSON header's keys sorted. The safetensors crate writes the metadata
+/// map in HashMap order, which differs from process to process, so the same activations gave
+/// files that differed in their first bytes. Offsets in the header are relative to the data, so
+/// only the header's length changes; it is padded with spaces to a multiple of 8, as the crate
+/// pads it.
+fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    let bad = |what: &str| Error::Other(format!("safetensors header: {what}"));
+    let n = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| bad("too short"))? as usize;
+    let header = bytes.get(8..8 + n).ok_or_else(|| bad("shorter than its length"))?;
+    // serde_json's Map is a BTreeMap (no preserve_order feature): parsing sorts every key.
+    let header: serde_json::Value = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let mut text = serde_json::to_vec(&header).map_err(|e| bad(&e.to_string()))?;
+    text.resize(text.len().div_ceil(8) * 8, b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_activations_give_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let tensors = vec![("blocks.0.hook_resid_pre".to_string(), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([1, 2, 3])), ("hook_embed".to_string(), Tensor::ones([1, 2, 3], (Kind::Float, tch::Device::Cpu)))];
+        let metadata = || HashMap::from([("prompts", "[\"Hi\"]"), ("tokens", "[[1, 2]]"), ("lengths", "[2]"), ("padding_side", "left"), ("model", "m"), ("processing", "{}")].map(|(k, v)| (k.to_string(), v.to_string())));
+        // Each HashMap has its own random order; the files must not.
+        let files: Vec<Vec<u8>> = (0..8)
+            .map(|i| {
+                let p = dir.path().join(format!("{i}.safetensors"));
+                write(&p, &tensors, metadata()).unwrap();
+                std::fs::read(p).unwrap()
+            })
+            .collect();
+        assert!(files.iter().all(|f| f == &files[0]));
+        let st = safetensors::SafeTensors::deserialize(&files[0]).unwrap();
+        assert_eq!(st.tensor("blocks.0.hook_resid_pre").unwrap().shape(), &[1, 2, 3]);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&files[0]).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["padding_side"], "left");
+        assert_eq!(u64::from_le_bytes(files[0][..8].try_into().unwrap()) % 8, 0);
+    }
 }
