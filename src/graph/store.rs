@@ -14,13 +14,13 @@ pub struct Store {
     dir: PathBuf,
 }
 
+/// A finished job waiting to be written: its key, its rows and its manifest note.
+type QueuedJob = (String, std::sync::Arc<Vec<Row>>, serde_json::Value);
+
 /// Stores finished jobs on a background thread, so the device goes on with the next job while
 /// one job's Parquet is encoded and fsynced (on a GPU that write took about as long as the
 /// job). A job is in the store once its file is renamed into place, as before; a kill loses
 /// only the writes still queued, and a rerun redoes those jobs.
-/// A finished job waiting to be written: its key, its rows and its manifest note.
-type QueuedJob = (String, std::sync::Arc<Vec<Row>>, serde_json::Value);
-
 pub struct Writer {
     queue: Option<std::sync::mpsc::Sender<QueuedJob>>,
     thread: Option<std::thread::JoinHandle<Result<()>>>,

@@ -1,7 +1,7 @@
 //! Activations to safetensors, keyed by full TransformerLens hook names (batch axis kept), with
 //! the prompts, token ids and padding in the file's metadata, so `safetensors.torch.load_file`
 //! gives exactly {hook name: tensor}.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use tch::{Kind, Tensor};
@@ -27,27 +27,34 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String
         })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
-    atomic::write_bytes(path, &sorted_header(bytes)?)
+    let (head, data) = sorted_header(&bytes)?;
+    atomic::write_with(path, |f| {
+        use std::io::Write;
+        f.write_all(&head).and_then(|()| f.write_all(&bytes[data..])).map_err(|e| Error::io(path, e))
+    })
 }
 
-/// The same file with its JSON header's keys sorted. The safetensors crate writes the metadata
-/// map in HashMap order, which differs from process to process, so the same activations gave
-/// files that differed in their first bytes. Offsets in the header are relative to the data, so
-/// only the header's length changes; it is padded with spaces to a multiple of 8, as the crate
-/// pads it.
-fn sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+/// The file's length-prefixed JSON header re-encoded with its keys sorted, and where its data
+/// starts in `bytes`. The safetensors crate writes the metadata map in HashMap order, which
+/// differs from process to process, so the same activations gave files that differed in their
+/// first bytes. Offsets in the header are relative to the data, so only the header's length
+/// changes; it is padded with spaces to a multiple of 8, as the crate pads it.
+fn sorted_header(bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
     let bad = |what: &str| Error::Other(format!("safetensors header: {what}"));
     let n = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| bad("too short"))? as usize;
     let header = bytes.get(8..8 + n).ok_or_else(|| bad("shorter than its length"))?;
-    // serde_json's Map is a BTreeMap (no preserve_order feature): parsing sorts every key.
-    let header: serde_json::Value = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    // BTreeMaps, so the order is sorted whatever serde_json's features: the metadata and the
+    // tensor names. Each tensor's entry keeps the crate's own (fixed) order.
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    if let Some(meta) = header.get("__metadata__") {
+        let meta: BTreeMap<String, String> = serde_json::from_value(meta.clone()).map_err(|e| bad(&e.to_string()))?;
+        header.insert("__metadata__".into(), serde_json::to_value(meta).map_err(|e| bad(&e.to_string()))?);
+    }
     let mut text = serde_json::to_vec(&header).map_err(|e| bad(&e.to_string()))?;
     text.resize(text.len().div_ceil(8) * 8, b' ');
-    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
-    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
-    out.extend_from_slice(&text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    Ok(out)
+    let mut head = (text.len() as u64).to_le_bytes().to_vec();
+    head.extend_from_slice(&text);
+    Ok((head, 8 + n))
 }
 
 #[cfg(test)]
