@@ -112,7 +112,8 @@ impl Prepared {
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
-        let prefix = (first_diff > 0 && first_diff < seq).then(|| {
+        let prefix = shared_prefix_len(first_diff, seq).map(|len| {
+            let first_diff = len as i64;
             let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
             let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
@@ -167,6 +168,14 @@ impl Prepared {
     pub fn corrupted_baseline(&self) -> f64 {
         mean(&self.corrupted_per_prompt)
     }
+}
+
+/// How many leading positions the patched forwards take from the corrupted run's keys and values:
+/// those before the first difference, when that leaves something to compute and something to
+/// reuse (none when the runs differ at position 0 or nowhere). The plan's cost model and the run
+/// both ask this one function, so the estimate assumes the prefix exactly when the run uses it.
+pub fn shared_prefix_len(first_diff: i64, seq: i64) -> Option<usize> {
+    (first_diff > 0 && first_diff < seq).then_some(first_diff as usize)
 }
 
 /// The first position at which any clean/corrupted pair differs (seq_len if none does).

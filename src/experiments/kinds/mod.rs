@@ -85,7 +85,7 @@ impl Sizing<'_> {
     /// Work of patched forwards of `cells` at `layer`: batches of cells × n prompts, from the
     /// patched layer on, over the positions after the shared prefix.
     pub fn patch_cost(&self, cells: usize, layer: usize) -> f64 {
-        let skip = if self.first_diff > 0 && (self.first_diff as usize) < self.seq { self.first_diff as usize } else { 0 };
+        let skip = crate::experiments::prepared::shared_prefix_len(self.first_diff, self.seq as i64).unwrap_or(0);
         let rows = (cells * self.n) as f64;
         rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64 * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
     }
@@ -182,6 +182,20 @@ mod tests {
             assert!(by_name(k.name).is_some_and(|f| std::ptr::eq(f, k)));
             assert!(!k.keys.contains(&"name") && !k.keys.contains(&"kind"), "{}: name and kind are every run's", k.name);
             assert!(readme.contains(&format!("`{}`", k.name)), "README does not document the {} kind", k.name);
+        }
+    }
+
+    #[test]
+    fn patch_cost_counts_the_positions_after_the_prefix_the_run_reuses() {
+        let cfg = crate::model::config::ModelConfig::new(4, 8, 2, 4, 16, 32).unwrap();
+        let z = |first_diff| Sizing { cfg: &cfg, seq: 10, first_diff, n: 2, chunk: 1, layers: vec![0, 1, 2, 3] };
+        // 3 cells × 2 prompts, layers 1..4, all 10 positions when nothing is reused.
+        assert_eq!(z(0).patch_cost(3, 1), 18.0);
+        assert_eq!(z(10).patch_cost(3, 1), 18.0);
+        // A prefix of 4 positions: 6 of 10 computed.
+        assert_eq!(z(4).patch_cost(3, 1), 18.0 * 0.6);
+        for (first_diff, reused) in [(0, None), (4, Some(4)), (9, Some(9)), (10, None)] {
+            assert_eq!(crate::experiments::prepared::shared_prefix_len(first_diff, 10), reused);
         }
     }
 }
