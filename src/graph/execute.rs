@@ -12,9 +12,7 @@ use tch::{Device, Tensor};
 use crate::engine::nonfinite;
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::Schedule;
 use crate::experiments::inputs::{first_changed, tokenize, Tokenized};
-use crate::experiments::prepared::Prepared;
 use crate::graph::shard::{self, Shard};
 use crate::graph::store::Store;
 use crate::experiments::context::RunContext;
@@ -26,6 +24,11 @@ use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
 use crate::spec::Spec;
 use crate::experiments::kinds::JobOutput;
+use crate::graph::manifest::{JobRecord, Record};
+use crate::graph::patch_groups::{run_here, PatchGroups};
+
+/// A work job's rows (shared with the store's writer) and its manifest note.
+type StoredOutput = (std::sync::Arc<Vec<Row>>, serde_json::Value);
 
 pub struct Outcome {
     pub files: Vec<PathBuf>,
@@ -60,7 +63,7 @@ pub enum ModelSource<'a> {
 }
 
 impl ModelSource<'_> {
-    fn cfg(&self) -> &ModelConfig {
+    pub(crate) fn cfg(&self) -> &ModelConfig {
         match self {
             ModelSource::Loaded(m) => &m.cfg,
             ModelSource::Lazy { cfg, .. } => cfg,
@@ -72,7 +75,7 @@ impl ModelSource<'_> {
             ModelSource::Lazy { tokenizer, .. } => tokenizer.ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into())),
         }
     }
-    fn files(&self) -> Option<&ModelFiles> {
+    pub(crate) fn files(&self) -> Option<&ModelFiles> {
         match self {
             ModelSource::Loaded(m) => m.files.as_ref(),
             ModelSource::Lazy { files, .. } => *files,
@@ -120,22 +123,6 @@ pub fn compile_tokenized(spec: &Spec, cfg: &ModelConfig, toks: Option<Tokenized>
     Ok(Compiled { plan, toks, digests })
 }
 
-/// One job as the manifest records it.
-#[derive(Debug, Clone, serde::Serialize)]
-struct JobRecord {
-    id: usize,
-    name: String,
-    key: Option<String>,
-    /// ran | stored (its result read from the store) | skipped (no job that reads it had to
-    /// run) | other shard
-    status: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shard: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    rows: Option<usize>,
-    seconds: f64,
-}
-
 /// Runs the plan of `spec`: every job in order; a work job's result comes from the store when
 /// its key is there, else it runs and is stored at once; shared passes run only when a job
 /// that reads them runs. Each run's Parquet (or shard part) is written as soon as its jobs are
@@ -162,35 +149,8 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
         (Some(a), Some(s)) => a[id] == Some(s.index),
         _ => true,
     };
-    // Stored results of this shard's work jobs.
-    let mut results: HashMap<usize, (std::sync::Arc<Vec<Row>>, serde_json::Value)> = HashMap::new();
-    let mut status: Vec<&'static str> = vec!["ran"; plan.jobs.len()];
-    for j in plan.work() {
-        if !owned(j.id) {
-            status[j.id] = "other shard";
-        } else if let (Some(store), false, Some(key)) = (&store, opts.fresh, &j.key) {
-            if let Some(s) = store.get(key) {
-                let run_name = &spec.runs[j.task.run().expect("work jobs have a run")].name;
-                let rows = s.rows.into_iter().map(|r| Row { run: run_name.clone(), ..r }).collect();
-                results.insert(j.id, (std::sync::Arc::new(rows), s.note));
-                status[j.id] = "stored";
-            }
-        }
-    }
-    // A shared pass runs only when some work job that reads it (directly or not) runs.
-    let mut needed = vec![false; plan.jobs.len()];
-    for j in plan.work().filter(|j| status[j.id] == "ran") {
-        let mut stack = vec![j.id];
-        while let Some(id) = stack.pop() {
-            if !needed[id] {
-                needed[id] = true;
-                stack.extend(&plan.jobs[id].deps);
-            }
-        }
-    }
-    for j in plan.jobs.iter().filter(|j| j.task.is_shared() && !needed[j.id]) {
-        status[j.id] = "skipped";
-    }
+    let (mut status, mut results) = work_status(spec, &plan, store.as_ref(), opts.fresh, owned);
+    let needed = needed_by_running_jobs(&plan, &mut status);
 
     let parallel = opts.devices.len() > 1 && matches!(source, ModelSource::Lazy { .. });
     let queue = std::sync::Mutex::new(plan.work().filter(|j| status[j.id] == "ran").map(|j| j.id).collect::<std::collections::VecDeque<usize>>());
@@ -198,22 +158,13 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     let model_cell: OnceCell<Model> = OnceCell::new();
     let mut cx: Option<RunContext> = None;
     let multi = opts.progress.then(indicatif::MultiProgress::new);
-    let total_cost: f64 = plan.work().filter(|j| status[j.id] == "ran").map(|j| j.cost.max(1.0)).sum();
-    let overall = match &multi {
-        Some(m) if total_cost > 0.0 => {
-            let b = m.add(indicatif::ProgressBar::new(total_cost.round().max(1.0) as u64));
-            b.set_style(indicatif::ProgressStyle::with_template("jobs {msg:48} [{bar:30}] {percent}% {elapsed} (eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
-            b
-        }
-        _ => indicatif::ProgressBar::hidden(),
-    };
+    let overall = jobs_bar(multi.as_ref(), plan.work().filter(|j| status[j.id] == "ran").map(|j| j.cost.max(1.0)).sum());
     let mut record = Record::new(spec, &source, &digests, opts.shard);
     let mut records: Vec<JobRecord> = Vec::new();
     let mut files = Vec::new();
     let mut run_notes = serde_json::Map::new();
     let mut summary = String::new();
-    let mut done_together: HashMap<usize, JobOutput> = HashMap::new();
-    let mut alone: std::collections::HashSet<usize> = std::collections::HashSet::new();
+    let mut groups = PatchGroups::default();
     std::thread::scope(|scope| {
     let mut pool: Option<devices::Pool> = None;
     let result = (|| -> Result<()> {
@@ -237,22 +188,11 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     ModelSource::Loaded(m) => m,
                     ModelSource::Lazy { load, device, cfg, .. } => {
                         let warm = warm_up_for(spec, &plan, &needed, cfg, *device, toks.as_ref());
-                        let loaded = std::thread::scope(|s| {
-                            // Guarded: a failed warm-up (a libtorch panic) is only logged.
-                            let warming = warm.map(|(opts, run)| s.spawn(move || crate::panics::guarded("device warm-up", || crate::engine::warm::warm_up(cfg, &opts, run))));
-                            let loaded = crate::panics::guarded(&job.name, || load(*device));
-                            match warming.map(|w| w.join()) {
-                                Some(Ok(Ok(seconds))) => {
-                                    tracing::debug!(seconds, "warmed the device beside the load");
-                                    // "load model" first: start-up benches count it as loading.
-                                    timings.insert("load model (device warm-up beside it)".into(), seconds);
-                                }
-                                Some(Ok(Err(e))) => tracing::debug!(error = %e, "warming the device failed; the runs pay the first use of its kernels"),
-                                Some(Err(_)) => tracing::debug!("warming the device stopped unexpectedly"),
-                                None => {}
-                            }
-                            loaded
-                        });
+                        let (loaded, warm_up_seconds) = load_beside_warm_up(&job.name, load, *device, cfg, warm);
+                        if let Some(seconds) = warm_up_seconds {
+                            // "load model" first: start-up benches count it as loading.
+                            timings.insert("load model (device warm-up beside it)".into(), seconds);
+                        }
                         let _ = model_cell.set(loaded?);
                         model_cell.get().expect("set above")
                     }
@@ -292,31 +232,7 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     }
                     None => {
                         let c = cx.as_ref().expect("the model loads before any work job");
-                        let (rows, note) = match done_together.remove(&job.id) {
-                            Some(done) => done,
-                            None => {
-                                // Patching jobs at this job's layer that are still to run share
-                                // its forwards; their results wait here until the loop reaches them.
-                                let across_layers = Schedule::for_device(c.model.device) == Schedule::Staircase;
-                                let group = patch_group(&plan, job, &status, &alone, across_layers);
-                                match (group.len() > 1).then(|| run_patch_group(c, &plan, &group)) {
-                                    Some(Ok(done)) => {
-                                        let mut done = done.into_iter();
-                                        let first = done.next().expect("one result per job");
-                                        done_together.extend(group[1..].iter().copied().zip(done));
-                                        first
-                                    }
-                                    // A failed group runs its jobs one by one, so that a failure
-                                    // is its own job's (named, and the others' rows kept).
-                                    Some(Err(e)) => {
-                                        tracing::debug!(error = %e, jobs = ?group, "a group of patching jobs failed: running them one by one");
-                                        alone.extend(group.iter().copied());
-                                        run_and_store(c, job, None).map_err(named)?
-                                    }
-                                    None => run_and_store(c, job, None).map_err(named)?,
-                                }
-                            }
-                        };
+                        let (rows, note) = run_here(c, &plan, job, &status, &mut groups).map_err(named)?;
                         if note.get("forwards_shared_with_jobs").and_then(|v| v.as_u64()).is_some_and(|k| k > 0) {
                             seconds = note["seconds"].as_f64();
                         }
@@ -343,29 +259,11 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     rows.extend(r.iter());
                     notes.push(n);
                 }
-                let bad: Vec<&Row> = rows.iter().copied().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
-                if let Some(first) = bad.first() {
-                    let f = nonfinite::Finding { kind: "result".into(), at: format!("run '{}' ({})", run.name, first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) };
+                if let Some(f) = nonfinite_rows(&run.name, &rows) {
                     record.found(f, &run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
                 }
-                let path = match opts.shard {
-                    Some(s) => s.part_path(out_dir, &run.name)?,
-                    None => atomic::file_in(out_dir, &run.name, ".parquet")?,
-                };
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-                    atomic::remove_stale_temps(parent);
-                }
-                write_parquet(&path, &rows)?;
-                files.push(path.clone());
-                let mut note = crate::experiments::kinds::run_note(run, &notes);
-                if !note.is_object() {
-                    note = serde_json::json!({});
-                }
-                note["kind"] = run.kind_name().into();
-                note["file"] = path.strip_prefix(out_dir).unwrap_or(&path).display().to_string().into();
-                note["rows"] = rows.len().into();
-                note["jobs"] = mine.clone().into();
+                let (path, note) = write_run(out_dir, opts.shard, run, &rows, &notes, &mine)?;
+                files.push(path);
                 run_notes.insert(run.name.clone(), note);
                 rows_out = Some(rows.len());
                 if !rows.is_empty() {
@@ -413,6 +311,113 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
     Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
 }
 
+/// Work jobs' results stored from an earlier run (unless `fresh`), and every job's status:
+/// "stored", "other shard" (a work job another shard owns) or, for now, "ran".
+fn work_status(spec: &Spec, plan: &Plan, store: Option<&Store>, fresh: bool, owned: impl Fn(usize) -> bool) -> (Vec<&'static str>, HashMap<usize, StoredOutput>) {
+    let mut results = HashMap::new();
+    let mut status: Vec<&'static str> = vec!["ran"; plan.jobs.len()];
+    for j in plan.work() {
+        if !owned(j.id) {
+            status[j.id] = "other shard";
+        } else if let (Some(store), false, Some(key)) = (store, fresh, &j.key) {
+            if let Some(s) = store.get(key) {
+                let run_name = &spec.runs[j.task.run().expect("work jobs have a run")].name;
+                let rows = s.rows.into_iter().map(|r| Row { run: run_name.clone(), ..r }).collect();
+                results.insert(j.id, (std::sync::Arc::new(rows), s.note));
+                status[j.id] = "stored";
+            }
+        }
+    }
+    (status, results)
+}
+
+/// The jobs that some running work job reads, directly or not (a shared pass runs only then);
+/// shared passes no running job reads get status "skipped".
+fn needed_by_running_jobs(plan: &Plan, status: &mut [&'static str]) -> Vec<bool> {
+    let mut needed = vec![false; plan.jobs.len()];
+    for j in plan.work().filter(|j| status[j.id] == "ran") {
+        let mut stack = vec![j.id];
+        while let Some(id) = stack.pop() {
+            if !needed[id] {
+                needed[id] = true;
+                stack.extend(&plan.jobs[id].deps);
+            }
+        }
+    }
+    for j in plan.jobs.iter().filter(|j| j.task.is_shared() && !needed[j.id]) {
+        status[j.id] = "skipped";
+    }
+    needed
+}
+
+/// The overall progress bar, in units of job cost (hidden without progress or work).
+fn jobs_bar(multi: Option<&indicatif::MultiProgress>, total_cost: f64) -> indicatif::ProgressBar {
+    match multi {
+        Some(m) if total_cost > 0.0 => {
+            let b = m.add(indicatif::ProgressBar::new(total_cost.round().max(1.0) as u64));
+            b.set_style(indicatif::ProgressStyle::with_template("jobs {msg:48} [{bar:30}] {percent}% {elapsed} (eta {eta})").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()).progress_chars("=> "));
+            b
+        }
+        _ => indicatif::ProgressBar::hidden(),
+    }
+}
+
+/// Loads the model (job `name`) while a second thread warms the device's kernels, when `warm`
+/// is given; returns the load's result and the warm-up's seconds if it succeeded. A failed
+/// warm-up (a libtorch panic included) is only logged: the runs then pay the kernels' first use.
+fn load_beside_warm_up(name: &str, load: &devices::Loader, device: Device, cfg: &ModelConfig, warm: Option<(LoadOptions, crate::engine::warm::WarmUp)>) -> (Result<Model>, Option<f64>) {
+    std::thread::scope(|s| {
+        let warming = warm.map(|(opts, run)| s.spawn(move || crate::panics::guarded("device warm-up", || crate::engine::warm::warm_up(cfg, &opts, run))));
+        let loaded = crate::panics::guarded(name, || load(device));
+        let seconds = match warming.map(|w| w.join()) {
+            Some(Ok(Ok(seconds))) => {
+                tracing::debug!(seconds, "warmed the device beside the load");
+                Some(seconds)
+            }
+            Some(Ok(Err(e))) => {
+                tracing::debug!(error = %e, "warming the device failed; the runs pay the first use of its kernels");
+                None
+            }
+            Some(Err(_)) => {
+                tracing::debug!("warming the device stopped unexpectedly");
+                None
+            }
+            None => None,
+        };
+        (loaded, seconds)
+    })
+}
+
+/// The first non-finite value among a run's rows (value or patched), with their count.
+fn nonfinite_rows(run: &str, rows: &[&Row]) -> Option<nonfinite::Finding> {
+    let bad: Vec<&Row> = rows.iter().copied().filter(|r| !r.value.is_finite() || r.patched.is_some_and(|p| !p.is_finite())).collect();
+    let first = bad.first()?;
+    Some(nonfinite::Finding { kind: "result".into(), at: format!("run '{run}' ({})", first.hook), count: bad.len() as i64, prompt: first.prompt.map(i64::from), position: first.pos.map(i64::from) })
+}
+
+/// Writes a run's Parquet (a shard's part with `shard`) atomically from its jobs' rows, and
+/// returns its path and the run's manifest note (the kind's own, with kind, file, rows, jobs).
+fn write_run(out_dir: &std::path::Path, shard: Option<Shard>, run: &crate::spec::RunSpec, rows: &[&Row], job_notes: &[&serde_json::Value], jobs: &[usize]) -> Result<(PathBuf, serde_json::Value)> {
+    let path = match shard {
+        Some(s) => s.part_path(out_dir, &run.name)?,
+        None => atomic::file_in(out_dir, &run.name, ".parquet")?,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        atomic::remove_stale_temps(parent);
+    }
+    write_parquet(&path, rows)?;
+    let mut note = crate::experiments::kinds::run_note(run, job_notes);
+    if !note.is_object() {
+        note = serde_json::json!({});
+    }
+    note["kind"] = run.kind_name().into();
+    note["file"] = path.strip_prefix(out_dir).unwrap_or(&path).display().to_string().into();
+    note["rows"] = rows.len().into();
+    note["jobs"] = jobs.into();
+    Ok((path, note))
+}
+
 /// The warm-up of a CUDA device beside the model's load (engine::warm): the clean run's tokens,
 /// with a backward when an attribution pass will run. None on the CPU, for a model split over
 /// devices, without prompts, where the miniature would crowd the model out of memory, or with
@@ -443,43 +448,6 @@ pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Opt
     Ok((rows, note))
 }
 
-/// `job` and the activation-patching jobs at its layer (at any layer with `across_layers`, for
-/// the staircase schedule) that are still to run (status "ran", later in the plan, their inputs
-/// ready, not in a group that failed): one group of forwards (patch_together). Any other job
-/// alone.
-fn patch_group(plan: &crate::graph::Plan, job: &crate::graph::Job, status: &[&str], alone: &std::collections::HashSet<usize>, across_layers: bool) -> Vec<usize> {
-    let Task::Patch { layer, .. } = job.task else { return vec![job.id] };
-    if alone.contains(&job.id) {
-        return vec![job.id];
-    }
-    let mut group = vec![job.id];
-    for other in plan.jobs.iter().skip(job.id + 1) {
-        let ready = other.deps.iter().all(|&d| d < job.id) && !alone.contains(&other.id);
-        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer || across_layers) && status[other.id] == "ran" && ready {
-            group.push(other.id);
-        }
-    }
-    group
-}
-
-/// Runs a group of patching jobs together (their stores are written as the loop reaches them).
-fn run_patch_group(cx: &RunContext, plan: &crate::graph::Plan, group: &[usize]) -> Result<Vec<JobOutput>> {
-    let jobs: Vec<(&crate::spec::RunSpec, crate::experiments::kinds::Part)> = group
-        .iter()
-        .map(|&id| {
-            let task = plan.jobs[id].task;
-            let run = task.run().ok_or_else(|| Error::Other(format!("job [{id}] is not a work job")))?;
-            Ok((&cx.spec.runs[run], task.part()))
-        })
-        .collect::<Result<_>>()?;
-    crate::panics::guarded(&prompts_of(cx.toks), || {
-        for &id in group {
-            crate::panics::injected(&plan.jobs[id].name);
-        }
-        crate::experiments::kinds::activation_patching::patch_together(cx, &jobs)
-    })
-}
-
 /// The prompts a job computes on, for a failure's message (jobs batch every prompt).
 pub(crate) fn prompts_of(toks: Option<&Tokenized>) -> String {
     match toks.map(Tokenized::n_prompts) {
@@ -502,93 +470,6 @@ pub(crate) fn baseline_finding(cx: &RunContext) -> Result<Option<nonfinite::Find
         None => None,
     };
     Ok(Some(found.unwrap_or_else(|| nonfinite::Finding { kind: "baseline".into(), at: format!("the {which} run's metric"), count: 1, prompt: None, position: None })))
-}
-
-/// What the manifest records, written after every run (and when a run stops on a NaN).
-struct Record<'a> {
-    spec: &'a Spec,
-    model: serde_json::Value,
-    device: String,
-    dtype: String,
-    path: PathBuf,
-    shard: Option<Shard>,
-    jobs: Vec<JobRecord>,
-    nonfinite: Vec<nonfinite::Finding>,
-    /// Set when the last job has run (what `merge` waits for).
-    complete: bool,
-}
-
-impl<'a> Record<'a> {
-    fn new(spec: &'a Spec, source: &ModelSource, digests: &[(PathBuf, String)], shard: Option<Shard>) -> Self {
-        let files = source.files();
-        let is_weight = |p: &PathBuf| files.is_some_and(|f| f.weights.contains(p));
-        let weights: Vec<serde_json::Value> = digests.iter().filter(|(p, _)| is_weight(p)).map(|(p, d)| serde_json::json!({"file": p.display().to_string(), "sha256": d})).collect();
-        let model = serde_json::json!({
-            "id": spec.model.id,
-            "family": source.cfg().family,
-            "resolved_commit": files.and_then(|f| f.commit.clone()),
-            "weights": weights,
-            "processing": spec.model.processing,
-        });
-        let (device, dtype) = match source {
-            ModelSource::Loaded(m) => (format!("{:?}", m.device), format!("{:?}", m.kind)),
-            ModelSource::Lazy { .. } => (spec.model.device.clone(), spec.model.kind().map(|k| format!("{k:?}")).unwrap_or_else(|_| spec.model.dtype.clone())),
-        };
-        let name = shard.map_or_else(|| "manifest.json".to_string(), |s| s.manifest_name());
-        Record { spec, model, device, dtype, path: spec.output_dir.join(name), shard, jobs: Vec::new(), nonfinite: Vec::new(), complete: false }
-    }
-
-    /// What only a loaded model tells: the device and dtype it runs in, its processing.
-    fn loaded(&mut self, model: &Model) {
-        self.device = format!("{:?}", model.device);
-        self.dtype = format!("{:?}", model.kind);
-        self.model["processing"] = serde_json::to_value(model.processing).unwrap_or_default();
-        self.model["layer_devices"] = model.layer_devices.iter().map(|d| format!("{d:?}")).collect();
-    }
-
-    fn write(&self, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
-        let spec = self.spec;
-        let metric = match prep {
-            Some(p) => serde_json::json!({"kind": spec.metric.kind, "noise_samples_per_prompt": spec.corruption.samples(), "normalize": spec.metric.normalize,
-                       "clean_baseline": p.clean_baseline(), "corrupted_baseline": p.corrupted_baseline(),
-                       "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt}),
-            None => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize}),
-        };
-        let manifest = serde_json::json!({
-            "spec": spec,
-            "spec_hash": spec.spec_hash,
-            "model": self.model,
-            "tl_run": {"version": env!("CARGO_PKG_VERSION"), "git_commit": option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown"), "engine": keys::engine_id()},
-            "device": self.device,
-            "dtype": self.dtype,
-            "shard": self.shard,
-            "complete": self.complete,
-            "metric": metric,
-            "tokens": toks.map(|t| t.record.clone()),
-            "runs": runs,
-            "jobs": self.jobs,
-            "nonfinite": self.nonfinite,
-            "timings_seconds": timings,
-        });
-        std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
-        atomic::write_bytes(&self.path, serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes())
-    }
-
-    /// Records a NaN/inf finding; unless the spec allows them, writes the manifest with it and
-    /// stops the run with an error naming where it first appeared.
-    fn found(&mut self, f: nonfinite::Finding, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
-        let message = f.to_string();
-        self.nonfinite.push(f);
-        if self.spec.allow_nonfinite {
-            tracing::warn!("{message} (allow_nonfinite: recorded in the manifest)");
-            return Ok(());
-        }
-        self.write(runs, timings, prep, toks)?;
-        Err(Error::Other(format!(
-            "{message}; the run stopped (recorded in {}). Set allow_nonfinite = true at the top of the spec to run on and record them instead",
-            self.path.display()
-        )))
-    }
 }
 
 /// A one-screen summary: the rows with the largest |value| per run.

@@ -6,6 +6,8 @@
 pub mod devices;
 pub mod execute;
 pub mod keys;
+mod manifest;
+mod patch_groups;
 pub mod merge;
 pub mod shard;
 pub mod slurm;
