@@ -1,11 +1,14 @@
 //! Experiment specs: the TOML a researcher writes (raw.rs), resolved into a checked plan
-//! (resolve.rs) with every problem reported at once, each pointing at its line and key.
+//! (resolve.rs; prompts and corruption in corruption.rs, runs in runs.rs) with every problem
+//! reported at once, each pointing at its line and key.
+pub mod corruption;
 pub mod prompts;
 pub mod raw;
 pub mod resolve;
 pub mod runs;
 
-pub use resolve::{resolve_file, resolve_file_with_prompts, Corruption, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
+pub use corruption::Corruption;
+pub use resolve::{resolve_file, resolve_file_with_prompts, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
 
 /// One problem in a spec, located in the file.
 #[derive(Debug, Clone)]

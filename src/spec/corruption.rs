@@ -1,0 +1,185 @@
+//! The spec's [prompts] and [corruption]: the prompt pairs (inline or from a file, or the
+//! `--prompts` override) and how each clean prompt is corrupted, checked with every problem
+//! reported at its line and key.
+use std::path::Path;
+
+use crate::spec::prompts::{self, PromptPair};
+use crate::spec::raw::*;
+use crate::spec::resolve::Ctx;
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Corruption {
+    /// Corrupted prompt i = clean prompt i^1; answers stay with the clean prompt.
+    SwapPairs,
+    /// Corrupted prompts given explicitly (in the spec or the prompt file).
+    Prompts,
+    /// Each (from, to) word replaced in every clean prompt.
+    ReplaceTokens(Vec<(String, String)>),
+    /// Gaussian noise on the token embeddings at given token positions or at the tokens of given
+    /// words (ROME's causal tracing): `noise` × the std of W_E, `samples` noised copies of every
+    /// prompt drawn with `seed`.
+    Noise { positions: Option<Vec<i64>>, words: Option<Vec<String>>, noise: f64, samples: usize, seed: u64 },
+}
+
+impl Corruption {
+    /// How many corrupted copies each clean prompt has.
+    pub fn samples(&self) -> usize {
+        match self {
+            Corruption::Noise { samples, .. } => *samples,
+            _ => 1,
+        }
+    }
+}
+
+/// The prompts (none when the spec has no [prompts]: only runs that need none may then be
+/// given) and the corruption (None when the spec gives none and the prompts carry none).
+pub(crate) fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_file: Option<&Path>) -> (Vec<PromptPair>, Option<Corruption>) {
+    let mut prompts: Vec<PromptPair> = Vec::new();
+    let Some(p) = &raw.prompts else {
+        if let Some(c) = &raw.corruption {
+            cx.at(&c.kind, "corruption", "a [corruption] needs [prompts] to corrupt");
+        }
+        return (prompts, None);
+    };
+    let p = p.get_ref();
+    match (&p.clean, &p.file) {
+        (Some(clean), None) => {
+            if clean.get_ref().is_empty() {
+                cx.at(clean, "prompts.clean", "no prompts: give at least one clean prompt");
+            }
+            if let Some(i) = clean.get_ref().iter().position(|c| c.trim().is_empty()) {
+                cx.at(clean, format!("prompts.clean[{i}]"), "an empty prompt: every prompt needs some text");
+            }
+            let answers = p.answers.as_ref();
+            match answers {
+                None => cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt"),
+                Some(a) if a.get_ref().len() != clean.get_ref().len() => {
+                    cx.at(a, "prompts.answers", format!("{} answer pairs for {} clean prompts", a.get_ref().len(), clean.get_ref().len()))
+                }
+                Some(a) => {
+                    for (i, (c, pair)) in clean.get_ref().iter().zip(a.get_ref()).enumerate() {
+                        if pair.get_ref().is_empty() || pair.get_ref().len() > 2 {
+                            cx.at(pair, format!("prompts.answers[{i}]"), "give [correct] or [correct, incorrect]");
+                            continue;
+                        }
+                        prompts.push(PromptPair { clean: c.clone(), corrupted: None, correct: pair.get_ref()[0].clone(), incorrect: pair.get_ref().get(1).cloned() });
+                    }
+                }
+            }
+        }
+        (None, Some(f)) => match prompts::read(&prompts_file.map(Path::to_path_buf).unwrap_or_else(|| base.join(f.get_ref()))) {
+            Ok(v) => prompts = v,
+            Err(e) if prompts_file.is_some() => cx.at(f, "prompts.file (replaced by --prompts)", e),
+            Err(e) => cx.at(f, "prompts.file", e),
+        },
+        (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),
+        (None, None) => cx.at(raw.prompts.as_ref().expect("checked"), "prompts", "give clean + answers, or file"),
+    }
+    let corruption = match &raw.corruption {
+        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Some(Corruption::Prompts),
+        None => None,
+        Some(c) => Some(match c.kind.get_ref().as_str() {
+            "swap_pairs" => {
+                if !prompts.len().is_multiple_of(2) {
+                    cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
+                }
+                // The pair partner is the corruption; a file's own "corrupt" prompts are not used.
+                for p in prompts.iter_mut() {
+                    p.corrupted = None;
+                }
+                Corruption::SwapPairs
+            }
+            "prompts" => {
+                match &c.prompts {
+                    Some(list) if list.get_ref().len() == prompts.len() => {
+                        for (p, c) in prompts.iter_mut().zip(list.get_ref()) {
+                            p.corrupted = Some(c.clone());
+                        }
+                    }
+                    Some(list) => cx.at(list, "corruption.prompts", format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len())),
+                    None if prompts.iter().all(|p| p.corrupted.is_some()) => {}
+                    None => cx.at(&c.kind, "corruption.prompts", "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)"),
+                }
+                Corruption::Prompts
+            }
+            "replace_tokens" => match &c.replace {
+                Some(map) if !map.get_ref().is_empty() => {
+                    let pairs: Vec<(String, String)> = map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+                    for i in replace_words(&mut prompts, &pairs) {
+                        cx.at(map, "corruption.replace", format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean));
+                    }
+                    Corruption::ReplaceTokens(pairs)
+                }
+                _ => {
+                    cx.at(&c.kind, "corruption.replace", "replace_tokens needs replace = { word = \"replacement\", ... }");
+                    Corruption::SwapPairs
+                }
+            },
+            "noise" => resolve_noise(cx, c),
+            other => {
+                cx.at(&c.kind, "corruption.kind", format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"));
+                Corruption::SwapPairs
+            }
+        }),
+    };
+    if let Some(c) = &raw.corruption {
+        let kind = c.kind.get_ref().as_str();
+        let noise_only = [("positions", c.positions.as_ref().map(|v| v.span().start)), ("words", c.words.as_ref().map(|v| v.span().start)),
+            ("noise", c.noise.as_ref().map(|v| v.span().start)), ("samples", c.samples.as_ref().map(|v| v.span().start)), ("seed", c.seed.as_ref().map(|v| v.span().start))];
+        for (name, at) in noise_only {
+            if let (Some(at), false) = (at, kind == "noise") {
+                cx.at_offset(at, format!("corruption.{name}"), format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"));
+            }
+        }
+    }
+    (prompts, corruption)
+}
+
+fn resolve_noise(cx: &mut Ctx, c: &RawCorruption) -> Corruption {
+    let positions = c.positions.as_ref().map(|p| p.get_ref().clone());
+    let words = c.words.as_ref().map(|w| w.get_ref().clone());
+    match (&c.positions, &c.words) {
+        (None, None) | (Some(_), Some(_)) => cx.at(&c.kind, "corruption.positions", "noise needs either positions = [token indices] or words = [\"words to noise\"]"),
+        (Some(p), None) if p.get_ref().is_empty() || p.get_ref().iter().any(|&x| x < 0) => {
+            cx.at(p, "corruption.positions", format!("give non-negative token positions, got {:?}", p.get_ref()))
+        }
+        (None, Some(w)) if w.get_ref().is_empty() => cx.at(w, "corruption.words", "give at least one word"),
+        _ => {}
+    }
+    let noise = match &c.noise {
+        Some(n) if !(*n.get_ref() > 0.0 && n.get_ref().is_finite()) => {
+            cx.at(n, "corruption.noise", format!("noise must be a positive number of embedding standard deviations, got {}", n.get_ref()));
+            3.0
+        }
+        Some(n) => *n.get_ref(),
+        None => 3.0,
+    };
+    let samples = match &c.samples {
+        Some(s) if *s.get_ref() < 1 => {
+            cx.at(s, "corruption.samples", format!("samples must be at least 1, got {}", s.get_ref()));
+            1
+        }
+        Some(s) => *s.get_ref() as usize,
+        None => 1,
+    };
+    let seed = c.seed.as_ref().map(|s| *s.get_ref() as u64).unwrap_or(0);
+    Corruption::Noise { positions, words, noise, samples, seed }
+}
+
+/// Sets every prompt's corrupted twin to its clean text with each (from, to) word replaced;
+/// returns the prompts none of the words occur in.
+pub(crate) fn replace_words(prompts: &mut [PromptPair], pairs: &[(String, String)]) -> Vec<usize> {
+    let mut unchanged = Vec::new();
+    for (i, p) in prompts.iter_mut().enumerate() {
+        let mut s = p.clean.clone();
+        for (from, to) in pairs {
+            s = s.replace(from.as_str(), to);
+        }
+        if s == p.clean {
+            unchanged.push(i);
+        }
+        p.corrupted = Some(s);
+    }
+    unchanged
+}
