@@ -89,6 +89,8 @@ struct Context<'a> {
     /// ALiBi biases [batch|1, heads, 1, key].
     alibi: Option<Tensor>,
     prefix: Option<&'a Prefix>,
+    /// Whether the batch is left-padded (only then can a query see no key at all).
+    padded: bool,
 }
 
 impl Context<'_> {
@@ -188,7 +190,7 @@ impl Model {
         let context = |device: tch::Device| {
             let moved = (pos.ids.device() != device).then(|| pos.on(device));
             let p = moved.as_ref().unwrap_or(&pos);
-            Context { blocked: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix }
+            Context { blocked: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix, padded: p.mask.is_some() }
         };
         let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
         let last_block = self.cfg.n_layers - 1;
@@ -447,13 +449,6 @@ impl Model {
             Some(p) => (Tensor::cat(&[&p.keys[l], &k], 1), Tensor::cat(&[&p.values[l], &v], 1)),
             None => (k, v),
         };
-        // Grouped-query attention: each key-value head serves `group` consecutive query heads.
-        let group = self.cfg.kv_group() as i64;
-        let (k, v) = if group > 1 {
-            (k.repeat_interleave_self_int(group, 2, None), v.repeat_interleave_self_int(group, 2, None))
-        } else {
-            (k, v)
-        };
         let mut scores = self.attention_scores(&q, &k);
         if let Some(alibi) = &ctx.alibi {
             scores = scores + alibi;
@@ -467,8 +462,13 @@ impl Model {
         // Softmax accumulates in f32 whatever the run dtype, then returns to it.
         let pattern = scores.softmax(-1, Kind::Float);
         // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
-        let pattern = hooks.at(at(Site::Pattern), pattern.masked_fill(&pattern.isnan(), 0.0).to_kind(self.kind))?;
-        let z = pattern.matmul(&v.permute([0, 2, 1, 3])).permute([0, 2, 1, 3]).contiguous();
+        // Without padding every query sees at least itself, so no row is NaN.
+        let pattern = if ctx.padded { pattern.masked_fill(&pattern.isnan(), 0.0) } else { pattern };
+        let pattern = hooks.at(at(Site::Pattern), pattern.to_kind(self.kind))?;
+        // Grouped-query attention: the `group` query heads a key-value head serves are one
+        // batch of rows against its values (no copy of the values per query head).
+        let pk = v.size()[1];
+        let z = pattern.view([b, kv, -1, pk]).matmul(&v.permute([0, 2, 1, 3])).view([b, h, p_q, e]).permute([0, 2, 1, 3]).contiguous();
         let z = hooks.at(at(Site::Z), z)?;
         if hooks.wants(at(Site::Result)) {
             let result = Tensor::einsum("bphe,hed->bphd", &[&z, &aw.w_o], None::<&[i64]>);
@@ -480,10 +480,20 @@ impl Model {
     }
 
     /// Unmasked scores [batch, head, query, key] from post-rotary q [b, q, h, e] and k
-    /// [b, k, h, e] (keys already repeated over query groups): q·k / scale, then the softcap.
+    /// [b, k, kv_heads, e]: q·k / scale, then the softcap. With grouped-query attention each
+    /// key-value head serves `h / kv_heads` consecutive query heads; their queries are one batch
+    /// of rows against its keys, so the keys are never copied per query head.
     pub fn attention_scores(&self, q: &Tensor, k: &Tensor) -> Tensor {
+        let (qs, kv) = (q.size(), k.size()[2]);
+        let (b, p, h, e) = (qs[0], qs[1], qs[2], qs[3]);
+        let raw = if kv == h {
+            q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1]))
+        } else {
+            let grouped = q.view([b, p, kv, h / kv, e]).permute([0, 2, 3, 1, 4]).reshape([b, kv, -1, e]);
+            grouped.matmul(&k.permute([0, 2, 3, 1])).view([b, h, p, -1])
+        };
         // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
-        let scores = q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1])) * (1.0 / self.cfg.attn_scale);
+        let scores = raw * (1.0 / self.cfg.attn_scale);
         match self.cfg.attn_softcap {
             Some(c) => (scores / c).tanh() * c,
             None => scores,

@@ -109,13 +109,12 @@ fn linear_estimate(target: Target, delta_times_grad: &Tensor) -> Tensor {
 fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&Tensor, &Tensor), scores: &Tensor, pattern: &Tensor, grad_pattern: &Tensor) -> Result<Tensor> {
     // q.0/k.0 clean, q.1/k.1 corrupted; all post-rotary [n, pos, heads, d_head].
     let group = model.cfg.kv_group() as i64;
-    let expand = |k: &Tensor| if group > 1 { k.repeat_interleave_self_int(group, 2, None) } else { k.shallow_clone() };
     let masked = scores.isneginf();
     // Whatever the run added to the scores that depends on positions only (ALiBi) is the same
     // for every cell: recover it from the corrupted run's scores.
-    let position_bias = (scores - model.attention_scores(q.1, &expand(k.1))).masked_fill(&masked, 0.0);
+    let position_bias = (scores - model.attention_scores(q.1, k.1)).masked_fill(&masked, 0.0);
     // The model's own score function (scale and softcap), that bias, then the run's mask.
-    let scores_of = |q: &Tensor, k: &Tensor| (model.attention_scores(q, &expand(k)) + &position_bias).masked_fill(&masked, f64::NEG_INFINITY);
+    let scores_of = |q: &Tensor, k: &Tensor| (model.attention_scores(q, k) + &position_bias).masked_fill(&masked, f64::NEG_INFINITY);
     let softmax = |s: &Tensor| {
         let p = s.softmax(-1, Kind::Float);
         p.masked_fill(&p.isnan(), 0.0)
