@@ -237,7 +237,7 @@ impl Model {
 
     /// Logits from ln_final's output.
     pub fn unembed(&self, x: &Tensor) -> Tensor {
-        self.final_softcap(x.matmul(&self.weights.w_u) + &self.weights.b_u)
+        self.final_softcap(affine(x, &self.weights.w_u, Some(&self.weights.b_u)))
     }
 
     /// c·tanh(logits/c) for models with a final-logit softcap (Gemma 2); identity otherwise.
@@ -475,7 +475,7 @@ impl Model {
             let result = hooks.at(at(Site::Result), result)?;
             Ok(result.sum_dim_intlist(2, false, None) + &aw.b_o)
         } else {
-            Ok(z.view([b, p_q, h * e]).matmul(&fw.w_o) + &aw.b_o)
+            Ok(affine(&z.view([b, p_q, h * e]), &fw.w_o, Some(&aw.b_o)))
         }
     }
 
@@ -519,20 +519,22 @@ impl Model {
         };
         let post = match &mw.w_gate {
             Some(w_gate) => {
-                let gate = x.matmul(w_gate);
-                let gate = match &mw.b_gate {
-                    Some(b) => gate + b,
-                    None => gate,
-                };
-                let pre = hooks.at(at(Site::MlpPre), gate)?;
-                let pre_linear = hooks.at(at(Site::MlpPreLinear), x.matmul(&mw.w_in) + &mw.b_in)?;
+                let pre = hooks.at(at(Site::MlpPre), affine(x, w_gate, mw.b_gate.as_ref()))?;
+                let pre_linear = hooks.at(at(Site::MlpPreLinear), affine(x, &mw.w_in, Some(&mw.b_in)))?;
                 act(&pre) * pre_linear
             }
-            None => act(&hooks.at(at(Site::MlpPre), x.matmul(&mw.w_in) + &mw.b_in)?),
+            None => act(&hooks.at(at(Site::MlpPre), affine(x, &mw.w_in, Some(&mw.b_in)))?),
         };
         let post = hooks.at(at(Site::MlpPost), post)?;
-        Ok(post.matmul(&mw.w_out) + &mw.b_out)
+        Ok(affine(&post, &mw.w_out, Some(&mw.b_out)))
     }
+}
+
+/// x @ w + b for w stored [in, out] (TransformerLens's layout): as `linear` of w's transposed
+/// view, so that libtorch runs one GEMM with the bias added in it (addmm) rather than a GEMM
+/// and then a pass over its output to add the bias.
+fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+    x.linear(&w.tr(), b)
 }
 
 /// The last position of a [batch, pos, ..] tensor, keeping the axis.
