@@ -350,6 +350,17 @@ impl Model {
         let kind = x.kind();
         // Half-precision models normalise in f32 and cast back before the affine (as TL).
         let x = if kind == Kind::Float || kind == Kind::Double { x } else { x.to_kind(Kind::Float) };
+        if !hooks.wants(scale_point) && !hooks.wants(norm_point) {
+            // Nothing reads or edits the scale or the normalized value: libtorch's own norm,
+            // one kernel where the steps below are six or seven (a GPU's patched forwards are
+            // bound by launches). Same arithmetic; it differs from the steps in rounding only.
+            let d = [*x.size().last().expect("a norm's input has a feature axis")];
+            let normalized = match self.cfg.norm.kind {
+                NormKind::LayerNorm => x.layer_norm(d, None::<&Tensor>, None::<&Tensor>, self.cfg.norm.eps, true),
+                NormKind::RmsNorm => x.rms_norm(d, None::<&Tensor>, self.cfg.norm.eps),
+            };
+            return Ok(affine_norm(normalized.to_kind(kind), w));
+        }
         let x = match self.cfg.norm.kind {
             NormKind::LayerNorm => &x - x.mean_dim(-1, true, None),
             NormKind::RmsNorm => x,
@@ -366,14 +377,7 @@ impl Model {
         };
         // TL 4.x hooks the normalized value before the affine (HookedTransformer 2.x hooked
         // LayerNorm's after it); with fold_ln there is no affine and both agree.
-        let mut y = hooks.at(norm_point, normalized.to_kind(kind))?;
-        if let Some(g) = &w.w {
-            y = y * g;
-        }
-        if let Some(b) = &w.b {
-            y = y + b;
-        }
-        Ok(y)
+        Ok(affine_norm(hooks.at(norm_point, normalized.to_kind(kind))?, w))
     }
 
     fn block(&self, l: usize, resid_pre: Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
@@ -528,6 +532,17 @@ impl Model {
         let post = hooks.at(at(Site::MlpPost), post)?;
         Ok(affine(&post, &mw.w_out, Some(&mw.b_out)))
     }
+}
+
+/// A norm's affine (weight, then bias) where the model has one (not folded into what follows).
+fn affine_norm(mut y: Tensor, w: &NormWeights) -> Tensor {
+    if let Some(g) = &w.w {
+        y = y * g;
+    }
+    if let Some(b) = &w.b {
+        y = y + b;
+    }
+    y
 }
 
 /// x @ w + b for w stored [in, out] (TransformerLens's layout): as `linear` of w's transposed
