@@ -107,7 +107,7 @@ fn linear_estimate(target: Target, delta_times_grad: &Tensor) -> Tensor {
 /// AtP*'s query/key fix at one layer: the attention pattern recomputed exactly with the clean
 /// query (or key) of each cell, then linearised from the pattern on: Σ (P' − P) ⊙ ∂metric/∂P.
 fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&Tensor, &Tensor), scores: &Tensor, pattern: &Tensor, grad_pattern: &Tensor) -> Result<Tensor> {
-    // q.0/k.0 clean, q.1/k.1 corrupted; all post-rotary [n, pos, heads, d_head].
+    // q.0/k.0 clean, q.1/k.1 corrupted; post-rotary q [n, pos, heads, d_head], k [n, pos, kv_heads, d_head].
     let group = model.cfg.kv_group() as i64;
     let masked = scores.isneginf();
     // Whatever the run added to the scores that depends on positions only (ALiBi) is the same
