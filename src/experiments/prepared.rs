@@ -113,11 +113,11 @@ impl Prepared {
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
         let prefix = shared_prefix_len(first_diff, seq).map(|len| {
-            let first_diff = len as i64;
-            let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, first_diff).contiguous();
+            let len = len as i64;
+            let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, len).contiguous();
             let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
-            Prefix { len: first_diff, keys, values }
+            Prefix { len, keys, values }
         });
         Ok(Prepared {
             clean_tokens,
