@@ -135,7 +135,9 @@ fn start_and_stop_at_layers() {
         let mut full = Hooks::capture([pre]);
         let logits = model.run(Input::Tokens(&toks), None, &mut full, Stop::Logits).unwrap();
         let resid = full.cache[&pre].shallow_clone();
-        let stopped = model.run(Input::Tokens(&toks), None, &mut Hooks::new(), Stop::BeforeLayer(l)).unwrap();
+        // A capturing run as the full one (capturing forwards compute attention step by step,
+        // others fused): the same arithmetic, bit for bit.
+        let stopped = model.run(Input::Tokens(&toks), None, &mut Hooks::capture([pre]), Stop::BeforeLayer(l)).unwrap();
         assert!(max_abs_diff(&stopped, &resid) == 0.0);
         let resumed = model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::Logits).unwrap();
         assert!(max_abs_diff(&resumed, &logits) <= 1e-6, "{name}");
@@ -245,4 +247,70 @@ fn last_position_stop_equals_the_full_runs_last_position() {
             assert_eq!(hooks.cache[&z].size(), full.cache[&z].size(), "{name}: z hooked in full");
         }
     }
+}
+
+/// A forward that captures nothing (the patching and ablation sweeps) runs attention as
+/// libtorch's fused kernel: equal to the explicit steps in every family (grouped keys, windows,
+/// q/k norms; ALiBi and softcaps keep the explicit steps), from tokens unpadded and left-padded
+/// (a padded query's z is 0, as TransformerLens zeroes its pattern row), and after a key-value
+/// prefix at the last position only. Where an edit changes some rows' pattern, those rows take
+/// the explicit steps at that layer and the others keep their fused values bit for bit. A
+/// forward that captures anything computes as TransformerLens does, whatever the setting.
+#[test]
+fn fused_attention_equals_the_explicit_steps() {
+    use tl_run::engine::attention::AttentionKernel;
+    use tl_run::engine::forward::Prefix;
+    for &name in EVERY_FAMILY {
+        let mut model = load(name, Processing::TRANSFORMER_LENS);
+        let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);
+        tch::manual_seed(0);
+        let toks = Tensor::randint_low(1, vocab, [3, 9], (Kind::Int64, tch::Device::Cpu));
+        let mask = Tensor::ones([3, 9], (Kind::Int64, tch::Device::Cpu));
+        let _ = mask.get(2).narrow(0, 0, 3).fill_(0);
+        let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
+        let (s, layer) = (4, n_layers - 1);
+        // Row 1's pattern at layer 0, head 0, made uniform over the keys it may see.
+        let pattern_edit = || {
+            let uniform = Edit::Func(Box::new(|p: &Tensor| Ok(p.gt(0.0).to_kind(p.kind()) / p.gt(0.0).sum_dim_intlist(-1, true, Kind::Float).clamp_min(1.0).to_kind(p.kind()))));
+            Hooks::new().intervene(HookPoint::Block(0, Site::Pattern), Intervention::new(uniform).batch(Sel::One(1)).head(Sel::One(0)))
+        };
+        for mask in [None, Some(&mask)] {
+            let padded = mask.is_some();
+            // Keys, values and the last block's residual from a capturing run (explicit steps).
+            let mut full = Hooks::capture([at_every_layer(n_layers, key_site), at_every_layer(n_layers, Site::V), vec![HookPoint::Block(layer, Site::ResidPre)]].concat());
+            let captured = model.run(Input::Tokens(&toks), mask, &mut full, Stop::Logits).unwrap();
+            let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+            let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
+            let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, 9 - s);
+            let mut run_with = |kernel: AttentionKernel| {
+                model.attention_kernel = kernel;
+                let logits = model.run(Input::Tokens(&toks), mask, &mut Hooks::new(), Stop::Logits).unwrap();
+                let last = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask, &mut Hooks::new(), Stop::LastPosition, Some(&prefix)).unwrap();
+                let edited = model.run(Input::Tokens(&toks), mask, &mut pattern_edit(), Stop::Logits).unwrap();
+                let mut capturing = Hooks::capture([HookPoint::Block(0, Site::Z)]);
+                let captured = model.run(Input::Tokens(&toks), mask, &mut capturing, Stop::Logits).unwrap();
+                (logits, last, edited, captured)
+            };
+            let fused = run_with(AttentionKernel::Fused);
+            let explicit = run_with(AttentionKernel::Explicit);
+            // Relative to the logits' size: stories260K's (trained) reach |15|.
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let (d, size) = (max_abs_diff(a, b), b.abs().max().double_value(&[]));
+                assert!(d <= 1e-5 * size.max(1.0), "{name} (padded {padded}): {what} differ by {d:.2e} (max {size:.1})");
+            };
+            close(&fused.0, &explicit.0, "logits");
+            close(&fused.1, &explicit.1, "last-position outputs after a prefix");
+            close(&fused.2, &explicit.2, "logits with row 1's pattern edited");
+            assert!(max_abs_diff(&fused.2.get(1), &fused.0.get(1)) > 1e-4, "{name}: the pattern edit changes row 1");
+            for row in [0, 2] {
+                assert_eq!(fused.2.get(row), fused.0.get(row), "{name} (padded {padded}): row {row}, not edited, keeps its fused values");
+            }
+            assert_eq!(fused.3, explicit.3, "{name}: a capturing forward runs the explicit steps");
+            assert_eq!(fused.3, captured, "{name}: the same forward");
+        }
+    }
+}
+
+fn at_every_layer(n_layers: usize, site: Site) -> Vec<HookPoint> {
+    (0..n_layers).map(|l| HookPoint::Block(l, site)).collect()
 }

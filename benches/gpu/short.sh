@@ -31,6 +31,9 @@ BIN="$root/${BIN:-target/release/tl-run}" PY="$root/.venv/bin/python" MODELS="$m
 awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print "TransformerLens and tl-run differ: " $0; exit 1 } }' "$log"
 [ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: warm-up .* without it sweeps' "$log")" = 2 ]
 [ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: schedule by_layer sweeps .* schedule staircase sweeps' "$log")" = 2 ]
+# The explicit attention steps agree with the fused kernel (normalised metric, 1e-3 as above).
+[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: fused attention sweeps .* explicit attention sweeps' "$log")" = 2 ]
+awk '/: fused attention sweeps/{ if ($NF + 0 > 1e-3) { print "fused and explicit attention differ: " $0; exit 1 } }' "$log"
 [ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped|llama8b): first-run weight digests? and plan [0-9.]+ s' "$log")" = 3 ]
 grep -q "attribution of every target" "$log" && grep -q "HF transformers forward+backward" "$log"
 grep -q "head x position sweep: .* (complete)" "$log"

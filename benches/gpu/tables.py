@@ -96,6 +96,17 @@ if mode == "ioi":
                   f"max |difference| {max_difference(os.path.join(work, f'tlrun_{tag}'), other_dir):.2e}")
         except (OSError, KeyError, ValueError, StopIteration) as e:
             print(f"{tag}: no run with the other schedule ({e})")
+    # Attention (engine/attention.rs): the same command with the explicit steps everywhere.
+    for tag, tls, tlw, sw, w, worst in rows:
+        wall = json.load(open(os.path.join(work, f"wall_{tag}.json")))
+        try:
+            explicit_dir = os.path.join(work, f"tlrun_explicit_{tag}")
+            esw = sweeps_seconds(json.load(open(os.path.join(explicit_dir, "manifest.json"))))
+            print(f"{tag}: fused attention sweeps {sw:.3f} s, whole {w:.2f} s; explicit attention sweeps {esw:.3f} s, "
+                  f"whole {wall.get('tl_run_explicit_attention', float('nan')):.2f} s; ratio sweeps {tls / sw:.1f}x and {tls / esw:.1f}x; "
+                  f"max |difference| {max_difference(os.path.join(work, f'tlrun_{tag}'), explicit_dir):.2e}")
+        except (OSError, KeyError, ValueError) as e:
+            print(f"{tag}: no run with explicit attention ({e})")
 elif mode == "llama8b":
     def peak(name):
         try:

@@ -67,10 +67,25 @@ impl Prefix {
 
 /// Which query positions a block computes past its keys and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Queries {
+pub(super) enum Queries {
     All,
     /// The last position only (the last block of a `Stop::LastPosition` forward).
     Last,
+}
+
+impl Queries {
+    /// These queries of a tensor whose axis `dim` holds every query position.
+    fn of(self, t: &Tensor, dim: i64) -> Tensor {
+        match self {
+            Queries::All => t.shallow_clone(),
+            Queries::Last => t.narrow(dim, t.size()[dim as usize] - 1, 1),
+        }
+    }
+
+    /// These queries of a [batch, query, 1, 1] per-query mask.
+    pub(super) fn select(self, per_query: &Tensor) -> Tensor {
+        self.of(per_query, 1)
+    }
 }
 
 /// Hook sites of a block that see every position when it computes only the last query: those
@@ -80,22 +95,43 @@ fn feeds_keys_and_values(site: Site) -> bool {
 }
 
 /// What every layer of one forward shares.
-struct Context<'a> {
-    /// [batch|1, 1, query, key] true where attention is NOT allowed (the scores' masked_fill
-    /// mask, inverted once per forward rather than in every layer), per distinct window size
-    /// (None = global causal attention).
+pub(super) struct Context<'a> {
+    /// [batch|1, 1, query, key] true where attention is NOT allowed (the explicit scores'
+    /// masked_fill mask, inverted once per forward rather than in every layer), per distinct
+    /// window size (None = global causal attention).
     blocked: Vec<(Option<usize>, Tensor)>,
-    rotary: Option<(Tensor, Tensor)>,
+    /// The fused kernel's masks, where this forward uses it (`Model::fuses_attention`).
+    pub(super) fused: Option<FusedMasks>,
+    pub(super) rotary: Option<(Tensor, Tensor)>,
     /// ALiBi biases [batch|1, heads, 1, key].
-    alibi: Option<Tensor>,
-    prefix: Option<&'a Prefix>,
+    pub(super) alibi: Option<Tensor>,
+    pub(super) prefix: Option<&'a Prefix>,
     /// Whether the batch is left-padded (only then can a query see no key at all).
-    padded: bool,
+    pub(super) padded: bool,
+}
+
+/// What the fused attention kernel needs of the batch's masks.
+pub(super) struct FusedMasks {
+    /// Per window, `blocked` as an additive mask in the run's dtype (0 where a query may see a
+    /// key, −inf elsewhere; a boolean mask would be converted to this in every call), with a
+    /// padded query's row open to every key, so the kernel never meets a row with nothing to
+    /// attend to (its z is zeroed instead).
+    additive: Vec<(Option<usize>, Tensor)>,
+    /// [batch, query, 1, 1] true at padded query positions; None when nothing is padded.
+    pub(super) pad_queries: Option<Tensor>,
+}
+
+impl FusedMasks {
+    /// The additive mask for these queries.
+    pub(super) fn additive(&self, window: Option<usize>, queries: Queries) -> Tensor {
+        queries.of(&self.additive.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1, 2)
+    }
 }
 
 impl Context<'_> {
-    fn blocked(&self, window: Option<usize>) -> &Tensor {
-        &self.blocked.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1
+    /// The explicit path's mask (true = masked) for these queries.
+    pub(super) fn blocked(&self, window: Option<usize>, queries: Queries) -> Tensor {
+        queries.of(&self.blocked.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1, 2)
     }
 }
 
@@ -187,10 +223,27 @@ impl Model {
         windows.dedup();
         // Masks and position tables per device the layers run on (one unless split by layers);
         // the residual moves to a layer's device at the split points.
+        let fuses = self.fuses_attention(hooks);
         let context = |device: tch::Device| {
             let moved = (pos.ids.device() != device).then(|| pos.on(device));
             let p = moved.as_ref().unwrap_or(&pos);
-            Context { blocked: windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect(), rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix, padded: p.mask.is_some() }
+            let blocked: Vec<(Option<usize>, Tensor)> = windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect();
+            let fused = fuses.then(|| {
+                let (batch, queries) = p.batch_seq();
+                let pad_queries = p.mask.as_ref().map(|m| m.narrow(1, skip, queries).eq(0).view([batch, queries, 1, 1]));
+                let additive = blocked
+                    .iter()
+                    .map(|(w, blocked)| {
+                        let shut = match &pad_queries {
+                            Some(pad) => blocked.logical_and(&pad.view([batch, 1, queries, 1]).logical_not()),
+                            None => blocked.shallow_clone(),
+                        };
+                        (*w, Tensor::zeros(shut.size(), (self.kind, shut.device())).masked_fill(&shut, f64::NEG_INFINITY))
+                    })
+                    .collect();
+                FusedMasks { additive, pad_queries }
+            });
+            Context { blocked, fused, rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix, padded: p.mask.is_some() }
         };
         let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
         let last_block = self.cfg.n_layers - 1;
@@ -327,7 +380,7 @@ impl Model {
         Some((angles.cos().to_kind(self.kind), angles.sin().to_kind(self.kind)))
     }
 
-    fn rotate(&self, x: &Tensor, tables: &(Tensor, Tensor)) -> Tensor {
+    pub(super) fn rotate(&self, x: &Tensor, tables: &(Tensor, Tensor)) -> Tensor {
         let Positional::Rotary { dim, adjacent_pairs, .. } = self.cfg.positional else { return x.shallow_clone() };
         let d = dim as i64;
         let e = x.size()[3];
@@ -346,7 +399,7 @@ impl Model {
         }
     }
 
-    fn norm(&self, x: Tensor, w: &NormWeights, scale_point: HookPoint, norm_point: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+    pub(super) fn norm(&self, x: Tensor, w: &NormWeights, scale_point: HookPoint, norm_point: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
         let kind = x.kind();
         // Half-precision models normalise in f32 and cast back before the affine (as TL).
         let x = if kind == Kind::Float || kind == Kind::Double { x } else { x.to_kind(Kind::Float) };
@@ -419,99 +472,6 @@ impl Model {
         hooks.at(at(Site::ResidPost), resid_post)
     }
 
-    fn attention(&self, l: usize, x: &Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
-        let at = |s: Site| HookPoint::Block(l, s);
-        let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
-        let (b, p) = (x.size()[0], x.size()[1]);
-        let (h, kv, e) = (self.cfg.n_heads as i64, self.cfg.n_kv_heads as i64, self.cfg.d_head as i64);
-        // Queries at the positions this block goes on with; keys and values at all of them.
-        let (x_q, p_q) = match queries {
-            Queries::All => (x.shallow_clone(), p),
-            Queries::Last => (last_position(x), 1),
-        };
-        let q = hooks.at(at(Site::Q), x_q.linear(&fw.w_q, Some(&fw.b_q)).view([b, p_q, h, e]))?;
-        let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
-        let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
-        let (q, k) = match (&aw.q_norm, &aw.k_norm) {
-            (Some(qn), Some(kn)) => (
-                self.head_norm(q, qn, (at(Site::QNorm(NormHook::Scale)), at(Site::QNorm(NormHook::Normalized)), at(Site::QNormed)), hooks)?,
-                self.head_norm(k, kn, (at(Site::KNorm(NormHook::Scale)), at(Site::KNorm(NormHook::Normalized)), at(Site::KNormed)), hooks)?,
-            ),
-            _ => (q, k),
-        };
-        let (q, k) = match &ctx.rotary {
-            Some(t) => {
-                let t_q = match queries {
-                    Queries::All => (t.0.shallow_clone(), t.1.shallow_clone()),
-                    Queries::Last => (last_position(&t.0), last_position(&t.1)),
-                };
-                (hooks.at(at(Site::RotQ), self.rotate(&q, &t_q))?, hooks.at(at(Site::RotK), self.rotate(&k, t))?)
-            }
-            None => (q, k),
-        };
-        let (k, v) = match ctx.prefix {
-            Some(p) => (Tensor::cat(&[&p.keys[l], &k], 1), Tensor::cat(&[&p.values[l], &v], 1)),
-            None => (k, v),
-        };
-        let mut scores = self.attention_scores(&q, &k);
-        if let Some(alibi) = &ctx.alibi {
-            scores = scores + alibi;
-        }
-        let blocked = ctx.blocked(self.cfg.attn_windows[l]);
-        let blocked = match queries {
-            Queries::All => blocked.shallow_clone(),
-            Queries::Last => blocked.narrow(2, blocked.size()[2] - 1, 1),
-        };
-        let scores = hooks.at(at(Site::AttnScores), scores.masked_fill(&blocked, f64::NEG_INFINITY))?;
-        // Softmax accumulates in f32 whatever the run dtype, then returns to it.
-        let pattern = scores.softmax(-1, Kind::Float);
-        // Rows with every key masked (padding queries) are NaN after softmax; TL zeroes them.
-        // Without padding every query sees at least itself, so no row is NaN.
-        let pattern = if ctx.padded { pattern.masked_fill(&pattern.isnan(), 0.0) } else { pattern };
-        let pattern = hooks.at(at(Site::Pattern), pattern.to_kind(self.kind))?;
-        // Grouped-query attention: the `group` query heads a key-value head serves are one
-        // batch of rows against its values (no copy of the values per query head).
-        let pk = v.size()[1];
-        let z = pattern.view([b, kv, -1, pk]).matmul(&v.permute([0, 2, 1, 3])).view([b, h, p_q, e]).permute([0, 2, 1, 3]).contiguous();
-        let z = hooks.at(at(Site::Z), z)?;
-        if hooks.wants(at(Site::Result)) {
-            let result = Tensor::einsum("bphe,hed->bphd", &[&z, &aw.w_o], None::<&[i64]>);
-            let result = hooks.at(at(Site::Result), result)?;
-            Ok(result.sum_dim_intlist(2, false, None) + &aw.b_o)
-        } else {
-            Ok(affine(&z.view([b, p_q, h * e]), &fw.w_o, Some(&aw.b_o)))
-        }
-    }
-
-    /// Unmasked scores [batch, head, query, key] from post-rotary q [b, q, h, e] and k
-    /// [b, k, kv_heads, e]: q·k / scale, then the softcap. With grouped-query attention each
-    /// key-value head serves `h / kv_heads` consecutive query heads; their queries are one batch
-    /// of rows against its keys, so the keys are never copied per query head.
-    pub fn attention_scores(&self, q: &Tensor, k: &Tensor) -> Tensor {
-        let (qs, kv) = (q.size(), k.size()[2]);
-        let (b, p, h, e) = (qs[0], qs[1], qs[2], qs[3]);
-        let raw = if kv == h {
-            q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1]))
-        } else {
-            let grouped = q.view([b, p, kv, h / kv, e]).permute([0, 2, 3, 1, 4]).reshape([b, kv, -1, e]);
-            grouped.matmul(&k.permute([0, 2, 3, 1])).view([b, h, p, -1])
-        };
-        // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
-        let scores = raw * (1.0 / self.cfg.attn_scale);
-        match self.cfg.attn_softcap {
-            Some(c) => (scores / c).tanh() * c,
-            None => scores,
-        }
-    }
-
-    /// Qwen3's per-head RMSNorm of q or k [b, p, heads, e], hooked head-major as
-    /// TransformerLens does ([b, heads, p, ..]): scale, normalized, then the weighted output.
-    fn head_norm(&self, x: Tensor, w: &Tensor, points: (HookPoint, HookPoint, HookPoint), hooks: &mut Hooks) -> Result<Tensor> {
-        let weights = NormWeights { w: Some(w.shallow_clone()), b: None };
-        let y = self.norm(x.transpose(1, 2), &weights, points.0, points.1, hooks)?;
-        Ok(hooks.at(points.2, y)?.transpose(1, 2))
-    }
-
     fn mlp(&self, l: usize, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let mw = &self.weights.blocks[l].mlp;
@@ -548,12 +508,12 @@ fn affine_norm(mut y: Tensor, w: &NormWeights) -> Tensor {
 /// x @ w + b for w stored [in, out] (TransformerLens's layout): as `linear` of w's transposed
 /// view, so that libtorch runs one GEMM with the bias added in it (addmm) rather than a GEMM
 /// and then a pass over its output to add the bias.
-fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
+pub(super) fn affine(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Tensor {
     x.linear(&w.tr(), b)
 }
 
 /// The last position of a [batch, pos, ..] tensor, keeping the axis.
-fn last_position(x: &Tensor) -> Tensor {
+pub(super) fn last_position(x: &Tensor) -> Tensor {
     x.narrow(1, x.size()[1] - 1, 1)
 }
 

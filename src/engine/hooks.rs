@@ -233,6 +233,15 @@ impl Hooks {
         self.edits(point) || self.captures(point)
     }
 
+    /// Whether this forward captures anything at all.
+    pub fn captures_any(&self) -> bool {
+        match &self.capture {
+            Capture::Nothing => false,
+            Capture::All => true,
+            Capture::Only(s) => !s.is_empty(),
+        }
+    }
+
     /// Whether an intervention changes `point` (so derived values must be recomputed from it).
     pub fn edits(&self, point: HookPoint) -> bool {
         self.interventions.contains_key(&point)

@@ -1,4 +1,5 @@
-//! Running models: the hooked forward pass, interventions and captures, tokenization.
+//! Running models: the hooked forward pass and its attention, interventions and captures, tokenization.
+pub mod attention;
 pub mod device;
 pub mod forward;
 pub mod hooks;

@@ -12,6 +12,7 @@ pub mod weights;
 
 use tch::{Device, Kind};
 
+use crate::engine::attention::AttentionKernel;
 use crate::engine::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
 use config::{ModelConfig, Processing};
@@ -56,6 +57,8 @@ pub struct Model {
     /// The device of each layer (all `device` unless split); the embedding is on layer 0's.
     pub layer_devices: Vec<Device>,
     pub kind: Kind,
+    /// How attention runs where its scores and pattern are not hooked.
+    pub attention_kernel: AttentionKernel,
     pub tokenizer: Option<TextTokenizer>,
     pub files: Option<source::ModelFiles>,
 }
@@ -288,6 +291,7 @@ impl Model {
             device,
             layer_devices,
             kind: opts.kind,
+            attention_kernel: AttentionKernel::from_env(),
             tokenizer: None,
             files: None,
         })
