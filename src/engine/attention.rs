@@ -4,9 +4,9 @@
 use tch::{Kind, Tensor};
 
 use crate::engine::forward::{affine, last_position, Context, Queries};
-use crate::model::config::Positional;
 use crate::engine::hooks::Hooks;
 use crate::error::Result;
+use crate::model::config::Positional;
 use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::model::weights::NormWeights;
 use crate::model::Model;
@@ -16,7 +16,7 @@ use crate::model::Model;
 pub enum AttentionKernel {
     /// libtorch's scaled_dot_product_attention (the default) in f32 and f64.
     Fused,
-    /// The explicit steps everywhere, as where the scores or the pattern are hooked.
+    /// The explicit steps in every forward.
     Explicit,
 }
 
