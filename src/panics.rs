@@ -35,8 +35,36 @@ pub fn take_message(payload: &(dyn std::any::Any + Send)) -> String {
 pub fn guarded<T>(what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => Err(crate::Error::Other(format!("{what}: internal failure: {}; please report it with the spec and model", take_message(payload.as_ref())))),
+        Err(payload) => {
+            let message = take_message(payload.as_ref());
+            // A failed allocation is the input's size meeting the device's memory, not a defect.
+            if crate::engine::memory::is_out_of_memory(&message) {
+                let asked = requested_bytes(&message).map(|b| format!(" (it asked for {:.1} GiB at once)", b as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+                return Err(crate::Error::Other(format!(
+                    "{what}: out of memory{asked}: make the inputs smaller (fewer prompts, noise samples or repeated-token rows), give a smaller --batch-memory, or use a device with more memory"
+                )));
+            }
+            Err(crate::Error::Other(format!("{what}: internal failure: {message}; please report it with the spec and model")))
+        }
     }
+}
+
+/// The size of the allocation libtorch's CPU allocator refused ("you tried to allocate N bytes")
+/// or CUDA's ("Tried to allocate 1.50 GiB"), in bytes.
+fn requested_bytes(message: &str) -> Option<u64> {
+    let lower = message.to_ascii_lowercase();
+    let rest = &lower[lower.find("tried to allocate ")? + "tried to allocate ".len()..];
+    let mut words = rest.split_whitespace();
+    let number: f64 = words.next()?.parse().ok()?;
+    let unit = match words.next()?.trim_end_matches(['.', ',', ';', ')']) {
+        "bytes" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => return None,
+    };
+    Some((number * unit) as u64)
 }
 
 /// Fault injection for tests (TL_RUN_INJECT_PANIC=text): panics as a libtorch binding would
@@ -69,8 +97,23 @@ mod tests {
             Ok(())
         });
         let e = r.unwrap_err().to_string();
+        // An allocation the host cannot give (4 TiB) is named as memory, not as a defect.
+        let r: crate::Result<()> = super::guarded("the clean and corrupted runs", || {
+            let _ = tch::Tensor::zeros([1i64 << 40], (tch::Kind::Float, tch::Device::Cpu));
+            Ok(())
+        });
+        let oom = r.unwrap_err().to_string();
         let _ = std::panic::take_hook();
         assert!(e.starts_with("run 'x' (logit_lens): internal failure: ") && e.contains("select(): index 5 out of range for tensor of size [2]"), "{e}");
         assert!(!e.contains("frame #") && !e.contains('\n'), "{e}");
+        assert!(oom.starts_with("the clean and corrupted runs: out of memory (it asked for 4096.0 GiB at once): make the inputs smaller"), "{oom}");
+        assert!(!oom.contains("internal failure") && !oom.contains('\n'), "{oom}");
+    }
+
+    #[test]
+    fn the_refused_allocation_is_read_from_either_allocator() {
+        assert_eq!(super::requested_bytes("DefaultCPUAllocator: can't allocate memory: you tried to allocate 358400000000 bytes. Error code 12"), Some(358_400_000_000));
+        assert_eq!(super::requested_bytes("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79.1 GiB"), Some(1_610_612_736));
+        assert_eq!(super::requested_bytes("CUDA out of memory (injected)"), None);
     }
 }

@@ -95,6 +95,38 @@ fn empty_prompt_lists_and_prompts_of_no_tokens_are_named() {
 }
 
 #[test]
+fn noise_samples_past_the_hosts_memory_are_named_before_anything_is_allocated() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 10^12 noised copies: petabytes of embedding noise, past any host's memory (a Rust vector
+    // of that many answer ids aborted the process before this check).
+    let body = "[corruption]\nkind = \"noise\"\npositions = [1]\nsamples = 1000000000000\n[[run]]\nname = \"r\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n";
+    let p = spec(tmp.path(), &fixture("gpt2-tiny"), body);
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&p)]);
+        assert!(e.contains("spec.toml: corruption.samples: 1000000000000 noised copies of 1 prompt(s) of 15 tokens need"), "{cmd}: {e}");
+        assert!(e.contains("more than this machine's") && e.contains("use fewer samples"), "{cmd}: {e}");
+    }
+    assert!(!tmp.path().join("out").exists());
+}
+
+#[test]
+fn a_custom_detection_matrix_of_another_length_than_the_prompts_is_named_at_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The prompt is 15 tokens with BOS; the matrix is 3x3.
+    let body = "[[run]]\nname = \"h\"\nkind = \"head_scores\"\n[[run.custom]]\nname = \"three\"\nmatrix = [[1.0], [1.0, 0.0], [0.0, 1.0, 0.0]]\n";
+    let p = spec(tmp.path(), &fixture("gpt2-tiny"), body);
+    let p2 = tmp.path().join("square.toml");
+    std::fs::write(&p2, std::fs::read_to_string(&p).unwrap().replace("[[1.0], [1.0, 0.0], [0.0, 1.0, 0.0]]", "[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]")).unwrap();
+    let e = fails(&["validate", s(&p)]);
+    assert!(e.contains("spec.toml:12:10: run[0].custom[0].matrix: a detection matrix is square"), "{e}");
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&p2)]);
+        assert!(e.contains("square.toml:11:8: run 'h': custom pattern 'three' is a 3x3 matrix, so it scores prompts of 3 tokens (BOS included), but the prompts are 15"), "{cmd}: {e}");
+    }
+    assert!(!tmp.path().join("out").exists());
+}
+
+#[test]
 fn a_prompt_file_without_wrong_answers_under_logit_diff_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = tmp.path().join("spec.toml");
@@ -458,7 +490,7 @@ fn validate_reports_every_model_aware_problem_at_once_with_its_line() {
 id = "{}"
 [prompts]
 clean = ["When John and Mary went to the shops, John gave the bag to", "When John and Mary went to the shops, Mary gave the bag to"]
-answers = [[" Mary", " John"], [" John", " Mary and"]]
+answers = [[" Mary", " John and"], [" John", " Mary and"]]
 [corruption]
 kind = "swap_pairs"
 [[run]]
@@ -495,7 +527,7 @@ dir = "{}"
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&p)]);
         for want in [
-            "8 problems with model",
+            "9 problems with model",
             "v.toml:21:13: run 'b': positions [99] are out of range: the prompts have 15 tokens (0-14)",
             "v.toml:14:10: run 'a': layer 7 is out of range: the model has 2 layers: 0-1",
             "v.toml:19:9: run 'b': unit [0, 9] is out of range: the model has 2 layers (0-1) of 4 heads (0-3)",
@@ -503,7 +535,9 @@ dir = "{}"
             "v.toml:26:11: run 'c': seq_len = 40 makes 80 tokens (twice 40), more than the model's context of 64; use seq_len ≤ 32",
             "v.toml:27:15: run 'c': token_range ends at 99999, past the model's vocabulary of 50257",
             "v.toml:31:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
-            "prompt 1: the incorrect answer \" Mary and\" is 2 tokens [\" Mary\", \" and\"], not one",
+            // Each of the tokenizer's problems on its own line, naming the file.
+            "v.toml: prompt 0: the incorrect answer \" John and\" is 2 tokens [\" John\", \" and\"], not one",
+            "v.toml: prompt 1: the incorrect answer \" Mary and\" is 2 tokens [\" Mary\", \" and\"], not one",
         ] {
             assert!(e.contains(want), "{cmd}: {want:?} not in\n{e}");
         }

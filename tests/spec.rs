@@ -138,6 +138,15 @@ fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
     let e = errors(&run("kind = \"head_scores\"\npatterns = [\"inducton\"]\nerror_measure = \"ab\""));
     assert!(e.contains("unknown pattern 'inducton'") && e.contains("did you mean 'induction'"), "{e}");
     assert!(e.contains("run[0].error_measure: unknown value 'ab' (valid: mul, abs); did you mean 'abs'?"), "{e}");
+    // A custom detection matrix: square, lower triangular, finite (checked before any model).
+    for (matrix, want) in [
+        ("[[1.0], [1.0, 1.0]]", "run[0].custom[0].matrix: a detection matrix is square, one row and one column per token (BOS included): got 2 rows of lengths [1, 2]"),
+        ("[[1.0, 1.0], [0.0, 1.0]]", "run[0].custom[0].matrix: a detection matrix is lower triangular (a token attends to itself and earlier tokens only): row 0 has 1 at column 1"),
+        ("[[nan, 0.0], [0.0, 1.0]]", "run[0].custom[0].matrix: row 0 has NaN at column 0; the matrix's weights must be finite"),
+    ] {
+        let e = errors(&run(&format!("kind = \"head_scores\"\n[[run.custom]]\nname = \"m\"\nmatrix = {matrix}")));
+        assert!(e.contains(want), "{matrix}: {e}");
+    }
     let e = errors(&run("kind = \"direct_logit_attribution\"\nover = [\"layer\", \"pos\"]"));
     assert!(e.contains("spec.toml:13:8: run[0].over: unknown axes"), "{e}");
     let e = errors(&run("kind = \"ablation\"\nhooks = [\"zz\"]\nmethod = \"mean\""));

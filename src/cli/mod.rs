@@ -148,11 +148,12 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
             if seq > cfg.n_ctx {
                 problems.push(format!("{}: the longest prompt is {seq} tokens, more than the model's context of {}", spec.file, cfg.n_ctx));
             }
-            problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &spec.file).err()));
+            problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &b.lengths, &spec.file).err()));
         }
         match tl_run::experiments::inputs::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
             Ok(t) => toks = Some(t),
-            Err(e) => problems.push(format!("{}: {e}", spec.file)),
+            // One line per problem, each naming the file (the error lists several at once).
+            Err(e) => problems.extend(e.to_string().lines().map(|line| format!("{}: {line}", spec.file))),
         }
     }
     let lines: Vec<String> = problems.iter().flat_map(|p| p.lines().map(str::to_string)).collect();

@@ -74,6 +74,14 @@ pub(crate) fn cuda_free_bytes(index: usize) -> Option<u64> {
     None
 }
 
+/// The host's physical memory (MemTotal of /proc/meminfo), where the system tells it.
+pub fn host_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Whether an error (or a caught libtorch panic's message) is a failed allocation.
 pub fn is_out_of_memory(message: &str) -> bool {
     let m = message.to_ascii_lowercase();

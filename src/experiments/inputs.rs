@@ -121,6 +121,26 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
     Ok(Tensor::from_slice(&mask).view([n, seq]))
 }
 
+/// Refuses noise samples whose embedding noise alone ([samples·n, seq, d_model] f32, drawn on
+/// the host) exceeds the host's memory, before anything is allocated: such a run could only end
+/// in a failed allocation, or in the kernel killing the process.
+fn noise_fits_in_memory(samples: usize, tokens: Vec<i64>, d_model: usize) -> Result<()> {
+    let (n, seq) = (tokens[0] as u64, tokens.get(1).copied().unwrap_or(1) as u64);
+    let bytes = (samples as u64).checked_mul(n).and_then(|b| b.checked_mul(seq)).and_then(|b| b.checked_mul(d_model as u64)).and_then(|b| b.checked_mul(4));
+    let Some(host) = crate::engine::memory::host_memory_bytes() else { return Ok(()) };
+    if bytes.is_some_and(|b| b <= host) {
+        return Ok(());
+    }
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let need = bytes.map(|b| format!("{:.1} GiB", gib(b))).unwrap_or_else(|| "more bytes than a 64-bit count holds".into());
+    let most = host / (n * seq * d_model as u64 * 4).max(1);
+    Err(Error::Other(format!(
+        "corruption.samples: {samples} noised copies of {n} prompt(s) of {seq} tokens need {need} for their embedding noise alone \
+         (samples × prompts × tokens × d_model {d_model} × 4 bytes), more than this machine's {:.1} GiB of memory; use fewer samples (at most {most} fit that noise at all)",
+        gib(host)
+    )))
+}
+
 pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::ModelConfig, needs_corruption: bool) -> Result<Tokenized> {
     let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
     let bos = spec.model.prepend_bos_for(cfg);
@@ -143,7 +163,8 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::Mo
             let texts: Vec<&str> = spec.prompts.iter().map(|p| p.corrupted.as_deref().unwrap_or(&p.clean)).collect();
             Some(tok.batch(&texts, bos)?)
         }
-        Corruption::Noise { positions, words, .. } => {
+        Corruption::Noise { positions, words, samples, .. } => {
+            noise_fits_in_memory(*samples, clean.tokens.size(), cfg.d_model)?;
             noised = Some(noise_positions(tok, &clean, positions, words)?);
             None
         }

@@ -5,11 +5,12 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::engine::metric::MetricKind;
+use crate::experiments::head_scores::Detection;
 use crate::model::config::Processing;
 pub use crate::spec::runs::RunKind;
 use crate::spec::prompts::PromptPair;
 use crate::spec::raw::*;
-use crate::spec::runs::resolve_kind;
+use crate::spec::runs::{resolve_kind, HeadSource};
 use crate::spec::corruption::{replace_words, resolve_prompts, Corruption};
 use crate::spec::{line_col, Diagnostic, SpecErrors};
 
@@ -145,8 +146,12 @@ impl RunSpec {
         }
     }
 
-    /// Checks the run against the prompts' token length: ablation positions. One problem per line.
-    pub fn check_positions(&self, seq: usize, file: &str) -> Result<(), String> {
+    /// Checks the run against the prompts' token lengths (`seq` the longest, `lengths` each
+    /// prompt's): ablation positions, custom detection matrices. One problem per line.
+    pub fn check_positions(&self, seq: usize, lengths: &[usize], file: &str) -> Result<(), String> {
+        if let RunKind::HeadScores { detections, source: HeadSource::Prompts, .. } = &self.kind {
+            return self.check_matrix_sizes(detections, lengths, file);
+        }
         let RunKind::Ablation(a) = &self.kind else { return Ok(()) };
         let bad: Vec<i64> = a.positions.iter().flatten().copied().filter(|&p| p < 0 || p as usize >= seq).collect();
         if bad.is_empty() {
@@ -154,6 +159,34 @@ impl RunSpec {
         }
         let at = self.keys_at.get("positions").map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
         Err(format!("{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})", self.name, seq.saturating_sub(1)))
+    }
+
+    /// A custom matrix scores prompts of its own token count (head_detector scores each prompt
+    /// unpadded), so every prompt must have that many tokens.
+    fn check_matrix_sizes(&self, detections: &[(String, Detection)], lengths: &[usize], file: &str) -> Result<(), String> {
+        let at = self.keys_at.get("custom").map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        let mut problems = Vec::new();
+        for (name, d) in detections {
+            let Detection::Matrix(rows) = d else { continue };
+            let other: Vec<String> = lengths.iter().enumerate().filter(|(_, &t)| t != rows.len()).map(|(p, t)| format!("prompt {p} is {t}")).collect();
+            if !other.is_empty() {
+                let shown = match lengths.first() {
+                    Some(t) if other.len() == lengths.len() && lengths.iter().all(|l| l == t) => format!("the prompts are {t}"),
+                    _ if other.len() > 3 => format!("{}, … ({} prompts)", other[..3].join(", "), other.len()),
+                    _ => other.join(", "),
+                };
+                problems.push(format!(
+                    "{at}: run '{}': custom pattern '{name}' is a {n}x{n} matrix, so it scores prompts of {n} tokens (BOS included), but {shown}; give prompts of that length or a matrix of theirs",
+                    self.name,
+                    n = rows.len()
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
     }
 
     /// The layers the run covers: its `layers`, else all `n_layers`.
@@ -306,6 +339,7 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
             ("seq_len", r.seq_len.as_ref().map(|v| v.span())),
             ("token_range", r.token_range.as_ref().map(|v| v.span())),
             ("positions", r.positions.as_ref().map(|v| v.span())),
+            ("custom", r.custom.first().map(|c| c.name.span())),
         ] {
             if let Some(span) = span {
                 keys_at.insert(k, line_col(cx.text, span.start));

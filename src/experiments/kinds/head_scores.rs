@@ -112,7 +112,13 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
     for (j, c) in r.custom.iter().enumerate() {
         let ck = |k: &str| format!("run[{i}].custom[{j}].{k}");
         let d = match (&c.matrix, &c.rule) {
-            (Some(m), None) => Detection::Matrix(m.get_ref().clone()),
+            (Some(m), None) => match matrix_problem(m.get_ref()) {
+                Some(problem) => {
+                    cx.at(m, ck("matrix"), problem);
+                    continue;
+                }
+                None => Detection::Matrix(m.get_ref().clone()),
+            },
             (None, Some(rule)) => {
                 let offset = positive(cx, &c.offset, ck("offset"), 1, 0) as usize;
                 match rule.get_ref().as_str() {
@@ -186,3 +192,23 @@ fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detect
     Ok((rows, note))
 }
 
+/// What is wrong with a custom detection matrix, if anything: one row and one column per token
+/// (square), no attention to later tokens (lower triangular), finite weights.
+fn matrix_problem(rows: &[Vec<f64>]) -> Option<String> {
+    let n = rows.len();
+    if n == 0 || rows.iter().any(|r| r.len() != n) {
+        let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+        return Some(format!("a detection matrix is square, one row and one column per token (BOS included): got {n} rows of lengths {lengths:?}"));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        for (j, v) in r.iter().enumerate() {
+            if !v.is_finite() {
+                return Some(format!("row {i} has {v} at column {j}; the matrix's weights must be finite"));
+            }
+            if j > i && *v != 0.0 {
+                return Some(format!("a detection matrix is lower triangular (a token attends to itself and earlier tokens only): row {i} has {v} at column {j}"));
+            }
+        }
+    }
+    None
+}
