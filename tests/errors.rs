@@ -127,6 +127,17 @@ fn a_custom_detection_matrix_of_another_length_than_the_prompts_is_named_at_its_
 }
 
 #[test]
+fn a_spec_or_zoo_file_that_cannot_be_read_is_named_without_a_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing.toml");
+    for args in [vec!["validate", s(&missing)], vec!["run", s(&missing)], vec!["plan", s(&missing)], vec!["check", s(&missing)], vec!["validate", s(tmp.path())]] {
+        let e = fails(&args);
+        assert!(e.contains(": cannot read it: ") && !e.contains(":0:0") && !e.contains(": -:"), "{args:?}: {e}");
+    }
+    assert!(fails(&["validate", s(&missing)]).contains(&format!("  {}: cannot read it: No such file or directory", missing.display())));
+}
+
+#[test]
 fn a_prompt_file_without_wrong_answers_under_logit_diff_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let spec = tmp.path().join("spec.toml");

@@ -29,6 +29,18 @@ fn a_rerun_reads_every_job_from_the_store_and_a_changed_spec_redoes_only_its_cha
     let load = manifest["jobs"].as_array().unwrap().iter().find(|j| j["name"].as_str().unwrap().starts_with("load model")).unwrap();
     assert_eq!(load["status"], "skipped", "a rerun with every job stored loads no weights");
 
+    // A stored job whose file was damaged is redone, with a plain-text warning naming it (no
+    // terminal colours in a log file).
+    let damaged = std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().flatten().map(|e| e.path()).find(|p| p.extension().is_some_and(|e| e == "parquet")).unwrap();
+    std::fs::write(&damaged, b"junk").unwrap();
+    let o2 = tl_run().args(["run", &ioi(), "--model-id", &model, "--out", &o, "--quiet"]).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&o2.stdout), String::from_utf8_lossy(&o2.stderr));
+    assert!(o2.status.success(), "{stderr}");
+    assert_eq!(job_counts(&stdout), (1, ran - 1), "only the damaged job runs again");
+    assert!(stderr.contains(&format!("stored job {} is unreadable and will be redone", damaged.display())), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "terminal escapes in a piped log: {stderr:?}");
+    assert_eq!(parquet_files(&out), files, "the redone job changed the files");
+
     // One option of one run changed, and another run renamed: only the changed run's job runs.
     let text = std::fs::read_to_string(ioi()).unwrap();
     let changed = text.replace("top_k = 5 ", "top_k = 3 ").replace("name = \"dla-heads\"", "name = \"dla-per-head\"");

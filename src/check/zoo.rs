@@ -243,7 +243,7 @@ impl Zoo {
     pub fn read(path: &Path, creating: bool) -> Result<Zoo, SpecErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path)
-            .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
+            .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic::whole_file(format!("cannot read it: {e}"))] })?;
         let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)] })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut cx = Ctx { text: &text, diags: Vec::new() };

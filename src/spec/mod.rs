@@ -19,6 +19,13 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+impl Diagnostic {
+    /// A problem of the file as a whole (it cannot be read): no line, column or key.
+    pub fn whole_file(message: String) -> Diagnostic {
+        Diagnostic { line: 0, col: 0, key: String::new(), message }
+    }
+}
+
 /// All the problems of one spec file.
 #[derive(Debug)]
 pub struct SpecErrors {
@@ -31,7 +38,10 @@ impl std::fmt::Display for SpecErrors {
         let n = self.diagnostics.len();
         writeln!(f, "{n} problem{} in {}:", if n == 1 { "" } else { "s" }, self.file)?;
         for d in &self.diagnostics {
-            writeln!(f, "  {}:{}:{}: {}: {}", self.file, d.line, d.col, d.key, d.message)?;
+            match d.line {
+                0 => writeln!(f, "  {}: {}", self.file, d.message)?,
+                _ => writeln!(f, "  {}:{}:{}: {}: {}", self.file, d.line, d.col, d.key, d.message)?,
+            }
         }
         Ok(())
     }

@@ -276,7 +276,7 @@ pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
 pub fn resolve_file_with_prompts(path: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path)
-        .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: "-".into(), message: e.to_string() }] })?;
+        .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic::whole_file(format!("cannot read it: {e}"))] })?;
     let base = path.parent().unwrap_or(Path::new("."));
     resolve_text_with_prompts(&text, &file, base, prompts_file)
 }
