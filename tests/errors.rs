@@ -523,6 +523,7 @@ kind = "head_scores"
 source = "repeated_random"
 seq_len = 40
 token_range = [0, 99999]
+batch = 1000000000000
 [[run]]
 name = "d"
 kind = "logit_lens"
@@ -538,14 +539,15 @@ dir = "{}"
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&p)]);
         for want in [
-            "9 problems with model",
+            "10 problems with model",
             "v.toml:21:13: run 'b': positions [99] are out of range: the prompts have 15 tokens (0-14)",
             "v.toml:14:10: run 'a': layer 7 is out of range: the model has 2 layers: 0-1",
             "v.toml:19:9: run 'b': unit [0, 9] is out of range: the model has 2 layers (0-1) of 4 heads (0-3)",
             "v.toml:19:9: run 'b': unit [5, 0] is out of range",
             "v.toml:26:11: run 'c': seq_len = 40 makes 80 tokens (twice 40), more than the model's context of 64; use seq_len ≤ 32",
             "v.toml:27:15: run 'c': token_range ends at 99999, past the model's vocabulary of 50257",
-            "v.toml:31:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
+            "v.toml:28:9: run 'c': batch = 1000000000000 rows of repeated tokens keep 2 layers × 4 heads of 80×80 attention patterns, 0.2 MiB a row, more than this machine's",
+            "v.toml:32:9: run 'd': top_k = 60000 is more tokens than the model's vocabulary of 50257",
             // Each of the tokenizer's problems on its own line, naming the file.
             "v.toml: prompt 0: the incorrect answer \" John and\" is 2 tokens [\" John\", \" and\"], not one",
             "v.toml: prompt 1: the incorrect answer \" Mary and\" is 2 tokens [\" Mary\", \" and\"], not one",

@@ -217,4 +217,12 @@ fn a_directory_that_is_not_a_finished_run_is_a_named_error() {
     let e = fail(dir.path());
     assert!(e.contains("tl-run merge"), "{e}");
     assert!(!e.contains("panicked"), "{e}");
+    // Another tool's manifest.json: named, and no empty report written.
+    let other = tempfile::tempdir().unwrap();
+    for foreign in [r#"{"spec": 5}"#, r#"{"tl_run": {}, "runs": []}"#, "[]"] {
+        std::fs::write(other.path().join("manifest.json"), foreign).unwrap();
+        let e = fail(other.path());
+        assert!(e.contains("is not a tl-run manifest") && e.contains("a tl-run results directory"), "{foreign}: {e}");
+        assert!(!other.path().join("report.html").exists(), "{foreign}");
+    }
 }

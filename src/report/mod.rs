@@ -54,6 +54,15 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
         })
     })?;
     let manifest: Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
+    // Another tool's manifest.json would otherwise give an empty report that looks like a run
+    // with no results.
+    if manifest.get("tl_run").is_none() || !manifest.get("runs").is_some_and(Value::is_object) {
+        return Err(Error::Config(format!(
+            "{} is not a tl-run manifest (it has no \"tl_run\" version and \"runs\" object); is {} a tl-run results directory (the spec's output.dir)?",
+            manifest_path.display(),
+            dir.display()
+        )));
+    }
     let metric = metric_label(&manifest);
     let source = patterns::PatternSource::new(&manifest);
     let mut runs = Vec::new();

@@ -119,9 +119,29 @@ impl RunSpec {
                     }
                 }
             }
-            RunKind::HeadScores { source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, token_range, .. }, .. } => {
+            RunKind::HeadScores { source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. }, .. } => {
                 // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
                 let needed = 2 * *seq_len as usize;
+                // Every layer's pattern [batch, heads, 2·seq_len, 2·seq_len] is kept (f32 at
+                // least): past the host's memory the run could only end out of memory.
+                let per_row = (cfg.n_layers * cfg.n_heads) as u64 * (needed as u64).pow(2) * 4;
+                if let Some(host) = crate::engine::memory::host_memory_bytes() {
+                    if (*batch as u64).checked_mul(per_row).is_none_or(|b| b > host) {
+                        problems.push(format!(
+                            "{}: run '{}': batch = {batch} rows of repeated tokens keep {} layers × {} heads of {needed}×{needed} attention patterns, {:.1} MiB a row, more than this machine's {:.1} GiB of memory; {}",
+                            at("batch"),
+                            self.name,
+                            cfg.n_layers,
+                            cfg.n_heads,
+                            per_row as f64 / (1u64 << 20) as f64,
+                            host as f64 / (1u64 << 30) as f64,
+                            match host / per_row.max(1) {
+                                0 => "use a smaller seq_len (not even one row fits)".to_string(),
+                                most => format!("use batch ≤ {most}"),
+                            }
+                        ));
+                    }
+                }
                 if needed > cfg.n_ctx {
                     problems.push(format!(
                         "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
@@ -337,6 +357,7 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
             ("top_k", r.top_k.as_ref().map(|v| v.span())),
             ("units", r.units.as_ref().map(|v| v.span())),
             ("seq_len", r.seq_len.as_ref().map(|v| v.span())),
+            ("batch", r.batch.as_ref().map(|v| v.span())),
             ("token_range", r.token_range.as_ref().map(|v| v.span())),
             ("positions", r.positions.as_ref().map(|v| v.span())),
             ("custom", r.custom.first().map(|c| c.name.span())),
