@@ -175,10 +175,8 @@ impl Model {
             // serves are one batch of rows against it, so keys and values are never copied per
             // query head (the kernel's own `enable_gqa` copies them outside flash attention);
             // the mask is tiled to those rows.
-            let group = h / kv;
-            let grouped = q.view([b, p, kv, group, e]).permute([0, 2, 3, 1, 4]).reshape([b, kv, group * p, e]);
-            let tiled = mask.repeat([1, 1, group, 1]);
-            Tensor::scaled_dot_product_attention(&grouped, &k, &v, Some(&tiled), 0.0, false, scale, false).view([b, h, p, e])
+            let tiled = mask.repeat([1, 1, h / kv, 1]);
+            Tensor::scaled_dot_product_attention(&grouped_queries(q, kv), &k, &v, Some(&tiled), 0.0, false, scale, false).view([b, h, p, e])
         };
         z.permute([0, 2, 1, 3]).contiguous()
     }
@@ -189,12 +187,11 @@ impl Model {
     /// of rows against its keys, so the keys are never copied per query head.
     pub fn attention_scores(&self, q: &Tensor, k: &Tensor) -> Tensor {
         let (qs, kv) = (q.size(), k.size()[2]);
-        let (b, p, h, e) = (qs[0], qs[1], qs[2], qs[3]);
+        let (b, p, h) = (qs[0], qs[1], qs[2]);
         let raw = if kv == h {
             q.permute([0, 2, 1, 3]).matmul(&k.permute([0, 2, 3, 1]))
         } else {
-            let grouped = q.view([b, p, kv, h / kv, e]).permute([0, 2, 3, 1, 4]).reshape([b, kv, -1, e]);
-            grouped.matmul(&k.permute([0, 2, 3, 1])).view([b, h, p, -1])
+            grouped_queries(q, kv).matmul(&k.permute([0, 2, 3, 1])).view([b, h, p, -1])
         };
         // Multiplied by 1/scale (HF's and the bridge's order of operations), not divided.
         let scores = raw * (1.0 / self.cfg.attn_scale);
@@ -211,4 +208,12 @@ impl Model {
         let y = self.norm(x.transpose(1, 2), &weights, points.0, points.1, hooks)?;
         Ok(hooks.at(points.2, y)?.transpose(1, 2))
     }
+}
+
+/// q [b, p, h, e] as [b, kv_heads, (h / kv_heads)·p, e]: the query heads one key-value head
+/// serves (consecutive heads, as HF groups them), one batch of rows against its keys and values.
+fn grouped_queries(q: &Tensor, kv_heads: i64) -> Tensor {
+    let s = q.size();
+    let (b, p, h, e) = (s[0], s[1], s[2], s[3]);
+    q.view([b, p, kv_heads, h / kv_heads, e]).permute([0, 2, 3, 1, 4]).reshape([b, kv_heads, -1, e])
 }
