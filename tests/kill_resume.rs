@@ -48,10 +48,20 @@ fn killed_at_20_random_moments_a_rerun_finishes_with_identical_files_and_no_temp
     for trial in 0..20 {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         let u = (seed >> 11) as f64 / (1u64 << 53) as f64;
-        let at = if trial % 2 == 0 { full.mul_f64(u) } else { first_store + (full - first_store).mul_f64(u) };
         let out = tmp.path().join(format!("trial-{trial}"));
+        let started = Instant::now();
         let mut child = run(&out).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
-        std::thread::sleep(at);
+        if trial % 2 == 0 {
+            std::thread::sleep(full.mul_f64(u));
+        } else {
+            // After this trial's own first stored job (its start-up varies by a tenth of a
+            // second, as much as the storing stretch lasts), a random part of that stretch.
+            while child.try_wait().unwrap().is_none() && !std::fs::read_dir(out.join(".tl-run/jobs")).is_ok_and(|mut d| d.next().is_some()) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            std::thread::sleep((full - first_store).mul_f64(u));
+        }
+        let at = started.elapsed();
         let was_running = child.try_wait().unwrap().is_none();
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
