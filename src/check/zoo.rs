@@ -8,7 +8,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::spec::resolve::Ctx;
-use crate::spec::{Diagnostic, SpecErrors};
+use crate::spec::SpecErrors;
 
 /// What a zoo file says, as written.
 #[derive(Debug, Deserialize)]
@@ -242,8 +242,7 @@ impl Zoo {
     /// exist yet; otherwise a missing one is an error at its line.
     pub fn read(path: &Path, creating: bool) -> Result<Zoo, SpecErrors> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic::whole_file(format!("cannot read it: {e}"))] })?;
+        let text = std::fs::read_to_string(path).map_err(|e| SpecErrors::unreadable(&file, &e))?;
         let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)] })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut cx = Ctx { text: &text, diags: Vec::new() };

@@ -74,8 +74,15 @@ pub(crate) fn cuda_free_bytes(index: usize) -> Option<u64> {
     None
 }
 
+/// The host's memory when `bytes` (None: past a 64-bit count) exceed it, for the checks that
+/// name inputs no run could hold before anything is loaded; None when they fit or the system
+/// does not tell its memory.
+pub fn past_host_memory(bytes: Option<u64>) -> Option<u64> {
+    host_memory_bytes().filter(|&host| bytes.is_none_or(|b| b > host))
+}
+
 /// The host's physical memory (MemTotal of /proc/meminfo), where the system tells it.
-pub fn host_memory_bytes() -> Option<u64> {
+fn host_memory_bytes() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

@@ -127,10 +127,7 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
 fn noise_fits_in_memory(samples: usize, tokens: Vec<i64>, d_model: usize) -> Result<()> {
     let (n, seq) = (tokens[0] as u64, tokens.get(1).copied().unwrap_or(1) as u64);
     let bytes = (samples as u64).checked_mul(n).and_then(|b| b.checked_mul(seq)).and_then(|b| b.checked_mul(d_model as u64)).and_then(|b| b.checked_mul(4));
-    let Some(host) = crate::engine::memory::host_memory_bytes() else { return Ok(()) };
-    if bytes.is_some_and(|b| b <= host) {
-        return Ok(());
-    }
+    let Some(host) = crate::engine::memory::past_host_memory(bytes) else { return Ok(()) };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let need = bytes.map(|b| format!("{:.1} GiB", gib(b))).unwrap_or_else(|| "more bytes than a 64-bit count holds".into());
     let most = host / (n * seq * d_model as u64 * 4).max(1);

@@ -19,18 +19,19 @@ pub struct Diagnostic {
     pub message: String,
 }
 
-impl Diagnostic {
-    /// A problem of the file as a whole (it cannot be read): no line, column or key.
-    pub fn whole_file(message: String) -> Diagnostic {
-        Diagnostic { line: 0, col: 0, key: String::new(), message }
-    }
-}
-
 /// All the problems of one spec file.
 #[derive(Debug)]
 pub struct SpecErrors {
     pub file: String,
     pub diagnostics: Vec<Diagnostic>,
+}
+
+impl SpecErrors {
+    /// A spec or zoo file that cannot be read: one problem of the file as a whole, with no line,
+    /// column or key (line 0 prints without them).
+    pub fn unreadable(file: &str, e: &std::io::Error) -> SpecErrors {
+        SpecErrors { file: file.to_string(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: String::new(), message: format!("cannot read it: {e}") }] }
+    }
 }
 
 impl std::fmt::Display for SpecErrors {

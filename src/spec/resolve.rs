@@ -76,6 +76,11 @@ impl RunSpec {
         Ok(())
     }
 
+    /// `file:line:col` of one of the run's keys, or the file alone when the key was not given.
+    fn key_at(&self, key: &str, file: &str) -> String {
+        self.keys_at.get(key).map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string())
+    }
+
     /// Checks the run against the model's config, before any weights are loaded: its layers,
     /// logit_lens's top_k against the vocabulary, ablation units against the layers, heads and
     /// neurons, and repeated random tokens against the context and the vocabulary. Every
@@ -85,7 +90,7 @@ impl RunSpec {
         if let Err(e) = self.check_layers(cfg.n_layers, file) {
             problems.push(e);
         }
-        let at = |key: &str| self.keys_at.get(key).map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        let at = |key: &str| self.key_at(key, file);
         if let RunKind::ActivationPatching { targets } | RunKind::AttributionPatching { targets, .. } = &self.kind {
             for (site, _) in targets.iter().filter(|(s, _)| !cfg.has_site(*s)) {
                 problems.push(format!(
@@ -125,22 +130,20 @@ impl RunSpec {
                 // Every layer's pattern [batch, heads, 2·seq_len, 2·seq_len] is kept (f32 at
                 // least): past the host's memory the run could only end out of memory.
                 let per_row = (cfg.n_layers * cfg.n_heads) as u64 * (needed as u64).pow(2) * 4;
-                if let Some(host) = crate::engine::memory::host_memory_bytes() {
-                    if (*batch as u64).checked_mul(per_row).is_none_or(|b| b > host) {
-                        problems.push(format!(
-                            "{}: run '{}': batch = {batch} rows of repeated tokens keep {} layers × {} heads of {needed}×{needed} attention patterns, {:.1} MiB a row, more than this machine's {:.1} GiB of memory; {}",
-                            at("batch"),
-                            self.name,
-                            cfg.n_layers,
-                            cfg.n_heads,
-                            per_row as f64 / (1u64 << 20) as f64,
-                            host as f64 / (1u64 << 30) as f64,
-                            match host / per_row.max(1) {
-                                0 => "use a smaller seq_len (not even one row fits)".to_string(),
-                                most => format!("use batch ≤ {most}"),
-                            }
-                        ));
-                    }
+                if let Some(host) = crate::engine::memory::past_host_memory((*batch as u64).checked_mul(per_row)) {
+                    problems.push(format!(
+                        "{}: run '{}': batch = {batch} rows of repeated tokens keep {} layers × {} heads of {needed}×{needed} attention patterns, {:.1} MiB a row, more than this machine's {:.1} GiB of memory; {}",
+                        at("batch"),
+                        self.name,
+                        cfg.n_layers,
+                        cfg.n_heads,
+                        per_row as f64 / (1u64 << 20) as f64,
+                        host as f64 / (1u64 << 30) as f64,
+                        match host / per_row.max(1) {
+                            0 => "use a smaller seq_len (not even one row fits)".to_string(),
+                            most => format!("use batch ≤ {most}"),
+                        }
+                    ));
                 }
                 if needed > cfg.n_ctx {
                     problems.push(format!(
@@ -177,14 +180,14 @@ impl RunSpec {
         if bad.is_empty() {
             return Ok(());
         }
-        let at = self.keys_at.get("positions").map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        let at = self.key_at("positions", file);
         Err(format!("{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})", self.name, seq.saturating_sub(1)))
     }
 
     /// A custom matrix scores prompts of its own token count (head_detector scores each prompt
     /// unpadded), so every prompt must have that many tokens.
     fn check_matrix_sizes(&self, detections: &[(String, Detection)], lengths: &[usize], file: &str) -> Result<(), String> {
-        let at = self.keys_at.get("custom").map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string());
+        let at = self.key_at("custom", file);
         let mut problems = Vec::new();
         for (name, d) in detections {
             let Detection::Matrix(rows) = d else { continue };
@@ -295,8 +298,7 @@ pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
 /// given, e.g. a spec copied away from the repository it names a file in.
 pub fn resolve_file_with_prompts(path: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![Diagnostic::whole_file(format!("cannot read it: {e}"))] })?;
+    let text = std::fs::read_to_string(path).map_err(|e| SpecErrors::unreadable(&file, &e))?;
     let base = path.parent().unwrap_or(Path::new("."));
     resolve_text_with_prompts(&text, &file, base, prompts_file)
 }
