@@ -3,8 +3,8 @@
 # ~/.cache/tl-run, and links them as fixtures/ (models) and fixtures/oracle/<fixture>/ (one file
 # per oracle output). Each part is keyed by a hash of what makes it: the models by
 # make_fixtures.py and configs/fixtures.toml, each tests/oracle/dump_*.py output by that script,
-# the shared oracle helpers and the models. A fresh clone (CI) reuses them; changing one oracle
-# script rebuilds only its outputs.
+# the oracle modules it imports (scripts/oracle_deps.sh), the prompts and the models. A fresh
+# clone (CI) reuses them; changing one oracle script rebuilds only its outputs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -39,7 +39,9 @@ mkdir -p fixtures.tmp/oracle
 for m in "$models"/*/; do ln -s "${m%/}" "fixtures.tmp/$(basename "$m")"; done
 for script in tests/oracle/dump_*.py; do
   name="$(basename "$script" .py)"
-  stamp="$( { cat "$script" tests/oracle/oracle_common.py experiments/prompts/*.jsonl; echo "$models_stamp"; } | sha256sum | cut -c1-16)"
+  # The script, every oracle module it imports (transitively), the prompts and the models.
+  deps="$(bash scripts/oracle_deps.sh "$script")"
+  stamp="$( { cat $deps experiments/prompts/*.jsonl; echo "$models_stamp"; } | sha256sum | cut -c1-16)"
   out="$cache/oracle-$name-$stamp"
   if [ ! -f "$out/.complete" ]; then echo "tl-run: running TransformerLens for $name (a few minutes)" >&2; fi
   build "$out" "$py" "$script" "$models" @OUT@

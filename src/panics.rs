@@ -77,12 +77,31 @@ pub fn injected(job: &str) {
     }
 }
 
-/// Slowness injection for tests (TL_RUN_INJECT_DELAY_MS=n): each work job waits n ms before its
-/// result is stored, so a test can stop a process between two stored jobs (a Slurm task cancelled
-/// mid-run) however fast the jobs themselves are.
-pub fn injected_delay() {
-    if let Some(ms) = std::env::var("TL_RUN_INJECT_DELAY_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
-        std::thread::sleep(std::time::Duration::from_millis(ms));
+/// Pause injection for tests (TL_RUN_INJECT_PAUSE_AFTER_STORED=k): once the k-th job of this
+/// process is in the store, the store's writer stops for good, so a test kills a run at a known
+/// point of its progress (exactly k jobs stored) instead of aiming at a wall-clock moment. With
+/// TL_RUN_INJECT_PAUSE_MARKER=path the pause happens only while that file is absent, and creates
+/// it, with the Slurm array task's index in it (or the process id), so only the first process of
+/// an array to get there pauses, the test learns which one, and its rerun (a requeued Slurm task
+/// inherits the environment) runs to the end.
+pub fn injected_pause_after_stored(stored: usize) {
+    let Some(k) = std::env::var("TL_RUN_INJECT_PAUSE_AFTER_STORED").ok().and_then(|v| v.parse::<usize>().ok()) else {
+        return;
+    };
+    if stored != k {
+        return;
+    }
+    if let Ok(marker) = std::env::var("TL_RUN_INJECT_PAUSE_MARKER") {
+        use std::io::Write;
+        let Ok(mut f) = std::fs::OpenOptions::new().write(true).create_new(true).open(&marker) else {
+            return;
+        };
+        let who = std::env::var("SLURM_ARRAY_TASK_ID").unwrap_or_else(|_| std::process::id().to_string());
+        let _ = f.write_all(who.as_bytes()).and_then(|()| f.sync_all());
+    }
+    tracing::info!("paused after {k} stored jobs (TL_RUN_INJECT_PAUSE_AFTER_STORED)");
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
 

@@ -1,6 +1,7 @@
 //! Every activation-patching target against TransformerLens's patching.py on two GPT-2 fixtures
-//! (tests/oracle/dump_patching.py): raw values <= 1e-4, normalised values <= 1e-3, and the
-//! block_every / all_pos_every / by_pos_every stacks.
+//! (tests/oracle/dump_patching.py): raw values within 1e-4 (against the corrupted baseline),
+//! normalised values within 1e-3 of their largest (against 0), and the block_every /
+//! all_pos_every / by_pos_every stacks.
 mod common;
 
 use common::*;
@@ -96,8 +97,8 @@ fn check_fixture(name: &str, min_targets: usize) {
     let prep = prepare(&model, &oracle, &sites);
     let clean_b = oracle.get("clean_baseline").double_value(&[0]);
     let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
-    assert!((prep.clean_baseline() - clean_b).abs() <= 1e-4, "clean baseline {} vs {clean_b}", prep.clean_baseline());
-    assert!((prep.corrupted_baseline() - corr_b).abs() <= 1e-4);
+    assert_oracle(&format!("{name} clean baseline (oracle clean_baseline)"), &[prep.clean_baseline()], &[clean_b], Baseline::Zero, Tol::Abs(1e-4));
+    assert_oracle(&format!("{name} corrupted baseline (oracle corrupted_baseline)"), &[prep.corrupted_baseline()], &[corr_b], Baseline::Zero, Tol::Abs(1e-4));
     let mut failures = Vec::new();
     let mut checked = 0;
     for ((key, theirs), schedule) in oracle.tensors.iter().flat_map(|kv| [(kv, Schedule::ByLayer), (kv, Schedule::Staircase)]) {
@@ -114,12 +115,18 @@ fn check_fixture(name: &str, min_targets: usize) {
             failures.push(format!("{key}: shape {:?} vs TL {:?}", ours.size(), theirs.size()));
             continue;
         }
-        let raw = max_abs_diff(&ours, theirs);
-        let norm = |t: &Tensor| (t.to_kind(Kind::Double) - corr_b) / (clean_b - corr_b);
-        let normalized = max_abs_diff(&norm(&ours), &norm(theirs));
-        println!("{name} {key:<18} raw {raw:.2e} normalized {normalized:.2e}");
-        if raw > 1e-4 || normalized > 1e-3 {
-            failures.push(format!("{key}: raw {raw:.3e}, normalized {normalized:.3e}"));
+        let (ours, theirs) = (values(&ours), values(theirs));
+        let norm = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| (x - corr_b) / (clean_b - corr_b)).collect() };
+        // Every target is checked, each failure collected (assert_oracle has printed it).
+        let checked_target = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Raw logit differences: patching nothing leaves the corrupted run's.
+            assert_oracle(&format!("{name} {key} raw"), &ours, &theirs, Baseline::Value(corr_b), Tol::Abs(1e-4));
+            // Normalised: 0 is the corrupted run, 1 the clean one.
+            assert_oracle(&format!("{name} {key} normalised"), &norm(&ours), &norm(&theirs), Baseline::Zero, Tol::OfSignal(1e-3));
+        }));
+        if let Err(e) = checked_target {
+            let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            failures.push(why);
         }
     }
     assert!(checked >= min_targets, "only {checked} targets in the oracle file");
@@ -147,12 +154,20 @@ fn llama_gqa_every_target_equals_patching_py() {
 fn prob_metric_equals_patching_py() {
     let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
     let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
-    let mut prep = prepare(&model, &oracle, &[Site::Z]);
-    prep.metric.kind = MetricKind::Prob;
+    let mut metric = logit_diff(&oracle);
+    metric.kind = MetricKind::Prob;
+    let prep = Prepared::new(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, metric, &[Site::Z]).unwrap();
+    // An answer's probability is ~1/vocabulary here, so an absolute 1e-6 could not fail: the
+    // clean probability agrees to 1e-4 of itself, the sweep to 1e-3 of its effect.
+    let clean_prob = oracle.get("clean_prob").double_value(&[0]);
+    assert_oracle("gpt2-tiny prob metric clean baseline (oracle clean_prob)", &[prep.clean_baseline()], &[clean_prob], Baseline::Zero, Tol::OfSignal(1e-4));
+    // Patching nothing leaves the corrupted probability.
+    let corrupted_prob = oracle.get("corrupted_prob").double_value(&[0]);
+    assert_oracle("gpt2-tiny prob metric corrupted baseline (oracle corrupted_prob)", &[prep.corrupted_baseline()], &[corrupted_prob], Baseline::Zero, Tol::OfSignal(1e-4));
     let theirs = oracle.get("z_all_pos_prob");
     for schedule in [Schedule::ByLayer, Schedule::Staircase] {
         let ours = ours(&model, &prep, Site::Z, Axes::LayerHead, schedule);
-        assert!(max_abs_diff(&ours, theirs) <= 1e-6, "{schedule:?}: {}", max_abs_diff(&ours, theirs));
+        assert_oracle_tensor(&format!("gpt2-tiny z_all_pos prob ({schedule:?}) (oracle z_all_pos_prob)"), &ours, theirs, Baseline::Value(corrupted_prob), Tol::OfSignal(1e-3));
     }
 }
 

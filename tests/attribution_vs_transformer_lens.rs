@@ -77,14 +77,15 @@ fn attribution_matches_the_transformer_lens_demo_and_atp_star() {
             for (variant, prefix) in [("atp", ""), ("gd", "gd/")] {
                 let t = Table::read(&out.join(format!("{variant}_{name}.parquet")));
                 for key in &keys {
-                    assert_close(&format!("{fixture} {variant} {key}"), &of_hook(&t, suffix(key)), &raw(&format!("{prefix}{key}")), 1e-4);
+                    // Attribution scores: a do-nothing estimate is 0.
+                    assert_oracle(&format!("{fixture} run {variant}_{name} {} (oracle {prefix}{key}, raw units)", suffix(key)), &of_hook(&t, suffix(key)), &raw(&format!("{prefix}{key}")), Baseline::Zero, Tol::Abs(1e-4));
                 }
             }
         }
         for (name, keys) in [("qk_by_pos", ["q_by_pos", "k_by_pos"]), ("qk_all_pos", ["q_all_pos", "k_all_pos"])] {
             let t = Table::read(&out.join(format!("{name}.parquet")));
             for key in keys {
-                assert_close(&format!("{fixture} AtP* qk fix {key}"), &of_hook(&t, suffix(key)), &raw(&format!("qk/{key}")), 1e-4);
+                assert_oracle(&format!("{fixture} run {name} (AtP* qk fix) {} (oracle qk/{key}, raw units)", suffix(key)), &of_hook(&t, suffix(key)), &raw(&format!("qk/{key}")), Baseline::Zero, Tol::Abs(1e-4));
             }
         }
         // verify_top: the 6 largest |estimates| carry their real patching effect; the manifest
@@ -113,10 +114,11 @@ fn attribution_matches_the_transformer_lens_demo_and_atp_star() {
         let real: Vec<f64> = raw("real/resid_pre");
         let cells: Vec<usize> = t.mean_rows();
         assert_eq!(real.len(), cells.len(), "{fixture}: resid_pre cells");
-        for &i in &verified {
-            let cell = cells.iter().position(|&c| c == i).unwrap();
-            let got = t.float("patched", i).unwrap();
-            assert!((got - real[cell]).abs() < 1e-4, "{fixture}: verified cell {cell} patched {got} vs patching.py {}", real[cell]);
-        }
+        let at: Vec<usize> = verified.iter().map(|&i| cells.iter().position(|&c| c == i).unwrap()).collect();
+        let got: Vec<f64> = verified.iter().map(|&i| t.float("patched", i).unwrap()).collect();
+        let expect: Vec<f64> = at.iter().map(|&cell| real[cell]).collect();
+        // `patched` is the change of the metric from the corrupted run (raw units), so 0 is what
+        // patching nothing gives.
+        assert_oracle(&format!("{fixture} run verify, patched column of resid_pre cells {at:?} (oracle real/resid_pre, raw units)"), &got, &expect, Baseline::Zero, Tol::Abs(1e-4));
     }
 }

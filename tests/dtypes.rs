@@ -1,10 +1,18 @@
-//! bfloat16 and float16 runs on every family's fixture against the same model in float32:
-//! weights are processed in f32 and then cast, norms, softmax and the metric accumulate in f32.
-//! Prints, per family, the max |Δ| of the logits and of activation-patching values (resid_pre
-//! over [layer, pos] and z over [layer, head] on the zoo prompts) against f32 — the README's
+//! bfloat16 and float16 runs against TransformerLens 4.3 and HF transformers run in the same
+//! dtype (tests/oracle/dump_dtypes.py), on two fixtures of different families with prompts whose
+//! swap effect is large against the dtype's resolution: activation patching (resid_pre over
+//! [layer, pos], z over [layer, head]) through the oracle guard with a tolerance stated as a
+//! fraction of the signal, and the last position's log-probs.
+//!
+//! The extra: every family's fixture against tl-run's own float32 run (weights are processed in
+//! f32 and then cast; norms, softmax and the metric accumulate in f32). Prints, per family, the
+//! max |Δ| of the logits and of the patching values on the zoo prompts against f32 — the README's
 //! dtype table — and asserts they stay within what the dtype's precision allows.
 mod common;
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use common::compare::Agreement;
 use common::*;
 use tl_run::model::config::Processing;
 use tl_run::{Hooks, Input, LoadOptions, Model, Stop};
@@ -37,17 +45,96 @@ fn patching(fixture_name: &str, dtype: &str) -> Vec<f64> {
         Some(o) => prompts_toml(o),
         None => format!("[prompts]\nfile = \"{}\"\n", prompt_file(fixture_name).display()),
     };
+    let (mut v, z, _) = patching_on(fixture_name, dtype, &prompts);
+    v.extend(z);
+    v
+}
+
+/// tl-run's activation patching in `dtype` on `prompts` (a TOML [prompts] section), swap_pairs
+/// corruption, raw logit difference: (resid_pre over [layer, pos], z over [layer, head], each
+/// in table order = TransformerLens's row-major order; the clean tokens tl-run made).
+fn patching_on(fixture_name: &str, dtype: &str, prompts: &str) -> (Vec<f64>, Vec<f64>, Vec<Vec<i64>>) {
     let spec = format!(
         "name = \"dtype\"\n[model]\nid = \"{}\"\ndtype = \"{dtype}\"\n{prompts}[corruption]\nkind = \"swap_pairs\"\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"resid\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",
         fixture(fixture_name).display()
     );
     let dir = run_spec(&spec, &[]);
-    let mut v = Vec::new();
-    for run in ["resid", "heads"] {
-        let t = Table::read(&dir.path().join("out").join(format!("{run}.parquet")));
-        v.extend(t.mean_rows().into_iter().map(|i| t.value(i)));
+    let out = dir.path().join("out");
+    let mean_values = |run: &str| {
+        let t = Table::read(&out.join(format!("{run}.parquet")));
+        t.mean_rows().into_iter().map(|i| t.value(i)).collect::<Vec<f64>>()
+    };
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let tokens = serde_json::from_value(manifest["tokens"]["clean"].clone()).unwrap();
+    (mean_values("resid"), mean_values("heads"), tokens)
+}
+
+/// The fixtures of tests/oracle/dump_dtypes.py. Its prompts are the IOI prompts with each swap
+/// pair's answers re-picked (on the float32 model) as the two tokens whose logit difference the
+/// swap moves most: the mean logit-difference gap is 2.6 logits on both and the patching signals
+/// (max |patched − corrupted|) 2.7 / 1.4 (qwen3-tiny resid_pre / z) and 2.6 / 2.0 (neo-tiny),
+/// against bf16 rounding of ~0.01 logits. With the fixtures' IOI answers the signals are
+/// 0.1-0.9 and two correct bf16 implementations differ by 2-7% of them, which no tolerance under
+/// the oracle guard's 1/20 of the signal can tell from a bug.
+const SAME_DTYPE: [&str; 2] = ["qwen3-tiny", "neo-tiny"];
+
+/// Patching tolerance as a fraction of the signal, per dtype. Measured (dump_dtypes.py) over both
+/// fixtures and both targets, the largest pairwise difference between three correct
+/// implementations in one dtype — TransformerLens (weights cast to the dtype, processed in f32,
+/// cast back), HF transformers (unprocessed weights) and TransformerLens processed in f32 and then
+/// cast, as tl-run does — is 1.04e-2 of the signal in bfloat16 (qwen3-tiny z) and 1.4e-3 in
+/// float16 (neo-tiny z); the bounds leave 1.9× and 2.9× that. They must stay under 1/40 of the
+/// signal: swapped pairs make the clean and corrupted metrics ±g, so resid_pre's largest |value|
+/// is half its signal, and the guard wants that ≥ 20× the tolerance too.
+fn patching_tol(dtype: &str) -> f64 {
+    if dtype == "bfloat16" { 0.02 } else { 0.004 }
+}
+
+/// Log-prob tolerance as a fraction of the largest |log-prob| (the signal against zero): four
+/// units of the dtype's relative resolution (2^-8 for bfloat16's 8 significant bits, 2^-11 for
+/// float16's 11), i.e. 0.24 and 0.030 logits at the fixtures' largest |log-prob| of 15.2. Measured
+/// between correct implementations in one dtype (the three above, over both fixtures): at most
+/// 0.095 in bfloat16 and 0.0134 in float16.
+fn logprob_tol(dtype: &str) -> f64 {
+    if dtype == "bfloat16" { 4.0 / 256.0 } else { 4.0 / 2048.0 }
+}
+
+/// Runs one comparison, returning its failure (a difference or a refused comparison) so that
+/// every comparison is reported, not the first.
+fn failure(what: &str, f: impl FnOnce() -> Agreement) -> Option<String> {
+    catch_unwind(AssertUnwindSafe(f)).err().map(|e| e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("{what}: panicked")))
+}
+
+#[test]
+fn bf16_and_f16_patching_match_transformer_lens_in_the_same_dtype() {
+    let mut failures = Vec::new();
+    for f in SAME_DTYPE {
+        let o = Oracle::read(f, "dtypes.safetensors");
+        let prompts = prompts_toml(&o);
+        let tokens = o.get("tokens");
+        for (kind, dtype) in [(tch::Kind::BFloat16, "bfloat16"), (tch::Kind::Half, "float16")] {
+            let (resid, z, ours_tokens) = patching_on(f, dtype, &prompts);
+            for (i, row) in ours_tokens.iter().enumerate() {
+                assert_eq!(*row, Vec::<i64>::try_from(tokens.get(i as i64)).unwrap(), "{f}: tokens of prompt {i}");
+            }
+            // A do-nothing patch leaves the corrupted run's metric, in this dtype.
+            let corrupted = o.get(&format!("{dtype}/corrupted")).double_value(&[0]);
+            let tol = Tol::OfSignal(patching_tol(dtype));
+            for (ours, key, what) in [(&resid, "resid_pre", "resid_pre over [layer, pos]"), (&z, "z", "z over [layer, head]")] {
+                let what = format!("{f} {dtype} {what} (oracle {dtype}/{key}, TransformerLens in {dtype})");
+                failures.extend(failure(&what, || assert_oracle(&what, ours, &values(o.get(&format!("{dtype}/{key}"))), Baseline::Value(corrupted), tol)));
+            }
+            // The last position's log-probs of the clean prompts against transformers' and
+            // TransformerLens's in the same dtype (log-softmax: center_unembed's shift cancels).
+            let logits = load_as(f, kind).run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
+            let ours = log_softmax(&logits.select(1, -1).to_kind(tch::Kind::Float));
+            for (source, key) in [("transformers", "hf_logprobs"), ("TransformerLens", "tl_logprobs")] {
+                let what = format!("{f} {dtype} last-position log-probs (oracle {dtype}/{key}, {source} in {dtype})");
+                failures.extend(failure(&what, || assert_oracle_tensor(&what, &ours, o.get(&format!("{dtype}/{key}")), Baseline::Zero, Tol::OfSignal(logprob_tol(dtype)))));
+            }
+        }
     }
-    v
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
 #[test]
@@ -71,9 +158,10 @@ fn bf16_and_f16_stay_close_to_f32_on_every_family() {
             let low = patching(f, name);
             assert_eq!(low.len(), reference.len());
             let d = low.iter().zip(&reference).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-            // In logit-difference units; the random fixtures' patching effects are ~1e-3, so
-            // the bound is absolute, at the scale of the logits' own rounding (gemma2-tiny and
-            // mistral-tiny have 5× weights, so the largest activations and errors).
+            // In logit-difference units, absolute: at the scale of the logits' own rounding in
+            // the dtype. The fixtures' patching effects on the zoo prompts are 0.02-0.3 logits,
+            // so this bounds drift from f32, not agreement relative to the signal; the test
+            // above compares against TransformerLens and transformers in the same dtype.
             let bound = if name == "bfloat16" { 0.05 } else { 0.005 };
             if !(d <= bound) {
                 failures.push(format!("{f} {name}: patching |Δ| {d:.3e} > {bound:.0e}"));
@@ -86,4 +174,13 @@ fn bf16_and_f16_stay_close_to_f32_on_every_family() {
         println!("{f:<20} {:>14.2e} {:>14.2e} {:>16.2e} {:>16.2e}", row[0], row[1], row[2], row[3]);
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn same_dtype_fixtures_match_the_oracle_script() {
+    let script = std::fs::read_to_string(repo_root().join("tests/oracle/dump_dtypes.py")).unwrap();
+    let line = script.lines().find(|l| l.starts_with("FIXTURES = ")).expect("dump_dtypes.py has no FIXTURES line");
+    for f in SAME_DTYPE {
+        assert!(line.contains(&format!("\"{f}\"")), "{f} is not in dump_dtypes.py's FIXTURES");
+    }
 }

@@ -114,7 +114,8 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
             let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", file.to_str().unwrap()]);
             let t = Table::read(&dir.path().join("out/resid.parquet"));
             let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
-            assert_close(&format!("{spec} resid (resid_pre, normalised) on {fixture_name}"), &ours, &theirs, 1e-3);
+            // Normalised: 0 is the corrupted run, 1 the clean one.
+            assert_oracle(&format!("{spec} run resid, hook_resid_pre normalised, on {fixture_name} (oracle patch/resid_pre)"), &ours, &theirs, Baseline::Zero, Tol::OfSignal(1e-3));
         }
         let two = tmp.path().join("two.jsonl");
         std::fs::write(&two, std::fs::read_to_string(&file).unwrap().lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
@@ -125,31 +126,45 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", two.to_str().unwrap()]);
         let out = dir.path().join("out");
         let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-        // Probabilities of a random model's answer are ~1/vocabulary: compare relative to the
-        // oracle's own scale, or a 1e-5 absolute tolerance would pass anything.
-        let noised = values(o.get("trace/corrupted_prob"));
-        let scaled = |what: &str, ours: &[f64], theirs: &[f64]| {
-            let scale = theirs.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(noised[0].abs());
-            assert!(scale > 0.0, "{what}: an all-zero oracle");
-            let ours: Vec<f64> = ours.iter().map(|v| v / scale).collect();
-            let theirs: Vec<f64> = theirs.iter().map(|v| v / scale).collect();
-            assert_close(what, &ours, &theirs, 1e-4);
-        };
-        {
-            scaled(&format!("causal_tracing.toml noised prob on {fixture_name}"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &noised);
-            let t = Table::read(&out.join("trace.parquet"));
-            // Bloom's hook_attn_out never fires in TransformerLens 4.3, so it has no attn_out oracle.
-            for key in ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))) {
-                let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}"))).map(|i| t.value(i)).collect();
-                scaled(&format!("causal_tracing.toml {key} on {fixture_name} (relative)"), &ours, &values(o.get(&format!("trace/{key}"))));
+        // Probabilities of a random model's answer are ~1/vocabulary, so an absolute 1e-5 would
+        // pass anything: the noised probability agrees to 1e-4 of itself, and each trace is
+        // compared against the noised probability (what restoring nothing leaves), to 1e-3 of its
+        // effect, so the guard checks the effect, not the probability.
+        let noised = o.get("trace/corrupted_prob").double_value(&[0]);
+        assert_oracle(&format!("causal_tracing.toml manifest corrupted_baseline (noised prob) on {fixture_name} (oracle trace/corrupted_prob)"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &[noised], Baseline::Zero, Tol::OfSignal(1e-4));
+        let t = Table::read(&out.join("trace.parquet"));
+        // Bloom's hook_attn_out never fires in TransformerLens 4.3, so it has no attn_out oracle.
+        for key in ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))) {
+            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}"))).map(|i| t.value(i)).collect();
+            if fixture_name == "mistral-tiny" {
+                // Structurally no effect: a sliding window of 5 over 2 layers lets the last
+                // position see 8 positions back, and "Lily" is the prompts' second token, so
+                // noising it changes nothing there. Both sides must then report exactly the
+                // noised probability at every cell (no oracle comparison can have signal here;
+                // the trace is compared with signal on every other family).
+                let theirs = values(o.get(&format!("trace/{key}")));
+                for (what, v) in [("TransformerLens", &theirs), ("tl-run", &ours)] {
+                    assert!(v.iter().all(|x| (x - noised).abs() <= 1e-6 * noised.abs()), "mistral-tiny trace {key}: {what}'s values {v:?} are not all the noised probability {noised}");
+                }
+                assert_eq!(ours.len(), theirs.len());
+                continue;
             }
+            assert_oracle(&format!("causal_tracing.toml run trace, hook_{key} on {fixture_name} (oracle trace/{key})"), &ours, &values(o.get(&format!("trace/{key}"))), Baseline::Value(noised), Tol::OfSignal(1e-3));
         }
         let text = std::fs::read_to_string(repo_root().join("experiments/induction.toml")).unwrap();
         let dir = run_spec(&text, &["--model-id", &model_dir]);
         let t = Table::read(&dir.path().join("out/stripes.parquet"));
         for pattern in ["previous_token", "duplicate_token", "induction"] {
             let ours: Vec<f64> = t.rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern)).into_iter().map(|i| t.value(i)).collect();
-            assert_close(&format!("induction.toml {pattern} stripe on {fixture_name}"), &ours, &values(o.get(&format!("induction/{pattern}"))), 1e-5);
+            if fixture_name == "mistral-tiny" && pattern != "previous_token" {
+                // Structurally zero: the sliding window of 5 cannot reach a token's copy 50
+                // positions back, so no head attends to it, in TransformerLens or here.
+                let theirs = values(o.get(&format!("induction/{pattern}")));
+                assert!(theirs.iter().chain(&ours).all(|v| *v == 0.0) && ours.len() == theirs.len(), "mistral-tiny {pattern} stripe: {ours:?} vs {theirs:?}");
+                continue;
+            }
+            // Head scores (mean attention on a stripe): 0 for a do-nothing implementation.
+            assert_oracle(&format!("induction.toml run stripes, {pattern} on {fixture_name} (oracle induction/{pattern})"), &ours, &values(o.get(&format!("induction/{pattern}"))), Baseline::Zero, Tol::Abs(1e-5));
         }
     }
 }

@@ -140,7 +140,10 @@ fn start_and_stop_at_layers() {
         let stopped = model.run(Input::Tokens(&toks), None, &mut Hooks::capture([pre]), Stop::BeforeLayer(l)).unwrap();
         assert!(max_abs_diff(&stopped, &resid) == 0.0);
         let resumed = model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::Logits).unwrap();
-        assert!(max_abs_diff(&resumed, &logits) <= 1e-6, "{name}");
+        // The resumed run captures nothing, so its attention is the fused kernel: f32 rounding
+        // apart, relative to the logits' size.
+        let (d, size) = (max_abs_diff(&resumed, &logits), logits.abs().max().double_value(&[]));
+        assert!(d <= 1e-6 * size, "{name}: resumed logits differ by {d:.2e} (largest logit {size:.2})");
         assert!(model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::BeforeLayer(0)).is_err());
     }
 }

@@ -1,6 +1,9 @@
 //! The job graph as the executor: stored jobs are reused on a rerun and only changed jobs run
 //! again, shards merge to the single-process result, device replicas give the one-device rows,
 //! and a batch that runs out of memory is halved. (Killing runs: tests/kill_resume.rs.)
+//! Where the same batches run (a rerun, --fresh, a model split by layers) the files are
+//! byte-identical; where cells are batched differently (shards, replicas, halving, the staircase)
+//! the rows are equal to rounding (`assert_same_rows`).
 mod common;
 
 use std::path::Path;
@@ -116,12 +119,11 @@ for run in runs:
 
     let merged = ok(&["merge", sharded.to_str().unwrap()]);
     assert!(merged.contains("3 shards"), "{merged}");
-    let want = parquet_files(&single);
-    let got = parquet_files(&sharded);
+    // The shards batch their jobs' cells differently from the single run: the same rows to
+    // rounding (the BLAS's results depend on the batch's size on some CPUs).
+    let (want, got) = (parquet_files(&single), parquet_files(&sharded));
     assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "merge leaves exactly the single-file layout");
-    for (p, bytes) in &want {
-        assert_eq!(&got[p], bytes, "{}: the merged file is not byte-identical to the single run's", p.display());
-    }
+    assert_same_rows(&single, &sharded, REBATCHED_REL);
     let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sharded.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["shards"].as_array().unwrap().len(), 3);
 }
@@ -165,9 +167,8 @@ fn two_device_replicas_run_jobs_concurrently_and_give_the_one_device_files() {
     let spec = tmp.path().join("devices.toml");
     std::fs::write(&spec, text).unwrap();
     ok(&["run", spec.to_str().unwrap(), "--model-id", &model, "--out", spec_key.to_str().unwrap(), "--quiet"]);
-    let want = parquet_files(&one);
     for dir in [&two, &spec_key] {
-        assert_eq!(parquet_files(dir), want, "{}: two replicas differ from one device", dir.display());
+        assert_same_rows(&one, dir, REBATCHED_REL);
         let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(manifest["device"], "[Cpu, Cpu]");
     }
@@ -212,11 +213,7 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
     let sweep = &manifest["runs"]["heads"]["sweeps"][0];
     assert!(sweep["oom_halvings"].as_u64().unwrap() >= 2, "{sweep}");
     assert!(sweep["cells_per_forward"].as_u64().unwrap() <= 8, "{sweep}");
-    let (a, b) = (Table::read(&plain.join("heads.parquet")), Table::read(&halved.join("heads.parquet")));
-    assert_eq!(a.len(), b.len());
-    for i in 0..a.len() {
-        assert!((a.value(i) - b.value(i)).abs() <= 1e-6, "row {i}: {} vs {}", a.value(i), b.value(i));
-    }
+    assert_same_rows(&plain, &halved, REBATCHED_REL);
     // A batch of one cell that does not fit is an error naming the job, not a loop.
     let o = tl_run()
         .args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", tmp.path().join("none").to_str().unwrap(), "--quiet"])
@@ -244,21 +241,9 @@ fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory()
         assert!(o.status.success(), "{schedule}: {}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap()
     };
-    let same_rows = |a: &Path, b: &Path| {
-        let files = parquet_files(a);
-        assert_eq!(files.keys().collect::<Vec<_>>(), parquet_files(b).keys().collect::<Vec<_>>());
-        for name in files.keys() {
-            let (x, y) = (Table::read(&a.join(name)), Table::read(&b.join(name)));
-            assert_eq!(x.len(), y.len(), "{}", name.display());
-            for i in 0..x.len() {
-                assert_eq!((x.str("hook", i), x.int("layer", i), x.int("pos", i), x.int("head", i)), (y.str("hook", i), y.int("layer", i), y.int("pos", i), y.int("head", i)));
-                assert!((x.value(i) - y.value(i)).abs() <= 1e-6, "{} row {i}: {} vs {}", name.display(), x.value(i), y.value(i));
-                // Attribution's verified cells are patched through the same schedules.
-                let (p, q) = (x.float("patched", i), y.float("patched", i));
-                assert!(p.is_some() == q.is_some() && p.zip(q).is_none_or(|(p, q)| (p - q).abs() <= 1e-6), "{} row {i}: patched {p:?} vs {q:?}", name.display());
-            }
-        }
-    };
+    // Every column of every file (attribution's verified cells, `patched`, are patched through
+    // the same schedules).
+    let same_rows = |a: &Path, b: &Path| assert_same_rows(a, b, REBATCHED_REL);
     let (by_layer, staircase) = (tmp.path().join("by-layer"), tmp.path().join("staircase"));
     let manifest = run(&ioi(), &by_layer, "by_layer", None);
     let shared = |m: &serde_json::Value| m["runs"]["resid"]["sweeps"][0]["forwards_shared_with_jobs"].as_u64().unwrap();

@@ -2,11 +2,18 @@
 //! against TransformerLens 4.3 (tests/oracle/dump_zoo.py): activation patching of resid_pre over
 //! [layer, pos] and z over [layer, head] (patching.py), attribution patching of the same two
 //! targets (the Attribution Patching demo's formula), and direct logit attribution per layer and
-//! per head (decompose_resid / stack_head_results + logit_attrs) where TransformerLens can
-//! compute them.
+//! per head (decompose_resid / stack_head_results + logit_attrs). Where TransformerLens 4.3
+//! cannot compute them (per-head results for GPT-Neo, GPT-J and OPT; hook_attn_out for Bloom),
+//! the DLA reference is HF transformers' own per-head and per-layer outputs taken through the same
+//! apply_ln_to_stack + logit_attrs (dump_zoo.py's hf_reference, checked there against
+//! TransformerLens wherever it has the quantity), and hook_result itself is checked against HF's
+//! per-head outputs on the unprocessed model.
 mod common;
 
 use common::*;
+use tch::Kind;
+use tl_run::model::config::Processing;
+use tl_run::{HookPoint, Hooks, Input, Site, Stop};
 
 const ZOO: [&str; 15] = [
     "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny", "mistral-tiny", "qwen2-tiny",
@@ -78,6 +85,15 @@ fn per_prompt(t: &Table, label: &str) -> Vec<f64> {
     rows.into_iter().map(|r| r.1).collect()
 }
 
+/// Where `ours` and `theirs` differ most (`at` names value i), for a comparison's description.
+fn worst_at(ours: &[f64], theirs: &[f64], at: impl Fn(usize) -> String) -> String {
+    let worst = ours.iter().zip(theirs).map(|(a, b)| (a - b).abs()).enumerate().max_by(|a, b| a.1.total_cmp(&b.1));
+    match worst {
+        Some((i, _)) if ours.len() == theirs.len() => format!("largest |diff| at {}", at(i)),
+        _ => "no common values".into(),
+    }
+}
+
 fn check(name: &str) {
     let fixture = name;
     let o = Oracle::read(fixture, "zoo.safetensors");
@@ -90,35 +106,102 @@ fn check(name: &str) {
     for (i, row) in ours.iter().enumerate() {
         assert_eq!(*row, Vec::<i64>::try_from(clean.get(i as i64)).unwrap(), "{fixture}: tokens of prompt {i}");
     }
+    // Activation patching, raw logit difference (normalize = false): a do-nothing patch leaves
+    // the corrupted run's metric.
+    let corrupted = o.get("corrupted_baseline").double_value(&[0]);
     let patch = Table::read(&out.join("patch_resid.parquet"));
-    assert_close(&format!("{fixture} patching resid_pre"), &of_hook(&patch, "hook_resid_pre"), &values(o.get("patch/resid_pre")), 1e-4);
+    let what = format!("{fixture} run patch_resid, resid_pre over [layer, pos] (oracle patch/resid_pre)");
+    assert_oracle(&what, &of_hook(&patch, "hook_resid_pre"), &values(o.get("patch/resid_pre")), Baseline::Value(corrupted), Tol::Abs(1e-4));
     let patch = Table::read(&out.join("patch_z.parquet"));
-    assert_close(&format!("{fixture} patching z all positions"), &of_hook(&patch, "attn.hook_z"), &values(o.get("patch/z_all_pos")), 1e-4);
-    // AtP in raw logit-difference units (the demo's metric is normalised by the gap).
-    let gap = o.get("clean_baseline").double_value(&[0]) - o.get("corrupted_baseline").double_value(&[0]);
+    let what = format!("{fixture} run patch_z, z over [layer, head] all positions (oracle patch/z_all_pos)");
+    assert_oracle(&what, &of_hook(&patch, "attn.hook_z"), &values(o.get("patch/z_all_pos")), Baseline::Value(corrupted), Tol::Abs(1e-4));
+    // AtP in raw logit-difference units (the demo's metric is normalised by the gap); a
+    // do-nothing attribution is zero.
+    let gap = o.get("clean_baseline").double_value(&[0]) - corrupted;
     let raw = |key: &str| -> Vec<f64> { values(o.get(key)).into_iter().map(|v| v * gap).collect() };
     let atp = Table::read(&out.join("atp.parquet"));
-    assert_close(&format!("{fixture} AtP resid_pre"), &of_hook(&atp, "hook_resid_pre"), &raw("atp/resid_pre"), 1e-4);
+    let what = format!("{fixture} run atp, resid_pre over [layer, pos] (oracle atp/resid_pre × gap {gap:.3e})");
+    assert_oracle(&what, &of_hook(&atp, "hook_resid_pre"), &raw("atp/resid_pre"), Baseline::Zero, Tol::Abs(1e-4));
     let atp = Table::read(&out.join("atp_z.parquet"));
-    assert_close(&format!("{fixture} AtP z all positions"), &of_hook(&atp, "attn.hook_z"), &raw("atp/z_all_pos"), 1e-4);
-    // DLA, per prompt and component.
+    let what = format!("{fixture} run atp_z, z over [layer, head] all positions (oracle atp/z_all_pos × gap {gap:.3e})");
+    assert_oracle(&what, &of_hook(&atp, "attn.hook_z"), &raw("atp/z_all_pos"), Baseline::Zero, Tol::Abs(1e-4));
+    // DLA, every component of every prompt in one comparison per table (a single component can
+    // carry no signal of its own; each value is still held to the tolerance).
     let mut dla_checked = 0;
     for key in ["dla_layer", "dla_head"] {
         let Some(theirs) = o.tensors.get(key) else { continue };
         let labels: Vec<String> = serde_json::from_str(&o.metadata[&format!("{key}_labels")]).unwrap();
         let t = Table::read(&out.join(format!("{key}.parquet")));
-        for (c, label) in labels.iter().enumerate() {
-            assert_close(&format!("{fixture} {key} {label}"), &per_prompt(&t, label), &values(&theirs.select(1, c as i64)), 1e-4);
+        let n = theirs.size()[0] as usize;
+        let mut ours = Vec::new();
+        for label in &labels {
+            let v = per_prompt(&t, label);
+            assert_eq!(v.len(), n, "{fixture} run {key}: prompts with a {label} row");
+            ours.extend(v);
         }
+        // Component-major, as `ours`: value i is component labels[i / n], prompt i % n.
+        let theirs = values(&theirs.transpose(0, 1));
+        let at = worst_at(&ours, &theirs, |i| format!("{} prompt {}", labels[i / n], i % n));
+        // "transformer_lens", or "hf" where TransformerLens cannot compute it (dump_zoo.py's hf_reference).
+        let source: String = serde_json::from_str(&o.metadata[&format!("{key}_source")]).unwrap();
+        let what = format!("{fixture} run {key}, {} components × {n} prompts (oracle {key} from {source}; {at})", labels.len());
+        assert_oracle(&what, &ours, &theirs, Baseline::Zero, Tol::Abs(1e-4));
         dla_checked += 1;
     }
-    // TransformerLens 4.3 computes no per-head results for GPT-Neo, GPT-J and OPT, and no
-    // hook_attn_out for Bloom: DLA is checked against it everywhere else.
-    let expected = match fixture {
-        "neo-tiny" | "gptj-tiny" | "opt-tiny" | "bloom-tiny" => 1,
-        _ => 2,
-    };
-    assert_eq!(dla_checked, expected, "{fixture}: DLA tables the oracle has");
+    // Every family has both: TransformerLens's, or HF's where TransformerLens 4.3 computes no
+    // per-head results (GPT-Neo, GPT-J, OPT) or no hook_attn_out (Bloom).
+    assert_eq!(dla_checked, 2, "{fixture}: DLA tables the oracle has");
+}
+
+/// hook_result and the HF per-head outputs (z_h times the h-th column slice of the out
+/// projection's weight) are the same f32 products summed in a different order, over d_head terms;
+/// the fixtures measure ~1e-6 of the largest |value| (the forward pass's REL_TOL in
+/// forward_vs_transformer_lens.rs, for the same reason).
+const HEAD_REL_TOL: f64 = 1e-5;
+
+/// Per-head results where TransformerLens 4.3 has none (its bridge cannot set_use_attn_result
+/// for GPT-Neo, GPT-J and OPT): on the unprocessed model and the zoo's clean tokens, each head's
+/// hook_result equals HF transformers' own per-head output (dump_zoo.py's hf_result), and the
+/// heads summed plus b_O equal HF's attention output (the out projection's, bias included), as
+/// does our hook_attn_out.
+fn check_head_results(fixture: &str) {
+    let o = Oracle::read(fixture, "zoo.safetensors");
+    let model = load(fixture, Processing::NONE);
+    let tokens = o.get("clean_tokens");
+    let n_layers = model.cfg.n_layers;
+    let points = (0..n_layers).flat_map(|l| [HookPoint::Block(l, Site::Result), HookPoint::Block(l, Site::AttnOut)]);
+    let mut hooks = Hooks::capture(points);
+    let _ = model.run(Input::Tokens(tokens), None, &mut hooks, Stop::Logits).unwrap();
+    for l in 0..n_layers {
+        let result = hooks.cache[&HookPoint::Block(l, Site::Result)].to_kind(Kind::Float); // [batch, pos, head, d_model]
+        let attn_out = hooks.cache[&HookPoint::Block(l, Site::AttnOut)].to_kind(Kind::Float);
+        let what = format!("{fixture} unprocessed blocks.{l}.attn.hook_result [batch, pos, head, d_model] (oracle hf_result/blocks.{l}, HF transformers)");
+        assert_oracle_tensor(&what, &result, o.get(&format!("hf_result/blocks.{l}")), Baseline::Zero, Tol::OfSignal(HEAD_REL_TOL));
+        let hf_attn_out = o.get(&format!("hf_attn_out/blocks.{l}"));
+        // A hook_result of zeros would leave b_O alone: that is the sum's baseline.
+        let b_o = model.weights.blocks[l].attn.b_o.to_kind(Kind::Float).to_device(attn_out.device());
+        let summed = result.sum_dim_intlist(2, false, Kind::Float) + &b_o;
+        let bias = values(&b_o.expand(hf_attn_out.size(), false));
+        let what = format!("{fixture} unprocessed Σ_head blocks.{l}.attn.hook_result + b_O (oracle hf_attn_out/blocks.{l}, HF transformers)");
+        assert_oracle_tensor(&what, &summed, hf_attn_out, Baseline::Values(&bias), Tol::OfSignal(HEAD_REL_TOL));
+        let what = format!("{fixture} unprocessed blocks.{l}.hook_attn_out (oracle hf_attn_out/blocks.{l}, HF transformers)");
+        assert_oracle_tensor(&what, &attn_out, hf_attn_out, Baseline::Values(&bias), Tol::OfSignal(HEAD_REL_TOL));
+    }
+}
+
+#[test]
+fn gpt_neo_head_results_equal_hf_transformers() {
+    check_head_results("neo-tiny");
+}
+
+#[test]
+fn gptj_head_results_equal_hf_transformers() {
+    check_head_results("gptj-tiny");
+}
+
+#[test]
+fn opt_head_results_equal_hf_transformers() {
+    check_head_results("opt-tiny");
 }
 
 macro_rules! zoo_tests {
@@ -148,6 +231,13 @@ zoo_tests! {
     phi3_experiments_equal_transformer_lens => "phi3-tiny",
     stablelm_experiments_equal_transformer_lens => "stablelm-tiny",
     bloom_experiments_equal_transformer_lens => "bloom-tiny",
+}
+
+/// The oracle guard itself (tests/common/compare.rs): comparisons without signal are refused and
+/// broken outputs fail.
+#[test]
+fn the_oracle_guard_refuses_comparisons_without_signal() {
+    common::compare::guard_self_test();
 }
 
 #[test]

@@ -25,19 +25,25 @@ log="$work/log"
 BIN="$root/${BIN:-target/release/tl-run}" PY="$root/.venv/bin/python" MODELS="$models" DEVICE=cpu WORK="$work/bench" \
   P_IOI="$root/experiments/prompts/ioi.jsonl" P_100="$root/experiments/prompts/ioi.jsonl" DTYPES="float32" \
   bash benches/gpu/bench.sh ioi llama8b startup 2>&1 | tee "$log"
-# Every step ran, and in f32 the two implementations agree.
-! grep -q FAILED "$log"
-[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32 ' "$log")" = 2 ]
+# Every step ran, and in f32 the two implementations agree. Each check fails the script on its
+# own (a `! grep` or the first half of `a && b` would not stop a `set -e` script).
+fail() { echo "benches/gpu/short.sh: $*" >&2; exit 1; }
+count() { grep -cE "$1" "$log" || true; }
+need() { [ "$(count "$1")" = "$2" ] || fail "expected $2 lines matching '$1', found $(count "$1")"; }
+has() { grep -qE "$1" "$log" || fail "no line matching '$1'"; }
+if grep -q FAILED "$log"; then fail "a step FAILED"; fi
+need '^(gpt2-small-shaped|smollm2-shaped)_float32 ' 2
 awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print "TransformerLens and tl-run differ: " $0; exit 1 } }' "$log"
-[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: warm-up .* without it sweeps' "$log")" = 2 ]
-[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: schedule by_layer sweeps .* schedule staircase sweeps' "$log")" = 2 ]
+need '^(gpt2-small-shaped|smollm2-shaped)_float32: warm-up .* without it sweeps' 2
+need '^(gpt2-small-shaped|smollm2-shaped)_float32: schedule by_layer sweeps .* schedule staircase sweeps' 2
 # The explicit attention steps agree with the fused kernel (normalised metric, 1e-3 as above).
-[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped)_float32: fused attention sweeps .* explicit attention sweeps' "$log")" = 2 ]
+need '^(gpt2-small-shaped|smollm2-shaped)_float32: fused attention sweeps .* explicit attention sweeps' 2
 awk '/: fused attention sweeps/{ if ($NF + 0 > 1e-3) { print "fused and explicit attention differ: " $0; exit 1 } }' "$log"
-[ "$(grep -cE '^(gpt2-small-shaped|smollm2-shaped|llama8b): first-run weight digests? and plan [0-9.]+ s' "$log")" = 3 ]
-grep -q "attribution of every target" "$log" && grep -q "HF transformers forward+backward" "$log"
-grep -q "head x position sweep: .* (complete)" "$log"
+need '^(gpt2-small-shaped|smollm2-shaped|llama8b): first-run weight digests? and plan [0-9.]+ s' 3
+has 'attribution of every target'
+has 'HF transformers forward\+backward'
+has 'head x position sweep: .* \(complete\)'
 # startup: three rounds on CPU and the "cuda" slot (DEVICE=cpu here), and the 8B slot's load.
-[ "$(grep -cE '^(cpu|cuda): +hooks [0-9.]+ s wall; cache [0-9.]+ s wall; load [0-9.]+ s .* GB/s' "$log")" = 6 ]
-grep -qE '^8B bf16 to cpu: hooks [0-9.]+ s wall' "$log"
+need '^(cpu|cuda): +hooks [0-9.]+ s wall; cache [0-9.]+ s wall; load [0-9.]+ s .* GB/s' 6
+has '^8B bf16 to cpu: hooks [0-9.]+ s wall'
 echo "benches/gpu/short.sh: every step ran"

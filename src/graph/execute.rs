@@ -237,7 +237,6 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                             seconds = note["seconds"].as_f64();
                         }
                         let rows = std::sync::Arc::new(rows);
-                        crate::panics::injected_delay();
                         if let (Some(w), Some(s), Some(key)) = (&writer, &store, &job.key) {
                             w.put(s, key, rows.clone(), note.clone())?;
                         }

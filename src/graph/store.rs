@@ -124,6 +124,9 @@ impl Store {
 
     pub fn put(&self, key: &str, rows: &[Row], note: &serde_json::Value) -> Result<()> {
         // The run's name is left out: a job's result is keyed by its content, not by its run.
-        write_parquet_with(&self.path(key), rows, Some(""), &[(NOTE, note.to_string())])
+        write_parquet_with(&self.path(key), rows, Some(""), &[(NOTE, note.to_string())])?;
+        static STORED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        crate::panics::injected_pause_after_stored(STORED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1);
+        Ok(())
     }
 }

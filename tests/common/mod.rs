@@ -1,6 +1,10 @@
 //! Helpers shared by the integration tests: where fixtures and TransformerLens oracle outputs
 //! live, reading them, and comparisons that print which hook differed and by how much.
 #![allow(dead_code)]
+pub mod compare;
+
+#[allow(unused_imports)] // each test binary uses a part of the helper
+pub use compare::{assert_oracle, assert_oracle_tensor, Baseline, Tol};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -287,3 +291,45 @@ pub fn temp_files(dir: &std::path::Path) -> Vec<PathBuf> {
     found
 }
 
+
+/// Asserts that two result directories hold the same Parquet files with the same rows: every
+/// column but the floats equal, floats within `rel` of each other (relative, at least 1 in the
+/// denominator). Runs that batch the same cells differently (shards, replicas, halved batches,
+/// the staircase, a resume after a kill) round differently: the BLAS's kernels on some CPUs give
+/// results that depend on the batch's size (docs/verification.md), so they promise the same
+/// values to rounding, not the same bytes. Byte-identity is checked where the same batches run.
+pub fn assert_same_rows(a: &std::path::Path, b: &std::path::Path, rel: f64) {
+    use arrow::array::{Array, Float32Array, Float64Array};
+    let (fa, fb) = (parquet_files(a), parquet_files(b));
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>(), "{} and {}: other files", a.display(), b.display());
+    for name in fa.keys() {
+        let (x, y) = (Table::read(&a.join(name)), Table::read(&b.join(name)));
+        assert_eq!(x.batch.schema(), y.batch.schema(), "{}: schemas differ", name.display());
+        assert_eq!(x.len(), y.len(), "{}: row counts differ", name.display());
+        for (field, (cx, cy)) in x.batch.schema().fields().iter().zip(x.batch.columns().iter().zip(y.batch.columns())) {
+            let floats = |c: &dyn Array| -> Option<Vec<Option<f64>>> {
+                if let Some(f) = c.as_any().downcast_ref::<Float64Array>() {
+                    return Some(f.iter().collect());
+                }
+                c.as_any().downcast_ref::<Float32Array>().map(|f| f.iter().map(|v| v.map(f64::from)).collect())
+            };
+            match (floats(cx.as_ref()), floats(cy.as_ref())) {
+                (Some(vx), Some(vy)) => {
+                    for (i, (p, q)) in vx.iter().zip(&vy).enumerate() {
+                        let same = match (p, q) {
+                            (Some(p), Some(q)) => p == q || (p.is_nan() && q.is_nan()) || (p - q).abs() <= rel * p.abs().max(1.0),
+                            (None, None) => true,
+                            _ => false,
+                        };
+                        assert!(same, "{} column {} row {i}: {p:?} vs {q:?} (beyond {rel:e} relative)", name.display(), field.name());
+                    }
+                }
+                _ => assert_eq!(cx.to_data(), cy.to_data(), "{} column {} differs", name.display(), field.name()),
+            }
+        }
+    }
+}
+
+/// Same-batches tolerance of `assert_same_rows`: f32 rounding of a batch's GEMMs (~1e-7 of the
+/// logits) over the fixtures' clean − corrupted gaps (≥ 0.02 logits) stays under 1e-5.
+pub const REBATCHED_REL: f64 = 1e-5;

@@ -91,6 +91,7 @@ def main() -> None:
                 "clean_baseline": logit_diff(clean_logits).reshape(1),
                 "corrupted_baseline": logit_diff(corrupted_logits).reshape(1),
                 "clean_logprob": logprob(clean_logits).reshape(1), "clean_prob": prob(clean_logits).reshape(1),
+                "corrupted_logprob": logprob(corrupted_logits).reshape(1), "corrupted_prob": prob(corrupted_logits).reshape(1),
             }
             for t in targets:
                 if t == "resid_pre_logprob":
