@@ -22,9 +22,9 @@ cargo clippy --all-targets --quiet -- -D warnings
 BIN=target/debug/tl-run bash benches/gpu/short.sh
 cargo run --quiet -- check configs/zoo-ci.toml --quiet --junit results/check/junit.xml
 # Other x86-64 CPUs' code paths (docs/reproducibility.md): ATen's portable kernels instead of this
-# CPU's AVX2/AVX-512 ones, oneMKL's COMPATIBLE GEMM branch, oneDNN capped at AVX2. The goldens,
-# the batching tests and the TransformerLens comparisons must hold there too.
+# CPU's AVX2/AVX-512 ones, oneMKL's COMPATIBLE GEMM branch, oneDNN capped at AVX2. Every test and
+# the gate (goldens written on another CPU's default path) must hold there too.
 export ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX2
 echo "scripts/test.sh: again with ATEN_CPU_CAPABILITY=$ATEN_CPU_CAPABILITY MKL_CBWR=$MKL_CBWR ONEDNN_MAX_CPU_ISA=$ONEDNN_MAX_CPU_ISA"
-cargo test --test job_graph --test activation_patching --test zoo_vs_transformer_lens --test attribution_vs_transformer_lens "$@"
+cargo test --all-targets "$@"
 cargo run --quiet -- check configs/zoo-ci.toml --quiet --junit results/check/junit-other-cpu-paths.xml

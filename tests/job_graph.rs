@@ -302,3 +302,42 @@ fn a_model_split_by_layers_sees_every_hook_and_gives_the_one_device_rows() {
     let e = fails(&["validate", spec.to_str().unwrap(), "--model-id", &model]);
     assert!(e.contains(":4:") && e.contains("model.split_layers: needs model.devices"), "{e}");
 }
+
+/// The patching jobs that share a layer's forwards are stored the moment that group finishes, not
+/// when the executor's loop reaches each of them: a run paused after as many stored jobs as layer
+/// 0 has patching jobs holds exactly layer 0's jobs of both patching runs, and a rerun after a
+/// kill there runs only the rest.
+#[test]
+fn a_group_of_patching_jobs_is_stored_when_the_group_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("gpt2-tiny").display().to_string();
+    let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--json"])).unwrap();
+    let layer0: std::collections::BTreeSet<String> =
+        plan.as_array().unwrap().iter().filter(|j| j["task"] == "patch" && j["layer"] == 0).map(|j| j["key"].as_str().unwrap().to_string()).collect();
+    let runs: std::collections::BTreeSet<u64> = plan.as_array().unwrap().iter().filter(|j| j["task"] == "patch" && j["layer"] == 0).map(|j| j["run"].as_u64().unwrap()).collect();
+    assert!(layer0.len() >= 6 && runs.len() == 2, "layer 0 has {} patching jobs of runs {runs:?}", layer0.len());
+    let out = tmp.path().join("out");
+    let mut child = tl_run()
+        .args(["run", &ioi(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"])
+        .env("TL_RUN_INJECT_PAUSE_AFTER_STORED", layer0.len().to_string())
+        .env("TL_RUN_PATCH_SCHEDULE", "by_layer")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stored = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(out.join(".tl-run/jobs")).map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect()).unwrap_or_default()
+    };
+    let t = std::time::Instant::now();
+    while stored().len() < layer0.len() {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before storing {} jobs", layer0.len());
+        assert!(t.elapsed() < std::time::Duration::from_secs(600));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(stored(), layer0, "the first stored jobs are layer 0's group, of both runs");
+    let (ran, read) = job_counts(&ok(&["run", &ioi(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]));
+    assert_eq!(read, layer0.len(), "the rerun reads the stored group");
+    assert!(ran >= 10, "{ran}");
+}

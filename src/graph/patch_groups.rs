@@ -1,47 +1,72 @@
 //! Activation-patching jobs that share forwards: on one device, a patching job runs together
 //! with the later patching jobs at its layer (at any layer for the staircase schedule) that are
-//! ready, one batched group of forwards for all of them; the results of the others wait until
-//! the executor's loop reaches their jobs, which then store and record them as their own.
+//! ready, one batched group of forwards for all of them. The others' results are stored the
+//! moment the group finishes (a kill loses no finished job) and wait until the executor's loop
+//! reaches their jobs, which record them as their own.
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::experiments::activation_patching::Schedule;
 use crate::experiments::context::RunContext;
 use crate::experiments::kinds::JobOutput;
+use crate::output::table::Row;
 use crate::graph::execute::{prompts_of, run_and_store};
 use crate::graph::{Job, Plan, Task};
 
-/// Patching jobs run together on this device: results of a group's later jobs, waiting for the
-/// loop to reach them, and the jobs of groups that failed (they run alone).
+/// A work job's rows (shared with the store's writer, not copied) and its manifest note.
+pub(crate) type SharedOutput = (Arc<Vec<Row>>, serde_json::Value);
+
+/// Patching jobs run together on this device: results of a group's later jobs (already stored),
+/// waiting for the loop to reach them, and the jobs of groups that failed (they run alone).
 #[derive(Default)]
 pub(crate) struct PatchGroups {
-    done: HashMap<usize, JobOutput>,
+    done: HashMap<usize, SharedOutput>,
     alone: HashSet<usize>,
+}
+
+/// What `run_here` gives the loop: the job's result, and whether it is already in the store.
+pub(crate) struct Finished {
+    pub rows: Arc<Vec<Row>>,
+    pub note: serde_json::Value,
+    pub stored: bool,
 }
 
 /// Runs work job `job` on this device: its result from an earlier group if there is one, else
 /// with the patching jobs at its layer that are still to run (they share its forwards), else
-/// alone. A failed group runs its jobs one by one, so that a failure is its own job's (named,
-/// and the others' rows kept).
-pub(crate) fn run_here(c: &RunContext, plan: &Plan, job: &Job, status: &[&str], groups: &mut PatchGroups) -> Result<JobOutput> {
-    if let Some(done) = groups.done.remove(&job.id) {
-        return Ok(done);
+/// alone. The group's other jobs go to `store` at once. A failed group runs its jobs one by one,
+/// so that a failure is its own job's (named, and the others' rows kept).
+pub(crate) fn run_here(
+    c: &RunContext,
+    plan: &Plan,
+    job: &Job,
+    status: &[&str],
+    groups: &mut PatchGroups,
+    store: &mut dyn FnMut(&Job, &SharedOutput) -> Result<()>,
+) -> Result<Finished> {
+    if let Some((rows, note)) = groups.done.remove(&job.id) {
+        return Ok(Finished { rows, note, stored: true });
     }
     let across_layers = Schedule::for_device(c.model.device) == Schedule::Staircase;
     let group = patch_group(plan, job, status, &groups.alone, across_layers);
+    let alone = |c: &RunContext| run_and_store(c, job, None).map(|(rows, note)| Finished { rows: Arc::new(rows), note, stored: false });
     match (group.len() > 1).then(|| run_patch_group(c, plan, &group)) {
         Some(Ok(done)) => {
             let mut done = done.into_iter();
-            let first = done.next().expect("one result per job");
-            groups.done.extend(group[1..].iter().copied().zip(done));
-            Ok(first)
+            let (rows, note) = done.next().expect("one result per job");
+            for (&id, (rows, note)) in group[1..].iter().zip(done) {
+                let output = (Arc::new(rows), note);
+                store(&plan.jobs[id], &output)?;
+                groups.done.insert(id, output);
+            }
+            Ok(Finished { rows: Arc::new(rows), note, stored: false })
         }
         Some(Err(e)) => {
             tracing::debug!(error = %e, jobs = ?group, "a group of patching jobs failed: running them one by one");
             groups.alone.extend(group.iter().copied());
-            run_and_store(c, job, None)
+            alone(c)
         }
-        None => run_and_store(c, job, None),
+        None => alone(c),
     }
 }
 
@@ -64,7 +89,7 @@ fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, 
     group
 }
 
-/// Runs a group of patching jobs together (their stores are written as the loop reaches them).
+/// Runs a group of patching jobs together.
 fn run_patch_group(cx: &RunContext, plan: &Plan, group: &[usize]) -> Result<Vec<JobOutput>> {
     let jobs: Vec<(&crate::spec::RunSpec, crate::experiments::kinds::Part)> = group
         .iter()

@@ -185,19 +185,6 @@ pub fn values(t: &Tensor) -> Vec<f64> {
     Vec::try_from(t.flatten(0, -1).to_kind(tch::Kind::Double)).unwrap()
 }
 
-/// Asserts two series agree elementwise within `tol`, naming the first difference.
-pub fn assert_close(what: &str, ours: &[f64], theirs: &[f64], tol: f64) {
-    assert_eq!(ours.len(), theirs.len(), "{what}: {} values vs TransformerLens {}", ours.len(), theirs.len());
-    // Two empty lists agree about nothing: a comparison must compare something.
-    assert!(!ours.is_empty(), "{what}: nothing to compare (both sides are empty)");
-    let worst = ours.iter().zip(theirs).enumerate().map(|(i, (a, b))| (i, (a - b).abs())).max_by(|a, b| a.1.total_cmp(&b.1));
-    if let Some((i, d)) = worst {
-        // Shown with --nocapture: the measured agreement, not only that it is within tolerance.
-        eprintln!("max |diff| {d:.2e}  {what}");
-        assert!(d <= tol, "{what}: value {i} is {} vs TransformerLens {} (|diff| {d:.3e} > {tol:.0e})", ours[i], theirs[i]);
-    }
-}
-
 /// A spec with enough jobs (per-layer patching of several hooks, every other kind) and small
 /// patch batches (TL_RUN_BATCH_FLOATS = LONG_BATCH_FLOATS) that a run lasts long enough to be killed mid-sweep.
 pub fn long_ioi_spec(dir: &std::path::Path) -> PathBuf {
