@@ -128,8 +128,10 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         // Probabilities of a random model's answer are ~1/vocabulary, so an absolute 1e-5 would
         // pass anything: the noised probability agrees to 1e-4 of itself, and each trace is
-        // compared against the noised probability (what restoring nothing leaves), to 1e-3 of its
-        // effect, so the guard checks the effect, not the probability.
+        // compared against the noised probability (what restoring nothing leaves), to 5e-3 of its
+        // effect, so the guard checks the effect, not the probability. (Bloom's embedding
+        // LayerNorm undoes most of the noise: its effects are 1e-3 of a 2e-5 probability, and
+        // f32 rounding of that probability is 5e-7 of it, so 1e-3 of the effect left a margin of 2.)
         let noised = o.get("trace/corrupted_prob").double_value(&[0]);
         assert_oracle(&format!("causal_tracing.toml manifest corrupted_baseline (noised prob) on {fixture_name} (oracle trace/corrupted_prob)"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &[noised], Baseline::Zero, Tol::OfSignal(1e-4));
         let t = Table::read(&out.join("trace.parquet"));
@@ -149,7 +151,7 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
                 assert_eq!(ours.len(), theirs.len());
                 continue;
             }
-            assert_oracle(&format!("causal_tracing.toml run trace, hook_{key} on {fixture_name} (oracle trace/{key})"), &ours, &values(o.get(&format!("trace/{key}"))), Baseline::Value(noised), Tol::OfSignal(1e-3));
+            assert_oracle(&format!("causal_tracing.toml run trace, hook_{key} on {fixture_name} (oracle trace/{key})"), &ours, &values(o.get(&format!("trace/{key}"))), Baseline::Value(noised), Tol::OfSignal(5e-3));
         }
         let text = std::fs::read_to_string(repo_root().join("experiments/induction.toml")).unwrap();
         let dir = run_spec(&text, &["--model-id", &model_dir]);
