@@ -6,7 +6,7 @@
 //!
 //! The extra: every family's fixture against tl-run's own float32 run (weights are processed in
 //! f32 and then cast; norms, softmax and the metric accumulate in f32). Prints, per family, the
-//! max |Δ| of the logits and of the patching values on the zoo prompts against f32 — the README's
+//! max |Δ| of the logits and of the patching values on the zoo prompts against f32 — docs/verification.md's
 //! dtype table — and asserts they stay within what the dtype's precision allows.
 mod common;
 
