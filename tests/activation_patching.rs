@@ -149,25 +149,36 @@ fn llama_gqa_every_target_equals_patching_py() {
     check_fixture("llama-tiny", 2 * 15);
 }
 
-/// The prob metric through a head sweep.
+/// The prob and logprob metrics through patching sweeps (z over [layer, head] with prob,
+/// resid_pre over [layer, pos] with logprob), on a GPT-2 fixture and the GQA Llama: baselines and
+/// sweeps against patching.py with the same metric.
 #[test]
-fn prob_metric_equals_patching_py() {
-    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
-    let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
-    let mut metric = logit_diff(&oracle);
-    metric.kind = MetricKind::Prob;
-    let prep = Prepared::new(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, metric, &[Site::Z]).unwrap();
-    // An answer's probability is ~1/vocabulary here, so an absolute 1e-6 could not fail: the
-    // clean probability agrees to 1e-4 of itself, the sweep to 1e-3 of its effect.
-    let clean_prob = oracle.get("clean_prob").double_value(&[0]);
-    assert_oracle("gpt2-tiny prob metric clean baseline (oracle clean_prob)", &[prep.clean_baseline()], &[clean_prob], Baseline::Zero, Tol::OfSignal(1e-4));
-    // Patching nothing leaves the corrupted probability.
-    let corrupted_prob = oracle.get("corrupted_prob").double_value(&[0]);
-    assert_oracle("gpt2-tiny prob metric corrupted baseline (oracle corrupted_prob)", &[prep.corrupted_baseline()], &[corrupted_prob], Baseline::Zero, Tol::OfSignal(1e-4));
-    let theirs = oracle.get("z_all_pos_prob");
-    for schedule in [Schedule::ByLayer, Schedule::Staircase] {
-        let ours = ours(&model, &prep, Site::Z, Axes::LayerHead, schedule);
-        assert_oracle_tensor(&format!("gpt2-tiny z_all_pos prob ({schedule:?}) (oracle z_all_pos_prob)"), &ours, theirs, Baseline::Value(corrupted_prob), Tol::OfSignal(1e-3));
+fn prob_and_logprob_metrics_equal_patching_py() {
+    for name in ["gpt2-tiny", "llama-tiny"] {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let oracle = Oracle::read(name, "patching.safetensors");
+        // An answer's probability is ~1/vocabulary, so an absolute bound could not fail: the
+        // probabilities agree to 1e-4 of themselves, the sweep to 1e-3 of its effect. Log-probs
+        // are O(10): 1e-4 absolute, as for logit differences.
+        let cases = [
+            (MetricKind::Prob, "prob", "z_all_pos_prob", Site::Z, Axes::LayerHead, Tol::OfSignal(1e-4), Tol::OfSignal(1e-3)),
+            (MetricKind::Logprob, "logprob", "resid_pre_logprob", Site::ResidPre, Axes::LayerPos, Tol::Abs(1e-4), Tol::Abs(1e-4)),
+        ];
+        for (kind, label, key, site, axes, baseline_tol, sweep_tol) in cases {
+            let mut metric = logit_diff(&oracle);
+            metric.kind = kind;
+            let prep = Prepared::new(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, metric, &[site]).unwrap();
+            let clean = oracle.get(&format!("clean_{label}")).double_value(&[0]);
+            let corrupted = oracle.get(&format!("corrupted_{label}")).double_value(&[0]);
+            assert_oracle(&format!("{name} {label} metric clean baseline (oracle clean_{label})"), &[prep.clean_baseline()], &[clean], Baseline::Zero, baseline_tol);
+            assert_oracle(&format!("{name} {label} metric corrupted baseline (oracle corrupted_{label})"), &[prep.corrupted_baseline()], &[corrupted], Baseline::Zero, baseline_tol);
+            let theirs = oracle.get(key);
+            for schedule in [Schedule::ByLayer, Schedule::Staircase] {
+                let ours = ours(&model, &prep, site, axes, schedule);
+                // Patching nothing leaves the corrupted run's value.
+                assert_oracle_tensor(&format!("{name} {key} ({schedule:?}) (oracle {key})"), &ours, theirs, Baseline::Value(corrupted), sweep_tol);
+            }
+        }
     }
 }
 

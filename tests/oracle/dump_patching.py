@@ -46,7 +46,7 @@ FIXTURES = {
     "gpt2-odd": (4, list(TARGETS) + ["resid_post"]),
     # Grouped-query attention (6 query heads over 2 key-value heads): k and v are patched over
     # key-value heads. Random token prompts; the corruption changes position 5.
-    "llama-tiny": (4, [t for t in TARGETS if not t.endswith("_every")] + ["resid_post"]),
+    "llama-tiny": (4, [t for t in TARGETS if not t.endswith("_every")] + ["resid_post", "resid_pre_logprob", "z_all_pos_prob"]),
 }
 
 
