@@ -136,7 +136,11 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         assert_oracle(&format!("causal_tracing.toml manifest corrupted_baseline (noised prob) on {fixture_name} (oracle trace/corrupted_prob)"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &[noised], Baseline::Zero, Tol::OfSignal(1e-4));
         let t = Table::read(&out.join("trace.parquet"));
         // Bloom's hook_attn_out never fires in TransformerLens 4.3, so it has no attn_out oracle.
-        for key in ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))) {
+        let traced: Vec<&str> = ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))).collect();
+        // Bloom has no attn_out trace (its hook_attn_out never fires in TransformerLens 4.3);
+        // every other family has all three, and none may silently lose them.
+        assert!(traced.len() == 3 || (fixture_name == "bloom-tiny" && traced.len() == 2), "{fixture_name}: the oracle traces {traced:?}");
+        for key in traced {
             let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}"))).map(|i| t.value(i)).collect();
             if fixture_name == "mistral-tiny" {
                 // Structurally no effect: a sliding window of 5 over 2 layers lets the last

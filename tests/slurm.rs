@@ -188,7 +188,7 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let log = std::fs::read_to_string(out.join(format!(".tl-run/slurm/{array}_{index}.out"))).unwrap_or_default();
     let last = log.lines().rfind(|l| l.starts_with("jobs: ")).unwrap_or_else(|| panic!("the requeued task's log: {log}"));
     let stored: usize = last.split(", ").nth(1).and_then(|w| w.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
-    assert!(stored > 0, "the requeued task read no stored job: {last}");
+    assert_eq!(stored, 1, "the requeued task reads the one job stored before the pause: {last}");
     eprintln!("requeued task {index}: {last}");
     assert_same_row_sets(&single, &out, "array with a requeued task");
 }

@@ -48,13 +48,18 @@ pub enum Tol {
 #[derive(Clone, Copy, Debug)]
 pub struct Agreement {
     pub max_diff: f64,
+    /// max |reference − baseline|.
     pub signal: f64,
+    /// max |reference|: an all-zero output is that far off.
+    pub magnitude: f64,
     pub tol: f64,
 }
 
 impl Agreement {
+    /// The ratio the guard enforces (≥ 20): the smaller of the signal and the reference's
+    /// largest value, over the tolerance.
     pub fn ratio(&self) -> f64 {
-        self.signal / self.tol
+        self.signal.min(self.magnitude) / self.tol
     }
 }
 
@@ -107,7 +112,7 @@ pub fn check(ours: &[f64], theirs: &[f64], baseline: Baseline, tol: Tol) -> Resu
     if d > tol {
         return Err(format!("value {i} is {} vs the reference's {} (|diff| {d:.3e} > {tol:.1e}; signal {signal:.3e})", ours[i], theirs[i]));
     }
-    Ok(Agreement { max_diff: d, signal, tol })
+    Ok(Agreement { max_diff: d, signal, magnitude, tol })
 }
 
 /// Asserts tl-run's values equal the reference's within `tol`, after checking the comparison can
@@ -161,6 +166,7 @@ pub fn guard_self_test() {
         // Signal-relative tolerance scales with the reference.
         let a = check(&[1.0005, 2.0], &[1.0, 2.0], Baseline::Zero, Tol::OfSignal(1e-3)).unwrap();
         assert_eq!(a.tol, 2e-3);
+        assert_eq!(a.ratio(), 1000.0);
         assert!(check(&[1.005, 2.0], &[1.0, 2.0], Baseline::Zero, Tol::OfSignal(1e-3)).is_err());
         // Equal infinities (masked scores) count as equal; unequal ones do not.
         let masked = [f64::NEG_INFINITY, 1.0];
