@@ -118,16 +118,13 @@ fn check_fixture(name: &str, min_targets: usize) {
         let (ours, theirs) = (values(&ours), values(theirs));
         let norm = |v: &[f64]| -> Vec<f64> { v.iter().map(|x| (x - corr_b) / (clean_b - corr_b)).collect() };
         // Every target is checked, each failure collected (assert_oracle has printed it).
-        let checked_target = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let checked_target = common::compare::outcome(&key, || {
             // Raw logit differences: patching nothing leaves the corrupted run's.
             assert_oracle(&format!("{name} {key} raw"), &ours, &theirs, Baseline::Value(corr_b), Tol::Abs(1e-4));
             // Normalised: 0 is the corrupted run, 1 the clean one.
             assert_oracle(&format!("{name} {key} normalised"), &norm(&ours), &norm(&theirs), Baseline::Zero, Tol::OfSignal(1e-3));
-        }));
-        if let Err(e) = checked_target {
-            let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
-            failures.push(why);
-        }
+        });
+        failures.extend(checked_target.err());
     }
     assert!(checked >= min_targets, "only {checked} targets in the oracle file");
     assert!(failures.is_empty(), "{name}:\n  {}", failures.join("\n  "));

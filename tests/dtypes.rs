@@ -10,8 +10,6 @@
 //! dtype table — and asserts they stay within what the dtype's precision allows.
 mod common;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
-
 use common::compare::Agreement;
 use common::*;
 use tl_run::model::config::Processing;
@@ -104,7 +102,7 @@ fn logprob_tol(dtype: &str) -> f64 {
 /// Runs one comparison, returning its failure (a difference or a refused comparison) so that
 /// every comparison is reported, not the first.
 fn failure(what: &str, f: impl FnOnce() -> Agreement) -> Option<String> {
-    catch_unwind(AssertUnwindSafe(f)).err().map(|e| e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("{what}: panicked")))
+    common::compare::outcome(what, f).err()
 }
 
 #[test]

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use common::*;
 use tl_run::model::config::Processing;
@@ -69,13 +68,13 @@ fn family_of(name: &str) -> String {
 /// hook's largest |value|) under the hook's family; returns the failure (a difference, a shape
 /// mismatch or a refused comparison) so that every hook of a case is reported, not the first.
 fn compare(what: &str, name: &str, ours: &tch::Tensor, theirs: &tch::Tensor, worst: &mut BTreeMap<String, f64>) -> Option<String> {
-    match catch_unwind(AssertUnwindSafe(|| assert_oracle_tensor(what, ours, theirs, Baseline::Zero, Tol::OfSignal(REL_TOL)))) {
+    match common::compare::outcome(what, || assert_oracle_tensor(what, ours, theirs, Baseline::Zero, Tol::OfSignal(REL_TOL))) {
         Ok(a) => {
             let w = worst.entry(family_of(name)).or_insert(0.0);
             *w = w.max(a.max_diff / a.signal);
             None
         }
-        Err(e) => Some(e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("{what}: panicked"))),
+        Err(e) => Some(e),
     }
 }
 

@@ -232,20 +232,14 @@ pub fn execute_compiled(spec: &Spec, source: ModelSource, compiled: Compiled, co
                     }
                     None => {
                         let c = cx.as_ref().expect("the model loads before any work job");
-                        // A job is stored the moment its rows exist: a group's other jobs
-                        // inside run_here, this one here.
+                        // run_here stores each job the moment its rows exist.
                         let mut store_job = |j: &crate::graph::Job, (rows, note): &crate::graph::patch_groups::SharedOutput| -> Result<()> {
                             match (&writer, &store, &j.key) {
                                 (Some(w), Some(s), Some(key)) => w.put(s, key, rows.clone(), note.clone()),
                                 _ => Ok(()),
                             }
                         };
-                        let done = run_here(c, &plan, job, &status, &mut groups, &mut store_job).map_err(named)?;
-                        let output = (done.rows, done.note);
-                        if !done.stored {
-                            store_job(job, &output)?;
-                        }
-                        let (rows, note) = output;
+                        let (rows, note) = run_here(c, &plan, job, &status, &mut groups, &mut store_job).map_err(named)?;
                         if note.get("forwards_shared_with_jobs").and_then(|v| v.as_u64()).is_some_and(|k| k > 0) {
                             seconds = note["seconds"].as_f64();
                         }

@@ -10,9 +10,9 @@ use crate::error::{Error, Result};
 use crate::experiments::activation_patching::Schedule;
 use crate::experiments::context::RunContext;
 use crate::experiments::kinds::JobOutput;
-use crate::output::table::Row;
 use crate::graph::execute::{prompts_of, run_and_store};
 use crate::graph::{Job, Plan, Task};
+use crate::output::table::Row;
 
 /// A work job's rows (shared with the store's writer, not copied) and its manifest note.
 pub(crate) type SharedOutput = (Arc<Vec<Row>>, serde_json::Value);
@@ -25,17 +25,11 @@ pub(crate) struct PatchGroups {
     alone: HashSet<usize>,
 }
 
-/// What `run_here` gives the loop: the job's result, and whether it is already in the store.
-pub(crate) struct Finished {
-    pub rows: Arc<Vec<Row>>,
-    pub note: serde_json::Value,
-    pub stored: bool,
-}
-
 /// Runs work job `job` on this device: its result from an earlier group if there is one, else
 /// with the patching jobs at its layer that are still to run (they share its forwards), else
-/// alone. The group's other jobs go to `store` at once. A failed group runs its jobs one by one,
-/// so that a failure is its own job's (named, and the others' rows kept).
+/// alone. Every job's result goes to `store` the moment it exists (a group's other jobs when the
+/// group finishes, before the loop reaches them). A failed group runs its jobs one by one, so
+/// that a failure is its own job's (named, and the others' rows kept).
 pub(crate) fn run_here(
     c: &RunContext,
     plan: &Plan,
@@ -43,30 +37,34 @@ pub(crate) fn run_here(
     status: &[&str],
     groups: &mut PatchGroups,
     store: &mut dyn FnMut(&Job, &SharedOutput) -> Result<()>,
-) -> Result<Finished> {
-    if let Some((rows, note)) = groups.done.remove(&job.id) {
-        return Ok(Finished { rows, note, stored: true });
+) -> Result<SharedOutput> {
+    // Stored when its group finished.
+    if let Some(done) = groups.done.remove(&job.id) {
+        return Ok(done);
     }
+    let mut stored = |j: &Job, (rows, note): JobOutput| -> Result<SharedOutput> {
+        let output = (Arc::new(rows), note);
+        store(j, &output)?;
+        Ok(output)
+    };
     let across_layers = Schedule::for_device(c.model.device) == Schedule::Staircase;
     let group = patch_group(plan, job, status, &groups.alone, across_layers);
-    let alone = |c: &RunContext| run_and_store(c, job, None).map(|(rows, note)| Finished { rows: Arc::new(rows), note, stored: false });
     match (group.len() > 1).then(|| run_patch_group(c, plan, &group)) {
         Some(Ok(done)) => {
             let mut done = done.into_iter();
-            let (rows, note) = done.next().expect("one result per job");
-            for (&id, (rows, note)) in group[1..].iter().zip(done) {
-                let output = (Arc::new(rows), note);
-                store(&plan.jobs[id], &output)?;
+            let first = done.next().expect("one result per job");
+            for (&id, output) in group[1..].iter().zip(done) {
+                let output = stored(&plan.jobs[id], output)?;
                 groups.done.insert(id, output);
             }
-            Ok(Finished { rows: Arc::new(rows), note, stored: false })
+            stored(job, first)
         }
         Some(Err(e)) => {
             tracing::debug!(error = %e, jobs = ?group, "a group of patching jobs failed: running them one by one");
             groups.alone.extend(group.iter().copied());
-            alone(c)
+            stored(job, run_and_store(c, job, None)?)
         }
-        None => alone(c),
+        None => stored(job, run_and_store(c, job, None)?),
     }
 }
 

@@ -137,6 +137,15 @@ pub fn assert_oracle(what: &str, ours: &[f64], theirs: &[f64], baseline: Baselin
     a
 }
 
+/// Runs one comparison and returns its agreement, or its failure message (a difference or a
+/// refused comparison) instead of panicking, so that a test reports every failing comparison,
+/// not the first.
+pub fn outcome<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
+        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("{what}: panicked"))
+    })
+}
+
 /// A tensor's values in row-major order, as f64.
 pub fn flat(t: &Tensor) -> Vec<f64> {
     Vec::try_from(t.detach().flatten(0, -1).to_kind(tch::Kind::Double)).unwrap()
