@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: set-up (if needed), fixtures, TransformerLens outputs
+# The whole test suite from a fresh clone: `cargo fmt --check`, set-up (if needed), fixtures, TransformerLens outputs
 # and reference logits (if stale), a single-node Slurm cluster for the array test (installed from
 # Debian if missing), headless Chromium for the report test (likewise), every Rust test, clippy with
 # warnings as errors, then the regression gate over configs/zoo-ci.toml (its
@@ -10,6 +10,8 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
+# Formatting first: rustfmt.toml is the style, and a diff fails in seconds, before any build.
+cargo fmt --check
 bash scripts/setup.sh
 bash scripts/fixtures.sh
 # An assignment, so that a failed Slurm set-up stops the script (`eval "$(...)"` would not).

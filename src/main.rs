@@ -38,7 +38,10 @@ fn main() {
             1
         }
         Err(payload) => {
-            eprintln!("error: internal failure: {}; please report it with the command that caused it", tl_run::panics::take_message(payload.as_ref()));
+            eprintln!(
+                "error: internal failure: {}; please report it with the command that caused it",
+                tl_run::panics::take_message(payload.as_ref())
+            );
             101
         }
     };

@@ -9,13 +9,21 @@ static LAST: Mutex<Option<String>> = Mutex::new(None);
 /// Installs the recording hook (the binary does, once, at start).
 pub fn install_hook() {
     std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<String>().cloned().or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()));
         let msg = msg.unwrap_or_else(|| "unknown".into());
         // libtorch's messages carry a C++ backtrace after the first line (escaped as \n inside
         // an unwrapped Result's Debug text): keep only what comes before it.
         let first = msg.split("\\n").next().unwrap_or("").lines().next().unwrap_or("");
         // tch's unwrap of a libtorch error: keep libtorch's own words.
-        let first = first.strip_prefix("called `Result::unwrap()` on an `Err` value: Torch(\"").unwrap_or(first).trim_end_matches(['"', ')']).to_string();
+        let first = first
+            .strip_prefix("called `Result::unwrap()` on an `Err` value: Torch(\"")
+            .unwrap_or(first)
+            .trim_end_matches(['"', ')'])
+            .to_string();
         let at = info.location().map(|l| format!(" (at {}:{})", l.file(), l.line())).unwrap_or_default();
         if let Ok(mut last) = LAST.lock() {
             *last = Some(format!("{first}{at}"));
@@ -28,7 +36,11 @@ pub fn take_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(m) = LAST.lock().ok().and_then(|mut l| l.take()) {
         return m;
     }
-    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown".into())
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// Runs `f`; a panic inside becomes an error saying what was being done.
@@ -39,12 +51,16 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Re
             let message = take_message(payload.as_ref());
             // A failed allocation is the input's size meeting the device's memory, not a defect.
             if crate::engine::memory::is_out_of_memory(&message) {
-                let asked = requested_bytes(&message).map(|b| format!(" (it asked for {:.1} GiB at once)", b as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+                let asked = requested_bytes(&message)
+                    .map(|b| format!(" (it asked for {:.1} GiB at once)", b as f64 / (1u64 << 30) as f64))
+                    .unwrap_or_default();
                 return Err(crate::Error::Other(format!(
                     "{what}: out of memory{asked}: make the inputs smaller (fewer prompts, noise samples or repeated-token rows), give a smaller --batch-memory, or use a device with more memory"
                 )));
             }
-            Err(crate::Error::Other(format!("{what}: internal failure: {message}; please report it with the spec and model")))
+            Err(crate::Error::Other(format!(
+                "{what}: internal failure: {message}; please report it with the spec and model"
+            )))
         }
     }
 }
@@ -123,7 +139,11 @@ mod tests {
         });
         let oom = r.unwrap_err().to_string();
         let _ = std::panic::take_hook();
-        assert!(e.starts_with("run 'x' (logit_lens): internal failure: ") && e.contains("select(): index 5 out of range for tensor of size [2]"), "{e}");
+        assert!(
+            e.starts_with("run 'x' (logit_lens): internal failure: ")
+                && e.contains("select(): index 5 out of range for tensor of size [2]"),
+            "{e}"
+        );
         assert!(!e.contains("frame #") && !e.contains('\n'), "{e}");
         assert!(oom.starts_with("the clean and corrupted runs: out of memory (it asked for 4096.0 GiB at once): make the inputs smaller"), "{oom}");
         assert!(!oom.contains("internal failure") && !oom.contains('\n'), "{oom}");
@@ -131,8 +151,18 @@ mod tests {
 
     #[test]
     fn the_refused_allocation_is_read_from_either_allocator() {
-        assert_eq!(super::requested_bytes("DefaultCPUAllocator: can't allocate memory: you tried to allocate 358400000000 bytes. Error code 12"), Some(358_400_000_000));
-        assert_eq!(super::requested_bytes("CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79.1 GiB"), Some(1_610_612_736));
+        assert_eq!(
+            super::requested_bytes(
+                "DefaultCPUAllocator: can't allocate memory: you tried to allocate 358400000000 bytes. Error code 12"
+            ),
+            Some(358_400_000_000)
+        );
+        assert_eq!(
+            super::requested_bytes(
+                "CUDA out of memory. Tried to allocate 1.50 GiB. GPU 0 has a total capacity of 79.1 GiB"
+            ),
+            Some(1_610_612_736)
+        );
         assert_eq!(super::requested_bytes("CUDA out of memory (injected)"), None);
     }
 }

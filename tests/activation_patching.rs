@@ -26,14 +26,17 @@ fn corrupt(oracle: &Oracle) -> Corrupt {
 }
 
 fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
-    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites).unwrap()
+    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites)
+        .unwrap()
 }
 
 /// Our sweep as a tensor in TransformerLens's axis order, every layer's cells in one call under
 /// `schedule` (by layer on a CPU, a staircase on a GPU).
 fn ours(model: &Model, prep: &Prepared, site: Site, axes: Axes, schedule: Schedule) -> Tensor {
     let target = Target::new(site, axes).unwrap();
-    let cells: Vec<_> = (0..model.cfg.n_layers).flat_map(|l| tl_run::experiments::activation_patching::cells_at(&model.cfg, target, l, prep.seq_len())).collect();
+    let cells: Vec<_> = (0..model.cfg.n_layers)
+        .flat_map(|l| tl_run::experiments::activation_patching::cells_at(&model.cfg, target, l, prep.seq_len()))
+        .collect();
     let s = sweep_scheduled(model, prep, &[(target, cells)], schedule, |_| {}).unwrap().pop().unwrap();
     let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
     let (l, p) = (model.cfg.n_layers as i64, prep.seq_len());
@@ -74,14 +77,19 @@ fn target_of(key: &str) -> Option<(Site, Axes)> {
 fn stacked(model: &Model, prep: &Prepared, key: &str, schedule: Schedule) -> Option<Tensor> {
     let heads = [Site::Z, Site::Q, Site::K, Site::V];
     Some(match key {
-        "block_every" => Tensor::stack(&[Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| ours(model, prep, s, Axes::LayerPos, schedule)), 0),
+        "block_every" => Tensor::stack(
+            &[Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| ours(model, prep, s, Axes::LayerPos, schedule)),
+            0,
+        ),
         "all_pos_every" => {
-            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerHead, schedule)).collect();
+            let mut parts: Vec<Tensor> =
+                heads.iter().map(|s| ours(model, prep, *s, Axes::LayerHead, schedule)).collect();
             parts.push(ours(model, prep, Site::Pattern, Axes::LayerHead, schedule));
             Tensor::stack(&parts, 0)
         }
         "by_pos_every" => {
-            let mut parts: Vec<Tensor> = heads.iter().map(|s| ours(model, prep, *s, Axes::LayerPosHead, schedule)).collect();
+            let mut parts: Vec<Tensor> =
+                heads.iter().map(|s| ours(model, prep, *s, Axes::LayerPosHead, schedule)).collect();
             // pattern by destination is [layer, head, dest]; TL rearranges it to [layer, pos, head].
             parts.push(ours(model, prep, Site::Pattern, Axes::LayerHeadDest, schedule).permute([0, 2, 1]));
             Tensor::stack(&parts, 0)
@@ -93,15 +101,40 @@ fn stacked(model: &Model, prep: &Prepared, key: &str, schedule: Schedule) -> Opt
 fn check_fixture(name: &str, min_targets: usize) {
     let model = load(name, Processing::TRANSFORMER_LENS);
     let oracle = Oracle::read(name, "patching.safetensors");
-    let sites = [Site::ResidPre, Site::ResidMid, Site::ResidPost, Site::AttnOut, Site::MlpOut, Site::Z, Site::Q, Site::K, Site::V, Site::Pattern];
+    let sites = [
+        Site::ResidPre,
+        Site::ResidMid,
+        Site::ResidPost,
+        Site::AttnOut,
+        Site::MlpOut,
+        Site::Z,
+        Site::Q,
+        Site::K,
+        Site::V,
+        Site::Pattern,
+    ];
     let prep = prepare(&model, &oracle, &sites);
     let clean_b = oracle.get("clean_baseline").double_value(&[0]);
     let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
-    assert_oracle(&format!("{name} clean baseline (oracle clean_baseline)"), &[prep.clean_baseline()], &[clean_b], Baseline::Zero, Tol::Abs(1e-4));
-    assert_oracle(&format!("{name} corrupted baseline (oracle corrupted_baseline)"), &[prep.corrupted_baseline()], &[corr_b], Baseline::Zero, Tol::Abs(1e-4));
+    assert_oracle(
+        &format!("{name} clean baseline (oracle clean_baseline)"),
+        &[prep.clean_baseline()],
+        &[clean_b],
+        Baseline::Zero,
+        Tol::Abs(1e-4),
+    );
+    assert_oracle(
+        &format!("{name} corrupted baseline (oracle corrupted_baseline)"),
+        &[prep.corrupted_baseline()],
+        &[corr_b],
+        Baseline::Zero,
+        Tol::Abs(1e-4),
+    );
     let mut failures = Vec::new();
     let mut checked = 0;
-    for ((key, theirs), schedule) in oracle.tensors.iter().flat_map(|kv| [(kv, Schedule::ByLayer), (kv, Schedule::Staircase)]) {
+    for ((key, theirs), schedule) in
+        oracle.tensors.iter().flat_map(|kv| [(kv, Schedule::ByLayer), (kv, Schedule::Staircase)])
+    {
         let ours = match target_of(key) {
             Some((site, axes)) => ours(&model, &prep, site, axes, schedule),
             None => match stacked(&model, &prep, key, schedule) {
@@ -122,7 +155,13 @@ fn check_fixture(name: &str, min_targets: usize) {
             // Raw logit differences: patching nothing leaves the corrupted run's.
             assert_oracle(&format!("{name} {key} raw"), &ours, &theirs, Baseline::Value(corr_b), Tol::Abs(1e-4));
             // Normalised: 0 is the corrupted run, 1 the clean one.
-            assert_oracle(&format!("{name} {key} normalised"), &norm(&ours), &norm(&theirs), Baseline::Zero, Tol::OfSignal(1e-3));
+            assert_oracle(
+                &format!("{name} {key} normalised"),
+                &norm(&ours),
+                &norm(&theirs),
+                Baseline::Zero,
+                Tol::OfSignal(1e-3),
+            );
         });
         failures.extend(checked_target.err());
     }
@@ -158,22 +197,64 @@ fn prob_and_logprob_metrics_equal_patching_py() {
         // probabilities agree to 1e-4 of themselves, the sweep to 1e-3 of its effect. Log-probs
         // are O(10): 1e-4 absolute, as for logit differences.
         let cases = [
-            (MetricKind::Prob, "prob", "z_all_pos_prob", Site::Z, Axes::LayerHead, Tol::OfSignal(1e-4), Tol::OfSignal(1e-3)),
-            (MetricKind::Logprob, "logprob", "resid_pre_logprob", Site::ResidPre, Axes::LayerPos, Tol::Abs(1e-4), Tol::Abs(1e-4)),
+            (
+                MetricKind::Prob,
+                "prob",
+                "z_all_pos_prob",
+                Site::Z,
+                Axes::LayerHead,
+                Tol::OfSignal(1e-4),
+                Tol::OfSignal(1e-3),
+            ),
+            (
+                MetricKind::Logprob,
+                "logprob",
+                "resid_pre_logprob",
+                Site::ResidPre,
+                Axes::LayerPos,
+                Tol::Abs(1e-4),
+                Tol::Abs(1e-4),
+            ),
         ];
         for (kind, label, key, site, axes, baseline_tol, sweep_tol) in cases {
             let mut metric = logit_diff(&oracle);
             metric.kind = kind;
-            let prep = Prepared::new(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, metric, &[site]).unwrap();
+            let prep = Prepared::new(
+                &model,
+                oracle.get("clean_tokens").shallow_clone(),
+                corrupt(&oracle),
+                None,
+                metric,
+                &[site],
+            )
+            .unwrap();
             let clean = oracle.get(&format!("clean_{label}")).double_value(&[0]);
             let corrupted = oracle.get(&format!("corrupted_{label}")).double_value(&[0]);
-            assert_oracle(&format!("{name} {label} metric clean baseline (oracle clean_{label})"), &[prep.clean_baseline()], &[clean], Baseline::Zero, baseline_tol);
-            assert_oracle(&format!("{name} {label} metric corrupted baseline (oracle corrupted_{label})"), &[prep.corrupted_baseline()], &[corrupted], Baseline::Zero, baseline_tol);
+            assert_oracle(
+                &format!("{name} {label} metric clean baseline (oracle clean_{label})"),
+                &[prep.clean_baseline()],
+                &[clean],
+                Baseline::Zero,
+                baseline_tol,
+            );
+            assert_oracle(
+                &format!("{name} {label} metric corrupted baseline (oracle corrupted_{label})"),
+                &[prep.corrupted_baseline()],
+                &[corrupted],
+                Baseline::Zero,
+                baseline_tol,
+            );
             let theirs = oracle.get(key);
             for schedule in [Schedule::ByLayer, Schedule::Staircase] {
                 let ours = ours(&model, &prep, site, axes, schedule);
                 // Patching nothing leaves the corrupted run's value.
-                assert_oracle_tensor(&format!("{name} {key} ({schedule:?}) (oracle {key})"), &ours, theirs, Baseline::Value(corrupted), sweep_tol);
+                assert_oracle_tensor(
+                    &format!("{name} {key} ({schedule:?}) (oracle {key})"),
+                    &ours,
+                    theirs,
+                    Baseline::Value(corrupted),
+                    sweep_tol,
+                );
             }
         }
     }
@@ -211,9 +292,20 @@ fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
     let model = load("llama-tiny", Processing::TRANSFORMER_LENS);
     let oracle = Oracle::read("llama-tiny", "patching.safetensors");
     let sites = [Site::ResidPre, Site::Z, Site::Pattern];
-    let points: Vec<HookPoint> = (0..model.cfg.n_layers).flat_map(|l| [Site::ResidPre, Site::AttnOut, Site::Z, Site::Pattern].map(|s| HookPoint::Block(l, s))).collect();
+    let points: Vec<HookPoint> = (0..model.cfg.n_layers)
+        .flat_map(|l| [Site::ResidPre, Site::AttnOut, Site::Z, Site::Pattern].map(|s| HookPoint::Block(l, s)))
+        .collect();
     let plain = prepare(&model, &oracle, &sites);
-    let kept = Prepared::keeping_gradients(&model, oracle.get("clean_tokens").shallow_clone(), corrupt(&oracle), None, logit_diff(&oracle), &sites, &points).unwrap();
+    let kept = Prepared::keeping_gradients(
+        &model,
+        oracle.get("clean_tokens").shallow_clone(),
+        corrupt(&oracle),
+        None,
+        logit_diff(&oracle),
+        &sites,
+        &points,
+    )
+    .unwrap();
     assert_eq!(kept.corrupted_per_prompt, plain.corrupted_per_prompt);
     assert_eq!(kept.clean_per_prompt, plain.clean_per_prompt);
     for (a, b) in kept.corrupted_resid_pre.iter().zip(&plain.corrupted_resid_pre) {
@@ -227,11 +319,17 @@ fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
     assert!(kept.take_pending_backward(&points).is_none(), "the kept run is taken by the first pass");
     let own_forward = Pass::new(&model, &plain, &points).unwrap();
     for p in &points {
-        for (what, a, b) in [("activation", &from_kept.acts[p], &own_forward.acts[p]), ("gradient", &from_kept.grads[p], &own_forward.grads[p])] {
+        for (what, a, b) in [
+            ("activation", &from_kept.acts[p], &own_forward.acts[p]),
+            ("gradient", &from_kept.grads[p], &own_forward.grads[p]),
+        ] {
             let diff = (a - b).abs().max().double_value(&[]);
             assert!(diff <= 1e-6, "{p} {what}: {diff}");
             assert!(b.abs().max().double_value(&[]) > 0.0 || what == "gradient", "{p}: an all-zero {what}");
         }
     }
-    assert!(points.iter().all(|p| own_forward.grads[p].abs().max().double_value(&[]) > 0.0), "a point without gradient");
+    assert!(
+        points.iter().all(|p| own_forward.grads[p].abs().max().double_value(&[]) > 0.0),
+        "a point without gradient"
+    );
 }

@@ -11,9 +11,24 @@ const FIXTURES: [&str; 3] = ["gpt2-tiny", "gpt2-odd", "llama-tiny"];
 /// (run suffix, hooks, over, oracle keys in hook order)
 fn groups(fixture: &str) -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
     let mut g = vec![
-        ("pos", r#"["resid_pre", "resid_mid", "attn_out", "mlp_out"]"#, r#"["layer", "pos"]"#, vec!["resid_pre", "resid_mid", "attn_out", "mlp_out"]),
-        ("by_pos", r#"["z", "q", "k", "v"]"#, r#"["layer", "pos", "head"]"#, vec!["z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos"]),
-        ("all_pos", r#"["z", "q", "k", "v", "pattern"]"#, r#"["layer", "head"]"#, vec!["z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos", "pattern_all_pos"]),
+        (
+            "pos",
+            r#"["resid_pre", "resid_mid", "attn_out", "mlp_out"]"#,
+            r#"["layer", "pos"]"#,
+            vec!["resid_pre", "resid_mid", "attn_out", "mlp_out"],
+        ),
+        (
+            "by_pos",
+            r#"["z", "q", "k", "v"]"#,
+            r#"["layer", "pos", "head"]"#,
+            vec!["z_by_pos", "q_by_pos", "k_by_pos", "v_by_pos"],
+        ),
+        (
+            "all_pos",
+            r#"["z", "q", "k", "v", "pattern"]"#,
+            r#"["layer", "head"]"#,
+            vec!["z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos", "pattern_all_pos"],
+        ),
         ("dest", r#"["pattern"]"#, r#"["layer", "head", "dest"]"#, vec!["pattern_by_dest"]),
     ];
     if fixture == "gpt2-tiny" {
@@ -78,14 +93,26 @@ fn attribution_matches_the_transformer_lens_demo_and_atp_star() {
                 let t = Table::read(&out.join(format!("{variant}_{name}.parquet")));
                 for key in &keys {
                     // Attribution scores: a do-nothing estimate is 0.
-                    assert_oracle(&format!("{fixture} run {variant}_{name} {} (oracle {prefix}{key}, raw units)", suffix(key)), &of_hook(&t, suffix(key)), &raw(&format!("{prefix}{key}")), Baseline::Zero, Tol::Abs(1e-4));
+                    assert_oracle(
+                        &format!("{fixture} run {variant}_{name} {} (oracle {prefix}{key}, raw units)", suffix(key)),
+                        &of_hook(&t, suffix(key)),
+                        &raw(&format!("{prefix}{key}")),
+                        Baseline::Zero,
+                        Tol::Abs(1e-4),
+                    );
                 }
             }
         }
         for (name, keys) in [("qk_by_pos", ["q_by_pos", "k_by_pos"]), ("qk_all_pos", ["q_all_pos", "k_all_pos"])] {
             let t = Table::read(&out.join(format!("{name}.parquet")));
             for key in keys {
-                assert_oracle(&format!("{fixture} run {name} (AtP* qk fix) {} (oracle qk/{key}, raw units)", suffix(key)), &of_hook(&t, suffix(key)), &raw(&format!("qk/{key}")), Baseline::Zero, Tol::Abs(1e-4));
+                assert_oracle(
+                    &format!("{fixture} run {name} (AtP* qk fix) {} (oracle qk/{key}, raw units)", suffix(key)),
+                    &of_hook(&t, suffix(key)),
+                    &raw(&format!("qk/{key}")),
+                    Baseline::Zero,
+                    Tol::Abs(1e-4),
+                );
             }
         }
         // verify_top: the 6 largest |estimates| carry their real patching effect; the manifest
@@ -98,16 +125,26 @@ fn attribution_matches_the_transformer_lens_demo_and_atp_star() {
         for &i in &verified {
             assert!(t.value(i).abs() >= est[5] - 1e-12, "{fixture}: a verified cell is not among the top 6");
         }
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         let v = &manifest["runs"]["verify"]["targets"][0]["verify_top"];
         assert_eq!(v["cells"], 6);
-        let (a, b): (Vec<f64>, Vec<f64>) = verified.iter().map(|&i| (t.value(i), t.float("patched", i).unwrap())).unzip();
+        let (a, b): (Vec<f64>, Vec<f64>) =
+            verified.iter().map(|&i| (t.value(i), t.float("patched", i).unwrap())).unzip();
         // Pearson's r computed here, not by the library.
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
         let (ma, mb) = (mean(&a), mean(&b));
         let cov: f64 = a.iter().zip(&b).map(|(x, y)| (x - ma) * (y - mb)).sum();
-        let (sa, sb) = (a.iter().map(|x| (x - ma).powi(2)).sum::<f64>().sqrt(), b.iter().map(|y| (y - mb).powi(2)).sum::<f64>().sqrt());
-        assert!((v["pearson"].as_f64().unwrap() - cov / (sa * sb)).abs() < 1e-9, "{fixture}: manifest pearson {} vs {}", v["pearson"], cov / (sa * sb));
+        let (sa, sb) = (
+            a.iter().map(|x| (x - ma).powi(2)).sum::<f64>().sqrt(),
+            b.iter().map(|y| (y - mb).powi(2)).sum::<f64>().sqrt(),
+        );
+        assert!(
+            (v["pearson"].as_f64().unwrap() - cov / (sa * sb)).abs() < 1e-9,
+            "{fixture}: manifest pearson {} vs {}",
+            v["pearson"],
+            cov / (sa * sb)
+        );
         assert!(v["spearman"].as_f64().is_some());
         // The real values against TransformerLens's patching.py on the same prompts
         // (get_act_patch_resid_pre with the normalised metric, in raw units here), every fixture.
@@ -119,6 +156,14 @@ fn attribution_matches_the_transformer_lens_demo_and_atp_star() {
         let expect: Vec<f64> = at.iter().map(|&cell| real[cell]).collect();
         // `patched` is the change of the metric from the corrupted run (raw units), so 0 is what
         // patching nothing gives.
-        assert_oracle(&format!("{fixture} run verify, patched column of resid_pre cells {at:?} (oracle real/resid_pre, raw units)"), &got, &expect, Baseline::Zero, Tol::Abs(1e-4));
+        assert_oracle(
+            &format!(
+                "{fixture} run verify, patched column of resid_pre cells {at:?} (oracle real/resid_pre, raw units)"
+            ),
+            &got,
+            &expect,
+            Baseline::Zero,
+            Tol::Abs(1e-4),
+        );
     }
 }

@@ -105,7 +105,9 @@ fn fixture_path(f: &str) -> String {
 /// Per-prompt rows of `label` in prompt order.
 fn per_prompt(t: &Table, label: &str) -> Vec<f64> {
     let mut rows: Vec<(i64, f64)> = t
-        .rows(|t, i| t.str("label", i).as_deref() == Some(label) && t.int("prompt", i).is_some() && t.int("rank", i).is_none())
+        .rows(|t, i| {
+            t.str("label", i).as_deref() == Some(label) && t.int("prompt", i).is_some() && t.int("rank", i).is_none()
+        })
         .into_iter()
         .map(|i| (t.int("prompt", i).unwrap(), t.value(i)))
         .collect();
@@ -157,7 +159,11 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
         let (mut probs, mut their_probs, mut located) = (Vec::new(), Vec::new(), Vec::new());
         for p in 0..n {
             for (c, label) in lens_labels.iter().enumerate() {
-                let mut top = lens.rows(|t, i| t.int("prompt", i) == Some(p) && t.str("label", i).as_deref() == Some(label) && t.int("rank", i).is_some());
+                let mut top = lens.rows(|t, i| {
+                    t.int("prompt", i) == Some(p)
+                        && t.str("label", i).as_deref() == Some(label)
+                        && t.int("rank", i).is_some()
+                });
                 top.sort_by_key(|&i| lens.int("rank", i));
                 let ids: Vec<i64> = top.iter().map(|&i| lens.int("token_id", i).unwrap()).collect();
                 let their_ids: Vec<i64> = Vec::try_from(o.get("lens_topk_ids").get(p).get(c as i64)).unwrap();
@@ -168,17 +174,31 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
             }
         }
         let at = worst_at(&probs, &their_probs, |i| located[i].clone());
-        let what = format!("{fixture} run lens, top-5 probabilities of {} labels × {n} prompts (oracle lens_topk_probs; {at})", lens_labels.len());
+        let what = format!(
+            "{fixture} run lens, top-5 probabilities of {} labels × {n} prompts (oracle lens_topk_probs; {at})",
+            lens_labels.len()
+        );
         assert_oracle(&what, &probs, &their_probs, Baseline::Zero, Tol::Abs(1e-5));
         // Top-k at every position: the last position's rows are the top-k above.
         let all = Table::read(&out.join("lens_all.parquet"));
         let seq = lens.int("pos", lens.mean_rows()[0]).unwrap() + 1;
         let top_rows = all.rows(|t, i| t.int("rank", i).is_some());
-        assert_eq!(top_rows.len() as i64, n * (lens_labels.len() as i64 - lens_labels.iter().filter(|l| l.ends_with("_mid")).count() as i64) * seq * 2, "{fixture}: top-2 rows at every position");
+        assert_eq!(
+            top_rows.len() as i64,
+            n * (lens_labels.len() as i64 - lens_labels.iter().filter(|l| l.ends_with("_mid")).count() as i64)
+                * seq
+                * 2,
+            "{fixture}: top-2 rows at every position"
+        );
         for &i in top_rows.iter().filter(|&&i| all.int("pos", i) == Some(seq - 1)) {
-            let (p, label, rank) = (all.int("prompt", i).unwrap(), all.str("label", i).unwrap(), all.int("rank", i).unwrap());
+            let (p, label, rank) =
+                (all.int("prompt", i).unwrap(), all.str("label", i).unwrap(), all.int("rank", i).unwrap());
             let c = lens_labels.iter().position(|l| *l == label).unwrap() as i64;
-            assert_eq!(all.int("token_id", i).unwrap(), o.get("lens_topk_ids").int64_value(&[p, c, rank]), "{fixture} top_k_at = all, {label} prompt {p}");
+            assert_eq!(
+                all.int("token_id", i).unwrap(),
+                o.get("lens_topk_ids").int64_value(&[p, c, rank]),
+                "{fixture} top_k_at = all, {label} prompt {p}"
+            );
         }
         // DLA per layer, head and neuron, per prompt.
         for (run, key) in [("dla_layer", "dla_layer"), ("dla_head", "dla_head"), ("dla_neuron", "dla_neuron")] {
@@ -191,35 +211,71 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
             let (ours, theirs) = by_label(fixture, run, &t, &o, key, &their_labels);
             let n = o.get(key).size()[0] as usize;
             let at = worst_at(&ours, &theirs, |i| format!("{} prompt {}", their_labels[i / n], i % n));
-            let what = format!("{fixture} run {run}, {} components × {n} prompts (oracle {key}; {at})", their_labels.len());
+            let what =
+                format!("{fixture} run {run}, {} components × {n} prompts (oracle {key}; {at})", their_labels.len());
             assert_oracle(&what, &ours, &theirs, Baseline::Zero, Tol::Abs(1e-4));
         }
         dla_sums_add_up(fixture, &o, &out);
         // Head detector: every pattern, measure and exclusion, averaged over the prompts.
-        for (run, measure, excl) in [("heads_mul", "mul", "all"), ("heads_mul_excl", "mul", "excl"), ("heads_abs", "abs", "all"), ("heads_abs_excl", "abs", "excl")] {
+        for (run, measure, excl) in [
+            ("heads_mul", "mul", "all"),
+            ("heads_mul_excl", "mul", "excl"),
+            ("heads_abs", "abs", "all"),
+            ("heads_abs_excl", "abs", "excl"),
+        ] {
             let t = Table::read(&out.join(format!("{run}.parquet")));
             for pattern in ["previous_token", "duplicate_token", "induction"] {
-                let ours: Vec<f64> = t.rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern)).into_iter().map(|i| t.value(i)).collect();
+                let ours: Vec<f64> = t
+                    .rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern))
+                    .into_iter()
+                    .map(|i| t.value(i))
+                    .collect();
                 // abs scores are rounded to 3 decimals, as TL does.
                 let tol = if measure == "abs" { 1.1e-3 } else { 1e-5 };
                 let key = format!("heads/{pattern}/{measure}/{excl}");
-                assert_oracle(&format!("{fixture} run {run}, {pattern} per [layer, head] (oracle {key})"), &ours, &values(o.get(&key)), Baseline::Zero, Tol::Abs(tol));
+                assert_oracle(
+                    &format!("{fixture} run {run}, {pattern} per [layer, head] (oracle {key})"),
+                    &ours,
+                    &values(o.get(&key)),
+                    Baseline::Zero,
+                    Tol::Abs(tol),
+                );
             }
         }
         // The spec's own rules reproduce the named patterns.
         let t = Table::read(&out.join("heads_mul.parquet"));
-        let of = |p: &str| -> Vec<f64> { t.rows(|t, i| t.str("pattern", i).as_deref() == Some(p)).into_iter().map(|i| t.value(i)).collect() };
+        let of = |p: &str| -> Vec<f64> {
+            t.rows(|t, i| t.str("pattern", i).as_deref() == Some(p)).into_iter().map(|i| t.value(i)).collect()
+        };
         let what = format!("{fixture} run heads_mul, custom same_token offset 1 rule (oracle heads/induction/mul/all)");
-        assert_oracle(&what, &of("induction_rule"), &values(o.get("heads/induction/mul/all")), Baseline::Zero, Tol::Abs(1e-5));
-        let what = format!("{fixture} run heads_mul, custom relative offset 1 rule (oracle heads/previous_token/mul/all)");
-        assert_oracle(&what, &of("previous_rule"), &values(o.get("heads/previous_token/mul/all")), Baseline::Zero, Tol::Abs(1e-5));
+        assert_oracle(
+            &what,
+            &of("induction_rule"),
+            &values(o.get("heads/induction/mul/all")),
+            Baseline::Zero,
+            Tol::Abs(1e-5),
+        );
+        let what =
+            format!("{fixture} run heads_mul, custom relative offset 1 rule (oracle heads/previous_token/mul/all)");
+        assert_oracle(
+            &what,
+            &of("previous_rule"),
+            &values(o.get("heads/previous_token/mul/all")),
+            Baseline::Zero,
+            Tol::Abs(1e-5),
+        );
         // Repeated random tokens: the same tokens as torch's generator, the demo's stripe scores.
         let tokens = tl_run::experiments::head_scores::repeated_random_tokens(5, 3, 10, range.0, range.1);
         assert!(tokens.equal(o.get("repeated/tokens")), "{fixture}: repeated random tokens differ from torch.randint");
         let t = Table::read(&out.join("repeated.parquet"));
         for pattern in ["previous_token", "duplicate_token", "induction"] {
-            let ours: Vec<f64> = t.rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern)).into_iter().map(|i| t.value(i)).collect();
-            let what = format!("{fixture} run repeated, {pattern} stripe per [layer, head] (oracle repeated/{pattern})");
+            let ours: Vec<f64> = t
+                .rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern))
+                .into_iter()
+                .map(|i| t.value(i))
+                .collect();
+            let what =
+                format!("{fixture} run repeated, {pattern} stripe per [layer, head] (oracle repeated/{pattern})");
             assert_oracle(&what, &ours, &values(o.get(&format!("repeated/{pattern}"))), Baseline::Zero, Tol::Abs(1e-5));
         }
     }
@@ -234,7 +290,9 @@ fn dla_sums_add_up(fixture: &str, o: &Oracle, out: &std::path::Path) {
     let neuron = Table::read(&out.join("dla_neuron.parquet"));
     let final_ld = values(o.get("final_logit_diff"));
     let n = final_ld.len() as i64;
-    let of_prompt = |t: &Table, p: i64, keep: &dyn Fn(&Table, usize) -> bool| -> f64 { t.rows(|t, i| t.int("prompt", i) == Some(p) && keep(t, i)).into_iter().map(|i| t.value(i)).sum() };
+    let of_prompt = |t: &Table, p: i64, keep: &dyn Fn(&Table, usize) -> bool| -> f64 {
+        t.rows(|t, i| t.int("prompt", i) == Some(p) && keep(t, i)).into_iter().map(|i| t.value(i)).sum()
+    };
     let model = load(fixture, tl_run::model::config::Processing::TRANSFORMER_LENS);
     let tok = model.tokenizer().unwrap();
     let prompts: Vec<String> = read_prompt_texts(fixture);
@@ -268,17 +326,28 @@ fn dla_sums_add_up(fixture: &str, o: &Oracle, out: &std::path::Path) {
             let attn = of_prompt(&layer, p, &|t, i| t.str("label", i) == Some(format!("{l}_attn_out")));
             let heads = of_prompt(&head, p, &|t, i| t.int("layer", i) == Some(l));
             let b_o = bias_dla(&model.weights.blocks[l as usize].attn.b_o, p);
-            assert!((heads + b_o - attn).abs() <= 1e-4, "{fixture} prompt {p} layer {l}: heads {heads} + b_O {b_o} != attn_out {attn}");
+            assert!(
+                (heads + b_o - attn).abs() <= 1e-4,
+                "{fixture} prompt {p} layer {l}: heads {heads} + b_O {b_o} != attn_out {attn}"
+            );
             let mlp = of_prompt(&layer, p, &|t, i| t.str("label", i) == Some(format!("{l}_mlp_out")));
             let neurons = of_prompt(&neuron, p, &|t, i| t.int("layer", i) == Some(l));
             let b_out = bias_dla(&model.weights.blocks[l as usize].mlp.b_out, p);
-            assert!((neurons + b_out - mlp).abs() <= 1e-4, "{fixture} prompt {p} layer {l}: neurons {neurons} + b_out {b_out} != mlp_out {mlp}");
+            assert!(
+                (neurons + b_out - mlp).abs() <= 1e-4,
+                "{fixture} prompt {p} layer {l}: neurons {neurons} + b_out {b_out} != mlp_out {mlp}"
+            );
         }
     }
 }
 
 fn read_prompt_texts(fixture: &str) -> Vec<String> {
-    std::fs::read_to_string(prompt_file(fixture)).unwrap().lines().filter(|l| !l.trim().is_empty()).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["clean"].as_str().unwrap().to_string()).collect()
+    std::fs::read_to_string(prompt_file(fixture))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["clean"].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -289,7 +358,17 @@ fn a_custom_detection_matrix_matches_transformer_lens() {
         let tok = load(fixture, tl_run::model::config::Processing::TRANSFORMER_LENS);
         let seq = tok.tokenizer().unwrap().encode(&first[0], true).unwrap().len();
         // Attends to the token two back and to the first token (as the oracle's).
-        let rows: Vec<String> = (0..seq).map(|i| format!("[{}]", (0..seq).map(|j| if j == 0 || (i >= 2 && j == i - 2) { "1" } else { "0" }).collect::<Vec<_>>().join(","))).collect();
+        let rows: Vec<String> = (0..seq)
+            .map(|i| {
+                format!(
+                    "[{}]",
+                    (0..seq)
+                        .map(|j| if j == 0 || (i >= 2 && j == i - 2) { "1" } else { "0" })
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            })
+            .collect();
         let spec = format!(
             "name = \"custom\"\n[model]\nid = \"{}\"\n[prompts]\nclean = [{:?}]\nanswers = [[\"x\"]]\n[metric]\nkind = \"prob\"\n\
              [[run]]\nname = \"mul\"\nkind = \"head_scores\"\n[[run.custom]]\nname = \"two_back\"\nmatrix = [{}]\n\
@@ -300,7 +379,13 @@ fn a_custom_detection_matrix_matches_transformer_lens() {
         for (run, key, tol) in [("mul", "heads/custom/mul/all", 1e-5), ("abs", "heads/custom/abs/excl", 1.1e-3)] {
             let t = Table::read(&dir.path().join(format!("out/{run}.parquet")));
             let ours: Vec<f64> = (0..t.len()).map(|i| t.value(i)).collect();
-            assert_oracle(&format!("{fixture} run {run}, custom two_back matrix per [layer, head] (oracle {key})"), &ours, &values(o.get(key)), Baseline::Zero, Tol::Abs(tol));
+            assert_oracle(
+                &format!("{fixture} run {run}, custom two_back matrix per [layer, head] (oracle {key})"),
+                &ours,
+                &values(o.get(key)),
+                Baseline::Zero,
+                Tol::Abs(tol),
+            );
         }
     }
 }

@@ -31,7 +31,11 @@ fn check(zoo: &Path, args: &[&str], out: &Path) -> Outcome {
         .args(args)
         .output()
         .expect("run tl-run");
-    Outcome { ok: o.status.success(), stdout: String::from_utf8_lossy(&o.stdout).into(), stderr: String::from_utf8_lossy(&o.stderr).into() }
+    Outcome {
+        ok: o.status.success(),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -58,7 +62,11 @@ impl OneModelZoo {
     fn new(model_dir: &Path) -> OneModelZoo {
         let dir = tempfile::tempdir().unwrap();
         let root = repo_root();
-        std::fs::copy(root.join("fixtures/references").join(format!("{MODEL}.safetensors")), dir.path().join("reference.safetensors")).expect("zoo-ci reference (run scripts/test.sh)");
+        std::fs::copy(
+            root.join("fixtures/references").join(format!("{MODEL}.safetensors")),
+            dir.path().join("reference.safetensors"),
+        )
+        .expect("zoo-ci reference (run scripts/test.sh)");
         copy_dir(&root.join("configs/zoo-ci/goldens").join(MODEL), &dir.path().join("goldens"));
         let zoo = format!(
             r#"[defaults]
@@ -99,7 +107,8 @@ file = "{spec}"
 
 /// zoo-ci's default prompts, as a TOML array.
 fn zoo_ci_prompts() -> String {
-    let zoo: toml::Table = toml::from_str(&std::fs::read_to_string(repo_root().join("configs/zoo-ci.toml")).unwrap()).unwrap();
+    let zoo: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo_root().join("configs/zoo-ci.toml")).unwrap()).unwrap();
     zoo["defaults"]["prompts"].to_string()
 }
 
@@ -127,7 +136,11 @@ fn the_gate_passes_on_the_shipped_zoo_ci_references_and_goldens() {
     // The whole zoo runs in scripts/test.sh; here two models, one of them in two dtypes.
     let out = tempfile::tempdir().unwrap();
     let junit = out.path().join("junit.xml");
-    let r = check(&repo_root().join("configs/zoo-ci.toml"), &["--only", MODEL, "--only", "stories260K", "--junit", junit.to_str().unwrap()], out.path());
+    let r = check(
+        &repo_root().join("configs/zoo-ci.toml"),
+        &["--only", MODEL, "--only", "stories260K", "--junit", junit.to_str().unwrap()],
+        out.path(),
+    );
     assert!(r.ok, "gate failed:\n{}\n{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("stories260K  bfloat16") && r.stdout.contains("golden:induction"), "{}", r.stdout);
     let xml = std::fs::read_to_string(&junit).unwrap();
@@ -150,15 +163,27 @@ fn a_golden_value_moved_past_its_tolerance_fails_with_its_row_named() {
     assert!(!r.ok, "{}", r.stdout);
     let layer = b.column_by_name("layer").unwrap().as_any().downcast_ref::<Int32Array>().unwrap().value(7);
     let pos = b.column_by_name("pos").unwrap().as_any().downcast_ref::<Int32Array>().unwrap().value(7);
-    let failure = r.stdout.lines().find(|l| l.starts_with(&format!("- {MODEL} float32 golden:ioi resid:"))).unwrap_or_else(|| panic!("{}", r.stdout));
-    assert!(failure.contains("1 'value' value(s) outside tolerance") && failure.contains(&format!("layer={layer} pos={pos}")), "{failure}");
+    let failure = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("- {MODEL} float32 golden:ioi resid:")))
+        .unwrap_or_else(|| panic!("{}", r.stdout));
+    assert!(
+        failure.contains("1 'value' value(s) outside tolerance")
+            && failure.contains(&format!("layer={layer} pos={pos}")),
+        "{failure}"
+    );
     // Only that run fails.
     assert_eq!(r.stdout.lines().filter(|l| l.ends_with("FAIL")).count(), 1, "{}", r.stdout);
 
     // --update=goldens takes this run's values back, says by how much they moved, and the gate passes.
     let u = z.check(&["--update=goldens"]);
     assert!(u.ok, "{}\n{}", u.stdout, u.stderr);
-    let moved = u.stdout.lines().find(|l| l.contains("golden float32/ioi/resid.parquet rewritten")).unwrap_or_else(|| panic!("{}", u.stdout));
+    let moved = u
+        .stdout
+        .lines()
+        .find(|l| l.contains("golden float32/ioi/resid.parquet rewritten"))
+        .unwrap_or_else(|| panic!("{}", u.stdout));
     assert!(moved.contains("0 rows added, 0 removed") && moved.contains("max |Δvalue| 1.000e-3"), "{moved}");
     let again = z.check(&[]);
     assert!(again.ok, "{}", again.stdout);
@@ -172,10 +197,19 @@ fn a_deleted_and_an_added_golden_row_fail_with_their_keys() {
     write_batch(&z.golden("heads"), &heads.slice(1, heads.num_rows() - 1));
     let dla = read_batch(&z.golden("dla-layers"));
     let extra = with_column(&dla.slice(0, 1), "layer", Arc::new(Int32Array::from(vec![99])));
-    write_batch(&z.golden("dla-layers"), &arrow::compute::concat_batches(&dla.schema(), &[dla.clone(), extra]).unwrap());
+    write_batch(
+        &z.golden("dla-layers"),
+        &arrow::compute::concat_batches(&dla.schema(), &[dla.clone(), extra]).unwrap(),
+    );
     let r = z.check(&[]);
     assert!(!r.ok);
-    let line = |run: &str| r.stdout.lines().find(|l| l.starts_with(&format!("- {MODEL} float32 golden:ioi {run}:"))).unwrap_or_else(|| panic!("no failure for {run}:\n{}", r.stdout)).to_string();
+    let line = |run: &str| {
+        r.stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("- {MODEL} float32 golden:ioi {run}:")))
+            .unwrap_or_else(|| panic!("no failure for {run}:\n{}", r.stdout))
+            .to_string()
+    };
     let layer0 = heads.column_by_name("layer").unwrap().as_any().downcast_ref::<Int32Array>().unwrap().value(0);
     let head0 = heads.column_by_name("head").unwrap().as_any().downcast_ref::<Int32Array>().unwrap().value(0);
     let h = line("heads");
@@ -195,12 +229,15 @@ fn one_perturbed_weight_fails_the_logits_and_the_goldens() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
         st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
-    let (_, dtype, _, data) = tensors.iter_mut().find(|(n, ..)| n.ends_with("h.1.mlp.c_fc.weight")).expect("gpt2 c_fc weight");
+    let (_, dtype, _, data) =
+        tensors.iter_mut().find(|(n, ..)| n.ends_with("h.1.mlp.c_fc.weight")).expect("gpt2 c_fc weight");
     assert_eq!(*dtype, safetensors::Dtype::F32);
     let x = f32::from_le_bytes(data[0..4].try_into().unwrap()) + 0.05;
     data[0..4].copy_from_slice(&x.to_le_bytes());
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(&file, safetensors::serialize(views, &None).unwrap()).unwrap();
 
     let z = OneModelZoo::new(&model);
@@ -209,7 +246,12 @@ fn one_perturbed_weight_fails_the_logits_and_the_goldens() {
     let failing: Vec<&str> = r.stdout.lines().filter(|l| l.ends_with("FAIL")).collect();
     assert!(failing.iter().any(|l| l.contains("logits") && l.contains("allclose")), "{}", r.stdout);
     assert!(failing.iter().any(|l| l.contains("golden:ioi")), "{}", r.stdout);
-    assert!(r.stdout.contains(&format!("- {MODEL} float32 logits allclose:")) && r.stdout.contains("logits outside |ours − ref|"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains(&format!("- {MODEL} float32 logits allclose:"))
+            && r.stdout.contains("logits outside |ours − ref|"),
+        "{}",
+        r.stdout
+    );
 }
 
 #[test]
@@ -217,7 +259,14 @@ fn bf16_under_f32_tolerances_fails() {
     let z = OneModelZoo::new(&fixture(MODEL));
     let r = z.check(&["--dtype", "bfloat16"]);
     assert!(!r.ok);
-    let fails = |fig: &str| r.stdout.lines().any(|l| l.starts_with(&MODEL.to_string()) && l.contains("bfloat16") && l.contains(&format!(" {fig} ")) && l.ends_with("FAIL"));
+    let fails = |fig: &str| {
+        r.stdout.lines().any(|l| {
+            l.starts_with(&MODEL.to_string())
+                && l.contains("bfloat16")
+                && l.contains(&format!(" {fig} "))
+                && l.ends_with("FAIL")
+        })
+    };
     assert!(fails("allclose") && fails("mse"), "{}", r.stdout);
     // No bf16 goldens are stored for this model: named, not skipped.
     assert!(r.stdout.contains("no golden") && r.stdout.contains("bfloat16/ioi/resid.parquet"), "{}", r.stdout);
@@ -250,7 +299,9 @@ save_file(t, path, metadata=meta)
     assert!(!r.ok, "noise 0.3 must fail the f32 gate");
     // Ours, as tl-run computed them: --update=references writes them over a copy of the zoo.
     let ours_dir = tempfile::tempdir().unwrap();
-    let ours_zoo = std::fs::read_to_string(z.zoo()).unwrap().replace("reference.safetensors", &ours_dir.path().join("ours.safetensors").display().to_string());
+    let ours_zoo = std::fs::read_to_string(z.zoo())
+        .unwrap()
+        .replace("reference.safetensors", &ours_dir.path().join("ours.safetensors").display().to_string());
     std::fs::write(ours_dir.path().join("zoo.toml"), ours_zoo).unwrap();
     let u = check(&ours_dir.path().join("zoo.toml"), &["--update=references"], &ours_dir.path().join("out"));
     assert!(u.ok, "{}\n{}", u.stdout, u.stderr);
@@ -304,11 +355,29 @@ fn zoo_file_errors_name_the_line_and_key() {
     };
     let err = |text: &str| tl_run::check::Zoo::read(&write(text), false).expect_err("must fail").to_string();
     let e = err("[[model]]\nname = \"m\"\nid = \"gpt2\"\nrevision = \"main\"\nprompts = [\"a\"]\nreference = \"r.safetensors\"\n");
-    assert!(e.contains("zoo.toml:4:") && e.contains("model[m].revision") && e.contains("branch or tag") && e.contains("allow_moving_revision"), "{e}");
-    let e = err("[[model]]\nname = \"m\"\npath = \"nowhere\"\nprompts = [\"a\"]\nreference = \"r.safetensors\"\ncolour = 3\n");
+    assert!(
+        e.contains("zoo.toml:4:")
+            && e.contains("model[m].revision")
+            && e.contains("branch or tag")
+            && e.contains("allow_moving_revision"),
+        "{e}"
+    );
+    let e = err(
+        "[[model]]\nname = \"m\"\npath = \"nowhere\"\nprompts = [\"a\"]\nreference = \"r.safetensors\"\ncolour = 3\n",
+    );
     assert!(e.contains("zoo.toml:6:") && e.contains("unknown field `colour`"), "{e}");
     let e = err("[[model]]\nname = \"m\"\npath = \"nowhere\"\nprompts_file = \"none.txt\"\nreference = \"r.safetensors\"\ndtypes = [\"float8\"]\n");
-    for want in ["zoo.toml:3:", "model[m].path", "no such model", "zoo.toml:4:", "model[m].prompts_file", "zoo.toml:5:", "model[m].reference", "zoo.toml:6:", "unknown dtype 'float8'"] {
+    for want in [
+        "zoo.toml:3:",
+        "model[m].path",
+        "no such model",
+        "zoo.toml:4:",
+        "model[m].prompts_file",
+        "zoo.toml:5:",
+        "model[m].reference",
+        "zoo.toml:6:",
+        "unknown dtype 'float8'",
+    ] {
         assert!(e.contains(want), "{want} not in {e}");
     }
     let e = err("[defaults.tolerance]\ncosine = 2.0\n[[model]]\nname = \"m\"\nid = \"gpt2\"\nrevision = \"main\"\nallow_moving_revision = true\nprompts = [\"a\"]\nreference = \"r.safetensors\"\n");

@@ -9,7 +9,11 @@ use tl_run::{Hooks, Input, Stop};
 
 fn tl_run(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -29,12 +33,16 @@ fn hooks_lists_what_a_forward_captures_in_every_family() {
     for &name in EVERY_FAMILY {
         let (ok, out, err) = tl_run(&["hooks", fixture(name).to_str().unwrap(), "--batch", "2", "--seq", "5"]);
         assert!(ok, "{name}: {err}");
-        let listed: Vec<(String, String)> = out.lines().map(|l| l.split_once(' ').map(|(n, s)| (n.to_string(), s.trim().to_string())).unwrap()).collect();
+        let listed: Vec<(String, String)> = out
+            .lines()
+            .map(|l| l.split_once(' ').map(|(n, s)| (n.to_string(), s.trim().to_string())).unwrap())
+            .collect();
         let model = load(name, Processing::TRANSFORMER_LENS);
         let tokens = tch::Tensor::zeros([2, 5], (tch::Kind::Int64, tch::Device::Cpu));
         let mut hooks = Hooks::capture_all();
         let _logits = model.run(Input::Tokens(&tokens), None, &mut hooks, Stop::Logits).unwrap();
-        let captured: Vec<(String, String)> = model.hook_points().iter().map(|p| (p.to_string(), format!("{:?}", hooks.cache[p].size()))).collect();
+        let captured: Vec<(String, String)> =
+            model.hook_points().iter().map(|p| (p.to_string(), format!("{:?}", hooks.cache[p].size()))).collect();
         assert_eq!(listed, captured, "{name}");
         assert_eq!(hooks.cache.len(), captured.len(), "{name}: the forward captured points the listing lacks");
     }
@@ -47,8 +55,16 @@ fn cache_writes_named_activations_equal_to_the_library() {
     let dir = fixture("gpt2-odd");
     let prompts = ["When John and Mary went to the shops, John gave the bag to", "Hi"];
     let (ok, out, err) = tl_run(&[
-        "cache", dir.to_str().unwrap(), "--prompt", prompts[0], "--prompt", prompts[1],
-        "--hooks", "blocks.2.attn.hook_pattern,blocks.0.hook_resid_post", "--out", out_file.to_str().unwrap(),
+        "cache",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--hooks",
+        "blocks.2.attn.hook_pattern,blocks.0.hook_resid_post",
+        "--out",
+        out_file.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("wrote 2 activations"), "{out}");
@@ -66,7 +82,12 @@ fn cache_writes_named_activations_equal_to_the_library() {
     let point = model.hook_point("blocks.0.hook_resid_post").unwrap();
     let mut hooks = Hooks::capture([point]);
     let _ = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits).unwrap();
-    let written = tch::Tensor::read_safetensors(&out_file).unwrap().into_iter().find(|(n, _)| n == "blocks.0.hook_resid_post").unwrap().1;
+    let written = tch::Tensor::read_safetensors(&out_file)
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| n == "blocks.0.hook_resid_post")
+        .unwrap()
+        .1;
     assert_eq!(written.size(), [2, 15, 96]);
     assert_eq!(max_abs_diff(&written, &hooks.cache[&point]), 0.0);
     // Nothing temporary is left beside the output.
@@ -78,12 +99,32 @@ fn unknown_hooks_get_suggestions_and_bad_layers_the_range() {
     let dir = fixture("gpt2-tiny");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("x.safetensors");
-    let no_panic = |e: &str| assert!(!e.contains("panicked") && !e.contains("backtrace") && !e.contains("internal failure"), "{e}");
-    let (ok, _, err) = tl_run(&["cache", dir.to_str().unwrap(), "--prompt", "hi", "--hooks", "blocks.0.hook_resid_pr", "--out", out.to_str().unwrap()]);
+    let no_panic = |e: &str| {
+        assert!(!e.contains("panicked") && !e.contains("backtrace") && !e.contains("internal failure"), "{e}")
+    };
+    let (ok, _, err) = tl_run(&[
+        "cache",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--hooks",
+        "blocks.0.hook_resid_pr",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("did you mean 'blocks.0.hook_resid_pre'"), "{err}");
     no_panic(&err);
-    let (ok, _, err) = tl_run(&["cache", dir.to_str().unwrap(), "--prompt", "hi", "--hooks", "blocks.7.hook_resid_pre", "--out", out.to_str().unwrap()]);
+    let (ok, _, err) = tl_run(&[
+        "cache",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--hooks",
+        "blocks.7.hook_resid_pre",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(err.contains("2 layers: 0-1"), "{err}");
     no_panic(&err);

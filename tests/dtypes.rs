@@ -16,8 +16,23 @@ use tl_run::model::config::Processing;
 use tl_run::{Hooks, Input, LoadOptions, Model, Stop};
 
 const FAMILIES: [&str; 17] = [
-    "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny", "mistral-tiny",
-    "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+    "gpt2-odd",
+    "llama-tiny",
+    "llama3-tiny",
+    "llama-linear-tiny",
+    "neo-tiny",
+    "gptj-tiny",
+    "neox-tiny",
+    "opt-tiny",
+    "mistral-tiny",
+    "qwen2-tiny",
+    "qwen3-tiny",
+    "gemma-tiny",
+    "gemma2-tiny",
+    "phi-tiny",
+    "phi3-tiny",
+    "stablelm-tiny",
+    "bloom-tiny",
 ];
 
 fn load_as(fixture_name: &str, kind: tch::Kind) -> Model {
@@ -30,7 +45,9 @@ fn load_as(fixture_name: &str, kind: tch::Kind) -> Model {
 fn logits_delta(fixture_name: &str, kind: tch::Kind) -> f64 {
     let oracle = Oracle::read(fixture_name, "raw-batch.safetensors");
     let tokens = oracle.get("tokens");
-    let run = |m: &Model| m.run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap().to_kind(tch::Kind::Float);
+    let run = |m: &Model| {
+        m.run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap().to_kind(tch::Kind::Float)
+    };
     let f32_logits = run(&load_as(fixture_name, tch::Kind::Float));
     let low = run(&load_as(fixture_name, kind));
     max_abs_diff(&log_softmax(&low), &log_softmax(&f32_logits))
@@ -38,7 +55,11 @@ fn logits_delta(fixture_name: &str, kind: tch::Kind) -> f64 {
 
 /// The resid_pre and z patching values of one dtype, in table order.
 fn patching(fixture_name: &str, dtype: &str) -> Vec<f64> {
-    let o = if fixture_name.starts_with("gpt2") || fixture_name == "llama-tiny" { None } else { Some(Oracle::read(fixture_name, "zoo.safetensors")) };
+    let o = if fixture_name.starts_with("gpt2") || fixture_name == "llama-tiny" {
+        None
+    } else {
+        Some(Oracle::read(fixture_name, "zoo.safetensors"))
+    };
     let prompts = match &o {
         Some(o) => prompts_toml(o),
         None => format!("[prompts]\nfile = \"{}\"\n", prompt_file(fixture_name).display()),
@@ -62,7 +83,8 @@ fn patching_on(fixture_name: &str, dtype: &str, prompts: &str) -> (Vec<f64>, Vec
         let t = Table::read(&out.join(format!("{run}.parquet")));
         t.mean_rows().into_iter().map(|i| t.value(i)).collect::<Vec<f64>>()
     };
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     let tokens = serde_json::from_value(manifest["tokens"]["clean"].clone()).unwrap();
     (mean_values("resid"), mean_values("heads"), tokens)
 }
@@ -85,7 +107,11 @@ const SAME_DTYPE: [&str; 2] = ["qwen3-tiny", "neo-tiny"];
 /// signal: swapped pairs make the clean and corrupted metrics ±g, so resid_pre's largest |value|
 /// is half its signal, and the guard wants that ≥ 20× the tolerance too.
 fn patching_tol(dtype: &str) -> f64 {
-    if dtype == "bfloat16" { 0.02 } else { 0.004 }
+    if dtype == "bfloat16" {
+        0.02
+    } else {
+        0.004
+    }
 }
 
 /// Log-prob tolerance, absolute, per dtype. A forward that does nothing (zero logits) gives the
@@ -96,7 +122,11 @@ fn patching_tol(dtype: &str) -> f64 {
 /// 0.0134 in float16, so 0.2 and 0.03 (about two units of bfloat16's resolution 2^-8 and four of
 /// float16's 2^-11 at the largest |log-prob| of 15.2).
 fn logprob_tol(dtype: &str) -> f64 {
-    if dtype == "bfloat16" { 0.2 } else { 0.03 }
+    if dtype == "bfloat16" {
+        0.2
+    } else {
+        0.03
+    }
 }
 
 /// Runs one comparison, returning its failure (a difference or a refused comparison) so that
@@ -120,9 +150,19 @@ fn bf16_and_f16_patching_match_transformer_lens_in_the_same_dtype() {
             // A do-nothing patch leaves the corrupted run's metric, in this dtype.
             let corrupted = o.get(&format!("{dtype}/corrupted")).double_value(&[0]);
             let tol = Tol::OfSignal(patching_tol(dtype));
-            for (ours, key, what) in [(&resid, "resid_pre", "resid_pre over [layer, pos]"), (&z, "z", "z over [layer, head]")] {
+            for (ours, key, what) in
+                [(&resid, "resid_pre", "resid_pre over [layer, pos]"), (&z, "z", "z over [layer, head]")]
+            {
                 let what = format!("{f} {dtype} {what} (oracle {dtype}/{key}, TransformerLens in {dtype})");
-                failures.extend(failure(&what, || assert_oracle(&what, ours, &values(o.get(&format!("{dtype}/{key}"))), Baseline::Value(corrupted), tol)));
+                failures.extend(failure(&what, || {
+                    assert_oracle(
+                        &what,
+                        ours,
+                        &values(o.get(&format!("{dtype}/{key}"))),
+                        Baseline::Value(corrupted),
+                        tol,
+                    )
+                }));
             }
             // The last position's log-probs of the clean prompts against transformers' and
             // TransformerLens's in the same dtype (log-softmax: center_unembed's shift cancels).
@@ -131,7 +171,15 @@ fn bf16_and_f16_patching_match_transformer_lens_in_the_same_dtype() {
             let uniform = -(ours.size()[1] as f64).ln();
             for (source, key) in [("transformers", "hf_logprobs"), ("TransformerLens", "tl_logprobs")] {
                 let what = format!("{f} {dtype} last-position log-probs (oracle {dtype}/{key}, {source} in {dtype})");
-                failures.extend(failure(&what, || assert_oracle_tensor(&what, &ours, o.get(&format!("{dtype}/{key}")), Baseline::Value(uniform), Tol::Abs(logprob_tol(dtype)))));
+                failures.extend(failure(&what, || {
+                    assert_oracle_tensor(
+                        &what,
+                        &ours,
+                        o.get(&format!("{dtype}/{key}")),
+                        Baseline::Value(uniform),
+                        Tol::Abs(logprob_tol(dtype)),
+                    )
+                }));
             }
         }
     }
@@ -141,7 +189,10 @@ fn bf16_and_f16_patching_match_transformer_lens_in_the_same_dtype() {
 #[test]
 fn bf16_and_f16_stay_close_to_f32_on_every_family() {
     let mut failures = Vec::new();
-    println!("{:<20} {:>14} {:>14} {:>16} {:>16}", "fixture", "logits bf16", "logits f16", "patching bf16", "patching f16");
+    println!(
+        "{:<20} {:>14} {:>14} {:>16} {:>16}",
+        "fixture", "logits bf16", "logits f16", "patching bf16", "patching f16"
+    );
     for f in FAMILIES {
         let reference = patching(f, "float32");
         let mut row = Vec::new();
@@ -170,7 +221,10 @@ fn bf16_and_f16_stay_close_to_f32_on_every_family() {
             row.push(d);
         }
         if !(row[1] < row[0]) {
-            failures.push(format!("{f}: float16 ({:.2e}) should be closer to float32 than bfloat16 ({:.2e})", row[1], row[0]));
+            failures.push(format!(
+                "{f}: float16 ({:.2e}) should be closer to float32 than bfloat16 ({:.2e})",
+                row[1], row[0]
+            ));
         }
         println!("{f:<20} {:>14.2e} {:>14.2e} {:>16.2e} {:>16.2e}", row[0], row[1], row[2], row[3]);
     }

@@ -12,8 +12,16 @@ use common::*;
 fn fails(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(args).env("HF_HUB_OFFLINE", "1").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected a named error (exit 1) from {args:?}, got {:?}:\n{err}", out.status.code());
-    assert!(!err.contains("panicked") && !err.contains("internal failure") && !err.contains("backtrace"), "{args:?}: {err}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected a named error (exit 1) from {args:?}, got {:?}:\n{err}",
+        out.status.code()
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("internal failure") && !err.contains("backtrace"),
+        "{args:?}: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     err
 }
@@ -42,10 +50,13 @@ fn edit_weights(dir: &Path, edit: impl FnOnce(&mut Tensors)) {
     let p = dir.join("model.safetensors");
     let bytes = std::fs::read(&p).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut t: Tensors = st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
+    let mut t: Tensors =
+        st.tensors().into_iter().map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec())).collect();
     edit(&mut t);
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        t.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = t
+        .iter()
+        .map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
     std::fs::write(&p, safetensors::serialize(views, &None).unwrap()).unwrap();
 }
 
@@ -67,10 +78,14 @@ fn s(p: &Path) -> &str {
 #[test]
 fn top_k_past_the_vocabulary_is_named_at_its_line_in_validate_and_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let spec = spec(tmp.path(), &fixture("gpt2-tiny"), "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\ntop_k = 100000\n");
+    let spec =
+        spec(tmp.path(), &fixture("gpt2-tiny"), "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\ntop_k = 100000\n");
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&spec)]);
-        assert!(e.contains("spec.toml:10:9: run 'll': top_k = 100000 is more tokens than the model's vocabulary of 50257"), "{cmd}: {e}");
+        assert!(
+            e.contains("spec.toml:10:9: run 'll': top_k = 100000 is more tokens than the model's vocabulary of 50257"),
+            "{cmd}: {e}"
+        );
     }
     assert!(!tmp.path().join("out").exists());
 }
@@ -103,7 +118,10 @@ fn noise_samples_past_the_hosts_memory_are_named_before_anything_is_allocated() 
     let p = spec(tmp.path(), &fixture("gpt2-tiny"), body);
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&p)]);
-        assert!(e.contains("spec.toml: corruption.samples: 1000000000000 noised copies of 1 prompt(s) of 15 tokens need"), "{cmd}: {e}");
+        assert!(
+            e.contains("spec.toml: corruption.samples: 1000000000000 noised copies of 1 prompt(s) of 15 tokens need"),
+            "{cmd}: {e}"
+        );
         assert!(e.contains("more than this machine's") && e.contains("use fewer samples"), "{cmd}: {e}");
     }
     assert!(!tmp.path().join("out").exists());
@@ -116,7 +134,13 @@ fn a_custom_detection_matrix_of_another_length_than_the_prompts_is_named_at_its_
     let body = "[[run]]\nname = \"h\"\nkind = \"head_scores\"\n[[run.custom]]\nname = \"three\"\nmatrix = [[1.0], [1.0, 0.0], [0.0, 1.0, 0.0]]\n";
     let p = spec(tmp.path(), &fixture("gpt2-tiny"), body);
     let p2 = tmp.path().join("square.toml");
-    std::fs::write(&p2, std::fs::read_to_string(&p).unwrap().replace("[[1.0], [1.0, 0.0], [0.0, 1.0, 0.0]]", "[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]")).unwrap();
+    std::fs::write(
+        &p2,
+        std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("[[1.0], [1.0, 0.0], [0.0, 1.0, 0.0]]", "[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]"),
+    )
+    .unwrap();
     let e = fails(&["validate", s(&p)]);
     assert!(e.contains("spec.toml:12:10: run[0].custom[0].matrix: a detection matrix is square"), "{e}");
     for cmd in ["validate", "run"] {
@@ -130,11 +154,18 @@ fn a_custom_detection_matrix_of_another_length_than_the_prompts_is_named_at_its_
 fn a_spec_or_zoo_file_that_cannot_be_read_is_named_without_a_line() {
     let tmp = tempfile::tempdir().unwrap();
     let missing = tmp.path().join("missing.toml");
-    for args in [vec!["validate", s(&missing)], vec!["run", s(&missing)], vec!["plan", s(&missing)], vec!["check", s(&missing)], vec!["validate", s(tmp.path())]] {
+    for args in [
+        vec!["validate", s(&missing)],
+        vec!["run", s(&missing)],
+        vec!["plan", s(&missing)],
+        vec!["check", s(&missing)],
+        vec!["validate", s(tmp.path())],
+    ] {
         let e = fails(&args);
         assert!(e.contains(": cannot read it: ") && !e.contains(":0:0") && !e.contains(": -:"), "{args:?}: {e}");
     }
-    assert!(fails(&["validate", s(&missing)]).contains(&format!("  {}: cannot read it: No such file or directory", missing.display())));
+    assert!(fails(&["validate", s(&missing)])
+        .contains(&format!("  {}: cannot read it: No such file or directory", missing.display())));
 }
 
 #[test]
@@ -157,7 +188,10 @@ fn a_prompt_file_without_wrong_answers_under_logit_diff_is_named() {
     .unwrap();
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&spec), "--prompts", s(&prompts)]);
-        assert!(e.contains("prompt 0 has no incorrect answer, but run 'r' (activation_patching) measures logit_diff"), "{e}");
+        assert!(
+            e.contains("prompt 0 has no incorrect answer, but run 'r' (activation_patching) measures logit_diff"),
+            "{e}"
+        );
     }
 }
 
@@ -192,8 +226,14 @@ fn answer_tokens_past_the_embedding_are_named() {
     });
     let spec = spec(tmp.path(), &model, "[[run]]\nname = \"ll\"\nkind = \"logit_lens\"\n");
     let e = fails(&["run", s(&spec)]);
-    assert!(e.contains("prompt 0: the correct answer: tokenizer: token 5335 (\" Mary\") is outside the model's vocabulary of 1000"), "{e}");
-    let e = fails(&["cache", s(&model), "--prompt", "When John and Mary", "--out", s(&tmp.path().join("x.safetensors"))]);
+    assert!(
+        e.contains(
+            "prompt 0: the correct answer: tokenizer: token 5335 (\" Mary\") is outside the model's vocabulary of 1000"
+        ),
+        "{e}"
+    );
+    let e =
+        fails(&["cache", s(&model), "--prompt", "When John and Mary", "--out", s(&tmp.path().join("x.safetensors"))]);
     assert!(e.contains("is outside the model's vocabulary of 1000"), "{e}");
 }
 
@@ -204,13 +244,33 @@ fn bad_head_counts_and_shapes_in_config_json_are_named() {
         ("gpt2-tiny", serde_json::json!({"n_head": 0}), "hidden size 64 is not divisible by 0 attention heads"),
         ("gpt2-tiny", serde_json::json!({"n_head": 5}), "hidden size 64 is not divisible by 5 attention heads"),
         ("llama-tiny", serde_json::json!({"num_attention_heads": 0}), "n_heads must be positive"),
-        ("llama-tiny", serde_json::json!({"num_key_value_heads": 0}), "6 query heads cannot be grouped over 0 key-value heads"),
+        (
+            "llama-tiny",
+            serde_json::json!({"num_key_value_heads": 0}),
+            "6 query heads cannot be grouped over 0 key-value heads",
+        ),
         ("gpt2-tiny", serde_json::json!({"n_head": "four"}), "invalid type: string \"four\""),
         ("gpt2-tiny", serde_json::json!({"n_layer": 0}), "n_layers must be positive"),
-        ("gpt2-tiny", serde_json::json!({"n_embd": 60, "n_head": 4}), "tensor 'transformer.h.0.attn.c_attn.weight' has shape [64, 192], but config.json implies [60, 180]"),
-        ("phi3-tiny", serde_json::json!({"num_key_value_heads": 3}), "tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [80, 48], but config.json implies [96, 48]"),
-        ("bloom-tiny", serde_json::json!({"hidden_size": 48}), "query_key_value.weight' has shape [192, 64], but config.json implies [144, 48]"),
-        ("neox-tiny", serde_json::json!({"intermediate_size": 100}), "dense_h_to_4h.weight' has shape [256, 64], but config.json implies [100, 64]"),
+        (
+            "gpt2-tiny",
+            serde_json::json!({"n_embd": 60, "n_head": 4}),
+            "tensor 'transformer.h.0.attn.c_attn.weight' has shape [64, 192], but config.json implies [60, 180]",
+        ),
+        (
+            "phi3-tiny",
+            serde_json::json!({"num_key_value_heads": 3}),
+            "tensor 'model.layers.0.self_attn.qkv_proj.weight' has shape [80, 48], but config.json implies [96, 48]",
+        ),
+        (
+            "bloom-tiny",
+            serde_json::json!({"hidden_size": 48}),
+            "query_key_value.weight' has shape [192, 64], but config.json implies [144, 48]",
+        ),
+        (
+            "neox-tiny",
+            serde_json::json!({"intermediate_size": 100}),
+            "dense_h_to_4h.weight' has shape [256, 64], but config.json implies [100, 64]",
+        ),
         ("gpt2-tiny", serde_json::json!({"model_type": "mamba"}), "model_type 'mamba' is not supported"),
     ];
     for (i, (fixture_name, patch, want)) in cases.into_iter().enumerate() {
@@ -272,13 +332,19 @@ fn malformed_safetensors_are_named() {
     assert!(e.contains("tensor 'transformer.h.1.mlp.c_proj.weight' is missing"), "{e}");
 
     let dir = fresh("extra");
-    edit_weights(&dir, |t| t.push(("transformer.h.7.attn.c_attn.weight".into(), safetensors::Dtype::F32, vec![2], vec![0; 8])));
+    edit_weights(&dir, |t| {
+        t.push(("transformer.h.7.attn.c_attn.weight".into(), safetensors::Dtype::F32, vec![2], vec![0; 8]))
+    });
     let e = fails(&["hooks", s(&dir)]);
     assert!(e.contains("1 tensor(s) in the checkpoint are not part of a gpt2 model with this config.json: transformer.h.7.attn.c_attn.weight"), "{e}");
 
     let dir = fresh("shards");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    std::fs::write(dir.join("model.safetensors.index.json"), r#"{"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}"#).unwrap();
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {"transformer.wte.weight": "model-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
     let e = fails(&["hooks", s(&dir)]);
     assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
 }
@@ -379,7 +445,13 @@ dir = "{}"
 fn run_names_cannot_leave_the_output_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    for (name, why) in [("../escape", "contains a path separator"), ("a/b", "contains a path separator"), (".hidden", "starts with '.'"), ("..", "starts with '.'"), ("", "is empty")] {
+    for (name, why) in [
+        ("../escape", "contains a path separator"),
+        ("a/b", "contains a path separator"),
+        (".hidden", "starts with '.'"),
+        ("..", "starts with '.'"),
+        ("", "is empty"),
+    ] {
         let spec = two_run_spec(tmp.path(), &out, name);
         let e = fails(&["validate", s(&spec)]);
         assert!(e.contains("w.toml:15:8: run[1].name") && e.contains(why), "{name:?}: {e}");
@@ -395,7 +467,10 @@ fn an_unwritable_output_directory_is_named_before_loading() {
     std::fs::write(&file, "").unwrap();
     let spec = two_run_spec(tmp.path(), &file.join("out"), "ll");
     let e = fails(&["run", s(&spec)]);
-    assert!(e.contains(&format!("output directory {}: {} is not a directory", file.join("out").display(), file.display())), "{e}");
+    assert!(
+        e.contains(&format!("output directory {}: {} is not a directory", file.join("out").display(), file.display())),
+        "{e}"
+    );
 }
 
 #[test]
@@ -415,18 +490,23 @@ fn a_full_disk_is_a_named_error_and_leaves_no_partial_file() {
     // The logit lens's rows go to the job store (written in the background) and to ll.parquet:
     // whichever is refused first is named.
     assert!(err.contains(&format!("{}", out.display())) && err.contains(".parquet: File too large"), "{err}");
-    let mut left: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut left: Vec<String> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     left.sort();
     // The finished run and the manifest that describes it; nothing temporary, nothing partial.
     assert_eq!(left, [".tl-run", "manifest.json", "resid.parquet"], "{err}");
-    let stored: Vec<String> = std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let stored: Vec<String> = std::fs::read_dir(out.join(".tl-run/jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     // The first run's per-layer jobs, each a whole result table; nothing temporary.
     assert!(!stored.is_empty(), "the finished run's jobs are stored");
     for name in &stored {
         assert!(!tl_run::output::atomic::is_temp(name), "temporary file {name} left in the store");
         tl_run::output::table::read_parquet(&out.join(".tl-run/jobs").join(name)).unwrap();
     }
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["runs"].as_object().unwrap().keys().collect::<Vec<_>>(), ["resid"]);
 }
 
@@ -438,7 +518,15 @@ fn scale_weights(dir: &Path, names: &[&str], by: f32) {
             assert_eq!(*dtype, safetensors::Dtype::F32, "{n}");
             for (i, c) in data.chunks_exact_mut(4).enumerate() {
                 let x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                let y = if by.is_nan() { if i == 5 { f32::NAN } else { x } } else { x * by };
+                let y = if by.is_nan() {
+                    if i == 5 {
+                        f32::NAN
+                    } else {
+                        x
+                    }
+                } else {
+                    x * by
+                };
                 c.copy_from_slice(&y.to_le_bytes());
             }
         }
@@ -446,7 +534,8 @@ fn scale_weights(dir: &Path, names: &[&str], by: f32) {
 }
 
 fn manifest_nonfinite(out: &Path) -> Vec<serde_json::Value> {
-    let m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     m["nonfinite"].as_array().unwrap().clone()
 }
 
@@ -458,7 +547,11 @@ fn nan_in_a_weight_stops_the_run_naming_the_weight_and_records_it() {
     let out = tmp.path().join("out");
     let spec = two_run_spec(tmp.path(), &out, "ll");
     let e = fails(&["run", s(&spec), "--model-id", s(&model)]);
-    assert!(e.contains("non-finite value(s) in weight blocks.1.mlp.W_in; the run stopped") && e.contains("allow_nonfinite = true"), "{e}");
+    assert!(
+        e.contains("non-finite value(s) in weight blocks.1.mlp.W_in; the run stopped")
+            && e.contains("allow_nonfinite = true"),
+        "{e}"
+    );
     let found = manifest_nonfinite(&out);
     assert_eq!(found.len(), 1);
     assert_eq!((found[0]["kind"].as_str(), found[0]["where"].as_str()), (Some("weight"), Some("blocks.1.mlp.W_in")));
@@ -475,17 +568,26 @@ fn an_activation_overflow_is_traced_to_the_first_hook_and_allow_nonfinite_runs_o
     let out = tmp.path().join("out");
     let spec = two_run_spec(tmp.path(), &out, "ll");
     let e = fails(&["run", s(&spec), "--model-id", s(&model), "--dtype", "float16"]);
-    assert!(e.contains("non-finite value(s) in activation blocks.0.hook_mlp_out (first at prompt 0, position 0)"), "{e}");
+    assert!(
+        e.contains("non-finite value(s) in activation blocks.0.hook_mlp_out (first at prompt 0, position 0)"),
+        "{e}"
+    );
     assert!(!out.join("resid.parquet").exists());
     // allow_nonfinite = true: the run finishes, exit 0, and the manifest lists every place.
     let text = format!("allow_nonfinite = true\n{}", std::fs::read_to_string(&spec).unwrap());
     std::fs::write(&spec, text).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(["run", s(&spec), "--model-id", s(&model), "--dtype", "float16", "--quiet"]).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["run", s(&spec), "--model-id", s(&model), "--dtype", "float16", "--quiet"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let found = manifest_nonfinite(&out);
     let wheres: Vec<&str> = found.iter().map(|f| f["where"].as_str().unwrap()).collect();
     assert_eq!(wheres[0], "blocks.0.hook_mlp_out", "{found:?}");
-    assert!(wheres.iter().any(|w| w.starts_with("run 'resid'")) && wheres.iter().any(|w| w.starts_with("run 'll'")), "{found:?}");
+    assert!(
+        wheres.iter().any(|w| w.starts_with("run 'resid'")) && wheres.iter().any(|w| w.starts_with("run 'll'")),
+        "{found:?}"
+    );
     assert!(out.join("resid.parquet").exists() && out.join("ll.parquet").exists());
 }
 
@@ -588,7 +690,10 @@ fn a_panic_inside_a_job_names_the_run_the_job_and_the_prompts_and_keeps_finished
             e.contains("run 'heads', job [15] heads: patch attn.hook_v over [layer, head] at layer 1: prompts 0-7 (one batch): internal failure: injected panic"),
             "{devices}: {e}"
         );
-        assert!(!e.contains("panicked at") && !e.contains("stack backtrace") && e.lines().count() <= 2, "{devices}: {e}");
+        assert!(
+            !e.contains("panicked at") && !e.contains("stack backtrace") && e.lines().count() <= 2,
+            "{devices}: {e}"
+        );
         // The finished run and the jobs done before the failure stay.
         assert!(out.join("resid.parquet").is_file(), "{devices}");
         assert!(std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().count() >= 6, "{devices}");

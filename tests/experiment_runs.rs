@@ -17,7 +17,11 @@ fn tl_run(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn read_parquet(path: &Path) -> RecordBatch {
@@ -37,16 +41,23 @@ fn ioi_spec() -> PathBuf {
 
 /// The mean rows of `hook_suffix` in the table, in TL's row-major order for [layer, pos|head].
 fn mean_values(b: &RecordBatch, hook_suffix: &str) -> Vec<f64> {
-    let (hook, prompt, value) = (col::<StringArray>(b, "hook"), col::<Int32Array>(b, "prompt"), col::<Float64Array>(b, "value"));
-    (0..b.num_rows()).filter(|&i| hook.value(i).ends_with(hook_suffix) && prompt.is_null(i)).map(|i| value.value(i)).collect()
+    let (hook, prompt, value) =
+        (col::<StringArray>(b, "hook"), col::<Int32Array>(b, "prompt"), col::<Float64Array>(b, "value"));
+    (0..b.num_rows())
+        .filter(|&i| hook.value(i).ends_with(hook_suffix) && prompt.is_null(i))
+        .map(|i| value.value(i))
+        .collect()
 }
 
 fn check_against_oracle(out: &Path) {
     let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
-    let (clean_b, corr_b) = (oracle.get("clean_baseline").double_value(&[0]), oracle.get("corrupted_baseline").double_value(&[0]));
+    let (clean_b, corr_b) =
+        (oracle.get("clean_baseline").double_value(&[0]), oracle.get("corrupted_baseline").double_value(&[0]));
     let resid = read_parquet(&out.join("resid.parquet"));
     assert_eq!(resid.num_rows(), 3 * 2 * 15);
-    for name in ["run", "kind", "hook", "layer", "head", "pos", "dest_pos", "src_pos", "prompt", "value", "token", "computed"] {
+    for name in
+        ["run", "kind", "hook", "layer", "head", "pos", "dest_pos", "src_pos", "prompt", "value", "token", "computed"]
+    {
         assert!(resid.column_by_name(name).is_some(), "missing column {name}");
     }
     assert_eq!(col::<StringArray>(&resid, "kind").value(0), "activation_patching");
@@ -69,7 +80,8 @@ fn check_against_oracle(out: &Path) {
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((a - (b - corr_b) / (clean_b - corr_b)).abs() <= 1e-3);
     }
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert!((manifest["metric"]["clean_baseline"].as_f64().unwrap() - clean_b).abs() < 1e-4);
     assert_eq!(manifest["spec"]["name"], "ioi-demo");
     assert_eq!(manifest["model"]["weights"][0]["sha256"].as_str().unwrap().len(), 64);
@@ -90,12 +102,22 @@ fn check_against_oracle(out: &Path) {
 fn ioi_spec_on_a_local_fixture_matches_patching_py() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let (ok, stdout, err) = tl_run(&[ioi_spec().to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+    let (ok, stdout, err) = tl_run(
+        &[
+            ioi_spec().to_str().unwrap(),
+            "--model-id",
+            fixture("gpt2-tiny").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(ok, "{err}");
     assert!(stdout.contains("resid.parquet") && stdout.contains("top rows"), "{stdout}");
     check_against_oracle(&out);
     // The six patching targets of its two runs share one forward per layer (jobs together).
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     for run in ["resid", "heads"] {
         for s in manifest["runs"][run]["sweeps"].as_array().unwrap() {
             assert_eq!(s["forwards_shared_with_jobs"], 5, "{run}: {s}");
@@ -117,10 +139,14 @@ fn ioi_spec_as_written_runs_from_a_hub_cache_layout() {
         std::os::unix::fs::symlink(fixture("gpt2-tiny").join(f), snap.join(f)).unwrap();
     }
     let out = tmp.path().join("out");
-    let (ok, _, err) = tl_run(&[ioi_spec().to_str().unwrap(), "--out", out.to_str().unwrap()], &[("HF_HUB_CACHE", &tmp.path().join("hub"))]);
+    let (ok, _, err) = tl_run(
+        &[ioi_spec().to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[("HF_HUB_CACHE", &tmp.path().join("hub"))],
+    );
     assert!(ok, "{err}");
     check_against_oracle(&out);
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["model"]["resolved_commit"], commit);
 }
 
@@ -132,13 +158,24 @@ fn plan_and_validate_need_no_weights() {
     }
     // A placeholder weight file: plan and validate must not read it.
     std::fs::write(tmp.path().join("model.safetensors"), b"not read").unwrap();
-    let (ok, out, err) = tl_run(&["plan", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
+    let (ok, out, err) =
+        tl_run(&["plan", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok, "{err}");
-    assert!(out.contains("heads: patch attn.hook_pattern over [layer, head] at layer 1") && out.contains("attribution: attribution of 3 targets, patch the top 20 per target"), "{out}");
+    assert!(
+        out.contains("heads: patch attn.hook_pattern over [layer, head] at layer 1")
+            && out.contains("attribution: attribution of 3 targets, patch the top 20 per target"),
+        "{out}"
+    );
     // The attribution pass is the backward of the corrupted run, which is kept for it.
     assert!(out.contains("corrupted run's backward "), "{out}");
-    assert!(out.contains("total: tl-run 24 forward passes (patches batched, each from the patched layer); TransformerLens 220"), "{out}");
-    let (ok, out, err) = tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
+    assert!(
+        out.contains(
+            "total: tl-run 24 forward passes (patches batched, each from the patched layer); TransformerLens 220"
+        ),
+        "{out}"
+    );
+    let (ok, out, err) =
+        tl_run(&["validate", ioi_spec().to_str().unwrap(), "--model-id", tmp.path().to_str().unwrap()], &[]);
     assert!(ok && out.contains(": ok"), "{out}{err}");
 }
 
@@ -158,11 +195,25 @@ fn multi_token_answers_and_bad_layers_are_explained() {
     assert!(!ok);
     assert!(err.contains("prompt 4") && err.contains("\" Danforth\" is 2 tokens") && err.contains("\" Dan\""), "{err}");
 
-    let text = std::fs::read_to_string(ioi_spec()).unwrap().replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\nlayers = [0, 5]");
+    let text = std::fs::read_to_string(ioi_spec())
+        .unwrap()
+        .replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\nlayers = [0, 5]");
     let spec = write_spec(tmp.path(), &text);
-    let (ok, _, err) = tl_run(&[spec.to_str().unwrap(), "--model-id", model.to_str().unwrap(), "--out", tmp.path().join("o").to_str().unwrap()], &[]);
+    let (ok, _, err) = tl_run(
+        &[
+            spec.to_str().unwrap(),
+            "--model-id",
+            model.to_str().unwrap(),
+            "--out",
+            tmp.path().join("o").to_str().unwrap(),
+        ],
+        &[],
+    );
     assert!(!ok);
-    assert!(err.contains("spec.toml:31:10") && err.contains("layer 5 is out of range: the model has 2 layers: 0-1"), "{err}");
+    assert!(
+        err.contains("spec.toml:31:10") && err.contains("layer 5 is out of range: the model has 2 layers: 0-1"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -176,13 +227,17 @@ fn per_prompt_logprob_rows() {
         .replace("hooks = [\"resid_pre\", \"attn_out\", \"mlp_out\"]", "hooks = [\"resid_pre\"]");
     let spec = write_spec(tmp.path(), &text);
     let out = tmp.path().join("o");
-    let (ok, _, err) = tl_run(&[spec.to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--out", out.to_str().unwrap()], &[]);
+    let (ok, _, err) = tl_run(
+        &[spec.to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &[],
+    );
     assert!(ok, "{err}");
     let b = read_parquet(&out.join("resid.parquet"));
     assert_eq!(b.num_rows(), 2 * 15 * 9, "8 per-prompt rows and one mean row per cell");
     let ours = mean_values(&b, "hook_resid_pre");
     let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
-    let theirs: Vec<f64> = Vec::try_from(oracle.get("resid_pre_logprob").flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
+    let theirs: Vec<f64> =
+        Vec::try_from(oracle.get("resid_pre_logprob").flatten(0, -1).to_kind(tch::Kind::Double)).unwrap();
     for (a, b) in ours.iter().zip(&theirs) {
         assert!((a - b).abs() <= 1e-4, "logprob {a} vs TransformerLens {b}");
     }
@@ -202,9 +257,15 @@ fn patching_runs_when_clean_and_corrupted_do_not_differ() {
         let path = dir.path().join("spec.toml");
         std::fs::write(&path, &spec).unwrap();
         let out = dir.path().join("out");
-        let o = Command::new(env!("CARGO_BIN_EXE_tl-run")).env("HF_HUB_OFFLINE", "1").args(["run", "--quiet", path.to_str().unwrap(), "--out", out.to_str().unwrap()]).env("TL_RUN_PATCH_SCHEDULE", schedule).output().unwrap();
+        let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["run", "--quiet", path.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .env("TL_RUN_PATCH_SCHEDULE", schedule)
+            .output()
+            .unwrap();
         assert!(o.status.success(), "{schedule}: {}", String::from_utf8_lossy(&o.stderr));
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         let base = manifest["metric"]["clean_baseline"].as_f64().unwrap();
         let t = Table::read(&out.join("heads.parquet"));
         assert_eq!(t.len(), 8, "{schedule}");

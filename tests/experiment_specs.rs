@@ -9,7 +9,8 @@ fn run_on(spec_file: &str, model: &str) {
     let text = std::fs::read_to_string(repo_root().join("experiments").join(spec_file)).unwrap();
     let gpt2 = uses_gpt2_tokenizer(model);
     // The subject words of causal tracing have to be in the prompts.
-    let text = if gpt2 { text } else { text.replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, r#"words = ["Lily"]"#) };
+    let text =
+        if gpt2 { text } else { text.replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, r#"words = ["Lily"]"#) };
     let prompts = prompt_file(model).display().to_string();
     let model_dir = fixture(model).display().to_string();
     let mut args = vec!["--model-id", &model_dir];
@@ -18,7 +19,8 @@ fn run_on(spec_file: &str, model: &str) {
     }
     let dir = run_spec(&text, &args);
     let out = dir.path().join("out");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     plan_is_what_ran(spec_file, model, &dir.path().join("spec.toml"), &args, &manifest);
     let spec: toml::Value = toml::from_str(&text).unwrap();
     let runs = spec["run"].as_array().unwrap();
@@ -27,7 +29,10 @@ fn run_on(spec_file: &str, model: &str) {
         let name = r["name"].as_str().unwrap();
         let t = Table::read(&out.join(format!("{name}.parquet")));
         assert!(t.len() > 0, "{spec_file} on {model}: run {name} wrote no rows");
-        assert!((0..t.len()).all(|i| t.value(i).is_finite()), "{spec_file} on {model}: run {name} has non-finite values");
+        assert!(
+            (0..t.len()).all(|i| t.value(i).is_finite()),
+            "{spec_file} on {model}: run {name} has non-finite values"
+        );
         assert_eq!(t.str("kind", 0).as_deref(), r["kind"].as_str(), "{spec_file} on {model}: run {name} kind");
     }
 }
@@ -35,11 +40,27 @@ fn run_on(spec_file: &str, model: &str) {
 /// `plan --json` lists exactly the jobs the run's manifest records, in order, with the same keys,
 /// and a fresh run ran every one of them.
 fn plan_is_what_ran(spec_file: &str, model: &str, spec: &std::path::Path, args: &[&str], manifest: &serde_json::Value) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run")).arg("plan").arg("--json").arg(spec).args(args).output().unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .arg("plan")
+        .arg("--json")
+        .arg(spec)
+        .args(args)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{spec_file} on {model}: plan failed: {}", String::from_utf8_lossy(&o.stderr));
     let plan: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
     let ran = manifest["jobs"].as_array().unwrap();
-    let listed = |jobs: &[serde_json::Value]| jobs.iter().map(|j| (j["id"].as_u64().unwrap(), j["name"].as_str().unwrap().to_string(), j["key"].as_str().map(str::to_string))).collect::<Vec<_>>();
+    let listed = |jobs: &[serde_json::Value]| {
+        jobs.iter()
+            .map(|j| {
+                (
+                    j["id"].as_u64().unwrap(),
+                    j["name"].as_str().unwrap().to_string(),
+                    j["key"].as_str().map(str::to_string),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
     assert_eq!(listed(&plan), listed(ran), "{spec_file} on {model}: the planned jobs are not the executed ones");
     assert!(plan.iter().any(|j| j["key"].is_string()), "{spec_file} on {model}: no work job has a key");
     for j in ran {
@@ -62,11 +83,16 @@ fn specs() -> Vec<String> {
 /// whose 64-position context is shorter than induction.toml's 100 tokens; gpt2-odd stands for
 /// GPT-2) and stories260K.
 fn models() -> Vec<String> {
-    let table: toml::Table = toml::from_str(&std::fs::read_to_string(repo_root().join("configs/fixtures.toml")).unwrap()).unwrap();
+    let table: toml::Table =
+        toml::from_str(&std::fs::read_to_string(repo_root().join("configs/fixtures.toml")).unwrap()).unwrap();
     let mut v: Vec<String> = table
         .values()
         .filter_map(|f| f.as_table())
-        .flat_map(|f| f.iter().filter(|(n, s)| s.get("bench").and_then(|b| b.as_bool()) != Some(true) && *n != "gpt2-tiny").map(|(n, _)| n.clone()))
+        .flat_map(|f| {
+            f.iter()
+                .filter(|(n, s)| s.get("bench").and_then(|b| b.as_bool()) != Some(true) && *n != "gpt2-tiny")
+                .map(|(n, _)| n.clone())
+        })
         .collect();
     v.push("stories260K".into());
     v
@@ -103,29 +129,50 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         let o = Oracle::read(&fixture_name, "zoo.safetensors");
         let tmp = tempfile::tempdir().unwrap();
         let prompts: Vec<serde_json::Value> = serde_json::from_str(&o.metadata["prompts"]).unwrap();
-        let jsonl: String = prompts.iter().map(|p| format!("{}\n", serde_json::json!({"clean": p["clean"], "answers": p["answers"]}))).collect();
+        let jsonl: String = prompts
+            .iter()
+            .map(|p| format!("{}\n", serde_json::json!({"clean": p["clean"], "answers": p["answers"]})))
+            .collect();
         let file = tmp.path().join("prompts.jsonl");
         std::fs::write(&file, jsonl).unwrap();
         let model_dir = fixture(&fixture_name).display().to_string();
-        let (clean, corrupted) = (o.get("clean_baseline").double_value(&[0]), o.get("corrupted_baseline").double_value(&[0]));
-        let theirs: Vec<f64> = values(o.get("patch/resid_pre")).into_iter().map(|v| (v - corrupted) / (clean - corrupted)).collect();
+        let (clean, corrupted) =
+            (o.get("clean_baseline").double_value(&[0]), o.get("corrupted_baseline").double_value(&[0]));
+        let theirs: Vec<f64> =
+            values(o.get("patch/resid_pre")).into_iter().map(|v| (v - corrupted) / (clean - corrupted)).collect();
         for spec in ["ioi.toml", "default.toml"] {
             let text = std::fs::read_to_string(repo_root().join("experiments").join(spec)).unwrap();
             let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", file.to_str().unwrap()]);
             let t = Table::read(&dir.path().join("out/resid.parquet"));
-            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre")).map(|i| t.value(i)).collect();
+            let ours: Vec<f64> = t
+                .mean_rows()
+                .into_iter()
+                .filter(|&i| t.str("hook", i).unwrap().ends_with("hook_resid_pre"))
+                .map(|i| t.value(i))
+                .collect();
             // Normalised: 0 is the corrupted run, 1 the clean one.
-            assert_oracle(&format!("{spec} run resid, hook_resid_pre normalised, on {fixture_name} (oracle patch/resid_pre)"), &ours, &theirs, Baseline::Zero, Tol::OfSignal(1e-3));
+            assert_oracle(
+                &format!("{spec} run resid, hook_resid_pre normalised, on {fixture_name} (oracle patch/resid_pre)"),
+                &ours,
+                &theirs,
+                Baseline::Zero,
+                Tol::OfSignal(1e-3),
+            );
         }
         let two = tmp.path().join("two.jsonl");
-        std::fs::write(&two, std::fs::read_to_string(&file).unwrap().lines().take(2).map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+        std::fs::write(
+            &two,
+            std::fs::read_to_string(&file).unwrap().lines().take(2).map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
         let word = if uses_gpt2_tokenizer(&fixture_name) { "Mary" } else { "Lily" };
         let text = std::fs::read_to_string(repo_root().join("experiments/causal_tracing.toml"))
             .unwrap()
             .replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, &format!("words = [\"{word}\"]"));
         let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", two.to_str().unwrap()]);
         let out = dir.path().join("out");
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
         // Probabilities of a random model's answer are ~1/vocabulary, so an absolute 1e-5 would
         // pass anything: the noised probability agrees to 1e-4 of itself, and each trace is
         // compared against the noised probability (what restoring nothing leaves), to 5e-3 of its
@@ -136,12 +183,23 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         assert_oracle(&format!("causal_tracing.toml manifest corrupted_baseline (noised prob) on {fixture_name} (oracle trace/corrupted_prob)"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &[noised], Baseline::Zero, Tol::OfSignal(1e-4));
         let t = Table::read(&out.join("trace.parquet"));
         // Bloom's hook_attn_out never fires in TransformerLens 4.3, so it has no attn_out oracle.
-        let traced: Vec<&str> = ["resid_pre", "attn_out", "mlp_out"].into_iter().filter(|k| o.tensors.contains_key(&format!("trace/{k}"))).collect();
+        let traced: Vec<&str> = ["resid_pre", "attn_out", "mlp_out"]
+            .into_iter()
+            .filter(|k| o.tensors.contains_key(&format!("trace/{k}")))
+            .collect();
         // Bloom has no attn_out trace (its hook_attn_out never fires in TransformerLens 4.3);
         // every other family has all three, and none may silently lose them.
-        assert!(traced.len() == 3 || (fixture_name == "bloom-tiny" && traced.len() == 2), "{fixture_name}: the oracle traces {traced:?}");
+        assert!(
+            traced.len() == 3 || (fixture_name == "bloom-tiny" && traced.len() == 2),
+            "{fixture_name}: the oracle traces {traced:?}"
+        );
         for key in traced {
-            let ours: Vec<f64> = t.mean_rows().into_iter().filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}"))).map(|i| t.value(i)).collect();
+            let ours: Vec<f64> = t
+                .mean_rows()
+                .into_iter()
+                .filter(|&i| t.str("hook", i).unwrap().ends_with(&format!("hook_{key}")))
+                .map(|i| t.value(i))
+                .collect();
             if fixture_name == "mistral-tiny" {
                 // Structurally no effect: a sliding window of 5 over 2 layers lets the last
                 // position see 8 positions back, and "Lily" is the prompts' second token, so
@@ -150,27 +208,49 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
                 // the trace is compared with signal on every other family).
                 let theirs = values(o.get(&format!("trace/{key}")));
                 for (what, v) in [("TransformerLens", &theirs), ("tl-run", &ours)] {
-                    assert!(v.iter().all(|x| (x - noised).abs() <= 1e-6 * noised.abs()), "mistral-tiny trace {key}: {what}'s values {v:?} are not all the noised probability {noised}");
+                    assert!(
+                        v.iter().all(|x| (x - noised).abs() <= 1e-6 * noised.abs()),
+                        "mistral-tiny trace {key}: {what}'s values {v:?} are not all the noised probability {noised}"
+                    );
                 }
                 assert_eq!(ours.len(), theirs.len());
                 continue;
             }
-            assert_oracle(&format!("causal_tracing.toml run trace, hook_{key} on {fixture_name} (oracle trace/{key})"), &ours, &values(o.get(&format!("trace/{key}"))), Baseline::Value(noised), Tol::OfSignal(5e-3));
+            assert_oracle(
+                &format!("causal_tracing.toml run trace, hook_{key} on {fixture_name} (oracle trace/{key})"),
+                &ours,
+                &values(o.get(&format!("trace/{key}"))),
+                Baseline::Value(noised),
+                Tol::OfSignal(5e-3),
+            );
         }
         let text = std::fs::read_to_string(repo_root().join("experiments/induction.toml")).unwrap();
         let dir = run_spec(&text, &["--model-id", &model_dir]);
         let t = Table::read(&dir.path().join("out/stripes.parquet"));
         for pattern in ["previous_token", "duplicate_token", "induction"] {
-            let ours: Vec<f64> = t.rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern)).into_iter().map(|i| t.value(i)).collect();
+            let ours: Vec<f64> = t
+                .rows(|t, i| t.str("pattern", i).as_deref() == Some(pattern))
+                .into_iter()
+                .map(|i| t.value(i))
+                .collect();
             if fixture_name == "mistral-tiny" && pattern != "previous_token" {
                 // Structurally zero: the sliding window of 5 cannot reach a token's copy 50
                 // positions back, so no head attends to it, in TransformerLens or here.
                 let theirs = values(o.get(&format!("induction/{pattern}")));
-                assert!(theirs.iter().chain(&ours).all(|v| *v == 0.0) && ours.len() == theirs.len(), "mistral-tiny {pattern} stripe: {ours:?} vs {theirs:?}");
+                assert!(
+                    theirs.iter().chain(&ours).all(|v| *v == 0.0) && ours.len() == theirs.len(),
+                    "mistral-tiny {pattern} stripe: {ours:?} vs {theirs:?}"
+                );
                 continue;
             }
             // Head scores (mean attention on a stripe): 0 for a do-nothing implementation.
-            assert_oracle(&format!("induction.toml run stripes, {pattern} on {fixture_name} (oracle induction/{pattern})"), &ours, &values(o.get(&format!("induction/{pattern}"))), Baseline::Zero, Tol::Abs(1e-5));
+            assert_oracle(
+                &format!("induction.toml run stripes, {pattern} on {fixture_name} (oracle induction/{pattern})"),
+                &ours,
+                &values(o.get(&format!("induction/{pattern}"))),
+                Baseline::Zero,
+                Tol::Abs(1e-5),
+            );
         }
     }
 }

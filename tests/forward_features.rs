@@ -12,7 +12,11 @@ const TOL: f64 = 1e-4;
 /// In a left-padded batch, each prompt's activations equal those of its own unpadded run.
 #[test]
 fn padded_batch_equals_unpadded_runs() {
-    let prompts = ["When John and Mary went to the shops, John gave the bag to", "Hello there", "The cat sat on the mat and then it"];
+    let prompts = [
+        "When John and Mary went to the shops, John gave the bag to",
+        "Hello there",
+        "The cat sat on the mat and then it",
+    ];
     for name in ["gpt2-odd", "stories260K"] {
         let model = load(name, Processing::TRANSFORMER_LENS);
         let tok = model.tokenizer().unwrap();
@@ -33,7 +37,9 @@ fn padded_batch_equals_unpadded_runs() {
             for point in model.hook_points() {
                 let ours = row(&hooks.cache[&point]);
                 let (ours, theirs) = match point.site() {
-                    Some(s) if s.is_attention_map() => (ours.narrow(2, pad, len).narrow(3, pad, len), own.cache[&point].shallow_clone()),
+                    Some(s) if s.is_attention_map() => {
+                        (ours.narrow(2, pad, len).narrow(3, pad, len), own.cache[&point].shallow_clone())
+                    }
                     _ => (ours.narrow(1, pad, len), own.cache[&point].shallow_clone()),
                 };
                 let d = max_abs_diff(&ours, &theirs);
@@ -139,12 +145,15 @@ fn start_and_stop_at_layers() {
         // others fused): the same arithmetic, bit for bit.
         let stopped = model.run(Input::Tokens(&toks), None, &mut Hooks::capture([pre]), Stop::BeforeLayer(l)).unwrap();
         assert!(max_abs_diff(&stopped, &resid) == 0.0);
-        let resumed = model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::Logits).unwrap();
+        let resumed =
+            model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::Logits).unwrap();
         // The resumed run captures nothing, so its attention is the fused kernel: f32 rounding
         // apart, relative to the logits' size.
         let (d, size) = (max_abs_diff(&resumed, &logits), logits.abs().max().double_value(&[]));
         assert!(d <= 1e-6 * size, "{name}: resumed logits differ by {d:.2e} (largest logit {size:.2})");
-        assert!(model.run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::BeforeLayer(0)).is_err());
+        assert!(model
+            .run(Input::Residual { layer: l, resid: &resid }, None, &mut Hooks::new(), Stop::BeforeLayer(0))
+            .is_err());
     }
 }
 
@@ -155,7 +164,9 @@ fn gradients_with_respect_to_hook_activations() {
     let model = load("gpt2-odd", Processing::TRANSFORMER_LENS);
     let toks = tokens("gpt2-odd");
     let point = HookPoint::Block(1, Site::Z);
-    let metric = |logits: &Tensor| logits.select(1, -1).select(1, 1757).sum(Kind::Float) - logits.select(1, -1).select(1, 5335).sum(Kind::Float);
+    let metric = |logits: &Tensor| {
+        logits.select(1, -1).select(1, 1757).sum(Kind::Float) - logits.select(1, -1).select(1, 5335).sum(Kind::Float)
+    };
     let mut hooks = Hooks::capture([point]).with_grad();
     let logits = model.run(Input::Tokens(&toks), None, &mut hooks, Stop::Logits).unwrap();
     let act = hooks.cache[&point].shallow_clone();
@@ -191,15 +202,22 @@ fn key_value_prefix_reproduces_the_full_run() {
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
         let mut full = Hooks::capture_all();
         let logits = model.run(Input::Tokens(&toks), None, &mut full, Stop::Logits).unwrap();
-        let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+        let take = |site: Site| {
+            (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>()
+        };
         let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
         let layer = 1;
         let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, seq - s);
         let mut part = Hooks::capture_all();
-        let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, None, &mut part, Stop::Logits, Some(&prefix)).unwrap();
+        let out = model
+            .run_with_prefix(Input::Residual { layer, resid: &resid }, None, &mut part, Stop::Logits, Some(&prefix))
+            .unwrap();
         assert!(max_abs_diff(&out, &logits.narrow(1, s, seq - s)) <= 1e-5, "{name} logits");
         let pattern = HookPoint::Block(n_layers - 1, Site::Pattern);
-        assert!(max_abs_diff(&part.cache[&pattern], &full.cache[&pattern].narrow(2, s, seq - s)) <= 1e-6, "{name} pattern");
+        assert!(
+            max_abs_diff(&part.cache[&pattern], &full.cache[&pattern].narrow(2, s, seq - s)) <= 1e-6,
+            "{name} pattern"
+        );
         let z = HookPoint::Block(n_layers - 1, Site::Z);
         assert!(max_abs_diff(&part.cache[&z], &full.cache[&z].narrow(1, s, seq - s)) <= 1e-5, "{name} z");
     }
@@ -232,13 +250,23 @@ fn last_position_stop_equals_the_full_runs_last_position() {
             // From the last block's residual after a 4-position prefix, with keys and values hooked.
             let s = 4;
             let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
-            let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+            let take = |site: Site| {
+                (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>()
+            };
             let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
             let layer = n_layers - 1;
             let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, 9 - s);
             let v = HookPoint::Block(layer, Site::V);
             let mut kv = Hooks::capture([v, HookPoint::Block(layer, key_site)]);
-            let last = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask, &mut kv, Stop::LastPosition, Some(&prefix)).unwrap();
+            let last = model
+                .run_with_prefix(
+                    Input::Residual { layer, resid: &resid },
+                    mask,
+                    &mut kv,
+                    Stop::LastPosition,
+                    Some(&prefix),
+                )
+                .unwrap();
             let d = max_abs_diff(&last, &expected);
             assert!(d <= 1e-5, "{name} (mask {}): after a prefix, differs by {d:.2e}", mask.is_some());
             assert_eq!(kv.cache[&v].size()[1], 9 - s, "{name}: keys and values at every computed position");
@@ -274,21 +302,44 @@ fn fused_attention_equals_the_explicit_steps() {
         let (s, layer) = (4, n_layers - 1);
         // Row 1's pattern at layer 0, head 0, made uniform over the keys it may see.
         let pattern_edit = || {
-            let uniform = Edit::Func(Box::new(|p: &Tensor| Ok(p.gt(0.0).to_kind(p.kind()) / p.gt(0.0).sum_dim_intlist(-1, true, Kind::Float).clamp_min(1.0).to_kind(p.kind()))));
-            Hooks::new().intervene(HookPoint::Block(0, Site::Pattern), Intervention::new(uniform).batch(Sel::One(1)).head(Sel::One(0)))
+            let uniform = Edit::Func(Box::new(|p: &Tensor| {
+                Ok(p.gt(0.0).to_kind(p.kind())
+                    / p.gt(0.0).sum_dim_intlist(-1, true, Kind::Float).clamp_min(1.0).to_kind(p.kind()))
+            }));
+            Hooks::new().intervene(
+                HookPoint::Block(0, Site::Pattern),
+                Intervention::new(uniform).batch(Sel::One(1)).head(Sel::One(0)),
+            )
         };
         for mask in [None, Some(&mask)] {
             let padded = mask.is_some();
             // Keys, values and the last block's residual from a capturing run (explicit steps).
-            let mut full = Hooks::capture([at_every_layer(n_layers, key_site), at_every_layer(n_layers, Site::V), vec![HookPoint::Block(layer, Site::ResidPre)]].concat());
+            let mut full = Hooks::capture(
+                [
+                    at_every_layer(n_layers, key_site),
+                    at_every_layer(n_layers, Site::V),
+                    vec![HookPoint::Block(layer, Site::ResidPre)],
+                ]
+                .concat(),
+            );
             let captured = model.run(Input::Tokens(&toks), mask, &mut full, Stop::Logits).unwrap();
-            let take = |site: Site| (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>();
+            let take = |site: Site| {
+                (0..n_layers).map(|l| full.cache[&HookPoint::Block(l, site)].narrow(1, 0, s)).collect::<Vec<_>>()
+            };
             let prefix = Prefix { len: s, keys: take(key_site), values: take(Site::V) };
             let resid = full.cache[&HookPoint::Block(layer, Site::ResidPre)].narrow(1, s, 9 - s);
             let mut run_with = |kernel: AttentionKernel| {
                 model.attention_kernel = kernel;
                 let logits = model.run(Input::Tokens(&toks), mask, &mut Hooks::new(), Stop::Logits).unwrap();
-                let last = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask, &mut Hooks::new(), Stop::LastPosition, Some(&prefix)).unwrap();
+                let last = model
+                    .run_with_prefix(
+                        Input::Residual { layer, resid: &resid },
+                        mask,
+                        &mut Hooks::new(),
+                        Stop::LastPosition,
+                        Some(&prefix),
+                    )
+                    .unwrap();
                 let edited = model.run(Input::Tokens(&toks), mask, &mut pattern_edit(), Stop::Logits).unwrap();
                 let mut capturing = Hooks::capture([HookPoint::Block(0, Site::Z)]);
                 let captured = model.run(Input::Tokens(&toks), mask, &mut capturing, Stop::Logits).unwrap();
@@ -299,14 +350,21 @@ fn fused_attention_equals_the_explicit_steps() {
             // Relative to the logits' size: stories260K's (trained) reach |15|.
             let close = |a: &Tensor, b: &Tensor, what: &str| {
                 let (d, size) = (max_abs_diff(a, b), b.abs().max().double_value(&[]));
-                assert!(d <= 1e-5 * size.max(1.0), "{name} (padded {padded}): {what} differ by {d:.2e} (max {size:.1})");
+                assert!(
+                    d <= 1e-5 * size.max(1.0),
+                    "{name} (padded {padded}): {what} differ by {d:.2e} (max {size:.1})"
+                );
             };
             close(&fused.0, &explicit.0, "logits");
             close(&fused.1, &explicit.1, "last-position outputs after a prefix");
             close(&fused.2, &explicit.2, "logits with row 1's pattern edited");
             assert!(max_abs_diff(&fused.2.get(1), &fused.0.get(1)) > 1e-4, "{name}: the pattern edit changes row 1");
             for row in [0, 2] {
-                assert_eq!(fused.2.get(row), fused.0.get(row), "{name} (padded {padded}): row {row}, not edited, keeps its fused values");
+                assert_eq!(
+                    fused.2.get(row),
+                    fused.0.get(row),
+                    "{name} (padded {padded}): row {row}, not edited, keeps its fused values"
+                );
             }
             assert_eq!(fused.3, explicit.3, "{name}: a capturing forward runs the explicit steps");
             assert_eq!(fused.3, captured, "{name}: the same forward");

@@ -40,7 +40,13 @@ const TL_NEVER_FIRES: &[(&str, &[&str])] = &[
 /// the families whose attention TL 4.3 wraps in its generic AttentionBridge (GPT-Neo, GPT-J,
 /// OPT) hook_attn_scores holds the softmaxed pattern, so it is compared with our pattern; our
 /// scores feed that pattern and are checked through it.
-fn tl_quirk(fixture: &str, name: &str, ours: &tch::Tensor, theirs: &tch::Tensor, cache: &Hooks) -> Option<(tch::Tensor, tch::Tensor)> {
+fn tl_quirk(
+    fixture: &str,
+    name: &str,
+    ours: &tch::Tensor,
+    theirs: &tch::Tensor,
+    cache: &Hooks,
+) -> Option<(tch::Tensor, tch::Tensor)> {
     if fixture == "opt-tiny" && name.contains(".ln2.") && theirs.numel() == ours.numel() && theirs.dim() < ours.dim() {
         return Some((ours.shallow_clone(), theirs.reshape(ours.size())));
     }
@@ -67,8 +73,16 @@ fn family_of(name: &str) -> String {
 /// Compares one hook through the oracle guard, recording its agreement (max |diff| over the
 /// hook's largest |value|) under the hook's family; returns the failure (a difference, a shape
 /// mismatch or a refused comparison) so that every hook of a case is reported, not the first.
-fn compare(what: &str, name: &str, ours: &tch::Tensor, theirs: &tch::Tensor, worst: &mut BTreeMap<String, f64>) -> Option<String> {
-    match common::compare::outcome(what, || assert_oracle_tensor(what, ours, theirs, Baseline::Zero, Tol::OfSignal(REL_TOL))) {
+fn compare(
+    what: &str,
+    name: &str,
+    ours: &tch::Tensor,
+    theirs: &tch::Tensor,
+    worst: &mut BTreeMap<String, f64>,
+) -> Option<String> {
+    match common::compare::outcome(what, || {
+        assert_oracle_tensor(what, ours, theirs, Baseline::Zero, Tol::OfSignal(REL_TOL))
+    }) {
         Ok(a) => {
             let w = worst.entry(family_of(name)).or_insert(0.0);
             *w = w.max(a.max_diff / a.signal);
@@ -114,7 +128,9 @@ fn compare_case(fixture_name: &str, processed: bool, case: &str, worst: &mut BTr
         let what = format!("{fixture_name} {file} {name}");
         match oracle.tensors.get(&name) {
             Some(theirs) => match tl_quirk(fixture_name, &name, ours, theirs, &hooks) {
-                Some((o, t)) => check(&name, format!("{what} (TransformerLens quirk, see tl_quirk)"), &o, &t, &mut failures),
+                Some((o, t)) => {
+                    check(&name, format!("{what} (TransformerLens quirk, see tl_quirk)"), &o, &t, &mut failures)
+                }
                 None => check(&name, what, ours, theirs, &mut failures),
             },
             None if tl_never_fires(fixture_name, &name) => {}
@@ -123,16 +139,27 @@ fn compare_case(fixture_name: &str, processed: bool, case: &str, worst: &mut BTr
     }
     for name in oracle.tensors.keys() {
         let ours_has = model.hook_point(name).is_ok();
-        let expected_extra = ["tokens", "logits", "hf_logits"].contains(&name.as_str()) || BRIDGE_ONLY.iter().any(|s| name.ends_with(s));
+        let expected_extra =
+            ["tokens", "logits", "hf_logits"].contains(&name.as_str()) || BRIDGE_ONLY.iter().any(|s| name.ends_with(s));
         if !ours_has && !expected_extra {
             failures.push(format!("{name}: TransformerLens has it and we do not"));
         }
     }
     check("logits", format!("{fixture_name} {file} logits"), &logits, oracle.get("logits"), &mut failures);
     if !processed {
-        check("logits_vs_hf_transformers", format!("{fixture_name} {file} logits vs HF transformers (oracle hf_logits)"), &logits, oracle.get("hf_logits"), &mut failures);
+        check(
+            "logits_vs_hf_transformers",
+            format!("{fixture_name} {file} logits vs HF transformers (oracle hf_logits)"),
+            &logits,
+            oracle.get("hf_logits"),
+            &mut failures,
+        );
     }
-    assert!(failures.is_empty(), "{fixture_name} {file}:\n  {}\nmax |diff| / largest |value| so far per family: {worst:#?}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "{fixture_name} {file}:\n  {}\nmax |diff| / largest |value| so far per family: {worst:#?}",
+        failures.join("\n  ")
+    );
 }
 
 fn compare_fixture(fixture_name: &str, cases: &[&str]) {
@@ -205,8 +232,12 @@ fn processing_preserves_log_probs() {
     for fixture_name in ["gpt2-odd", "stories260K"] {
         let oracle = Oracle::read(fixture_name, "raw-batch.safetensors");
         let tokens = oracle.get("tokens");
-        let a = load(fixture_name, Processing::TRANSFORMER_LENS).run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
-        let b = load(fixture_name, Processing::NONE).run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits).unwrap();
+        let a = load(fixture_name, Processing::TRANSFORMER_LENS)
+            .run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits)
+            .unwrap();
+        let b = load(fixture_name, Processing::NONE)
+            .run(Input::Tokens(tokens), None, &mut Hooks::new(), Stop::Logits)
+            .unwrap();
         let d = max_abs_diff(&log_softmax(&a), &log_softmax(&b));
         assert!(d <= LOG_PROB_TOL, "{fixture_name}: log-softmax differs by {d:.3e}");
     }

@@ -28,8 +28,14 @@ fn a_rerun_reads_every_job_from_the_store_and_a_changed_spec_redoes_only_its_cha
     let again = ok(&["run", &ioi(), "--model-id", &model, "--out", &o, "--quiet"]);
     assert_eq!(job_counts(&again), (0, ran), "an unchanged rerun runs nothing");
     assert_eq!(parquet_files(&out), files, "the rerun's files differ from the first run's");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    let load = manifest["jobs"].as_array().unwrap().iter().find(|j| j["name"].as_str().unwrap().starts_with("load model")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let load = manifest["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["name"].as_str().unwrap().starts_with("load model"))
+        .unwrap();
     assert_eq!(load["status"], "skipped", "a rerun with every job stored loads no weights");
 
     // A stored job whose file was damaged is redone, with a plain-text warning naming it (no
@@ -38,7 +44,10 @@ fn a_rerun_reads_every_job_from_the_store_and_a_changed_spec_redoes_only_its_cha
     // by the store's order): redone alone, not in its layer's group of shared forwards, its
     // cells are batched differently, so its rows equal the first run's to rounding.
     let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--json"])).unwrap();
-    let key = plan.as_array().unwrap().iter().find(|j| j["task"] == "patch" && j["layer"] == 1).unwrap()["key"].as_str().unwrap().to_string();
+    let key = plan.as_array().unwrap().iter().find(|j| j["task"] == "patch" && j["layer"] == 1).unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let damaged = out.join(".tl-run/jobs").join(format!("{key}.parquet"));
     assert!(damaged.is_file(), "{} is not in the store", damaged.display());
     std::fs::write(&damaged, b"junk").unwrap();
@@ -92,19 +101,38 @@ fn shards_cover_every_job_once_read_as_one_dataset_and_merge_to_the_single_run()
     let (total, _) = job_counts(&first);
     // `plan --shards 3 --json` names each work job's shard: after shard i the job store holds
     // exactly the keys of shards 0..=i.
-    let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--shards", "3", "--json"])).unwrap();
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--shards", "3", "--json"])).unwrap();
     let shard_keys = |i: usize| -> std::collections::BTreeSet<String> {
-        plan.as_array().unwrap().iter().filter(|j| j["shard"] == i && j["key"].is_string()).map(|j| j["key"].as_str().unwrap().to_string()).collect()
+        plan.as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["shard"] == i && j["key"].is_string())
+            .map(|j| j["key"].as_str().unwrap().to_string())
+            .collect()
     };
     let mut expected = std::collections::BTreeSet::new();
     let mut ran = 0;
     for i in 0..3 {
-        let s = ok(&["run", &ioi(), "--model-id", &model, "--out", sharded.to_str().unwrap(), "--quiet", "--shard", &format!("{i}/3")]);
+        let s = ok(&[
+            "run",
+            &ioi(),
+            "--model-id",
+            &model,
+            "--out",
+            sharded.to_str().unwrap(),
+            "--quiet",
+            "--shard",
+            &format!("{i}/3"),
+        ]);
         ran += job_counts(&s).0;
         assert!(!shard_keys(i).is_empty(), "shard {i} has no keyed job");
         expected.extend(shard_keys(i));
-        let stored: std::collections::BTreeSet<String> = std::fs::read_dir(sharded.join(".tl-run/jobs")).unwrap().flatten()
-            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect();
+        let stored: std::collections::BTreeSet<String> = std::fs::read_dir(sharded.join(".tl-run/jobs"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string))
+            .collect();
         assert_eq!(stored, expected, "the store after shard {i}");
     }
     assert_eq!(ran, total, "the shards together run every job exactly once");
@@ -125,7 +153,10 @@ for run in runs:
     let read = String::from_utf8_lossy(&o.stdout).into_owned();
     for (line, run) in read.lines().zip(runs) {
         let n = Table::read(&single.join(format!("{run}.parquet"))).len();
-        assert!(line.starts_with(&format!("{run} {n} {n} ")), "{run}: the parts read as one dataset should have the single run's {n} rows: {line}");
+        assert!(
+            line.starts_with(&format!("{run} {n} {n} ")),
+            "{run}: the parts read as one dataset should have the single run's {n} rows: {line}"
+        );
     }
 
     let merged = ok(&["merge", sharded.to_str().unwrap()]);
@@ -133,9 +164,14 @@ for run in runs:
     // The shards batch their jobs' cells differently from the single run: the same rows to
     // rounding (the BLAS's results depend on the batch's size on some CPUs).
     let (want, got) = (parquet_files(&single), parquet_files(&sharded));
-    assert_eq!(got.keys().collect::<Vec<_>>(), want.keys().collect::<Vec<_>>(), "merge leaves exactly the single-file layout");
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "merge leaves exactly the single-file layout"
+    );
     assert_same_rows(&single, &sharded, REBATCHED_REL);
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sharded.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sharded.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["shards"].as_array().unwrap().len(), 3);
 }
 
@@ -171,7 +207,8 @@ fn two_device_replicas_run_jobs_concurrently_and_give_the_one_device_files() {
     let model = fixture("gpt2-tiny").display().to_string();
     let (one, two, spec_key) = (tmp.path().join("one"), tmp.path().join("two"), tmp.path().join("spec-key"));
     ok(&["run", &ioi(), "--model-id", &model, "--out", one.to_str().unwrap(), "--quiet"]);
-    let s = ok(&["run", &ioi(), "--model-id", &model, "--out", two.to_str().unwrap(), "--quiet", "--devices", "cpu,cpu"]);
+    let s =
+        ok(&["run", &ioi(), "--model-id", &model, "--out", two.to_str().unwrap(), "--quiet", "--devices", "cpu,cpu"]);
     assert!(job_counts(&s).0 >= 15, "{s}");
     // The same through the spec's model.devices.
     let text = std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", "[model]\ndevices = [\"cpu\", \"cpu\"]\n");
@@ -180,12 +217,14 @@ fn two_device_replicas_run_jobs_concurrently_and_give_the_one_device_files() {
     ok(&["run", spec.to_str().unwrap(), "--model-id", &model, "--out", spec_key.to_str().unwrap(), "--quiet"]);
     for dir in [&two, &spec_key] {
         assert_same_rows(&one, dir, REBATCHED_REL);
-        let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).unwrap()).unwrap();
         assert_eq!(manifest["device"], "[Cpu, Cpu]");
     }
     // Bad device lists are named with their line and key.
     for (devices, want) in [("[]", "model.devices: is empty"), ("[\"cpu\", \"tpu\"]", "unknown device 'tpu'")] {
-        let text = std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", &format!("[model]\ndevices = {devices}\n"));
+        let text =
+            std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", &format!("[model]\ndevices = {devices}\n"));
         std::fs::write(&spec, text).unwrap();
         let e = fails(&["validate", spec.to_str().unwrap(), "--model-id", &model]);
         assert!(e.contains(want) && e.contains(":4:"), "{devices}: {e}");
@@ -215,19 +254,38 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
     let (plain, halved) = (tmp.path().join("plain"), tmp.path().join("halved"));
     ok(&["run", spec.to_str().unwrap(), "--model-id", &model, "--out", plain.to_str().unwrap(), "--quiet"]);
     let o = tl_run()
-        .args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", halved.to_str().unwrap(), "--quiet", "--batch-memory", "4GiB"])
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--model-id",
+            &model,
+            "--out",
+            halved.to_str().unwrap(),
+            "--quiet",
+            "--batch-memory",
+            "4GiB",
+        ])
         .env("TL_RUN_INJECT_OOM_ROWS", "64")
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(halved.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(halved.join("manifest.json")).unwrap()).unwrap();
     let sweep = &manifest["runs"]["heads"]["sweeps"][0];
     assert!(sweep["oom_halvings"].as_u64().unwrap() >= 2, "{sweep}");
     assert!(sweep["cells_per_forward"].as_u64().unwrap() <= 8, "{sweep}");
     assert_same_rows(&plain, &halved, REBATCHED_REL);
     // A batch of one cell that does not fit is an error naming the job, not a loop.
     let o = tl_run()
-        .args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", tmp.path().join("none").to_str().unwrap(), "--quiet"])
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--model-id",
+            &model,
+            "--out",
+            tmp.path().join("none").to_str().unwrap(),
+            "--quiet",
+        ])
         .env("TL_RUN_INJECT_OOM_ROWS", "4")
         .output()
         .unwrap();
@@ -244,7 +302,8 @@ fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory()
     let model = fixture("gpt2-tiny").display().to_string();
     let run = |spec: &str, out: &Path, schedule: &str, oom_rows: Option<&str>| {
         let mut c = tl_run();
-        c.args(["run", spec, "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]).env("TL_RUN_PATCH_SCHEDULE", schedule);
+        c.args(["run", spec, "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"])
+            .env("TL_RUN_PATCH_SCHEDULE", schedule);
         if let Some(rows) = oom_rows {
             c.env("TL_RUN_INJECT_OOM_ROWS", rows);
         }
@@ -272,7 +331,10 @@ fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory()
     run(spec.to_str().unwrap(), &plain, "by_layer", None);
     let manifest = run(spec.to_str().unwrap(), &halved, "staircase", Some("64"));
     let sweep = &manifest["runs"]["heads"]["sweeps"][0];
-    assert!(sweep["oom_halvings"].as_u64().unwrap() >= 2 && sweep["cells_per_forward"].as_u64().unwrap() <= 8, "{sweep}");
+    assert!(
+        sweep["oom_halvings"].as_u64().unwrap() >= 2 && sweep["cells_per_forward"].as_u64().unwrap() <= 8,
+        "{sweep}"
+    );
     same_rows(&plain, &halved);
 }
 
@@ -288,7 +350,8 @@ fn a_model_split_by_layers_sees_every_hook_and_gives_the_one_device_rows() {
         ok(&[&["cache", &model, "--out", one.to_str().unwrap()][..], &prompts].concat());
         ok(&[&["cache", &model, "--out", split.to_str().unwrap(), "--split", "cpu,cpu,cpu"][..], &prompts].concat());
         let (a, b) = (std::fs::read(&one).unwrap(), std::fs::read(&split).unwrap());
-        let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+        let (a, b) =
+            (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
         let mut names = a.names();
         names.sort();
         let mut other = b.names();
@@ -302,14 +365,30 @@ fn a_model_split_by_layers_sees_every_hook_and_gives_the_one_device_rows() {
     let model = fixture("gpt2-tiny").display().to_string();
     let (one, split) = (tmp.path().join("one"), tmp.path().join("split"));
     ok(&["run", &ioi(), "--model-id", &model, "--out", one.to_str().unwrap(), "--quiet"]);
-    ok(&["run", &ioi(), "--model-id", &model, "--out", split.to_str().unwrap(), "--quiet", "--devices", "cpu,cpu", "--split-layers"]);
+    ok(&[
+        "run",
+        &ioi(),
+        "--model-id",
+        &model,
+        "--out",
+        split.to_str().unwrap(),
+        "--quiet",
+        "--devices",
+        "cpu,cpu",
+        "--split-layers",
+    ]);
     assert_eq!(parquet_files(&split), parquet_files(&one));
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["model"]["layer_devices"], serde_json::json!(["Cpu", "Cpu"]));
     let e = fails(&["run", &ioi(), "--model-id", &model, "--out", split.to_str().unwrap(), "--split-layers"]);
     assert!(e.contains("--split-layers needs --devices"), "{e}");
     let spec = tmp.path().join("split.toml");
-    std::fs::write(&spec, std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", "[model]\nsplit_layers = true\n")).unwrap();
+    std::fs::write(
+        &spec,
+        std::fs::read_to_string(ioi()).unwrap().replace("[model]\n", "[model]\nsplit_layers = true\n"),
+    )
+    .unwrap();
     let e = fails(&["validate", spec.to_str().unwrap(), "--model-id", &model]);
     assert!(e.contains(":4:") && e.contains("model.split_layers: needs model.devices"), "{e}");
 }
@@ -323,9 +402,20 @@ fn a_group_of_patching_jobs_is_stored_when_the_group_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = fixture("gpt2-tiny").display().to_string();
     let plan: serde_json::Value = serde_json::from_str(&ok(&["plan", &ioi(), "--model-id", &model, "--json"])).unwrap();
-    let layer0: std::collections::BTreeSet<String> =
-        plan.as_array().unwrap().iter().filter(|j| j["task"] == "patch" && j["layer"] == 0).map(|j| j["key"].as_str().unwrap().to_string()).collect();
-    let runs: std::collections::BTreeSet<u64> = plan.as_array().unwrap().iter().filter(|j| j["task"] == "patch" && j["layer"] == 0).map(|j| j["run"].as_u64().unwrap()).collect();
+    let layer0: std::collections::BTreeSet<String> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["task"] == "patch" && j["layer"] == 0)
+        .map(|j| j["key"].as_str().unwrap().to_string())
+        .collect();
+    let runs: std::collections::BTreeSet<u64> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["task"] == "patch" && j["layer"] == 0)
+        .map(|j| j["run"].as_u64().unwrap())
+        .collect();
     assert!(layer0.len() >= 6 && runs.len() == 2, "layer 0 has {} patching jobs of runs {runs:?}", layer0.len());
     let out = tmp.path().join("out");
     let mut child = tl_run()
@@ -337,7 +427,13 @@ fn a_group_of_patching_jobs_is_stored_when_the_group_finishes() {
         .spawn()
         .unwrap();
     let stored = || -> std::collections::BTreeSet<String> {
-        std::fs::read_dir(out.join(".tl-run/jobs")).map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect()).unwrap_or_default()
+        std::fs::read_dir(out.join(".tl-run/jobs"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
     };
     let t = std::time::Instant::now();
     while stored().len() < layer0.len() {
@@ -348,7 +444,8 @@ fn a_group_of_patching_jobs_is_stored_when_the_group_finishes() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert_eq!(stored(), layer0, "the first stored jobs are layer 0's group, of both runs");
-    let (ran, read) = job_counts(&ok(&["run", &ioi(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]));
+    let (ran, read) =
+        job_counts(&ok(&["run", &ioi(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]));
     assert_eq!(read, layer0.len(), "the rerun reads the stored group");
     assert!(ran >= 10, "{ran}");
 }

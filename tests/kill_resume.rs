@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn stored_jobs(out: &Path) -> usize {
-    std::fs::read_dir(out.join(".tl-run/jobs")).map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "parquet")).count()).unwrap_or(0)
+    std::fs::read_dir(out.join(".tl-run/jobs"))
+        .map(|d| d.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "parquet")).count())
+        .unwrap_or(0)
 }
 
 #[test]
@@ -23,7 +25,8 @@ fn killed_at_known_points_and_at_random_moments_a_rerun_finishes_with_the_same_r
     let model = fixture("gpt2-tiny").display().to_string();
     let run = |out: &Path| {
         let mut c = tl_run();
-        c.args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"]).env("TL_RUN_BATCH_FLOATS", LONG_BATCH_FLOATS);
+        c.args(["run", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--quiet"])
+            .env("TL_RUN_BATCH_FLOATS", LONG_BATCH_FLOATS);
         c
     };
     let reference = tmp.path().join("reference");
@@ -52,8 +55,14 @@ fn killed_at_known_points_and_at_random_moments_a_rerun_finishes_with_the_same_r
         match k {
             Some(k) => {
                 while stored_jobs(&out) < k {
-                    assert!(child.try_wait().unwrap().is_none(), "trial {trial}: the run ended before storing {k} jobs");
-                    assert!(started.elapsed() < Duration::from_secs(600), "trial {trial}: {k} jobs not stored in 10 minutes");
+                    assert!(
+                        child.try_wait().unwrap().is_none(),
+                        "trial {trial}: the run ended before storing {k} jobs"
+                    );
+                    assert!(
+                        started.elapsed() < Duration::from_secs(600),
+                        "trial {trial}: {k} jobs not stored in 10 minutes"
+                    );
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 assert!(child.try_wait().unwrap().is_none(), "trial {trial}: the paused run ended");
@@ -65,26 +74,51 @@ fn killed_at_known_points_and_at_random_moments_a_rerun_finishes_with_the_same_r
         child.wait().unwrap();
         let stored_before = stored_jobs(&out);
         if let Some(k) = k {
-            assert_eq!(stored_before, k, "trial {trial}: the writer paused after {k} jobs, yet {stored_before} are stored");
+            assert_eq!(
+                stored_before, k,
+                "trial {trial}: the writer paused after {k} jobs, yet {stored_before} are stored"
+            );
         }
         let o = run(&out).output().unwrap();
-        assert!(o.status.success(), "trial {trial}: the rerun after a kill at {at:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "trial {trial}: the rerun after a kill at {at:?} failed:\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let (ran, stored) = job_counts(&String::from_utf8_lossy(&o.stdout));
         if k.is_some() {
-            assert_eq!((ran, stored), (total - stored_before, stored_before), "trial {trial}: the rerun must read every stored job and run the rest");
+            assert_eq!(
+                (ran, stored),
+                (total - stored_before, stored_before),
+                "trial {trial}: the rerun must read every stored job and run the rest"
+            );
         }
-        report.push(format!("{:.2}s{}: {stored_before} stored before, rerun {ran} ran + {stored} read", at.as_secs_f64(), k.map(|k| format!(" (paused at {k})")).unwrap_or_default()));
+        report.push(format!(
+            "{:.2}s{}: {stored_before} stored before, rerun {ran} ran + {stored} read",
+            at.as_secs_f64(),
+            k.map(|k| format!(" (paused at {k})")).unwrap_or_default()
+        ));
         // A rerun that redid every job batched as the uninterrupted run did: the same bytes. One
         // that resumed batches the remaining cells differently: the same rows to rounding.
         if stored == 0 || ran == 0 {
-            assert!(parquet_files(&out) == want, "trial {trial} (killed at {at:?}, nothing resumed): files are not byte-identical");
+            assert!(
+                parquet_files(&out) == want,
+                "trial {trial} (killed at {at:?}, nothing resumed): files are not byte-identical"
+            );
         } else {
             assert_same_rows(&reference, &out, REBATCHED_REL);
         }
         let temps = temp_files(&out);
         assert!(temps.is_empty(), "trial {trial} (killed at {at:?}): temporary files left: {temps:?}");
         let top: Vec<String> = outputs(&out).keys().map(|p| p.display().to_string()).collect();
-        assert!(top.iter().all(|p| p.ends_with(".parquet") || p == "manifest.json"), "trial {trial}: unexpected files {top:?}");
+        assert!(
+            top.iter().all(|p| p.ends_with(".parquet") || p == "manifest.json"),
+            "trial {trial}: unexpected files {top:?}"
+        );
     }
-    eprintln!("kill -9 trials ({total} jobs, uninterrupted run {:.2}s):\n  {}", full.as_secs_f64(), report.join("\n  "));
+    eprintln!(
+        "kill -9 trials ({total} jobs, uninterrupted run {:.2}s):\n  {}",
+        full.as_secs_f64(),
+        report.join("\n  ")
+    );
 }

@@ -50,7 +50,8 @@ fn loads_from_hub_cache_offline_via_hf_hub_cache_and_hf_home() {
     assert!(via_cache.status.success(), "{}", String::from_utf8_lossy(&via_cache.stderr));
     assert_eq!(String::from_utf8(via_cache.stdout).unwrap(), expected);
 
-    let via_home = tl_run(&["hooks", "tl-run-fixtures/gpt2-tiny", "--revision", COMMIT], &[("HF_HOME", &tmp.path().join("home"))]);
+    let via_home =
+        tl_run(&["hooks", "tl-run-fixtures/gpt2-tiny", "--revision", COMMIT], &[("HF_HOME", &tmp.path().join("home"))]);
     assert!(via_home.status.success(), "{}", String::from_utf8_lossy(&via_home.stderr));
 
     // Offline and not cached: no network attempt, and the error says where it looked.
@@ -86,7 +87,11 @@ fn sharded_checkpoints_load_like_single_files() {
         }
         tch::Tensor::write_safetensors(&part, tmp.path().join(file)).unwrap();
     }
-    std::fs::write(tmp.path().join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": map}).to_string(),
+    )
+    .unwrap();
     for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(src.join(f), tmp.path().join(f)).unwrap();
     }
@@ -113,8 +118,11 @@ fn pickle_checkpoints_are_refused() {
 fn missing_tensors_are_named_with_the_nearest_present() {
     let tmp = tempfile::tempdir().unwrap();
     let src = fixture("gpt2-tiny");
-    let tensors: Vec<(String, tch::Tensor)> =
-        tch::Tensor::read_safetensors(src.join("model.safetensors")).unwrap().into_iter().filter(|(n, _)| !n.ends_with("h.1.ln_2.weight")).collect();
+    let tensors: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(src.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("h.1.ln_2.weight"))
+        .collect();
     tch::Tensor::write_safetensors(&tensors, tmp.path().join("model.safetensors")).unwrap();
     std::fs::copy(src.join("config.json"), tmp.path().join("config.json")).unwrap();
     let err = Model::load(tmp.path().to_str().unwrap(), &LoadOptions::default()).err().expect("must fail").to_string();
@@ -134,7 +142,11 @@ fn loaded_mlp_matrices_are_contiguous() {
                 let m = &b.mlp;
                 for (what, t) in [("w_in", Some(&m.w_in)), ("w_gate", m.w_gate.as_ref()), ("w_out", Some(&m.w_out))] {
                     if let Some(t) = t {
-                        assert!(t.is_contiguous(), "{name} {kind:?}: block {l}'s {what} is not contiguous (strides {:?})", t.stride());
+                        assert!(
+                            t.is_contiguous(),
+                            "{name} {kind:?}: block {l}'s {what} is not contiguous (strides {:?})",
+                            t.stride()
+                        );
                     }
                 }
             }

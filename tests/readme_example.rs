@@ -11,20 +11,38 @@ fn readme_python_example_reads_our_parquet() {
     let start = readme.find("<!-- readme-example:start -->").expect("README example start marker");
     let end = readme.find("<!-- readme-example:end -->").expect("README example end marker");
     let block = &readme[start..end];
-    let code: String = block.lines().skip_while(|l| !l.starts_with("```python")).skip(1).take_while(|l| !l.starts_with("```")).map(|l| format!("{l}\n")).collect();
+    let code: String = block
+        .lines()
+        .skip_while(|l| !l.starts_with("```python"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     assert!(code.contains("pd.read_parquet") && code.contains("pl.read_parquet"));
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("results");
     let status = Command::new(env!("CARGO_BIN_EXE_tl-run"))
-        .args([repo_root().join("experiments/ioi.toml").to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"])
+        .args([
+            repo_root().join("experiments/ioi.toml").to_str().unwrap(),
+            "--model-id",
+            fixture("gpt2-tiny").to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--quiet",
+        ])
         .output()
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let py = repo_root().join(".venv/bin/python");
     assert!(py.exists(), "no .venv: run scripts/setup.sh");
     let run = Command::new(py).arg("-c").arg(&code).env("TL_RUN_RESULTS", &out).output().unwrap();
-    assert!(run.status.success(), "README example failed:\n{}{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "README example failed:\n{}{}",
+        String::from_utf8_lossy(&run.stdout),
+        String::from_utf8_lossy(&run.stderr)
+    );
     let printed = String::from_utf8_lossy(&run.stdout);
     assert!(printed.contains("blocks.") && printed.contains("layer"), "{printed}");
 }

@@ -13,7 +13,12 @@ fn repo() -> PathBuf {
 
 fn tl_run(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_tl-run")).args(args).current_dir(repo()).output().expect("tl-run runs");
-    assert!(out.status.success(), "tl-run {args:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tl-run {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -25,11 +30,24 @@ fn s(p: &Path) -> &str {
 fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ioi");
-    tl_run(&["run", "experiments/ioi.toml", "--model-id", "tests/models/stories260K", "--prompts", "experiments/prompts/stories.jsonl", "--out", s(&out), "--quiet"]);
+    tl_run(&[
+        "run",
+        "experiments/ioi.toml",
+        "--model-id",
+        "tests/models/stories260K",
+        "--prompts",
+        "experiments/prompts/stories.jsonl",
+        "--out",
+        s(&out),
+        "--quiet",
+    ]);
     let (rows, _) = read_parquet(&out.join("resid.parquet")).unwrap();
     let figs = run_figures("resid", "activation_patching", &rows, &RunFacts::default(), "metric");
-    let Some(Figure::Heatmap(h)) = figs.figures.iter().find(|f| f.title() == "resid: blocks.*.hook_resid_pre") else { panic!("no resid_pre heatmap in {:?}", figs.figures.iter().map(Figure::title).collect::<Vec<_>>()) };
-    let mean: Vec<_> = rows.iter().filter(|r| r.prompt.is_none() && hook_family(&r.hook) == "blocks.*.hook_resid_pre").collect();
+    let Some(Figure::Heatmap(h)) = figs.figures.iter().find(|f| f.title() == "resid: blocks.*.hook_resid_pre") else {
+        panic!("no resid_pre heatmap in {:?}", figs.figures.iter().map(Figure::title).collect::<Vec<_>>())
+    };
+    let mean: Vec<_> =
+        rows.iter().filter(|r| r.prompt.is_none() && hook_family(&r.hook) == "blocks.*.hook_resid_pre").collect();
     let cell = mean.iter().find(|r| r.layer == Some(3) && r.pos == Some(7)).expect("a (layer 3, pos 7) row");
     assert_eq!(h.cells[3][7], Some(cell.value), "the cell carries exactly the Parquet value");
     assert_eq!((h.y_title.as_str(), h.x_title.as_str()), ("layer", "position"));
@@ -44,10 +62,15 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     assert_eq!(h.scale, Scale::Diverging { limit: max }, "symmetric around zero");
     let blue = tl_run::report::svg::colour(&h.scale, Some(max));
     let red = tl_run::report::svg::colour(&h.scale, Some(-max));
-    assert_eq!((red.as_str(), blue.as_str()), ("#67001f", "#042f60"), "RdBu ends (d3's scheme): negative red, positive blue");
+    assert_eq!(
+        (red.as_str(), blue.as_str()),
+        ("#67001f", "#042f60"),
+        "RdBu ends (d3's scheme): negative red, positive blue"
+    );
     // The drawn cell: its colour, its value and its hover text.
     let svg = tl_run::report::svg::render(&figs.figures[0]).unwrap();
-    let rect = svg.split("<rect").find(|r| r.contains("data-x=\"7\"") && r.contains("data-y=\"3\"")).expect("the (3, 7) cell");
+    let rect =
+        svg.split("<rect").find(|r| r.contains("data-x=\"7\"") && r.contains("data-y=\"3\"")).expect("the (3, 7) cell");
     assert!(rect.contains(&format!("data-value=\"{:e}\"", cell.value)), "{rect}");
     assert!(rect.contains(&format!("fill=\"{}\"", tl_run::report::svg::colour(&h.scale, Some(cell.value)))), "{rect}");
     assert!(rect.contains("<title>L3 pos 7"), "{rect}");
@@ -56,14 +79,31 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     let said = tl_run(&["report", s(&out)]);
     assert!(said.contains("report.html"), "{said}");
     let page = std::fs::read_to_string(out.join("report.html")).unwrap();
-    for section in ["resid", "heads", "logit-lens", "dla-layers", "dla-heads", "head-scores", "attribution", "attribution-heads", "ablate-name-mover"] {
+    for section in [
+        "resid",
+        "heads",
+        "logit-lens",
+        "dla-layers",
+        "dla-heads",
+        "head-scores",
+        "attribution",
+        "attribution-heads",
+        "ablate-name-mover",
+    ] {
         assert!(page.contains(&format!("id=\"run-{section}\"")), "no section for {section}");
     }
-    assert!(page.contains("attribution against real patching") && page.contains("Pearson r = "), "the verify_top scatter with its r");
+    assert!(
+        page.contains("attribution against real patching") && page.contains("Pearson r = "),
+        "the verify_top scatter with its r"
+    );
     assert!(page.contains("most probable next tokens"), "the logit lens top-k table");
     assert!(page.contains("baseline (nothing ablated)"), "the ablation baseline line");
     assert!(!page.to_ascii_lowercase().contains("<script"), "no script");
-    assert_eq!(page.matches("http").count(), page.matches("http://www.w3.org/2000/svg").count(), "nothing to fetch: the only URLs are the SVG namespace");
+    assert_eq!(
+        page.matches("http").count(),
+        page.matches("http://www.w3.org/2000/svg").count(),
+        "nothing to fetch: the only URLs are the SVG namespace"
+    );
     let figures = std::fs::read_dir(out.join("figures")).unwrap().count();
     assert!(figures >= 15, "one SVG per figure, got {figures}");
 
@@ -73,23 +113,53 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     let (head_rows, _) = read_parquet(&out.join("heads.parquet")).unwrap();
     let top = top_heads("activation_patching", &head_rows, PATTERN_HEADS);
     assert_eq!(top.len(), PATTERN_HEADS);
-    let best = head_rows.iter().filter(|r| r.prompt.is_none() && r.head.is_some()).max_by(|a, b| a.value.abs().total_cmp(&b.value.abs())).unwrap();
-    assert_eq!(top[0], (best.layer.unwrap() as usize, best.head.unwrap() as usize), "the first pattern is the head with the largest |value|");
-    assert!(page.contains("Attention patterns of the 4 heads with the largest |value| (prompt 0, clean run)"), "no pattern section");
-    let prompt0: serde_json::Value = serde_json::from_str(std::fs::read_to_string(repo().join("experiments/prompts/stories.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    let best = head_rows
+        .iter()
+        .filter(|r| r.prompt.is_none() && r.head.is_some())
+        .max_by(|a, b| a.value.abs().total_cmp(&b.value.abs()))
+        .unwrap();
+    assert_eq!(
+        top[0],
+        (best.layer.unwrap() as usize, best.head.unwrap() as usize),
+        "the first pattern is the head with the largest |value|"
+    );
+    assert!(
+        page.contains("Attention patterns of the 4 heads with the largest |value| (prompt 0, clean run)"),
+        "no pattern section"
+    );
+    let prompt0: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(repo().join("experiments/prompts/stories.jsonl")).unwrap().lines().next().unwrap(),
+    )
+    .unwrap();
     let acts = dir.path().join("patterns.safetensors");
     let hooks: Vec<String> = top.iter().map(|(l, _)| format!("blocks.{l}.attn.hook_pattern")).collect();
-    tl_run(&["cache", "tests/models/stories260K", "--prompt", prompt0["clean"].as_str().unwrap(), "--hooks", &hooks.join(","), "--out", s(&acts)]);
+    tl_run(&[
+        "cache",
+        "tests/models/stories260K",
+        "--prompt",
+        prompt0["clean"].as_str().unwrap(),
+        "--hooks",
+        &hooks.join(","),
+        "--out",
+        s(&acts),
+    ]);
     let cached = tch::Tensor::read_safetensors(&acts).unwrap();
     for (layer, head) in &top {
         let want = &cached.iter().find(|(n, _)| *n == format!("blocks.{layer}.attn.hook_pattern")).unwrap().1;
         let title = format!("heads: L{layer}H{head} attention, prompt 0");
-        let svg = page.split("<svg").find(|f| f.contains(&format!("\n{title}\n"))).unwrap_or_else(|| panic!("no figure titled {title}"));
+        let svg = page
+            .split("<svg")
+            .find(|f| f.contains(&format!("\n{title}\n")))
+            .unwrap_or_else(|| panic!("no figure titled {title}"));
         let n = want.size()[2];
         let mut seen = 0;
         for rect in svg.split("<rect").filter(|r| r.contains("data-x=")) {
             let attr = |k: &str| rect.split(&format!("{k}=\"")).nth(1).unwrap().split('"').next().unwrap().to_string();
-            let (x, y, v) = (attr("data-x").parse::<i64>().unwrap(), attr("data-y").parse::<i64>().unwrap(), attr("data-value").parse::<f64>().unwrap());
+            let (x, y, v) = (
+                attr("data-x").parse::<i64>().unwrap(),
+                attr("data-y").parse::<i64>().unwrap(),
+                attr("data-value").parse::<f64>().unwrap(),
+            );
             assert_eq!(v, want.double_value(&[0, *head as i64, y, x]), "L{layer}H{head} dest {y} src {x}");
             seen += 1;
         }
@@ -120,7 +190,10 @@ fn png_stats(path: &Path) -> (u32, u32, f64) {
     let mut buf = vec![0; reader.output_buffer_size().unwrap()];
     let info = reader.next_frame(&mut buf).unwrap();
     let channels = info.color_type.samples();
-    let lum: Vec<f64> = buf[..info.buffer_size()].chunks(channels).map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64).collect();
+    let lum: Vec<f64> = buf[..info.buffer_size()]
+        .chunks(channels)
+        .map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64)
+        .collect();
     let mean = lum.iter().sum::<f64>() / lum.len() as f64;
     (info.width, info.height, lum.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / lum.len() as f64)
 }
@@ -139,7 +212,15 @@ fn chromium() -> PathBuf {
 
 fn headless(args: &[String]) -> (String, String) {
     let out = Command::new(chromium())
-        .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--enable-logging=stderr", "--v=0"])
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
         .args(args)
         .output()
         .expect("chromium runs");
@@ -166,9 +247,21 @@ fn check_in_browser(page: &Path, work: &Path) {
         ),
     )
     .unwrap();
-    let (dom, log) = headless(&["--allow-file-access-from-files".into(), "--virtual-time-budget=10000".into(), "--dump-dom".into(), format!("file://{}", probe.display())]);
-    let result = dom.split("RESULT ").nth(1).and_then(|r| r.split("</pre>").next()).unwrap_or_else(|| panic!("the probe did not report:\n{dom}\n{log}"));
-    let v: serde_json::Value = serde_json::from_str(&result.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">")).unwrap();
+    let (dom, log) = headless(&[
+        "--allow-file-access-from-files".into(),
+        "--virtual-time-budget=10000".into(),
+        "--dump-dom".into(),
+        format!("file://{}", probe.display()),
+    ]);
+    let result = dom
+        .split("RESULT ")
+        .nth(1)
+        .and_then(|r| r.split("</pre>").next())
+        .unwrap_or_else(|| panic!("the probe did not report:\n{dom}\n{log}"));
+    let v: serde_json::Value = serde_json::from_str(
+        &result.replace("&quot;", "\"").replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"),
+    )
+    .unwrap();
     let boxes = v["figures"].as_array().unwrap();
     assert!(!boxes.is_empty(), "no figure on {url}");
     for (i, b) in boxes.iter().enumerate() {
@@ -180,9 +273,13 @@ fn check_in_browser(page: &Path, work: &Path) {
 
     // The report itself: no console message, no failed load, and a screenshot that is not blank.
     let shot = work.join(format!("{}.png", page.parent().unwrap().file_name().unwrap().to_string_lossy()));
-    let (_, log) = headless(&["--window-size=1400,1600".into(), format!("--screenshot={}", shot.display()), url.clone()]);
+    let (_, log) =
+        headless(&["--window-size=1400,1600".into(), format!("--screenshot={}", shot.display()), url.clone()]);
     for line in log.lines() {
-        assert!(!line.contains("CONSOLE") && !line.contains("Failed to load") && !line.contains("net::ERR"), "{url}: {line}");
+        assert!(
+            !line.contains("CONSOLE") && !line.contains("Failed to load") && !line.contains("net::ERR"),
+            "{url}: {line}"
+        );
     }
     let (_, _, var) = png_stats(&shot);
     assert!(var > 200.0, "{url}: the screenshot looks blank (luminance variance {var:.1})");
@@ -196,7 +293,16 @@ fn chromium_shows_the_reports_of_the_default_and_induction_experiments() {
     let said = tl_run(&["run", "experiments/default.toml", "--out", s(&default), "--quiet"]);
     assert!(said.contains("report.html"), "{said}");
     let induction = work.path().join("induction");
-    let said = tl_run(&["run", "experiments/induction.toml", "--model-id", "tests/models/stories260K", "--out", s(&induction), "--quiet", "--report"]);
+    let said = tl_run(&[
+        "run",
+        "experiments/induction.toml",
+        "--model-id",
+        "tests/models/stories260K",
+        "--out",
+        s(&induction),
+        "--quiet",
+        "--report",
+    ]);
     assert!(said.contains("report.html"), "{said}");
     for dir in [&default, &induction] {
         check_in_browser(&dir.join("report.html"), work.path());

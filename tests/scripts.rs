@@ -8,7 +8,8 @@ fn root() -> PathBuf {
 
 /// `scripts/oracle_deps.sh SCRIPT` run in `dir` (a copy of the oracle folder or the repository).
 fn deps(dir: &Path, script: &str) -> Vec<String> {
-    let o = Command::new("bash").arg(root().join("scripts/oracle_deps.sh")).arg(script).current_dir(dir).output().unwrap();
+    let o =
+        Command::new("bash").arg(root().join("scripts/oracle_deps.sh")).arg(script).current_dir(dir).output().unwrap();
     assert!(o.status.success(), "oracle_deps.sh {script}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()
 }
@@ -21,11 +22,18 @@ fn key(dir: &Path, script: &str) -> Vec<u8> {
 #[test]
 fn an_oracle_outputs_key_changes_when_the_script_or_any_module_it_imports_changes() {
     let oracle = root().join("tests/oracle");
-    let scripts: Vec<String> = std::fs::read_dir(&oracle).unwrap().flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).filter(|n| n.starts_with("dump_") && n.ends_with(".py")).collect();
+    let scripts: Vec<String> = std::fs::read_dir(&oracle)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("dump_") && n.ends_with(".py"))
+        .collect();
     assert!(scripts.len() >= 7, "{scripts:?}");
     for script in &scripts {
         let tmp = tempfile::tempdir().unwrap();
-        for e in std::fs::read_dir(&oracle).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "py")) {
+        for e in
+            std::fs::read_dir(&oracle).unwrap().flatten().filter(|e| e.path().extension().is_some_and(|x| x == "py"))
+        {
             std::fs::copy(e.path(), tmp.path().join(e.file_name())).unwrap();
         }
         let listed = deps(tmp.path(), script);
@@ -34,15 +42,21 @@ fn an_oracle_outputs_key_changes_when_the_script_or_any_module_it_imports_change
         for file in &listed {
             let text = std::fs::read_to_string(tmp.path().join(file)).unwrap();
             for line in text.lines() {
-                let words: Vec<&str> = line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
+                let words: Vec<&str> =
+                    line.split(|c: char| c.is_whitespace() || c == ',').filter(|w| !w.is_empty()).collect();
                 let modules: Vec<&str> = match words.first() {
                     Some(&"from") => words.get(1).into_iter().copied().collect(),
-                    Some(&"import") => words[1..].iter().take_while(|w| !w.starts_with('#')).copied().filter(|w| *w != "as").collect(),
+                    Some(&"import") => {
+                        words[1..].iter().take_while(|w| !w.starts_with('#')).copied().filter(|w| *w != "as").collect()
+                    }
                     _ => vec![],
                 };
                 for m in modules {
                     if tmp.path().join(format!("{m}.py")).is_file() {
-                        assert!(listed.contains(&format!("{m}.py")), "{script}: {file} imports {m}, which its key leaves out: {listed:?}");
+                        assert!(
+                            listed.contains(&format!("{m}.py")),
+                            "{script}: {file} imports {m}, which its key leaves out: {listed:?}"
+                        );
                     }
                 }
             }
@@ -59,8 +73,16 @@ fn an_oracle_outputs_key_changes_when_the_script_or_any_module_it_imports_change
     }
     // dump_zoo.py reuses dump_attribution.py's functions: the case the key once missed.
     let zoo = deps(&oracle, "dump_zoo.py");
-    assert!(zoo.contains(&"dump_attribution.py".to_string()) && zoo.contains(&"oracle_common.py".to_string()), "{zoo:?}");
+    assert!(
+        zoo.contains(&"dump_attribution.py".to_string()) && zoo.contains(&"oracle_common.py".to_string()),
+        "{zoo:?}"
+    );
     // A missing script is an error, not an empty key.
-    let o = Command::new("bash").arg(root().join("scripts/oracle_deps.sh")).arg("no_such.py").current_dir(&oracle).output().unwrap();
+    let o = Command::new("bash")
+        .arg(root().join("scripts/oracle_deps.sh"))
+        .arg("no_such.py")
+        .current_dir(&oracle)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
 }

@@ -16,7 +16,8 @@ fn slurm_conf() -> String {
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
-    let o = Command::new(cmd).args(args).env("SLURM_CONF", slurm_conf()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let o =
+        Command::new(cmd).args(args).env("SLURM_CONF", slurm_conf()).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -25,7 +26,17 @@ fn sh(cmd: &str, args: &[&str]) -> String {
 fn submit(spec: &Path, out: &Path, tasks: usize, envs: &[(&str, &str)]) -> (String, String) {
     let model = fixture("gpt2-tiny").display().to_string();
     let o = Command::new(env!("CARGO_BIN_EXE_tl-run"))
-        .args(["slurm", spec.to_str().unwrap(), "--model-id", &model, "--out", out.to_str().unwrap(), "--tasks", &tasks.to_string(), "--submit"])
+        .args([
+            "slurm",
+            spec.to_str().unwrap(),
+            "--model-id",
+            &model,
+            "--out",
+            out.to_str().unwrap(),
+            "--tasks",
+            &tasks.to_string(),
+            "--submit",
+        ])
         .env("SLURM_CONF", slurm_conf())
         .env("HF_HUB_OFFLINE", "1")
         // sbatch passes the environment on to the tasks.
@@ -72,18 +83,30 @@ fn shard_keys(spec: &Path, count: usize, shard: usize) -> Vec<String> {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let jobs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("plan --json: {e}"));
-    jobs.as_array().unwrap().iter().filter(|j| j["shard"] == shard && j["key"].is_string()).map(|j| j["key"].as_str().unwrap().to_string()).collect()
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["shard"] == shard && j["key"].is_string())
+        .map(|j| j["key"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Row sets equal, values equal to rounding (REBATCHED_REL; the tasks batch cells differently from
 /// the single process), keyed by every column but the values.
 fn assert_same_row_sets(single: &Path, merged: &Path, what: &str) {
-    let runs: Vec<String> = std::fs::read_dir(single).unwrap().flatten().filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string)).collect();
+    let runs: Vec<String> = std::fs::read_dir(single)
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".parquet").map(str::to_string))
+        .collect();
     assert!(runs.len() >= 9, "{what}: {runs:?}");
     for run in runs {
         let (a, _) = tl_run::output::table::read_parquet(&single.join(format!("{run}.parquet"))).unwrap();
-        let (b, _) = tl_run::output::table::read_parquet(&merged.join(format!("{run}.parquet"))).unwrap_or_else(|e| panic!("{what}: {run}: {e}"));
-        let key = |r: &tl_run::output::table::Row| format!("{:?}", tl_run::output::table::Row { value: 0.0, patched: None, ..r.clone() });
+        let (b, _) = tl_run::output::table::read_parquet(&merged.join(format!("{run}.parquet")))
+            .unwrap_or_else(|e| panic!("{what}: {run}: {e}"));
+        let key = |r: &tl_run::output::table::Row| {
+            format!("{:?}", tl_run::output::table::Row { value: 0.0, patched: None, ..r.clone() })
+        };
         let mut a: Vec<_> = a.iter().map(|r| (key(r), r.value, r.patched)).collect();
         let mut b: Vec<_> = b.iter().map(|r| (key(r), r.value, r.patched)).collect();
         a.sort_by(|x, y| x.0.cmp(&y.0));
@@ -91,7 +114,13 @@ fn assert_same_row_sets(single: &Path, merged: &Path, what: &str) {
         assert_eq!(a.len(), b.len(), "{what}: {run} row count");
         for (x, y) in a.iter().zip(&b) {
             assert_eq!(x.0, y.0, "{what}: {run}: the row sets differ");
-            assert!((x.1 - y.1).abs() <= REBATCHED_REL * x.1.abs().max(1.0), "{what}: {run} {}: {} vs {}", x.0, x.1, y.1);
+            assert!(
+                (x.1 - y.1).abs() <= REBATCHED_REL * x.1.abs().max(1.0),
+                "{what}: {run} {}: {} vs {}",
+                x.0,
+                x.1,
+                y.1
+            );
             assert_eq!(x.2.is_some(), y.2.is_some());
             if let (Some(p), Some(q)) = (x.2, y.2) {
                 assert!((p - q).abs() <= REBATCHED_REL * p.abs().max(1.0), "{what}: {run} patched: {p} vs {q}");
@@ -112,12 +141,20 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let out = tmp.path().join("array");
     let t = Instant::now();
     let (array, merge) = submit(&spec, &out, 4, &[]);
-    wait_for("the merge job", Duration::from_secs(900), || state(&merge) == "COMPLETED" || state(&merge) == "FAILED" || state(&merge) == "CANCELLED");
+    wait_for("the merge job", Duration::from_secs(900), || {
+        state(&merge) == "COMPLETED" || state(&merge) == "FAILED" || state(&merge) == "CANCELLED"
+    });
     assert_eq!(state(&merge), "COMPLETED", "merge job {merge}; logs in {}", out.join(".tl-run/slurm").display());
     eprintln!("4-task array {array} and its merge: {:.1}s from submit to merged", t.elapsed().as_secs_f64());
     assert_same_row_sets(&single, &out, "4-task array");
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
-    let times: Vec<f64> = manifest["shards"].as_array().unwrap().iter().map(|s| s["timings_seconds"].as_object().unwrap().values().filter_map(|v| v.as_f64()).sum()).collect();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let times: Vec<f64> = manifest["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["timings_seconds"].as_object().unwrap().values().filter_map(|v| v.as_f64()).sum())
+        .collect();
     eprintln!("per-task job seconds: {times:?}");
 
     // A task is cancelled mid-run, then requeued: it resumes from the store and the result is
@@ -129,7 +166,12 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     single_run(&spec, &single);
     let out = tmp.path().join("requeued");
     let marker = tmp.path().join("paused-task");
-    let (array, merge) = submit(&spec, &out, 4, &[("TL_RUN_INJECT_PAUSE_AFTER_STORED", "1"), ("TL_RUN_INJECT_PAUSE_MARKER", marker.to_str().unwrap())]);
+    let (array, merge) = submit(
+        &spec,
+        &out,
+        4,
+        &[("TL_RUN_INJECT_PAUSE_AFTER_STORED", "1"), ("TL_RUN_INJECT_PAUSE_MARKER", marker.to_str().unwrap())],
+    );
     let mut paused = String::new();
     wait_for("a task to pause after its first stored job", Duration::from_secs(900), || {
         paused = std::fs::read_to_string(&marker).unwrap_or_default();
@@ -145,9 +187,12 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     let stored = || keys.iter().filter(|k| jobs.join(format!("{k}.parquet")).exists()).count();
     let cancelled_while = state(&task);
     let manifest = out.join(format!("manifest.shard-{index}-of-4.json"));
-    let done_before: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap_or_else(|_| "{}".into())).unwrap_or_default();
+    let done_before: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap_or_else(|_| "{}".into())).unwrap_or_default();
     sh("scancel", &[&task]);
-    wait_for("the cancelled task to end", Duration::from_secs(600), || !matches!(state(&task).as_str(), "RUNNING" | "COMPLETING"));
+    wait_for("the cancelled task to end", Duration::from_secs(600), || {
+        !matches!(state(&task).as_str(), "RUNNING" | "COMPLETING")
+    });
     let stored_at_cancel = stored();
     sh("scontrol", &["requeue", &task]);
     // A requeued job waits two minutes by default before it is eligible again; started within
@@ -157,7 +202,10 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     wait_for("the requeued task", Duration::from_secs(900), || {
         let s = state(&task);
         if s == "PENDING" {
-            let _ = Command::new("scontrol").args(["update", &format!("jobid={task}"), "StartTime=now"]).env("SLURM_CONF", slurm_conf()).output();
+            let _ = Command::new("scontrol")
+                .args(["update", &format!("jobid={task}"), "StartTime=now"])
+                .env("SLURM_CONF", slurm_conf())
+                .output();
         }
         s == "COMPLETED" || s == "FAILED"
     });
@@ -167,7 +215,9 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     wait_for("the array", Duration::from_secs(900), || (0..4).all(|i| state(&format!("{array}_{i}")) == "COMPLETED"));
     let merged_by_slurm = {
         let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(20) && !matches!(state(&merge).as_str(), "COMPLETED" | "FAILED" | "CANCELLED") {
+        while t.elapsed() < Duration::from_secs(20)
+            && !matches!(state(&merge).as_str(), "COMPLETED" | "FAILED" | "CANCELLED")
+        {
             std::thread::sleep(Duration::from_millis(200));
         }
         state(&merge) == "COMPLETED"
@@ -186,7 +236,8 @@ fn a_slurm_array_gives_the_single_process_rows_even_with_a_task_cancelled_and_re
     assert_ne!(done_before["complete"], true, "task {index} had already finished");
     // The requeued task read what it had stored before the cancel.
     let log = std::fs::read_to_string(out.join(format!(".tl-run/slurm/{array}_{index}.out"))).unwrap_or_default();
-    let last = log.lines().rfind(|l| l.starts_with("jobs: ")).unwrap_or_else(|| panic!("the requeued task's log: {log}"));
+    let last =
+        log.lines().rfind(|l| l.starts_with("jobs: ")).unwrap_or_else(|| panic!("the requeued task's log: {log}"));
     let stored: usize = last.split(", ").nth(1).and_then(|w| w.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
     assert_eq!(stored, 1, "the requeued task reads the one job stored before the pause: {last}");
     eprintln!("requeued task {index}: {last}");

@@ -19,10 +19,25 @@ fn the_ioi_spec_resolves() {
     assert_eq!(spec.corruption, Corruption::SwapPairs);
     assert!(spec.metric.normalize);
     let kinds: Vec<&str> = spec.runs.iter().map(|r| r.kind_name()).collect();
-    assert_eq!(kinds, ["activation_patching", "activation_patching", "logit_lens", "direct_logit_attribution", "direct_logit_attribution", "head_scores", "attribution_patching", "attribution_patching", "ablation"]);
+    assert_eq!(
+        kinds,
+        [
+            "activation_patching",
+            "activation_patching",
+            "logit_lens",
+            "direct_logit_attribution",
+            "direct_logit_attribution",
+            "head_scores",
+            "attribution_patching",
+            "attribution_patching",
+            "ablation"
+        ]
+    );
     let RunKind::ActivationPatching { targets } = &spec.runs[1].kind else { panic!("expected activation patching") };
     assert_eq!(targets.len(), 3);
-    let RunKind::AttributionPatching { options, verify_top, .. } = &spec.runs[7].kind else { panic!("expected attribution patching") };
+    let RunKind::AttributionPatching { options, verify_top, .. } = &spec.runs[7].kind else {
+        panic!("expected attribution patching")
+    };
     assert!(options.qk_fix && !options.grad_drop && *verify_top == 10);
     assert!(spec.output_dir.ends_with("experiments/results/ioi-demo"));
 }
@@ -52,10 +67,13 @@ fn every_problem_is_reported_with_line_key_and_suggestion() {
     let bad = GOOD
         .replace(r#"hooks = ["resid_pre"]"#, r#"hooks = ["resid_pr", "z"]"#)
         .replace(r#"kind = "swap_pairs""#, r#"kind = "swap_pair""#)
-        .replace(r#"over = ["layer", "pos"]"#, r#"over = ["layer", "pos"]
+        .replace(
+            r#"over = ["layer", "pos"]"#,
+            r#"over = ["layer", "pos"]
 [[run]]
 name = "r2"
-kind = "activation_patchin""#);
+kind = "activation_patchin""#,
+        );
     let e = errors(&bad);
     assert!(e.contains("4 problems"), "{e}");
     assert!(e.contains("spec.toml:13:10: run[0].hooks[0]: unknown hook 'resid_pr'; did you mean 'resid_pre'"), "{e}");
@@ -80,9 +98,19 @@ fn answers_must_pair_up_with_prompts() {
 
 #[test]
 fn explicit_and_replaced_corruptions() {
-    let s = resolve_text(&GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"prompts\"\nprompts = [\"e f\", \"g h\"]"), "s", Path::new(".")).unwrap();
+    let s = resolve_text(
+        &GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"prompts\"\nprompts = [\"e f\", \"g h\"]"),
+        "s",
+        Path::new("."),
+    )
+    .unwrap();
     assert_eq!(s.prompts[1].corrupted.as_deref(), Some("g h"));
-    let s = resolve_text(&GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"replace_tokens\"\nreplace = { b = \"q\", d = \"r\" }"), "s", Path::new(".")).unwrap();
+    let s = resolve_text(
+        &GOOD.replace(r#"kind = "swap_pairs""#, "kind = \"replace_tokens\"\nreplace = { b = \"q\", d = \"r\" }"),
+        "s",
+        Path::new("."),
+    )
+    .unwrap();
     assert_eq!(s.prompts[0].corrupted.as_deref(), Some("a q"));
     assert_eq!(s.prompts[1].corrupted.as_deref(), Some("c r"));
 }
@@ -97,7 +125,10 @@ fn prompt_files_jsonl_and_prompt_pairs() {
     )
     .unwrap();
     let with_file = |f: &str| {
-        GOOD.replace("clean = [\"a b\", \"c d\"]\nanswers = [[\" x\", \" y\"], [\" y\", \" x\"]]", &format!("file = \"{f}\""))
+        GOOD.replace(
+            "clean = [\"a b\", \"c d\"]\nanswers = [[\" x\", \" y\"], [\" y\", \" x\"]]",
+            &format!("file = \"{f}\""),
+        )
     };
     let s = resolve_text(&with_file("p.jsonl"), "s", dir.path()).unwrap();
     assert_eq!(s.prompts.len(), 2);
@@ -113,7 +144,10 @@ fn prompt_files_jsonl_and_prompt_pairs() {
     std::fs::write(&spec_path, with_file("missing.jsonl")).unwrap();
     let s = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("p.jsonl"))).unwrap();
     assert_eq!(s.prompts.len(), 2);
-    let e = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("gone.jsonl"))).err().unwrap().to_string();
+    let e = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("gone.jsonl")))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("--prompts") && e.contains("gone.jsonl"), "{e}");
 }
 
@@ -131,7 +165,9 @@ fn the_induction_and_causal_tracing_specs_resolve() {
 
 #[test]
 fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
-    let run = |body: &str| GOOD.replace("kind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]", body);
+    let run = |body: &str| {
+        GOOD.replace("kind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]", body)
+    };
     let e = errors(&run("kind = \"logit_lens\"\ntop_k = -1\nverify_top = 3"));
     assert!(e.contains("run[0].top_k: must be at least 0, got -1"), "{e}");
     assert!(e.contains("run[0].verify_top: 'verify_top' is not an option of logit_lens runs"), "{e}");
@@ -154,7 +190,10 @@ fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
     let e = errors(&run("kind = \"ablation\"\nhooks = [\"z\"]\nunits = [[1]]\nmeasure = \"direct_logit_attribution\""));
     assert!(e.contains("each unit of attn.hook_z is [layer, head], got [1]"), "{e}");
     let e = errors(&GOOD.replace("kind = \"swap_pairs\"", "kind = \"noise\"\nnoise = -1.0"));
-    assert!(e.contains("noise needs either positions") && e.contains("corruption.noise: noise must be a positive number"), "{e}");
+    assert!(
+        e.contains("noise needs either positions") && e.contains("corruption.noise: noise must be a positive number"),
+        "{e}"
+    );
     let e = errors(&GOOD.replace("kind = \"swap_pairs\"", "kind = \"swap_pairs\"\nsamples = 3"));
     assert!(e.contains("corruption.samples: 'samples' is an option of kind = \"noise\""), "{e}");
     // Patching needs a corruption; a head-score run on repeated random tokens needs no prompts.
@@ -168,8 +207,14 @@ fn options_of_the_new_kinds_are_checked_with_lines_and_suggestions() {
 
 #[test]
 fn dtypes_are_named_and_checked() {
-    for (name, kind) in [("float32", tch::Kind::Float), ("bfloat16", tch::Kind::BFloat16), ("float16", tch::Kind::Half)] {
-        let s = resolve_text(&GOOD.replace("[model]\nid = \"gpt2\"", &format!("[model]\nid = \"gpt2\"\ndtype = \"{name}\"")), "s", Path::new(".")).unwrap();
+    for (name, kind) in [("float32", tch::Kind::Float), ("bfloat16", tch::Kind::BFloat16), ("float16", tch::Kind::Half)]
+    {
+        let s = resolve_text(
+            &GOOD.replace("[model]\nid = \"gpt2\"", &format!("[model]\nid = \"gpt2\"\ndtype = \"{name}\"")),
+            "s",
+            Path::new("."),
+        )
+        .unwrap();
         assert_eq!(s.model.kind().unwrap(), kind);
     }
     assert_eq!(resolve_text(GOOD, "s", Path::new(".")).unwrap().model.kind().unwrap(), tch::Kind::Float);

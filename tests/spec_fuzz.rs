@@ -29,17 +29,89 @@ impl Rng {
 }
 
 const KEYS: &[&str] = &[
-    "name", "id", "revision", "dtype", "device", "fold_ln", "prepend_bos", "clean", "answers", "file", "kind", "prompts", "replace", "positions",
-    "words", "noise", "samples", "seed", "normalize", "per_prompt", "hooks", "over", "layers", "qk_fix", "grad_drop", "verify_top", "incl_mid",
-    "top_k", "top_k_at", "patterns", "error_measure", "exclude_bos", "source", "seq_len", "batch", "token_range", "method", "units",
-    "top_dla_heads", "measure", "dataset", "dir", "allow_nonfinite", "custom", "matrix", "rule", "offset",
+    "name",
+    "id",
+    "revision",
+    "dtype",
+    "device",
+    "fold_ln",
+    "prepend_bos",
+    "clean",
+    "answers",
+    "file",
+    "kind",
+    "prompts",
+    "replace",
+    "positions",
+    "words",
+    "noise",
+    "samples",
+    "seed",
+    "normalize",
+    "per_prompt",
+    "hooks",
+    "over",
+    "layers",
+    "qk_fix",
+    "grad_drop",
+    "verify_top",
+    "incl_mid",
+    "top_k",
+    "top_k_at",
+    "patterns",
+    "error_measure",
+    "exclude_bos",
+    "source",
+    "seq_len",
+    "batch",
+    "token_range",
+    "method",
+    "units",
+    "top_dla_heads",
+    "measure",
+    "dataset",
+    "dir",
+    "allow_nonfinite",
+    "custom",
+    "matrix",
+    "rule",
+    "offset",
 ];
 
 const VALUES: &[&str] = &[
-    "-1", "0", "1", "2", "-9223372036854775808", "9223372036854775807", "99999999999999999999999", "1e308", "-1e308", "nan", "inf", "-inf", "0.5",
-    "true", "false", "\"\"", "\"é漢字🙂\"", "\"\\u0000\"", "\"../../etc/passwd\"", "[]", "[[]]", "[1, \"a\", true]", "[-5, 1000000]",
-    "{}", "{ a = 1 }", "\"resid_pre\"", "[\"layer\", \"pos\"]", "[\"head\", \"layer\", \"layer\"]", "\"logit_lens\"", "\"float64\"", "1979-05-27T07:32:00Z",
-    "[[0, 0], [99, 99]]", "[[1.0, 2.0], [3.0]]",
+    "-1",
+    "0",
+    "1",
+    "2",
+    "-9223372036854775808",
+    "9223372036854775807",
+    "99999999999999999999999",
+    "1e308",
+    "-1e308",
+    "nan",
+    "inf",
+    "-inf",
+    "0.5",
+    "true",
+    "false",
+    "\"\"",
+    "\"é漢字🙂\"",
+    "\"\\u0000\"",
+    "\"../../etc/passwd\"",
+    "[]",
+    "[[]]",
+    "[1, \"a\", true]",
+    "[-5, 1000000]",
+    "{}",
+    "{ a = 1 }",
+    "\"resid_pre\"",
+    "[\"layer\", \"pos\"]",
+    "[\"head\", \"layer\", \"layer\"]",
+    "\"logit_lens\"",
+    "\"float64\"",
+    "1979-05-27T07:32:00Z",
+    "[[0, 0], [99, 99]]",
+    "[[1.0, 2.0], [3.0]]",
 ];
 
 fn nested(depth: usize, array: bool) -> String {
@@ -56,7 +128,8 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
     if lines.is_empty() {
         lines.push(String::new());
     }
-    let kv: Vec<usize> = (0..lines.len()).filter(|&i| lines[i].contains(" = ") && !lines[i].trim_start().starts_with('#')).collect();
+    let kv: Vec<usize> =
+        (0..lines.len()).filter(|&i| lines[i].contains(" = ") && !lines[i].trim_start().starts_with('#')).collect();
     let at = if kv.is_empty() { 0 } else { *rng.pick(&kv) };
     match rng.below(12) {
         // Drop a key.
@@ -66,7 +139,11 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
         // Rename a key: to another real key (maybe in the wrong table) or a near miss.
         1 if !kv.is_empty() => {
             let (_, rest) = lines[at].split_once(" = ").unwrap();
-            let key = if rng.below(2) == 0 { rng.pick(KEYS).to_string() } else { format!("{}x", lines[at].split(" = ").next().unwrap().trim()) };
+            let key = if rng.below(2) == 0 {
+                rng.pick(KEYS).to_string()
+            } else {
+                format!("{}x", lines[at].split(" = ").next().unwrap().trim())
+            };
             lines[at] = format!("{key} = {rest}");
         }
         // Retype or replace a value.
@@ -79,7 +156,8 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             let i = rng.below(lines.len());
             let pos = rng.below(lines[i].len() + 1);
             let pos = (0..=pos).rev().find(|&p| lines[i].is_char_boundary(p)).unwrap_or(0);
-            let odd: &&str = rng.pick(&["é", "漢字", "🙂", "\u{200b}", "\u{202e}", "\"", "'", "[", "]", "=", "#", "\\"]);
+            let odd: &&str =
+                rng.pick(&["é", "漢字", "🙂", "\u{200b}", "\u{202e}", "\"", "'", "[", "]", "=", "#", "\\"]);
             lines[i].insert_str(pos, odd);
         }
         // Deeply nested values.
@@ -93,7 +171,20 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
             let depth = *rng.pick(&[2, 10, 200]);
             let header = format!("[{}]", (0..depth).map(|i| format!("t{i}")).collect::<Vec<_>>().join("."));
             let i = rng.below(lines.len() + 1);
-            lines.insert(i, rng.pick(&[header.as_str(), "[model]", "[[run]]", "[output]", "[prompts]", "[metric]", "[[run.custom]]", "run = 3"]).to_string());
+            lines.insert(
+                i,
+                rng.pick(&[
+                    header.as_str(),
+                    "[model]",
+                    "[[run]]",
+                    "[output]",
+                    "[prompts]",
+                    "[metric]",
+                    "[[run.custom]]",
+                    "run = 3",
+                ])
+                .to_string(),
+            );
         }
         // Extra keys, valid for some tables only.
         8 => {
@@ -201,7 +292,11 @@ fn mutated_specs_never_panic_and_every_error_names_a_line_and_key() {
         std::panic::set_hook(quiet);
         match outcome {
             Err(e) => {
-                let msg = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
                 panic!("case {case} (seed {seed}) panicked the resolver ({msg}) on:\n{text}");
             }
             Ok(Ok(_)) => accepted += 1,
@@ -217,5 +312,8 @@ fn mutated_specs_never_panic_and_every_error_names_a_line_and_key() {
         }
     }
     eprintln!("{cases} mutated specs: {accepted} accepted, {rejected} rejected with located errors, no panic");
-    assert!(accepted > 100 && rejected > cases / 3, "{accepted} accepted, {rejected} rejected: the mutations do not exercise both sides");
+    assert!(
+        accepted > 100 && rejected > cases / 3,
+        "{accepted} accepted, {rejected} rejected: the mutations do not exercise both sides"
+    );
 }

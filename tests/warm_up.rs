@@ -13,8 +13,24 @@ use tl_run::model::hook_point::HookPoint;
 use tl_run::{LoadOptions, Model};
 
 const FAMILIES: [&str; 18] = [
-    "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
-    "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+    "gpt2-tiny",
+    "gpt2-odd",
+    "llama-tiny",
+    "llama3-tiny",
+    "llama-linear-tiny",
+    "neo-tiny",
+    "gptj-tiny",
+    "neox-tiny",
+    "opt-tiny",
+    "mistral-tiny",
+    "qwen2-tiny",
+    "qwen3-tiny",
+    "gemma-tiny",
+    "gemma2-tiny",
+    "phi-tiny",
+    "phi3-tiny",
+    "stablelm-tiny",
+    "bloom-tiny",
 ];
 
 /// Weight names with shape and dtype, at layer 0 and outside the blocks.
@@ -29,7 +45,11 @@ fn first_block_weights(m: &Model) -> Vec<String> {
 
 /// Hook names at layer 0 and outside the blocks.
 fn first_block_points(m: &Model) -> Vec<String> {
-    m.hook_points().into_iter().filter(|p| !matches!(p, HookPoint::Block(l, _) if *l > 0)).map(|p| p.to_string()).collect()
+    m.hook_points()
+        .into_iter()
+        .filter(|p| !matches!(p, HookPoint::Block(l, _) if *l > 0))
+        .map(|p| p.to_string())
+        .collect()
 }
 
 #[test]
@@ -38,7 +58,8 @@ fn miniature_has_the_first_block_of_every_family_and_runs_forward_and_backward()
         for processing in [Processing::TRANSFORMER_LENS, Processing::NONE] {
             for kind in [Kind::Float, Kind::BFloat16] {
                 let opts = LoadOptions { processing, kind, ..LoadOptions::default() };
-                let real = Model::load(common::fixture(name).to_str().expect("utf-8 path"), &opts).expect("fixture loads");
+                let real =
+                    Model::load(common::fixture(name).to_str().expect("utf-8 path"), &opts).expect("fixture loads");
                 let mini = miniature(&real.cfg, &opts).expect("miniature builds");
                 assert_eq!(first_block_points(&mini), first_block_points(&real), "{name} {processing:?} {kind:?}");
                 assert_eq!(first_block_weights(&mini), first_block_weights(&real), "{name} {processing:?} {kind:?}");

@@ -16,8 +16,21 @@ use tl_run::model::config::Processing;
 use tl_run::{HookPoint, Hooks, Input, Site, Stop};
 
 const ZOO: [&str; 15] = [
-    "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny", "mistral-tiny", "qwen2-tiny",
-    "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+    "llama3-tiny",
+    "llama-linear-tiny",
+    "neo-tiny",
+    "gptj-tiny",
+    "neox-tiny",
+    "opt-tiny",
+    "mistral-tiny",
+    "qwen2-tiny",
+    "qwen3-tiny",
+    "gemma-tiny",
+    "gemma2-tiny",
+    "phi-tiny",
+    "phi3-tiny",
+    "stablelm-tiny",
+    "bloom-tiny",
 ];
 
 fn spec(fixture: &str, o: &Oracle) -> String {
@@ -79,8 +92,11 @@ fn of_hook(t: &Table, suffix: &str) -> Vec<f64> {
 
 /// The per-prompt values of `label`, in prompt order.
 fn per_prompt(t: &Table, label: &str) -> Vec<f64> {
-    let mut rows: Vec<(i64, f64)> =
-        t.rows(|t, i| t.str("label", i).as_deref() == Some(label) && t.int("prompt", i).is_some()).into_iter().map(|i| (t.int("prompt", i).unwrap(), t.value(i))).collect();
+    let mut rows: Vec<(i64, f64)> = t
+        .rows(|t, i| t.str("label", i).as_deref() == Some(label) && t.int("prompt", i).is_some())
+        .into_iter()
+        .map(|i| (t.int("prompt", i).unwrap(), t.value(i)))
+        .collect();
     rows.sort_by_key(|r| r.0);
     rows.into_iter().map(|r| r.1).collect()
 }
@@ -100,7 +116,8 @@ fn check(name: &str) {
     let dir = run_spec(&spec(fixture, &o), &[]);
     let out = dir.path().join("out");
     // The tokens tl-run made are TransformerLens's (its default prepend_bos for the family).
-    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     let ours: Vec<Vec<i64>> = serde_json::from_value(manifest["tokens"]["clean"].clone()).unwrap();
     let clean = o.get("clean_tokens");
     for (i, row) in ours.iter().enumerate() {
@@ -111,10 +128,22 @@ fn check(name: &str) {
     let corrupted = o.get("corrupted_baseline").double_value(&[0]);
     let patch = Table::read(&out.join("patch_resid.parquet"));
     let what = format!("{fixture} run patch_resid, resid_pre over [layer, pos] (oracle patch/resid_pre)");
-    assert_oracle(&what, &of_hook(&patch, "hook_resid_pre"), &values(o.get("patch/resid_pre")), Baseline::Value(corrupted), Tol::Abs(1e-4));
+    assert_oracle(
+        &what,
+        &of_hook(&patch, "hook_resid_pre"),
+        &values(o.get("patch/resid_pre")),
+        Baseline::Value(corrupted),
+        Tol::Abs(1e-4),
+    );
     let patch = Table::read(&out.join("patch_z.parquet"));
     let what = format!("{fixture} run patch_z, z over [layer, head] all positions (oracle patch/z_all_pos)");
-    assert_oracle(&what, &of_hook(&patch, "attn.hook_z"), &values(o.get("patch/z_all_pos")), Baseline::Value(corrupted), Tol::Abs(1e-4));
+    assert_oracle(
+        &what,
+        &of_hook(&patch, "attn.hook_z"),
+        &values(o.get("patch/z_all_pos")),
+        Baseline::Value(corrupted),
+        Tol::Abs(1e-4),
+    );
     // AtP in raw logit-difference units (the demo's metric is normalised by the gap); a
     // do-nothing attribution is zero.
     let gap = o.get("clean_baseline").double_value(&[0]) - corrupted;
@@ -123,7 +152,8 @@ fn check(name: &str) {
     let what = format!("{fixture} run atp, resid_pre over [layer, pos] (oracle atp/resid_pre × gap {gap:.3e})");
     assert_oracle(&what, &of_hook(&atp, "hook_resid_pre"), &raw("atp/resid_pre"), Baseline::Zero, Tol::Abs(1e-4));
     let atp = Table::read(&out.join("atp_z.parquet"));
-    let what = format!("{fixture} run atp_z, z over [layer, head] all positions (oracle atp/z_all_pos × gap {gap:.3e})");
+    let what =
+        format!("{fixture} run atp_z, z over [layer, head] all positions (oracle atp/z_all_pos × gap {gap:.3e})");
     assert_oracle(&what, &of_hook(&atp, "attn.hook_z"), &raw("atp/z_all_pos"), Baseline::Zero, Tol::Abs(1e-4));
     // DLA, every component of every prompt in one comparison per table (a single component can
     // carry no signal of its own; each value is still held to the tolerance).
@@ -144,7 +174,10 @@ fn check(name: &str) {
         let at = worst_at(&ours, &theirs, |i| format!("{} prompt {}", labels[i / n], i % n));
         // "transformer_lens", or "hf" where TransformerLens cannot compute it (dump_zoo.py's hf_reference).
         let source: String = serde_json::from_str(&o.metadata[&format!("{key}_source")]).unwrap();
-        let what = format!("{fixture} run {key}, {} components × {n} prompts (oracle {key} from {source}; {at})", labels.len());
+        let what = format!(
+            "{fixture} run {key}, {} components × {n} prompts (oracle {key} from {source}; {at})",
+            labels.len()
+        );
         assert_oracle(&what, &ours, &theirs, Baseline::Zero, Tol::Abs(1e-4));
         dla_checked += 1;
     }
@@ -176,7 +209,13 @@ fn check_head_results(fixture: &str) {
         let result = hooks.cache[&HookPoint::Block(l, Site::Result)].to_kind(Kind::Float); // [batch, pos, head, d_model]
         let attn_out = hooks.cache[&HookPoint::Block(l, Site::AttnOut)].to_kind(Kind::Float);
         let what = format!("{fixture} unprocessed blocks.{l}.attn.hook_result [batch, pos, head, d_model] (oracle hf_result/blocks.{l}, HF transformers)");
-        assert_oracle_tensor(&what, &result, o.get(&format!("hf_result/blocks.{l}")), Baseline::Zero, Tol::OfSignal(HEAD_REL_TOL));
+        assert_oracle_tensor(
+            &what,
+            &result,
+            o.get(&format!("hf_result/blocks.{l}")),
+            Baseline::Zero,
+            Tol::OfSignal(HEAD_REL_TOL),
+        );
         let hf_attn_out = o.get(&format!("hf_attn_out/blocks.{l}"));
         // A hook_result of zeros would leave b_O alone: that is the sum's baseline.
         let b_o = model.weights.blocks[l].attn.b_o.to_kind(Kind::Float).to_device(attn_out.device());
@@ -184,7 +223,8 @@ fn check_head_results(fixture: &str) {
         let bias = values(&b_o.expand(hf_attn_out.size(), false));
         let what = format!("{fixture} unprocessed Σ_head blocks.{l}.attn.hook_result + b_O (oracle hf_attn_out/blocks.{l}, HF transformers)");
         assert_oracle_tensor(&what, &summed, hf_attn_out, Baseline::Values(&bias), Tol::OfSignal(HEAD_REL_TOL));
-        let what = format!("{fixture} unprocessed blocks.{l}.hook_attn_out (oracle hf_attn_out/blocks.{l}, HF transformers)");
+        let what =
+            format!("{fixture} unprocessed blocks.{l}.hook_attn_out (oracle hf_attn_out/blocks.{l}, HF transformers)");
         assert_oracle_tensor(&what, &attn_out, hf_attn_out, Baseline::Values(&bias), Tol::OfSignal(HEAD_REL_TOL));
     }
 }

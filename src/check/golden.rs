@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray};
-use arrow::datatypes::{DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt32Type, UInt64Type,
+};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::error::{Error, Result};
@@ -51,7 +53,14 @@ enum Col {
 
 fn col_kind(t: &DataType) -> Col {
     match t {
-        DataType::Utf8 | DataType::LargeUtf8 | DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::UInt32 | DataType::UInt64 => Col::Key,
+        DataType::Utf8
+        | DataType::LargeUtf8
+        | DataType::Int8
+        | DataType::Int16
+        | DataType::Int32
+        | DataType::Int64
+        | DataType::UInt32
+        | DataType::UInt64 => Col::Key,
         DataType::Float32 | DataType::Float64 => Col::Float,
         DataType::Boolean => Col::Exact,
         _ => Col::Unsupported,
@@ -102,7 +111,13 @@ impl KeyedTable {
                     Col::Key => keys.push((f.name().clone(), j)),
                     Col::Float => floats.push((f.name().clone(), j)),
                     Col::Exact => exact.push((f.name().clone(), j)),
-                    Col::Unsupported => return Err(pq(&format!("column '{}' has type {}, which goldens cannot compare", f.name(), f.data_type()))),
+                    Col::Unsupported => {
+                        return Err(pq(&format!(
+                            "column '{}' has type {}, which goldens cannot compare",
+                            f.name(),
+                            f.data_type()
+                        )))
+                    }
                 }
             }
             t.key_columns = keys.iter().map(|k| k.0.clone()).collect();
@@ -175,7 +190,14 @@ fn selection_cuts(t: &KeyedTable, column: usize, value: usize) -> BTreeMap<&str,
 
 /// Whether a row that one side selected and `lacking` did not was within tolerance of
 /// `lacking`'s cut: its |value| there within atol + rtol·cut of the smallest selected.
-fn near_the_cut(lacking: &KeyedTable, cuts: &BTreeMap<&str, f64>, key: &str, value: usize, atol: f64, rtol: f64) -> bool {
+fn near_the_cut(
+    lacking: &KeyedTable,
+    cuts: &BTreeMap<&str, f64>,
+    key: &str,
+    value: usize,
+    atol: f64,
+    rtol: f64,
+) -> bool {
     let (Some((f, _)), Some(group)) = (lacking.rows.get(key), lacking.groups.get(key)) else { return false };
     match (f[value], cuts.get(group.as_str())) {
         (Some(v), Some(&cut)) => (cut - v.abs()).abs() <= atol + rtol * cut,
@@ -195,7 +217,11 @@ fn same(a: Option<f64>, b: Option<f64>) -> bool {
 pub fn diff(ours: &KeyedTable, golden: &KeyedTable, atol: f64, rtol: f64) -> TableDiff {
     let mut d = TableDiff::default();
     let set = |v: &[String]| v.iter().cloned().collect::<BTreeSet<_>>();
-    for (what, a, b) in [("key", &ours.key_columns, &golden.key_columns), ("float", &ours.float_columns, &golden.float_columns), ("boolean", &ours.exact_columns, &golden.exact_columns)] {
+    for (what, a, b) in [
+        ("key", &ours.key_columns, &golden.key_columns),
+        ("float", &ours.float_columns, &golden.float_columns),
+        ("boolean", &ours.exact_columns, &golden.exact_columns),
+    ] {
         for c in set(a).symmetric_difference(&set(b)) {
             let side = if a.contains(c) { "ours only" } else { "golden only" };
             d.schema.push(format!("{what} column '{c}' ({side})"));
@@ -249,7 +275,12 @@ pub fn diff(ours: &KeyedTable, golden: &KeyedTable, atol: f64, rtol: f64) -> Tab
     }
     for (j, c) in golden.exact_columns.iter().enumerate() {
         let jo = ours.exact_columns.iter().position(|x| x == c).unwrap_or(j);
-        let bad: Vec<String> = golden.rows.iter().filter(|(k, (_, ge))| ours.rows.get(*k).is_some_and(|(_, oe)| oe[jo] != ge[j])).map(|(k, _)| k.clone()).collect();
+        let bad: Vec<String> = golden
+            .rows
+            .iter()
+            .filter(|(k, (_, ge))| ours.rows.get(*k).is_some_and(|(_, oe)| oe[jo] != ge[j]))
+            .map(|(k, _)| k.clone())
+            .collect();
         d.exact.push((c.clone(), bad));
     }
     d
@@ -261,7 +292,11 @@ mod tests {
 
     /// A table of one attribution target's cells (value, patched) at layer 0, heads 0..n.
     fn table(cells: &[(f64, Option<f64>)]) -> KeyedTable {
-        let mut t = KeyedTable { key_columns: vec!["run".into(), "hook".into(), "head".into()], float_columns: vec!["value".into(), "patched".into()], ..KeyedTable::default() };
+        let mut t = KeyedTable {
+            key_columns: vec!["run".into(), "hook".into(), "head".into()],
+            float_columns: vec!["value".into(), "patched".into()],
+            ..KeyedTable::default()
+        };
         for (h, (v, p)) in cells.iter().enumerate() {
             let key = format!("run=a hook=blocks.0.attn.hook_z head={h}");
             t.groups.insert(key.clone(), selection_group(Some("a"), Some("blocks.0.attn.hook_z"), None));
@@ -297,9 +332,18 @@ mod tests {
 
     #[test]
     fn selection_groups_are_a_runs_target_and_prompt() {
-        assert_eq!(selection_group(Some("r"), Some("blocks.11.attn.hook_q"), None), selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None));
-        assert_ne!(selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None), selection_group(Some("r"), Some("blocks.0.attn.hook_k"), None));
-        assert_ne!(selection_group(Some("r"), Some("blocks.0.attn.hook_q"), Some("1")), selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None));
+        assert_eq!(
+            selection_group(Some("r"), Some("blocks.11.attn.hook_q"), None),
+            selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None)
+        );
+        assert_ne!(
+            selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None),
+            selection_group(Some("r"), Some("blocks.0.attn.hook_k"), None)
+        );
+        assert_ne!(
+            selection_group(Some("r"), Some("blocks.0.attn.hook_q"), Some("1")),
+            selection_group(Some("r"), Some("blocks.0.attn.hook_q"), None)
+        );
         assert_eq!(selection_group(None, Some("hook_embed"), None), "|hook_embed|mean");
     }
 }

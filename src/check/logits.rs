@@ -30,7 +30,8 @@ fn bad(path: &Path, why: impl Into<String>) -> Error {
 impl Reference {
     pub fn read(path: &Path) -> Result<Reference> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| bad(path, format!("not a safetensors file: {e}")))?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(path, e.to_string()))?;
         let meta: HashMap<String, String> = meta.metadata().clone().unwrap_or_default();
         let prompts: Vec<String> = meta
@@ -59,18 +60,36 @@ impl Reference {
         let mut owned: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for (i, it) in self.items.iter().enumerate() {
             let n = it.tokens.len();
-            owned.push((format!("logits.{i}"), safetensors::Dtype::F32, vec![n, it.vocab], it.logits.iter().flat_map(|v| v.to_le_bytes()).collect()));
-            owned.push((format!("tokens.{i}"), safetensors::Dtype::I64, vec![n], it.tokens.iter().flat_map(|v| v.to_le_bytes()).collect()));
+            owned.push((
+                format!("logits.{i}"),
+                safetensors::Dtype::F32,
+                vec![n, it.vocab],
+                it.logits.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
+            owned.push((
+                format!("tokens.{i}"),
+                safetensors::Dtype::I64,
+                vec![n],
+                it.tokens.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ));
         }
         let views = owned
             .iter()
-            .map(|(n, d, s, b)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)).map_err(|e| Error::Other(format!("safetensors {n}: {e}"))))
+            .map(|(n, d, s, b)| {
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)
+                    .map(|v| (n.clone(), v))
+                    .map_err(|e| Error::Other(format!("safetensors {n}: {e}")))
+            })
             .collect::<Result<Vec<_>>>()?;
-        let mut meta = HashMap::from([("prompts".to_string(), serde_json::to_string(&self.prompts).unwrap_or_default()), ("source".to_string(), self.source.clone())]);
+        let mut meta = HashMap::from([
+            ("prompts".to_string(), serde_json::to_string(&self.prompts).unwrap_or_default()),
+            ("source".to_string(), self.source.clone()),
+        ]);
         for (k, v) in extra {
             meta.insert(k.to_string(), v.clone());
         }
-        let bytes = safetensors::serialize(views, &Some(meta)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
+        let bytes =
+            safetensors::serialize(views, &Some(meta)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
         crate::output::atomic::write_bytes(path, &bytes)
     }
 }
@@ -115,7 +134,17 @@ pub fn compare(ours: &[PromptLogits], reference: &[PromptLogits], atol: f64, rto
     if ours.len() != reference.len() {
         return Err(Error::Other(format!("{} prompts against a reference of {}", ours.len(), reference.len())));
     }
-    let mut c = Comparison { outside: 0, elements: 0, max_abs_diff: 0.0, mse: 0.0, cosine: 0.0, kl_ref_ours: 0.0, kl_ours_ref: 0.0, top1: 0.0, positions: 0 };
+    let mut c = Comparison {
+        outside: 0,
+        elements: 0,
+        max_abs_diff: 0.0,
+        mse: 0.0,
+        cosine: 0.0,
+        kl_ref_ours: 0.0,
+        kl_ours_ref: 0.0,
+        top1: 0.0,
+        positions: 0,
+    };
     let mut sq = 0.0;
     for (i, (o, r)) in ours.iter().zip(reference).enumerate() {
         if o.vocab != r.vocab || o.logits.len() != r.logits.len() {
@@ -144,7 +173,12 @@ pub fn compare(ours: &[PromptLogits], reference: &[PromptLogits], atol: f64, rto
             // torch's cosine_similarity clamps each norm at eps = 1e-8.
             c.cosine += dot / (no.sqrt().max(1e-8) * nr.sqrt().max(1e-8));
             let (lo, lr) = (log_softmax(orow), log_softmax(rrow));
-            let kl = |p: &[f64], q: &[f64]| p.iter().zip(q).map(|(&lp, &lq)| if lp == f64::NEG_INFINITY { 0.0 } else { lp.exp() * (lp - lq) }).sum::<f64>();
+            let kl = |p: &[f64], q: &[f64]| {
+                p.iter()
+                    .zip(q)
+                    .map(|(&lp, &lq)| if lp == f64::NEG_INFINITY { 0.0 } else { lp.exp() * (lp - lq) })
+                    .sum::<f64>()
+            };
             c.kl_ref_ours += kl(&lr, &lo);
             c.kl_ours_ref += kl(&lo, &lr);
             c.top1 += f64::from(u8::from(argmax(orow) == argmax(rrow)));

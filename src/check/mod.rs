@@ -72,7 +72,15 @@ struct Rows<'a> {
 }
 
 impl Rows<'_> {
-    fn push(&mut self, check: &str, figure: impl Into<String>, value: f64, tolerance: impl Into<String>, pass: bool, detail: impl Into<String>) {
+    fn push(
+        &mut self,
+        check: &str,
+        figure: impl Into<String>,
+        value: f64,
+        tolerance: impl Into<String>,
+        pass: bool,
+        detail: impl Into<String>,
+    ) {
         self.rows.push(CheckRow {
             model: self.model.into(),
             dtype: self.dtype.into(),
@@ -97,7 +105,14 @@ impl Rows<'_> {
                 let pass = if upper { value <= b } else { value >= b };
                 let op = if upper { "≤" } else { "≥" };
                 let b = report::fmt_tol(b);
-                self.push("logits", figure, value, format!("{op} {b}"), pass, if pass { String::new() } else { format!("{} is not {op} {b}", report::fmt_value(value)) });
+                self.push(
+                    "logits",
+                    figure,
+                    value,
+                    format!("{op} {b}"),
+                    pass,
+                    if pass { String::new() } else { format!("{} is not {op} {b}", report::fmt_value(value)) },
+                );
             }
         }
     }
@@ -109,7 +124,11 @@ pub fn run(zoo: &Zoo, opts: &CheckOptions) -> Result<CheckOutcome> {
     for name in &opts.only {
         if !zoo.models.iter().any(|m| &m.name == name) {
             let names: Vec<&str> = zoo.models.iter().map(|m| m.name.as_str()).collect();
-            return Err(Error::Config(format!("--only {name}: no such model in {} (models: {})", zoo.file.display(), names.join(", "))));
+            return Err(Error::Config(format!(
+                "--only {name}: no such model in {} (models: {})",
+                zoo.file.display(),
+                names.join(", ")
+            )));
         }
     }
     if let Some(d) = &opts.dtype {
@@ -127,7 +146,11 @@ pub fn run(zoo: &Zoo, opts: &CheckOptions) -> Result<CheckOutcome> {
         for (i, dtype) in dtypes.iter().enumerate() {
             let t = Instant::now();
             eprintln!("tl-run check: {} ({dtype})", m.name);
-            let tol = m.tolerance.get(dtype).cloned().unwrap_or_else(|| m.tolerance.values().next().cloned().unwrap_or_default());
+            let tol = m
+                .tolerance
+                .get(dtype)
+                .cloned()
+                .unwrap_or_else(|| m.tolerance.values().next().cloned().unwrap_or_default());
             let mut rows = Rows { model: &m.name, dtype, rows: &mut out.rows };
             // References are written from the first dtype checked: the zoo's most precise one.
             // A panic in one model is that model's failed row; the gate goes on with the others.
@@ -149,7 +172,10 @@ pub fn run(zoo: &Zoo, opts: &CheckOptions) -> Result<CheckOutcome> {
 fn load(m: &ZooModel, dtype: &str, processing: Processing) -> Result<Model> {
     let device = crate::engine::device::parse(&m.device)?;
     let kind = parse_dtype(dtype).ok_or_else(|| Error::Config(format!("unknown dtype '{dtype}'")))?;
-    Model::load(&m.source.model_id(), &LoadOptions { revision: m.source.revision(), processing, device, kind, split: Vec::new() })
+    Model::load(
+        &m.source.model_id(),
+        &LoadOptions { revision: m.source.revision(), processing, device, kind, split: Vec::new() },
+    )
 }
 
 /// Our logits for each token sequence, f32 on the CPU.
@@ -159,7 +185,9 @@ fn our_logits(model: &Model, seqs: &[Vec<i64>]) -> Result<Vec<PromptLogits>> {
         .enumerate()
         .map(|(i, ids)| {
             if let Some(bad) = ids.iter().find(|&&t| t < 0 || t as usize >= vocab) {
-                return Err(Error::Other(format!("prompt {i}: token id {bad} is outside the model's vocabulary of {vocab}")));
+                return Err(Error::Other(format!(
+                    "prompt {i}: token id {bad} is outside the model's vocabulary of {vocab}"
+                )));
             }
             let n = ids.len() as i64;
             let tokens = Tensor::from_slice(ids).view([1, n]).to_device(model.device);
@@ -170,13 +198,21 @@ fn our_logits(model: &Model, seqs: &[Vec<i64>]) -> Result<Vec<PromptLogits>> {
         .collect()
 }
 
-fn check_logits(m: &ZooModel, dtype: &str, tol: &Tolerance, update: bool, rows: &mut Rows<'_>, moved: &mut Vec<String>) {
+fn check_logits(
+    m: &ZooModel,
+    dtype: &str,
+    tol: &Tolerance,
+    update: bool,
+    rows: &mut Rows<'_>,
+    moved: &mut Vec<String>,
+) {
     let model = match load(m, dtype, Processing::NONE) {
         Ok(model) => model,
         Err(e) => return rows.error("load", "model", e),
     };
     let bos = m.prepend_bos.unwrap_or(model.cfg.default_prepend_bos);
-    let ours_tokens: Result<Vec<Vec<i64>>> = model.tokenizer().and_then(|t| m.prompts.iter().map(|p| t.encode(p, bos)).collect());
+    let ours_tokens: Result<Vec<Vec<i64>>> =
+        model.tokenizer().and_then(|t| m.prompts.iter().map(|p| t.encode(p, bos)).collect());
     let ours_tokens = match ours_tokens {
         Ok(t) => t,
         Err(e) => return rows.error("logits", "tokens", e),
@@ -230,7 +266,14 @@ fn check_logits(m: &ZooModel, dtype: &str, tol: &Tolerance, update: bool, rows: 
         c.outside as f64,
         format!("0 outside atol={} rtol={}", report::fmt_tol(tol.atol), report::fmt_tol(tol.rtol)),
         c.outside == 0,
-        if c.outside == 0 { String::new() } else { format!("{} of {} logits outside |ours − ref| ≤ atol + rtol·|ref| (max |diff| {:e})", c.outside, c.elements, c.max_abs_diff) },
+        if c.outside == 0 {
+            String::new()
+        } else {
+            format!(
+                "{} of {} logits outside |ours − ref| ≤ atol + rtol·|ref| (max |diff| {:e})",
+                c.outside, c.elements, c.max_abs_diff
+            )
+        },
     );
     rows.bounded("max_abs_diff", c.max_abs_diff, tol.max_abs, true);
     rows.bounded("mse", c.mse, tol.mse, true);
@@ -247,8 +290,18 @@ fn check_logits(m: &ZooModel, dtype: &str, tol: &Tolerance, update: bool, rows: 
     }
 }
 
-fn write_reference(m: &ZooModel, dtype: &str, items: Vec<PromptLogits>, moved: &mut Vec<String>, was: Option<&logits::Comparison>) {
-    let reference = Reference { prompts: m.prompts.clone(), items, source: format!("tl-run {} {dtype}", env!("CARGO_PKG_VERSION")) };
+fn write_reference(
+    m: &ZooModel,
+    dtype: &str,
+    items: Vec<PromptLogits>,
+    moved: &mut Vec<String>,
+    was: Option<&logits::Comparison>,
+) {
+    let reference = Reference {
+        prompts: m.prompts.clone(),
+        items,
+        source: format!("tl-run {} {dtype}", env!("CARGO_PKG_VERSION")),
+    };
     let line = match reference.write(&m.reference, &[("model", m.source.model_id())]) {
         Err(e) => format!("{}: could not write {}: {e}", m.name, m.reference.display()),
         Ok(()) => match was {
@@ -269,7 +322,9 @@ fn write_reference(m: &ZooModel, dtype: &str, items: Vec<PromptLogits>, moved: &
 
 fn parquet_files(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".parquet")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.ends_with(".parquet")).collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -284,7 +339,14 @@ fn some(keys: &[String], n: usize) -> String {
     s
 }
 
-fn check_goldens(m: &ZooModel, dtype: &str, tol: &Tolerance, opts: &CheckOptions, rows: &mut Rows<'_>, moved: &mut Vec<String>) {
+fn check_goldens(
+    m: &ZooModel,
+    dtype: &str,
+    tol: &Tolerance,
+    opts: &CheckOptions,
+    rows: &mut Rows<'_>,
+    moved: &mut Vec<String>,
+) {
     let Some(goldens) = &m.goldens else { return };
     let mut loaded: Vec<(Processing, Model)> = Vec::new();
     for entry in &m.specs {
@@ -342,10 +404,24 @@ fn check_goldens(m: &ZooModel, dtype: &str, tol: &Tolerance, opts: &CheckOptions
 
 fn compare_file(rows: &mut Rows<'_>, check: &str, run: &str, ours: &Path, golden: &Path, tol: &Tolerance) {
     if !golden.is_file() {
-        return rows.push(check, run, f64::NAN, "a golden", false, format!("no golden {} for this run: review it and run `tl-run check --update=goldens`", golden.display()));
+        return rows.push(
+            check,
+            run,
+            f64::NAN,
+            "a golden",
+            false,
+            format!("no golden {} for this run: review it and run `tl-run check --update=goldens`", golden.display()),
+        );
     }
     if !ours.is_file() {
-        return rows.push(check, run, f64::NAN, "a golden", false, format!("the golden {} has no run '{run}' in this spec's output", golden.display()));
+        return rows.push(
+            check,
+            run,
+            f64::NAN,
+            "a golden",
+            false,
+            format!("the golden {} has no run '{run}' in this spec's output", golden.display()),
+        );
     }
     let (o, g) = match (golden::KeyedTable::read(ours), golden::KeyedTable::read(golden)) {
         (Ok(o), Ok(g)) => (o, g),
@@ -365,20 +441,43 @@ fn compare_file(rows: &mut Rows<'_>, check: &str, run: &str, ours: &Path, golden
     }
     let fmt = |v: &Option<f64>| v.map(report::fmt_value).unwrap_or_else(|| "null".into());
     for c in d.floats.iter().filter(|c| !c.outside.is_empty()) {
-        let shown: Vec<String> = c.outside.iter().take(5).map(|(k, o, g)| format!("[{k}] ours {} golden {}", fmt(o), fmt(g))).collect();
+        let shown: Vec<String> =
+            c.outside.iter().take(5).map(|(k, o, g)| format!("[{k}] ours {} golden {}", fmt(o), fmt(g))).collect();
         let more = if c.outside.len() > 5 { format!(" and {} more", c.outside.len() - 5) } else { String::new() };
-        problems.push(format!("{} '{}' value(s) outside tolerance: {}{more}", c.outside.len(), c.column, shown.join("; ")));
+        problems.push(format!(
+            "{} '{}' value(s) outside tolerance: {}{more}",
+            c.outside.len(),
+            c.column,
+            shown.join("; ")
+        ));
     }
     for (col, bad) in d.exact.iter().filter(|(_, b)| !b.is_empty()) {
         problems.push(format!("'{col}' differs at {}", some(bad, 5)));
     }
     let max = d.floats.iter().map(|c| c.max_abs_diff).fold(0.0, f64::max);
-    let tolerance = format!("{} rows; |Δ| ≤ {} + {}·|golden|", g.rows.len(), report::fmt_tol(tol.value_atol), report::fmt_tol(tol.value_rtol));
+    let tolerance = format!(
+        "{} rows; |Δ| ≤ {} + {}·|golden|",
+        g.rows.len(),
+        report::fmt_tol(tol.value_atol),
+        report::fmt_tol(tol.value_rtol)
+    );
     rows.push(check, run, max, tolerance, problems.is_empty(), problems.join("; "));
 }
 
-fn update_golden(m: &ZooModel, dtype: &str, spec: &str, ours: &Path, golden: &Path, tol: &Tolerance, moved: &mut Vec<String>) {
-    let label = format!("{}: golden {dtype}/{spec}/{}", m.name, golden.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default());
+fn update_golden(
+    m: &ZooModel,
+    dtype: &str,
+    spec: &str,
+    ours: &Path,
+    golden: &Path,
+    tol: &Tolerance,
+    moved: &mut Vec<String>,
+) {
+    let label = format!(
+        "{}: golden {dtype}/{spec}/{}",
+        m.name,
+        golden.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+    );
     let line = if !ours.is_file() {
         match std::fs::remove_file(golden) {
             Ok(()) => format!("{label} removed (the spec no longer writes it)"),
@@ -389,14 +488,22 @@ fn update_golden(m: &ZooModel, dtype: &str, spec: &str, ours: &Path, golden: &Pa
             (true, Ok(o)) => match golden::KeyedTable::read(golden) {
                 Ok(g) => {
                     let d = golden::diff(&o, &g, tol.value_atol, tol.value_rtol);
-                    let maxes = d.floats.iter().map(|c| format!("max |Δ{}| {:.3e}", c.column, c.max_abs_diff)).collect::<Vec<_>>().join(", ");
+                    let maxes = d
+                        .floats
+                        .iter()
+                        .map(|c| format!("max |Δ{}| {:.3e}", c.column, c.max_abs_diff))
+                        .collect::<Vec<_>>()
+                        .join(", ");
                     format!("rewritten: {} rows added, {} removed, {maxes}", d.extra.len(), d.missing.len())
                 }
                 Err(_) => "rewritten (the old one was unreadable)".into(),
             },
             _ => "written".into(),
         };
-        match std::fs::read(ours).map_err(|e| Error::io(ours, e)).and_then(|b| crate::output::atomic::write_bytes(golden, &b)) {
+        match std::fs::read(ours)
+            .map_err(|e| Error::io(ours, e))
+            .and_then(|b| crate::output::atomic::write_bytes(golden, &b))
+        {
             Ok(()) => format!("{label} {what}"),
             Err(e) => format!("{label}: could not write: {e}"),
         }

@@ -57,7 +57,15 @@ pub fn render(rows: &[CheckRow]) -> String {
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
-            [r.model.clone(), r.dtype.clone(), r.check.clone(), r.figure.clone(), fmt_value(r.value), r.tolerance.clone(), if r.pass { "pass".into() } else { "FAIL".into() }]
+            [
+                r.model.clone(),
+                r.dtype.clone(),
+                r.check.clone(),
+                r.figure.clone(),
+                fmt_value(r.value),
+                r.tolerance.clone(),
+                if r.pass { "pass".into() } else { "FAIL".into() },
+            ]
         })
         .collect();
     let mut width = header.map(|h| h.chars().count());
@@ -113,7 +121,8 @@ pub fn write_parquet(path: &std::path::Path, rows: &[CheckRow]) -> Result<()> {
         Arc::new(BooleanArray::from_iter(rows.iter().map(|r| Some(r.pass)))),
         s(|r| &r.detail),
     ];
-    let batch = RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| Error::Other(format!("check.parquet: {e}")))?;
+    let batch =
+        RecordBatch::try_new(Arc::new(schema), columns).map_err(|e| Error::Other(format!("check.parquet: {e}")))?;
     crate::output::table::write_batch(path, &batch)
 }
 
@@ -146,13 +155,21 @@ pub fn junit(rows: &[CheckRow], seconds: f64) -> String {
     }
     let failures = rows.iter().filter(|r| !r.pass).count();
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    out.push_str(&format!("<testsuites name=\"tl-run check\" tests=\"{}\" failures=\"{failures}\" time=\"{seconds:.3}\">\n", rows.len()));
+    out.push_str(&format!(
+        "<testsuites name=\"tl-run check\" tests=\"{}\" failures=\"{failures}\" time=\"{seconds:.3}\">\n",
+        rows.len()
+    ));
     for (name, rs) in &suites {
         let f = rs.iter().filter(|r| !r.pass).count();
         out.push_str(&format!("  <testsuite name=\"{}\" tests=\"{}\" failures=\"{f}\">\n", xml(name), rs.len()));
         for r in rs {
             // The name stays the same from run to run, so CI can track each figure's history.
-            out.push_str(&format!("    <testcase classname=\"{}.{}\" name=\"{}\">\n", xml(name), xml(&r.check), xml(&r.figure)));
+            out.push_str(&format!(
+                "    <testcase classname=\"{}.{}\" name=\"{}\">\n",
+                xml(name),
+                xml(&r.check),
+                xml(&r.figure)
+            ));
             let value = format!("{} = {} (tolerance {})", r.figure, fmt_value(r.value), r.tolerance);
             if r.pass {
                 out.push_str(&format!("      <system-out>{}</system-out>\n", xml(&value)));

@@ -102,7 +102,17 @@ pub struct Tolerance {
 impl Default for Tolerance {
     /// f32 defaults: the project's 1e-4 agreement with TransformerLens and HF.
     fn default() -> Self {
-        Tolerance { atol: 1e-4, rtol: 1e-4, max_abs: None, mse: Some(1e-8), kl: Some(1e-6), cosine: Some(0.99999), top1: Some(1.0), value_atol: 1e-4, value_rtol: 1e-4 }
+        Tolerance {
+            atol: 1e-4,
+            rtol: 1e-4,
+            max_abs: None,
+            mse: Some(1e-8),
+            kl: Some(1e-6),
+            cosine: Some(0.99999),
+            top1: Some(1.0),
+            value_atol: 1e-4,
+            value_rtol: 1e-4,
+        }
     }
 }
 
@@ -243,7 +253,10 @@ impl Zoo {
     pub fn read(path: &Path, creating: bool) -> Result<Zoo, SpecErrors> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| SpecErrors::unreadable(&file, &e))?;
-        let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors { file: file.clone(), diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)] })?;
+        let raw: RawZoo = toml::from_str(&text).map_err(|e| SpecErrors {
+            file: file.clone(),
+            diagnostics: vec![crate::spec::toml_diagnostic(&text, &e)],
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let mut cx = Ctx { text: &text, diags: Vec::new() };
         let defaults = raw.defaults.unwrap_or_default();
@@ -258,7 +271,11 @@ impl Zoo {
         for m in &raw.model {
             let name = m.name.get_ref().clone();
             if name.is_empty() || name.contains('/') || name.contains(char::is_whitespace) {
-                cx.at(&m.name, "model.name", format!("'{name}' cannot name a golden directory: use letters, digits, '-', '_' or '.'"));
+                cx.at(
+                    &m.name,
+                    "model.name",
+                    format!("'{name}' cannot name a golden directory: use letters, digits, '-', '_' or '.'"),
+                );
             }
             if !names.insert(name.clone()) {
                 cx.at(&m.name, "model.name", format!("'{name}' is listed twice"));
@@ -275,12 +292,19 @@ impl Zoo {
                         ),
                         _ => {}
                     }
-                    Some(Source::Hub { id: id.get_ref().clone(), revision: m.revision.as_ref().map(|r| r.get_ref().clone()).unwrap_or_else(|| "main".into()) })
+                    Some(Source::Hub {
+                        id: id.get_ref().clone(),
+                        revision: m.revision.as_ref().map(|r| r.get_ref().clone()).unwrap_or_else(|| "main".into()),
+                    })
                 }
                 (None, Some(p)) => {
                     let full = base.join(p.get_ref());
                     if m.revision.is_some() {
-                        cx.at(p, key("revision"), "a local path has no revision; drop revision or use id = \"org/name\"".to_string());
+                        cx.at(
+                            p,
+                            key("revision"),
+                            "a local path has no revision; drop revision or use id = \"org/name\"".to_string(),
+                        );
                     }
                     if !full.exists() {
                         cx.at(p, key("path"), format!("no such model: {}", full.display()));
@@ -288,11 +312,19 @@ impl Zoo {
                     Some(Source::Local(full))
                 }
                 (Some(id), Some(_)) => {
-                    cx.at(id, key("id"), "give either id (a hub model) or path (a local directory or .gguf), not both".to_string());
+                    cx.at(
+                        id,
+                        key("id"),
+                        "give either id (a hub model) or path (a local directory or .gguf), not both".to_string(),
+                    );
                     None
                 }
                 (None, None) => {
-                    cx.at(&m.name, key("id"), "give id = \"org/name\" (with revision) or path = \"dir-or.gguf\"".to_string());
+                    cx.at(
+                        &m.name,
+                        key("id"),
+                        "give id = \"org/name\" (with revision) or path = \"dir-or.gguf\"".to_string(),
+                    );
                     None
                 }
             };
@@ -300,11 +332,19 @@ impl Zoo {
                 None => vec!["float32".into()],
                 Some(list) => {
                     if list.get_ref().is_empty() {
-                        cx.at(list, key("dtypes"), "no dtypes: list at least one of float32, bfloat16, float16".to_string());
+                        cx.at(
+                            list,
+                            key("dtypes"),
+                            "no dtypes: list at least one of float32, bfloat16, float16".to_string(),
+                        );
                     }
                     for d in list.get_ref() {
                         if crate::model::config::parse_dtype(d.get_ref()).is_none() {
-                            cx.at(d, key("dtypes"), format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES));
+                            cx.at(
+                                d,
+                                key("dtypes"),
+                                format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES),
+                            );
                         }
                     }
                     list.get_ref().iter().map(|d| d.get_ref().clone()).collect()
@@ -332,11 +372,20 @@ impl Zoo {
                     }
                 }
                 (None, None, None, None) => {
-                    cx.at(&m.name, key("prompts"), "no prompts: give prompts = [...] or prompts_file here or in [defaults]".to_string());
+                    cx.at(
+                        &m.name,
+                        key("prompts"),
+                        "no prompts: give prompts = [...] or prompts_file here or in [defaults]".to_string(),
+                    );
                     Vec::new()
                 }
             };
-            let device = m.device.as_ref().or(defaults.device.as_ref()).map(|d| d.get_ref().clone()).unwrap_or_else(|| "cpu".into());
+            let device = m
+                .device
+                .as_ref()
+                .or(defaults.device.as_ref())
+                .map(|d| d.get_ref().clone())
+                .unwrap_or_else(|| "cpu".into());
             let reference = base.join(m.reference.get_ref());
             if !creating && !reference.is_file() {
                 cx.at(
@@ -347,11 +396,19 @@ impl Zoo {
             }
             let goldens = m.goldens.as_ref().map(|g| base.join(g.get_ref()));
             if !m.spec.is_empty() && goldens.is_none() {
-                cx.at(&m.name, key("goldens"), "the model runs specs but has no goldens = \"dir\" to compare their Parquet with".to_string());
+                cx.at(
+                    &m.name,
+                    key("goldens"),
+                    "the model runs specs but has no goldens = \"dir\" to compare their Parquet with".to_string(),
+                );
             }
             if let (Some(g), Some(gs)) = (&goldens, &m.goldens) {
                 if !creating && !m.spec.is_empty() && !g.is_dir() {
-                    cx.at(gs, key("goldens"), format!("no goldens at {}: make them with `tl-run check --update`", g.display()));
+                    cx.at(
+                        gs,
+                        key("goldens"),
+                        format!("no goldens at {}: make them with `tl-run check --update`", g.display()),
+                    );
                 }
             }
             let mut specs = Vec::new();
@@ -373,7 +430,11 @@ impl Zoo {
                     None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
                 };
                 if !spec_names.insert(name.clone()) {
-                    cx.at(s.name.as_ref().unwrap_or(&s.file), key("spec.name"), format!("two specs keep goldens under '{name}': give one a name = \"...\""));
+                    cx.at(
+                        s.name.as_ref().unwrap_or(&s.file),
+                        key("spec.name"),
+                        format!("two specs keep goldens under '{name}': give one a name = \"...\""),
+                    );
                 }
                 specs.push(SpecEntry { file, prompts, name });
             }

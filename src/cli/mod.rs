@@ -16,7 +16,8 @@ pub fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TL_RUN_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TL_RUN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     // Colours only on a terminal: Slurm's log files and CI logs get plain text.
     let colour = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).try_init();
@@ -35,7 +36,8 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
         revision: m.revision.clone(),
         processing: if m.no_processing { Processing::NONE } else { Processing::TRANSFORMER_LENS },
         device: parse_device(&m.device)?,
-        kind: tl_run::model::config::parse_dtype(&m.dtype).with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
+        kind: tl_run::model::config::parse_dtype(&m.dtype)
+            .with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
         split: m.split.iter().map(|d| parse_device(d)).collect::<Result<_>>()?,
     })
 }
@@ -55,8 +57,16 @@ pub fn dispatch(args: Args) -> Result<()> {
         Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
         Command::Report { dir, out, png, no_patterns } => {
             let t = std::time::Instant::now();
-            let w = tl_run::report::write(&dir, out.as_deref(), tl_run::report::Options { png, patterns: !no_patterns })?;
-            println!("wrote {} ({} KiB, {} figures under {}) in {:.2} s", w.page.display(), w.bytes / 1024, w.figures.len(), w.page.with_file_name("figures").display(), t.elapsed().as_secs_f64());
+            let w =
+                tl_run::report::write(&dir, out.as_deref(), tl_run::report::Options { png, patterns: !no_patterns })?;
+            println!(
+                "wrote {} ({} KiB, {} figures under {}) in {:.2} s",
+                w.page.display(),
+                w.bytes / 1024,
+                w.figures.len(),
+                w.page.with_file_name("figures").display(),
+                t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Command::Plan { spec, json, shards } => plan(&spec, Some(PlanOutput { json, shards })),
@@ -81,7 +91,13 @@ pub fn dispatch(args: Args) -> Result<()> {
                 Some("references") => Update::References,
                 Some(_) => Update::All,
             };
-            let opts = tl_run::check::CheckOptions { update, only, dtype, out, progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) };
+            let opts = tl_run::check::CheckOptions {
+                update,
+                only,
+                dtype,
+                out,
+                progress: !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
             check(&zoo, &opts, junit.as_deref())
         }
     }
@@ -115,7 +131,10 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
         spec.model.devices = a.devices.clone();
     }
     if a.split_layers {
-        anyhow::ensure!(!spec.model.devices.is_empty(), "--split-layers needs --devices (or model.devices in the spec): the devices to split the layers over");
+        anyhow::ensure!(
+            !spec.model.devices.is_empty(),
+            "--split-layers needs --devices (or model.devices in the spec): the devices to split the layers over"
+        );
         spec.model.split_layers = true;
     }
     if let Some(d) = &a.dtype {
@@ -148,11 +167,19 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
         if let Ok(b) = tok.batch(&texts, spec.model.prepend_bos_for(&cfg)) {
             let seq = b.tokens.size()[1] as usize;
             if seq > cfg.n_ctx {
-                problems.push(format!("{}: the longest prompt is {seq} tokens, more than the model's context of {}", spec.file, cfg.n_ctx));
+                problems.push(format!(
+                    "{}: the longest prompt is {seq} tokens, more than the model's context of {}",
+                    spec.file, cfg.n_ctx
+                ));
             }
             problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &b.lengths, &spec.file).err()));
         }
-        match tl_run::experiments::inputs::tokenize(spec, &tok, &cfg, spec.runs.iter().any(|r| r.kind.needs_corruption())) {
+        match tl_run::experiments::inputs::tokenize(
+            spec,
+            &tok,
+            &cfg,
+            spec.runs.iter().any(|r| r.kind.needs_corruption()),
+        ) {
             Ok(t) => toks = Some(t),
             // One line per problem, each naming the file (the error lists several at once).
             Err(e) => problems.extend(e.to_string().lines().map(|line| format!("{}: {line}", spec.file))),
@@ -160,7 +187,13 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
     }
     let lines: Vec<String> = problems.iter().flat_map(|p| p.lines().map(str::to_string)).collect();
     let n = lines.len();
-    anyhow::ensure!(n == 0, "{n} problem{} with model {}:\n  {}", if n == 1 { "" } else { "s" }, spec.model.id, lines.join("\n  "));
+    anyhow::ensure!(
+        n == 0,
+        "{n} problem{} with model {}:\n  {}",
+        if n == 1 { "" } else { "s" },
+        spec.model.id,
+        lines.join("\n  ")
+    );
     Ok(Preflight { cfg, tok, files, toks })
 }
 
@@ -177,7 +210,12 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
     let Some(out) = output else {
         println!(
             "{}: ok ({} prompts of {seq} tokens, {} runs; model {} has {} layers, {} heads)",
-            a.spec.display(), spec.prompts.len(), spec.runs.len(), spec.model.id, pf.cfg.n_layers, pf.cfg.n_heads
+            a.spec.display(),
+            spec.prompts.len(),
+            spec.runs.len(),
+            spec.model.id,
+            pf.cfg.n_layers,
+            pf.cfg.n_heads
         );
         return Ok(());
     };
@@ -213,7 +251,8 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
         }
         let (max, min) = (cost.iter().cloned().fold(0.0, f64::max), cost.iter().cloned().fold(f64::INFINITY, f64::min));
         // The summary goes to stderr under --json, so that stdout stays one JSON document.
-        let mut summary: Vec<String> = (0..n).map(|s| format!("shard {s}/{n}: {} jobs, cost {:.0}", jobs[s], cost[s])).collect();
+        let mut summary: Vec<String> =
+            (0..n).map(|s| format!("shard {s}/{n}: {} jobs, cost {:.0}", jobs[s], cost[s])).collect();
         summary.push(format!("cost balance: max/min {:.3}", if min > 0.0 { max / min } else { f64::INFINITY }));
         for line in summary {
             if out.json {
@@ -229,7 +268,8 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
 /// Whether an output directory's job store holds any job's result.
 fn has_stored_jobs(output_dir: &std::path::Path) -> bool {
     let jobs = output_dir.join(".tl-run").join("jobs");
-    std::fs::read_dir(jobs).is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "parquet"))))
+    std::fs::read_dir(jobs)
+        .is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "parquet"))))
 }
 
 fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: bool) -> Result<()> {
@@ -262,19 +302,35 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
     let early = (devices.len() <= 1 && (fresh || !has_stored_jobs(&spec.output_dir))).then(|| {
         let (id, opts) = (spec.model.id.clone(), opts.clone());
         tracing::debug!("loading the model beside the weight digests and the plan");
-        std::thread::Builder::new().name("tl-run-load".into()).spawn(move || tl_run::panics::guarded("load model", || Model::load(&id, &opts)))
+        std::thread::Builder::new()
+            .name("tl-run-load".into())
+            .spawn(move || tl_run::panics::guarded("load model", || Model::load(&id, &opts)))
     });
     let early = std::sync::Mutex::new(early.and_then(|spawned| spawned.ok()));
     let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
     let load = |device: tch::Device| {
         let started = early.lock().unwrap_or_else(|e| e.into_inner()).take();
         match started {
-            Some(loading) if device == opts.device => loading.join().unwrap_or_else(|_| Err(tl_run::Error::Other("loading the model stopped unexpectedly".into()))),
+            Some(loading) if device == opts.device => loading
+                .join()
+                .unwrap_or_else(|_| Err(tl_run::Error::Other("loading the model stopped unexpectedly".into()))),
             _ => Model::load(&spec.model.id, &LoadOptions { device, ..opts.clone() }),
         }
     };
-    let source = ModelSource::Lazy { cfg: &pf.cfg, tokenizer: Some(&pf.tok), files: Some(&pf.files), device: opts.device, load: Box::new(load) };
-    let exec = ExecOptions { progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()), store: true, fresh, shard, devices };
+    let source = ModelSource::Lazy {
+        cfg: &pf.cfg,
+        tokenizer: Some(&pf.tok),
+        files: Some(&pf.files),
+        device: opts.device,
+        load: Box::new(load),
+    };
+    let exec = ExecOptions {
+        progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        store: true,
+        fresh,
+        shard,
+        devices,
+    };
     let outcome = tl_run::graph::execute::execute_compiled(&spec, source, compiled, t.elapsed().as_secs_f64(), &exec)?;
     for f in &outcome.files {
         println!("wrote {}", f.display());
@@ -284,7 +340,11 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
     print!("{}", outcome.summary);
     if report || spec.report {
         if shard.is_some() {
-            println!("no report for one shard: run `tl-run merge {}`, then `tl-run report {}`", spec.output_dir.display(), spec.output_dir.display());
+            println!(
+                "no report for one shard: run `tl-run merge {}`, then `tl-run report {}`",
+                spec.output_dir.display(),
+                spec.output_dir.display()
+            );
         } else {
             let w = tl_run::report::write(&spec.output_dir, None, tl_run::report::Options::default())?;
             println!("wrote {} ({} figures)", w.page.display(), w.figures.len());
@@ -295,7 +355,8 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
 
 /// `tl-run download`: resolves (downloading what is missing) every hub model named.
 fn download(models: &[String], revision: Option<&str>, specs: &[PathBuf], zoos: &[PathBuf]) -> Result<()> {
-    let mut wanted: Vec<(String, Option<String>)> = models.iter().map(|m| (m.clone(), revision.map(str::to_string))).collect();
+    let mut wanted: Vec<(String, Option<String>)> =
+        models.iter().map(|m| (m.clone(), revision.map(str::to_string))).collect();
     for path in specs {
         let spec = tl_run::spec::resolve_file(path)?;
         wanted.push((spec.model.id.clone(), spec.model.revision.clone()));
@@ -317,7 +378,15 @@ fn download(models: &[String], revision: Option<&str>, specs: &[PathBuf], zoos: 
             continue;
         }
         let files = tl_run::model::source::resolve(&id, rev.as_deref())?;
-        let bytes: u64 = files.weights.iter().chain([&files.config]).chain(files.tokenizer.iter()).chain(files.tokenizer_config.iter()).filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).sum();
+        let bytes: u64 = files
+            .weights
+            .iter()
+            .chain([&files.config])
+            .chain(files.tokenizer.iter())
+            .chain(files.tokenizer_config.iter())
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
         println!(
             "{id}@{}: commit {} ({} weight file(s), {:.1} MB) in {}",
             rev.as_deref().unwrap_or("main"),
@@ -363,7 +432,10 @@ fn slurm(a: &SpecArgs, opts: &tl_run::graph::slurm::ArrayOptions, submit: bool) 
     println!("wrote {}", script.display());
     if submit {
         let ids = tl_run::graph::slurm::submit(&script, &spec.output_dir, opts.partition.as_deref())?;
-        println!("submitted array job {} ({} tasks) and merge job {} (after the array succeeds)", ids.0, opts.tasks, ids.1);
+        println!(
+            "submitted array job {} ({} tasks) and merge job {} (after the array succeeds)",
+            ids.0, opts.tasks, ids.1
+        );
     } else {
         println!("submit with: sbatch {}   (then: tl-run merge {})", script.display(), spec.output_dir.display());
     }
@@ -385,7 +457,13 @@ fn hooks(m: &ModelArgs, batch: i64, seq: i64) -> Result<()> {
     Ok(())
 }
 
-fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::Path, prepend_bos: Option<bool>) -> Result<()> {
+fn cache(
+    m: &ModelArgs,
+    prompts: &[String],
+    names: &[String],
+    out: &std::path::Path,
+    prepend_bos: Option<bool>,
+) -> Result<()> {
     let model = load(m)?;
     let points = if names.is_empty() {
         model.hook_points()
@@ -399,8 +477,10 @@ fn cache(m: &ModelArgs, prompts: &[String], names: &[String], out: &std::path::P
     }
     let mut hooks = Hooks::capture(points.iter().copied());
     let _logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits)?;
-    let tensors: Vec<(String, tch::Tensor)> = points.iter().filter_map(|p| hooks.take(*p).map(|t| (p.to_string(), t))).collect();
-    let tokens: Vec<Vec<i64>> = (0..prompts.len() as i64).map(|i| Vec::<i64>::try_from(batch.tokens.get(i)).unwrap_or_default()).collect();
+    let tensors: Vec<(String, tch::Tensor)> =
+        points.iter().filter_map(|p| hooks.take(*p).map(|t| (p.to_string(), t))).collect();
+    let tokens: Vec<Vec<i64>> =
+        (0..prompts.len() as i64).map(|i| Vec::<i64>::try_from(batch.tokens.get(i)).unwrap_or_default()).collect();
     let metadata = HashMap::from([
         ("prompts".to_string(), serde_json::to_string(prompts)?),
         ("tokens".to_string(), serde_json::to_string(&tokens)?),

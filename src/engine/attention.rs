@@ -32,7 +32,14 @@ impl AttentionKernel {
 
 impl Model {
     /// The attention sublayer of block `l`: its output [b, q, d_model] from ln1's output.
-    pub(super) fn attention(&self, l: usize, x: &Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
+    pub(super) fn attention(
+        &self,
+        l: usize,
+        x: &Tensor,
+        ctx: &Context<'_>,
+        hooks: &mut Hooks,
+        queries: Queries,
+    ) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
         let (b, p) = (x.size()[0], x.size()[1]);
@@ -47,8 +54,18 @@ impl Model {
         let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
         let (q, k) = match (&aw.q_norm, &aw.k_norm) {
             (Some(qn), Some(kn)) => (
-                self.head_norm(q, qn, (at(Site::QNorm(NormHook::Scale)), at(Site::QNorm(NormHook::Normalized)), at(Site::QNormed)), hooks)?,
-                self.head_norm(k, kn, (at(Site::KNorm(NormHook::Scale)), at(Site::KNorm(NormHook::Normalized)), at(Site::KNormed)), hooks)?,
+                self.head_norm(
+                    q,
+                    qn,
+                    (at(Site::QNorm(NormHook::Scale)), at(Site::QNorm(NormHook::Normalized)), at(Site::QNormed)),
+                    hooks,
+                )?,
+                self.head_norm(
+                    k,
+                    kn,
+                    (at(Site::KNorm(NormHook::Scale)), at(Site::KNorm(NormHook::Normalized)), at(Site::KNormed)),
+                    hooks,
+                )?,
             ),
             _ => (q, k),
         };
@@ -122,7 +139,14 @@ impl Model {
     /// (the only way in forwards that capture, for models with ALiBi or an attention softcap,
     /// and for the rows whose scores or pattern an edit changed). Where the scores or the
     /// pattern are edited, also the [b] rows the edits changed.
-    fn explicit_z(&self, l: usize, (q, k, v): (&Tensor, &Tensor, &Tensor), ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<(Tensor, Option<Tensor>)> {
+    fn explicit_z(
+        &self,
+        l: usize,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        ctx: &Context<'_>,
+        hooks: &mut Hooks,
+        queries: Queries,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let at = |s: Site| HookPoint::Block(l, s);
         let mut edited: Option<Tensor> = None;
         let mut hook = |point: HookPoint, x: Tensor, hooks: &mut Hooks| -> Result<Tensor> {
@@ -154,7 +178,12 @@ impl Model {
         let pk = v.size()[1];
         let (b, h, e) = (q.size()[0], q.size()[2], q.size()[3]);
         let (kv, p_q) = (k.size()[2], q.size()[1]);
-        let z = pattern.view([b, kv, -1, pk]).matmul(&v.permute([0, 2, 1, 3])).view([b, h, p_q, e]).permute([0, 2, 1, 3]).contiguous();
+        let z = pattern
+            .view([b, kv, -1, pk])
+            .matmul(&v.permute([0, 2, 1, 3]))
+            .view([b, h, p_q, e])
+            .permute([0, 2, 1, 3])
+            .contiguous();
         Ok((z, edited))
     }
 
@@ -169,14 +198,33 @@ impl Model {
         // Multiplied by 1/scale, as the explicit scores are.
         let scale = 1.0 / self.cfg.attn_scale;
         let z = if kv == h {
-            Tensor::scaled_dot_product_attention(&q.permute([0, 2, 1, 3]), &k, &v, (!causal).then_some(mask), 0.0, causal, scale, false)
+            Tensor::scaled_dot_product_attention(
+                &q.permute([0, 2, 1, 3]),
+                &k,
+                &v,
+                (!causal).then_some(mask),
+                0.0,
+                causal,
+                scale,
+                false,
+            )
         } else {
             // Grouped-query attention as in the explicit path: the query heads a key-value head
             // serves are one batch of rows against it, so keys and values are never copied per
             // query head (the kernel's own `enable_gqa` copies them outside flash attention);
             // the mask is tiled to those rows.
             let tiled = mask.repeat([1, 1, h / kv, 1]);
-            Tensor::scaled_dot_product_attention(&grouped_queries(q, kv), &k, &v, Some(&tiled), 0.0, false, scale, false).view([b, h, p, e])
+            Tensor::scaled_dot_product_attention(
+                &grouped_queries(q, kv),
+                &k,
+                &v,
+                Some(&tiled),
+                0.0,
+                false,
+                scale,
+                false,
+            )
+            .view([b, h, p, e])
         };
         z.permute([0, 2, 1, 3]).contiguous()
     }
@@ -203,7 +251,13 @@ impl Model {
 
     /// Qwen3's per-head RMSNorm of q or k [b, p, heads, e], hooked head-major as
     /// TransformerLens does ([b, heads, p, ..]): scale, normalized, then the weighted output.
-    fn head_norm(&self, x: Tensor, w: &Tensor, points: (HookPoint, HookPoint, HookPoint), hooks: &mut Hooks) -> Result<Tensor> {
+    fn head_norm(
+        &self,
+        x: Tensor,
+        w: &Tensor,
+        points: (HookPoint, HookPoint, HookPoint),
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         let weights = NormWeights { w: Some(w.shallow_clone()), b: None };
         let y = self.norm(x.transpose(1, 2), &weights, points.0, points.1, hooks)?;
         Ok(hooks.at(points.2, y)?.transpose(1, 2))

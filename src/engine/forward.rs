@@ -3,8 +3,8 @@
 //! and keeps the autograd graph so gradients with respect to captured activations are available.
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
 use crate::engine::hooks::Hooks;
+use crate::error::{Error, Result};
 use crate::model::config::{Activation, NormKind, Positional, RopeScaling};
 use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::model::weights::NormWeights;
@@ -60,8 +60,13 @@ impl Prefix {
     /// `repeat` of the layers in `layers` only (a forward that runs just those); the others stay
     /// as they are and must not be read.
     pub fn repeat_layers(&self, k: i64, layers: std::ops::Range<usize>) -> Prefix {
-        let rep = |(l, t): (usize, &Tensor)| if layers.contains(&l) { t.repeat([k, 1, 1, 1]) } else { t.shallow_clone() };
-        Prefix { len: self.len, keys: self.keys.iter().enumerate().map(rep).collect(), values: self.values.iter().enumerate().map(rep).collect() }
+        let rep =
+            |(l, t): (usize, &Tensor)| if layers.contains(&l) { t.repeat([k, 1, 1, 1]) } else { t.shallow_clone() };
+        Prefix {
+            len: self.len,
+            keys: self.keys.iter().enumerate().map(rep).collect(),
+            values: self.values.iter().enumerate().map(rep).collect(),
+        }
     }
 }
 
@@ -124,14 +129,25 @@ pub(super) struct FusedMasks {
 impl FusedMasks {
     /// The additive mask for these queries.
     pub(super) fn additive(&self, window: Option<usize>, queries: Queries) -> Tensor {
-        queries.of(&self.additive.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1, 2)
+        queries.of(
+            &self
+                .additive
+                .iter()
+                .find(|(w, _)| *w == window)
+                .expect("a mask is built for every window of the config")
+                .1,
+            2,
+        )
     }
 }
 
 impl Context<'_> {
     /// The explicit path's mask (true = masked) for these queries.
     pub(super) fn blocked(&self, window: Option<usize>, queries: Queries) -> Tensor {
-        queries.of(&self.blocked.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1, 2)
+        queries.of(
+            &self.blocked.iter().find(|(w, _)| *w == window).expect("a mask is built for every window of the config").1,
+            2,
+        )
     }
 }
 
@@ -163,7 +179,11 @@ impl Positions {
 
     /// The same positions on another device (a model split by layers).
     fn on(&self, device: tch::Device) -> Positions {
-        Positions { ids: self.ids.to_device(device), key_ids: self.key_ids.to_device(device), mask: self.mask.as_ref().map(|m| m.to_device(device)) }
+        Positions {
+            ids: self.ids.to_device(device),
+            key_ids: self.key_ids.to_device(device),
+            mask: self.mask.as_ref().map(|m| m.to_device(device)),
+        }
     }
 
     fn batch_seq(&self) -> (i64, i64) {
@@ -180,7 +200,14 @@ impl Model {
 
     /// Like `run`, continuing after `prefix`: a residual input then holds only the positions
     /// after the prefix (and so does every hook), while `mask` covers all positions.
-    pub fn run_with_prefix(&self, input: Input<'_>, mask: Option<&Tensor>, hooks: &mut Hooks, stop: Stop, prefix: Option<&Prefix>) -> Result<Tensor> {
+    pub fn run_with_prefix(
+        &self,
+        input: Input<'_>,
+        mask: Option<&Tensor>,
+        hooks: &mut Hooks,
+        stop: Stop,
+        prefix: Option<&Prefix>,
+    ) -> Result<Tensor> {
         if prefix.is_some() && matches!(input, Input::Tokens(_)) {
             return Err(Error::Other("a key-value prefix needs a residual input".into()));
         }
@@ -215,7 +242,10 @@ impl Model {
             Stop::Logits | Stop::FinalNorm | Stop::LastPosition => (self.cfg.n_layers, true),
             Stop::BeforeLayer(l) if l >= start && l <= self.cfg.n_layers => (l, false),
             Stop::BeforeLayer(l) => {
-                return Err(Error::Other(format!("cannot stop before layer {l} when starting at layer {start} (model has {} layers)", self.cfg.n_layers)))
+                return Err(Error::Other(format!(
+                    "cannot stop before layer {l} when starting at layer {start} (model has {} layers)",
+                    self.cfg.n_layers
+                )))
             }
         };
         let mut windows: Vec<Option<usize>> = self.cfg.attn_windows[start..end.max(start)].to_vec();
@@ -227,10 +257,12 @@ impl Model {
         let context = |device: tch::Device| {
             let moved = (pos.ids.device() != device).then(|| pos.on(device));
             let p = moved.as_ref().unwrap_or(&pos);
-            let blocked: Vec<(Option<usize>, Tensor)> = windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect();
+            let blocked: Vec<(Option<usize>, Tensor)> =
+                windows.iter().map(|&w| (w, self.attention_mask(p, skip, w).logical_not())).collect();
             let fused = fuses.then(|| {
                 let (batch, queries) = p.batch_seq();
-                let pad_queries = p.mask.as_ref().map(|m| m.narrow(1, skip, queries).eq(0).view([batch, queries, 1, 1]));
+                let pad_queries =
+                    p.mask.as_ref().map(|m| m.narrow(1, skip, queries).eq(0).view([batch, queries, 1, 1]));
                 let additive = blocked
                     .iter()
                     .map(|(w, blocked)| {
@@ -238,12 +270,23 @@ impl Model {
                             Some(pad) => blocked.logical_and(&pad.view([batch, 1, queries, 1]).logical_not()),
                             None => blocked.shallow_clone(),
                         };
-                        (*w, Tensor::zeros(shut.size(), (self.kind, shut.device())).masked_fill(&shut, f64::NEG_INFINITY))
+                        (
+                            *w,
+                            Tensor::zeros(shut.size(), (self.kind, shut.device()))
+                                .masked_fill(&shut, f64::NEG_INFINITY),
+                        )
                     })
                     .collect();
                 FusedMasks { additive, pad_queries }
             });
-            Context { blocked, fused, rotary: self.rotary_tables(p), alibi: self.alibi(p), prefix, padded: p.mask.is_some() }
+            Context {
+                blocked,
+                fused,
+                rotary: self.rotary_tables(p),
+                alibi: self.alibi(p),
+                prefix,
+                padded: p.mask.is_some(),
+            }
         };
         let mut contexts: Vec<(tch::Device, Context)> = Vec::new();
         let last_block = self.cfg.n_layers - 1;
@@ -272,7 +315,13 @@ impl Model {
             }
             return Ok(x);
         }
-        let x = self.norm(x.to_device(self.device), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), hooks)?;
+        let x = self.norm(
+            x.to_device(self.device),
+            &self.weights.ln_final,
+            HookPoint::LnFinal(NormHook::Scale),
+            HookPoint::LnFinal(NormHook::Normalized),
+            hooks,
+        )?;
         match stop {
             Stop::FinalNorm => return Ok(x),
             Stop::LastPosition => return Ok(x.select(1, -1)),
@@ -285,7 +334,13 @@ impl Model {
     /// (TransformerLens's logit lens recomputes the final norm this way for every layer).
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         let mut none = Hooks::new();
-        self.norm(x.to_device(self.device), &self.weights.ln_final, HookPoint::LnFinal(NormHook::Scale), HookPoint::LnFinal(NormHook::Normalized), &mut none)
+        self.norm(
+            x.to_device(self.device),
+            &self.weights.ln_final,
+            HookPoint::LnFinal(NormHook::Scale),
+            HookPoint::LnFinal(NormHook::Normalized),
+            &mut none,
+        )
     }
 
     /// Logits from ln_final's output.
@@ -308,9 +363,16 @@ impl Model {
         if min < 0 || max >= self.cfg.d_vocab as i64 {
             return Err(Error::Other(format!("token ids must be in 0..{}, got {min}..={max}", self.cfg.d_vocab)));
         }
-        let mut embed = self.weights.w_e.index_select(0, &tokens.reshape([-1])).view([tokens.size()[0], tokens.size()[1], -1]);
+        let mut embed =
+            self.weights.w_e.index_select(0, &tokens.reshape([-1])).view([tokens.size()[0], tokens.size()[1], -1]);
         if let Some(ln) = &self.weights.ln_embed {
-            embed = self.norm(embed, ln, HookPoint::EmbedLn(NormHook::Scale), HookPoint::EmbedLn(NormHook::Normalized), hooks)?;
+            embed = self.norm(
+                embed,
+                ln,
+                HookPoint::EmbedLn(NormHook::Scale),
+                HookPoint::EmbedLn(NormHook::Normalized),
+                hooks,
+            )?;
         }
         let embed = hooks.at(HookPoint::Embed, embed)?;
         let Some(w_pos) = &self.weights.w_pos else { return Ok(embed) };
@@ -361,7 +423,10 @@ impl Model {
         if closest != h {
             let extra = (closest).min(h - closest);
             let extra_powers = Tensor::arange_start_step(1, 1 + 2 * extra, 2, (Kind::Float, device));
-            slopes = Tensor::cat(&[slopes, Tensor::from(base_of(2 * closest) as f32).to_device(device).pow(&extra_powers)], 0);
+            slopes = Tensor::cat(
+                &[slopes, Tensor::from(base_of(2 * closest) as f32).to_device(device).pow(&extra_powers)],
+                0,
+            );
         }
         let keys = pos.key_ids.to_kind(Kind::Float); // [batch, keys]
         let alibi = slopes.view([1, h, 1, 1]) * keys.unsqueeze(1).unsqueeze(1);
@@ -374,7 +439,11 @@ impl Model {
         let device = pos.ids.device();
         let exps = Tensor::arange_start_step(0, dim as i64, 2, (Kind::Float, device)) / dim as f64;
         let inv_freq = scale_frequencies(Tensor::from(base as f32).to_device(device).pow(&exps).reciprocal(), scaling);
-        let freq = if adjacent_pairs { inv_freq.repeat_interleave_self_int(2, 0, None) } else { Tensor::cat(&[&inv_freq, &inv_freq], 0) };
+        let freq = if adjacent_pairs {
+            inv_freq.repeat_interleave_self_int(2, 0, None)
+        } else {
+            Tensor::cat(&[&inv_freq, &inv_freq], 0)
+        };
         let angles = pos.ids.to_kind(Kind::Float).unsqueeze(-1) * freq.view([1, 1, -1]);
         let angles = angles.unsqueeze(2);
         Some((angles.cos().to_kind(self.kind), angles.sin().to_kind(self.kind)))
@@ -399,7 +468,14 @@ impl Model {
         }
     }
 
-    pub(super) fn norm(&self, x: Tensor, w: &NormWeights, scale_point: HookPoint, norm_point: HookPoint, hooks: &mut Hooks) -> Result<Tensor> {
+    pub(super) fn norm(
+        &self,
+        x: Tensor,
+        w: &NormWeights,
+        scale_point: HookPoint,
+        norm_point: HookPoint,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
         let kind = x.kind();
         // Half-precision models normalise in f32 and cast back before the affine (as TL).
         let x = if kind == Kind::Float || kind == Kind::Double { x } else { x.to_kind(Kind::Float) };
@@ -424,7 +500,11 @@ impl Model {
         // when hooked (a kernel per norm that a GPU's patched forwards otherwise launch).
         let normalized = if hooks.wants(scale_point) {
             let scale = hooks.at(scale_point, variance.sqrt())?;
-            if hooks.edits(scale_point) { x / scale } else { x * variance.rsqrt() }
+            if hooks.edits(scale_point) {
+                x / scale
+            } else {
+                x * variance.rsqrt()
+            }
         } else {
             x * variance.rsqrt()
         };
@@ -433,11 +513,24 @@ impl Model {
         Ok(affine_norm(hooks.at(norm_point, normalized.to_kind(kind))?, w))
     }
 
-    fn block(&self, l: usize, resid_pre: Tensor, ctx: &Context<'_>, hooks: &mut Hooks, queries: Queries) -> Result<Tensor> {
+    fn block(
+        &self,
+        l: usize,
+        resid_pre: Tensor,
+        ctx: &Context<'_>,
+        hooks: &mut Hooks,
+        queries: Queries,
+    ) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let bw = &self.weights.blocks[l];
         let resid_pre = hooks.at(at(Site::ResidPre), resid_pre)?;
-        let x = self.norm(resid_pre.shallow_clone(), &bw.ln1, at(Site::Ln1(NormHook::Scale)), at(Site::Ln1(NormHook::Normalized)), hooks)?;
+        let x = self.norm(
+            resid_pre.shallow_clone(),
+            &bw.ln1,
+            at(Site::Ln1(NormHook::Scale)),
+            at(Site::Ln1(NormHook::Normalized)),
+            hooks,
+        )?;
         let mut attn_out = self.attention(l, &x, ctx, hooks, queries)?;
         // From here on only the computed queries' positions go on.
         let (resid_pre, x) = match queries {
@@ -445,7 +538,13 @@ impl Model {
             Queries::Last => (last_position(&resid_pre), last_position(&x)),
         };
         if let Some(post) = &bw.ln1_post {
-            attn_out = self.norm(attn_out, post, at(Site::Ln1Post(NormHook::Scale)), at(Site::Ln1Post(NormHook::Normalized)), hooks)?;
+            attn_out = self.norm(
+                attn_out,
+                post,
+                at(Site::Ln1Post(NormHook::Scale)),
+                at(Site::Ln1Post(NormHook::Normalized)),
+                hooks,
+            )?;
         }
         let attn_out = hooks.at(at(Site::AttnOut), attn_out)?;
         let (mlp_in_resid, resid_mid) = if self.cfg.parallel_block {
@@ -458,11 +557,23 @@ impl Model {
         let x = if self.cfg.shared_norm {
             x
         } else {
-            self.norm(mlp_in_resid, &bw.ln2, at(Site::Ln2(NormHook::Scale)), at(Site::Ln2(NormHook::Normalized)), hooks)?
+            self.norm(
+                mlp_in_resid,
+                &bw.ln2,
+                at(Site::Ln2(NormHook::Scale)),
+                at(Site::Ln2(NormHook::Normalized)),
+                hooks,
+            )?
         };
         let mut mlp_out = self.mlp(l, &x, hooks)?;
         if let Some(post) = &bw.ln2_post {
-            mlp_out = self.norm(mlp_out, post, at(Site::Ln2Post(NormHook::Scale)), at(Site::Ln2Post(NormHook::Normalized)), hooks)?;
+            mlp_out = self.norm(
+                mlp_out,
+                post,
+                at(Site::Ln2Post(NormHook::Scale)),
+                at(Site::Ln2Post(NormHook::Normalized)),
+                hooks,
+            )?;
         }
         let mlp_out = hooks.at(at(Site::MlpOut), mlp_out)?;
         let resid_post = match resid_mid {
@@ -528,7 +639,8 @@ fn scale_frequencies(inv_freq: Tensor, scaling: RopeScaling) -> Tensor {
             let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
             // Long wavelengths are interpolated by `factor`, short ones kept.
             let scaled = inv_freq.where_self(&wavelen.le(low_freq_wavelen), &(&inv_freq / factor));
-            let smooth = (wavelen.reciprocal() * original_max_position - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (wavelen.reciprocal() * original_max_position - low_freq_factor) / (high_freq_factor - low_freq_factor);
             let smoothed = (smooth.ones_like() - &smooth) * &scaled / factor + &smooth * &scaled;
             let medium = wavelen.ge(high_freq_wavelen).logical_and(&wavelen.le(low_freq_wavelen));
             smoothed.where_self(&medium, &scaled)

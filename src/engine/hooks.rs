@@ -51,7 +51,10 @@ pub enum Edit {
     Func(SliceFn),
     /// Take `source` where `mask` is true (both broadcastable to the slice): many different
     /// patches in one batched forward, one per batch row.
-    Where { mask: Tensor, source: Tensor },
+    Where {
+        mask: Tensor,
+        source: Tensor,
+    },
 }
 
 impl std::fmt::Debug for Edit {
@@ -112,7 +115,9 @@ impl Intervention {
             _ => (Some(1), None, None),
         };
         let mut axes: Vec<(usize, &Sel)> = vec![(0, &self.batch)];
-        for (ax, sel, what) in [(pos_ax, &self.pos, "position"), (head_ax, &self.head, "head"), (key_ax, &self.key_pos, "key position")] {
+        for (ax, sel, what) in
+            [(pos_ax, &self.pos, "position"), (head_ax, &self.head, "head"), (key_ax, &self.key_pos, "key position")]
+        {
             match ax {
                 Some(a) if a < dims => axes.push((a, sel)),
                 _ if *sel != Sel::All => return Err(err(format!("this hook has no {what} axis"))),
@@ -137,14 +142,20 @@ impl Intervention {
         let n = last + 1;
         let mut indices: Vec<Option<Tensor>> = Vec::with_capacity(n);
         for ax in 0..n {
-            let ix = picked.iter().find(|(a, _)| *a == ax).map(|(_, t)| t.shallow_clone()).unwrap_or_else(|| Tensor::arange(size[ax], (Kind::Int64, x.device())));
+            let ix = picked
+                .iter()
+                .find(|(a, _)| *a == ax)
+                .map(|(_, t)| t.shallow_clone())
+                .unwrap_or_else(|| Tensor::arange(size[ax], (Kind::Int64, x.device())));
             let mut shape = vec![1i64; n];
             shape[ax] = -1;
             indices.push(Some(ix.view(shape.as_slice())));
         }
         let slice = x.f_index(&indices).map_err(|e| err(e.to_string()))?;
         let new = self.transform(&slice).map_err(|e| err(e.to_string()))?;
-        let new = new.f_expand_as(&slice).map_err(|_| err(format!("values of shape {:?} do not fit the slice {:?}", new.size(), slice.size())))?;
+        let new = new
+            .f_expand_as(&slice)
+            .map_err(|_| err(format!("values of shape {:?} do not fit the slice {:?}", new.size(), slice.size())))?;
         Ok(x.f_index_put(&indices, &new.to_kind(x.kind()), false)?)
     }
 
@@ -156,11 +167,17 @@ impl Intervention {
             Edit::Add(v) => slice.f_add(&v.to_device(slice.device()))?,
             Edit::Scale(s) => slice * *s,
             Edit::Zero => slice.zeros_like(),
-            Edit::Where { mask, source } => source.to_device(slice.device()).f_where_self(&mask.to_device(slice.device()), slice)?,
+            Edit::Where { mask, source } => {
+                source.to_device(slice.device()).f_where_self(&mask.to_device(slice.device()), slice)?
+            }
             Edit::Func(f) => {
                 let out = f(slice)?;
                 if out.size() != slice.size() {
-                    return Err(Error::Other(format!("function returned shape {:?} for a slice of {:?}", out.size(), slice.size())));
+                    return Err(Error::Other(format!(
+                        "function returned shape {:?} for a slice of {:?}",
+                        out.size(),
+                        slice.size()
+                    )));
                 }
                 out
             }

@@ -50,7 +50,11 @@ pub(crate) fn cuda_free_bytes(index: usize) -> Option<u64> {
                 continue;
             }
             let sym = |s: &str| std::ffi::CString::new(s).ok().map(|c| libc::dlsym(h, c.as_ptr()));
-            let (Some(info), Some(set), Some(get)) = (sym("cudaMemGetInfo"), sym("cudaSetDevice"), sym("cudaGetDevice")) else { continue };
+            let (Some(info), Some(set), Some(get)) =
+                (sym("cudaMemGetInfo"), sym("cudaSetDevice"), sym("cudaGetDevice"))
+            else {
+                continue;
+            };
             if info.is_null() || set.is_null() || get.is_null() {
                 continue;
             }
@@ -99,5 +103,6 @@ pub fn is_out_of_memory(message: &str) -> bool {
 /// CUDA out-of-memory error would, so the halving path is tested on machines without a GPU.
 pub fn injected_oom(rows: i64) -> Option<String> {
     let limit: i64 = std::env::var("TL_RUN_INJECT_OOM_ROWS").ok()?.parse().ok()?;
-    (rows > limit).then(|| format!("CUDA out of memory (injected by TL_RUN_INJECT_OOM_ROWS={limit}: a batch of {rows} rows)"))
+    (rows > limit)
+        .then(|| format!("CUDA out of memory (injected by TL_RUN_INJECT_OOM_ROWS={limit}: a batch of {rows} rows)"))
 }

@@ -35,8 +35,11 @@ impl Metric {
         let tile = |ids: &[i64]| Tensor::from_slice(ids).to_device(final_last.device()).repeat([rows / n]);
         let logit_of = |ids: &Tensor| {
             let w = model.weights.unembed_columns(ids).to_kind(Kind::Float); // [rows, d]
-            // Through the final softcap, as the full logits are (Gemma 2).
-            model.final_softcap((final_last * w).sum_dim_intlist(-1, false, None) + model.weights.b_u.index_select(0, ids).to_kind(Kind::Float))
+                                                                             // Through the final softcap, as the full logits are (Gemma 2).
+            model.final_softcap(
+                (final_last * w).sum_dim_intlist(-1, false, None)
+                    + model.weights.b_u.index_select(0, ids).to_kind(Kind::Float),
+            )
         };
         match self.kind {
             MetricKind::LogitDiff => logit_of(&tile(&self.correct)) - logit_of(&tile(&self.incorrect)),

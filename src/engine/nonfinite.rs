@@ -78,7 +78,8 @@ pub fn first_in_activations(model: &Model, tokens: &Tensor, mask: Option<&Tensor
             continue;
         }
         // Every activation is [batch, pos, ...] except the head-major q/k norms [batch, head, pos, ...].
-        let head_major = matches!(point, HookPoint::Block(_, Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed));
+        let head_major =
+            matches!(point, HookPoint::Block(_, Site::QNorm(_) | Site::QNormed | Site::KNorm(_) | Site::KNormed));
         let idx = bad.nonzero();
         let (prompt, position) = if idx.size()[0] > 0 {
             let first: Vec<i64> = Vec::try_from(idx.get(0)).unwrap_or_default();
@@ -89,5 +90,11 @@ pub fn first_in_activations(model: &Model, tokens: &Tensor, mask: Option<&Tensor
         return Ok(Some(Finding { kind: "activation".into(), at: point.to_string(), count: n, prompt, position }));
     }
     let n = count(&bad_mask(&logits, false));
-    Ok((n > 0).then(|| Finding { kind: "activation".into(), at: "logits".into(), count: n, prompt: None, position: None }))
+    Ok((n > 0).then(|| Finding {
+        kind: "activation".into(),
+        at: "logits".into(),
+        count: n,
+        prompt: None,
+        position: None,
+    }))
 }

@@ -33,7 +33,8 @@ fn special_token(cfg: &serde_json::Value, key: &str) -> Option<String> {
 
 impl TextTokenizer {
     pub fn load(path: &Path, tokenizer_config: Option<&Path>, model_config: &serde_json::Value) -> Result<Self> {
-        let tok = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let tok =
+            tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let tcfg = match tokenizer_config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| Error::io(p, e))?;
@@ -46,7 +47,11 @@ impl TextTokenizer {
 
     /// A tokenizer with its special tokens named by tokenizer_config.json (`tcfg`, or Null) and
     /// config.json's token ids.
-    pub fn from_parts(tok: tokenizers::Tokenizer, tcfg: &serde_json::Value, model_config: &serde_json::Value) -> Result<Self> {
+    pub fn from_parts(
+        tok: tokenizers::Tokenizer,
+        tcfg: &serde_json::Value,
+        model_config: &serde_json::Value,
+    ) -> Result<Self> {
         let id_of = |key: &str| special_token(tcfg, key).and_then(|t| tok.token_to_id(&t)).map(i64::from);
         let from_model = |key: &str| model_config.get(key).and_then(|v| v.as_i64());
         let bos_id = id_of("bos_token").or_else(|| from_model("bos_token_id"));
@@ -62,7 +67,9 @@ impl TextTokenizer {
         let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         match (prepend_bos, self.prepends_bos) {
             (true, false) => {
-                let bos = self.bos_id.ok_or_else(|| Error::Tokenizer("prepend_bos is set but the tokenizer has no BOS token".into()))?;
+                let bos = self
+                    .bos_id
+                    .ok_or_else(|| Error::Tokenizer("prepend_bos is set but the tokenizer has no BOS token".into()))?;
                 ids.insert(0, bos);
             }
             (false, true) if !ids.is_empty() && Some(ids[0]) == self.bos_id => {
@@ -82,7 +89,11 @@ impl TextTokenizer {
         let seqs: Vec<Vec<i64>> = texts.iter().map(|t| self.encode(t.as_ref(), prepend_bos)).collect::<Result<_>>()?;
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
             let why = if prepend_bos { "" } else { " and no BOS is prepended" };
-            return Err(Error::Tokenizer(format!("prompt {i} ({:?}) is no tokens{why}: give it some text{}", texts[i].as_ref(), if prepend_bos { "" } else { " or prepend BOS" })));
+            return Err(Error::Tokenizer(format!(
+                "prompt {i} ({:?}) is no tokens{why}: give it some text{}",
+                texts[i].as_ref(),
+                if prepend_bos { "" } else { " or prepend BOS" }
+            )));
         }
         Ok(pad_left(&seqs, self.pad_id))
     }

@@ -52,7 +52,14 @@ fn one_layer(cfg: &ModelConfig) -> ModelConfig {
 /// takes the real model's branches.
 fn zero_weights(cfg: &ModelConfig, processing: Processing, device: Device) -> Weights {
     let z = |shape: &[i64]| Tensor::zeros(shape, (Kind::Float, device));
-    let (d, v, h, kv, e, m) = (cfg.d_model as i64, cfg.d_vocab as i64, cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.d_head as i64, cfg.mlp.d_mlp as i64);
+    let (d, v, h, kv, e, m) = (
+        cfg.d_model as i64,
+        cfg.d_vocab as i64,
+        cfg.n_heads as i64,
+        cfg.n_kv_heads as i64,
+        cfg.d_head as i64,
+        cfg.mlp.d_mlp as i64,
+    );
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let norm = |folded: bool| {
         if folded {
@@ -108,7 +115,11 @@ pub fn miniature(cfg: &ModelConfig, opts: &LoadOptions) -> Result<Model> {
     let weights = zero_weights(&cfg, opts.processing, opts.device);
     // The weights are already in processed form: processing them again would fold nothing, and
     // the model records the processing asked for.
-    let mut model = Model::from_weights(cfg, weights, &LoadOptions { processing: Processing::NONE, split: Vec::new(), ..opts.clone() })?;
+    let mut model = Model::from_weights(
+        cfg,
+        weights,
+        &LoadOptions { processing: Processing::NONE, split: Vec::new(), ..opts.clone() },
+    )?;
     model.processing = opts.processing;
     Ok(model)
 }

@@ -34,7 +34,12 @@ pub fn unit_axes(site: Site) -> Result<&'static [&'static str]> {
         Site::Z => &["layer", "head"],
         Site::AttnOut | Site::MlpOut => &["layer"],
         Site::MlpPost => &["layer", "neuron"],
-        other => return Err(Error::Config(format!("{} cannot be ablated (valid: z, attn_out, mlp_out, mlp_post)", other.name()))),
+        other => {
+            return Err(Error::Config(format!(
+                "{} cannot be ablated (valid: z, attn_out, mlp_out, mlp_post)",
+                other.name()
+            )))
+        }
     })
 }
 
@@ -147,7 +152,12 @@ pub struct AblationInputs<'a> {
     pub dataset: Option<(&'a Tensor, Option<&'a Tensor>)>,
 }
 
-pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInputs<'_>, mut progress: impl FnMut(usize)) -> Result<AblationOutcome> {
+pub fn run_ablation(
+    model: &crate::Model,
+    spec: &AblationSpec,
+    inp: &AblationInputs<'_>,
+    mut progress: impl FnMut(usize),
+) -> Result<AblationOutcome> {
     use crate::engine::hooks::{Edit, Intervention};
     use crate::model::hook_point::HookPoint;
     use crate::{Hooks, Input, Stop};
@@ -170,7 +180,9 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
                 Site::MlpPost => format!(" of {max} neurons"),
                 _ => String::new(),
             };
-            return Err(Error::Config(format!("unit {unit} is out of range: the model has {n_layers} layers{per_layer}")));
+            return Err(Error::Config(format!(
+                "unit {unit} is out of range: the model has {n_layers} layers{per_layer}"
+            )));
         }
     }
     if let Some(ps) = &spec.positions {
@@ -183,7 +195,11 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
     let mut clean_hooks = Hooks::capture((0..n_layers).flat_map(|l| [point(l), HookPoint::Block(l, Site::ResidPre)]));
     let measure_of = |out: &Tensor, rows: i64| -> Result<Vec<f64>> {
         let v = match spec.measure {
-            Measure::Loss => next_token_loss(out, &inp.tokens.repeat([rows / n, 1]), inp.mask.map(|m| m.repeat([rows / n, 1])).as_ref()),
+            Measure::Loss => next_token_loss(
+                out,
+                &inp.tokens.repeat([rows / n, 1]),
+                inp.mask.map(|m| m.repeat([rows / n, 1])).as_ref(),
+            ),
             // ln_final's output at every position, or (a sweep's `Stop::LastPosition`) the last.
             _ if out.dim() == 2 => inp.metric.per_row(model, out),
             _ => inp.metric.per_row(model, &out.select(1, -1)),
@@ -216,7 +232,9 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
         let act = &clean_hooks.cache[&point(l)];
         match spec.method {
             AblationMethod::Zero => act.zeros_like().narrow(0, 0, 1),
-            AblationMethod::Mean => source_cache.as_ref().map_or(act, |c| &c[&point(l)]).mean_dim(0, true, Kind::Float).to_kind(act.kind()),
+            AblationMethod::Mean => {
+                source_cache.as_ref().map_or(act, |c| &c[&point(l)]).mean_dim(0, true, Kind::Float).to_kind(act.kind())
+            }
             AblationMethod::Resample => source_cache.as_ref().expect("resample cache")[&point(l)].shallow_clone(),
         }
     };
@@ -235,12 +253,21 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
                 let k = chunk.len() as i64;
                 let groups: Vec<Vec<Option<i64>>> = chunk.iter().map(|u| vec![u.index]).collect();
                 let mask = edit_mask(spec.site, &act_size, &groups, positions).to_device(model.device);
-                let source = if v.size()[0] == 1 { v.shallow_clone() } else { v.repeat(crate::experiments::activation_patching::repeat_dims(k, v.dim())) };
+                let source = if v.size()[0] == 1 {
+                    v.shallow_clone()
+                } else {
+                    v.repeat(crate::experiments::activation_patching::repeat_dims(k, v.dim()))
+                };
                 let mut hooks = Hooks::new().intervene(point(l), Intervention::new(Edit::Where { mask, source }));
                 let resid = clean_hooks.cache[&HookPoint::Block(l, Site::ResidPre)].repeat([k, 1, 1]);
                 let attn_mask = inp.mask.map(|m| m.repeat([k, 1]));
                 let sweep_stop = if stop == Stop::FinalNorm { Stop::LastPosition } else { stop };
-                let out = model.run(Input::Residual { layer: l, resid: &resid }, attn_mask.as_ref(), &mut hooks, sweep_stop)?;
+                let out = model.run(
+                    Input::Residual { layer: l, resid: &resid },
+                    attn_mask.as_ref(),
+                    &mut hooks,
+                    sweep_stop,
+                )?;
                 forwards += 1;
                 let vals = measure_of(&out, k * n)?;
                 for (j, u) in chunk.iter().enumerate() {
@@ -263,7 +290,14 @@ pub fn run_ablation(model: &crate::Model, spec: &AblationSpec, inp: &AblationInp
         hooks.add_intervention(point(l), Intervention::new(Edit::Where { mask, source: values(l) }));
     }
     if spec.measure == Measure::DirectLogitAttribution {
-        let dla = crate::experiments::cache_analysis::direct_logit_attribution(model, inp.tokens, inp.mask, inp.metric, crate::experiments::cache_analysis::DlaOver::Head, hooks)?;
+        let dla = crate::experiments::cache_analysis::direct_logit_attribution(
+            model,
+            inp.tokens,
+            inp.mask,
+            inp.metric,
+            crate::experiments::cache_analysis::DlaOver::Head,
+            hooks,
+        )?;
         progress(1);
         return Ok(AblationOutcome { baseline, cells, dla: Some(dla), forwards: 1 });
     }

@@ -187,7 +187,11 @@ fn patch_mask(target: Target, cells: &[(i64, Cell)], blocks: i64, n: i64, act_sh
 /// How many cells to run per forward: as many as fit the working-memory budget of `device`
 /// (engine::memory: a flag, TL_RUN_BATCH_FLOATS, a CUDA device's free memory or a CPU default).
 pub(crate) fn cells_per_forward(c: &crate::model::config::ModelConfig, n: i64, seq: i64, device: tch::Device) -> usize {
-    let per_row_floats = seq * (12 * c.d_model as i64 + 4 * c.n_heads as i64 * seq + 3 * c.mlp.d_mlp as i64 + 4 * (c.n_heads * c.d_head) as i64);
+    let per_row_floats = seq
+        * (12 * c.d_model as i64
+            + 4 * c.n_heads as i64 * seq
+            + 3 * c.mlp.d_mlp as i64
+            + 4 * (c.n_heads * c.d_head) as i64);
     let budget_floats = crate::engine::memory::budget_floats(device);
     ((budget_floats / per_row_floats.max(1)) / n).clamp(1, 4096) as usize
 }
@@ -198,11 +202,21 @@ pub fn sweep(model: &Model, prep: &Prepared, target: Target, progress: impl FnMu
     sweep_layers(model, prep, target, &all, progress)
 }
 
-pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[usize], progress: impl FnMut(usize)) -> Result<Sweep> {
+pub fn sweep_layers(
+    model: &Model,
+    prep: &Prepared,
+    target: Target,
+    layers: &[usize],
+    progress: impl FnMut(usize),
+) -> Result<Sweep> {
     let mut cells = Vec::new();
     for &layer in layers {
         if layer >= model.cfg.n_layers {
-            return Err(Error::Config(format!("layer {layer} is out of range: the model has {} layers: 0-{}", model.cfg.n_layers, model.cfg.n_layers - 1)));
+            return Err(Error::Config(format!(
+                "layer {layer} is out of range: the model has {} layers: 0-{}",
+                model.cfg.n_layers,
+                model.cfg.n_layers - 1
+            )));
         }
         cells.extend(cells_at(&model.cfg, target, layer, prep.seq_len()));
     }
@@ -211,7 +225,13 @@ pub fn sweep_layers(model: &Model, prep: &Prepared, target: Target, layers: &[us
 
 /// Patches each of `cells` (any subset of the target's cells, e.g. the top cells of an
 /// attribution) in batched forwards grouped by layer; results in the order given.
-pub fn sweep_cells(model: &Model, prep: &Prepared, target: Target, cells: &[Cell], progress: impl FnMut(usize)) -> Result<Sweep> {
+pub fn sweep_cells(
+    model: &Model,
+    prep: &Prepared,
+    target: Target,
+    cells: &[Cell],
+    progress: impl FnMut(usize),
+) -> Result<Sweep> {
     let mut sweeps = sweep_together(model, prep, &[(target, cells.to_vec())], progress)?;
     Ok(sweeps.pop().expect("one sweep per part"))
 }
@@ -267,18 +287,35 @@ struct Progress<'a> {
 /// kernel launches through every later layer, were most of a job's time; there, the layers'
 /// forwards are also merged into staircases (`Schedule`). Each row's numbers are those of a
 /// forward of its part alone. One sweep per part, cells in the order given.
-pub fn sweep_together(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
+pub fn sweep_together(
+    model: &Model,
+    prep: &Prepared,
+    parts: &[(Target, Vec<Cell>)],
+    progress: impl FnMut(usize),
+) -> Result<Vec<Sweep>> {
     sweep_scheduled(model, prep, parts, Schedule::for_device(model.device), progress)
 }
 
 /// `sweep_together` with the schedule given rather than the device's.
-pub fn sweep_scheduled(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], schedule: Schedule, mut progress: impl FnMut(usize)) -> Result<Vec<Sweep>> {
+pub fn sweep_scheduled(
+    model: &Model,
+    prep: &Prepared,
+    parts: &[(Target, Vec<Cell>)],
+    schedule: Schedule,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Sweep>> {
     let n = prep.n_prompts();
     let seq = prep.seq_len();
     let fill = |c: &Cell| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone());
     let values: Vec<Vec<Option<Vec<f64>>>> = parts.iter().map(|(_, cells)| cells.iter().map(fill).collect()).collect();
     progress(values.iter().flatten().filter(|v| v.is_some()).count());
-    let mut state = Progress { values, forwards: vec![0; parts.len()], chunk_size: cells_per_forward(&model.cfg, n, seq, model.device), halvings: 0, report: &mut progress };
+    let mut state = Progress {
+        values,
+        forwards: vec![0; parts.len()],
+        chunk_size: cells_per_forward(&model.cfg, n, seq, model.device),
+        halvings: 0,
+        report: &mut progress,
+    };
     let mut layers: Vec<usize> = parts.iter().flat_map(|(_, cells)| cells.iter().map(|c| c.layer)).collect();
     layers.sort_unstable();
     layers.dedup();
@@ -360,14 +397,22 @@ fn corrupted_rows(prep: &Prepared, layer: usize, k: i64) -> Tensor {
 fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
     let (skip, computed) = computed_positions(prep);
     let point = HookPoint::Block(layer, target.site);
-    let full = prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
+    let full =
+        prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
 }
 
 /// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
 /// chunk entry j is rows j·n..(j+1)·n of the blocks the patched rows span, which start at block
 /// `offset` of the batch and run to its end.
-fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, chunk: &[(usize, usize)], offset: i64) -> Result<Hooks> {
+fn patches(
+    model: &Model,
+    prep: &Prepared,
+    parts: &[(Target, Vec<Cell>)],
+    layer: usize,
+    chunk: &[(usize, usize)],
+    offset: i64,
+) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
     let (skip, _) = computed_positions(prep);
@@ -375,7 +420,8 @@ fn patches(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer:
     for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
         let (target, cells) = &parts[p];
         let clean = clean_at(prep, *target, layer)?;
-        let mine: Vec<(i64, Cell)> = chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
+        let mine: Vec<(i64, Cell)> =
+            chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
         let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
         let source = clean.repeat(repeat_dims(k, clean.dim()));
         let mut edit = Intervention::new(Edit::Where { mask: patch, source });
@@ -409,7 +455,14 @@ fn last_block_stop(model: &Model, layer: usize) -> Stop {
 /// hold a few cells, and on SmolLM2-135M the smaller products made the IOI sweeps 15% slower;
 /// merging positions to keep batches large would make a row's numbers depend on which other
 /// jobs share its forwards.)
-fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], layer: usize, todo: &[(usize, usize)], state: &mut Progress) -> Result<()> {
+fn patch_layer(
+    model: &Model,
+    prep: &Prepared,
+    parts: &[(Target, Vec<Cell>)],
+    layer: usize,
+    todo: &[(usize, usize)],
+    state: &mut Progress,
+) -> Result<()> {
     let n = prep.n_prompts();
     let mut at = 0;
     while at < todo.len() {
@@ -424,7 +477,13 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
             let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
             let stop = last_block_stop(model, layer);
-            let out = model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?;
+            let out = model.run_with_prefix(
+                Input::Residual { layer, resid: &resid },
+                mask.as_ref(),
+                &mut hooks,
+                stop,
+                prefix.as_ref(),
+            )?;
             let last = if stop == Stop::LastPosition { out } else { out.select(1, -1) };
             Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
         };
@@ -434,7 +493,12 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
             Err(e) if chunk.len() > 1 && crate::engine::memory::is_out_of_memory(&e.to_string()) => {
                 state.chunk_size = chunk.len().div_ceil(2);
                 state.halvings += 1;
-                tracing::warn!(layer, cells = chunk.len(), now = state.chunk_size, "out of memory: halving the batch and retrying");
+                tracing::warn!(
+                    layer,
+                    cells = chunk.len(),
+                    now = state.chunk_size,
+                    "out of memory: halving the batch and retrying"
+                );
                 continue;
             }
             other => other?,
@@ -448,7 +512,13 @@ fn patch_layer(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], la
 /// The cells of several layers (`window`: each layer with its cells, in layer order) in one
 /// staircase forward (`Schedule::Staircase`). Out of memory, the window's layers run one by
 /// one instead, each chunked and halved as it needs.
-fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)], window: Vec<(usize, Vec<(usize, usize)>)>, state: &mut Progress) -> Result<()> {
+fn patch_staircase(
+    model: &Model,
+    prep: &Prepared,
+    parts: &[(Target, Vec<Cell>)],
+    window: Vec<(usize, Vec<(usize, usize)>)>,
+    state: &mut Progress,
+) -> Result<()> {
     let n = prep.n_prompts();
     let last_layer = model.cfg.n_layers - 1;
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
@@ -476,7 +546,13 @@ fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)]
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
             // The last layer ends the staircase: ln_final's output at the last position.
             let stop = if layer == last_layer { Stop::LastPosition } else { Stop::BeforeLayer(layer + 1) };
-            x = Some(model.run_with_prefix(Input::Residual { layer, resid: &resid }, mask.as_ref(), &mut hooks, stop, prefix.as_ref())?);
+            x = Some(model.run_with_prefix(
+                Input::Residual { layer, resid: &resid },
+                mask.as_ref(),
+                &mut hooks,
+                stop,
+                prefix.as_ref(),
+            )?);
         }
         let last = x.expect("the window has cells");
         Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
@@ -488,7 +564,11 @@ fn patch_staircase(model: &Model, prep: &Prepared, parts: &[(Target, Vec<Cell>)]
             Ok(())
         }
         Err(e) if crate::engine::memory::is_out_of_memory(&e.to_string()) => {
-            tracing::warn!(layers = window.len(), cells = total, "out of memory in a staircase of layers: running them one by one");
+            tracing::warn!(
+                layers = window.len(),
+                cells = total,
+                "out of memory in a staircase of layers: running them one by one"
+            );
             for (layer, todo) in &window {
                 patch_layer(model, prep, parts, *layer, todo, state)?;
             }

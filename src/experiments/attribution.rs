@@ -61,7 +61,12 @@ fn stop_gradient(x: &Tensor) -> Result<Tensor> {
 
 /// Corrupted activations and the gradient of Σ_prompts metric at `points`, with the gradient path
 /// through the outputs of `cut_layer` (attn_out and mlp_out) stopped when given.
-fn forward_backward(model: &Model, prep: &Prepared, points: &[HookPoint], cut_layer: Option<usize>) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
+fn forward_backward(
+    model: &Model,
+    prep: &Prepared,
+    points: &[HookPoint],
+    cut_layer: Option<usize>,
+) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
     let mut hooks = Hooks::capture(points.iter().copied()).with_grad();
     prep.corrupt(&mut hooks);
     if let Some(l) = cut_layer {
@@ -77,7 +82,11 @@ fn forward_backward(model: &Model, prep: &Prepared, points: &[HookPoint], cut_la
 
 /// The activations at `points` (detached) and the gradients of `total` there; a point `total`
 /// does not depend on gets a zero gradient.
-fn backward(total: &Tensor, points: &[HookPoint], cache: &HashMap<HookPoint, Tensor>) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
+fn backward(
+    total: &Tensor,
+    points: &[HookPoint],
+    cache: &HashMap<HookPoint, Tensor>,
+) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
     let acts: Vec<Tensor> = points.iter().map(|p| cache[p].shallow_clone()).collect();
     let grads = Tensor::f_run_backward(&[total], &acts, false, false)?;
     let mut g = HashMap::new();
@@ -106,7 +115,15 @@ fn linear_estimate(target: Target, delta_times_grad: &Tensor) -> Tensor {
 
 /// AtP*'s query/key fix at one layer: the attention pattern recomputed exactly with the clean
 /// query (or key) of each cell, then linearised from the pattern on: Σ (P' − P) ⊙ ∂metric/∂P.
-fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&Tensor, &Tensor), scores: &Tensor, pattern: &Tensor, grad_pattern: &Tensor) -> Result<Tensor> {
+fn qk_fixed_estimate(
+    model: &Model,
+    target: Target,
+    q: (&Tensor, &Tensor),
+    k: (&Tensor, &Tensor),
+    scores: &Tensor,
+    pattern: &Tensor,
+    grad_pattern: &Tensor,
+) -> Result<Tensor> {
     // q.0/k.0 clean, q.1/k.1 corrupted; post-rotary q [n, pos, heads, d_head], k [n, pos, kv_heads, d_head].
     let group = model.cfg.kv_group() as i64;
     let masked = scores.isneginf();
@@ -114,7 +131,9 @@ fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&
     // for every cell: recover it from the corrupted run's scores.
     let position_bias = (scores - model.attention_scores(q.1, k.1)).masked_fill(&masked, 0.0);
     // The model's own score function (scale and softcap), that bias, then the run's mask.
-    let scores_of = |q: &Tensor, k: &Tensor| (model.attention_scores(q, k) + &position_bias).masked_fill(&masked, f64::NEG_INFINITY);
+    let scores_of = |q: &Tensor, k: &Tensor| {
+        (model.attention_scores(q, k) + &position_bias).masked_fill(&masked, f64::NEG_INFINITY)
+    };
     let softmax = |s: &Tensor| {
         let p = s.softmax(-1, Kind::Float);
         p.masked_fill(&p.isnan(), 0.0)
@@ -131,14 +150,19 @@ fn qk_fixed_estimate(model: &Model, target: Target, q: (&Tensor, &Tensor), k: (&
     let out = match (target.site, target.axes) {
         // A clean query changes only its own row: all rows at once are every cell at once.
         (Site::Q, axes) => {
-            let per_row = ((softmax(&scores_of(q.0, k.1)) - pattern) * grad_pattern).sum_dim_intlist(-1, false, Kind::Float); // [n, h, dest]
+            let per_row =
+                ((softmax(&scores_of(q.0, k.1)) - pattern) * grad_pattern).sum_dim_intlist(-1, false, Kind::Float); // [n, h, dest]
             match axes {
                 Axes::LayerPosHead => per_row.permute([0, 2, 1]).reshape([n, -1]),
                 _ => per_row.sum_dim_intlist(-1, false, Kind::Float),
             }
         }
         (Site::K, Axes::LayerHead) => {
-            let d = ((softmax(&scores_of(q.1, k.0)) - pattern) * grad_pattern).sum_dim_intlist(&[2i64, 3][..], false, Kind::Float);
+            let d = ((softmax(&scores_of(q.1, k.0)) - pattern) * grad_pattern).sum_dim_intlist(
+                &[2i64, 3][..],
+                false,
+                Kind::Float,
+            );
             to_kv(&d)
         }
         (Site::K, _) => {
@@ -200,20 +224,45 @@ impl Pass {
 /// Estimates for every target at `layers` from a corrupted forward+backward `pass` covering
 /// `points_for` them (plus one pass per layer with grad_drop); with `per_prompt`, each cell's
 /// estimate per prompt too.
-pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Target], layers: &[usize], opts: AtpOptions, per_prompt: bool) -> Result<Vec<Attribution>> {
+pub fn attribute_with(
+    model: &Model,
+    prep: &Prepared,
+    pass: &Pass,
+    targets: &[Target],
+    layers: &[usize],
+    opts: AtpOptions,
+    per_prompt: bool,
+) -> Result<Vec<Attribution>> {
     let (q_site, k_site) = score_sites(model);
     let needs_qk = |t: &Target| opts.qk_fix && matches!(t.site, Site::Q | Site::K);
     let points = points_for(model, targets, layers, opts);
     if !pass.covers(&points) {
         return Err(Error::Other("the attribution pass does not cover this run's hook points".into()));
     }
-    let estimate = |acts: &HashMap<HookPoint, Tensor>, grads: &HashMap<HookPoint, Tensor>, t: Target, l: usize| -> Result<Tensor> {
+    let estimate = |acts: &HashMap<HookPoint, Tensor>,
+                    grads: &HashMap<HookPoint, Tensor>,
+                    t: Target,
+                    l: usize|
+     -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         if needs_qk(&t) {
-            let clean = |s: Site| prep.clean.get(&at(s)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(s))));
-            return qk_fixed_estimate(model, t, (clean(q_site)?, &acts[&at(q_site)]), (clean(k_site)?, &acts[&at(k_site)]), &acts[&at(Site::AttnScores)], &acts[&at(Site::Pattern)], &grads[&at(Site::Pattern)]);
+            let clean = |s: Site| {
+                prep.clean.get(&at(s)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(s))))
+            };
+            return qk_fixed_estimate(
+                model,
+                t,
+                (clean(q_site)?, &acts[&at(q_site)]),
+                (clean(k_site)?, &acts[&at(k_site)]),
+                &acts[&at(Site::AttnScores)],
+                &acts[&at(Site::Pattern)],
+                &grads[&at(Site::Pattern)],
+            );
         }
-        let clean = prep.clean.get(&at(t.site)).ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(t.site))))?;
+        let clean = prep
+            .clean
+            .get(&at(t.site))
+            .ok_or_else(|| Error::Other(format!("{} was not cached on the clean run", at(t.site))))?;
         Ok(linear_estimate(t, &((clean - &acts[&at(t.site)]) * &grads[&at(t.site)])))
     };
     let (acts, grads) = (&pass.acts, &pass.grads);
@@ -222,25 +271,31 @@ pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Ta
         per_target.push(layers.iter().map(|&l| estimate(acts, grads, *t, l)).collect::<Result<_>>()?);
     }
     // The prompt-set estimate of each layer's cells, [cells].
-    let mut means: Vec<Vec<Tensor>> = per_target.iter().map(|v| v.iter().map(|x| x.mean_dim(0, false, Kind::Float)).collect()).collect();
+    let mut means: Vec<Vec<Tensor>> =
+        per_target.iter().map(|v| v.iter().map(|x| x.mean_dim(0, false, Kind::Float)).collect()).collect();
     if opts.grad_drop {
         // GradDrop: Σ_ℓ |AtP with layer ℓ's gradient path cut − AtP| / (L − 1), unsigned; per
         // prompt, and for the prompt set from its (mean) estimates.
         let n_layers = model.cfg.n_layers;
-        let zeros = |v: &Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> { v.iter().map(|x| x.iter().map(|t| t.zeros_like()).collect()).collect() };
+        let zeros = |v: &Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> {
+            v.iter().map(|x| x.iter().map(|t| t.zeros_like()).collect()).collect()
+        };
         let (mut spread, mut spread_mean) = (zeros(&per_target), zeros(&means));
         for cut in 0..n_layers {
             let (_, g) = forward_backward(model, prep, &points, Some(cut))?;
             for (ti, t) in targets.iter().enumerate() {
                 for (li, &l) in layers.iter().enumerate() {
                     let e = estimate(acts, &g, *t, l)?;
-                    spread_mean[ti][li] = &spread_mean[ti][li] + (e.mean_dim(0, false, Kind::Float) - &means[ti][li]).abs();
+                    spread_mean[ti][li] =
+                        &spread_mean[ti][li] + (e.mean_dim(0, false, Kind::Float) - &means[ti][li]).abs();
                     spread[ti][li] = &spread[ti][li] + (e - &per_target[ti][li]).abs();
                 }
             }
         }
         let denom = (n_layers.max(2) - 1) as f64;
-        let scale = |v: Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> { v.into_iter().map(|x| x.into_iter().map(|t| t / denom).collect()).collect() };
+        let scale = |v: Vec<Vec<Tensor>>| -> Vec<Vec<Tensor>> {
+            v.into_iter().map(|x| x.into_iter().map(|t| t / denom).collect()).collect()
+        };
         per_target = scale(spread);
         means = scale(spread_mean);
     }
@@ -252,11 +307,22 @@ pub fn attribute_with(model: &Model, prep: &Prepared, pass: &Pass, targets: &[Ta
         let mut mean = Vec::new();
         // Every layer's means in one copy off the device (one per layer was a synchronisation
         // each: 32 layers x 10 targets on an 8B model).
-        let all_means = if mean_layer.is_empty() { Vec::new() } else { Vec::<f64>::try_from(Tensor::cat(&mean_layer, 0).to_kind(Kind::Double))? };
+        let all_means = if mean_layer.is_empty() {
+            Vec::new()
+        } else {
+            Vec::<f64>::try_from(Tensor::cat(&mean_layer, 0).to_kind(Kind::Double))?
+        };
         let mut at = 0;
         for (&l, est) in layers.iter().zip(per_layer) {
             let layer_cells = cells_at(&model.cfg, *t, l, seq);
-            let layer_mean = all_means.get(at..at + layer_cells.len()).ok_or_else(|| Error::Other(format!("{}: {} estimates for {} cells", t.site.name(), all_means.len() - at.min(all_means.len()), layer_cells.len())))?;
+            let layer_mean = all_means.get(at..at + layer_cells.len()).ok_or_else(|| {
+                Error::Other(format!(
+                    "{}: {} estimates for {} cells",
+                    t.site.name(),
+                    all_means.len() - at.min(all_means.len()),
+                    layer_cells.len()
+                ))
+            })?;
             at += layer_cells.len();
             if per_prompt {
                 // [cells, n] so each cell's prompts are contiguous.

@@ -44,7 +44,9 @@ pub struct TopToken {
 /// W_U[:, incorrect] for a logit difference, W_U[:, correct] otherwise (b_U excluded, as logit_attrs).
 pub fn answer_directions(model: &Model, metric: &Metric) -> Tensor {
     // In f32 whatever the run dtype: every value reported from it accumulates in f32.
-    let col = |ids: &[i64]| model.weights.unembed_columns(&Tensor::from_slice(ids).to_device(model.device)).to_kind(Kind::Float);
+    let col = |ids: &[i64]| {
+        model.weights.unembed_columns(&Tensor::from_slice(ids).to_device(model.device)).to_kind(Kind::Float)
+    };
     match metric.kind {
         MetricKind::LogitDiff => col(&metric.correct) - col(&metric.incorrect),
         MetricKind::Logprob | MetricKind::Prob => col(&metric.correct),
@@ -81,7 +83,14 @@ pub fn lens_components(model: &Model, incl_mid: bool) -> Vec<(String, HookPoint,
 /// residual ("{l}_pre", "{l}_mid" with `incl_mid`, "final_post") through ln_final with its own
 /// statistics, projected on the answer direction at the last position; and with `top_k` > 0 the
 /// most probable next tokens at `positions`.
-pub fn logit_lens_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, incl_mid: bool, top_k: usize, positions: LensPositions) -> Result<(Vec<Component>, Vec<TopToken>)> {
+pub fn logit_lens_from(
+    model: &Model,
+    cache: &HashMap<HookPoint, Tensor>,
+    metric: &Metric,
+    incl_mid: bool,
+    top_k: usize,
+    positions: LensPositions,
+) -> Result<(Vec<Component>, Vec<TopToken>)> {
     let labelled = lens_components(model, incl_mid);
     let dir = answer_directions(model, metric);
     let mut components = Vec::new();
@@ -109,7 +118,14 @@ pub fn logit_lens_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric
         let npos = (seq - first) as usize;
         for (j, (prob, id)) in p.iter().zip(&ix).enumerate() {
             let (prompt, rest) = (j / (npos * top_k), j % (npos * top_k));
-            top.push(TopToken { component: ci, prompt, pos: first + (rest / top_k) as i64, rank: rest % top_k, token_id: *id, prob: *prob });
+            top.push(TopToken {
+                component: ci,
+                prompt,
+                pos: first + (rest / top_k) as i64,
+                rank: rest % top_k,
+                token_id: *id,
+                prob: *prob,
+            });
         }
     }
     Ok((components, top))
@@ -141,7 +157,14 @@ pub fn dla_points(model: &Model, over: DlaOver) -> Vec<HookPoint> {
 
 /// Direct logit attribution of the run `hooks` describes (interventions in it, e.g. ablations,
 /// apply), at the last position.
-pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Tensor>, metric: &Metric, over: DlaOver, mut hooks: Hooks) -> Result<Vec<Component>> {
+pub fn direct_logit_attribution(
+    model: &Model,
+    tokens: &Tensor,
+    mask: Option<&Tensor>,
+    metric: &Metric,
+    over: DlaOver,
+    mut hooks: Hooks,
+) -> Result<Vec<Component>> {
     hooks.add_captures(dla_points(model, over));
     let _ = model.run(Input::Tokens(tokens), mask, &mut hooks, Stop::FinalNorm)?;
     dla_from(model, &hooks.cache, metric, over)
@@ -150,7 +173,12 @@ pub fn direct_logit_attribution(model: &Model, tokens: &Tensor, mask: Option<&Te
 /// Direct logit attribution from a run's cache (holding at least `dla_points`). Each component
 /// is normalised as apply_ln_to_stack: centred for LayerNorm models, divided by the run's
 /// ln_final scale of that prompt.
-pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metric, over: DlaOver) -> Result<Vec<Component>> {
+pub fn dla_from(
+    model: &Model,
+    cache: &HashMap<HookPoint, Tensor>,
+    metric: &Metric,
+    over: DlaOver,
+) -> Result<Vec<Component>> {
     let n_layers = model.cfg.n_layers;
     let scale_point = HookPoint::LnFinal(NormHook::Scale);
     // Everything meets on the output device (a model split by layers caches each layer on its own).
@@ -163,41 +191,81 @@ pub fn dla_from(model: &Model, cache: &HashMap<HookPoint, Tensor>, metric: &Metr
     let dir = if model.cfg.norm.kind == NormKind::LayerNorm { &dir - dir.mean_dim(-1, true, None) } else { dir };
     let dir = dir / &scale; // [n, d]
     let mut out = Vec::new();
-    let mut push = |label: String, hook: HookPoint, layer: Option<usize>, head: Option<i64>, neuron: Option<i64>, per_prompt: Vec<f64>| {
+    let mut push = |label: String,
+                    hook: HookPoint,
+                    layer: Option<usize>,
+                    head: Option<i64>,
+                    neuron: Option<i64>,
+                    per_prompt: Vec<f64>| {
         out.push(Component { label, hook: hook.to_string(), layer, head, neuron, per_prompt });
     };
     match over {
         DlaOver::Layer => {
-            push("embed".into(), HookPoint::Embed, None, None, None, rows_dot(&last(HookPoint::Embed).ok_or_else(|| missing(HookPoint::Embed))?, &dir)?);
+            push(
+                "embed".into(),
+                HookPoint::Embed,
+                None,
+                None,
+                None,
+                rows_dot(&last(HookPoint::Embed).ok_or_else(|| missing(HookPoint::Embed))?, &dir)?,
+            );
             if let Some(pe) = last(HookPoint::PosEmbed) {
                 push("pos_embed".into(), HookPoint::PosEmbed, None, None, None, rows_dot(&pe, &dir)?);
             }
             for l in 0..n_layers {
                 for (site, name) in [(Site::AttnOut, "attn_out"), (Site::MlpOut, "mlp_out")] {
                     let p = HookPoint::Block(l, site);
-                    push(format!("{l}_{name}"), p, Some(l), None, None, rows_dot(&last(p).ok_or_else(|| missing(p))?, &dir)?);
+                    push(
+                        format!("{l}_{name}"),
+                        p,
+                        Some(l),
+                        None,
+                        None,
+                        rows_dot(&last(p).ok_or_else(|| missing(p))?, &dir)?,
+                    );
                 }
             }
         }
         DlaOver::Head => {
             for l in 0..n_layers {
                 let z = last(HookPoint::Block(l, Site::Z)).ok_or_else(|| missing(HookPoint::Block(l, Site::Z)))?; // [n, h, e]
-                // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
-                let through = Tensor::einsum("hed,nd->nhe", &[&model.weights.blocks[l].attn.w_o.to_device(model.device).to_kind(Kind::Float), &dir], None::<&[i64]>);
+                                                                                                                  // Each head's direction through W_O: [h, e, d]·[n, d] -> [n, h, e].
+                let through = Tensor::einsum(
+                    "hed,nd->nhe",
+                    &[&model.weights.blocks[l].attn.w_o.to_device(model.device).to_kind(Kind::Float), &dir],
+                    None::<&[i64]>,
+                );
                 let per_head = (z * through).sum_dim_intlist(-1, false, None).to_kind(Kind::Double); // [n, h]
                 for h in 0..model.cfg.n_heads as i64 {
-                    push(format!("L{l}H{h}"), HookPoint::Block(l, Site::Result), Some(l), Some(h), None, Vec::try_from(per_head.select(1, h))?);
+                    push(
+                        format!("L{l}H{h}"),
+                        HookPoint::Block(l, Site::Result),
+                        Some(l),
+                        Some(h),
+                        None,
+                        Vec::try_from(per_head.select(1, h))?,
+                    );
                 }
             }
         }
         DlaOver::Neuron => {
             for l in 0..n_layers {
-                let post = last(HookPoint::Block(l, Site::MlpPost)).ok_or_else(|| missing(HookPoint::Block(l, Site::MlpPost)))?; // [n, m]
-                let through = dir.matmul(&model.weights.blocks[l].mlp.w_out.tr().to_device(model.device).to_kind(Kind::Float)); // [n, m]
-                // Transposed to [m, n] so each neuron's prompts are contiguous.
-                let per_neuron: Vec<f64> = Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
+                let post = last(HookPoint::Block(l, Site::MlpPost))
+                    .ok_or_else(|| missing(HookPoint::Block(l, Site::MlpPost)))?; // [n, m]
+                let through =
+                    dir.matmul(&model.weights.blocks[l].mlp.w_out.tr().to_device(model.device).to_kind(Kind::Float)); // [n, m]
+                                                                                                                      // Transposed to [m, n] so each neuron's prompts are contiguous.
+                let per_neuron: Vec<f64> =
+                    Vec::try_from((post * through).tr().contiguous().flatten(0, -1).to_kind(Kind::Double))?;
                 for (k, v) in per_neuron.chunks(n).enumerate() {
-                    push(format!("L{l}N{k}"), HookPoint::Block(l, Site::MlpPost), Some(l), None, Some(k as i64), v.to_vec());
+                    push(
+                        format!("L{l}N{k}"),
+                        HookPoint::Block(l, Site::MlpPost),
+                        Some(l),
+                        None,
+                        Some(k as i64),
+                        v.to_vec(),
+                    );
                 }
             }
         }

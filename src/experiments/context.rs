@@ -40,7 +40,16 @@ pub struct RunContext<'a> {
 
 impl<'a> RunContext<'a> {
     pub fn new(spec: &'a Spec, model: &'a Model, toks: Option<&'a Tokenized>, progress: Option<MultiProgress>) -> Self {
-        RunContext { spec, model, toks, progress, prep: OnceCell::new(), atp_pass: OnceCell::new(), analysis_cache: OnceCell::new(), attribution_follows: Default::default() }
+        RunContext {
+            spec,
+            model,
+            toks,
+            progress,
+            prep: OnceCell::new(),
+            atp_pass: OnceCell::new(),
+            analysis_cache: OnceCell::new(),
+            attribution_follows: Default::default(),
+        }
     }
 
     /// Runs a shared pass now (its job in the graph).
@@ -96,7 +105,8 @@ impl<'a> RunContext<'a> {
             }
             let toks = self.toks()?;
             let mut hooks = crate::Hooks::capture(points);
-            let _ = model.run(crate::Input::Tokens(&toks.clean), toks.mask.as_ref(), &mut hooks, crate::Stop::FinalNorm)?;
+            let _ =
+                model.run(crate::Input::Tokens(&toks.clean), toks.mask.as_ref(), &mut hooks, crate::Stop::FinalNorm)?;
             let _ = self.analysis_cache.set(hooks.cache);
         }
         Ok(self.analysis_cache.get().expect("set above"))
@@ -107,9 +117,20 @@ impl<'a> RunContext<'a> {
     }
     pub fn prep(&self) -> Result<&Prepared> {
         if self.prep.get().is_none() {
-            let grad_points = if self.attribution_follows.get() && self.atp_pass.get().is_none() { self.gradient_points()? } else { Vec::new() };
-            let p = crate::panics::guarded("the clean and corrupted runs", || crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?, &grad_points))?;
-            tracing::info!(clean = p.clean_baseline(), corrupted = p.corrupted_baseline(), first_diff = p.first_diff, "baselines");
+            let grad_points = if self.attribution_follows.get() && self.atp_pass.get().is_none() {
+                self.gradient_points()?
+            } else {
+                Vec::new()
+            };
+            let p = crate::panics::guarded("the clean and corrupted runs", || {
+                crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?, &grad_points)
+            })?;
+            tracing::info!(
+                clean = p.clean_baseline(),
+                corrupted = p.corrupted_baseline(),
+                first_diff = p.first_diff,
+                "baselines"
+            );
             let _ = self.prep.set(p);
         }
         Ok(self.prep.get().expect("set above"))
@@ -121,7 +142,11 @@ impl<'a> RunContext<'a> {
     pub(crate) fn bar(&self, len: usize, msg: String) -> ProgressBar {
         let Some(multi) = &self.progress else { return ProgressBar::hidden() };
         let b = multi.add(ProgressBar::new(len as u64));
-        b.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+        b.set_style(
+            ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
         b.set_message(msg);
         b
     }
@@ -141,7 +166,14 @@ pub(crate) fn per_prompt(v: &[f64], n: usize) -> Vec<f64> {
 }
 
 /// The mean row, and with metric.per_prompt one row per prompt (value from `values`).
-pub(crate) fn with_prompts(cx: &RunContext, base: Row, values: &[f64], mean_value: f64, token_pos: Option<i64>, out: &mut Vec<Row>) {
+pub(crate) fn with_prompts(
+    cx: &RunContext,
+    base: Row,
+    values: &[f64],
+    mean_value: f64,
+    token_pos: Option<i64>,
+    out: &mut Vec<Row>,
+) {
     if cx.spec.metric.per_prompt {
         for (p, v) in values.iter().enumerate() {
             out.push(Row { prompt: Some(p as i32), value: *v, token: cx.token(p, token_pos), ..base.clone() });
@@ -200,7 +232,14 @@ pub enum SharedPass {
 }
 
 /// One row per component (and per prompt with metric.per_prompt) of a lens, DLA or ablation run.
-pub(crate) fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Component], pos: i64, out: &mut Vec<Row>) {
+pub(crate) fn component_rows(
+    cx: &RunContext,
+    run: &str,
+    kind: &str,
+    comps: &[Component],
+    pos: i64,
+    out: &mut Vec<Row>,
+) {
     for c in comps {
         let base = Row {
             run: run.into(),
@@ -217,4 +256,3 @@ pub(crate) fn component_rows(cx: &RunContext, run: &str, kind: &str, comps: &[Co
         with_prompts(cx, base, &c.per_prompt, c.mean(), Some(pos), out);
     }
 }
-

@@ -68,12 +68,18 @@ pub fn detection_matrix(d: &Detection, tokens: &[i64]) -> Result<Tensor> {
         }
         Detection::Matrix(rows) => {
             if rows.len() != t || rows.iter().any(|r| r.len() != t) {
-                return Err(Error::Config(format!("the detection matrix is {}x{}, but the prompt has {t} tokens", rows.len(), rows.first().map_or(0, |r| r.len()))));
+                return Err(Error::Config(format!(
+                    "the detection matrix is {}x{}, but the prompt has {t} tokens",
+                    rows.len(),
+                    rows.first().map_or(0, |r| r.len())
+                )));
             }
             for (i, r) in rows.iter().enumerate() {
                 for (j, v) in r.iter().enumerate() {
                     if j > i && *v != 0.0 {
-                        return Err(Error::Config(format!("the detection matrix must be lower triangular: row {i} has {v} at column {j}")));
+                        return Err(Error::Config(format!(
+                            "the detection matrix must be lower triangular: row {i} has {v} at column {j}"
+                        )));
                     }
                     m[i * t + j] = *v as f32;
                 }
@@ -124,10 +130,20 @@ pub type LayerHeadScores = Vec<Vec<f64>>;
 /// Scores every head against each detection from a run's cache of `pattern_points` for
 /// `tokens`, per prompt (its own tokens, padding cut off) and averaged over prompts:
 /// [layer][head] per detection.
-pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, Tensor>, tokens: &Tensor, mask: Option<&Tensor>, detections: &[Detection], o: DetectOptions) -> Result<Vec<LayerHeadScores>> {
+pub fn detect_from(
+    model: &Model,
+    cache: &std::collections::HashMap<HookPoint, Tensor>,
+    tokens: &Tensor,
+    mask: Option<&Tensor>,
+    detections: &[Detection],
+    o: DetectOptions,
+) -> Result<Vec<LayerHeadScores>> {
     let (n, seq) = (tokens.size()[0], tokens.size()[1]);
     if seq < 2 || seq >= model.cfg.n_ctx as i64 {
-        return Err(Error::Config(format!("head scores need prompts of 2 to {} tokens, got {seq}", model.cfg.n_ctx - 1)));
+        return Err(Error::Config(format!(
+            "head scores need prompts of 2 to {} tokens, got {seq}",
+            model.cfg.n_ctx - 1
+        )));
     }
     let n_layers = model.cfg.n_layers;
     let lengths: Vec<i64> = match mask {
@@ -142,7 +158,12 @@ pub fn detect_from(model: &Model, cache: &std::collections::HashMap<HookPoint, T
         let toks: Vec<i64> = Vec::try_from(tokens.get(p).narrow(0, start, len).to_device(Device::Cpu))?;
         let dets: Vec<Tensor> = detections.iter().map(|d| detection_matrix(d, &toks)).collect::<Result<_>>()?;
         for (l, point) in pattern_points(model).iter().enumerate() {
-            let attn = cache.get(point).ok_or_else(|| Error::Other(format!("{point} was not cached")))?.get(p).narrow(1, start, len).narrow(2, start, len);
+            let attn = cache
+                .get(point)
+                .ok_or_else(|| Error::Other(format!("{point} was not cached")))?
+                .get(p)
+                .narrow(1, start, len)
+                .narrow(2, start, len);
             for (di, det) in dets.iter().enumerate() {
                 for (h, s) in similarity(&attn, det, o)?.into_iter().enumerate() {
                     out[di][l][h] += s / n as f64;

@@ -87,7 +87,12 @@ fn find_word(tok: &TextTokenizer, ids: &[i64], word: &str) -> Result<Option<std:
 }
 
 /// [n, seq] true at the positions a noise corruption noises (left padding accounted for).
-fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<Vec<i64>>, words: &Option<Vec<String>>) -> Result<Tensor> {
+fn noise_positions(
+    tok: &TextTokenizer,
+    clean: &TokenBatch,
+    positions: &Option<Vec<i64>>,
+    words: &Option<Vec<String>>,
+) -> Result<Tensor> {
     let (n, seq) = (clean.tokens.size()[0], clean.tokens.size()[1]);
     let mut mask = vec![false; (n * seq) as usize];
     for p in 0..n as usize {
@@ -98,7 +103,9 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
         if let Some(pos) = positions {
             for &i in pos {
                 if i >= len {
-                    return Err(Error::Config(format!("corruption.positions: prompt {p} has {len} tokens, so position {i} does not exist")));
+                    return Err(Error::Config(format!(
+                        "corruption.positions: prompt {p} has {len} tokens, so position {i} does not exist"
+                    )));
                 }
                 set(i);
             }
@@ -114,7 +121,9 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
             }
             if !found {
                 let shown = ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect::<Vec<_>>().join(", ");
-                return Err(Error::Config(format!("corruption.words: prompt {p} has no tokens spelling any of {words:?}: [{shown}]")));
+                return Err(Error::Config(format!(
+                    "corruption.words: prompt {p} has no tokens spelling any of {words:?}: [{shown}]"
+                )));
             }
         }
     }
@@ -126,10 +135,15 @@ fn noise_positions(tok: &TextTokenizer, clean: &TokenBatch, positions: &Option<V
 /// in a failed allocation, or in the kernel killing the process.
 fn noise_fits_in_memory(samples: usize, tokens: Vec<i64>, d_model: usize) -> Result<()> {
     let (n, seq) = (tokens[0] as u64, tokens.get(1).copied().unwrap_or(1) as u64);
-    let bytes = (samples as u64).checked_mul(n).and_then(|b| b.checked_mul(seq)).and_then(|b| b.checked_mul(d_model as u64)).and_then(|b| b.checked_mul(4));
+    let bytes = (samples as u64)
+        .checked_mul(n)
+        .and_then(|b| b.checked_mul(seq))
+        .and_then(|b| b.checked_mul(d_model as u64))
+        .and_then(|b| b.checked_mul(4));
     let Some(host) = crate::engine::memory::past_host_memory(bytes) else { return Ok(()) };
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let need = bytes.map(|b| format!("{:.1} GiB", gib(b))).unwrap_or_else(|| "more bytes than a 64-bit count holds".into());
+    let need =
+        bytes.map(|b| format!("{:.1} GiB", gib(b))).unwrap_or_else(|| "more bytes than a 64-bit count holds".into());
     let most = host / (n * seq * d_model as u64 * 4).max(1);
     Err(Error::Other(format!(
         "corruption.samples: {samples} noised copies of {n} prompt(s) of {seq} tokens need {need} for their embedding noise alone \
@@ -138,7 +152,12 @@ fn noise_fits_in_memory(samples: usize, tokens: Vec<i64>, d_model: usize) -> Res
     )))
 }
 
-pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::ModelConfig, needs_corruption: bool) -> Result<Tokenized> {
+pub fn tokenize(
+    spec: &Spec,
+    tok: &TextTokenizer,
+    cfg: &crate::model::config::ModelConfig,
+    needs_corruption: bool,
+) -> Result<Tokenized> {
     let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
     let bos = spec.model.prepend_bos_for(cfg);
     let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
@@ -212,17 +231,39 @@ pub fn tokenize(spec: &Spec, tok: &TextTokenizer, cfg: &crate::model::config::Mo
         }
     }
     let clean_strs = (0..clean_texts.len() as i64)
-        .map(|i| Vec::<i64>::try_from(clean.tokens.get(i)).unwrap_or_default().into_iter().map(|t| tok.token_str(t)).collect())
+        .map(|i| {
+            Vec::<i64>::try_from(clean.tokens.get(i))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|t| tok.token_str(t))
+                .collect()
+        })
         .collect();
     let unpadded = |b: &TokenBatch| -> Vec<Vec<i64>> {
-        b.lengths.iter().enumerate().map(|(i, &len)| Vec::<i64>::try_from(b.tokens.get(i as i64).narrow(0, b.tokens.size()[1] - len as i64, len as i64)).unwrap_or_default()).collect()
+        b.lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                Vec::<i64>::try_from(b.tokens.get(i as i64).narrow(0, b.tokens.size()[1] - len as i64, len as i64))
+                    .unwrap_or_default()
+            })
+            .collect()
     };
     let record = serde_json::json!({
         "prepend_bos": bos,
         "clean": unpadded(&clean),
         "corrupted": corrupted.as_ref().map(unpadded),
     });
-    Ok(Tokenized { clean: clean.tokens, corrupted: corrupted.map(|c| c.tokens), mask: clean.mask, correct, incorrect, clean_strs, noised, record })
+    Ok(Tokenized {
+        clean: clean.tokens,
+        corrupted: corrupted.map(|c| c.tokens),
+        mask: clean.mask,
+        correct,
+        incorrect,
+        clean_strs,
+        noised,
+        record,
+    })
 }
 
 /// The first position at which the corrupted run differs from the clean one (seq_len if none).
@@ -282,4 +323,3 @@ pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized, grad_points:
     };
     Prepared::keeping_gradients(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites, grad_points)
 }
-

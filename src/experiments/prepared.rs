@@ -4,12 +4,12 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
+use crate::engine::forward::Prefix;
 use crate::engine::hooks::{Edit, Intervention};
-use crate::experiments::mean;
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
+use crate::experiments::mean;
 use crate::model::hook_point::{HookPoint, Site};
-use crate::engine::forward::Prefix;
 use crate::{Hooks, Input, Model, Stop};
 
 /// How the corrupted run differs from the clean one.
@@ -56,7 +56,14 @@ pub struct PendingBackward {
 
 impl Prepared {
     /// Runs the clean and corrupted batches once, caching what the sweeps need.
-    pub fn new(model: &Model, clean_tokens: Tensor, corrupt: Corrupt, mask: Option<Tensor>, metric: Metric, sites: &[Site]) -> Result<Self> {
+    pub fn new(
+        model: &Model,
+        clean_tokens: Tensor,
+        corrupt: Corrupt,
+        mask: Option<Tensor>,
+        metric: Metric,
+        sites: &[Site],
+    ) -> Result<Self> {
         Self::keeping_gradients(model, clean_tokens, corrupt, mask, metric, sites, &[])
     }
 
@@ -64,10 +71,20 @@ impl Prepared {
     /// (when there are any), so the attribution pass that follows is a backward alone: AtP then
     /// costs one clean forward and one corrupted forward + backward, as TransformerLens's AtP
     /// does, instead of a second corrupted forward.
-    pub fn keeping_gradients(model: &Model, clean_tokens: Tensor, corrupt: Corrupt, mask: Option<Tensor>, metric: Metric, sites: &[Site], grad_points: &[HookPoint]) -> Result<Self> {
+    pub fn keeping_gradients(
+        model: &Model,
+        clean_tokens: Tensor,
+        corrupt: Corrupt,
+        mask: Option<Tensor>,
+        metric: Metric,
+        sites: &[Site],
+        grad_points: &[HookPoint],
+    ) -> Result<Self> {
         let (corrupted_tokens, corrupt_embed, noise_first) = match corrupt {
             Corrupt::Tokens(t) => (t, None, None),
-            Corrupt::EmbedNoise { noise, first } => (clean_tokens.shallow_clone(), Some(noise.to_device(model.device).to_kind(model.kind)), Some(first)),
+            Corrupt::EmbedNoise { noise, first } => {
+                (clean_tokens.shallow_clone(), Some(noise.to_device(model.device).to_kind(model.kind)), Some(first))
+            }
         };
         if clean_tokens.size() != corrupted_tokens.size() {
             return Err(Error::Other(format!(
@@ -77,14 +94,16 @@ impl Prepared {
             )));
         }
         let n_layers = model.cfg.n_layers;
-        let clean_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| sites.iter().map(move |s| HookPoint::Block(l, *s))).collect();
+        let clean_points: Vec<HookPoint> =
+            (0..n_layers).flat_map(|l| sites.iter().map(move |s| HookPoint::Block(l, *s))).collect();
         let mut clean_hooks = Hooks::capture(clean_points.iter().copied());
         let started = std::time::Instant::now();
         let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), captured = clean_points.len(), "clean run");
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
-        let kv_points: Vec<HookPoint> = (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
+        let kv_points: Vec<HookPoint> =
+            (0..n_layers).flat_map(|l| [HookPoint::Block(l, key_site), HookPoint::Block(l, Site::V)]).collect();
         let mut corr_hooks = Hooks::capture(corr_points.iter().chain(&kv_points).chain(grad_points).copied());
         let keep_graph = !grad_points.is_empty();
         if keep_graph {
@@ -94,7 +113,8 @@ impl Prepared {
             corr_hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
         }
         let started = std::time::Instant::now();
-        let corr_final = model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
+        let corr_final =
+            model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), keep_graph, "corrupted run");
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
@@ -108,13 +128,16 @@ impl Prepared {
             acts: grad_points.iter().map(|p| (*p, corr_hooks.cache[p].shallow_clone())).collect(),
         });
         // What the sweeps read from the corrupted run carries no graph.
-        let mut corr_cache: HashMap<HookPoint, Tensor> = corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
+        let mut corr_cache: HashMap<HookPoint, Tensor> =
+            corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
         let seq = clean_tokens.size()[1];
         let prefix = shared_prefix_len(first_diff, seq).map(|len| {
             let len = len as i64;
-            let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, len).contiguous();
+            let mut take = |l: usize, s: Site| {
+                corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, len).contiguous()
+            };
             let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
             Prefix { len, keys, values }

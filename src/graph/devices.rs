@@ -13,14 +13,14 @@ use tch::Device;
 
 use crate::engine::nonfinite::Finding;
 use crate::error::{Error, Result};
-use crate::experiments::inputs::Tokenized;
-use crate::graph::store::Store;
 use crate::experiments::context::RunContext;
+use crate::experiments::inputs::Tokenized;
+use crate::experiments::kinds::JobOutput;
+use crate::graph::store::Store;
 use crate::graph::Plan;
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::Spec;
-use crate::experiments::kinds::JobOutput;
 
 /// Loads a replica of the model on a device.
 pub type Loader<'a> = dyn Fn(Device) -> Result<Model> + Sync + 'a;
@@ -52,7 +52,12 @@ pub struct Shared<'env> {
 
 impl<'env> Pool<'env> {
     /// Starts one worker per device on `scope`; `toks` gives each worker its own copy.
-    pub fn start<'scope>(scope: &'scope Scope<'scope, 'env>, devices: &[Device], shared: Shared<'env>, toks: Option<&Tokenized>) -> Pool<'env> {
+    pub fn start<'scope>(
+        scope: &'scope Scope<'scope, 'env>,
+        devices: &[Device],
+        shared: Shared<'env>,
+        toks: Option<&Tokenized>,
+    ) -> Pool<'env> {
         let (tx, rx) = channel();
         let abort = shared.abort;
         for &device in devices {
@@ -100,7 +105,11 @@ impl<'env> Pool<'env> {
 
     /// The result of job `id` (waiting for it), with its seconds and device. A non-finite finding
     /// a replica reports on the way goes to `on_finding` (which stops the run unless allowed).
-    pub fn wait(&mut self, id: usize, mut on_finding: impl FnMut(Finding) -> Result<()>) -> Result<(Vec<Row>, serde_json::Value, f64, Device)> {
+    pub fn wait(
+        &mut self,
+        id: usize,
+        mut on_finding: impl FnMut(Finding) -> Result<()>,
+    ) -> Result<(Vec<Row>, serde_json::Value, f64, Device)> {
         let stop = |e: Error, abort: &AtomicBool| {
             abort.store(true, Ordering::SeqCst);
             Err(e)
@@ -122,7 +131,12 @@ impl<'env> Pool<'env> {
                     }
                 }
                 Ok(Msg::Failed(e)) => return stop(e, self.abort),
-                Err(_) => return stop(Error::Other(format!("every device worker stopped before job {id} was done")), self.abort),
+                Err(_) => {
+                    return stop(
+                        Error::Other(format!("every device worker stopped before job {id} was done")),
+                        self.abort,
+                    )
+                }
             }
         }
     }

@@ -36,11 +36,16 @@ pub fn file_digest(path: &Path) -> Result<String> {
 /// one after another on a GPU machine's CPU).
 pub fn model_digests(files: &ModelFiles) -> Result<Vec<(PathBuf, String)>> {
     use rayon::prelude::*;
-    let mut paths: Vec<&PathBuf> = std::iter::once(&files.config).chain(&files.weights).chain(&files.tokenizer).chain(&files.tokenizer_config).collect();
+    let mut paths: Vec<&PathBuf> = std::iter::once(&files.config)
+        .chain(&files.weights)
+        .chain(&files.tokenizer)
+        .chain(&files.tokenizer_config)
+        .collect();
     paths.sort();
     paths.dedup();
     let mut cache = DigestCache::open();
-    let looked_up: Vec<(&PathBuf, Known)> = paths.into_iter().map(|p| Ok((p, cache.look_up(p)?))).collect::<Result<_>>()?;
+    let looked_up: Vec<(&PathBuf, Known)> =
+        paths.into_iter().map(|p| Ok((p, cache.look_up(p)?))).collect::<Result<_>>()?;
     let found: Vec<(&PathBuf, Known, String)> = looked_up
         .into_par_iter()
         .map(|(p, known)| {
@@ -79,21 +84,37 @@ struct DigestCache {
 
 impl DigestCache {
     fn open() -> DigestCache {
-        let dir = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+        let dir = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
         let path = dir.map(|d| d.join("tl-run").join("digests.json"));
-        let known = path.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+        let known = path
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
         DigestCache { path, known, changed: false }
     }
 
     fn look_up(&self, file: &Path) -> Result<Known> {
-        if let Some(blob) = std::fs::read_link(file).ok().and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned())) {
-            if blob.len() == 64 && blob.bytes().all(|b| b.is_ascii_hexdigit()) && file.parent().is_some_and(|d| d.parent().is_some_and(|s| s.ends_with("snapshots"))) {
+        if let Some(blob) =
+            std::fs::read_link(file).ok().and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+        {
+            if blob.len() == 64
+                && blob.bytes().all(|b| b.is_ascii_hexdigit())
+                && file.parent().is_some_and(|d| d.parent().is_some_and(|s| s.ends_with("snapshots")))
+            {
                 return Ok(Known::Digest(blob));
             }
         }
         let meta = std::fs::metadata(file).map_err(|e| Error::io(file, e))?;
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-        let id = format!("{}:{}:{mtime}", std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display(), meta.len());
+        let mtime =
+            meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+        let id = format!(
+            "{}:{}:{mtime}",
+            std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf()).display(),
+            meta.len()
+        );
         Ok(match self.known.get(&id).and_then(|v| v.as_str()) {
             Some(d) => Known::Digest(d.to_string()),
             None => Known::Unknown(id),
@@ -122,10 +143,19 @@ pub fn engine_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
         let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok()).map(|m| {
-            let mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
             format!("{}-{mtime}", m.len())
         });
-        format!("{}+{}+{}", env!("CARGO_PKG_VERSION"), option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown"), exe.unwrap_or_default())
+        format!(
+            "{}+{}+{}",
+            env!("CARGO_PKG_VERSION"),
+            option_env!("TL_RUN_GIT_COMMIT").unwrap_or("unknown"),
+            exe.unwrap_or_default()
+        )
     })
 }
 
@@ -149,7 +179,9 @@ pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &
     for job in plan.jobs.iter_mut().filter(|j| j.task.is_work()) {
         let what = match job.task {
             Task::Patch { run, target, layer } => {
-                let RunKind::ActivationPatching { targets } = &spec.runs[run].kind else { unreachable!("patch jobs come from activation_patching runs") };
+                let RunKind::ActivationPatching { targets } = &spec.runs[run].kind else {
+                    unreachable!("patch jobs come from activation_patching runs")
+                };
                 serde_json::json!({"task": "patch", "target": targets[target], "layer": layer})
             }
             task => {

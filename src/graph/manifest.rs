@@ -49,7 +49,11 @@ impl<'a> Record<'a> {
     pub fn new(spec: &'a Spec, source: &ModelSource, digests: &[(PathBuf, String)], shard: Option<Shard>) -> Self {
         let files = source.files();
         let is_weight = |p: &PathBuf| files.is_some_and(|f| f.weights.contains(p));
-        let weights: Vec<serde_json::Value> = digests.iter().filter(|(p, _)| is_weight(p)).map(|(p, d)| serde_json::json!({"file": p.display().to_string(), "sha256": d})).collect();
+        let weights: Vec<serde_json::Value> = digests
+            .iter()
+            .filter(|(p, _)| is_weight(p))
+            .map(|(p, d)| serde_json::json!({"file": p.display().to_string(), "sha256": d}))
+            .collect();
         let model = serde_json::json!({
             "id": spec.model.id,
             "family": source.cfg().family,
@@ -59,10 +63,23 @@ impl<'a> Record<'a> {
         });
         let (device, dtype) = match source {
             ModelSource::Loaded(m) => (format!("{:?}", m.device), format!("{:?}", m.kind)),
-            ModelSource::Lazy { .. } => (spec.model.device.clone(), spec.model.kind().map(|k| format!("{k:?}")).unwrap_or_else(|_| spec.model.dtype.clone())),
+            ModelSource::Lazy { .. } => (
+                spec.model.device.clone(),
+                spec.model.kind().map(|k| format!("{k:?}")).unwrap_or_else(|_| spec.model.dtype.clone()),
+            ),
         };
         let name = shard.map_or_else(|| "manifest.json".to_string(), |s| s.manifest_name());
-        Record { spec, model, device, dtype, path: spec.output_dir.join(name), shard, jobs: Vec::new(), nonfinite: Vec::new(), complete: false }
+        Record {
+            spec,
+            model,
+            device,
+            dtype,
+            path: spec.output_dir.join(name),
+            shard,
+            jobs: Vec::new(),
+            nonfinite: Vec::new(),
+            complete: false,
+        }
     }
 
     /// What only a loaded model tells: the device and dtype it runs in, its processing.
@@ -73,12 +90,20 @@ impl<'a> Record<'a> {
         self.model["layer_devices"] = model.layer_devices.iter().map(|d| format!("{d:?}")).collect();
     }
 
-    pub fn write(&self, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
+    pub fn write(
+        &self,
+        runs: &serde_json::Map<String, serde_json::Value>,
+        timings: &BTreeMap<String, f64>,
+        prep: Option<&Prepared>,
+        toks: Option<&Tokenized>,
+    ) -> Result<()> {
         let spec = self.spec;
         let metric = match prep {
-            Some(p) => serde_json::json!({"kind": spec.metric.kind, "noise_samples_per_prompt": spec.corruption.samples(), "normalize": spec.metric.normalize,
+            Some(p) => {
+                serde_json::json!({"kind": spec.metric.kind, "noise_samples_per_prompt": spec.corruption.samples(), "normalize": spec.metric.normalize,
                        "clean_baseline": p.clean_baseline(), "corrupted_baseline": p.corrupted_baseline(),
-                       "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt}),
+                       "clean_per_prompt": p.clean_per_prompt, "corrupted_per_prompt": p.corrupted_per_prompt})
+            }
             None => serde_json::json!({"kind": spec.metric.kind, "normalize": spec.metric.normalize}),
         };
         let manifest = serde_json::json!({
@@ -98,12 +123,22 @@ impl<'a> Record<'a> {
             "timings_seconds": timings,
         });
         std::fs::create_dir_all(&spec.output_dir).map_err(|e| Error::io(&spec.output_dir, e))?;
-        atomic::write_bytes(&self.path, serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes())
+        atomic::write_bytes(
+            &self.path,
+            serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes(),
+        )
     }
 
     /// Records a NaN/inf finding; unless the spec allows them, writes the manifest with it and
     /// stops the run with an error naming where it first appeared.
-    pub fn found(&mut self, f: nonfinite::Finding, runs: &serde_json::Map<String, serde_json::Value>, timings: &BTreeMap<String, f64>, prep: Option<&Prepared>, toks: Option<&Tokenized>) -> Result<()> {
+    pub fn found(
+        &mut self,
+        f: nonfinite::Finding,
+        runs: &serde_json::Map<String, serde_json::Value>,
+        timings: &BTreeMap<String, f64>,
+        prep: Option<&Prepared>,
+        toks: Option<&Tokenized>,
+    ) -> Result<()> {
         let message = f.to_string();
         self.nonfinite.push(f);
         if self.spec.allow_nonfinite {

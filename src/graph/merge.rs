@@ -61,9 +61,13 @@ fn shard_manifests(dir: &Path) -> Result<(usize, Vec<(PathBuf, Value)>)> {
             if unfinished.is_empty() { String::new() } else { format!("{}shards {unfinished:?} stopped before their last job", if missing.is_empty() { "" } else { "; " }) }
         )));
     }
-    let hashes: std::collections::BTreeSet<String> = out.iter().map(|(_, m)| m["spec_hash"].as_str().unwrap_or("").to_string()).collect();
+    let hashes: std::collections::BTreeSet<String> =
+        out.iter().map(|(_, m)| m["spec_hash"].as_str().unwrap_or("").to_string()).collect();
     if hashes.len() > 1 {
-        return Err(Error::Other(format!("{}: the shards ran different specs (spec hashes {hashes:?}); rerun them with one spec", dir.display())));
+        return Err(Error::Other(format!(
+            "{}: the shards ran different specs (spec hashes {hashes:?}); rerun them with one spec",
+            dir.display()
+        )));
     }
     Ok((n, out))
 }
@@ -71,7 +75,10 @@ fn shard_manifests(dir: &Path) -> Result<(usize, Vec<(PathBuf, Value)>)> {
 pub fn merge(dir: &Path, keep_shards: bool) -> Result<Merged> {
     let (n, manifests) = shard_manifests(dir)?;
     let first = &manifests[0].1;
-    let runs: Vec<String> = first["spec"]["runs"].as_array().map(|a| a.iter().filter_map(|r| r["name"].as_str().map(str::to_string)).collect()).unwrap_or_default();
+    let runs: Vec<String> = first["spec"]["runs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["name"].as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
     // Rows per job, from every shard's job records.
     let mut job_records: BTreeMap<u64, Value> = BTreeMap::new();
     for (_, m) in &manifests {
@@ -92,20 +99,31 @@ pub fn merge(dir: &Path, keep_shards: bool) -> Result<Merged> {
         for (path, m) in &manifests {
             let note = &m["runs"][run];
             let Some(file) = note["file"].as_str() else {
-                return Err(Error::Other(format!("{}: run '{run}' has no part (the shard stopped before writing it)", path.display())));
+                return Err(Error::Other(format!(
+                    "{}: run '{run}' has no part (the shard stopped before writing it)",
+                    path.display()
+                )));
             };
             let (rows, _) = read_parquet(&dir.join(file))?;
             let mut at = 0;
             for id in note["jobs"].as_array().into_iter().flatten().filter_map(Value::as_u64) {
                 let k = job_records.get(&id).and_then(|j| j["rows"].as_u64()).unwrap_or(0) as usize;
                 if at + k > rows.len() {
-                    return Err(Error::Other(format!("{}: job {id} of run '{run}' lists {k} rows past the part's {} rows", path.display(), rows.len())));
+                    return Err(Error::Other(format!(
+                        "{}: job {id} of run '{run}' lists {k} rows past the part's {} rows",
+                        path.display(),
+                        rows.len()
+                    )));
                 }
                 chunks.push((id, rows[at..at + k].to_vec()));
                 at += k;
             }
             if at != rows.len() {
-                return Err(Error::Other(format!("{}: run '{run}': the part has {} rows, its jobs {at}", path.display(), rows.len())));
+                return Err(Error::Other(format!(
+                    "{}: run '{run}': the part has {} rows, its jobs {at}",
+                    path.display(),
+                    rows.len()
+                )));
             }
             notes.push(note.clone());
         }
@@ -121,10 +139,14 @@ pub fn merge(dir: &Path, keep_shards: bool) -> Result<Merged> {
     manifest["runs"] = Value::Object(run_notes);
     manifest["jobs"] = Value::Array(job_records.values().cloned().collect());
     manifest["shards"] = manifests.iter().map(|(_, m)| serde_json::json!({"shard": m["shard"], "device": m["device"], "timings_seconds": m["timings_seconds"]})).collect();
-    manifest["nonfinite"] = manifests.iter().flat_map(|(_, m)| m["nonfinite"].as_array().cloned().unwrap_or_default()).collect();
+    manifest["nonfinite"] =
+        manifests.iter().flat_map(|(_, m)| m["nonfinite"].as_array().cloned().unwrap_or_default()).collect();
     manifest["timings_seconds"] = Value::Null;
     let manifest_path = dir.join("manifest.json");
-    atomic::write_bytes(&manifest_path, serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes())?;
+    atomic::write_bytes(
+        &manifest_path,
+        serde_json::to_string_pretty(&manifest).map_err(|e| Error::Other(e.to_string()))?.as_bytes(),
+    )?;
     if !keep_shards {
         for run in &runs {
             let run_dir = dir.join(run);

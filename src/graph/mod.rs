@@ -7,8 +7,8 @@ pub mod devices;
 pub mod execute;
 pub mod keys;
 mod manifest;
-mod patch_groups;
 pub mod merge;
+mod patch_groups;
 pub mod shard;
 pub mod slurm;
 pub mod store;
@@ -33,11 +33,19 @@ pub enum Task {
     /// The clean run caching what logit-lens, DLA and head-score runs read.
     AnalysisCache,
     /// Activation patching of one target at one layer.
-    Patch { run: usize, target: usize, layer: usize },
+    Patch {
+        run: usize,
+        target: usize,
+        layer: usize,
+    },
     /// A whole run in one job (attribution, lens, DLA, head scores, ablation).
-    Whole { run: usize },
+    Whole {
+        run: usize,
+    },
     /// The run's Parquet (or its shard's part), from its work jobs' rows.
-    Write { run: usize },
+    Write {
+        run: usize,
+    },
     Manifest,
 }
 
@@ -111,7 +119,18 @@ impl Plan {
     /// corrupted prompt differ.
     pub fn build(spec: &Spec, cfg: &ModelConfig, seq: usize, first_diff: i64) -> Plan {
         let mut jobs: Vec<Job> = Vec::new();
-        let blank = |task| Job { id: 0, name: String::new(), task, deps: vec![], cells: 0, filled: 0, forwards: 0, tl_forwards: 0, cost: 0.0, key: None };
+        let blank = |task| Job {
+            id: 0,
+            name: String::new(),
+            task,
+            deps: vec![],
+            cells: 0,
+            filled: 0,
+            forwards: 0,
+            tl_forwards: 0,
+            cost: 0.0,
+            key: None,
+        };
         let mut add = |name: String, deps: Vec<usize>, work: Job| {
             let id = jobs.len();
             jobs.push(Job { id, name, deps, ..work });
@@ -121,7 +140,8 @@ impl Plan {
         let full = |forwards: usize| (forwards * n * cfg.n_layers) as f64;
         let forwards = |task, k: usize| Job { forwards: k, tl_forwards: k, cost: full(k), ..blank(task) };
         let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
-        let tok = needs_prompts.then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
+        let tok = needs_prompts
+            .then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
         let load = add(format!("load model {}", spec.model.id), vec![], blank(Task::Load));
         let inputs: Vec<usize> = std::iter::once(load).chain(tok).collect();
         let patching = spec.runs.iter().any(|r| r.kind.needs().clean_and_corrupted);
@@ -132,7 +152,10 @@ impl Plan {
         });
         let attributing = spec.runs.iter().any(|r| r.kind.needs().attribution_pass);
         let atp_pass = attributing.then(|| {
-            let grad_drop = spec.runs.iter().any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
+            let grad_drop = spec
+                .runs
+                .iter()
+                .any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
             let passes = 1 + if grad_drop { cfg.n_layers } else { 0 };
             // Its first pass is the backward of the corrupted run, which keeps its graph for it
             // (GradDrop adds a forward + backward per layer).
@@ -140,10 +163,20 @@ impl Plan {
                 0 => "corrupted run's backward".to_string(),
                 extra => format!("corrupted run's backward + {extra} GradDrop forward+backward passes"),
             };
-            add(name, vec![prepare.expect("attribution patches")], Job { forwards: passes - 1, tl_forwards: passes, cost: 2.0 * full(passes) - full(1), ..blank(Task::AttributionPass) })
+            add(
+                name,
+                vec![prepare.expect("attribution patches")],
+                Job {
+                    forwards: passes - 1,
+                    tl_forwards: passes,
+                    cost: 2.0 * full(passes) - full(1),
+                    ..blank(Task::AttributionPass)
+                },
+            )
         });
         let analysing = spec.runs.iter().any(|r| r.kind.needs().analysis_cache);
-        let analysis = analysing.then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
+        let analysis = analysing
+            .then(|| add("clean run (cache analysis hooks)".into(), inputs.clone(), forwards(Task::AnalysisCache, 1)));
         // Batches are sized for the spec's device; one that is not here (a plan made on a login
         // node) is sized as CPU, and running there names the missing device.
         let device = crate::engine::device::parse(&spec.model.device).unwrap_or(tch::Device::Cpu);
@@ -167,7 +200,18 @@ impl Plan {
                         Part::TargetLayer { target, layer } => Task::Patch { run: r, target, layer },
                         Part::Whole => Task::Whole { run: r },
                     };
-                    add(d.name, deps.clone(), Job { cells: d.cells, filled: d.filled, forwards: d.forwards, tl_forwards: d.tl_forwards, cost: d.cost, ..blank(task) })
+                    add(
+                        d.name,
+                        deps.clone(),
+                        Job {
+                            cells: d.cells,
+                            filled: d.filled,
+                            forwards: d.forwards,
+                            tl_forwards: d.tl_forwards,
+                            cost: d.cost,
+                            ..blank(task)
+                        },
+                    )
                 })
                 .collect();
             writes.push(add(format!("{}: write {}.parquet", run.name, run.name), ids, blank(Task::Write { run: r })));
@@ -183,7 +227,11 @@ impl Plan {
     pub fn render(&self) -> String {
         let mut s = String::new();
         for j in &self.jobs {
-            let deps = if j.deps.is_empty() { "-".to_string() } else { j.deps.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",") };
+            let deps = if j.deps.is_empty() {
+                "-".to_string()
+            } else {
+                j.deps.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")
+            };
             let work = match (j.cells, j.forwards) {
                 (0, 0) => String::new(),
                 (0, f) => format!("  {f} forward{}", if f == 1 { "" } else { "s" }),

@@ -80,7 +80,10 @@ fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, 
     let mut group = vec![job.id];
     for other in plan.jobs.iter().skip(job.id + 1) {
         let ready = other.deps.iter().all(|&d| d < job.id) && !alone.contains(&other.id);
-        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer || across_layers) && status[other.id] == "ran" && ready {
+        if matches!(other.task, Task::Patch { layer: l, .. } if l == layer || across_layers)
+            && status[other.id] == "ran"
+            && ready
+        {
             group.push(other.id);
         }
     }

@@ -33,13 +33,21 @@ pub fn slurm_dir(output_dir: &Path) -> PathBuf {
 }
 
 /// The sbatch script: `exe run SPEC ARGS` in `cwd` for every task of an array of `opts.tasks`.
-pub fn script_text(spec: &Spec, exe: &Path, spec_path: &Path, args: &[String], cwd: &Path, opts: &ArrayOptions) -> Result<String> {
+pub fn script_text(
+    spec: &Spec,
+    exe: &Path,
+    spec_path: &Path,
+    args: &[String],
+    cwd: &Path,
+    opts: &ArrayOptions,
+) -> Result<String> {
     if opts.tasks == 0 {
         return Err(Error::Config("--tasks must be at least 1".into()));
     }
     let logs = slurm_dir(&spec.output_dir);
     let mut s = String::from("#!/bin/bash\n");
-    let name: String = spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
+    let name: String =
+        spec.name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     s.push_str(&format!("#SBATCH --job-name=tl-run-{name}\n"));
     s.push_str(&format!("#SBATCH --array=0-{}\n", opts.tasks - 1));
     s.push_str(&format!("#SBATCH --output={}\n", logs.join("%A_%a.out").display()));
@@ -63,7 +71,8 @@ pub fn script_text(spec: &Spec, exe: &Path, spec_path: &Path, args: &[String], c
     s.push_str("# CUDA_VISIBLE_DEVICES (set by Slurm for --gpus-per-task) picks the GPU that `cuda` names.\n");
     s.push_str("set -euo pipefail\n");
     s.push_str(&format!("cd {}\n", quote(&cwd.display().to_string())));
-    let mut cmd = vec![quote(&exe.display().to_string()), "run".into(), quote(&absolute(spec_path).display().to_string())];
+    let mut cmd =
+        vec![quote(&exe.display().to_string()), "run".into(), quote(&absolute(spec_path).display().to_string())];
     cmd.extend(args.iter().map(|a| quote(a)));
     cmd.push("--quiet".into());
     s.push_str(&format!("exec {}\n", cmd.join(" ")));
@@ -83,9 +92,16 @@ pub fn write_script(spec: &Spec, spec_path: &Path, args: &[String], opts: &Array
 }
 
 fn sbatch(args: &[String]) -> Result<String> {
-    let out = std::process::Command::new("sbatch").args(args).output().map_err(|e| Error::Other(format!("cannot run sbatch ({e}); is Slurm installed and on PATH?")))?;
+    let out = std::process::Command::new("sbatch")
+        .args(args)
+        .output()
+        .map_err(|e| Error::Other(format!("cannot run sbatch ({e}); is Slurm installed and on PATH?")))?;
     if !out.status.success() {
-        return Err(Error::Other(format!("sbatch {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(Error::Other(format!(
+            "sbatch {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     // --parsable prints "jobid" or "jobid;cluster".
     let text = String::from_utf8_lossy(&out.stdout);

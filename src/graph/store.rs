@@ -68,7 +68,9 @@ impl Writer {
     pub fn finish(mut self) -> Result<()> {
         self.queue.take();
         match self.thread.take() {
-            Some(t) => t.join().unwrap_or_else(|_| Err(crate::error::Error::Other("the job store's writer thread panicked".into()))),
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(crate::error::Error::Other("the job store's writer thread panicked".into()))),
             None => Ok(()),
         }
     }

@@ -68,15 +68,29 @@ fn index(file: &PathBuf, out: &mut BTreeMap<String, Entry>) -> Result<()> {
             continue;
         }
         let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
-        let (kind, width) = kind_of(dtype).ok_or_else(|| bad(format!("tensor '{name}' has dtype '{dtype}', which tl-run cannot read")))?;
-        let shape: Vec<i64> = info.get("shape").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_i64()).collect()).unwrap_or_default();
-        let offsets: Vec<u64> = info.get("data_offsets").and_then(|s| s.as_array()).map(|a| a.iter().filter_map(|d| d.as_u64()).collect()).unwrap_or_default();
+        let (kind, width) = kind_of(dtype)
+            .ok_or_else(|| bad(format!("tensor '{name}' has dtype '{dtype}', which tl-run cannot read")))?;
+        let shape: Vec<i64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_i64()).collect())
+            .unwrap_or_default();
+        let offsets: Vec<u64> = info
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().filter_map(|d| d.as_u64()).collect())
+            .unwrap_or_default();
         let [begin, end] = offsets[..] else { return Err(bad(format!("tensor '{name}' has no data_offsets"))) };
         let numel: i64 = shape.iter().product();
         if end < begin || (end - begin) as i64 != numel * width as i64 || data_start + end > size {
-            return Err(bad(format!("tensor '{name}' ({dtype} {shape:?}) does not fit its byte range {begin}..{end} of the file")));
+            return Err(bad(format!(
+                "tensor '{name}' ({dtype} {shape:?}) does not fit its byte range {begin}..{end} of the file"
+            )));
         }
-        out.insert(name, Entry::OnDisk { file: file.clone(), start: data_start + begin, len: (end - begin) as usize, shape, kind });
+        out.insert(
+            name,
+            Entry::OnDisk { file: file.clone(), start: data_start + begin, len: (end - begin) as usize, shape, kind },
+        );
     }
     Ok(())
 }
@@ -91,7 +105,15 @@ fn read_all(tensors: BTreeMap<String, Entry>) -> Result<BTreeMap<String, Entry>>
     entries.sort_by_key(|(_, e)| std::cmp::Reverse(if let Entry::OnDisk { len, .. } = e { *len } else { 0 }));
     entries
         .into_par_iter()
-        .map(|(name, e)| if is_derived_buffer(&name) { Ok((name, e)) } else { e.load().map(|t| (name, Entry::Loaded(t))) })
+        .map(
+            |(name, e)| {
+                if is_derived_buffer(&name) {
+                    Ok((name, e))
+                } else {
+                    e.load().map(|t| (name, Entry::Loaded(t)))
+                }
+            },
+        )
         .collect()
 }
 
@@ -104,7 +126,8 @@ impl Entry {
                 let f = std::fs::File::open(&file).map_err(|e| Error::io(&file, e))?;
                 // Read straight into the tensor's own storage: one copy from the page cache, no
                 // intermediate buffer.
-                let t = Tensor::f_empty(&shape, (kind, tch::Device::Cpu)).map_err(|e| Error::Load { id: file.display().to_string(), reason: e.to_string() })?;
+                let t = Tensor::f_empty(&shape, (kind, tch::Device::Cpu))
+                    .map_err(|e| Error::Load { id: file.display().to_string(), reason: e.to_string() })?;
                 if len > 0 {
                     // SAFETY: `t` is a fresh contiguous CPU tensor of exactly `len` bytes (numel ×
                     // element width was checked against the byte range when indexing), owned here.
@@ -121,7 +144,8 @@ impl Entry {
                     // SAFETY: the range lies inside a private mapping (checked against the file
                     // size when indexing) that `check_mapped` keeps until every tensor taken from
                     // it is gone; aligned for the element type.
-                    unsafe { Tensor::f_from_blob(address as *const u8, &shape, &strides, kind, tch::Device::Cpu) }.map_err(failed)
+                    unsafe { Tensor::f_from_blob(address as *const u8, &shape, &strides, kind, tch::Device::Cpu) }
+                        .map_err(failed)
                 } else {
                     // A tensor the file does not align for its type gets aligned storage of its own.
                     let t = Tensor::f_empty(&shape, (kind, tch::Device::Cpu)).map_err(failed)?;
@@ -161,7 +185,9 @@ impl StateDict {
         let tensors = tensors
             .into_iter()
             .map(|(name, e)| match e {
-                Entry::OnDisk { file, start, len, shape, kind } => (name, Entry::Mapped { address: base[&file] + start as usize, len, shape, kind }),
+                Entry::OnDisk { file, start, len, shape, kind } => {
+                    (name, Entry::Mapped { address: base[&file] + start as usize, len, shape, kind })
+                }
                 e => (name, e),
             })
             .collect();
@@ -172,7 +198,12 @@ impl StateDict {
     }
 
     pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Self {
-        StateDict { tensors: tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))).collect(), taken: Default::default(), prefix: String::new(), origin: "tensors".into() }
+        StateDict {
+            tensors: tensors.into_iter().map(|(n, t)| (n, Entry::Loaded(t))).collect(),
+            taken: Default::default(),
+            prefix: String::new(),
+            origin: "tensors".into(),
+        }
     }
 
     /// Uses `prefix` for every later lookup when the checkpoint's names carry it (HF models are
@@ -212,7 +243,10 @@ impl StateDict {
         let near = nearest(&prefixed, self.tensors.keys().map(|k| k.as_str()));
         Err(Error::Load {
             id: self.origin.clone(),
-            reason: format!("tensor '{prefixed}' is missing{}", if near.is_empty() { String::new() } else { format!(" (nearest: {})", near.join(", ")) }),
+            reason: format!(
+                "tensor '{prefixed}' is missing{}",
+                if near.is_empty() { String::new() } else { format!(" (nearest: {})", near.join(", ")) }
+            ),
         })
     }
 
@@ -223,7 +257,11 @@ impl StateDict {
         if t.size() != shape {
             return Err(Error::Load {
                 id: self.origin.clone(),
-                reason: format!("tensor '{}{name}' has shape {:?}, but config.json implies {shape:?}", self.prefix, t.size()),
+                reason: format!(
+                    "tensor '{}{name}' has shape {:?}, but config.json implies {shape:?}",
+                    self.prefix,
+                    t.size()
+                ),
             });
         }
         Ok(t)
@@ -243,7 +281,14 @@ impl StateDict {
         if matches!(t.kind(), Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) {
             Ok(t)
         } else {
-            Err(Error::Load { id: self.origin.clone(), reason: format!("tensor '{}{name}' is {:?}; a weight must be F32, F16, BF16 or F64", self.prefix, t.kind()) })
+            Err(Error::Load {
+                id: self.origin.clone(),
+                reason: format!(
+                    "tensor '{}{name}' is {:?}; a weight must be F32, F16, BF16 or F64",
+                    self.prefix,
+                    t.kind()
+                ),
+            })
         }
     }
 }
@@ -251,11 +296,21 @@ impl StateDict {
 /// Buffers some checkpoints save beside the weights (causal masks, rotary inverse frequencies,
 /// position ids): derived from the config, so not read, and not an error when left over.
 pub fn is_derived_buffer(name: &str) -> bool {
-    [".attn.bias", ".attn.masked_bias", ".attention.bias", ".attention.masked_bias", "rotary_emb.inv_freq", "position_ids"].iter().any(|s| name.ends_with(s))
+    [
+        ".attn.bias",
+        ".attn.masked_bias",
+        ".attention.bias",
+        ".attention.masked_bias",
+        "rotary_emb.inv_freq",
+        "position_ids",
+    ]
+    .iter()
+    .any(|s| name.ends_with(s))
 }
 
 /// The names a converter left behind that are not derived buffers.
 pub fn unused(all: &[String], taken: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
-    let taken: std::collections::BTreeSet<String> = taken.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+    let taken: std::collections::BTreeSet<String> =
+        taken.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
     all.iter().filter(|n| !taken.contains(*n) && !is_derived_buffer(n)).cloned().collect()
 }

@@ -40,9 +40,16 @@ pub enum Positional {
 pub enum RopeScaling {
     None,
     /// Every frequency divided by `factor` (positions interpolated).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1/3.2: low frequencies divided by `factor`, high ones kept, a smooth blend between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position: f64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,8 +129,22 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// The required dimensions; every feature starts at the GPT-2 choice and is changed by `with_*`.
-    pub fn new(n_layers: usize, d_model: usize, n_heads: usize, d_head: usize, d_vocab: usize, n_ctx: usize) -> Result<Self> {
-        for (name, v) in [("n_layers", n_layers), ("d_model", d_model), ("n_heads", n_heads), ("d_head", d_head), ("d_vocab", d_vocab), ("n_ctx", n_ctx)] {
+    pub fn new(
+        n_layers: usize,
+        d_model: usize,
+        n_heads: usize,
+        d_head: usize,
+        d_vocab: usize,
+        n_ctx: usize,
+    ) -> Result<Self> {
+        for (name, v) in [
+            ("n_layers", n_layers),
+            ("d_model", d_model),
+            ("n_heads", n_heads),
+            ("d_head", d_head),
+            ("d_vocab", d_vocab),
+            ("n_ctx", n_ctx),
+        ] {
             if v == 0 {
                 return Err(Error::Config(format!("{name} must be positive")));
             }
@@ -178,12 +199,23 @@ impl ModelConfig {
         let Positional::Rotary { dim, base, adjacent_pairs, .. } = self.positional else {
             return Err(Error::Config("rope scaling needs rotary positions".into()));
         };
-        let positive = |name: &str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err(Error::Config(format!("rope scaling {name} must be positive, got {v}"))) };
+        let positive = |name: &str, v: f64| {
+            if v > 0.0 && v.is_finite() {
+                Ok(())
+            } else {
+                Err(Error::Config(format!("rope scaling {name} must be positive, got {v}")))
+            }
+        };
         match scaling {
             RopeScaling::None => {}
             RopeScaling::Linear { factor } => positive("factor", factor)?,
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position } => {
-                for (n, v) in [("factor", factor), ("low_freq_factor", low_freq_factor), ("high_freq_factor", high_freq_factor), ("original_max_position_embeddings", original_max_position)] {
+                for (n, v) in [
+                    ("factor", factor),
+                    ("low_freq_factor", low_freq_factor),
+                    ("high_freq_factor", high_freq_factor),
+                    ("original_max_position_embeddings", original_max_position),
+                ] {
                     positive(n, v)?;
                 }
                 if high_freq_factor <= low_freq_factor {
@@ -246,7 +278,8 @@ impl ModelConfig {
     pub fn with_kv_heads(mut self, n_kv_heads: usize) -> Result<Self> {
         if n_kv_heads == 0 || !self.n_heads.is_multiple_of(n_kv_heads) {
             return Err(Error::Config(format!(
-                "{} query heads cannot be grouped over {n_kv_heads} key-value heads", self.n_heads
+                "{} query heads cannot be grouped over {n_kv_heads} key-value heads",
+                self.n_heads
             )));
         }
         self.n_kv_heads = n_kv_heads;

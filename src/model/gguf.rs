@@ -102,7 +102,10 @@ impl Cursor<'_> {
                 let item = self.u32(key)?;
                 let n = self.u64(key)? as usize;
                 if n > self.bytes.len() {
-                    return Err(Error::Load { id: self.origin.to_string(), reason: format!("GGUF metadata '{key}' claims {n} items") });
+                    return Err(Error::Load {
+                        id: self.origin.to_string(),
+                        reason: format!("GGUF metadata '{key}' claims {n} items"),
+                    });
                 }
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -113,7 +116,12 @@ impl Cursor<'_> {
             10 => Value::Int(self.u64(key)? as i64),
             11 => Value::Int(self.u64(key)? as i64),
             12 => Value::Float(f64::from_le_bytes(self.take(8, key)?.try_into().expect("8"))),
-            other => return Err(Error::Load { id: self.origin.to_string(), reason: format!("GGUF metadata '{key}' has unknown value type {other}") }),
+            other => {
+                return Err(Error::Load {
+                    id: self.origin.to_string(),
+                    reason: format!("GGUF metadata '{key}' has unknown value type {other}"),
+                })
+            }
         })
     }
 }
@@ -155,11 +163,15 @@ fn half_to_f32(h: u16) -> f32 {
 
 /// Dequantizes `bytes` of ggml type `ty` into `out` (as many values as it holds).
 fn dequantize_into(ty: u32, bytes: &[u8], out: &mut [f32]) {
-    let fill = |out: &mut [f32], values: &mut dyn Iterator<Item = f32>| out.iter_mut().zip(values).for_each(|(o, v)| *o = v);
+    let fill =
+        |out: &mut [f32], values: &mut dyn Iterator<Item = f32>| out.iter_mut().zip(values).for_each(|(o, v)| *o = v);
     match ty {
         0 => fill(out, &mut bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
         1 => fill(out, &mut bytes.chunks_exact(2).map(f16)),
-        30 => fill(out, &mut bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))),
+        30 => fill(
+            out,
+            &mut bytes.chunks_exact(2).map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)),
+        ),
         8 => {
             for (blk, out) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
                 let d = f16(&blk[0..2]);
@@ -199,7 +211,10 @@ impl Gguf {
         }
         let version = c.u32("the version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::Load { id: origin.clone(), reason: format!("GGUF version {version} is not supported (2 or 3)") });
+            return Err(Error::Load {
+                id: origin.clone(),
+                reason: format!("GGUF version {version} is not supported (2 or 3)"),
+            });
         }
         let n_tensors = c.u64("the tensor count")?;
         let n_kv = c.u64("the metadata count")?;
@@ -215,7 +230,10 @@ impl Gguf {
             let name = c.string("a tensor name")?;
             let n_dims = c.u32(&name)?;
             if n_dims > 4 {
-                return Err(Error::Load { id: origin.clone(), reason: format!("tensor '{name}' has {n_dims} dimensions") });
+                return Err(Error::Load {
+                    id: origin.clone(),
+                    reason: format!("tensor '{name}' has {n_dims} dimensions"),
+                });
             }
             let dims = (0..n_dims).map(|_| c.u64(&name)).collect::<Result<Vec<_>>>()?;
             let ggml_type = c.u32(&name)?;
@@ -236,18 +254,26 @@ impl Gguf {
             let size = (n as usize).div_ceil(per_block) * bytes;
             let start = data_start + t.offset as usize;
             if !(n as usize).is_multiple_of(per_block) || start + size > data.bytes().len() {
-                return Err(Error::Load { id: origin.clone(), reason: format!("tensor '{}' runs past the end of the file", t.name) });
+                return Err(Error::Load {
+                    id: origin.clone(),
+                    reason: format!("tensor '{}' runs past the end of the file", t.name),
+                });
             }
         }
         Ok(Gguf { metadata, tensors, data, data_start, origin })
     }
 
     fn meta(&self, key: &str) -> Result<&Value> {
-        self.metadata.get(key).ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF metadata has no '{key}'") })
+        self.metadata
+            .get(key)
+            .ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF metadata has no '{key}'") })
     }
 
     fn meta_i64(&self, key: &str) -> Result<i64> {
-        self.meta(key)?.as_i64().ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF metadata '{key}' is not an integer") })
+        self.meta(key)?.as_i64().ok_or_else(|| Error::Load {
+            id: self.origin.clone(),
+            reason: format!("GGUF metadata '{key}' is not an integer"),
+        })
     }
 
     pub fn architecture(&self) -> Result<String> {
@@ -296,7 +322,8 @@ impl Gguf {
         let start = self.data_start + t.offset as usize;
         let raw = &self.data.bytes()[start..start + n / per_block * bytes];
         let shape: Vec<i64> = t.dims.iter().rev().map(|&d| d as i64).collect();
-        let w = Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu)).map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })?;
+        let w = Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu))
+            .map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })?;
         if n > 0 {
             // SAFETY: `w` is a fresh contiguous f32 tensor of exactly n elements, owned here.
             let out = unsafe { std::slice::from_raw_parts_mut(w.data_ptr() as *mut f32, n) };
@@ -327,7 +354,10 @@ impl Gguf {
             .tensors
             .par_iter()
             .map(|t| {
-                let name = hf_name(&t.name).ok_or_else(|| Error::Load { id: self.origin.clone(), reason: format!("GGUF tensor '{}' has no Llama counterpart", t.name) })?;
+                let name = hf_name(&t.name).ok_or_else(|| Error::Load {
+                    id: self.origin.clone(),
+                    reason: format!("GGUF tensor '{}' has no Llama counterpart", t.name),
+                })?;
                 let permuted_over = if t.name.ends_with("attn_q.weight") {
                     Some(heads)
                 } else if t.name.ends_with("attn_k.weight") {
@@ -354,7 +384,8 @@ impl Gguf {
     /// A tensor of `t`'s torch shape whose storage is allocated but never written or read.
     fn shaped(&self, t: &TensorInfo) -> Result<Tensor> {
         let shape: Vec<i64> = t.dims.iter().rev().map(|&d| d as i64).collect();
-        Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu)).map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })
+        Tensor::f_empty(shape.as_slice(), (Kind::Float, tch::Device::Cpu))
+            .map_err(|e| Error::Load { id: self.origin.clone(), reason: e.to_string() })
     }
 
     /// The tokenizer the metadata describes (byte-level BPE, "gpt2" in GGUF's words), built as
@@ -362,7 +393,9 @@ impl Gguf {
     pub fn tokenizer(&self) -> Result<tokenizers::Tokenizer> {
         let model = self.meta("tokenizer.ggml.model")?.as_str().unwrap_or("");
         if model != "gpt2" {
-            return Err(Error::Tokenizer(format!("GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)")));
+            return Err(Error::Tokenizer(format!(
+                "GGUF tokenizer model '{model}' is not supported (supported: gpt2 byte-level BPE)"
+            )));
         }
         let strings = |key: &str| -> Result<Vec<String>> {
             match self.meta(key)? {
@@ -376,7 +409,8 @@ impl Gguf {
             Some(Value::Array(a)) => a.iter().map(|v| v.as_i64().unwrap_or(1)).collect(),
             _ => Vec::new(),
         };
-        let vocab: serde_json::Map<String, serde_json::Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<serde_json::Value> = tokens
             .iter()
             .zip(&types)

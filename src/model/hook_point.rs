@@ -261,7 +261,10 @@ impl crate::model::config::ModelConfig {
             Ok(p) => p,
             Err(_) => {
                 let names: Vec<String> = self.hook_points().iter().map(|p| p.to_string()).collect();
-                return Err(Error::UnknownHook { name: name.into(), suggestions: nearest(name, names.iter().map(|s| s.as_str())) });
+                return Err(Error::UnknownHook {
+                    name: name.into(),
+                    suggestions: nearest(name, names.iter().map(|s| s.as_str())),
+                });
             }
         };
         match point {
@@ -269,11 +272,16 @@ impl crate::model::config::ModelConfig {
                 name: name.into(),
                 why: format!("the model has {} layers: 0-{}", self.n_layers, self.n_layers - 1),
             }),
-            HookPoint::Block(_, s) if !self.has_site(s) => Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) }),
-            HookPoint::PosEmbed if !self.has_pos_embed() => {
-                Err(Error::AbsentHook { name: name.into(), why: "this model has no learned position embedding (rotary or ALiBi)".into() })
+            HookPoint::Block(_, s) if !self.has_site(s) => {
+                Err(Error::AbsentHook { name: name.into(), why: format!("no {} in this architecture", s.name()) })
             }
-            HookPoint::EmbedLn(_) if !self.embed_norm => Err(Error::AbsentHook { name: name.into(), why: "this model has no embedding norm".into() }),
+            HookPoint::PosEmbed if !self.has_pos_embed() => Err(Error::AbsentHook {
+                name: name.into(),
+                why: "this model has no learned position embedding (rotary or ALiBi)".into(),
+            }),
+            HookPoint::EmbedLn(_) if !self.embed_norm => {
+                Err(Error::AbsentHook { name: name.into(), why: "this model has no embedding norm".into() })
+            }
             p => Ok(p),
         }
     }
@@ -281,13 +289,17 @@ impl crate::model::config::ModelConfig {
     /// The shape of `point`'s activation for a [batch, seq] input.
     pub fn hook_shape(&self, point: HookPoint, batch: i64, seq: i64) -> Vec<i64> {
         let c = self;
-        let (d, h, kv, e, m) = (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
+        let (d, h, kv, e, m) =
+            (c.d_model as i64, c.n_heads as i64, c.n_kv_heads as i64, c.d_head as i64, c.mlp.d_mlp as i64);
         match point {
             HookPoint::Embed | HookPoint::PosEmbed => vec![batch, seq, d],
             HookPoint::LnFinal(NormHook::Scale) | HookPoint::EmbedLn(NormHook::Scale) => vec![batch, seq, 1],
             HookPoint::LnFinal(NormHook::Normalized) | HookPoint::EmbedLn(NormHook::Normalized) => vec![batch, seq, d],
             HookPoint::Block(_, s) => match s {
-                Site::Ln1(NormHook::Scale) | Site::Ln2(NormHook::Scale) | Site::Ln1Post(NormHook::Scale) | Site::Ln2Post(NormHook::Scale) => {
+                Site::Ln1(NormHook::Scale)
+                | Site::Ln2(NormHook::Scale)
+                | Site::Ln1Post(NormHook::Scale)
+                | Site::Ln2Post(NormHook::Scale) => {
                     vec![batch, seq, 1]
                 }
                 Site::QNorm(NormHook::Scale) => vec![batch, h, seq, 1],

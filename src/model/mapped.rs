@@ -24,7 +24,16 @@ impl MappedFile {
             return Ok(MappedFile { address: std::ptr::null_mut(), len });
         }
         // SAFETY: a fresh private mapping of an open file; the kernel picks the address.
-        let address = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE, f.as_raw_fd(), 0) };
+        let address = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
         if address == libc::MAP_FAILED {
             return Err(Error::io(path, std::io::Error::last_os_error()));
         }

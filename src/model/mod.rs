@@ -34,7 +34,13 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions { revision: None, processing: Processing::TRANSFORMER_LENS, device: Device::Cpu, kind: Kind::Float, split: Vec::new() }
+        LoadOptions {
+            revision: None,
+            processing: Processing::TRANSFORMER_LENS,
+            device: Device::Cpu,
+            kind: Kind::Float,
+            split: Vec::new(),
+        }
     }
 }
 
@@ -86,14 +92,22 @@ pub fn describe_files(id: &str, revision: Option<&str>) -> Result<(ModelConfig, 
     }
     let files = source::resolve(id, revision)?;
     let json = read_json(&files.config)?;
-    let tok_path = files.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
+    let tok_path =
+        files.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
     let tok = TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
     Ok((family(&json)?.0, tok, files))
 }
 
 /// A `.gguf` file holds config, tokenizer and weights in one.
 fn gguf_files(path: &std::path::Path) -> source::ModelFiles {
-    source::ModelFiles { id: path.display().to_string(), config: path.to_path_buf(), weights: vec![path.to_path_buf()], tokenizer: None, tokenizer_config: None, commit: None }
+    source::ModelFiles {
+        id: path.display().to_string(),
+        config: path.to_path_buf(),
+        weights: vec![path.to_path_buf()],
+        tokenizer: None,
+        tokenizer_config: None,
+        commit: None,
+    }
 }
 
 fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
@@ -152,14 +166,21 @@ impl Model {
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
         let json = read_json(&files.config)?;
         let (cfg, weights) = Model::read_weights(id, &files, &json)?;
-        let tokenizer = || files.tokenizer.as_ref().map(|t| TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json)).transpose();
+        let tokenizer = || {
+            files
+                .tokenizer
+                .as_ref()
+                .map(|t| TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json))
+                .transpose()
+        };
         let process = |weights: Weights| {
             let started = std::time::Instant::now();
             // Only a half-precision checkpoint makes f32 working copies to hand back; an f32 one
             // is processed in place, and its few temporaries reuse the heap (with the 1 MiB
             // threshold each was a fresh mapping, page-faulted in: about 20% of processing GPT-2
             // small).
-            let _allocator = weights.blocks.iter().any(|b| b.attn.w_q.kind() != tch::Kind::Float).then(LoadingAllocator::enter);
+            let _allocator =
+                weights.blocks.iter().any(|b| b.attn.w_q.kind() != tch::Kind::Float).then(LoadingAllocator::enter);
             let model = Model::from_weights(cfg, weights, opts);
             tracing::debug!(seconds = started.elapsed().as_secs_f64(), "weights processed and placed");
             model
@@ -172,7 +193,12 @@ impl Model {
             std::thread::scope(|s| {
                 let tokenizer = s.spawn(tokenizer);
                 let model = process(weights);
-                (model, tokenizer.join().unwrap_or_else(|_| Err(Error::Tokenizer("building the tokenizer stopped unexpectedly".into()))))
+                (
+                    model,
+                    tokenizer.join().unwrap_or_else(|_| {
+                        Err(Error::Tokenizer("building the tokenizer stopped unexpectedly".into()))
+                    }),
+                )
             })
         } else {
             let tokenizer = tokenizer();
@@ -189,14 +215,21 @@ impl Model {
     fn read_weights(id: &str, files: &source::ModelFiles, json: &serde_json::Value) -> Result<(ModelConfig, Weights)> {
         let started = std::time::Instant::now();
         let converted = Model::convert_checked(id, json, checkpoint::StateDict::read(&files.weights)?)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "checkpoint read and converted to the TransformerLens layout");
+        tracing::debug!(
+            seconds = started.elapsed().as_secs_f64(),
+            "checkpoint read and converted to the TransformerLens layout"
+        );
         Ok(converted)
     }
 
     /// Converts a checkpoint's tensors to TL-layout weights for the family config.json names,
     /// checking that they are the checkpoint of that config: every tensor present, of the shape
     /// the config implies, and none left over.
-    fn convert_checked(id: &str, json: &serde_json::Value, sd: checkpoint::StateDict) -> Result<(ModelConfig, Weights)> {
+    fn convert_checked(
+        id: &str,
+        json: &serde_json::Value,
+        sd: checkpoint::StateDict,
+    ) -> Result<(ModelConfig, Weights)> {
         let (cfg, convert) = family(json)?;
         let (names, taken) = sd.names_and_taken();
         let weights = convert(sd, &cfg).map_err(|e| match e {
@@ -238,7 +271,9 @@ impl Model {
         let files = source::resolve(id, revision)?;
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "checking model");
         let json = read_json(&files.config)?;
-        checkpoint::StateDict::check_mapped(&files.weights, |sd| Model::convert_checked(id, &json, sd).and_then(validated))
+        checkpoint::StateDict::check_mapped(&files.weights, |sd| {
+            Model::convert_checked(id, &json, sd).and_then(validated)
+        })
     }
 
     /// A `.gguf` file: tensors dequantized to f32, processed, then cast to the run dtype.
@@ -256,7 +291,11 @@ impl Model {
         Ok(model)
     }
 
-    fn convert_gguf(id: &str, json: &serde_json::Value, tensors: checkpoint::StateDict) -> Result<(ModelConfig, Weights)> {
+    fn convert_gguf(
+        id: &str,
+        json: &serde_json::Value,
+        tensors: checkpoint::StateDict,
+    ) -> Result<(ModelConfig, Weights)> {
         let (cfg, convert) = family(json)?;
         let weights = convert(tensors, &cfg).map_err(|e| match e {
             Error::Load { reason, .. } => Error::Load { id: id.into(), reason },
@@ -270,7 +309,11 @@ impl Model {
     pub fn from_weights(cfg: ModelConfig, mut weights: Weights, opts: &LoadOptions) -> Result<Model> {
         weights.validate(&cfg)?;
         let kind = opts.kind;
-        let layer_devices = if opts.split.is_empty() { vec![opts.device; cfg.n_layers] } else { split_layers(cfg.n_layers, &opts.split) };
+        let layer_devices = if opts.split.is_empty() {
+            vec![opts.device; cfg.n_layers]
+        } else {
+            split_layers(cfg.n_layers, &opts.split)
+        };
         let device = opts.split.last().copied().unwrap_or(opts.device);
         let input = layer_devices.first().copied().unwrap_or(device);
         let device_of = |at: process::Place| match at {

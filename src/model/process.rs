@@ -31,7 +31,13 @@ pub enum Place {
 /// checkpoint bound for a GPU crosses to it in its stored dtype and is upcast and processed
 /// there, rather than upcast and processed block by block on the host (10.5 s of the 27 s load
 /// of an 8B bf16 checkpoint on an H200 machine, the GPU idle).
-pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Place) -> Device + Sync), kind: Kind) {
+pub fn process(
+    w: &mut Weights,
+    cfg: &ModelConfig,
+    p: Processing,
+    device: &(dyn Fn(Place) -> Device + Sync),
+    kind: Kind,
+) {
     let layer_norm = cfg.norm.kind == NormKind::LayerNorm;
     let process_block = |l: usize, b: &mut BlockWeights| {
         let on = device(Place::Block(l));
@@ -59,7 +65,11 @@ pub fn process(w: &mut Weights, cfg: &ModelConfig, p: Processing, device: &(dyn 
         // The host's share of `contiguous_mlp` on all cores first: in the block-by-block path
         // below it would run on one.
         use rayon::prelude::*;
-        blocks.par_iter_mut().enumerate().filter(|(l, _)| device(Place::Block(*l)) == Device::Cpu).for_each(|(_, b)| contiguous_mlp(b, Device::Cpu));
+        blocks
+            .par_iter_mut()
+            .enumerate()
+            .filter(|(l, _)| device(Place::Block(*l)) == Device::Cpu)
+            .for_each(|(_, b)| contiguous_mlp(b, Device::Cpu));
     }
     let mut ends = move || process_ends(Ends { w_e, w_pos, w_u, b_u, ln_final, ln_embed }, cfg, p, device, kind);
     if blocks.iter().all(|b| b.attn.w_q.kind() == Kind::Float) {
@@ -136,7 +146,8 @@ fn process_ends(e: Ends, cfg: &ModelConfig, p: Processing, device: &(dyn Fn(Plac
     *e.w_u = to_output(e.w_u);
     *e.b_u = to_output(e.b_u);
     *e.ln_final = NormWeights { w: e.ln_final.w.as_ref().map(to_output), b: e.ln_final.b.as_ref().map(to_output) };
-    *e.ln_embed = e.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(to_input), b: n.b.as_ref().map(to_input) });
+    *e.ln_embed =
+        e.ln_embed.as_ref().map(|n| NormWeights { w: n.w.as_ref().map(to_input), b: n.b.as_ref().map(to_input) });
 }
 
 /// Vocabulary columns per band of the unembedding: 1024 × d_model f32 is 3 MB at GPT-2's width.
@@ -146,7 +157,13 @@ const UNEMBED_BAND: i64 = 1024;
 /// which is centred separately), with the final norm `(weight, bias)` folded in when given.
 /// Column bands are independent in every step here, and each step computes every column exactly
 /// as on the whole matrix, so the result is bit-identical to folding it whole.
-fn unembed_folded(w_u: &Tensor, b_u: &Tensor, tied: &Tensor, norm: (Option<Tensor>, Option<Tensor>), layer_norm: bool) -> (Tensor, Tensor) {
+fn unembed_folded(
+    w_u: &Tensor,
+    b_u: &Tensor,
+    tied: &Tensor,
+    norm: (Option<Tensor>, Option<Tensor>),
+    layer_norm: bool,
+) -> (Tensor, Tensor) {
     use rayon::prelude::*;
     let fresh = |t: &Tensor| t.kind() != Kind::Float || t.data_ptr() == tied.data_ptr();
     let (w, copy_w) = if fresh(w_u) { (empty_f32_like(w_u), true) } else { (w_u.shallow_clone(), false) };
@@ -222,7 +239,8 @@ fn fold_norm_columns(w: &mut Tensor, bias: Option<&mut Tensor>, nw: &Tensor, nb:
 /// linear map reads their output directly.
 fn fold_block_norms(b: &mut BlockWeights, layer_norm: bool, shared_norm: bool) {
     let a = &mut b.attn;
-    let mut attn_reading = vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))];
+    let mut attn_reading =
+        vec![(&mut a.w_q, Some(&mut a.b_q)), (&mut a.w_k, Some(&mut a.b_k)), (&mut a.w_v, Some(&mut a.b_v))];
     let m = &mut b.mlp;
     if layer_norm && m.w_gate.is_some() && m.b_gate.is_none() {
         // The norm's bias reaches the gate as β·W_gate: it needs a bias to land in.

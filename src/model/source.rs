@@ -130,7 +130,11 @@ impl Hub {
         loop {
             match self.repo.get(name) {
                 Err(e) if is_transient(&e) && attempt < HUB_ATTEMPTS => {
-                    tracing::warn!("hub request for {name} failed ({}); retrying ({attempt} of {})", redact(&e.to_string()), HUB_ATTEMPTS - 1);
+                    tracing::warn!(
+                        "hub request for {name} failed ({}); retrying ({attempt} of {})",
+                        redact(&e.to_string()),
+                        HUB_ATTEMPTS - 1
+                    );
                     std::thread::sleep(std::time::Duration::from_millis(250 << (attempt - 1)));
                     attempt += 1;
                 }
@@ -143,7 +147,11 @@ impl Hub {
     /// is removed: the digest of a hub file is read from its blob name (graph/keys.rs).
     fn verify(&self, name: &str, path: &Path, fetched_after: std::time::SystemTime) -> Result<()> {
         let Ok(blob) = std::fs::canonicalize(path) else { return Ok(()) };
-        let Some(expected) = blob.file_name().map(|n| n.to_string_lossy().into_owned()).filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit())) else {
+        let Some(expected) = blob
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+        else {
             return Ok(());
         };
         let fresh = std::fs::metadata(&blob).and_then(|m| m.modified()).is_ok_and(|t| t >= fetched_after);
@@ -175,7 +183,10 @@ impl FileStore for Hub {
             Ok(_) => Ok(true),
             Err(ureq::Error::Status(404, _)) => Ok(false),
             Err(ureq::Error::Status(code, _)) if (300..400).contains(&code) => Ok(true),
-            Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("asking the hub for {name}: {}", redact(&e.to_string())) }),
+            Err(e) => Err(Error::Load {
+                id: self.label.clone(),
+                reason: format!("asking the hub for {name}: {}", redact(&e.to_string())),
+            }),
         }
     }
 
@@ -233,14 +244,19 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(p) = var("HF_HOME") {
         return p.join("hub");
     }
-    let base = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache"))).unwrap_or_else(|| PathBuf::from(".cache"));
+    let base = var("XDG_CACHE_HOME")
+        .or_else(|| var("HOME").map(|h| h.join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
     base.join("huggingface").join("hub")
 }
 
 /// HF_TOKEN (or the older HUGGING_FACE_HUB_TOKEN), sent as `Authorization: Bearer`; never
 /// logged or written to the manifest.
 fn hub_token() -> Option<String> {
-    ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"].iter().find_map(|k| std::env::var(k).ok().filter(|t| !t.trim().is_empty())).map(|t| t.trim().to_string())
+    ["HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|t| !t.trim().is_empty()))
+        .map(|t| t.trim().to_string())
 }
 
 /// An error message with the token, if it appears, blanked out.
@@ -252,7 +268,9 @@ fn redact(message: &str) -> String {
 }
 
 pub fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on")).unwrap_or(false)
+    std::env::var("HF_HUB_OFFLINE")
+        .map(|v| matches!(v.as_str(), "1" | "true" | "TRUE" | "yes" | "ON" | "on"))
+        .unwrap_or(false)
 }
 
 /// Finds the files of model `id`: a local directory when `id` names one, else a hub repository.
@@ -278,7 +296,8 @@ pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
         }
     }
     let repo_dir = cache_dir.join(format!("models--{}", id.replace('/', "--")));
-    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir)).with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let mut builder = hf_hub::api::sync::ApiBuilder::from_cache(hf_hub::Cache::new(cache_dir))
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if let Some(endpoint) = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()) {
         builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
     }
@@ -312,7 +331,8 @@ pub fn resolve_in_cache(cache_dir: &Path, id: &str, revision: &str) -> Result<Mo
 }
 
 fn collect(id: &str, store: &dyn FileStore, commit: Option<String>) -> Result<ModelFiles> {
-    let missing = |what: &str| Error::Load { id: id.into(), reason: format!("{what} not found in {}", store.describe()) };
+    let missing =
+        |what: &str| Error::Load { id: id.into(), reason: format!("{what} not found in {}", store.describe()) };
     let config = store.get("config.json")?.ok_or_else(|| missing("config.json"))?;
     let weights = if let Some(single) = store.get(SINGLE)? {
         vec![single]
@@ -345,12 +365,12 @@ fn collect(id: &str, store: &dyn FileStore, commit: Option<String>) -> Result<Mo
 
 fn shard_files(id: &str, index: &Path, store: &dyn FileStore) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::Load { id: id.into(), reason: format!("{}: {e}", index.display()) })?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Load {
-        id: id.into(),
-        reason: format!("{} has no weight_map", index.display()),
-    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Load { id: id.into(), reason: format!("{}: {e}", index.display()) })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::Load { id: id.into(), reason: format!("{} has no weight_map", index.display()) })?;
     let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
     names.sort_unstable();
     names.dedup();
@@ -358,9 +378,15 @@ fn shard_files(id: &str, index: &Path, store: &dyn FileStore) -> Result<Vec<Path
         .into_iter()
         .map(|n| {
             if !n.ends_with(".safetensors") || n.contains("..") || n.starts_with('/') {
-                return Err(Error::Load { id: id.into(), reason: format!("shard '{n}' is not a safetensors file in the repo") });
+                return Err(Error::Load {
+                    id: id.into(),
+                    reason: format!("shard '{n}' is not a safetensors file in the repo"),
+                });
             }
-            store.get(n)?.ok_or_else(|| Error::Load { id: id.into(), reason: format!("shard {n} not found in {}", store.describe()) })
+            store.get(n)?.ok_or_else(|| Error::Load {
+                id: id.into(),
+                reason: format!("shard {n} not found in {}", store.describe()),
+            })
         })
         .collect()
 }

@@ -36,8 +36,8 @@ pub struct MlpWeights {
     pub w_gate: Option<Tensor>, // [d_model, d_mlp], gated MLPs only
     /// [d_mlp]: a gated MLP under a LayerNorm gets one when the norm's bias is folded (StableLM).
     pub b_gate: Option<Tensor>,
-    pub w_out: Tensor,          // [d_mlp, d_model]
-    pub b_out: Tensor,          // [d_model]
+    pub w_out: Tensor, // [d_mlp, d_model]
+    pub b_out: Tensor, // [d_model]
 }
 
 #[derive(Debug)]
@@ -61,7 +61,7 @@ impl BlockWeights {
 
 #[derive(Debug)]
 pub struct Weights {
-    pub w_e: Tensor,           // [d_vocab, d_model]
+    pub w_e: Tensor, // [d_vocab, d_model]
     /// The norm right after the embedding (Bloom's embed_ln).
     pub ln_embed: Option<NormWeights>,
     pub w_pos: Option<Tensor>, // [n_ctx, d_model], learned positions only
@@ -173,7 +173,12 @@ impl Weights {
             }
             expect_shape(&n("mlp.W_out"), &b.mlp.w_out, &[m, d])?;
             expect_shape(&n("mlp.b_out"), &b.mlp.b_out, &[d])?;
-            for (name, norm) in [("ln1", Some(&b.ln1)), ("ln2", Some(&b.ln2)), ("ln1_post", b.ln1_post.as_ref()), ("ln2_post", b.ln2_post.as_ref())] {
+            for (name, norm) in [
+                ("ln1", Some(&b.ln1)),
+                ("ln2", Some(&b.ln2)),
+                ("ln1_post", b.ln1_post.as_ref()),
+                ("ln2_post", b.ln2_post.as_ref()),
+            ] {
                 if let Some(norm) = norm {
                     norm.validate(&n(name), d)?;
                 }
@@ -216,7 +221,16 @@ impl Weights {
             let name = |s: &str| format!("blocks.{l}.{s}");
             push_norm(&mut v, &name("ln1"), &b.ln1);
             let a = &b.attn;
-            for (n, t) in [("W_Q", &a.w_q), ("b_Q", &a.b_q), ("W_K", &a.w_k), ("b_K", &a.b_k), ("W_V", &a.w_v), ("b_V", &a.b_v), ("W_O", &a.w_o), ("b_O", &a.b_o)] {
+            for (n, t) in [
+                ("W_Q", &a.w_q),
+                ("b_Q", &a.b_q),
+                ("W_K", &a.w_k),
+                ("b_K", &a.b_k),
+                ("W_V", &a.w_v),
+                ("b_V", &a.b_v),
+                ("W_O", &a.w_o),
+                ("b_O", &a.b_o),
+            ] {
                 v.push((name(&format!("attn.{n}")), t));
             }
             for (n, t) in [("q_norm.w", &a.q_norm), ("k_norm.w", &a.k_norm)] {
@@ -229,7 +243,14 @@ impl Weights {
             }
             push_norm(&mut v, &name("ln2"), &b.ln2);
             let m = &b.mlp;
-            for (n, t) in [("W_in", Some(&m.w_in)), ("b_in", Some(&m.b_in)), ("W_gate", m.w_gate.as_ref()), ("b_gate", m.b_gate.as_ref()), ("W_out", Some(&m.w_out)), ("b_out", Some(&m.b_out))] {
+            for (n, t) in [
+                ("W_in", Some(&m.w_in)),
+                ("b_in", Some(&m.b_in)),
+                ("W_gate", m.w_gate.as_ref()),
+                ("b_gate", m.b_gate.as_ref()),
+                ("W_out", Some(&m.w_out)),
+                ("b_out", Some(&m.b_out)),
+            ] {
                 if let Some(t) = t {
                     v.push((name(&format!("mlp.{n}")), t));
                 }

@@ -26,7 +26,8 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String
                 .map_err(|e| Error::Other(format!("safetensors view of {n}: {e}")))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
+    let bytes =
+        safetensors::serialize(views, &Some(metadata)).map_err(|e| Error::Other(format!("safetensors: {e}")))?;
     let (head, data) = sorted_header(&bytes)?;
     atomic::write_with(path, |f| {
         use std::io::Write;
@@ -41,11 +42,13 @@ pub fn write(path: &Path, tensors: &[(String, Tensor)], metadata: HashMap<String
 /// changes; it is padded with spaces to a multiple of 8, as the crate pads it.
 fn sorted_header(bytes: &[u8]) -> Result<(Vec<u8>, usize)> {
     let bad = |what: &str| Error::Other(format!("safetensors header: {what}"));
-    let n = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| bad("too short"))? as usize;
+    let n = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| bad("too short"))?
+        as usize;
     let header = bytes.get(8..8 + n).ok_or_else(|| bad("shorter than its length"))?;
     // BTreeMaps, so the order is sorted whatever serde_json's features: the metadata and the
     // tensor names. Each tensor's entry keeps the crate's own (fixed) order.
-    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let mut header: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
     if let Some(meta) = header.get("__metadata__") {
         let meta: BTreeMap<String, String> = serde_json::from_value(meta.clone()).map_err(|e| bad(&e.to_string()))?;
         header.insert("__metadata__".into(), serde_json::to_value(meta).map_err(|e| bad(&e.to_string()))?);
@@ -64,8 +67,23 @@ mod tests {
     #[test]
     fn the_same_activations_give_the_same_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        let tensors = vec![("blocks.0.hook_resid_pre".to_string(), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([1, 2, 3])), ("hook_embed".to_string(), Tensor::ones([1, 2, 3], (Kind::Float, tch::Device::Cpu)))];
-        let metadata = || HashMap::from([("prompts", "[\"Hi\"]"), ("tokens", "[[1, 2]]"), ("lengths", "[2]"), ("padding_side", "left"), ("model", "m"), ("processing", "{}")].map(|(k, v)| (k.to_string(), v.to_string())));
+        let tensors = vec![
+            ("blocks.0.hook_resid_pre".to_string(), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).view([1, 2, 3])),
+            ("hook_embed".to_string(), Tensor::ones([1, 2, 3], (Kind::Float, tch::Device::Cpu))),
+        ];
+        let metadata = || {
+            HashMap::from(
+                [
+                    ("prompts", "[\"Hi\"]"),
+                    ("tokens", "[[1, 2]]"),
+                    ("lengths", "[2]"),
+                    ("padding_side", "left"),
+                    ("model", "m"),
+                    ("processing", "{}"),
+                ]
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
+        };
         // Each HashMap has its own random order; the files must not.
         let files: Vec<Vec<u8>> = (0..8)
             .map(|i| {

@@ -74,7 +74,9 @@ pub fn check_writable_dir(dir: &Path) -> Result<()> {
         return Err(Error::Config(format!("output directory {}: {} is not a directory", dir.display(), at.display())));
     }
     let probe = at.join(format!(".tl-run-probe{}", temp_suffix()));
-    std::fs::write(&probe, b"").map_err(|e| Error::Config(format!("output directory {} is not writable ({}: {e})", dir.display(), at.display())))?;
+    std::fs::write(&probe, b"").map_err(|e| {
+        Error::Config(format!("output directory {} is not writable ({}: {e})", dir.display(), at.display()))
+    })?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
 }
@@ -111,7 +113,12 @@ pub fn remove_stale_temps(dir: &Path) -> usize {
         let Some((_, tail)) = name.rsplit_once(".tmp-") else { continue };
         let Some((h, pid)) = tail.rsplit_once('-') else { continue };
         let Ok(pid) = pid.parse::<i32>() else { continue };
-        if name.starts_with('.') && h == host && pid != std::process::id() as i32 && !process_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+        if name.starts_with('.')
+            && h == host
+            && pid != std::process::id() as i32
+            && !process_alive(pid)
+            && std::fs::remove_file(e.path()).is_ok()
+        {
             tracing::info!("removed {}, left by a process that was killed", e.path().display());
             removed += 1;
         }

@@ -78,9 +78,11 @@ fn to_batch_as<R: Borrow<Row> + Sync>(rows: &[R], run: Option<&str>) -> Result<R
     use rayon::prelude::*;
     type Column<'a> = Box<dyn Fn() -> ArrayRef + Sync + 'a>;
     let rows = || rows.iter().map(Borrow::borrow);
-    let s = |f: fn(&Row) -> &str| -> Column { Box::new(move || Arc::new(StringArray::from_iter_values(rows().map(f)))) };
+    let s =
+        |f: fn(&Row) -> &str| -> Column { Box::new(move || Arc::new(StringArray::from_iter_values(rows().map(f)))) };
     let i = |f: fn(&Row) -> Option<i32>| -> Column { Box::new(move || Arc::new(Int32Array::from_iter(rows().map(f)))) };
-    let opt_s = |f: fn(&Row) -> Option<&str>| -> Column { Box::new(move || Arc::new(StringArray::from_iter(rows().map(f)))) };
+    let opt_s =
+        |f: fn(&Row) -> Option<&str>| -> Column { Box::new(move || Arc::new(StringArray::from_iter(rows().map(f)))) };
     // In the schema's order.
     let columns: Vec<Column> = vec![
         match run {
@@ -116,7 +118,12 @@ pub fn write_parquet<R: Borrow<Row> + Sync>(path: &std::path::Path, rows: &[R]) 
 
 /// Writes rows atomically with key-value metadata in the file footer (the job store's notes),
 /// each row's `run` written as `run` when given.
-pub fn write_parquet_with<R: Borrow<Row> + Sync>(path: &std::path::Path, rows: &[R], run: Option<&str>, metadata: &[(&str, String)]) -> Result<()> {
+pub fn write_parquet_with<R: Borrow<Row> + Sync>(
+    path: &std::path::Path,
+    rows: &[R],
+    run: Option<&str>,
+    metadata: &[(&str, String)],
+) -> Result<()> {
     let kv = metadata.iter().map(|(k, v)| parquet::file::metadata::KeyValue::new(k.to_string(), v.clone())).collect();
     let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(Some(kv)).build();
     write_batch_with(path, &to_batch_as(rows, run)?, Some(props))
@@ -129,7 +136,11 @@ pub fn write_batch(path: &std::path::Path, batch: &RecordBatch) -> Result<()> {
 
 /// Encodes the batch's columns on all cores, row group by row group (the row groups and bytes
 /// `ArrowWriter` would write serially), then writes the file atomically.
-fn write_batch_with(path: &std::path::Path, batch: &RecordBatch, props: Option<parquet::file::properties::WriterProperties>) -> Result<()> {
+fn write_batch_with(
+    path: &std::path::Path,
+    batch: &RecordBatch,
+    props: Option<parquet::file::properties::WriterProperties>,
+) -> Result<()> {
     use parquet::arrow::arrow_writer::compute_leaves;
     use rayon::prelude::*;
     let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
@@ -138,7 +149,9 @@ fn write_batch_with(path: &std::path::Path, batch: &RecordBatch, props: Option<p
     let mut buf = Vec::new();
     {
         // Made by ArrowWriter, so the file carries the Arrow schema in its metadata as before.
-        let (mut file, groups) = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props)).and_then(|w| w.into_serialized_writer()).map_err(|e| pq(&e))?;
+        let (mut file, groups) = ArrowWriter::try_new(&mut buf, batch.schema(), Some(props))
+            .and_then(|w| w.into_serialized_writer())
+            .map_err(|e| pq(&e))?;
         let schema = batch.schema();
         for (index, start) in (0..batch.num_rows()).step_by(group_rows).enumerate() {
             let group = batch.slice(start, group_rows.min(batch.num_rows() - start));
@@ -178,7 +191,12 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
     let pq = |e: &dyn std::fmt::Display| Error::Other(format!("parquet {}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| pq(&e))?;
-    let metadata = builder.metadata().file_metadata().key_value_metadata().map(|kv| kv.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect()).unwrap_or_default();
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().filter_map(|k| Some((k.key.clone(), k.value.clone()?))).collect())
+        .unwrap_or_default();
     if builder.schema().fields() != schema().fields() {
         return Err(pq(&"not a tl-run result table (its columns differ)"));
     }
@@ -189,8 +207,19 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
         let s = |name: &str| col(name).as_string::<i32>().clone();
         let i = |name: &str| col(name).as_primitive::<Int32Type>().clone();
         let f = |name: &str| col(name).as_primitive::<Float64Type>().clone();
-        let (run, kind, hook, token, label, pattern) = (s("run"), s("kind"), s("hook"), s("token"), s("label"), s("pattern"));
-        let (layer, head, pos, dest, src, prompt, neuron, rank, token_id) = (i("layer"), i("head"), i("pos"), i("dest_pos"), i("src_pos"), i("prompt"), i("neuron"), i("rank"), i("token_id"));
+        let (run, kind, hook, token, label, pattern) =
+            (s("run"), s("kind"), s("hook"), s("token"), s("label"), s("pattern"));
+        let (layer, head, pos, dest, src, prompt, neuron, rank, token_id) = (
+            i("layer"),
+            i("head"),
+            i("pos"),
+            i("dest_pos"),
+            i("src_pos"),
+            i("prompt"),
+            i("neuron"),
+            i("rank"),
+            i("token_id"),
+        );
         let (value, patched) = (f("value"), f("patched"));
         let computed = col("computed").as_boolean().clone();
         let oi = |a: &arrow::array::Int32Array, r: usize| a.is_valid(r).then(|| a.value(r));
@@ -260,7 +289,12 @@ mod tests {
         // Several row groups (the last one short), one row group, and no rows at all.
         for (n, group_rows) in [(2500, 1000), (2500, 1 << 20), (0, 1000)] {
             let batch = to_batch(&rows(n)).unwrap();
-            let props = || parquet::file::properties::WriterProperties::builder().set_max_row_group_size(group_rows).set_key_value_metadata(kv()).build();
+            let props = || {
+                parquet::file::properties::WriterProperties::builder()
+                    .set_max_row_group_size(group_rows)
+                    .set_key_value_metadata(kv())
+                    .build()
+            };
             let path = dir.join(format!("{n}-{group_rows}.parquet"));
             write_batch_with(&path, &batch, Some(props())).unwrap();
             assert_eq!(std::fs::read(&path).unwrap(), serial(&batch, props()), "{n} rows in groups of {group_rows}");

@@ -142,7 +142,9 @@ impl RunFacts {
     pub fn from_manifest(run: &serde_json::Value) -> RunFacts {
         let mut pearson_by_hook = Vec::new();
         for t in run.get("targets").and_then(|t| t.as_array()).into_iter().flatten() {
-            if let (Some(h), Some(r)) = (t.get("hook").and_then(|h| h.as_str()), t.pointer("/verify_top/pearson").and_then(|r| r.as_f64())) {
+            if let (Some(h), Some(r)) =
+                (t.get("hook").and_then(|h| h.as_str()), t.pointer("/verify_top/pearson").and_then(|r| r.as_f64()))
+            {
                 pearson_by_hook.push((h.to_string(), r));
             }
         }
@@ -150,7 +152,11 @@ impl RunFacts {
     }
 
     fn pearson(&self, hook: &str) -> Option<f64> {
-        self.pearson_by_hook.iter().filter(|(h, _)| hook.ends_with(h.as_str())).max_by_key(|(h, _)| h.len()).map(|(_, r)| *r)
+        self.pearson_by_hook
+            .iter()
+            .filter(|(h, _)| hook.ends_with(h.as_str()))
+            .max_by_key(|(h, _)| h.len())
+            .map(|(_, r)| *r)
     }
 }
 
@@ -158,8 +164,16 @@ impl RunFacts {
 pub fn run_figures(run: &str, kind: &str, rows: &[Row], facts: &RunFacts, metric: &str) -> RunFigures {
     let (mean, by_prompt) = split_by_prompt(rows);
     let figures = kind_figures(run, kind, &mean, facts, metric, None);
-    let per_prompt = by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, kind, &rs, facts, metric, Some(p)))).collect();
-    RunFigures { run: run.to_string(), kind: kind.to_string(), figures, per_prompt, patterns: Vec::new(), patterns_note: None }
+    let per_prompt =
+        by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, kind, &rs, facts, metric, Some(p)))).collect();
+    RunFigures {
+        run: run.to_string(),
+        kind: kind.to_string(),
+        figures,
+        per_prompt,
+        patterns: Vec::new(),
+        patterns_note: None,
+    }
 }
 
 fn split_by_prompt(rows: &[Row]) -> (Vec<&Row>, BTreeMap<i32, Vec<&Row>>) {
@@ -174,14 +188,25 @@ fn split_by_prompt(rows: &[Row]) -> (Vec<&Row>, BTreeMap<i32, Vec<&Row>>) {
     (mean, by)
 }
 
-fn kind_figures(run: &str, kind: &str, rows: &[&Row], facts: &RunFacts, metric: &str, prompt: Option<i32>) -> Vec<Figure> {
+fn kind_figures(
+    run: &str,
+    kind: &str,
+    rows: &[&Row],
+    facts: &RunFacts,
+    metric: &str,
+    prompt: Option<i32>,
+) -> Vec<Figure> {
     if rows.is_empty() {
         return Vec::new();
     }
     let suffix = prompt.map(|p| format!(" (prompt {p})")).unwrap_or_default();
     match kind {
         "activation_patching" | "attribution_patching" => {
-            let value_label = if kind == "attribution_patching" { format!("estimated change of {metric}") } else { metric.to_string() };
+            let value_label = if kind == "attribution_patching" {
+                format!("estimated change of {metric}")
+            } else {
+                metric.to_string()
+            };
             let mut out = Vec::new();
             for (hook, rs) in group_by(rows, |r| hook_family(&r.hook)) {
                 out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, &value_label));
@@ -191,7 +216,10 @@ fn kind_figures(run: &str, kind: &str, rows: &[&Row], facts: &RunFacts, metric: 
                         title: format!("{run}: {hook}, attribution against real patching{suffix}"),
                         x_title: "attribution estimate".into(),
                         y_title: "activation patching".into(),
-                        points: verified.iter().map(|r| (r.value, r.patched.unwrap_or(f64::NAN), cell_name(r))).collect(),
+                        points: verified
+                            .iter()
+                            .map(|r| (r.value, r.patched.unwrap_or(f64::NAN), cell_name(r)))
+                            .collect(),
                         pearson: facts.pearson(&hook),
                     }));
                 }
@@ -200,10 +228,16 @@ fn kind_figures(run: &str, kind: &str, rows: &[&Row], facts: &RunFacts, metric: 
         }
         "logit_lens" => logit_lens_figures(run, rows, &suffix),
         "direct_logit_attribution" => dla_figures(run, rows, &suffix),
-        "head_scores" => group_by(rows, |r| format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default()))
-            .into_iter()
-            .map(|(p, rs)| grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| (r.layer.unwrap_or(0), r.head.unwrap_or(0))))
-            .collect(),
+        "head_scores" => group_by(rows, |r| {
+            format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default())
+        })
+        .into_iter()
+        .map(|(p, rs)| {
+            grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| {
+                (r.layer.unwrap_or(0), r.head.unwrap_or(0))
+            })
+        })
+        .collect(),
         "ablation" => {
             let baseline = rows.iter().find(|r| r.label.as_deref() == Some("baseline")).map(|r| r.value);
             let units: Vec<&&Row> = rows.iter().filter(|r| r.label.as_deref() != Some("baseline")).collect();
@@ -244,11 +278,23 @@ pub fn top_heads(kind: &str, rows: &[Row], k: usize) -> Vec<(usize, usize)> {
 /// positions, columns source (key) positions, both labelled with the prompt's tokens; a
 /// sequential scale from 0 to 1 (probabilities), as circuitsvis shows them.
 pub fn pattern_figure(run: &str, layer: usize, head: usize, tokens: &[String], probabilities: &[Vec<f64>]) -> Figure {
-    let labels: Vec<String> = (0..probabilities.len()).map(|i| pos_label(i as i32, tokens.get(i).map(String::as_str))).collect();
+    let labels: Vec<String> =
+        (0..probabilities.len()).map(|i| pos_label(i as i32, tokens.get(i).map(String::as_str))).collect();
     let n = probabilities.len();
     let cells: Vec<Vec<Option<f64>>> = probabilities.iter().map(|row| row.iter().map(|&p| Some(p)).collect()).collect();
     let hover = (0..n)
-        .map(|d| (0..probabilities[d].len()).map(|s| format!("L{layer}H{head} dest {} → src {}: {}", labels[d], labels.get(s).cloned().unwrap_or_default(), crate::report::svg::num(probabilities[d][s]))).collect())
+        .map(|d| {
+            (0..probabilities[d].len())
+                .map(|s| {
+                    format!(
+                        "L{layer}H{head} dest {} → src {}: {}",
+                        labels[d],
+                        labels.get(s).cloned().unwrap_or_default(),
+                        crate::report::svg::num(probabilities[d][s])
+                    )
+                })
+                .collect()
+        })
         .collect();
     Figure::Heatmap(Heatmap {
         title: format!("{run}: L{layer}H{head} attention, prompt 0"),
@@ -337,11 +383,15 @@ fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
         return layer_by_head(&format!("{title}, largest |value| over (dest, src) per head"), &picked, value_label);
     }
     match (pos, head) {
-        (true, false) => grid(title, rows, value_label, "position", "layer", |r| (r.layer.unwrap_or(0), r.pos.unwrap_or(0))),
+        (true, false) => {
+            grid(title, rows, value_label, "position", "layer", |r| (r.layer.unwrap_or(0), r.pos.unwrap_or(0)))
+        }
         (false, true) => layer_by_head(title, rows, value_label),
         (true, true) => {
             let heads = rows.iter().filter_map(|r| r.head).max().unwrap_or(0) + 1;
-            let mut f = grid(title, rows, value_label, "position", "layer, head", |r| (r.layer.unwrap_or(0) * heads + r.head.unwrap_or(0), r.pos.unwrap_or(0)));
+            let mut f = grid(title, rows, value_label, "position", "layer, head", |r| {
+                (r.layer.unwrap_or(0) * heads + r.head.unwrap_or(0), r.pos.unwrap_or(0))
+            });
             if let Figure::Heatmap(h) = &mut f {
                 h.y_ticks = (0..h.y_ticks.len() as i32).map(|i| format!("L{}H{}", i / heads, i % heads)).collect();
             }
@@ -366,13 +416,28 @@ fn layer_by_head(title: &str, rows: &[&Row], value_label: &str) -> Figure {
 
 /// A heatmap with a row per `at(r).0` and a column per `at(r).1`; x ticks carry the tokens when
 /// the columns are positions.
-fn grid(title: &str, rows: &[&Row], value_label: &str, x_title: &str, y_title: &str, at: impl Fn(&Row) -> (i32, i32)) -> Figure {
+fn grid(
+    title: &str,
+    rows: &[&Row],
+    value_label: &str,
+    x_title: &str,
+    y_title: &str,
+    at: impl Fn(&Row) -> (i32, i32),
+) -> Figure {
     grid_on(title, rows, value_label, x_title, y_title, true, at)
 }
 
 /// `diverging`: a red-white-blue scale symmetric around 0 (patching, attribution, DLA), else
 /// one chosen from the values (head scores: viridis when none is negative).
-fn grid_on(title: &str, rows: &[&Row], value_label: &str, x_title: &str, y_title: &str, diverging: bool, at: impl Fn(&Row) -> (i32, i32)) -> Figure {
+fn grid_on(
+    title: &str,
+    rows: &[&Row],
+    value_label: &str,
+    x_title: &str,
+    y_title: &str,
+    diverging: bool,
+    at: impl Fn(&Row) -> (i32, i32),
+) -> Figure {
     let ny = rows.iter().map(|r| at(r).0).max().unwrap_or(0).max(0) as usize + 1;
     let nx = rows.iter().map(|r| at(r).1).max().unwrap_or(0).max(0) as usize + 1;
     let mut cells = vec![vec![None; nx]; ny];
@@ -390,8 +455,14 @@ fn grid_on(title: &str, rows: &[&Row], value_label: &str, x_title: &str, y_title
             tokens[x] = r.token.clone();
         }
     }
-    let x_ticks = (0..nx).map(|x| if x_title == "position" { pos_label(x as i32, tokens[x].as_deref()) } else { x.to_string() }).collect();
-    let scale = if diverging { Scale::symmetric(cells.iter().flatten().flatten()) } else { Scale::for_values(cells.iter().flatten().flatten()) };
+    let x_ticks = (0..nx)
+        .map(|x| if x_title == "position" { pos_label(x as i32, tokens[x].as_deref()) } else { x.to_string() })
+        .collect();
+    let scale = if diverging {
+        Scale::symmetric(cells.iter().flatten().flatten())
+    } else {
+        Scale::for_values(cells.iter().flatten().flatten())
+    };
     Figure::Heatmap(Heatmap {
         title: title.to_string(),
         x_title: x_title.into(),
@@ -422,7 +493,11 @@ fn logit_lens_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
         for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {
             let mut rs = rs;
             rs.sort_by_key(|r| r.rank);
-            rows_out.push(std::iter::once(label).chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value))).collect());
+            rows_out.push(
+                std::iter::once(label)
+                    .chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value)))
+                    .collect(),
+            );
         }
         let k = top.iter().filter_map(|r| r.rank).max().unwrap_or(0) + 1;
         out.push(Figure::Table(Table {
@@ -449,7 +524,11 @@ fn dla_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
         }));
     }
     if !heads.is_empty() {
-        out.push(layer_by_head(&format!("{run}: direct logit attribution per head{suffix}"), &heads, "logit difference"));
+        out.push(layer_by_head(
+            &format!("{run}: direct logit attribution per head{suffix}"),
+            &heads,
+            "logit difference",
+        ));
     }
     if !neurons.is_empty() {
         let mut top = neurons.clone();

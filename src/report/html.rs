@@ -32,7 +32,12 @@ pub fn page(title: &str, facts: &[Fact], runs: &[RunFigures]) -> String {
     }
     s.push_str("</nav>\n");
     for r in runs {
-        s.push_str(&format!("<section id=\"run-{}\"><h2>{} <small>({})</small></h2>\n", escape(&r.run), escape(&r.run), escape(&r.kind)));
+        s.push_str(&format!(
+            "<section id=\"run-{}\"><h2>{} <small>({})</small></h2>\n",
+            escape(&r.run),
+            escape(&r.run),
+            escape(&r.kind)
+        ));
         if r.figures.is_empty() && r.per_prompt.is_empty() && r.patterns.is_empty() {
             s.push_str("<p>No rows to draw.</p>");
         }
@@ -47,7 +52,10 @@ pub fn page(title: &str, facts: &[Fact], runs: &[RunFigures]) -> String {
             s.push_str("</div>\n");
         }
         if let Some(note) = &r.patterns_note {
-            s.push_str(&format!("<p class=\"note\">Attention patterns of the top heads are not shown: {}</p>\n", escape(note)));
+            s.push_str(&format!(
+                "<p class=\"note\">Attention patterns of the top heads are not shown: {}</p>\n",
+                escape(note)
+            ));
         }
         if !r.per_prompt.is_empty() {
             s.push_str(&format!("<details><summary>Per prompt ({} prompts)</summary>\n", r.per_prompt.len()));

@@ -45,15 +45,28 @@ impl Default for Options {
 /// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
 pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
     let manifest_path = dir.join("manifest.json");
-    let sharded = std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| e.file_name().to_string_lossy().starts_with("manifest.shard-"));
+    let sharded = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("manifest.shard-"));
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| {
         Error::Config(if sharded {
-            format!("{} holds the shards of a sharded run: join them first with `tl-run merge {}`", dir.display(), dir.display())
+            format!(
+                "{} holds the shards of a sharded run: join them first with `tl-run merge {}`",
+                dir.display(),
+                dir.display()
+            )
         } else {
-            format!("{}: {e}; is {} a tl-run results directory (the spec's output.dir)?", manifest_path.display(), dir.display())
+            format!(
+                "{}: {e}; is {} a tl-run results directory (the spec's output.dir)?",
+                manifest_path.display(),
+                dir.display()
+            )
         })
     })?;
-    let manifest: Value = serde_json::from_str(&text).map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
+    let manifest: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config(format!("{}: not valid JSON: {e}", manifest_path.display())))?;
     // Another tool's manifest.json would otherwise give an empty report that looks like a run
     // with no results.
     if manifest.get("tl_run").is_none() || !manifest.get("runs").is_some_and(Value::is_object) {
@@ -68,18 +81,28 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
     let mut runs = Vec::new();
     for name in run_order(&manifest) {
         let entry = &manifest["runs"][&name];
-        let file = entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
+        let file =
+            entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
         let path = dir.join(&file);
         if !path.exists() {
             let sharded = dir.join(&name).is_dir();
             return Err(Error::Config(format!(
                 "run '{name}': {} is missing{}",
                 path.display(),
-                if sharded { "; this directory holds shards: join them first with `tl-run merge DIR`" } else { "; did the run finish (manifest.json's \"complete\")?" }
+                if sharded {
+                    "; this directory holds shards: join them first with `tl-run merge DIR`"
+                } else {
+                    "; did the run finish (manifest.json's \"complete\")?"
+                }
             )));
         }
         let (rows, _) = read_parquet(&path)?;
-        let kind = entry.get("kind").and_then(Value::as_str).or_else(|| rows.first().map(|r| r.kind.as_str())).unwrap_or("").to_string();
+        let kind = entry
+            .get("kind")
+            .and_then(Value::as_str)
+            .or_else(|| rows.first().map(|r| r.kind.as_str()))
+            .unwrap_or("")
+            .to_string();
         let mut figs = figure::run_figures(&name, &kind, &rows, &figure::RunFacts::from_manifest(entry), &metric);
         let heads = figure::top_heads(&kind, &rows, figure::PATTERN_HEADS);
         if !heads.is_empty() {
@@ -87,7 +110,12 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
                 figs.patterns_note = Some("left out (--no-patterns)".into());
             } else {
                 match source.patterns(&heads) {
-                    Ok((tokens, ps)) => figs.patterns = ps.iter().map(|p| figure::pattern_figure(&name, p.layer, p.head, &tokens, &p.probabilities)).collect(),
+                    Ok((tokens, ps)) => {
+                        figs.patterns = ps
+                            .iter()
+                            .map(|p| figure::pattern_figure(&name, p.layer, p.head, &tokens, &p.probabilities))
+                            .collect()
+                    }
                     Err(why) => {
                         tracing::warn!(run = %name, "no attention patterns in the report: {why}");
                         figs.patterns_note = Some(why);
@@ -102,7 +130,12 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
     let mut figures = Vec::new();
     let rasteriser = opts.png.then(png::Rasteriser::new);
     for r in &runs {
-        let all = r.figures.iter().chain(&r.patterns).map(|f| (None, f)).chain(r.per_prompt.iter().flat_map(|(p, fs)| fs.iter().map(move |f| (Some(*p), f))));
+        let all = r
+            .figures
+            .iter()
+            .chain(&r.patterns)
+            .map(|f| (None, f))
+            .chain(r.per_prompt.iter().flat_map(|(p, fs)| fs.iter().map(move |f| (Some(*p), f))));
         for (i, (prompt, f)) in all.enumerate() {
             if let Some(svg) = svg::render(f) {
                 let stem = match prompt {
@@ -113,7 +146,10 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
                 atomic::write_bytes(&path, svg.as_bytes())?;
                 if let Some(raster) = &rasteriser {
                     let png_path = path.with_extension("png");
-                    atomic::write_bytes(&png_path, &raster.png(&svg).map_err(|e| Error::Other(format!("{}: {e}", png_path.display())))?)?;
+                    atomic::write_bytes(
+                        &png_path,
+                        &raster.png(&svg).map_err(|e| Error::Other(format!("{}: {e}", png_path.display())))?,
+                    )?;
                     figures.push(png_path);
                 }
                 figures.push(path);
@@ -129,7 +165,8 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
             }
         }
     }
-    let title = format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
+    let title =
+        format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
     let page = html::page(&title, &facts(&manifest, &metric), &runs);
     atomic::write_bytes(&page_path, page.as_bytes())?;
     Ok(Written { page: page_path, figures, bytes: page.len() as u64 })
@@ -142,8 +179,15 @@ fn sanitize(s: &str) -> String {
 
 /// Runs in the spec's order (the manifest's object is keyed by name).
 fn run_order(m: &Value) -> Vec<String> {
-    let from_spec: Vec<String> = m.pointer("/spec/runs").and_then(Value::as_array).into_iter().flatten().filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_string)).collect();
-    let known: Vec<String> = m.get("runs").and_then(Value::as_object).map(|o| o.keys().cloned().collect()).unwrap_or_default();
+    let from_spec: Vec<String> = m
+        .pointer("/spec/runs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("name").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    let known: Vec<String> =
+        m.get("runs").and_then(Value::as_object).map(|o| o.keys().cloned().collect()).unwrap_or_default();
     let mut order: Vec<String> = from_spec.into_iter().filter(|n| known.contains(n)).collect();
     for k in known {
         if !order.contains(&k) {
@@ -171,32 +215,76 @@ pub fn metric_label(m: &Value) -> String {
 
 fn facts(m: &Value, metric: &str) -> Vec<html::Fact> {
     let esc = html::escape;
-    let s = |p: &str| m.pointer(p).map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string())).unwrap_or_else(|| "—".into());
+    let s = |p: &str| {
+        m.pointer(p)
+            .map(|v| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()))
+            .unwrap_or_else(|| "—".into())
+    };
     let mut out: Vec<html::Fact> = vec![
         ("model".into(), format!("<code>{}</code> ({})", esc(&s("/model/id")), esc(&s("/model/family")))),
         ("revision".into(), esc(&s("/model/resolved_commit").replace("null", "local files"))),
     ];
-    let weights: Vec<String> = m.pointer("/model/weights").and_then(Value::as_array).into_iter().flatten()
-        .map(|w| format!("<code>{}</code> sha256 {}", esc(w.get("file").and_then(Value::as_str).unwrap_or("")), esc(&w.get("sha256").and_then(Value::as_str).unwrap_or("").chars().take(16).collect::<String>())))
+    let weights: Vec<String> = m
+        .pointer("/model/weights")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            format!(
+                "<code>{}</code> sha256 {}",
+                esc(w.get("file").and_then(Value::as_str).unwrap_or("")),
+                esc(&w.get("sha256").and_then(Value::as_str).unwrap_or("").chars().take(16).collect::<String>())
+            )
+        })
         .collect();
     out.push(("weights".into(), weights.join("<br>")));
     out.push(("dtype, device".into(), format!("{}, {}", esc(&s("/dtype")), esc(&s("/device")))));
-    let processing: Vec<String> = m.pointer("/model/processing").and_then(Value::as_object).into_iter().flatten().map(|(k, v)| format!("{k} = {v}")).collect();
+    let processing: Vec<String> = m
+        .pointer("/model/processing")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k} = {v}"))
+        .collect();
     out.push(("processing".into(), esc(&processing.join(", "))));
-    let prompts: Vec<String> = m.pointer("/spec/prompts").and_then(Value::as_array).into_iter().flatten().take(4)
-        .map(|p| format!("{} → {}", esc(&format!("{:?}", p.get("clean").and_then(Value::as_str).unwrap_or(""))), esc(&format!("{:?}", p.get("correct").and_then(Value::as_str).unwrap_or("")))))
+    let prompts: Vec<String> = m
+        .pointer("/spec/prompts")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .take(4)
+        .map(|p| {
+            format!(
+                "{} → {}",
+                esc(&format!("{:?}", p.get("clean").and_then(Value::as_str).unwrap_or(""))),
+                esc(&format!("{:?}", p.get("correct").and_then(Value::as_str).unwrap_or("")))
+            )
+        })
         .collect();
     let n = m.pointer("/spec/prompts").and_then(Value::as_array).map_or(0, Vec::len);
-    out.push((format!("prompts ({n})"), format!("{}{}", prompts.join("<br>"), if n > 4 { format!("<br>… and {} more", n - 4) } else { String::new() })));
+    out.push((
+        format!("prompts ({n})"),
+        format!("{}{}", prompts.join("<br>"), if n > 4 { format!("<br>… and {} more", n - 4) } else { String::new() }),
+    ));
     out.push(("metric".into(), esc(metric)));
-    if let (Some(c), Some(k)) = (m.pointer("/metric/clean_baseline").and_then(Value::as_f64), m.pointer("/metric/corrupted_baseline").and_then(Value::as_f64)) {
+    if let (Some(c), Some(k)) = (
+        m.pointer("/metric/clean_baseline").and_then(Value::as_f64),
+        m.pointer("/metric/corrupted_baseline").and_then(Value::as_f64),
+    ) {
         out.push(("baselines".into(), format!("clean {c:.4}, corrupted {k:.4}")));
     }
     if let Some(t) = m.get("timings_seconds").and_then(Value::as_object) {
         let total: f64 = t.values().filter_map(Value::as_f64).sum();
         out.push(("time".into(), format!("{total:.2} s over {} timed steps", t.len())));
     }
-    out.push(("tl-run".into(), format!("{} (commit {})", esc(&s("/tl_run/version")), esc(&s("/tl_run/git_commit").chars().take(12).collect::<String>()))));
+    out.push((
+        "tl-run".into(),
+        format!(
+            "{} (commit {})",
+            esc(&s("/tl_run/version")),
+            esc(&s("/tl_run/git_commit").chars().take(12).collect::<String>())
+        ),
+    ));
     if m.get("complete").and_then(Value::as_bool) == Some(false) {
         out.push(("status".into(), "<b>incomplete</b>: the run stopped before its last job".into()));
     }

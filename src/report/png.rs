@@ -17,7 +17,10 @@ impl Rasteriser {
         let db = options.fontdb_mut();
         db.load_system_fonts();
         let installed: Vec<String> = db.faces().flat_map(|f| f.families.iter().map(|(name, _)| name.clone())).collect();
-        match ["DejaVu Sans", "Liberation Sans", "Arial", "Helvetica", "Noto Sans"].into_iter().find(|f| installed.iter().any(|i| i == f)) {
+        match ["DejaVu Sans", "Liberation Sans", "Arial", "Helvetica", "Noto Sans"]
+            .into_iter()
+            .find(|f| installed.iter().any(|i| i == f))
+        {
             Some(family) => {
                 db.set_sans_serif_family(family);
                 options.font_family = family.to_string();
@@ -30,9 +33,11 @@ impl Rasteriser {
 
     /// The PNG bytes of `svg`.
     pub fn png(&self, svg: &str) -> Result<Vec<u8>, String> {
-        let tree = usvg::Tree::from_str(svg, &self.options).map_err(|e| format!("the figure's SVG could not be read: {e}"))?;
+        let tree =
+            usvg::Tree::from_str(svg, &self.options).map_err(|e| format!("the figure's SVG could not be read: {e}"))?;
         let size = tree.size().to_int_size().scale_by(SCALE).ok_or("the figure has no size")?;
-        let mut pixmap = tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("the figure is too large to rasterise")?;
+        let mut pixmap =
+            tiny_skia::Pixmap::new(size.width(), size.height()).ok_or("the figure is too large to rasterise")?;
         pixmap.fill(tiny_skia::Color::WHITE);
         resvg::render(&tree, tiny_skia::Transform::from_scale(SCALE, SCALE), &mut pixmap.as_mut());
         pixmap.encode_png().map_err(|e| format!("encoding the PNG: {e}"))

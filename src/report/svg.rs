@@ -71,14 +71,21 @@ fn heatmap(h: &Heatmap) -> Document {
     let (left, top) = (28.0 + 7.0 * longest_y, TITLE_H + 8.0);
     let bottom = 30.0 + 6.0 * longest_x.min(24.0);
     let (pw, ph) = (cw * nx as f64, ch * ny as f64);
-    let width = (left + pw + 100.0).max(420.0).max(title_width(&h.title)).max(16.0 + 6.5 * (h.value_label.chars().count() + 8) as f64);
+    let width = (left + pw + 100.0)
+        .max(420.0)
+        .max(title_width(&h.title))
+        .max(16.0 + 6.5 * (h.value_label.chars().count() + 8) as f64);
     // The last line names what the colours measure, so an SVG taken out of the page keeps it.
     let height = top + ph + bottom + 16.0;
     let mut cells = Group::new().set("class", "cells");
     for (y, row) in h.cells.iter().enumerate() {
         for (x, v) in row.iter().enumerate() {
             let hover = h.hover.get(y).and_then(|r| r.get(x)).cloned().unwrap_or_default();
-            let hover = if hover.is_empty() { format!("{} {}, {} {}: no value", h.y_title, h.y_ticks[y], h.x_title, h.x_ticks[x]) } else { hover };
+            let hover = if hover.is_empty() {
+                format!("{} {}, {} {}: no value", h.y_title, h.y_ticks[y], h.x_title, h.x_ticks[x])
+            } else {
+                hover
+            };
             cells = cells.add(
                 Rectangle::new()
                     .set("x", left + x as f64 * cw)
@@ -101,13 +108,32 @@ fn heatmap(h: &Heatmap) -> Document {
     let xs = tick_step(nx, (pw / 11.0) as usize);
     for (x, t) in h.x_ticks.iter().enumerate().step_by(xs) {
         let (tx, ty) = (left + (x as f64 + 0.5) * cw + 3.0, top + ph + 6.0);
-        axes = axes.add(text(tx, ty, t).set("class", "xtick").set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
+        axes = axes.add(
+            text(tx, ty, t)
+                .set("class", "xtick")
+                .set("text-anchor", "end")
+                .set("transform", format!("rotate(-60 {tx} {ty})")),
+        );
     }
     axes = axes
         .add(text(left + pw / 2.0, height - 22.0, &h.x_title).set("text-anchor", "middle"))
-        .add(text(8.0, height - 5.0, &format!("colour: {}", h.value_label)).set("class", "scale-label").set("fill", "#555"))
-        .add(text(12.0, top + ph / 2.0, &h.y_title).set("text-anchor", "middle").set("transform", format!("rotate(-90 12 {})", top + ph / 2.0)));
-    doc(width, height).add(title_text(&h.title)).add(cells).add(axes).add(colour_bar(&h.scale, &h.value_label, left + pw + 24.0, top, ph.max(80.0)))
+        .add(
+            text(8.0, height - 5.0, &format!("colour: {}", h.value_label))
+                .set("class", "scale-label")
+                .set("fill", "#555"),
+        )
+        .add(
+            text(12.0, top + ph / 2.0, &h.y_title)
+                .set("text-anchor", "middle")
+                .set("transform", format!("rotate(-90 12 {})", top + ph / 2.0)),
+        );
+    doc(width, height).add(title_text(&h.title)).add(cells).add(axes).add(colour_bar(
+        &h.scale,
+        &h.value_label,
+        left + pw + 24.0,
+        top,
+        ph.max(80.0),
+    ))
 }
 
 /// A vertical colour bar with its ends, zero (diverging) and the measured quantity.
@@ -120,7 +146,14 @@ fn colour_bar(scale: &Scale, label: &str, x: f64, y: f64, h: f64) -> Group {
     let mut g = Group::new().set("class", "colourbar");
     for i in 0..steps {
         let v = hi - (hi - lo) * (i as f64 + 0.5) / steps as f64;
-        g = g.add(Rectangle::new().set("x", x).set("y", y + h * i as f64 / steps as f64).set("width", 12).set("height", h / steps as f64 + 0.5).set("fill", colour(scale, Some(v))));
+        g = g.add(
+            Rectangle::new()
+                .set("x", x)
+                .set("y", y + h * i as f64 / steps as f64)
+                .set("width", 12)
+                .set("height", h / steps as f64 + 0.5)
+                .set("fill", colour(scale, Some(v))),
+        );
     }
     g = g.add(text(x + 16.0, y + 8.0, &num(hi))).add(text(x + 16.0, y + h, &num(lo)));
     if matches!(scale, Scale::Diverging { .. }) {
@@ -147,11 +180,17 @@ fn y_axis(lo: f64, hi: f64, left: f64, top: f64, h: f64, w: f64, label: &str) ->
     let mut g = Group::new().set("class", "axis");
     for i in 0..=4 {
         let v = lo + (hi - lo) * i as f64 / 4.0;
-        g = g.add(Line::new().set("x1", left).set("x2", left + w).set("y1", y(v)).set("y2", y(v)).set("stroke", "#e5e5e5"));
+        g = g.add(
+            Line::new().set("x1", left).set("x2", left + w).set("y1", y(v)).set("y2", y(v)).set("stroke", "#e5e5e5"),
+        );
         g = g.add(text(left - 4.0, y(v) + 4.0, &num(v)).set("text-anchor", "end"));
     }
     g.add(Line::new().set("x1", left).set("x2", left + w).set("y1", y(0.0)).set("y2", y(0.0)).set("stroke", "#777"))
-        .add(text(12.0, top + h / 2.0, label).set("text-anchor", "middle").set("transform", format!("rotate(-90 12 {})", top + h / 2.0)))
+        .add(
+            text(12.0, top + h / 2.0, label)
+                .set("text-anchor", "middle")
+                .set("transform", format!("rotate(-90 12 {})", top + h / 2.0)),
+        )
 }
 
 fn bars(b: &Bars) -> Document {
@@ -185,12 +224,24 @@ fn bars(b: &Bars) -> Document {
     let mut ticks = Group::new();
     for (i, label) in b.labels.iter().enumerate().step_by(step) {
         let (tx, ty) = (left + (i as f64 + 0.5) * bw + 3.0, top + h + 8.0);
-        ticks = ticks.add(text(tx, ty, label).set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
+        ticks =
+            ticks.add(text(tx, ty, label).set("text-anchor", "end").set("transform", format!("rotate(-60 {tx} {ty})")));
     }
-    let mut d = doc(width, height).add(title_text(&b.title)).add(y_axis(lo, hi, left, top, h, pw, &b.value_label)).add(g).add(ticks);
+    let mut d = doc(width, height)
+        .add(title_text(&b.title))
+        .add(y_axis(lo, hi, left, top, h, pw, &b.value_label))
+        .add(g)
+        .add(ticks);
     if let Some(base) = b.baseline {
         d = d.add(
-            Line::new().set("x1", left).set("x2", left + pw).set("y1", y(base)).set("y2", y(base)).set("stroke", "#000").set("stroke-dasharray", "5 3").add(Title::new(format!("baseline (nothing ablated): {base:.4}"))),
+            Line::new()
+                .set("x1", left)
+                .set("x2", left + pw)
+                .set("y1", y(base))
+                .set("y2", y(base))
+                .set("stroke", "#000")
+                .set("stroke-dasharray", "5 3")
+                .add(Title::new(format!("baseline (nothing ablated): {base:.4}"))),
         );
         d = d.add(text(left + pw + 2.0, y(base) - 3.0, "baseline"));
     }
@@ -210,11 +261,31 @@ fn lines(l: &Lines) -> Document {
     let mut d = doc(width, height).add(title_text(&l.title)).add(y_axis(lo, hi, left, top, h, pw, &l.value_label));
     let palette = ["#1f4e99", "#b2182b", "#4d9221", "#762a83"];
     for (si, (name, values)) in l.series.iter().enumerate() {
-        let pts: Vec<String> = values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, v)| format!("{:.2},{:.2}", left + i as f64 * step_w, y(*v))).collect();
+        let pts: Vec<String> = values
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(i, v)| format!("{:.2},{:.2}", left + i as f64 * step_w, y(*v)))
+            .collect();
         let c = palette[si % palette.len()];
-        d = d.add(svg::node::element::Polyline::new().set("points", pts.join(" ")).set("fill", "none").set("stroke", c).set("stroke-width", 1.8).add(Title::new(name.clone())));
+        d = d.add(
+            svg::node::element::Polyline::new()
+                .set("points", pts.join(" "))
+                .set("fill", "none")
+                .set("stroke", c)
+                .set("stroke-width", 1.8)
+                .add(Title::new(name.clone())),
+        );
         for (i, v) in values.iter().enumerate().filter(|(_, v)| v.is_finite()) {
-            d = d.add(svg::node::element::Circle::new().set("cx", left + i as f64 * step_w).set("cy", y(*v)).set("r", 3).set("fill", c).set("data-value", format!("{v:e}")).add(Title::new(format!("{}: {v:.4}", l.x_ticks[i]))));
+            d = d.add(
+                svg::node::element::Circle::new()
+                    .set("cx", left + i as f64 * step_w)
+                    .set("cy", y(*v))
+                    .set("r", 3)
+                    .set("fill", c)
+                    .set("data-value", format!("{v:e}"))
+                    .add(Title::new(format!("{}: {v:.4}", l.x_ticks[i]))),
+            );
         }
     }
     let step = tick_step(n, (pw / 11.0).max(1.0) as usize);
@@ -233,10 +304,27 @@ fn scatter(s: &Scatter) -> Document {
     let px = |v: f64| left + side * (v - lo) / (hi - lo).max(1e-12);
     let py = y_of(lo, hi, top, side);
     let mut d = doc(width, height).add(title_text(&s.title)).add(y_axis(lo, hi, left, top, side, side, &s.y_title));
-    d = d.add(Line::new().set("x1", px(lo)).set("y1", py(lo)).set("x2", px(hi)).set("y2", py(hi)).set("stroke", "#999").set("stroke-dasharray", "4 3").add(Title::new("y = x")));
+    d = d.add(
+        Line::new()
+            .set("x1", px(lo))
+            .set("y1", py(lo))
+            .set("x2", px(hi))
+            .set("y2", py(hi))
+            .set("stroke", "#999")
+            .set("stroke-dasharray", "4 3")
+            .add(Title::new("y = x")),
+    );
     for (x, y, label) in &s.points {
         if x.is_finite() && y.is_finite() {
-            d = d.add(svg::node::element::Circle::new().set("cx", px(*x)).set("cy", py(*y)).set("r", 3.2).set("fill", "#2166ac").set("fill-opacity", 0.8).add(Title::new(format!("{label}: estimate {x:.4}, patched {y:.4}"))));
+            d = d.add(
+                svg::node::element::Circle::new()
+                    .set("cx", px(*x))
+                    .set("cy", py(*y))
+                    .set("r", 3.2)
+                    .set("fill", "#2166ac")
+                    .set("fill-opacity", 0.8)
+                    .add(Title::new(format!("{label}: estimate {x:.4}, patched {y:.4}"))),
+            );
         }
     }
     for i in 0..=4 {

@@ -34,7 +34,12 @@ impl Corruption {
 
 /// The prompts (none when the spec has no [prompts]: only runs that need none may then be
 /// given) and the corruption (None when the spec gives none and the prompts carry none).
-pub(crate) fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_file: Option<&Path>) -> (Vec<PromptPair>, Option<Corruption>) {
+pub(crate) fn resolve_prompts(
+    cx: &mut Ctx,
+    raw: &RawSpec,
+    base: &Path,
+    prompts_file: Option<&Path>,
+) -> (Vec<PromptPair>, Option<Corruption>) {
     let mut prompts: Vec<PromptPair> = Vec::new();
     let Some(p) = &raw.prompts else {
         if let Some(c) = &raw.corruption {
@@ -54,25 +59,34 @@ pub(crate) fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_
             let answers = p.answers.as_ref();
             match answers {
                 None => cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt"),
-                Some(a) if a.get_ref().len() != clean.get_ref().len() => {
-                    cx.at(a, "prompts.answers", format!("{} answer pairs for {} clean prompts", a.get_ref().len(), clean.get_ref().len()))
-                }
+                Some(a) if a.get_ref().len() != clean.get_ref().len() => cx.at(
+                    a,
+                    "prompts.answers",
+                    format!("{} answer pairs for {} clean prompts", a.get_ref().len(), clean.get_ref().len()),
+                ),
                 Some(a) => {
                     for (i, (c, pair)) in clean.get_ref().iter().zip(a.get_ref()).enumerate() {
                         if pair.get_ref().is_empty() || pair.get_ref().len() > 2 {
                             cx.at(pair, format!("prompts.answers[{i}]"), "give [correct] or [correct, incorrect]");
                             continue;
                         }
-                        prompts.push(PromptPair { clean: c.clone(), corrupted: None, correct: pair.get_ref()[0].clone(), incorrect: pair.get_ref().get(1).cloned() });
+                        prompts.push(PromptPair {
+                            clean: c.clone(),
+                            corrupted: None,
+                            correct: pair.get_ref()[0].clone(),
+                            incorrect: pair.get_ref().get(1).cloned(),
+                        });
                     }
                 }
             }
         }
-        (None, Some(f)) => match prompts::read(&prompts_file.map(Path::to_path_buf).unwrap_or_else(|| base.join(f.get_ref()))) {
-            Ok(v) => prompts = v,
-            Err(e) if prompts_file.is_some() => cx.at(f, "prompts.file (replaced by --prompts)", e),
-            Err(e) => cx.at(f, "prompts.file", e),
-        },
+        (None, Some(f)) => {
+            match prompts::read(&prompts_file.map(Path::to_path_buf).unwrap_or_else(|| base.join(f.get_ref()))) {
+                Ok(v) => prompts = v,
+                Err(e) if prompts_file.is_some() => cx.at(f, "prompts.file (replaced by --prompts)", e),
+                Err(e) => cx.at(f, "prompts.file", e),
+            }
+        }
         (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),
         (None, None) => cx.at(raw.prompts.as_ref().expect("checked"), "prompts", "give clean + answers, or file"),
     }
@@ -82,7 +96,11 @@ pub(crate) fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_
         Some(c) => Some(match c.kind.get_ref().as_str() {
             "swap_pairs" => {
                 if !prompts.len().is_multiple_of(2) {
-                    cx.at(&c.kind, "corruption.kind", format!("swap_pairs needs an even number of prompts, got {}", prompts.len()));
+                    cx.at(
+                        &c.kind,
+                        "corruption.kind",
+                        format!("swap_pairs needs an even number of prompts, got {}", prompts.len()),
+                    );
                 }
                 // The pair partner is the corruption; a file's own "corrupt" prompts are not used.
                 for p in prompts.iter_mut() {
@@ -97,39 +115,69 @@ pub(crate) fn resolve_prompts(cx: &mut Ctx, raw: &RawSpec, base: &Path, prompts_
                             p.corrupted = Some(c.clone());
                         }
                     }
-                    Some(list) => cx.at(list, "corruption.prompts", format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len())),
+                    Some(list) => cx.at(
+                        list,
+                        "corruption.prompts",
+                        format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len()),
+                    ),
                     None if prompts.iter().all(|p| p.corrupted.is_some()) => {}
-                    None => cx.at(&c.kind, "corruption.prompts", "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)"),
+                    None => cx.at(
+                        &c.kind,
+                        "corruption.prompts",
+                        "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)",
+                    ),
                 }
                 Corruption::Prompts
             }
             "replace_tokens" => match &c.replace {
                 Some(map) if !map.get_ref().is_empty() => {
-                    let pairs: Vec<(String, String)> = map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+                    let pairs: Vec<(String, String)> =
+                        map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
                     for i in replace_words(&mut prompts, &pairs) {
-                        cx.at(map, "corruption.replace", format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean));
+                        cx.at(
+                            map,
+                            "corruption.replace",
+                            format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean),
+                        );
                     }
                     Corruption::ReplaceTokens(pairs)
                 }
                 _ => {
-                    cx.at(&c.kind, "corruption.replace", "replace_tokens needs replace = { word = \"replacement\", ... }");
+                    cx.at(
+                        &c.kind,
+                        "corruption.replace",
+                        "replace_tokens needs replace = { word = \"replacement\", ... }",
+                    );
                     Corruption::SwapPairs
                 }
             },
             "noise" => resolve_noise(cx, c),
             other => {
-                cx.at(&c.kind, "corruption.kind", format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"));
+                cx.at(
+                    &c.kind,
+                    "corruption.kind",
+                    format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"),
+                );
                 Corruption::SwapPairs
             }
         }),
     };
     if let Some(c) = &raw.corruption {
         let kind = c.kind.get_ref().as_str();
-        let noise_only = [("positions", c.positions.as_ref().map(|v| v.span().start)), ("words", c.words.as_ref().map(|v| v.span().start)),
-            ("noise", c.noise.as_ref().map(|v| v.span().start)), ("samples", c.samples.as_ref().map(|v| v.span().start)), ("seed", c.seed.as_ref().map(|v| v.span().start))];
+        let noise_only = [
+            ("positions", c.positions.as_ref().map(|v| v.span().start)),
+            ("words", c.words.as_ref().map(|v| v.span().start)),
+            ("noise", c.noise.as_ref().map(|v| v.span().start)),
+            ("samples", c.samples.as_ref().map(|v| v.span().start)),
+            ("seed", c.seed.as_ref().map(|v| v.span().start)),
+        ];
         for (name, at) in noise_only {
             if let (Some(at), false) = (at, kind == "noise") {
-                cx.at_offset(at, format!("corruption.{name}"), format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"));
+                cx.at_offset(
+                    at,
+                    format!("corruption.{name}"),
+                    format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"),
+                );
             }
         }
     }
@@ -140,7 +188,11 @@ fn resolve_noise(cx: &mut Ctx, c: &RawCorruption) -> Corruption {
     let positions = c.positions.as_ref().map(|p| p.get_ref().clone());
     let words = c.words.as_ref().map(|w| w.get_ref().clone());
     match (&c.positions, &c.words) {
-        (None, None) | (Some(_), Some(_)) => cx.at(&c.kind, "corruption.positions", "noise needs either positions = [token indices] or words = [\"words to noise\"]"),
+        (None, None) | (Some(_), Some(_)) => cx.at(
+            &c.kind,
+            "corruption.positions",
+            "noise needs either positions = [token indices] or words = [\"words to noise\"]",
+        ),
         (Some(p), None) if p.get_ref().is_empty() || p.get_ref().iter().any(|&x| x < 0) => {
             cx.at(p, "corruption.positions", format!("give non-negative token positions, got {:?}", p.get_ref()))
         }
@@ -149,7 +201,11 @@ fn resolve_noise(cx: &mut Ctx, c: &RawCorruption) -> Corruption {
     }
     let noise = match &c.noise {
         Some(n) if !(*n.get_ref() > 0.0 && n.get_ref().is_finite()) => {
-            cx.at(n, "corruption.noise", format!("noise must be a positive number of embedding standard deviations, got {}", n.get_ref()));
+            cx.at(
+                n,
+                "corruption.noise",
+                format!("noise must be a positive number of embedding standard deviations, got {}", n.get_ref()),
+            );
             3.0
         }
         Some(n) => *n.get_ref(),

@@ -30,7 +30,15 @@ impl SpecErrors {
     /// A spec or zoo file that cannot be read: one problem of the file as a whole, with no line,
     /// column or key (line 0 prints without them).
     pub fn unreadable(file: &str, e: &std::io::Error) -> SpecErrors {
-        SpecErrors { file: file.to_string(), diagnostics: vec![Diagnostic { line: 0, col: 0, key: String::new(), message: format!("cannot read it: {e}") }] }
+        SpecErrors {
+            file: file.to_string(),
+            diagnostics: vec![Diagnostic {
+                line: 0,
+                col: 0,
+                key: String::new(),
+                message: format!("cannot read it: {e}"),
+            }],
+        }
     }
 }
 

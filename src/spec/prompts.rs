@@ -48,7 +48,12 @@ pub fn read(path: &std::path::Path) -> Result<Vec<PromptPair>, String> {
             .enumerate()
             .map(|(i, e)| {
                 let correct = e.answers.first().cloned().ok_or_else(|| format!("prompts[{i}] has no answers"))?;
-                Ok(PromptPair { clean: e.clean, corrupted: Some(e.corrupt), correct, incorrect: e.wrong_answers.first().cloned() })
+                Ok(PromptPair {
+                    clean: e.clean,
+                    corrupted: Some(e.corrupt),
+                    correct,
+                    incorrect: e.wrong_answers.first().cloned(),
+                })
             })
             .collect();
     }
@@ -58,7 +63,13 @@ pub fn read(path: &std::path::Path) -> Result<Vec<PromptPair>, String> {
         let (correct, incorrect) = match (l.answers, l.answer) {
             (Some(a), _) if !a.is_empty() => (a[0].clone(), a.get(1).cloned()),
             (_, Some(a)) => (a, l.wrong_answer),
-            _ => return Err(format!("{} line {}: no answers (give \"answers\": [correct, incorrect] or \"answer\")", path.display(), i + 1)),
+            _ => {
+                return Err(format!(
+                    "{} line {}: no answers (give \"answers\": [correct, incorrect] or \"answer\")",
+                    path.display(),
+                    i + 1
+                ))
+            }
         };
         out.push(PromptPair { clean: l.clean, corrupted: l.corrupted, correct, incorrect });
     }

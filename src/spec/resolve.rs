@@ -7,11 +7,11 @@ use toml::Spanned;
 use crate::engine::metric::MetricKind;
 use crate::experiments::head_scores::Detection;
 use crate::model::config::Processing;
-pub use crate::spec::runs::RunKind;
+use crate::spec::corruption::{replace_words, resolve_prompts, Corruption};
 use crate::spec::prompts::PromptPair;
 use crate::spec::raw::*;
+pub use crate::spec::runs::RunKind;
 use crate::spec::runs::{resolve_kind, HeadSource};
-use crate::spec::corruption::{replace_words, resolve_prompts, Corruption};
 use crate::spec::{line_col, Diagnostic, SpecErrors};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -33,8 +33,13 @@ pub struct ModelSpec {
 impl ModelSpec {
     /// The spec's prepend_bos, else the family default (the config is known only after loading).
     pub fn kind(&self) -> crate::error::Result<tch::Kind> {
-        crate::model::config::parse_dtype(&self.dtype)
-            .ok_or_else(|| crate::error::Error::Config(format!("unknown dtype '{}' (valid: {})", self.dtype, crate::model::config::DTYPES)))
+        crate::model::config::parse_dtype(&self.dtype).ok_or_else(|| {
+            crate::error::Error::Config(format!(
+                "unknown dtype '{}' (valid: {})",
+                self.dtype,
+                crate::model::config::DTYPES
+            ))
+        })
     }
 
     pub fn prepend_bos_for(&self, cfg: &crate::model::config::ModelConfig) -> bool {
@@ -118,13 +123,24 @@ impl RunSpec {
                 };
                 for u in a.units.iter().flatten() {
                     if u.layer >= cfg.n_layers || u.index.is_some_and(|i| i < 0 || i >= max) {
-                        let unit = u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
-                        let per = if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
-                        problems.push(format!("{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}", at("units"), self.name, cfg.n_layers, cfg.n_layers - 1));
+                        let unit =
+                            u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
+                        let per =
+                            if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
+                        problems.push(format!(
+                            "{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}",
+                            at("units"),
+                            self.name,
+                            cfg.n_layers,
+                            cfg.n_layers - 1
+                        ));
                     }
                 }
             }
-            RunKind::HeadScores { source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. }, .. } => {
+            RunKind::HeadScores {
+                source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. },
+                ..
+            } => {
                 // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
                 let needed = 2 * *seq_len as usize;
                 // Every layer's pattern [batch, heads, 2·seq_len, 2·seq_len] is kept (f32 at
@@ -156,7 +172,12 @@ impl RunSpec {
                 }
                 if let Some((_, hi)) = token_range {
                     if *hi as usize > cfg.d_vocab {
-                        problems.push(format!("{}: run '{}': token_range ends at {hi}, past the model's vocabulary of {}", at("token_range"), self.name, cfg.d_vocab));
+                        problems.push(format!(
+                            "{}: run '{}': token_range ends at {hi}, past the model's vocabulary of {}",
+                            at("token_range"),
+                            self.name,
+                            cfg.d_vocab
+                        ));
                     }
                 }
             }
@@ -181,20 +202,36 @@ impl RunSpec {
             return Ok(());
         }
         let at = self.key_at("positions", file);
-        Err(format!("{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})", self.name, seq.saturating_sub(1)))
+        Err(format!(
+            "{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})",
+            self.name,
+            seq.saturating_sub(1)
+        ))
     }
 
     /// A custom matrix scores prompts of its own token count (head_detector scores each prompt
     /// unpadded), so every prompt must have that many tokens.
-    fn check_matrix_sizes(&self, detections: &[(String, Detection)], lengths: &[usize], file: &str) -> Result<(), String> {
+    fn check_matrix_sizes(
+        &self,
+        detections: &[(String, Detection)],
+        lengths: &[usize],
+        file: &str,
+    ) -> Result<(), String> {
         let at = self.key_at("custom", file);
         let mut problems = Vec::new();
         for (name, d) in detections {
             let Detection::Matrix(rows) = d else { continue };
-            let other: Vec<String> = lengths.iter().enumerate().filter(|(_, &t)| t != rows.len()).map(|(p, t)| format!("prompt {p} is {t}")).collect();
+            let other: Vec<String> = lengths
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t != rows.len())
+                .map(|(p, t)| format!("prompt {p} is {t}"))
+                .collect();
             if !other.is_empty() {
                 let shown = match lengths.first() {
-                    Some(t) if other.len() == lengths.len() && lengths.iter().all(|l| l == t) => format!("the prompts are {t}"),
+                    Some(t) if other.len() == lengths.len() && lengths.iter().all(|l| l == t) => {
+                        format!("the prompts are {t}")
+                    }
                     _ if other.len() > 3 => format!("{}, … ({} prompts)", other[..3].join(", "), other.len()),
                     _ => other.join(", "),
                 };
@@ -246,7 +283,10 @@ impl Spec {
     /// is applied again; explicit corrupted prompts must come with the new prompts.
     pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
         if self.metric.kind == MetricKind::LogitDiff {
-            if let (Some(run), Some(i)) = (self.runs.iter().find(|r| r.kind.needs_answers()), self.prompts.iter().position(|p| p.incorrect.is_none())) {
+            if let (Some(run), Some(i)) = (
+                self.runs.iter().find(|r| r.kind.needs_answers()),
+                self.prompts.iter().position(|p| p.incorrect.is_none()),
+            ) {
                 return Err(format!(
                     "prompt {i} has no incorrect answer, but run '{}' ({}) measures logit_diff, which needs one for every prompt; add \"answers\": [correct, incorrect] (or \"wrong_answer\") or use metric logprob/prob",
                     run.name,
@@ -257,13 +297,21 @@ impl Spec {
         match &self.corruption {
             Corruption::ReplaceTokens(pairs) => {
                 if let Some(&i) = replace_words(&mut self.prompts, pairs).first() {
-                    return Err(format!("prompt {i} contains none of the words to replace: {:?}", self.prompts[i].clean));
+                    return Err(format!(
+                        "prompt {i} contains none of the words to replace: {:?}",
+                        self.prompts[i].clean
+                    ));
                 }
             }
             Corruption::Prompts if self.prompts.iter().any(|p| p.corrupted.is_none()) => {
-                return Err("the spec's corruption is kind = \"prompts\": every prompt in the file needs a corrupted prompt".into());
+                return Err(
+                    "the spec's corruption is kind = \"prompts\": every prompt in the file needs a corrupted prompt"
+                        .into(),
+                );
             }
-            Corruption::SwapPairs if !self.prompts.len().is_multiple_of(2) => return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len())),
+            Corruption::SwapPairs if !self.prompts.len().is_multiple_of(2) => {
+                return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len()))
+            }
             _ => {}
         }
         Ok(())
@@ -307,7 +355,12 @@ pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErr
     resolve_text_with_prompts(text, file, base, None)
 }
 
-fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
+fn resolve_text_with_prompts(
+    text: &str,
+    file: &str,
+    base: &Path,
+    prompts_file: Option<&Path>,
+) -> Result<Spec, SpecErrors> {
     let fail = |diagnostics| SpecErrors { file: file.to_string(), diagnostics };
     let raw: RawSpec = toml::from_str(text).map_err(|e| fail(vec![crate::spec::toml_diagnostic(text, &e)]))?;
     let mut cx = Ctx { text, diags: Vec::new() };
@@ -325,7 +378,11 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
                 "logprob" => MetricKind::Logprob,
                 "prob" => MetricKind::Prob,
                 other => {
-                    cx.at(&m.kind, "metric.kind", format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"));
+                    cx.at(
+                        &m.kind,
+                        "metric.kind",
+                        format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"),
+                    );
                     MetricKind::LogitDiff
                 }
             };
@@ -374,9 +431,19 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
                 cx.at_offset(at, key("kind"), format!("{} runs read prompts: add a [prompts] section", kind.name()));
             }
             if kind.needs_corruption() && corruption.is_none() {
-                cx.at_offset(at, key("kind"), format!("{} runs need a [corruption] section (kind = swap_pairs, prompts, replace_tokens or noise)", kind.name()));
+                cx.at_offset(
+                    at,
+                    key("kind"),
+                    format!(
+                        "{} runs need a [corruption] section (kind = swap_pairs, prompts, replace_tokens or noise)",
+                        kind.name()
+                    ),
+                );
             }
-            if kind.needs_answers() && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
+            if kind.needs_answers()
+                && metric.kind == MetricKind::LogitDiff
+                && prompts.iter().any(|p| p.incorrect.is_none())
+            {
                 cx.at_offset(at, key("kind"), format!("{} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])", kind.name()));
             }
             runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at, keys_at });
@@ -391,17 +458,34 @@ fn resolve_text_with_prompts(text: &str, file: &str, base: &Path, prompts_file: 
     }
     let corruption = corruption.unwrap_or(Corruption::SwapPairs);
     let report = raw.output.as_ref().and_then(|o| o.report).unwrap_or(false);
-    Ok(Spec { name: raw.name.into_inner(), model, prompts, corruption, metric, runs, output_dir, spec_hash, report, file: file.to_string(), allow_nonfinite: raw.allow_nonfinite.unwrap_or(false) })
+    Ok(Spec {
+        name: raw.name.into_inner(),
+        model,
+        prompts,
+        corruption,
+        metric,
+        runs,
+        output_dir,
+        spec_hash,
+        report,
+        file: file.to_string(),
+        allow_nonfinite: raw.allow_nonfinite.unwrap_or(false),
+    })
 }
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
     if let Some(d) = &m.dtype {
         if crate::model::config::parse_dtype(d.get_ref()).is_none() {
-            cx.at(d, "model.dtype", format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES));
+            cx.at(
+                d,
+                "model.dtype",
+                format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES),
+            );
         }
     }
     let device = m.device.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "cpu".into());
-    let known = |d: &str| d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
+    let known =
+        |d: &str| d == "cpu" || d == "cuda" || d.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok());
     if let Some(d) = &m.device {
         if !known(d.get_ref()) {
             cx.at(d, "model.device", format!("unknown device '{}' (valid: cpu, cuda, cuda:N)", d.get_ref()));
@@ -409,13 +493,21 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
     }
     if let (Some(s), None) = (&m.split_layers, &m.devices) {
         if *s.get_ref() {
-            cx.at(s, "model.split_layers", "needs model.devices, the devices to split the layers over, e.g. devices = [\"cuda:0\", \"cpu\"]");
+            cx.at(
+                s,
+                "model.split_layers",
+                "needs model.devices, the devices to split the layers over, e.g. devices = [\"cuda:0\", \"cpu\"]",
+            );
         }
     }
     let mut devices = Vec::new();
     if let Some(list) = &m.devices {
         if list.get_ref().is_empty() {
-            cx.at(list, "model.devices", "is empty; list at least one device, e.g. [\"cuda:0\", \"cuda:1\"], or drop the key");
+            cx.at(
+                list,
+                "model.devices",
+                "is empty; list at least one device, e.g. [\"cuda:0\", \"cuda:1\"], or drop the key",
+            );
         }
         if let Some(d) = &m.device {
             cx.at(d, "model.device", "is given together with model.devices; keep one of them");

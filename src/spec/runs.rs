@@ -9,13 +9,26 @@ use crate::experiments::activation_patching::{Axes, Target};
 use crate::experiments::attribution::AtpOptions;
 use crate::experiments::cache_analysis::{DlaOver, LensPositions};
 use crate::experiments::head_scores::{DetectOptions, Detection};
+use crate::experiments::kinds;
 use crate::model::hook_point::{nearest, Site};
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::experiments::kinds;
 
-
-const PATCH_HOOKS: &[&str] = &["resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "q", "k", "v", "pattern", "block_every", "all_pos_every", "by_pos_every"];
+const PATCH_HOOKS: &[&str] = &[
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "z",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "block_every",
+    "all_pos_every",
+    "by_pos_every",
+];
 
 /// Where head_scores reads attention from.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -117,13 +130,28 @@ fn axes_of(over: &[String]) -> Option<Axes> {
     })
 }
 
-pub(crate) fn choice<T: Copy>(cx: &mut Ctx, v: &Option<Spanned<String>>, key: String, options: &[(&str, T)], default: T) -> T {
+pub(crate) fn choice<T: Copy>(
+    cx: &mut Ctx,
+    v: &Option<Spanned<String>>,
+    key: String,
+    options: &[(&str, T)],
+    default: T,
+) -> T {
     let Some(v) = v else { return default };
     match options.iter().find(|(n, _)| *n == v.get_ref()) {
         Some((_, t)) => *t,
         None => {
             let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            cx.at(v, key, format!("unknown value '{}' (valid: {}); did you mean '{}'?", v.get_ref(), names.join(", "), nearest(v.get_ref(), names.iter().copied())[0]));
+            cx.at(
+                v,
+                key,
+                format!(
+                    "unknown value '{}' (valid: {}); did you mean '{}'?",
+                    v.get_ref(),
+                    names.join(", "),
+                    nearest(v.get_ref(), names.iter().copied())[0]
+                ),
+            );
             default
         }
     }
@@ -146,7 +174,15 @@ pub(crate) fn resolve_kind(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> O
     let kind = r.kind.get_ref().as_str();
     let Some(info) = kinds::by_name(kind) else {
         let names = kinds::names();
-        cx.at(&r.kind, key("kind"), format!("unknown run kind '{kind}' (valid: {}); did you mean '{}'?", names.join(", "), nearest(kind, names.iter().copied())[0]));
+        cx.at(
+            &r.kind,
+            key("kind"),
+            format!(
+                "unknown run kind '{kind}' (valid: {}); did you mean '{}'?",
+                names.join(", "),
+                nearest(kind, names.iter().copied())[0]
+            ),
+        );
         return None;
     };
     let before = cx.diags.len();
@@ -179,7 +215,11 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
         },
     };
     if r.hooks.is_empty() {
-        cx.at(&r.kind, key("hooks"), format!("{} needs hooks = [...] (valid: {})", r.kind.get_ref(), PATCH_HOOKS.join(", ")));
+        cx.at(
+            &r.kind,
+            key("hooks"),
+            format!("{} needs hooks = [...] (valid: {})", r.kind.get_ref(), PATCH_HOOKS.join(", ")),
+        );
         return None;
     }
     let mut targets = Vec::new();
@@ -187,7 +227,9 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
         let name = h.get_ref().as_str();
         let group: Vec<(Site, Axes)> = match name {
             "block_every" => [Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| (s, Axes::LayerPos)).to_vec(),
-            "all_pos_every" => [Site::Z, Site::Q, Site::K, Site::V, Site::Pattern].map(|s| (s, Axes::LayerHead)).to_vec(),
+            "all_pos_every" => {
+                [Site::Z, Site::Q, Site::K, Site::V, Site::Pattern].map(|s| (s, Axes::LayerHead)).to_vec()
+            }
             "by_pos_every" => {
                 let mut v: Vec<_> = [Site::Z, Site::Q, Site::K, Site::V].map(|s| (s, Axes::LayerPosHead)).to_vec();
                 v.push((Site::Pattern, Axes::LayerHeadDest));
@@ -196,8 +238,19 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
             _ => {
                 let site = if PATCH_HOOKS.contains(&name) { Site::from_short(name) } else { None };
                 let Some(site) = site else {
-                    cx.at(h, format!("run[{i}].hooks[{j}]"), format!("unknown hook '{name}'; did you mean {}? (valid: {})",
-                        nearest(name, PATCH_HOOKS.iter().copied()).iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(" or "), PATCH_HOOKS.join(", ")));
+                    cx.at(
+                        h,
+                        format!("run[{i}].hooks[{j}]"),
+                        format!(
+                            "unknown hook '{name}'; did you mean {}? (valid: {})",
+                            nearest(name, PATCH_HOOKS.iter().copied())
+                                .iter()
+                                .map(|s| format!("'{s}'"))
+                                .collect::<Vec<_>>()
+                                .join(" or "),
+                            PATCH_HOOKS.join(", ")
+                        ),
+                    );
                     continue;
                 };
                 let Some(axes) = axes else {

@@ -107,10 +107,19 @@ pub fn check(ours: &[f64], theirs: &[f64], baseline: Baseline, tol: Tol) -> Resu
             "this comparison cannot fail: the reference's signal is {signal:.3e} against its baseline and its largest value {magnitude:.3e}, under {MIN_SIGNAL_RATIO}× the tolerance {tol:.1e}; pick a fixture or prompts with a larger effect"
         ));
     }
-    let worst = ours.iter().zip(theirs).enumerate().map(|(i, (a, b))| (i, diff(*a, *b))).max_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    let worst = ours
+        .iter()
+        .zip(theirs)
+        .enumerate()
+        .map(|(i, (a, b))| (i, diff(*a, *b)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .unwrap();
     let (i, d) = worst;
     if d > tol {
-        return Err(format!("value {i} is {} vs the reference's {} (|diff| {d:.3e} > {tol:.1e}; signal {signal:.3e})", ours[i], theirs[i]));
+        return Err(format!(
+            "value {i} is {} vs the reference's {} (|diff| {d:.3e} > {tol:.1e}; signal {signal:.3e})",
+            ours[i], theirs[i]
+        ));
     }
     Ok(Agreement { max_diff: d, signal, magnitude, tol })
 }
@@ -128,8 +137,15 @@ pub fn assert_oracle(what: &str, ours: &[f64], theirs: &[f64], baseline: Baselin
     if let Ok(path) = std::env::var("TL_RUN_SIGNAL_LOG") {
         let test = std::thread::current().name().unwrap_or("?").to_string();
         let file = std::env::args().next().unwrap_or_default();
-        let binary = std::path::Path::new(&file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        let line = format!("{binary}\t{test}\t{what}\t{:.3e}\t{:.3e}\t{:.3e}\t{:.1}\n", a.max_diff, a.signal, a.tol, a.ratio());
+        let binary =
+            std::path::Path::new(&file).file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        let line = format!(
+            "{binary}\t{test}\t{what}\t{:.3e}\t{:.3e}\t{:.3e}\t{:.1}\n",
+            a.max_diff,
+            a.signal,
+            a.tol,
+            a.ratio()
+        );
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
             let _ = f.write_all(line.as_bytes());
         }
@@ -142,7 +158,10 @@ pub fn assert_oracle(what: &str, ours: &[f64], theirs: &[f64], baseline: Baselin
 /// not the first.
 pub fn outcome<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|e| {
-        e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("{what}: panicked"))
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| format!("{what}: panicked"))
     })
 }
 
@@ -166,12 +185,16 @@ pub fn guard_self_test() {
         // Signal 0.5 under 20 × 0.05: refused even though the values are equal.
         assert!(check(&theirs, &theirs, Baseline::Zero, Tol::Abs(0.05)).unwrap_err().contains("cannot fail"));
         // A baseline at the reference itself: no signal.
-        assert!(check(&theirs, &theirs, Baseline::Values(&theirs), Tol::Abs(1e-6)).unwrap_err().contains("cannot fail"));
+        assert!(check(&theirs, &theirs, Baseline::Values(&theirs), Tol::Abs(1e-6))
+            .unwrap_err()
+            .contains("cannot fail"));
         assert!(check(&[0.0; 3], &theirs, Baseline::Zero, Tol::Abs(1e-4)).is_err());
         assert!(check(&[0.5, 0.25, -0.0999], &theirs, Baseline::Zero, Tol::Abs(1e-5)).is_err());
         assert!(check(&[0.5, 0.25, f64::NAN], &theirs, Baseline::Zero, Tol::Abs(1e-5)).is_err());
         // A reference near its baseline but far from zero: the zero output is still refused.
-        assert!(check(&[0.0; 2], &[1.0, 1.0], Baseline::Value(1.0 + 1e-9), Tol::Abs(1e-4)).unwrap_err().contains("cannot fail"));
+        assert!(check(&[0.0; 2], &[1.0, 1.0], Baseline::Value(1.0 + 1e-9), Tol::Abs(1e-4))
+            .unwrap_err()
+            .contains("cannot fail"));
         // Signal-relative tolerance scales with the reference.
         let a = check(&[1.0005, 2.0], &[1.0, 2.0], Baseline::Zero, Tol::OfSignal(1e-3)).unwrap();
         assert_eq!(a.tol, 2e-3);

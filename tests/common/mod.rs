@@ -18,7 +18,11 @@ pub fn repo_root() -> PathBuf {
 
 /// A fixture model directory; stories260K is the real trained model vendored in tests/models/.
 pub fn fixture(name: &str) -> PathBuf {
-    let p = if name == "stories260K" { repo_root().join("tests/models/stories260K") } else { repo_root().join("fixtures").join(name) };
+    let p = if name == "stories260K" {
+        repo_root().join("tests/models/stories260K")
+    } else {
+        repo_root().join("fixtures").join(name)
+    };
     assert!(
         p.join("config.json").is_file(),
         "fixture {} is missing: run `scripts/test.sh` (it builds fixtures and TransformerLens outputs)",
@@ -58,7 +62,8 @@ impl Oracle {
 
 pub fn load(fixture_name: &str, processing: Processing) -> Model {
     let opts = LoadOptions { processing, ..LoadOptions::default() };
-    Model::load(fixture(fixture_name).to_str().unwrap(), &opts).unwrap_or_else(|e| panic!("loading {fixture_name}: {e}"))
+    Model::load(fixture(fixture_name).to_str().unwrap(), &opts)
+        .unwrap_or_else(|e| panic!("loading {fixture_name}: {e}"))
 }
 
 /// Max |a - b|, where equal infinities (masked attention scores) count as equal.
@@ -154,8 +159,24 @@ pub fn run_spec(spec: &str, args: &[&str]) -> tempfile::TempDir {
 /// One fixture of every family (and its variants: two GPT-2 shapes, Llama 3 and linear rope
 /// scaling), and the real stories260K.
 pub const EVERY_FAMILY: &[&str] = &[
-    "gpt2-tiny", "gpt2-odd", "llama-tiny", "llama3-tiny", "llama-linear-tiny", "neo-tiny", "gptj-tiny", "neox-tiny", "opt-tiny",
-    "mistral-tiny", "qwen2-tiny", "qwen3-tiny", "gemma-tiny", "gemma2-tiny", "phi-tiny", "phi3-tiny", "stablelm-tiny", "bloom-tiny",
+    "gpt2-tiny",
+    "gpt2-odd",
+    "llama-tiny",
+    "llama3-tiny",
+    "llama-linear-tiny",
+    "neo-tiny",
+    "gptj-tiny",
+    "neox-tiny",
+    "opt-tiny",
+    "mistral-tiny",
+    "qwen2-tiny",
+    "qwen3-tiny",
+    "gemma-tiny",
+    "gemma2-tiny",
+    "phi-tiny",
+    "phi3-tiny",
+    "stablelm-tiny",
+    "bloom-tiny",
     "stories260K",
 ];
 
@@ -164,12 +185,20 @@ pub const EVERY_FAMILY: &[&str] = &[
 pub fn uses_gpt2_tokenizer(fixture: &str) -> bool {
     let text = std::fs::read_to_string(repo_root().join("configs/fixtures.toml")).unwrap();
     let table: toml::Table = toml::from_str(&text).unwrap();
-    table.values().filter_map(|f| f.as_table()?.get(fixture)?.get("tokenizer")?.as_str().map(|t| t == "gpt2")).next().unwrap_or(false)
+    table
+        .values()
+        .filter_map(|f| f.as_table()?.get(fixture)?.get("tokenizer")?.as_str().map(|t| t == "gpt2"))
+        .next()
+        .unwrap_or(false)
 }
 
 /// The prompt file of experiments/prompts/ a fixture's tokenizer reads (as the oracle scripts).
 pub fn prompt_file(fixture: &str) -> PathBuf {
-    repo_root().join("experiments/prompts").join(if uses_gpt2_tokenizer(fixture) { "ioi.jsonl" } else { "stories.jsonl" })
+    repo_root().join("experiments/prompts").join(if uses_gpt2_tokenizer(fixture) {
+        "ioi.jsonl"
+    } else {
+        "stories.jsonl"
+    })
 }
 
 /// The oracle's prompts ([{clean, answers}]) as TOML [prompts] lines.
@@ -188,19 +217,26 @@ pub fn values(t: &Tensor) -> Vec<f64> {
 /// A spec with enough jobs (per-layer patching of several hooks, every other kind) and small
 /// patch batches (TL_RUN_BATCH_FLOATS = LONG_BATCH_FLOATS) that a run lasts long enough to be killed mid-sweep.
 pub fn long_ioi_spec(dir: &std::path::Path) -> PathBuf {
-    let text = std::fs::read_to_string(repo_root().join("experiments/ioi.toml")).unwrap()
-        .replace(r#"hooks = ["resid_pre", "attn_out", "mlp_out"]
+    let text = std::fs::read_to_string(repo_root().join("experiments/ioi.toml"))
+        .unwrap()
+        .replace(
+            r#"hooks = ["resid_pre", "attn_out", "mlp_out"]
 over = ["layer", "pos"]
 
 [[run]]
-name = "heads""#, r#"hooks = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"]
+name = "heads""#,
+            r#"hooks = ["resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post"]
 over = ["layer", "pos"]
 
 [[run]]
-name = "heads""#)
-        .replace(r#"hooks = ["z", "v", "pattern"]
-over = ["layer", "head"]"#, r#"hooks = ["z", "v", "q"]
-over = ["layer", "pos", "head"]"#);
+name = "heads""#,
+        )
+        .replace(
+            r#"hooks = ["z", "v", "pattern"]
+over = ["layer", "head"]"#,
+            r#"hooks = ["z", "v", "q"]
+over = ["layer", "pos", "head"]"#,
+        );
     let p = dir.join("long-ioi.toml");
     std::fs::write(&p, text).unwrap();
     p
@@ -278,7 +314,6 @@ pub fn temp_files(dir: &std::path::Path) -> Vec<PathBuf> {
     found
 }
 
-
 /// Asserts that two result directories hold the same Parquet files with the same rows: every
 /// column but the floats equal, floats within `rel` of each other (relative, at least 1 in the
 /// denominator). Runs that batch the same cells differently (shards, replicas, halved batches,
@@ -288,7 +323,13 @@ pub fn temp_files(dir: &std::path::Path) -> Vec<PathBuf> {
 pub fn assert_same_rows(a: &std::path::Path, b: &std::path::Path, rel: f64) {
     use arrow::array::{Array, Float32Array, Float64Array};
     let (fa, fb) = (parquet_files(a), parquet_files(b));
-    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>(), "{} and {}: other files", a.display(), b.display());
+    assert_eq!(
+        fa.keys().collect::<Vec<_>>(),
+        fb.keys().collect::<Vec<_>>(),
+        "{} and {}: other files",
+        a.display(),
+        b.display()
+    );
     for name in fa.keys() {
         let (x, y) = (Table::read(&a.join(name)), Table::read(&b.join(name)));
         assert_eq!(x.batch.schema(), y.batch.schema(), "{}: schemas differ", name.display());
@@ -304,11 +345,18 @@ pub fn assert_same_rows(a: &std::path::Path, b: &std::path::Path, rel: f64) {
                 (Some(vx), Some(vy)) => {
                     for (i, (p, q)) in vx.iter().zip(&vy).enumerate() {
                         let same = match (p, q) {
-                            (Some(p), Some(q)) => p == q || (p.is_nan() && q.is_nan()) || (p - q).abs() <= rel * p.abs().max(1.0),
+                            (Some(p), Some(q)) => {
+                                p == q || (p.is_nan() && q.is_nan()) || (p - q).abs() <= rel * p.abs().max(1.0)
+                            }
                             (None, None) => true,
                             _ => false,
                         };
-                        assert!(same, "{} column {} row {i}: {p:?} vs {q:?} (beyond {rel:e} relative)", name.display(), field.name());
+                        assert!(
+                            same,
+                            "{} column {} row {i}: {p:?} vs {q:?} (beyond {rel:e} relative)",
+                            name.display(),
+                            field.name()
+                        );
                     }
                 }
                 _ => assert_eq!(cx.to_data(), cy.to_data(), "{} column {} differs", name.display(), field.name()),

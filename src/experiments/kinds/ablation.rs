@@ -4,20 +4,31 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::ablation::{run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit};
+use crate::experiments::ablation::{
+    run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit,
+};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
-use crate::model::Model;
+use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::experiments::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::runs::choice;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "ablation", keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"], resolve, needs, captures, jobs, run, note: only_note };
+pub const KIND: KindInfo = KindInfo {
+    name: "ablation",
+    keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"],
+    resolve,
+    needs,
+    captures,
+    jobs,
+    run,
+    note: only_note,
+};
 
 /// Seconds per cost unit relative to patching, measured: whole forwards, every layer.
 const COST_SCALE: f64 = 1.8;
@@ -25,7 +36,12 @@ const COST_SCALE: f64 = 1.8;
 /// Resample ablation reads the corrupted prompts; the loss needs no answers.
 fn needs(kind: &RunKind) -> Needs {
     let RunKind::Ablation(a) = kind else { return Needs::default() };
-    Needs { prompts: true, corruption: a.method == AblationMethod::Resample, answers: a.measure != Measure::Loss, ..Needs::default() }
+    Needs {
+        prompts: true,
+        corruption: a.method == AblationMethod::Resample,
+        answers: a.measure != Measure::Loss,
+        ..Needs::default()
+    }
 }
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
@@ -46,7 +62,10 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
         cells: units,
         forwards: 1 + if together { 1 } else { units.div_ceil(z.chunk) },
         tl_forwards: 1 + units,
-        ..JobDraft::whole(format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()), COST_SCALE * (z.full(1) + (units * z.n * z.cfg.n_layers) as f64))
+        ..JobDraft::whole(
+            format!("{}: {:?} ablation of {}, {what}", run.name, a.method, a.site.name()),
+            COST_SCALE * (z.full(1) + (units * z.n * z.cfg.n_layers) as f64),
+        )
     }]
 }
 
@@ -63,11 +82,24 @@ fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<A
     let site = match r.hooks.as_slice() {
         [h] if HOOKS.contains(&h.get_ref().as_str()) => Site::from_short(h.get_ref())?,
         [h] => {
-            cx.at(h, key("hooks"), format!("unknown hook '{}' for ablation (valid: {}); did you mean '{}'?", h.get_ref(), HOOKS.join(", "), nearest(h.get_ref(), HOOKS.iter().copied())[0]));
+            cx.at(
+                h,
+                key("hooks"),
+                format!(
+                    "unknown hook '{}' for ablation (valid: {}); did you mean '{}'?",
+                    h.get_ref(),
+                    HOOKS.join(", "),
+                    nearest(h.get_ref(), HOOKS.iter().copied())[0]
+                ),
+            );
             return None;
         }
         _ => {
-            cx.at(&r.kind, key("hooks"), format!("ablation needs exactly one hook, hooks = [\"z\"] (valid: {})", HOOKS.join(", ")));
+            cx.at(
+                &r.kind,
+                key("hooks"),
+                format!("ablation needs exactly one hook, hooks = [\"z\"] (valid: {})", HOOKS.join(", ")),
+            );
             return None;
         }
     };
@@ -78,7 +110,11 @@ fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<A
             let mut out = Vec::new();
             for unit in u.get_ref() {
                 if unit.len() != axes.len() || unit.iter().any(|&x| x < 0) {
-                    cx.at(u, key("units"), format!("each unit of {} is [{}], got {unit:?}", site.name(), axes.join(", ")));
+                    cx.at(
+                        u,
+                        key("units"),
+                        format!("each unit of {} is [{}], got {unit:?}", site.name(), axes.join(", ")),
+                    );
                     return None;
                 }
                 out.push(Unit { layer: unit[0] as usize, index: unit.get(1).copied() });
@@ -89,12 +125,26 @@ fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<A
     let top_dla_heads = match &r.top_dla_heads {
         None => None,
         Some(t) if *t.get_ref() < 1 || units.is_some() || site != Site::Z => {
-            cx.at(t, key("top_dla_heads"), "top_dla_heads = N (N >= 1) picks the heads to ablate, instead of units, for hooks = [\"z\"]");
+            cx.at(
+                t,
+                key("top_dla_heads"),
+                "top_dla_heads = N (N >= 1) picks the heads to ablate, instead of units, for hooks = [\"z\"]",
+            );
             None
         }
         Some(t) => Some(*t.get_ref() as usize),
     };
-    let measure = choice(cx, &r.measure, key("measure"), &[("metric", Measure::Metric), ("loss", Measure::Loss), ("direct_logit_attribution", Measure::DirectLogitAttribution)], Measure::Metric);
+    let measure = choice(
+        cx,
+        &r.measure,
+        key("measure"),
+        &[
+            ("metric", Measure::Metric),
+            ("loss", Measure::Loss),
+            ("direct_logit_attribution", Measure::DirectLogitAttribution),
+        ],
+        Measure::Metric,
+    );
     if measure == Measure::DirectLogitAttribution && units.is_none() && top_dla_heads.is_none() {
         cx.at(r.measure.as_ref()?, key("units"), "measure = \"direct_logit_attribution\" needs the heads to knock out: units = [[layer, head], ...] or top_dla_heads = N");
     }
@@ -106,11 +156,29 @@ fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<A
         Some(p) => Some(p.get_ref().clone()),
         None => None,
     };
-    let method = choice(cx, &r.method, key("method"), &[("zero", AblationMethod::Zero), ("mean", AblationMethod::Mean), ("resample", AblationMethod::Resample)], AblationMethod::Mean);
+    let method = choice(
+        cx,
+        &r.method,
+        key("method"),
+        &[("zero", AblationMethod::Zero), ("mean", AblationMethod::Mean), ("resample", AblationMethod::Resample)],
+        AblationMethod::Mean,
+    );
     if r.dataset.is_some() && method != AblationMethod::Mean {
-        cx.at(r.dataset.as_ref()?, key("dataset"), "dataset is the prompt set of a mean ablation; set method = \"mean\"");
+        cx.at(
+            r.dataset.as_ref()?,
+            key("dataset"),
+            "dataset is the prompt set of a mean ablation; set method = \"mean\"",
+        );
     }
-    Some(AblationSpec { site, method, units, top_dla_heads, positions, measure, dataset: r.dataset.as_ref().map(|d| base.join(d.get_ref())) })
+    Some(AblationSpec {
+        site,
+        method,
+        units,
+        top_dla_heads,
+        positions,
+        measure,
+        dataset: r.dataset.as_ref().map(|d| base.join(d.get_ref())),
+    })
 }
 
 fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutput> {
@@ -118,7 +186,8 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
     let metric = cx.metric()?;
     let dataset = match &a.dataset {
         Some(path) => {
-            let prompts = crate::spec::prompts::read(path).map_err(|e| Error::Config(format!("dataset {}: {e}", path.display())))?;
+            let prompts = crate::spec::prompts::read(path)
+                .map_err(|e| Error::Config(format!("dataset {}: {e}", path.display())))?;
             let texts: Vec<&str> = prompts.iter().map(|p| p.clean.as_str()).collect();
             Some(model.tokenizer()?.batch(&texts, cx.spec.model.prepend_bos_for(&model.cfg))?)
         }
@@ -134,7 +203,14 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
     // The top name movers of this model: the heads with the largest clean-run DLA.
     let mut a = a.clone();
     if let Some(k) = a.top_dla_heads {
-        let comps = cache_analysis::direct_logit_attribution(model, &toks.clean, toks.mask.as_ref(), &metric, DlaOver::Head, crate::Hooks::new())?;
+        let comps = cache_analysis::direct_logit_attribution(
+            model,
+            &toks.clean,
+            toks.mask.as_ref(),
+            &metric,
+            DlaOver::Head,
+            crate::Hooks::new(),
+        )?;
         let mut order: Vec<&Component> = comps.iter().collect();
         order.sort_by(|x, y| y.mean().total_cmp(&x.mean()));
         a.units = Some(order.iter().take(k).map(|c| Unit { layer: c.layer.unwrap_or(0), index: c.head }).collect());
@@ -148,7 +224,14 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
     let mut rows = Vec::new();
     let base = Row { run: run.name.clone(), kind: "ablation".into(), computed: true, ..Row::default() };
     let hook_of = |u: &Unit| HookPoint::Block(u.layer, a.site).to_string();
-    with_prompts(cx, Row { label: Some("baseline".into()), hook: "-".into(), ..base.clone() }, &out.baseline, mean(&out.baseline), None, &mut rows);
+    with_prompts(
+        cx,
+        Row { label: Some("baseline".into()), hook: "-".into(), ..base.clone() },
+        &out.baseline,
+        mean(&out.baseline),
+        None,
+        &mut rows,
+    );
     for (units, values) in &out.cells {
         let row = if let [u] = units.as_slice() {
             let (h, k) = unit_index(a, u);
@@ -167,7 +250,10 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
         Measure::Loss => "next-token cross-entropy".into(),
         Measure::DirectLogitAttribution => "direct logit attribution per head of the ablated run".into(),
     };
-    Ok((rows, serde_json::json!({"ablation": a, "measure": measure, "baseline": mean(&out.baseline), "forwards": out.forwards, "seconds": t.elapsed().as_secs_f64()})))
+    Ok((
+        rows,
+        serde_json::json!({"ablation": a, "measure": measure, "baseline": mean(&out.baseline), "forwards": out.forwards, "seconds": t.elapsed().as_secs_f64()}),
+    ))
 }
 
 fn unit_index(a: &AblationSpec, u: &Unit) -> (Option<i32>, Option<i32>) {

@@ -3,10 +3,10 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::experiments::activation_patching::cannot_change;
 use crate::experiments::activation_patching::{cells_at, sweep_together, Schedule, Target};
 use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
-use crate::experiments::activation_patching::cannot_change;
-use crate::experiments::kinds::{Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
+use crate::experiments::kinds::{Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -14,7 +14,16 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::resolve_patch_targets;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "activation_patching", keys: &["hooks", "over", "layers"], resolve, needs, captures, jobs, run, note };
+pub const KIND: KindInfo = KindInfo {
+    name: "activation_patching",
+    keys: &["hooks", "over", "layers"],
+    resolve,
+    needs,
+    captures,
+    jobs,
+    run,
+    note,
+};
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
@@ -41,7 +50,12 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
             let filled = at.iter().filter(|c| cannot_change(c, z.first_diff)).count();
             let todo = at.len() - filled;
             out.push(JobDraft {
-                name: format!("{}: patch {} over [{}] at layer {layer}", run.name, site.name(), axes.names().join(", ")),
+                name: format!(
+                    "{}: patch {} over [{}] at layer {layer}",
+                    run.name,
+                    site.name(),
+                    axes.names().join(", ")
+                ),
                 part: Part::TargetLayer { target: t, layer },
                 cells: at.len(),
                 filled,
@@ -71,16 +85,22 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut sites = Vec::with_capacity(jobs.len());
     for (run, part) in jobs {
         let (RunKind::ActivationPatching { targets }, Part::TargetLayer { target, layer }) = (&run.kind, *part) else {
-            return Err(Error::Other(format!("run '{}': activation patching runs one target at one layer per job", run.name)));
+            return Err(Error::Other(format!(
+                "run '{}': activation patching runs one target at one layer per job",
+                run.name
+            )));
         };
-        let (site, axes) = *targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
+        let (site, axes) =
+            *targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
         let t = Target::new(site, axes)?;
         parts.push((t, cells_at(&model.cfg, t, layer, prep.seq_len())));
         sites.push((site, axes, layer));
     }
     let total: usize = parts.iter().map(|(_, c)| c.len()).sum();
     let label = match jobs {
-        [(run, _)] => format!("{}: {} [{}] layer {}", run.name, sites[0].0.name(), sites[0].1.names().join(","), sites[0].2),
+        [(run, _)] => {
+            format!("{}: {} [{}] layer {}", run.name, sites[0].0.name(), sites[0].1.names().join(","), sites[0].2)
+        }
         _ => format!("{} patching jobs together", jobs.len()),
     };
     let pb = cx.bar(total, label);
@@ -127,7 +147,11 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
                 }
                 s["seconds"] = (s["seconds"].as_f64().unwrap_or(0.0) + n["seconds"].as_f64().unwrap_or(0.0)).into();
                 // The most jobs any of this target's forwards were shared with.
-                s["forwards_shared_with_jobs"] = s["forwards_shared_with_jobs"].as_u64().unwrap_or(0).max(n["forwards_shared_with_jobs"].as_u64().unwrap_or(0)).into();
+                s["forwards_shared_with_jobs"] = s["forwards_shared_with_jobs"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .max(n["forwards_shared_with_jobs"].as_u64().unwrap_or(0))
+                    .into();
             }
             None => {
                 let mut s = (*n).clone();
@@ -142,4 +166,3 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
     let rule = first_diff.map(|f| format!("positions before {f} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline"));
     serde_json::json!({"sweeps": sweeps, "fill_rule": rule})
 }
-

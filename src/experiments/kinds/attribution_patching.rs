@@ -3,35 +3,55 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::experiments::activation_patching::cells_at;
 use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
 use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
+use crate::experiments::attribution::{clean_sites, points_for};
 use crate::experiments::context::{per_prompt, CellRows, RunContext};
 use crate::experiments::inputs::token_at;
-use crate::experiments::activation_patching::cells_at;
-use crate::experiments::attribution::{clean_sites, points_for};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
-use crate::model::Model;
+use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::hook_point::Site;
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::runs::{positive, resolve_patch_targets};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "attribution_patching", keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"], resolve, needs, captures, jobs, run, note: only_note };
+pub const KIND: KindInfo = KindInfo {
+    name: "attribution_patching",
+    keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"],
+    resolve,
+    needs,
+    captures,
+    jobs,
+    run,
+    note: only_note,
+};
 
 /// Seconds per cost unit relative to patching, measured (GPT-2-small-shaped IOI run): the job
 /// multiplies gradients over every cell besides its verify patches.
 const COST_SCALE: f64 = 1.7;
 
 fn needs(_: &RunKind) -> Needs {
-    Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, attribution_pass: true, ..Needs::default() }
+    Needs {
+        prompts: true,
+        corruption: true,
+        answers: true,
+        clean_and_corrupted: true,
+        attribution_pass: true,
+        ..Needs::default()
+    }
 }
 
 fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
     resolve_patch_targets(cx, r, i).map(|targets| {
         let verify_top = positive(cx, &r.verify_top, format!("run[{i}].verify_top"), 0, 0) as usize;
-        RunKind::AttributionPatching { targets, options: AtpOptions { qk_fix: r.qk_fix.unwrap_or(false), grad_drop: r.grad_drop.unwrap_or(false) }, verify_top }
+        RunKind::AttributionPatching {
+            targets,
+            options: AtpOptions { qk_fix: r.qk_fix.unwrap_or(false), grad_drop: r.grad_drop.unwrap_or(false) },
+            verify_top,
+        }
     })
 }
 
@@ -41,20 +61,35 @@ fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let RunKind::AttributionPatching { targets, options, .. } = &run.kind else { return Ok(Captures::default()) };
     let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = run.layers_or_all(model.cfg.n_layers);
-    Ok(Captures { clean_sites: clean_sites(model, &t, *options), gradient_points: points_for(model, &t, &layers, *options), ..Captures::default() })
+    Ok(Captures {
+        clean_sites: clean_sites(model, &t, *options),
+        gradient_points: points_for(model, &t, &layers, *options),
+        ..Captures::default()
+    })
 }
 
 /// One job: every target's estimates from the shared pass, then the verify_top patches.
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     let RunKind::AttributionPatching { targets, verify_top, .. } = &run.kind else { return vec![] };
-    let cells: usize = targets.iter().map(|(s, a)| z.layers.iter().map(|&l| cells_at(z.cfg, Target { site: *s, axes: *a }, l, z.seq as i64).len()).sum::<usize>()).sum();
+    let cells: usize = targets
+        .iter()
+        .map(|(s, a)| {
+            z.layers
+                .iter()
+                .map(|&l| cells_at(z.cfg, Target { site: *s, axes: *a }, l, z.seq as i64).len())
+                .sum::<usize>()
+        })
+        .sum();
     let verify = targets.len() * verify_top;
     let also = if *verify_top > 0 { format!(", patch the top {verify_top} per target") } else { String::new() };
     vec![JobDraft {
         cells,
         forwards: targets.len() * verify_top.div_ceil(z.chunk),
         tl_forwards: verify,
-        ..JobDraft::whole(format!("{}: attribution of {} targets{also}", run.name, targets.len()), COST_SCALE * (z.full(1) + z.patch_cost(verify, z.cfg.n_layers / 2)))
+        ..JobDraft::whole(
+            format!("{}: attribution of {} targets{also}", run.name, targets.len()),
+            COST_SCALE * (z.full(1) + z.patch_cost(verify, z.cfg.n_layers / 2)),
+        )
     }]
 }
 
@@ -65,7 +100,13 @@ fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     attribution_patching(cx, run, targets, *options, *verify_top)
 }
 
-fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)], options: AtpOptions, verify_top: usize) -> Result<JobOutput> {
+fn attribution_patching(
+    cx: &RunContext,
+    run: &RunSpec,
+    targets: &[(Site, Axes)],
+    options: AtpOptions,
+    verify_top: usize,
+) -> Result<JobOutput> {
     let (model, prep) = (cx.model, cx.prep()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
@@ -103,10 +144,13 @@ fn attribution_patching(cx: &RunContext, run: &RunSpec, targets: &[(Site, Axes)]
         push_cell_rows(&mut rows, run, a, &patched, scale, n, cx.toks.map(|t| &t.clean_strs));
     }
     let passes = 1 + if options.grad_drop { model.cfg.n_layers } else { 0 };
-    Ok((rows, serde_json::json!({
-        "targets": notes, "options": options, "forward_backward_passes": passes, "seconds": atp_secs,
-        "value": "estimated change of the metric from the corrupted run (normalised by clean - corrupted when metric.normalize); patched: the real change"
-    })))
+    Ok((
+        rows,
+        serde_json::json!({
+            "targets": notes, "options": options, "forward_backward_passes": passes, "seconds": atp_secs,
+            "value": "estimated change of the metric from the corrupted run (normalised by clean - corrupted when metric.normalize); patched: the real change"
+        }),
+    ))
 }
 
 /// The indices of the `k` largest |values|, largest first (ties in index order). Only these are
@@ -129,7 +173,15 @@ fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
 /// before it, appended to `rows` on all cores: a pattern target's rows (230,400 on an 8B model's
 /// 100 prompts) took longer to build one by one than its estimates took on the GPU. Each row is
 /// written in its place, so none is moved after it is built.
-fn push_cell_rows(rows: &mut Vec<Row>, run: &RunSpec, a: &crate::experiments::attribution::Attribution, patched: &[Option<(f64, Vec<f64>)>], scale: f64, n: usize, tokens: Option<&Vec<Vec<String>>>) {
+fn push_cell_rows(
+    rows: &mut Vec<Row>,
+    run: &RunSpec,
+    a: &crate::experiments::attribution::Attribution,
+    patched: &[Option<(f64, Vec<f64>)>],
+    scale: f64,
+    n: usize,
+    tokens: Option<&Vec<Vec<String>>>,
+) {
     use rayon::prelude::*;
     // Estimates per prompt are there when the metric asked for them.
     let per_prompts = !a.per_prompt.is_empty();
@@ -147,10 +199,21 @@ fn push_cell_rows(rows: &mut Vec<Row>, run: &RunSpec, a: &crate::experiments::at
             if per_prompts {
                 for (p, v) in per_prompt(&a.per_prompt[i], n).into_iter().enumerate() {
                     let real = patched[i].as_ref().map(|(_, pp)| pp[p]);
-                    out[p] = Row { prompt: Some(p as i32), value: v * scale, patched: real, token: token(p, token_pos), ..base.clone() };
+                    out[p] = Row {
+                        prompt: Some(p as i32),
+                        value: v * scale,
+                        patched: real,
+                        token: token(p, token_pos),
+                        ..base.clone()
+                    };
                 }
             }
-            out[per_cell - 1] = Row { value: a.mean[i] * scale, patched: patched[i].as_ref().map(|(m, _)| *m), token: token(0, token_pos), ..base };
+            out[per_cell - 1] = Row {
+                value: a.mean[i] * scale,
+                patched: patched[i].as_ref().map(|(m, _)| *m),
+                token: token(0, token_pos),
+                ..base
+            };
         },
     );
 }

@@ -3,13 +3,22 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, Component, DlaOver};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "direct_logit_attribution", keys: &["over"], resolve, needs, captures, jobs, run, note: only_note };
+pub const KIND: KindInfo = KindInfo {
+    name: "direct_logit_attribution",
+    keys: &["over"],
+    resolve,
+    needs,
+    captures,
+    jobs,
+    run,
+    note: only_note,
+};
 
 /// Seconds per cost unit relative to patching, measured: it only decomposes the cached run.
 const COST_SCALE: f64 = 0.25;
@@ -28,7 +37,10 @@ fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
 }
 
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    vec![JobDraft::whole(format!("{}: direct_logit_attribution from the cached clean run", run.name), COST_SCALE * z.full(1))]
+    vec![JobDraft::whole(
+        format!("{}: direct_logit_attribution from the cached clean run", run.name),
+        COST_SCALE * z.full(1),
+    )]
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
@@ -46,7 +58,11 @@ fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
             ["layer", "head"] => DlaOver::Head,
             ["layer", "neuron"] => DlaOver::Neuron,
             _ => {
-                cx.at(r.over.as_ref()?, format!("run[{i}].over"), format!("unknown axes {o:?} (valid: [layer], [layer, head], [layer, neuron])"));
+                cx.at(
+                    r.over.as_ref()?,
+                    format!("run[{i}].over"),
+                    format!("unknown axes {o:?} (valid: [layer], [layer, head], [layer, neuron])"),
+                );
                 return None;
             }
         },
@@ -63,4 +79,3 @@ fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<JobOutput> {
     let total: f64 = comps.iter().map(Component::mean).sum();
     Ok((rows, serde_json::json!({"over": over, "components": comps.len(), "sum_of_components": total})))
 }
-

@@ -5,9 +5,9 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::experiments::context::RunContext;
 use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
-use crate::model::Model;
+use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
@@ -16,7 +16,18 @@ use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
     name: "head_scores",
-    keys: &["patterns", "error_measure", "source", "seq_len", "batch", "seed", "token_range", "exclude_bos", "exclude_current_token", "custom"],
+    keys: &[
+        "patterns",
+        "error_measure",
+        "source",
+        "seq_len",
+        "batch",
+        "seed",
+        "token_range",
+        "exclude_bos",
+        "exclude_current_token",
+        "custom",
+    ],
     resolve,
     needs,
     captures,
@@ -42,14 +53,21 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
 /// The prompts' patterns come from the cached clean run; repeated random tokens run their own.
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let prompts = matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
-    Ok(Captures { analysis_points: if prompts { head_scores::pattern_points(model) } else { vec![] }, ..Captures::default() })
+    Ok(Captures {
+        analysis_points: if prompts { head_scores::pattern_points(model) } else { vec![] },
+        ..Captures::default()
+    })
 }
 
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     if matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. }) {
         vec![JobDraft::whole(format!("{}: head_scores from the cached clean run", run.name), COST_SCALE * z.full(1))]
     } else {
-        vec![JobDraft { forwards: 1, tl_forwards: 1, ..JobDraft::whole(format!("{}: head_scores (one forward)", run.name), z.full(1)) }]
+        vec![JobDraft {
+            forwards: 1,
+            tl_forwards: 1,
+            ..JobDraft::whole(format!("{}: head_scores (one forward)", run.name), z.full(1))
+        }]
     }
 }
 
@@ -68,9 +86,15 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
         Some("repeated_random") => {
             let range = match &r.token_range {
                 None => None,
-                Some(v) if v.get_ref().len() == 2 && v.get_ref()[0] >= 0 && v.get_ref()[0] < v.get_ref()[1] => Some((v.get_ref()[0], v.get_ref()[1])),
+                Some(v) if v.get_ref().len() == 2 && v.get_ref()[0] >= 0 && v.get_ref()[0] < v.get_ref()[1] => {
+                    Some((v.get_ref()[0], v.get_ref()[1]))
+                }
                 Some(v) => {
-                    cx.at(v, key("token_range"), format!("give [low, high) with 0 <= low < high, got {:?}", v.get_ref()));
+                    cx.at(
+                        v,
+                        key("token_range"),
+                        format!("give [low, high) with 0 <= low < high, got {:?}", v.get_ref()),
+                    );
                     None
                 }
             };
@@ -93,14 +117,26 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
         None => vec![],
     };
     let default_named = r.patterns.is_none() && r.custom.is_empty();
-    for name in if default_named { NAMED.iter().map(|s| s.to_string()).collect() } else { named.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>() } {
+    for name in if default_named {
+        NAMED.iter().map(|s| s.to_string()).collect()
+    } else {
+        named.iter().map(|s| s.get_ref().clone()).collect::<Vec<_>>()
+    } {
         let d = match name.as_str() {
             "previous_token" => Detection::PreviousToken,
             "duplicate_token" => Detection::DuplicateToken,
             "induction" => Detection::Induction,
             other => {
                 let at = named.iter().find(|s| s.get_ref() == other)?;
-                cx.at(at, key("patterns"), format!("unknown pattern '{other}' (valid: {}; or give [[run.custom]] patterns); did you mean '{}'?", NAMED.join(", "), nearest(other, NAMED.iter().copied())[0]));
+                cx.at(
+                    at,
+                    key("patterns"),
+                    format!(
+                        "unknown pattern '{other}' (valid: {}; or give [[run.custom]] patterns); did you mean '{}'?",
+                        NAMED.join(", "),
+                        nearest(other, NAMED.iter().copied())[0]
+                    ),
+                );
                 continue;
             }
         };
@@ -131,21 +167,37 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
                 }
             }
             _ => {
-                cx.at(&c.name, ck("matrix"), "give either matrix = [[...]] or rule = \"same_token\" | \"relative\" (with offset)");
+                cx.at(
+                    &c.name,
+                    ck("matrix"),
+                    "give either matrix = [[...]] or rule = \"same_token\" | \"relative\" (with offset)",
+                );
                 continue;
             }
         };
         detections.push((c.name.get_ref().clone(), d));
     }
     let options = DetectOptions {
-        measure: choice(cx, &r.error_measure, key("error_measure"), &[("mul", ErrorMeasure::Mul), ("abs", ErrorMeasure::Abs)], ErrorMeasure::Mul),
+        measure: choice(
+            cx,
+            &r.error_measure,
+            key("error_measure"),
+            &[("mul", ErrorMeasure::Mul), ("abs", ErrorMeasure::Abs)],
+            ErrorMeasure::Mul,
+        ),
         exclude_bos: r.exclude_bos.unwrap_or(false),
         exclude_current_token: r.exclude_current_token.unwrap_or(false),
     };
     Some(RunKind::HeadScores { detections, options, source })
 }
 
-fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detection)], options: DetectOptions, source: &HeadSource) -> Result<JobOutput> {
+fn head_score_rows(
+    cx: &RunContext,
+    run: &RunSpec,
+    detections: &[(String, Detection)],
+    options: DetectOptions,
+    source: &HeadSource,
+) -> Result<JobOutput> {
     let model = cx.model;
     let mut rows = Vec::new();
     let mut push = |pattern: &str, label: &str, per_layer: &[Vec<f64>]| {
@@ -170,7 +222,8 @@ fn head_score_rows(cx: &RunContext, run: &RunSpec, detections: &[(String, Detect
         HeadSource::Prompts => {
             let toks = cx.toks()?;
             let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
-            let scores = head_scores::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+            let scores =
+                head_scores::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
             for ((name, _), s) in detections.iter().zip(&scores) {
                 push(name, "prompts", s);
             }

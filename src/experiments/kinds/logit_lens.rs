@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::experiments::cache_analysis::{self, LensPositions};
 use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, KindInfo, Needs, Part, Sizing, JobOutput};
+use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
@@ -11,7 +11,16 @@ use crate::spec::resolve::Ctx;
 use crate::spec::runs::{choice, positive};
 use crate::spec::{RunKind, RunSpec};
 
-pub const KIND: KindInfo = KindInfo { name: "logit_lens", keys: &["top_k", "top_k_at", "incl_mid"], resolve, needs, captures, jobs, run, note: only_note };
+pub const KIND: KindInfo = KindInfo {
+    name: "logit_lens",
+    keys: &["top_k", "top_k_at", "incl_mid"],
+    resolve,
+    needs,
+    captures,
+    jobs,
+    run,
+    note: only_note,
+};
 
 /// Seconds per cost unit relative to patching, measured: every label is unembedded at every
 /// position for its top-k.
@@ -25,14 +34,23 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
     Some(RunKind::LogitLens {
         incl_mid: r.incl_mid.unwrap_or(false),
         top_k: positive(cx, &r.top_k, format!("run[{i}].top_k"), 0, 0) as usize,
-        top_k_at: choice(cx, &r.top_k_at, format!("run[{i}].top_k_at"), &[("last", LensPositions::Last), ("all", LensPositions::All)], LensPositions::Last),
+        top_k_at: choice(
+            cx,
+            &r.top_k_at,
+            format!("run[{i}].top_k_at"),
+            &[("last", LensPositions::Last), ("all", LensPositions::All)],
+            LensPositions::Last,
+        ),
     })
 }
 
 /// The accumulated residual at every label's hook.
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let RunKind::LogitLens { incl_mid, .. } = &run.kind else { return Ok(Captures::default()) };
-    Ok(Captures { analysis_points: cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(), ..Captures::default() })
+    Ok(Captures {
+        analysis_points: cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(),
+        ..Captures::default()
+    })
 }
 
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
@@ -72,7 +90,9 @@ fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: 
             ..Row::default()
         });
     }
-    Ok((rows, serde_json::json!({"labels": comps.iter().map(|c| c.label.clone()).collect::<Vec<_>>(), "incl_mid": incl_mid, "top_k": top_k,
-        "value": "mean over prompts of the final-norm'd accumulated residual at the last position along the answer direction; top-k rows: probability"})))
+    Ok((
+        rows,
+        serde_json::json!({"labels": comps.iter().map(|c| c.label.clone()).collect::<Vec<_>>(), "incl_mid": incl_mid, "top_k": top_k,
+        "value": "mean over prompts of the final-norm'd accumulated residual at the last position along the answer direction; top-k rows: probability"}),
+    ))
 }
-

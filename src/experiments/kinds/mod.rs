@@ -87,7 +87,8 @@ impl Sizing<'_> {
     pub fn patch_cost(&self, cells: usize, layer: usize) -> f64 {
         let skip = crate::experiments::prepared::shared_prefix_len(self.first_diff, self.seq as i64).unwrap_or(0);
         let rows = (cells * self.n) as f64;
-        rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64 * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
+        rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64
+            * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
     }
 }
 
@@ -132,10 +133,20 @@ pub struct Needs {
 pub enum Part {
     Whole,
     /// One patch target at one layer (activation patching).
-    TargetLayer { target: usize, layer: usize },
+    TargetLayer {
+        target: usize,
+        layer: usize,
+    },
 }
 
-pub static KINDS: &[KindInfo] = &[activation_patching::KIND, attribution_patching::KIND, logit_lens::KIND, direct_logit_attribution::KIND, head_scores::KIND, ablation::KIND];
+pub static KINDS: &[KindInfo] = &[
+    activation_patching::KIND,
+    attribution_patching::KIND,
+    logit_lens::KIND,
+    direct_logit_attribution::KIND,
+    head_scores::KIND,
+    ablation::KIND,
+];
 
 pub fn by_name(name: &str) -> Option<&'static KindInfo> {
     KINDS.iter().find(|k| k.name == name)
@@ -162,7 +173,8 @@ pub fn run_note(run: &RunSpec, notes: &[&serde_json::Value]) -> serde_json::Valu
 
 /// Runs one job of `run`.
 pub fn run_job(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> {
-    let kind = by_name(run.kind_name()).ok_or_else(|| Error::Other(format!("run '{}': kind {} is not registered", run.name, run.kind_name())))?;
+    let kind = by_name(run.kind_name())
+        .ok_or_else(|| Error::Other(format!("run '{}': kind {} is not registered", run.name, run.kind_name())))?;
     (kind.run)(cx, run, part)
 }
 
@@ -180,7 +192,11 @@ mod tests {
         let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
         for k in KINDS {
             assert!(by_name(k.name).is_some_and(|f| std::ptr::eq(f, k)));
-            assert!(!k.keys.contains(&"name") && !k.keys.contains(&"kind"), "{}: name and kind are every run's", k.name);
+            assert!(
+                !k.keys.contains(&"name") && !k.keys.contains(&"kind"),
+                "{}: name and kind are every run's",
+                k.name
+            );
             assert!(readme.contains(&format!("`{}`", k.name)), "README does not document the {} kind", k.name);
         }
     }

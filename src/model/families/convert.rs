@@ -34,7 +34,10 @@ pub fn rope(json: &Value) -> Result<Rope> {
     let params = json.get("rope_parameters").filter(|v| v.is_object());
     let scaling_obj = params.or_else(|| json.get("rope_scaling").filter(|v| v.is_object()));
     let num = |v: Option<&Value>| v.and_then(Value::as_f64);
-    let base = num(params.and_then(|p| p.get("rope_theta"))).or(num(json.get("rope_theta"))).or(num(json.get("rotary_emb_base"))).unwrap_or(10000.0);
+    let base = num(params.and_then(|p| p.get("rope_theta")))
+        .or(num(json.get("rope_theta")))
+        .or(num(json.get("rotary_emb_base")))
+        .unwrap_or(10000.0);
     let partial = num(params.and_then(|p| p.get("partial_rotary_factor")))
         .or(num(json.get("partial_rotary_factor")))
         .or(num(json.get("rotary_pct")))
@@ -44,7 +47,8 @@ pub fn rope(json: &Value) -> Result<Rope> {
         .and_then(Value::as_str)
         .unwrap_or("default");
     let field = |name: &str| -> Result<f64> {
-        num(scaling_obj.and_then(|s| s.get(name))).ok_or_else(|| Error::Config(format!("rope scaling '{kind}' needs '{name}'")))
+        num(scaling_obj.and_then(|s| s.get(name)))
+            .ok_or_else(|| Error::Config(format!("rope scaling '{kind}' needs '{name}'")))
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
@@ -56,7 +60,9 @@ pub fn rope(json: &Value) -> Result<Rope> {
             original_max_position: field("original_max_position_embeddings")?,
         },
         other => {
-            return Err(Error::Config(format!("rope scaling type '{other}' is not supported (supported: default, linear, llama3)")))
+            return Err(Error::Config(format!(
+                "rope scaling type '{other}' is not supported (supported: default, linear, llama3)"
+            )))
         }
     };
     Ok(Rope { base, partial, scaling })
@@ -68,7 +74,12 @@ pub fn rotary_dim(d_head: usize, partial: f64) -> usize {
 }
 
 /// Per-layer windows from `layer_types` ("sliding_attention" gets `window`), else `fallback`.
-pub fn layer_windows(json: &Value, n_layers: usize, window: Option<usize>, fallback: impl Fn(usize) -> bool) -> Result<Vec<Option<usize>>> {
+pub fn layer_windows(
+    json: &Value,
+    n_layers: usize,
+    window: Option<usize>,
+    fallback: impl Fn(usize) -> bool,
+) -> Result<Vec<Option<usize>>> {
     let sliding: Vec<bool> = match json.get("layer_types").and_then(Value::as_array) {
         Some(types) => {
             if types.len() != n_layers {
@@ -114,14 +125,19 @@ pub fn zeros(shape: &[i64]) -> Tensor {
 pub fn bias_or_zeros(sd: &mut StateDict, name: &str, shape: &[i64]) -> Result<Tensor> {
     match sd.take_opt(name)? {
         Some(b) if b.numel() as i64 == shape.iter().product::<i64>() => Ok(b.reshape(shape)),
-        Some(b) => Err(Error::Config(format!("bias '{name}' has shape {:?}, but config.json implies {shape:?}", b.size()))),
+        Some(b) => {
+            Err(Error::Config(format!("bias '{name}' has shape {:?}, but config.json implies {shape:?}", b.size())))
+        }
         None => Ok(zeros(shape)),
     }
 }
 
 /// `{prefix}.weight` and, for LayerNorm, `{prefix}.bias`.
 pub fn norm(sd: &mut StateDict, prefix: &str, with_bias: bool) -> Result<NormWeights> {
-    Ok(NormWeights { w: Some(sd.take(&format!("{prefix}.weight"))?), b: if with_bias { Some(sd.take(&format!("{prefix}.bias"))?) } else { None } })
+    Ok(NormWeights {
+        w: Some(sd.take(&format!("{prefix}.weight"))?),
+        b: if with_bias { Some(sd.take(&format!("{prefix}.bias"))?) } else { None },
+    })
 }
 
 /// An [d_vocab, d_model] head (or the tied embedding) as TransformerLens's W_U [d_model, d_vocab]:

@@ -37,10 +37,12 @@ fn yes() -> bool {
 }
 
 pub fn config(json: &serde_json::Value) -> Result<ModelConfig> {
-    let raw: RawConfig = serde_json::from_value(json.clone()).map_err(|e| crate::error::Error::Config(format!("GPT-2 config.json: {e}")))?;
+    let raw: RawConfig = serde_json::from_value(json.clone())
+        .map_err(|e| crate::error::Error::Config(format!("GPT-2 config.json: {e}")))?;
     if !raw.scale_attn_weights || raw.scale_attn_by_inverse_layer_idx {
         return Err(crate::error::Error::Config(
-            "GPT-2 configs with scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true are not supported".into(),
+            "GPT-2 configs with scale_attn_weights=false or scale_attn_by_inverse_layer_idx=true are not supported"
+                .into(),
         ));
     }
     let d_head = super::convert::head_dim(raw.n_embd, raw.n_head)?;

@@ -39,11 +39,19 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
     let raw: RawConfig = parse(json, "GPT-Neo")?;
     let layers = match (raw.attention_layers, raw.attention_types) {
         (Some(l), _) => l,
-        (None, Some(types)) => types.into_iter().flat_map(|(pattern, n)| std::iter::repeat_n(pattern, n).flatten()).collect(),
-        (None, None) => return Err(Error::Config("GPT-Neo config.json has neither attention_layers nor attention_types".into())),
+        (None, Some(types)) => {
+            types.into_iter().flat_map(|(pattern, n)| std::iter::repeat_n(pattern, n).flatten()).collect()
+        }
+        (None, None) => {
+            return Err(Error::Config("GPT-Neo config.json has neither attention_layers nor attention_types".into()))
+        }
     };
     if layers.len() != raw.num_layers {
-        return Err(Error::Config(format!("GPT-Neo attention_layers lists {} layers, num_layers is {}", layers.len(), raw.num_layers)));
+        return Err(Error::Config(format!(
+            "GPT-Neo attention_layers lists {} layers, num_layers is {}",
+            layers.len(),
+            raw.num_layers
+        )));
     }
     let windows = layers
         .iter()
@@ -54,26 +62,58 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
         })
         .collect::<Result<Vec<_>>>()?;
     let d_head = convert::head_dim(raw.hidden_size, raw.num_heads)?;
-    Ok(ModelConfig::new(raw.num_layers, raw.hidden_size, raw.num_heads, d_head, raw.vocab_size, raw.max_position_embeddings)?
-        .with_norm(NormKind::LayerNorm, raw.layer_norm_epsilon)?
-        .with_mlp(raw.intermediate_size.unwrap_or(4 * raw.hidden_size), Activation::from_hf(&raw.activation_function)?, false)?
-        // GPT-Neo does not scale attention scores.
-        .with_attn_scale(1.0)?
-        .with_attn_windows(windows)?
-        .with_family("gpt_neo", true))
+    Ok(ModelConfig::new(
+        raw.num_layers,
+        raw.hidden_size,
+        raw.num_heads,
+        d_head,
+        raw.vocab_size,
+        raw.max_position_embeddings,
+    )?
+    .with_norm(NormKind::LayerNorm, raw.layer_norm_epsilon)?
+    .with_mlp(
+        raw.intermediate_size.unwrap_or(4 * raw.hidden_size),
+        Activation::from_hf(&raw.activation_function)?,
+        false,
+    )?
+    // GPT-Neo does not scale attention scores.
+    .with_attn_scale(1.0)?
+    .with_attn_windows(windows)?
+    .with_family("gpt_neo", true))
 }
 
 pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut sd = sd.with_optional_prefix("transformer.", "wte.weight");
-    let (h, e, d, m, v) = (cfg.n_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
+    let (h, e, d, m, v) =
+        (cfg.n_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
-        let attn = convert::linear_attn(&mut sd, [&p("attn.attention.q_proj"), &p("attn.attention.k_proj"), &p("attn.attention.v_proj"), &p("attn.attention.out_proj")], h, h, e, d)?;
+        let attn = convert::linear_attn(
+            &mut sd,
+            [
+                &p("attn.attention.q_proj"),
+                &p("attn.attention.k_proj"),
+                &p("attn.attention.v_proj"),
+                &p("attn.attention.out_proj"),
+            ],
+            h,
+            h,
+            e,
+            d,
+        )?;
         let mlp = convert::linear_mlp(&mut sd, &p("mlp.c_fc"), &p("mlp.c_proj"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("ln_1"), true)?, attn, norm(&mut sd, &p("ln_2"), true)?, mlp));
     }
     let w_e = sd.take_shaped("wte.weight", &[v, d])?;
     let (w_u, b_u) = convert::unembed(&mut sd, "lm_head", &w_e, v)?;
-    Ok(Weights { w_e, ln_embed: None, w_pos: Some(sd.take("wpe.weight")?), blocks, ln_final: norm(&mut sd, "ln_f", true)?, w_u, b_u })
+    Ok(Weights {
+        w_e,
+        ln_embed: None,
+        w_pos: Some(sd.take("wpe.weight")?),
+        blocks,
+        ln_final: norm(&mut sd, "ln_f", true)?,
+        w_u,
+        b_u,
+    })
 }

@@ -46,11 +46,19 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
 
 pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let mut sd = sd.with_optional_prefix("transformer.", "wte.weight");
-    let (h, e, d, m, v) = (cfg.n_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
+    let (h, e, d, m, v) =
+        (cfg.n_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
         let p = |s: &str| format!("h.{l}.{s}");
-        let attn = convert::linear_attn(&mut sd, [&p("attn.q_proj"), &p("attn.k_proj"), &p("attn.v_proj"), &p("attn.out_proj")], h, h, e, d)?;
+        let attn = convert::linear_attn(
+            &mut sd,
+            [&p("attn.q_proj"), &p("attn.k_proj"), &p("attn.v_proj"), &p("attn.out_proj")],
+            h,
+            h,
+            e,
+            d,
+        )?;
         let mlp = convert::linear_mlp(&mut sd, &p("mlp.fc_in"), &p("mlp.fc_out"), d, m)?;
         blocks.push(BlockWeights::new(norm(&mut sd, &p("ln_1"), true)?, attn, NormWeights { w: None, b: None }, mlp));
     }

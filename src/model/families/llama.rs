@@ -85,7 +85,11 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
         None => convert::head_dim(raw.hidden_size, raw.num_attention_heads)?,
     };
     let rope = convert::rope(json)?;
-    let act = raw.hidden_activation.as_deref().or(raw.hidden_act.as_deref()).unwrap_or(if family.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" });
+    let act = raw
+        .hidden_activation
+        .as_deref()
+        .or(raw.hidden_act.as_deref())
+        .unwrap_or(if family.starts_with("gemma") { "gelu_pytorch_tanh" } else { "silu" });
     let (norm_kind, eps) = if lay.layer_norm {
         (NormKind::LayerNorm, raw.layer_norm_eps.unwrap_or(1e-5))
     } else {
@@ -109,14 +113,21 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
     };
     // TransformerLens's to_tokens prepends no BOS for the Qwen families by default.
     let prepend_bos = !matches!(family, "qwen2" | "qwen3");
-    let mut cfg = ModelConfig::new(n_layers, raw.hidden_size, raw.num_attention_heads, d_head, raw.vocab_size, raw.max_position_embeddings)?
-        .with_norm(norm_kind, eps)?
-        .with_rotary(convert::rotary_dim(d_head, rope.partial), rope.base, false)?
-        .with_rope_scaling(rope.scaling)?
-        .with_kv_heads(raw.num_key_value_heads.unwrap_or(raw.num_attention_heads))?
-        .with_mlp(raw.intermediate_size, Activation::from_hf(act)?, true)?
-        .with_attn_windows(windows)?
-        .with_family(family, prepend_bos);
+    let mut cfg = ModelConfig::new(
+        n_layers,
+        raw.hidden_size,
+        raw.num_attention_heads,
+        d_head,
+        raw.vocab_size,
+        raw.max_position_embeddings,
+    )?
+    .with_norm(norm_kind, eps)?
+    .with_rotary(convert::rotary_dim(d_head, rope.partial), rope.base, false)?
+    .with_rope_scaling(rope.scaling)?
+    .with_kv_heads(raw.num_key_value_heads.unwrap_or(raw.num_attention_heads))?
+    .with_mlp(raw.intermediate_size, Activation::from_hf(act)?, true)?
+    .with_attn_windows(windows)?
+    .with_family(family, prepend_bos);
     if lay.scale_embedding {
         cfg.embed_scale = (raw.hidden_size as f64).sqrt();
     }
@@ -135,10 +146,22 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
 pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let lay = layout(&cfg.family);
     let mut sd = sd.with_optional_prefix("model.", "embed_tokens.weight");
-    let (h, kv, e, d, m, v) =
-        (cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.d_head as i64, cfg.d_model as i64, cfg.mlp.d_mlp as i64, cfg.d_vocab as i64);
+    let (h, kv, e, d, m, v) = (
+        cfg.n_heads as i64,
+        cfg.n_kv_heads as i64,
+        cfg.d_head as i64,
+        cfg.d_model as i64,
+        cfg.mlp.d_mlp as i64,
+        cfg.d_vocab as i64,
+    );
     // Gemma stores RMSNorm weights as an offset from 1; TransformerLens adds the 1 at conversion.
-    let offset = |n: NormWeights| if lay.norm_offset { NormWeights { w: n.w.map(|w| w.to_kind(tch::Kind::Float) + 1.0), b: n.b } } else { n };
+    let offset = |n: NormWeights| {
+        if lay.norm_offset {
+            NormWeights { w: n.w.map(|w| w.to_kind(tch::Kind::Float) + 1.0), b: n.b }
+        } else {
+            n
+        }
+    };
     let norm_at = |sd: &mut StateDict, name: &str| norm(sd, name, lay.layer_norm).map(offset);
     let mut blocks = Vec::with_capacity(cfg.n_layers);
     for l in 0..cfg.n_layers {
@@ -202,4 +225,3 @@ pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     }
     Ok(Weights { w_e, ln_embed: None, w_pos: None, blocks, ln_final: norm_at(&mut sd, "norm")?, w_u, b_u })
 }
-

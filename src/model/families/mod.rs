@@ -19,8 +19,10 @@ use crate::model::weights::Weights;
 pub type Converter = fn(StateDict, &ModelConfig) -> Result<Weights>;
 
 /// Every supported model_type, for messages and README.
-pub const MODEL_TYPES: &[&str] =
-    &["gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "stablelm", "bloom"];
+pub const MODEL_TYPES: &[&str] = &[
+    "gpt2", "gpt_neo", "gptj", "gpt_neox", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi",
+    "phi3", "stablelm", "bloom",
+];
 
 /// The family parser for a config.json, chosen by its model_type.
 pub fn family(json: &serde_json::Value) -> Result<(ModelConfig, Converter)> {
@@ -35,7 +37,10 @@ pub fn family(json: &serde_json::Value) -> Result<(ModelConfig, Converter)> {
         "bloom" => (bloom::config(json), bloom::weights),
         t if llama::FAMILIES.contains(&t) => (llama::config(json), llama::weights),
         other => {
-            return Err(Error::Config(format!("model_type '{other}' is not supported (supported: {})", MODEL_TYPES.join(", "))));
+            return Err(Error::Config(format!(
+                "model_type '{other}' is not supported (supported: {})",
+                MODEL_TYPES.join(", ")
+            )));
         }
     };
     Ok((cfg?, convert))
