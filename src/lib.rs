@@ -3,7 +3,8 @@
 pub mod check;
 pub mod engine;
 pub mod error;
-pub mod experiments;
+pub mod analysis;
+pub mod kinds;
 pub mod graph;
 pub mod model;
 pub mod output;

@@ -7,8 +7,8 @@ mod common;
 use common::*;
 use tch::{Kind, Tensor};
 use tl_run::engine::metric::{Metric, MetricKind};
-use tl_run::experiments::activation_patching::{sweep, sweep_scheduled, Axes, Schedule, Target};
-use tl_run::experiments::prepared::{Corrupt, Prepared};
+use tl_run::analysis::patching::{sweep, sweep_scheduled, Axes, Schedule, Target};
+use tl_run::analysis::clean_corrupted::{Corrupt, CleanCorrupted};
 use tl_run::model::config::Processing;
 use tl_run::{Model, Site};
 
@@ -25,17 +25,17 @@ fn corrupt(oracle: &Oracle) -> Corrupt {
     Corrupt::Tokens(oracle.get("corrupted_tokens").shallow_clone())
 }
 
-fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> Prepared {
-    Prepared::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites)
+fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> CleanCorrupted {
+    CleanCorrupted::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites)
         .unwrap()
 }
 
 /// Our sweep as a tensor in TransformerLens's axis order, every layer's cells in one call under
 /// `schedule` (by layer on a CPU, a staircase on a GPU).
-fn ours(model: &Model, prep: &Prepared, site: Site, axes: Axes, schedule: Schedule) -> Tensor {
+fn ours(model: &Model, prep: &CleanCorrupted, site: Site, axes: Axes, schedule: Schedule) -> Tensor {
     let target = Target::new(site, axes).unwrap();
     let cells: Vec<_> = (0..model.cfg.n_layers)
-        .flat_map(|l| tl_run::experiments::activation_patching::cells_at(&model.cfg, target, l, prep.seq_len()))
+        .flat_map(|l| tl_run::analysis::patching::cells_at(&model.cfg, target, l, prep.seq_len()))
         .collect();
     let s = sweep_scheduled(model, prep, &[(target, cells)], schedule, |_| {}).unwrap().pop().unwrap();
     let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
@@ -74,7 +74,7 @@ fn target_of(key: &str) -> Option<(Site, Axes)> {
 }
 
 /// TransformerLens's grouped sweeps, rebuilt from ours.
-fn stacked(model: &Model, prep: &Prepared, key: &str, schedule: Schedule) -> Option<Tensor> {
+fn stacked(model: &Model, prep: &CleanCorrupted, key: &str, schedule: Schedule) -> Option<Tensor> {
     let heads = [Site::Z, Site::Q, Site::K, Site::V];
     Some(match key {
         "block_every" => Tensor::stack(
@@ -219,7 +219,7 @@ fn prob_and_logprob_metrics_equal_patching_py() {
         for (kind, label, key, site, axes, baseline_tol, sweep_tol) in cases {
             let mut metric = logit_diff(&oracle);
             metric.kind = kind;
-            let prep = Prepared::new(
+            let prep = CleanCorrupted::new(
                 &model,
                 oracle.get("clean_tokens").shallow_clone(),
                 corrupt(&oracle),
@@ -287,7 +287,7 @@ fn unchangeable_cells_are_skipped() {
 /// baselines and corrupted caches of the clean and corrupted runs unchanged.
 #[test]
 fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
-    use tl_run::experiments::attribution::Pass;
+    use tl_run::analysis::attribution::Pass;
     use tl_run::HookPoint;
     let model = load("llama-tiny", Processing::TRANSFORMER_LENS);
     let oracle = Oracle::read("llama-tiny", "patching.safetensors");
@@ -296,7 +296,7 @@ fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
         .flat_map(|l| [Site::ResidPre, Site::AttnOut, Site::Z, Site::Pattern].map(|s| HookPoint::Block(l, s)))
         .collect();
     let plain = prepare(&model, &oracle, &sites);
-    let kept = Prepared::keeping_gradients(
+    let kept = CleanCorrupted::keeping_gradients(
         &model,
         oracle.get("clean_tokens").shallow_clone(),
         corrupt(&oracle),

@@ -265,7 +265,7 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
             Tol::Abs(1e-5),
         );
         // Repeated random tokens: the same tokens as torch's generator, the demo's stripe scores.
-        let tokens = tl_run::experiments::head_scores::repeated_random_tokens(5, 3, 10, range.0, range.1);
+        let tokens = tl_run::analysis::head_detector::repeated_random_tokens(5, 3, 10, range.0, range.1);
         assert!(tokens.equal(o.get("repeated/tokens")), "{fixture}: repeated random tokens differ from torch.randint");
         let t = Table::read(&out.join("repeated.parquet"));
         for pattern in ["previous_token", "duplicate_token", "induction"] {

@@ -289,7 +289,7 @@ fn last_position_stop_equals_the_full_runs_last_position() {
 /// forward that captures anything computes as TransformerLens does, whatever the setting.
 #[test]
 fn fused_attention_equals_the_explicit_steps() {
-    use tl_run::engine::attention::AttentionKernel;
+    use tl_run::model::AttentionKernel;
     use tl_run::engine::forward::Prefix;
     for &name in EVERY_FAMILY {
         let mut model = load(name, Processing::TRANSFORMER_LENS);

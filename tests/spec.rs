@@ -156,7 +156,7 @@ fn the_induction_and_causal_tracing_specs_resolve() {
     let s = resolve_file(&repo().join("experiments/induction.toml")).unwrap();
     assert!(s.prompts.is_empty(), "repeated random tokens need no prompts");
     let RunKind::HeadScores { source, .. } = &s.runs[0].kind else { panic!("expected head scores") };
-    assert!(matches!(source, tl_run::spec::runs::HeadSource::RepeatedRandom { seq_len: 50, batch: 4, .. }));
+    assert!(matches!(source, tl_run::kinds::options::HeadSource::RepeatedRandom { seq_len: 50, batch: 4, .. }));
     let s = resolve_file(&repo().join("experiments/causal_tracing.toml")).unwrap();
     let Corruption::Noise { noise, samples, words, .. } = &s.corruption else { panic!("expected noise") };
     assert_eq!((*noise, *samples), (3.0, 10));

@@ -66,7 +66,7 @@ ioi() {
       # And with attention as explicit steps everywhere (engine/attention.rs: the fused kernel
       # is the default where scores and pattern are not hooked).
       rm -rf "$WORK/tlrun_explicit_$tag"
-      TL_RUN_ATTENTION=explicit "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_explicit_$tag" --quiet > /dev/null || echo "FAILED tl-run with explicit attention $tag"
+      "$BIN" run "$here/$2" --attention explicit --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_explicit_$tag" --quiet > /dev/null || echo "FAILED tl-run with explicit attention $tag"
       t5=$(now)
       echo "{\"tl_run\": $(minus $t1 $t0), \"tl\": $(minus $t2 $t1), \"tl_run_no_warm_up\": $(minus $t3 $t2), \"tl_run_other_schedule\": $(minus $t4 $t3), \"tl_run_explicit_attention\": $(minus $t5 $t4)}" > "$WORK/wall_$tag.json"
       echo "$tag: tl-run $(minus $t1 $t0) s, TransformerLens $(minus $t2 $t1) s, tl-run without the warm-up $(minus $t3 $t2) s, with the $other schedule $(minus $t4 $t3) s, with explicit attention $(minus $t5 $t4) s (whole processes)"

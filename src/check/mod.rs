@@ -174,7 +174,7 @@ fn load(m: &ZooModel, dtype: &str, processing: Processing) -> Result<Model> {
     let kind = parse_dtype(dtype).ok_or_else(|| Error::Config(format!("unknown dtype '{dtype}'")))?;
     Model::load(
         &m.source.model_id(),
-        &LoadOptions { revision: m.source.revision(), processing, device, kind, split: Vec::new() },
+        &LoadOptions { revision: m.source.revision(), processing, device, kind, ..LoadOptions::default() },
     )
 }
 

@@ -200,6 +200,11 @@ pub struct SpecArgs {
     /// Run in this dtype instead of the spec's model.dtype (float32, bfloat16, float16).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// How attention's z is computed where no hook reads its steps, instead of the spec's
+    /// model.attention: fused (libtorch's kernel, the default) or explicit (TransformerLens's
+    /// steps in every forward).
+    #[arg(long)]
+    pub attention: Option<String>,
     /// Working memory one batch of patched forwards may use (e.g. 512MiB, 8GiB); default: half
     /// the free memory of a CUDA device, 256MiB on CPU. A batch that runs out of memory is
     /// halved and retried either way.

@@ -39,6 +39,7 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
         kind: tl_run::model::config::parse_dtype(&m.dtype)
             .with_context(|| format!("unknown dtype '{}' (valid: {})", m.dtype, tl_run::model::config::DTYPES))?,
         split: m.split.iter().map(|d| parse_device(d)).collect::<Result<_>>()?,
+        ..LoadOptions::default()
     })
 }
 
@@ -140,6 +141,10 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(d) = &a.dtype {
         spec.model.dtype = d.clone();
     }
+    if let Some(k) = &a.attention {
+        spec.model.attention = tl_run::model::AttentionKernel::parse(k)
+            .with_context(|| format!("--attention {k}: unknown attention kernel (valid: fused, explicit)"))?;
+    }
     if let Some(p) = &a.prompts {
         spec.prompts = tl_run::spec::prompts::read(p).map_err(|e| anyhow::anyhow!("--prompts {}: {e}", p.display()))?;
         spec.apply_corruption_to_prompts().map_err(|e| anyhow::anyhow!("--prompts {}: {e}", p.display()))?;
@@ -150,9 +155,9 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
 /// What the config and tokenizer tell about a spec before any weights are loaded.
 struct Preflight {
     cfg: tl_run::model::config::ModelConfig,
-    tok: tl_run::engine::tokenize::TextTokenizer,
+    tok: tl_run::model::tokenize::TextTokenizer,
     files: tl_run::model::source::ModelFiles,
-    toks: Option<tl_run::experiments::inputs::Tokenized>,
+    toks: Option<tl_run::kinds::shared::inputs::Tokenized>,
 }
 
 /// Every problem of a spec against the model's config and tokenizer at once, or the tokenized
@@ -174,7 +179,7 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
             }
             problems.extend(spec.runs.iter().filter_map(|r| r.check_positions(seq, &b.lengths, &spec.file).err()));
         }
-        match tl_run::experiments::inputs::tokenize(
+        match tl_run::kinds::shared::inputs::tokenize(
             spec,
             &tok,
             &cfg,
@@ -294,6 +299,7 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
         device: parse_device(&spec.model.device)?,
         kind: spec.model.kind()?,
         split,
+        attention: spec.model.attention,
     };
     // A run that loads the model whatever the store holds (--fresh, or nothing stored in this
     // output directory yet) starts loading it now, beside the weight digests and the plan, which
@@ -473,7 +479,7 @@ fn cache(
     let tok = model.tokenizer()?;
     let batch = tok.batch(prompts, prepend_bos.unwrap_or(model.cfg.default_prepend_bos))?;
     if let Some(max) = Vec::<i64>::try_from(batch.tokens.flatten(0, -1))?.into_iter().max() {
-        tl_run::engine::tokenize::check_in_vocab(tok, max, model.cfg.d_vocab)?;
+        tl_run::model::tokenize::check_in_vocab(tok, max, model.cfg.d_vocab)?;
     }
     let mut hooks = Hooks::capture(points.iter().copied());
     let _logits = model.run(Input::Tokens(&batch.tokens), batch.mask.as_ref(), &mut hooks, Stop::Logits)?;

@@ -9,26 +9,7 @@ use crate::error::Result;
 use crate::model::config::Positional;
 use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::model::weights::NormWeights;
-use crate::model::Model;
-
-/// How z is computed where the fused kernel may be used (`Model::fuses_attention`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttentionKernel {
-    /// libtorch's scaled_dot_product_attention (the default) in f32 and f64.
-    Fused,
-    /// The explicit steps in every forward.
-    Explicit,
-}
-
-impl AttentionKernel {
-    /// `TL_RUN_ATTENTION=explicit` selects the explicit steps (for a bench to compare the two).
-    pub fn from_env() -> Self {
-        match std::env::var("TL_RUN_ATTENTION") {
-            Ok(v) if v == "explicit" => AttentionKernel::Explicit,
-            _ => AttentionKernel::Fused,
-        }
-    }
-}
+use crate::model::{AttentionKernel, Model};
 
 impl Model {
     /// The attention sublayer of block `l`: its output [b, q, d_model] from ln1's output.

@@ -6,5 +6,4 @@ pub mod hooks;
 pub mod memory;
 pub mod metric;
 pub mod nonfinite;
-pub mod tokenize;
 pub mod warm;

@@ -13,9 +13,9 @@ use tch::Device;
 
 use crate::engine::nonfinite::Finding;
 use crate::error::{Error, Result};
-use crate::experiments::context::RunContext;
-use crate::experiments::inputs::Tokenized;
-use crate::experiments::kinds::JobOutput;
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::shared::inputs::Tokenized;
+use crate::kinds::JobOutput;
 use crate::graph::store::Store;
 use crate::graph::Plan;
 use crate::model::Model;
@@ -84,7 +84,7 @@ impl<'env> Pool<'env> {
                     let job = &sh.plan.jobs[id];
                     let t = Instant::now();
                     let mut result = crate::graph::execute::run_and_store(&cx, job, sh.store);
-                    if !baseline_checked && cx.prepared().is_some() {
+                    if !baseline_checked && cx.clean_corrupted_if_made().is_some() {
                         baseline_checked = true;
                         match crate::graph::execute::baseline_finding(&cx) {
                             Ok(Some(f)) if !sh.reported.swap(true, Ordering::SeqCst) => {

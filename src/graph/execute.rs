@@ -10,11 +10,11 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use crate::engine::nonfinite;
-use crate::engine::tokenize::TextTokenizer;
+use crate::model::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::experiments::context::RunContext;
-use crate::experiments::inputs::{first_changed, tokenize, Tokenized};
-use crate::experiments::kinds::JobOutput;
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::shared::inputs::{first_changed, tokenize, Tokenized};
+use crate::kinds::JobOutput;
 use crate::graph::manifest::{JobRecord, Record};
 use crate::graph::patch_groups::{run_here, PatchGroups};
 use crate::graph::shard::{self, Shard};
@@ -136,7 +136,7 @@ pub fn compile_tokenized(
     let (seq, first_diff) = toks.as_ref().map_or((0, 0), |t| (t.clean.size()[1] as usize, first_changed(t)));
     let mut plan = Plan::build(spec, cfg, seq, first_diff);
     let digests = match files {
-        Some(f) => keys::model_digests(f)?,
+        Some(f) => crate::model::digest::model_digests(f)?,
         None => vec![],
     };
     keys::assign(&mut plan, spec, toks.as_ref(), &digests)?;
@@ -249,7 +249,7 @@ pub fn execute_compiled(
                     task if task.is_shared() && needed[job.id] => {
                         let c = cx.as_ref().expect("the model loads before any shared pass");
                         overall.set_message(job.name.clone());
-                        if task == Task::Prepare
+                        if task == Task::CleanCorrupted
                             && plan.jobs.iter().any(|j| j.task == Task::AttributionPass && needed[j.id])
                         {
                             c.expect_attribution_pass();
@@ -257,9 +257,9 @@ pub fn execute_compiled(
                         c.force(task.shared_pass().expect("a shared pass")).map_err(|e| {
                             Error::Other(format!("job [{}] {} on {}: {e}", job.id, job.name, prompts_of(toks.as_ref())))
                         })?;
-                        if task == Task::Prepare {
+                        if task == Task::CleanCorrupted {
                             if let Some(f) = baseline_finding(c)? {
-                                record.found(f, &run_notes, &timings, c.prepared(), toks.as_ref())?;
+                                record.found(f, &run_notes, &timings, c.clean_corrupted_if_made(), toks.as_ref())?;
                             }
                         }
                     }
@@ -323,7 +323,7 @@ pub fn execute_compiled(
                                 f,
                                 &run_notes,
                                 &timings,
-                                cx.as_ref().and_then(|c| c.prepared()),
+                                cx.as_ref().and_then(|c| c.clean_corrupted_if_made()),
                                 toks.as_ref(),
                             )?;
                         }
@@ -360,7 +360,7 @@ pub fn execute_compiled(
                 if matches!(job.task, Task::Write { .. } | Task::Manifest) {
                     record.jobs = records.clone();
                     record.complete = job.task == Task::Manifest;
-                    record.write(&run_notes, &timings, cx.as_ref().and_then(|c| c.prepared()), toks.as_ref())?;
+                    record.write(&run_notes, &timings, cx.as_ref().and_then(|c| c.clean_corrupted_if_made()), toks.as_ref())?;
                 }
             }
             Ok(())
@@ -511,7 +511,7 @@ fn write_run(
         atomic::remove_stale_temps(parent);
     }
     write_parquet(&path, rows)?;
-    let mut note = crate::experiments::kinds::run_note(run, job_notes);
+    let mut note = crate::kinds::run_note(run, job_notes);
     if !note.is_object() {
         note = serde_json::json!({});
     }
@@ -544,7 +544,17 @@ fn warm_up_for(
         WarmUp { tokens: toks.clean.shallow_clone(), mask: toks.mask.as_ref().map(Tensor::shallow_clone), backward };
     let kind = spec.model.kind().ok()?;
     fits(cfg, kind, device, &run).then(|| {
-        (LoadOptions { revision: None, processing: spec.model.processing, device, kind, split: Vec::new() }, run)
+        (
+            LoadOptions {
+                revision: None,
+                processing: spec.model.processing,
+                device,
+                kind,
+                split: Vec::new(),
+                attention: spec.model.attention,
+            },
+            run,
+        )
     })
 }
 
@@ -555,7 +565,7 @@ pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Opt
         &cx.spec.runs[job.task.run().ok_or_else(|| Error::Other(format!("job [{}] is not a work job", job.id)))?];
     let (rows, note) = crate::panics::guarded(&prompts_of(cx.toks), || {
         crate::panics::injected(&job.name);
-        crate::experiments::kinds::run_job(cx, run, job.task.part())
+        crate::kinds::run_job(cx, run, job.task.part())
     })?;
     if let (Some(store), Some(key)) = (store, &job.key) {
         store.put(key, &rows, &note)?;
@@ -574,7 +584,7 @@ pub(crate) fn prompts_of(toks: Option<&Tokenized>) -> String {
 
 /// A NaN baseline: the first hook of the clean (or corrupted) run it comes from.
 pub(crate) fn baseline_finding(cx: &RunContext) -> Result<Option<nonfinite::Finding>> {
-    let (Some(p), Some(t)) = (cx.prepared(), cx.toks) else { return Ok(None) };
+    let (Some(p), Some(t)) = (cx.clean_corrupted_if_made(), cx.toks) else { return Ok(None) };
     let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
     if !bad_clean && p.corrupted_per_prompt.iter().all(|v| v.is_finite()) {
         return Ok(None);

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use crate::engine::nonfinite;
 use crate::error::{Error, Result};
-use crate::experiments::inputs::Tokenized;
-use crate::experiments::prepared::Prepared;
+use crate::kinds::shared::inputs::Tokenized;
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::graph::execute::ModelSource;
 use crate::graph::keys;
 use crate::graph::shard::Shard;
@@ -94,7 +94,7 @@ impl<'a> Record<'a> {
         &self,
         runs: &serde_json::Map<String, serde_json::Value>,
         timings: &BTreeMap<String, f64>,
-        prep: Option<&Prepared>,
+        prep: Option<&CleanCorrupted>,
         toks: Option<&Tokenized>,
     ) -> Result<()> {
         let spec = self.spec;
@@ -136,7 +136,7 @@ impl<'a> Record<'a> {
         f: nonfinite::Finding,
         runs: &serde_json::Map<String, serde_json::Value>,
         timings: &BTreeMap<String, f64>,
-        prep: Option<&Prepared>,
+        prep: Option<&CleanCorrupted>,
         toks: Option<&Tokenized>,
     ) -> Result<()> {
         let message = f.to_string();

@@ -13,8 +13,8 @@ pub mod shard;
 pub mod slurm;
 pub mod store;
 
-use crate::experiments::activation_patching::cells_per_forward;
-use crate::experiments::kinds::{self, Part, Sizing};
+use crate::analysis::patching::cells_per_forward;
+use crate::kinds::{self, Part, Sizing};
 use crate::model::config::ModelConfig;
 use crate::spec::{RunKind, Spec};
 
@@ -24,9 +24,11 @@ use crate::spec::{RunKind, Spec};
 pub enum Task {
     Tokenize,
     Load,
-    /// The clean and corrupted runs every patching run shares.
-    Prepare,
-    /// The corrupted backward every attribution run reads: of the corrupted run of `Prepare`,
+    /// The clean and corrupted runs every patching run shares (`plan --json` has called it
+    /// "prepare" since before the pass had one name; scripts read that).
+    #[serde(rename = "prepare")]
+    CleanCorrupted,
+    /// The corrupted backward every attribution run reads: of the corrupted run of `CleanCorrupted`,
     /// which keeps its graph for it (a replica of a multi-device run that made the clean and
     /// corrupted runs for another job first runs a forward of its own).
     AttributionPass,
@@ -63,18 +65,18 @@ impl Task {
     }
 
     /// The part of its run a work job computes.
-    pub fn part(&self) -> crate::experiments::kinds::Part {
+    pub fn part(&self) -> crate::kinds::Part {
         match *self {
-            Task::Patch { target, layer, .. } => crate::experiments::kinds::Part::TargetLayer { target, layer },
-            _ => crate::experiments::kinds::Part::Whole,
+            Task::Patch { target, layer, .. } => crate::kinds::Part::TargetLayer { target, layer },
+            _ => crate::kinds::Part::Whole,
         }
     }
 
     /// The context's shared pass this job makes, if it is one.
-    pub fn shared_pass(&self) -> Option<crate::experiments::context::SharedPass> {
-        use crate::experiments::context::SharedPass;
+    pub fn shared_pass(&self) -> Option<crate::kinds::shared::context::SharedPass> {
+        use crate::kinds::shared::context::SharedPass;
         match self {
-            Task::Prepare => Some(SharedPass::Prepare),
+            Task::CleanCorrupted => Some(SharedPass::CleanCorrupted),
             Task::AttributionPass => Some(SharedPass::AttributionPass),
             Task::AnalysisCache => Some(SharedPass::AnalysisCache),
             _ => None,
@@ -83,7 +85,7 @@ impl Task {
 
     /// Whether this is a shared pass that work jobs read.
     pub fn is_shared(&self) -> bool {
-        matches!(self, Task::Load | Task::Prepare | Task::AttributionPass | Task::AnalysisCache)
+        matches!(self, Task::Load | Task::CleanCorrupted | Task::AttributionPass | Task::AnalysisCache)
     }
 }
 
@@ -148,7 +150,7 @@ impl Plan {
         let prepare = patching.then(|| {
             let samples = spec.corruption.samples();
             let copies = if samples > 1 { format!(" (x{samples} noise samples)") } else { String::new() };
-            add(format!("clean and corrupted runs{copies}"), inputs.clone(), forwards(Task::Prepare, 2))
+            add(format!("clean and corrupted runs{copies}"), inputs.clone(), forwards(Task::CleanCorrupted, 2))
         });
         let attributing = spec.runs.iter().any(|r| r.kind.needs().attribution_pass);
         let atp_pass = attributing.then(|| {

@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::Schedule;
-use crate::experiments::context::RunContext;
-use crate::experiments::kinds::JobOutput;
+use crate::analysis::patching::Schedule;
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::JobOutput;
 use crate::graph::execute::{prompts_of, run_and_store};
 use crate::graph::{Job, Plan, Task};
 use crate::output::table::Row;
@@ -92,7 +92,7 @@ fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, 
 
 /// Runs a group of patching jobs together.
 fn run_patch_group(cx: &RunContext, plan: &Plan, group: &[usize]) -> Result<Vec<JobOutput>> {
-    let jobs: Vec<(&crate::spec::RunSpec, crate::experiments::kinds::Part)> = group
+    let jobs: Vec<(&crate::spec::RunSpec, crate::kinds::Part)> = group
         .iter()
         .map(|&id| {
             let task = plan.jobs[id].task;
@@ -104,6 +104,6 @@ fn run_patch_group(cx: &RunContext, plan: &Plan, group: &[usize]) -> Result<Vec<
         for &id in group {
             crate::panics::injected(&plan.jobs[id].name);
         }
-        crate::experiments::kinds::activation_patching::patch_together(cx, &jobs)
+        crate::kinds::activation_patching::patch_together(cx, &jobs)
     })
 }

@@ -2,18 +2,19 @@
 //! hook points. One file per family translates a checkpoint; nothing downstream knows families.
 pub mod checkpoint;
 pub mod config;
+pub mod digest;
 pub mod families;
 pub mod gguf;
 pub mod hook_point;
 pub mod mapped;
 pub mod process;
 pub mod source;
+pub mod tokenize;
 pub mod weights;
 
 use tch::{Device, Kind};
 
-use crate::engine::attention::AttentionKernel;
-use crate::engine::tokenize::TextTokenizer;
+use crate::model::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
 use config::{ModelConfig, Processing};
 use hook_point::HookPoint;
@@ -30,6 +31,34 @@ pub struct LoadOptions {
     /// layers 0..k on the first, ...), embedding on the first, final norm and unembedding on
     /// the last; `device` is then ignored.
     pub split: Vec<Device>,
+    /// How attention's z is computed where no hook reads its steps.
+    pub attention: AttentionKernel,
+}
+
+/// How z is computed where the fused kernel may be used (`Model::fuses_attention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// libtorch's scaled_dot_product_attention (the default) in f32 and f64.
+    #[default]
+    Fused,
+    /// The explicit steps in every forward (a bench compares the two: `--attention explicit`).
+    Explicit,
+}
+
+impl AttentionKernel {
+    pub fn is_fused(&self) -> bool {
+        *self == AttentionKernel::Fused
+    }
+
+    /// `--attention` and `[model] attention`.
+    pub fn parse(s: &str) -> Option<AttentionKernel> {
+        match s {
+            "fused" => Some(AttentionKernel::Fused),
+            "explicit" => Some(AttentionKernel::Explicit),
+            _ => None,
+        }
+    }
 }
 
 impl Default for LoadOptions {
@@ -40,6 +69,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
             split: Vec::new(),
+            attention: AttentionKernel::Fused,
         }
     }
 }
@@ -334,7 +364,7 @@ impl Model {
             device,
             layer_devices,
             kind: opts.kind,
-            attention_kernel: AttentionKernel::from_env(),
+            attention_kernel: opts.attention,
             tokenizer: None,
             files: None,
         })

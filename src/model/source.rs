@@ -158,7 +158,7 @@ impl Hub {
         if !fresh {
             return Ok(());
         }
-        let actual = crate::graph::keys::file_digest(&blob)?;
+        let actual = crate::model::digest::file_digest(&blob)?;
         if actual != expected {
             let _ = std::fs::remove_file(&blob);
             return Err(Error::Load {

@@ -107,7 +107,7 @@ fn load(m: &Value) -> std::result::Result<Model, String> {
         .flatten()
         .filter_map(|w| w.get("sha256").and_then(Value::as_str))
         .collect();
-    let here = crate::graph::keys::model_digests(&files).map_err(not_here)?;
+    let here = crate::model::digest::model_digests(&files).map_err(not_here)?;
     let differ = files
         .weights
         .iter()
@@ -117,6 +117,6 @@ fn load(m: &Value) -> std::result::Result<Model, String> {
             "the weights of {id} here are not the ones the run used (sha256 differs from the manifest's)"
         ));
     }
-    let opts = LoadOptions { revision, processing, device, kind, split: Vec::new() };
+    let opts = LoadOptions { revision, processing, device, kind, ..LoadOptions::default() };
     Model::load(id, &opts).map_err(not_here)
 }

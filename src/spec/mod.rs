@@ -5,7 +5,6 @@ pub mod corruption;
 pub mod prompts;
 pub mod raw;
 pub mod resolve;
-pub mod runs;
 
 pub use corruption::Corruption;
 pub use resolve::{resolve_file, resolve_file_with_prompts, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};

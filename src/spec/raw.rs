@@ -34,6 +34,8 @@ pub struct RawModel {
     pub center_unembed: Option<bool>,
     pub fold_value_biases: Option<bool>,
     pub prepend_bos: Option<bool>,
+    /// "fused" (libtorch's kernel where no hook reads attention's steps) or "explicit".
+    pub attention: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

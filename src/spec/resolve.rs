@@ -5,13 +5,14 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::engine::metric::MetricKind;
-use crate::experiments::head_scores::Detection;
+use crate::analysis::head_detector::Detection;
 use crate::model::config::Processing;
+use crate::model::AttentionKernel;
 use crate::spec::corruption::{replace_words, resolve_prompts, Corruption};
 use crate::spec::prompts::PromptPair;
 use crate::spec::raw::*;
-pub use crate::spec::runs::RunKind;
-use crate::spec::runs::{resolve_kind, HeadSource};
+pub use crate::kinds::options::RunKind;
+use crate::kinds::options::{resolve_kind, HeadSource};
 use crate::spec::{line_col, Diagnostic, SpecErrors};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -28,6 +29,10 @@ pub struct ModelSpec {
     pub split_layers: bool,
     /// float32 | bfloat16 | float16: weights are processed in f32, then cast to this.
     pub dtype: String,
+    /// How z is computed where no hook reads attention's steps. Recorded (and keyed) only when
+    /// not the default, so manifests and keys of default runs did not change when it was added.
+    #[serde(skip_serializing_if = "AttentionKernel::is_fused")]
+    pub attention: AttentionKernel,
 }
 
 impl ModelSpec {
@@ -138,7 +143,7 @@ impl RunSpec {
                 }
             }
             RunKind::HeadScores {
-                source: crate::spec::runs::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. },
+                source: crate::kinds::options::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. },
                 ..
             } => {
                 // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
@@ -535,5 +540,12 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
         split_layers: m.split_layers.as_ref().is_some_and(|s| *s.get_ref()),
         devices,
         dtype: m.dtype.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "float32".into()),
+        attention: crate::kinds::options::choice(
+            cx,
+            &m.attention,
+            "model.attention".into(),
+            &[("fused", AttentionKernel::Fused), ("explicit", AttentionKernel::Explicit)],
+            AttentionKernel::Fused,
+        ),
     }
 }

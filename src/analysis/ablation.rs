@@ -138,7 +138,7 @@ fn edit_mask(site: Site, act: &[i64], groups: &[Vec<Option<i64>>], positions: Op
 pub struct AblationOutcome {
     pub baseline: Vec<f64>,
     pub cells: Vec<(Vec<Unit>, Vec<f64>)>,
-    pub dla: Option<Vec<crate::experiments::cache_analysis::Component>>,
+    pub dla: Option<Vec<crate::analysis::activation_cache::Component>>,
     pub forwards: usize,
 }
 
@@ -243,7 +243,7 @@ pub fn run_ablation(
     let positions = spec.positions.as_deref();
     if spec.units.is_none() {
         // Sweep: each unit in turn, many per forward, each forward from the unit's layer.
-        let budget = crate::experiments::activation_patching::cells_per_forward(&model.cfg, n, seq, model.device);
+        let budget = crate::analysis::patching::cells_per_forward(&model.cfg, n, seq, model.device);
         let per_forward = if spec.measure == Measure::Loss { (budget / 8).max(1) } else { budget };
         for l in 0..n_layers {
             let layer_units: Vec<Unit> = units.iter().filter(|u| u.layer == l).copied().collect();
@@ -256,7 +256,7 @@ pub fn run_ablation(
                 let source = if v.size()[0] == 1 {
                     v.shallow_clone()
                 } else {
-                    v.repeat(crate::experiments::activation_patching::repeat_dims(k, v.dim()))
+                    v.repeat(crate::analysis::patching::repeat_dims(k, v.dim()))
                 };
                 let mut hooks = Hooks::new().intervene(point(l), Intervention::new(Edit::Where { mask, source }));
                 let resid = clean_hooks.cache[&HookPoint::Block(l, Site::ResidPre)].repeat([k, 1, 1]);
@@ -290,12 +290,12 @@ pub fn run_ablation(
         hooks.add_intervention(point(l), Intervention::new(Edit::Where { mask, source: values(l) }));
     }
     if spec.measure == Measure::DirectLogitAttribution {
-        let dla = crate::experiments::cache_analysis::direct_logit_attribution(
+        let dla = crate::analysis::activation_cache::direct_logit_attribution(
             model,
             inp.tokens,
             inp.mask,
             inp.metric,
-            crate::experiments::cache_analysis::DlaOver::Head,
+            crate::analysis::activation_cache::DlaOver::Head,
             hooks,
         )?;
         progress(1);

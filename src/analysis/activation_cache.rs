@@ -25,7 +25,7 @@ pub struct Component {
 
 impl Component {
     pub fn mean(&self) -> f64 {
-        crate::experiments::mean(&self.per_prompt)
+        crate::analysis::mean(&self.per_prompt)
     }
 }
 

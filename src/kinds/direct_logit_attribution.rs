@@ -1,9 +1,9 @@
 //! direct_logit_attribution: the final residual decomposed into layers, heads or neurons, each
 //! along the answer direction (apply_ln_to_stack).
 use crate::error::{Error, Result};
-use crate::experiments::cache_analysis::{self, Component, DlaOver};
-use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::analysis::activation_cache::{self, Component, DlaOver};
+use crate::kinds::shared::context::{component_rows, RunContext};
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
@@ -33,7 +33,7 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
 
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let RunKind::DirectLogitAttribution { over } = &run.kind else { return Ok(Captures::default()) };
-    Ok(Captures { analysis_points: cache_analysis::dla_points(model, *over), ..Captures::default() })
+    Ok(Captures { analysis_points: activation_cache::dla_points(model, *over), ..Captures::default() })
 }
 
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
@@ -73,7 +73,7 @@ fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
 fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<JobOutput> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
-    let comps = cache_analysis::dla_from(cx.model, cx.analysis_cache()?, &metric, over)?;
+    let comps = activation_cache::dla_from(cx.model, cx.analysis_cache()?, &metric, over)?;
     let mut rows = Vec::new();
     component_rows(cx, &run.name, "direct_logit_attribution", &comps, toks.clean.size()[1] - 1, &mut rows);
     let total: f64 = comps.iter().map(Component::mean).sum();

@@ -3,15 +3,15 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::cannot_change;
-use crate::experiments::activation_patching::{cells_at, sweep_together, Schedule, Target};
-use crate::experiments::context::{per_prompt, with_prompts, CellRows, RunContext};
-use crate::experiments::kinds::{Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::analysis::patching::cannot_change;
+use crate::analysis::patching::{cells_at, sweep_together, Schedule, Target};
+use crate::kinds::shared::context::{per_prompt, with_prompts, CellRows, RunContext};
+use crate::kinds::{Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::runs::resolve_patch_targets;
+use crate::kinds::options::resolve_patch_targets;
 use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
@@ -75,9 +75,9 @@ fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> {
 
 /// Activation patching of several (run, target, layer) jobs, each the cells of one target at one
 /// layer in TransformerLens's order: the jobs at one layer share their forwards
-/// (activation_patching::sweep_together). One (rows, note) per job, in the order given.
+/// (analysis::patching::sweep_together). One (rows, note) per job, in the order given.
 pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<JobOutput>> {
-    let (model, prep) = (cx.model, cx.prep()?);
+    let (model, prep) = (cx.model, cx.clean_corrupted()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
     let norm = |v: f64| if cx.spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };

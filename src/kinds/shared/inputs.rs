@@ -5,9 +5,9 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::engine::metric::Metric;
-use crate::engine::tokenize::{TextTokenizer, TokenBatch};
+use crate::model::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
-use crate::experiments::prepared::{Corrupt, Prepared};
+use crate::analysis::clean_corrupted::{Corrupt, CleanCorrupted};
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::spec::{Corruption, Spec};
@@ -215,7 +215,7 @@ pub fn tokenize(
     }
     // A tokenizer larger than the model's embedding gives ids the model has no row for.
     let in_vocab = |id: i64, what: String| {
-        crate::engine::tokenize::check_in_vocab(tok, id, cfg.d_vocab).map_err(|e| Error::Config(format!("{what}: {e}")))
+        crate::model::tokenize::check_in_vocab(tok, id, cfg.d_vocab).map_err(|e| Error::Config(format!("{what}: {e}")))
     };
     for (i, (&c, w)) in correct.iter().zip(incorrect.iter().map(Some).chain(std::iter::repeat(None))).enumerate() {
         in_vocab(c, format!("prompt {i}: the correct answer"))?;
@@ -270,7 +270,7 @@ pub fn tokenize(
 pub fn first_changed(toks: &Tokenized) -> i64 {
     let seq = toks.clean.size()[1];
     match (&toks.corrupted, &toks.noised) {
-        (Some(c), _) => crate::experiments::prepared::first_difference(&toks.clean, c),
+        (Some(c), _) => crate::analysis::clean_corrupted::first_difference(&toks.clean, c),
         (None, Some(noised)) => {
             let any: Vec<bool> = Vec::try_from(noised.any_dims(&[0i64][..], false)).unwrap_or_default();
             any.iter().position(|b| *b).map_or(seq, |p| p as i64)
@@ -296,11 +296,11 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
 
 /// The clean and corrupted runs every patching run of the spec shares.
 /// With `grad_points`, the corrupted run is kept for the attribution pass's backward there.
-pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized, grad_points: &[HookPoint]) -> Result<Prepared> {
+pub(crate) fn clean_corrupted_pass(spec: &Spec, model: &Model, toks: &Tokenized, grad_points: &[HookPoint]) -> Result<CleanCorrupted> {
     // The union of the sites every run's kind says the clean run caches.
     let mut sites: Vec<Site> = Vec::new();
     for r in &spec.runs {
-        for s in crate::experiments::kinds::captures(r, model)?.clean_sites {
+        for s in crate::kinds::captures(r, model)?.clean_sites {
             if !sites.contains(&s) {
                 sites.push(s);
             }
@@ -321,5 +321,5 @@ pub(crate) fn prepare(spec: &Spec, model: &Model, toks: &Tokenized, grad_points:
         (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
         _ => return Err(Error::Other("patching needs a corruption".into())),
     };
-    Prepared::keeping_gradients(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites, grad_points)
+    CleanCorrupted::keeping_gradients(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites, grad_points)
 }

@@ -9,8 +9,8 @@ use tch::{Kind, Tensor};
 
 use crate::engine::hooks::{Edit, Intervention};
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::{cells_at, Axes, Cell, Target};
-use crate::experiments::prepared::Prepared;
+use crate::analysis::patching::{cells_at, Axes, Cell, Target};
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
@@ -63,7 +63,7 @@ fn stop_gradient(x: &Tensor) -> Result<Tensor> {
 /// through the outputs of `cut_layer` (attn_out and mlp_out) stopped when given.
 fn forward_backward(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     points: &[HookPoint],
     cut_layer: Option<usize>,
 ) -> Result<(HashMap<HookPoint, Tensor>, HashMap<HookPoint, Tensor>)> {
@@ -207,7 +207,7 @@ pub struct Pass {
 }
 
 impl Pass {
-    pub fn new(model: &Model, prep: &Prepared, points: &[HookPoint]) -> Result<Pass> {
+    pub fn new(model: &Model, prep: &CleanCorrupted, points: &[HookPoint]) -> Result<Pass> {
         let (acts, grads) = match prep.take_pending_backward(points) {
             // The clean and corrupted runs kept the corrupted forward's graph for this pass.
             Some(kept) => backward(&kept.total, points, &kept.acts)?,
@@ -226,7 +226,7 @@ impl Pass {
 /// estimate per prompt too.
 pub fn attribute_with(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     pass: &Pass,
     targets: &[Target],
     layers: &[usize],

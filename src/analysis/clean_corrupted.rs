@@ -8,7 +8,7 @@ use crate::engine::forward::Prefix;
 use crate::engine::hooks::{Edit, Intervention};
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
-use crate::experiments::mean;
+use crate::analysis::mean;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
@@ -21,7 +21,7 @@ pub enum Corrupt {
     EmbedNoise { noise: Tensor, first: i64 },
 }
 
-pub struct Prepared {
+pub struct CleanCorrupted {
     pub clean_tokens: Tensor,
     pub corrupted_tokens: Tensor,
     /// Added to the corrupted run's token embeddings (noise corruption).
@@ -54,7 +54,7 @@ pub struct PendingBackward {
     pub acts: HashMap<HookPoint, Tensor>,
 }
 
-impl Prepared {
+impl CleanCorrupted {
     /// Runs the clean and corrupted batches once, caching what the sweeps need.
     pub fn new(
         model: &Model,
@@ -142,7 +142,7 @@ impl Prepared {
             let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
             Prefix { len, keys, values }
         });
-        Ok(Prepared {
+        Ok(CleanCorrupted {
             clean_tokens,
             corrupted_tokens,
             corrupt_embed,

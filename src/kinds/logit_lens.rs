@@ -1,14 +1,14 @@
 //! logit_lens: the accumulated residual stream at every layer read through the final norm, along
 //! the answer direction, with the top-k next tokens per label.
 use crate::error::{Error, Result};
-use crate::experiments::cache_analysis::{self, LensPositions};
-use crate::experiments::context::{component_rows, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::analysis::activation_cache::{self, LensPositions};
+use crate::kinds::shared::context::{component_rows, RunContext};
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::runs::{choice, positive};
+use crate::kinds::options::{choice, positive};
 use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
@@ -48,7 +48,7 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let RunKind::LogitLens { incl_mid, .. } = &run.kind else { return Ok(Captures::default()) };
     Ok(Captures {
-        analysis_points: cache_analysis::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(),
+        analysis_points: activation_cache::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(),
         ..Captures::default()
     })
 }
@@ -67,7 +67,7 @@ fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
 fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: LensPositions) -> Result<JobOutput> {
     let toks = cx.toks()?;
     let metric = cx.metric()?;
-    let (comps, top) = cache_analysis::logit_lens_from(cx.model, cx.analysis_cache()?, &metric, incl_mid, top_k, at)?;
+    let (comps, top) = activation_cache::logit_lens_from(cx.model, cx.analysis_cache()?, &metric, incl_mid, top_k, at)?;
     let last = toks.clean.size()[1] - 1;
     let mut rows = Vec::new();
     component_rows(cx, &run.name, "logit_lens", &comps, last, &mut rows);

@@ -3,19 +3,19 @@
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::cells_at;
-use crate::experiments::activation_patching::{sweep_cells, Axes, Cell, Target};
-use crate::experiments::attribution::{attribute_with, correlations, AtpOptions};
-use crate::experiments::attribution::{clean_sites, points_for};
-use crate::experiments::context::{per_prompt, CellRows, RunContext};
-use crate::experiments::inputs::token_at;
-use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::analysis::patching::cells_at;
+use crate::analysis::patching::{sweep_cells, Axes, Cell, Target};
+use crate::analysis::attribution::{attribute_with, correlations, AtpOptions};
+use crate::analysis::attribution::{clean_sites, points_for};
+use crate::kinds::shared::context::{per_prompt, CellRows, RunContext};
+use crate::kinds::shared::inputs::token_at;
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::hook_point::Site;
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::runs::{positive, resolve_patch_targets};
+use crate::kinds::options::{positive, resolve_patch_targets};
 use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
@@ -107,7 +107,7 @@ fn attribution_patching(
     options: AtpOptions,
     verify_top: usize,
 ) -> Result<JobOutput> {
-    let (model, prep) = (cx.model, cx.prep()?);
+    let (model, prep) = (cx.model, cx.clean_corrupted()?);
     let n = cx.toks()?.n_prompts();
     let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
     // Attribution estimates a change from the corrupted run: normalising divides by the gap.
@@ -176,7 +176,7 @@ fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
 fn push_cell_rows(
     rows: &mut Vec<Row>,
     run: &RunSpec,
-    a: &crate::experiments::attribution::Attribution,
+    a: &crate::analysis::attribution::Attribution,
     patched: &[Option<(f64, Vec<f64>)>],
     scale: f64,
     n: usize,

@@ -4,12 +4,12 @@ use std::path::Path;
 
 use toml::Spanned;
 
-use crate::experiments::ablation::AblationSpec;
-use crate::experiments::activation_patching::{Axes, Target};
-use crate::experiments::attribution::AtpOptions;
-use crate::experiments::cache_analysis::{DlaOver, LensPositions};
-use crate::experiments::head_scores::{DetectOptions, Detection};
-use crate::experiments::kinds;
+use crate::analysis::ablation::AblationSpec;
+use crate::analysis::patching::{Axes, Target};
+use crate::analysis::attribution::AtpOptions;
+use crate::analysis::activation_cache::{DlaOver, LensPositions};
+use crate::analysis::head_detector::{DetectOptions, Detection};
+use crate::kinds;
 use crate::model::hook_point::{nearest, Site};
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;

@@ -8,11 +8,11 @@ use tch::Tensor;
 
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
-use crate::experiments::activation_patching::Cell;
-use crate::experiments::attribution::Pass;
-use crate::experiments::cache_analysis::Component;
-use crate::experiments::inputs::Tokenized;
-use crate::experiments::prepared::Prepared;
+use crate::analysis::patching::Cell;
+use crate::analysis::attribution::Pass;
+use crate::analysis::activation_cache::Component;
+use crate::kinds::shared::inputs::Tokenized;
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
@@ -27,7 +27,7 @@ pub struct RunContext<'a> {
     /// Where job progress bars go (None: no bars).
     pub progress: Option<MultiProgress>,
     /// The clean and corrupted runs every patching run shares.
-    prep: OnceCell<Prepared>,
+    prep: OnceCell<CleanCorrupted>,
     /// The corrupted backward every attribution run reads (of the corrupted run, kept for it),
     /// made on first use for the union of their hook points.
     atp_pass: OnceCell<Pass>,
@@ -55,14 +55,14 @@ impl<'a> RunContext<'a> {
     /// Runs a shared pass now (its job in the graph).
     pub fn force(&self, pass: SharedPass) -> Result<()> {
         match pass {
-            SharedPass::Prepare => self.prep().map(|_| ()),
+            SharedPass::CleanCorrupted => self.clean_corrupted().map(|_| ()),
             SharedPass::AttributionPass => self.atp_pass().map(|_| ()),
             SharedPass::AnalysisCache => self.analysis_cache().map(|_| ()),
         }
     }
 
     /// The shared clean and corrupted runs, if made.
-    pub fn prepared(&self) -> Option<&Prepared> {
+    pub fn clean_corrupted_if_made(&self) -> Option<&CleanCorrupted> {
         self.prep.get()
     }
 
@@ -77,7 +77,7 @@ impl<'a> RunContext<'a> {
     fn gradient_points(&self) -> Result<Vec<HookPoint>> {
         let mut points: Vec<HookPoint> = Vec::new();
         for r in &self.spec.runs {
-            points.extend(crate::experiments::kinds::captures(r, self.model)?.gradient_points);
+            points.extend(crate::kinds::captures(r, self.model)?.gradient_points);
         }
         points.sort_by_key(|p| p.to_string());
         points.dedup();
@@ -91,7 +91,7 @@ impl<'a> RunContext<'a> {
                 self.attribution_follows.set(true);
             }
             let points = self.gradient_points()?;
-            let _ = self.atp_pass.set(Pass::new(self.model, self.prep()?, &points)?);
+            let _ = self.atp_pass.set(Pass::new(self.model, self.clean_corrupted()?, &points)?);
         }
         Ok(self.atp_pass.get().expect("set above"))
     }
@@ -101,7 +101,7 @@ impl<'a> RunContext<'a> {
             let model = self.model;
             let mut points: Vec<HookPoint> = Vec::new();
             for r in &self.spec.runs {
-                points.extend(crate::experiments::kinds::captures(r, model)?.analysis_points);
+                points.extend(crate::kinds::captures(r, model)?.analysis_points);
             }
             let toks = self.toks()?;
             let mut hooks = crate::Hooks::capture(points);
@@ -115,7 +115,7 @@ impl<'a> RunContext<'a> {
     pub(crate) fn toks(&self) -> Result<&Tokenized> {
         self.toks.ok_or_else(|| Error::Other("this run needs prompts".into()))
     }
-    pub fn prep(&self) -> Result<&Prepared> {
+    pub fn clean_corrupted(&self) -> Result<&CleanCorrupted> {
         if self.prep.get().is_none() {
             let grad_points = if self.attribution_follows.get() && self.atp_pass.get().is_none() {
                 self.gradient_points()?
@@ -123,7 +123,7 @@ impl<'a> RunContext<'a> {
                 Vec::new()
             };
             let p = crate::panics::guarded("the clean and corrupted runs", || {
-                crate::experiments::inputs::prepare(self.spec, self.model, self.toks()?, &grad_points)
+                crate::kinds::shared::inputs::clean_corrupted_pass(self.spec, self.model, self.toks()?, &grad_points)
             })?;
             tracing::info!(
                 clean = p.clean_baseline(),
@@ -224,7 +224,7 @@ impl<'a> CellRows<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SharedPass {
     /// The clean and corrupted runs every patching run shares.
-    Prepare,
+    CleanCorrupted,
     /// The corrupted backward every attribution run reads.
     AttributionPass,
     /// The clean run caching what logit-lens, DLA and head-score runs read.

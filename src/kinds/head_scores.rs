@@ -3,15 +3,15 @@
 use toml::Spanned;
 
 use crate::error::{Error, Result};
-use crate::experiments::context::RunContext;
-use crate::experiments::head_scores::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::shared::context::RunContext;
+use crate::analysis::head_detector::{self, DetectOptions, Detection, ErrorMeasure};
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::runs::{choice, positive, HeadSource};
+use crate::kinds::options::{choice, positive, HeadSource};
 use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
@@ -54,7 +54,7 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
     let prompts = matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
     Ok(Captures {
-        analysis_points: if prompts { head_scores::pattern_points(model) } else { vec![] },
+        analysis_points: if prompts { head_detector::pattern_points(model) } else { vec![] },
         ..Captures::default()
     })
 }
@@ -223,7 +223,7 @@ fn head_score_rows(
             let toks = cx.toks()?;
             let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
             let scores =
-                head_scores::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+                head_detector::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
             for ((name, _), s) in detections.iter().zip(&scores) {
                 push(name, "prompts", s);
             }
@@ -235,8 +235,8 @@ fn head_score_rows(
             if hi > v || 2 * seq_len > model.cfg.n_ctx as i64 {
                 return Err(Error::Config(format!("repeated random tokens need token_range within the vocabulary (0..{v}) and 2·seq_len <= {} positions", model.cfg.n_ctx)));
             }
-            let tokens = head_scores::repeated_random_tokens(*seed, *batch, *seq_len, lo, hi);
-            for (name, s) in head_scores::repeated_stripes(model, &tokens)? {
+            let tokens = head_detector::repeated_random_tokens(*seed, *batch, *seq_len, lo, hi);
+            for (name, s) in head_detector::repeated_stripes(model, &tokens)? {
                 push(name, "repeated_random", &s);
             }
             serde_json::json!({"source": "repeated_random", "seq_len": seq_len, "batch": batch, "seed": seed, "token_range": [lo, hi]})

@@ -8,11 +8,13 @@ pub mod attribution_patching;
 pub mod direct_logit_attribution;
 pub mod head_scores;
 pub mod logit_lens;
+pub mod options;
+pub mod shared;
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::experiments::context::RunContext;
+use crate::kinds::shared::context::RunContext;
 use crate::model::config::ModelConfig;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
@@ -85,7 +87,7 @@ impl Sizing<'_> {
     /// Work of patched forwards of `cells` at `layer`: batches of cells × n prompts, from the
     /// patched layer on, over the positions after the shared prefix.
     pub fn patch_cost(&self, cells: usize, layer: usize) -> f64 {
-        let skip = crate::experiments::prepared::shared_prefix_len(self.first_diff, self.seq as i64).unwrap_or(0);
+        let skip = crate::analysis::clean_corrupted::shared_prefix_len(self.first_diff, self.seq as i64).unwrap_or(0);
         let rows = (cells * self.n) as f64;
         rows * (self.cfg.n_layers - layer.min(self.cfg.n_layers)) as f64
             * ((self.seq - skip).max(1) as f64 / self.seq.max(1) as f64)
@@ -211,7 +213,7 @@ mod tests {
         // A prefix of 4 positions: 6 of 10 computed.
         assert_eq!(z(4).patch_cost(3, 1), 18.0 * 0.6);
         for (first_diff, reused) in [(0, None), (4, Some(4)), (9, Some(9)), (10, None)] {
-            assert_eq!(crate::experiments::prepared::shared_prefix_len(first_diff, 10), reused);
+            assert_eq!(crate::analysis::clean_corrupted::shared_prefix_len(first_diff, 10), reused);
         }
     }
 }

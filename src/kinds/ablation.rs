@@ -4,19 +4,19 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::experiments::ablation::{
+use crate::analysis::ablation::{
     run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit,
 };
-use crate::experiments::cache_analysis::{self, Component, DlaOver};
-use crate::experiments::context::{component_rows, with_prompts, RunContext};
-use crate::experiments::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
-use crate::experiments::mean;
+use crate::analysis::activation_cache::{self, Component, DlaOver};
+use crate::kinds::shared::context::{component_rows, with_prompts, RunContext};
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::analysis::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::runs::choice;
+use crate::kinds::options::choice;
 use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
@@ -56,7 +56,7 @@ fn captures(_: &RunSpec, _: &Model) -> Result<Captures> {
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     let RunKind::Ablation(a) = &run.kind else { return vec![] };
     let together = a.units.is_some() || a.top_dla_heads.is_some();
-    let units = if together { 1 } else { crate::experiments::ablation::all_units(z.cfg, a.site).len() };
+    let units = if together { 1 } else { crate::analysis::ablation::all_units(z.cfg, a.site).len() };
     let what = if together { "units together".to_string() } else { format!("each of {units} units in turn") };
     vec![JobDraft {
         cells: units,
@@ -203,7 +203,7 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
     // The top name movers of this model: the heads with the largest clean-run DLA.
     let mut a = a.clone();
     if let Some(k) = a.top_dla_heads {
-        let comps = cache_analysis::direct_logit_attribution(
+        let comps = activation_cache::direct_logit_attribution(
             model,
             &toks.clean,
             toks.mask.as_ref(),
@@ -216,7 +216,7 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
         a.units = Some(order.iter().take(k).map(|c| Unit { layer: c.layer.unwrap_or(0), index: c.head }).collect());
     }
     let a = &a;
-    let total = if a.units.is_some() { 1 } else { crate::experiments::ablation::all_units(&model.cfg, a.site).len() };
+    let total = if a.units.is_some() { 1 } else { crate::analysis::ablation::all_units(&model.cfg, a.site).len() };
     let pb = cx.bar(total, format!("{}: ablate {}", run.name, a.site.name()));
     let t = Instant::now();
     let out: AblationOutcome = run_ablation(model, a, &inputs, |k| pb.inc(k as u64))?;

@@ -5,7 +5,7 @@ use tch::{Kind, Tensor};
 
 use crate::engine::hooks::{Edit, Intervention, Sel};
 use crate::error::{Error, Result};
-use crate::experiments::prepared::Prepared;
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
@@ -88,7 +88,7 @@ pub struct Sweep {
 
 impl Sweep {
     pub fn mean(&self, cell: usize) -> f64 {
-        crate::experiments::mean(&self.per_prompt[cell])
+        crate::analysis::mean(&self.per_prompt[cell])
     }
 }
 
@@ -197,14 +197,14 @@ pub(crate) fn cells_per_forward(c: &crate::model::config::ModelConfig, n: i64, s
 }
 
 /// Runs one target's sweep over every layer (or only `layers`). `progress` gets cells done.
-pub fn sweep(model: &Model, prep: &Prepared, target: Target, progress: impl FnMut(usize)) -> Result<Sweep> {
+pub fn sweep(model: &Model, prep: &CleanCorrupted, target: Target, progress: impl FnMut(usize)) -> Result<Sweep> {
     let all: Vec<usize> = (0..model.cfg.n_layers).collect();
     sweep_layers(model, prep, target, &all, progress)
 }
 
 pub fn sweep_layers(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     target: Target,
     layers: &[usize],
     progress: impl FnMut(usize),
@@ -227,7 +227,7 @@ pub fn sweep_layers(
 /// attribution) in batched forwards grouped by layer; results in the order given.
 pub fn sweep_cells(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     target: Target,
     cells: &[Cell],
     progress: impl FnMut(usize),
@@ -289,7 +289,7 @@ struct Progress<'a> {
 /// forward of its part alone. One sweep per part, cells in the order given.
 pub fn sweep_together(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     progress: impl FnMut(usize),
 ) -> Result<Vec<Sweep>> {
@@ -299,7 +299,7 @@ pub fn sweep_together(
 /// `sweep_together` with the schedule given rather than the device's.
 pub fn sweep_scheduled(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     schedule: Schedule,
     mut progress: impl FnMut(usize),
@@ -380,21 +380,21 @@ pub fn sweep_scheduled(
 
 /// With a key-value prefix only the positions after it are computed: (prefix length, positions
 /// computed).
-fn computed_positions(prep: &Prepared) -> (i64, i64) {
+fn computed_positions(prep: &CleanCorrupted) -> (i64, i64) {
     let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
     (skip, prep.seq_len() - skip)
 }
 
 /// The corrupted run's residual entering `layer` (computed positions), once per cell of `k`:
 /// the rows a forward from `layer` starts from.
-fn corrupted_rows(prep: &Prepared, layer: usize, k: i64) -> Tensor {
+fn corrupted_rows(prep: &CleanCorrupted, layer: usize, k: i64) -> Tensor {
     let (skip, computed) = computed_positions(prep);
     prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1])
 }
 
 /// `target`'s clean activation at `layer`, computed positions only (the query axis of
 /// patterns, the position axis of everything else).
-fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
+fn clean_at(prep: &CleanCorrupted, target: Target, layer: usize) -> Result<Tensor> {
     let (skip, computed) = computed_positions(prep);
     let point = HookPoint::Block(layer, target.site);
     let full =
@@ -407,7 +407,7 @@ fn clean_at(prep: &Prepared, target: Target, layer: usize) -> Result<Tensor> {
 /// `offset` of the batch and run to its end.
 fn patches(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     layer: usize,
     chunk: &[(usize, usize)],
@@ -457,7 +457,7 @@ fn last_block_stop(model: &Model, layer: usize) -> Stop {
 /// jobs share its forwards.)
 fn patch_layer(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     layer: usize,
     todo: &[(usize, usize)],
@@ -514,7 +514,7 @@ fn patch_layer(
 /// one instead, each chunked and halved as it needs.
 fn patch_staircase(
     model: &Model,
-    prep: &Prepared,
+    prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     window: Vec<(usize, Vec<(usize, usize)>)>,
     state: &mut Progress,
