@@ -11,6 +11,9 @@ out="${2:?usage: output_digests.sh BIN OUT}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 rm -rf "$out" && mkdir -p "$out"
+# Job keys name the binary that computed them (graph/keys.rs engine_id); pinned, so that two
+# builds' keys compare.
+export TL_RUN_ENGINE_ID=output-digests
 "$bin" check configs/zoo-ci.toml --quiet --out "$out/check" > "$out/check.txt" || true
 for fam in gpt2-tiny gptj-tiny; do
   "$bin" run experiments/causal_tracing.toml --quiet --model-id "fixtures/$fam" --out "$out/ct-$fam" --fresh > /dev/null

@@ -1,11 +1,11 @@
 //! tl-run: mechanistic-interpretability experiments on transformer language models, numerically
 //! equal to TransformerLens. The binary is a thin layer over this library.
+pub mod analysis;
 pub mod check;
 pub mod engine;
 pub mod error;
-pub mod analysis;
-pub mod kinds;
 pub mod graph;
+pub mod kinds;
 pub mod model;
 pub mod output;
 pub mod panics;

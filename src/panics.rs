@@ -50,7 +50,7 @@ pub fn guarded<T>(what: &str, f: impl FnOnce() -> crate::Result<T>) -> crate::Re
         Err(payload) => {
             let message = take_message(payload.as_ref());
             // A failed allocation is the input's size meeting the device's memory, not a defect.
-            if crate::engine::memory::is_out_of_memory(&message) {
+            if crate::error::is_out_of_memory(&message) {
                 let asked = requested_bytes(&message)
                     .map(|b| format!(" (it asked for {:.1} GiB at once)", b as f64 / (1u64 << 30) as f64))
                     .unwrap_or_default();

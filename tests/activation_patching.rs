@@ -6,9 +6,9 @@ mod common;
 
 use common::*;
 use tch::{Kind, Tensor};
-use tl_run::engine::metric::{Metric, MetricKind};
+use tl_run::analysis::clean_corrupted::{CleanCorrupted, Corrupt};
 use tl_run::analysis::patching::{sweep, sweep_scheduled, Axes, Schedule, Target};
-use tl_run::analysis::clean_corrupted::{Corrupt, CleanCorrupted};
+use tl_run::engine::metric::{Metric, MetricKind};
 use tl_run::model::config::Processing;
 use tl_run::{Model, Site};
 
@@ -26,8 +26,15 @@ fn corrupt(oracle: &Oracle) -> Corrupt {
 }
 
 fn prepare(model: &Model, oracle: &Oracle, sites: &[Site]) -> CleanCorrupted {
-    CleanCorrupted::new(model, oracle.get("clean_tokens").shallow_clone(), corrupt(oracle), None, logit_diff(oracle), sites)
-        .unwrap()
+    CleanCorrupted::new(
+        model,
+        oracle.get("clean_tokens").shallow_clone(),
+        corrupt(oracle),
+        None,
+        logit_diff(oracle),
+        sites,
+    )
+    .unwrap()
 }
 
 /// Our sweep as a tensor in TransformerLens's axis order, every layer's cells in one call under

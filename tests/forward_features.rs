@@ -289,8 +289,8 @@ fn last_position_stop_equals_the_full_runs_last_position() {
 /// forward that captures anything computes as TransformerLens does, whatever the setting.
 #[test]
 fn fused_attention_equals_the_explicit_steps() {
-    use tl_run::model::AttentionKernel;
     use tl_run::engine::forward::Prefix;
+    use tl_run::model::AttentionKernel;
     for &name in EVERY_FAMILY {
         let mut model = load(name, Processing::TRANSFORMER_LENS);
         let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);

@@ -2,8 +2,9 @@
 //! TOML line and key with the bad value and a suggestion, all problems at once.
 use std::path::Path;
 
-use tl_run::spec::resolve::resolve_text;
-use tl_run::spec::{resolve_file, Corruption, RunKind};
+use tl_run::kinds::resolve_text;
+use tl_run::kinds::{resolve_file, RunKind};
+use tl_run::spec::Corruption;
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -33,9 +34,14 @@ fn the_ioi_spec_resolves() {
             "ablation"
         ]
     );
-    let RunKind::ActivationPatching { targets } = &spec.runs[1].kind else { panic!("expected activation patching") };
+    let RunKind::ActivationPatching(tl_run::kinds::activation_patching::Options { targets }) = &spec.runs[1].kind
+    else {
+        panic!("expected activation patching")
+    };
     assert_eq!(targets.len(), 3);
-    let RunKind::AttributionPatching { options, verify_top, .. } = &spec.runs[7].kind else {
+    let RunKind::AttributionPatching(tl_run::kinds::attribution_patching::Options { options, verify_top, .. }) =
+        &spec.runs[7].kind
+    else {
         panic!("expected attribution patching")
     };
     assert!(options.qk_fix && !options.grad_drop && *verify_top == 10);
@@ -142,9 +148,9 @@ fn prompt_files_jsonl_and_prompt_pairs() {
     // --prompts replaces the spec's file, which then need not exist (a spec copied elsewhere).
     let spec_path = dir.path().join("copied.toml");
     std::fs::write(&spec_path, with_file("missing.jsonl")).unwrap();
-    let s = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("p.jsonl"))).unwrap();
+    let s = tl_run::kinds::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("p.jsonl"))).unwrap();
     assert_eq!(s.prompts.len(), 2);
-    let e = tl_run::spec::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("gone.jsonl")))
+    let e = tl_run::kinds::resolve_file_with_prompts(&spec_path, Some(&dir.path().join("gone.jsonl")))
         .err()
         .unwrap()
         .to_string();
@@ -155,8 +161,10 @@ fn prompt_files_jsonl_and_prompt_pairs() {
 fn the_induction_and_causal_tracing_specs_resolve() {
     let s = resolve_file(&repo().join("experiments/induction.toml")).unwrap();
     assert!(s.prompts.is_empty(), "repeated random tokens need no prompts");
-    let RunKind::HeadScores { source, .. } = &s.runs[0].kind else { panic!("expected head scores") };
-    assert!(matches!(source, tl_run::kinds::options::HeadSource::RepeatedRandom { seq_len: 50, batch: 4, .. }));
+    let RunKind::HeadScores(tl_run::kinds::head_scores::Options { source, .. }) = &s.runs[0].kind else {
+        panic!("expected head scores")
+    };
+    assert!(matches!(source, tl_run::kinds::head_scores::HeadSource::RepeatedRandom { seq_len: 50, batch: 4, .. }));
     let s = resolve_file(&repo().join("experiments/causal_tracing.toml")).unwrap();
     let Corruption::Noise { noise, samples, words, .. } = &s.corruption else { panic!("expected noise") };
     assert_eq!((*noise, *samples), (3.0, 10));

@@ -288,7 +288,7 @@ fn mutated_specs_never_panic_and_every_error_names_a_line_and_key() {
         // is caught, and the failure below prints the spec that caused it.
         let quiet = std::panic::take_hook();
         std::panic::set_hook(Box::new(|_| {}));
-        let outcome = catch_unwind(AssertUnwindSafe(|| tl_run::spec::resolve::resolve_text(&text, "fuzz.toml", &base)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| tl_run::kinds::resolve_text(&text, "fuzz.toml", &base)));
         std::panic::set_hook(quiet);
         match outcome {
             Err(e) => {

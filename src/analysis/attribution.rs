@@ -7,10 +7,10 @@ use std::collections::HashMap;
 
 use tch::{Kind, Tensor};
 
+use crate::analysis::clean_corrupted::CleanCorrupted;
+use crate::analysis::patching::{cells_at, Axes, Cell, Target};
 use crate::engine::hooks::{Edit, Intervention};
 use crate::error::{Error, Result};
-use crate::analysis::patching::{cells_at, Axes, Cell, Target};
-use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 

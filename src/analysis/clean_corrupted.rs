@@ -4,11 +4,11 @@ use std::collections::HashMap;
 
 use tch::Tensor;
 
+use crate::analysis::mean;
 use crate::engine::forward::Prefix;
 use crate::engine::hooks::{Edit, Intervention};
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
-use crate::analysis::mean;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 

@@ -3,9 +3,9 @@
 //! cached corrupted residual, and cells that provably cannot change are filled without compute.
 use tch::{Kind, Tensor};
 
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::engine::hooks::{Edit, Intervention, Sel};
 use crate::error::{Error, Result};
-use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
@@ -490,7 +490,7 @@ fn patch_layer(
         // A batch that does not fit is halved and retried (libtorch reports a failed
         // allocation as an error or, through tch, a panic).
         let v = match crate::panics::guarded("a batch of patched forwards", forward) {
-            Err(e) if chunk.len() > 1 && crate::engine::memory::is_out_of_memory(&e.to_string()) => {
+            Err(e) if chunk.len() > 1 && crate::error::is_out_of_memory(&e.to_string()) => {
                 state.chunk_size = chunk.len().div_ceil(2);
                 state.halvings += 1;
                 tracing::warn!(
@@ -563,7 +563,7 @@ fn patch_staircase(
             state.record(&order, &v, n);
             Ok(())
         }
-        Err(e) if crate::engine::memory::is_out_of_memory(&e.to_string()) => {
+        Err(e) if crate::error::is_out_of_memory(&e.to_string()) => {
             tracing::warn!(
                 layers = window.len(),
                 cells = total,

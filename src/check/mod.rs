@@ -352,8 +352,8 @@ fn check_goldens(
     for entry in &m.specs {
         let check = format!("golden:{}", entry.name);
         let out_dir = opts.out.join(&m.name).join(dtype).join(&entry.name);
-        let spec = (|| -> Result<crate::spec::Spec> {
-            let mut spec = crate::spec::resolve_file(&entry.file).map_err(|e| Error::Config(e.to_string()))?;
+        let spec = (|| -> Result<crate::kinds::Spec> {
+            let mut spec = crate::kinds::resolve_file(&entry.file).map_err(|e| Error::Config(e.to_string()))?;
             spec.model.id = m.source.model_id();
             spec.model.revision = m.source.revision();
             spec.model.dtype = dtype.to_string();

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 pub use args::{Args, Command, ModelArgs, SpecArgs};
+use tl_run::kinds::Spec;
 use tl_run::model::config::Processing;
-use tl_run::spec::Spec;
 use tl_run::{Hooks, Input, LoadOptions, Model, Stop};
 
 pub fn init_logging(verbose: u8) {
@@ -109,7 +109,7 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
     if let Some(b) = a.batch_memory {
         tl_run::engine::memory::set_budget_bytes(b);
     }
-    let mut spec = tl_run::spec::resolve_file_with_prompts(&a.spec, a.prompts.as_deref())?;
+    let mut spec = tl_run::kinds::resolve_file_with_prompts(&a.spec, a.prompts.as_deref())?;
     if let Some(id) = &a.model_id {
         spec.model.id = id.clone();
     } else {
@@ -166,7 +166,7 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
     let (cfg, tok, files) = tl_run::model::describe_files(&spec.model.id, spec.model.revision.as_deref())?;
     let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(&cfg, &spec.file).err()).collect();
     let mut toks = None;
-    if spec.runs.iter().any(|r| r.kind.needs_prompts()) {
+    if spec.runs.iter().any(|r| r.kind.needs().prompts) {
         // The clean prompts' length, even when answers or corruption have problems of their own.
         let texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
         if let Ok(b) = tok.batch(&texts, spec.model.prepend_bos_for(&cfg)) {
@@ -183,7 +183,7 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
             spec,
             &tok,
             &cfg,
-            spec.runs.iter().any(|r| r.kind.needs_corruption()),
+            spec.runs.iter().any(|r| r.kind.needs().corruption),
         ) {
             Ok(t) => toks = Some(t),
             // One line per problem, each naming the file (the error lists several at once).
@@ -364,7 +364,7 @@ fn download(models: &[String], revision: Option<&str>, specs: &[PathBuf], zoos: 
     let mut wanted: Vec<(String, Option<String>)> =
         models.iter().map(|m| (m.clone(), revision.map(str::to_string))).collect();
     for path in specs {
-        let spec = tl_run::spec::resolve_file(path)?;
+        let spec = tl_run::kinds::resolve_file(path)?;
         wanted.push((spec.model.id.clone(), spec.model.revision.clone()));
     }
     for path in zoos {

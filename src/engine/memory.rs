@@ -93,12 +93,6 @@ fn host_memory_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Whether an error (or a caught libtorch panic's message) is a failed allocation.
-pub fn is_out_of_memory(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("out of memory") || m.contains("can't allocate memory") || m.contains("not enough memory")
-}
-
 /// Fault injection for tests (TL_RUN_INJECT_OOM_ROWS=N): a batch of more than N rows fails as a
 /// CUDA out-of-memory error would, so the halving path is tested on machines without a GPU.
 pub fn injected_oom(rows: i64) -> Option<String> {

@@ -13,14 +13,14 @@ use tch::Device;
 
 use crate::engine::nonfinite::Finding;
 use crate::error::{Error, Result};
+use crate::graph::store::Store;
+use crate::graph::Plan;
 use crate::kinds::shared::context::RunContext;
 use crate::kinds::shared::inputs::Tokenized;
 use crate::kinds::JobOutput;
-use crate::graph::store::Store;
-use crate::graph::Plan;
+use crate::kinds::Spec;
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::Spec;
 
 /// Loads a replica of the model on a device.
 pub type Loader<'a> = dyn Fn(Device) -> Result<Model> + Sync + 'a;

@@ -10,22 +10,22 @@ use std::time::Instant;
 use tch::{Device, Tensor};
 
 use crate::engine::nonfinite;
-use crate::model::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
-use crate::kinds::shared::context::RunContext;
-use crate::kinds::shared::inputs::{first_changed, tokenize, Tokenized};
-use crate::kinds::JobOutput;
 use crate::graph::manifest::{JobRecord, Record};
 use crate::graph::patch_groups::{run_here, PatchGroups};
 use crate::graph::shard::{self, Shard};
 use crate::graph::store::Store;
 use crate::graph::{devices, keys, Plan, Task};
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::shared::inputs::{first_changed, tokenize, Tokenized};
+use crate::kinds::JobOutput;
+use crate::kinds::Spec;
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
+use crate::model::tokenize::TextTokenizer;
 use crate::model::{LoadOptions, Model};
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
-use crate::spec::Spec;
 
 /// A work job's rows (shared with the store's writer) and its manifest note.
 type StoredOutput = (std::sync::Arc<Vec<Row>>, serde_json::Value);
@@ -111,8 +111,8 @@ pub fn compile(
     tok: Option<&TextTokenizer>,
     files: Option<&ModelFiles>,
 ) -> Result<Compiled> {
-    let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
-    let needs_corruption = spec.runs.iter().any(|r| r.kind.needs_corruption());
+    let needs_prompts = spec.runs.iter().any(|r| r.kind.needs().prompts);
+    let needs_corruption = spec.runs.iter().any(|r| r.kind.needs().corruption);
     let toks = match (needs_prompts, tok) {
         (true, Some(tok)) => Some(tokenize(spec, tok, cfg, needs_corruption)?),
         (true, None) => {
@@ -152,7 +152,7 @@ pub fn execute(spec: &Spec, source: ModelSource, opts: &ExecOptions) -> Result<O
     let compiled = compile(
         spec,
         source.cfg(),
-        if spec.runs.iter().any(|r| r.kind.needs_prompts()) { Some(source.tokenizer()?) } else { None },
+        if spec.runs.iter().any(|r| r.kind.needs().prompts) { Some(source.tokenizer()?) } else { None },
         source.files(),
     )?;
     let seconds = t.elapsed().as_secs_f64();
@@ -360,7 +360,12 @@ pub fn execute_compiled(
                 if matches!(job.task, Task::Write { .. } | Task::Manifest) {
                     record.jobs = records.clone();
                     record.complete = job.task == Task::Manifest;
-                    record.write(&run_notes, &timings, cx.as_ref().and_then(|c| c.clean_corrupted_if_made()), toks.as_ref())?;
+                    record.write(
+                        &run_notes,
+                        &timings,
+                        cx.as_ref().and_then(|c| c.clean_corrupted_if_made()),
+                        toks.as_ref(),
+                    )?;
                 }
             }
             Ok(())
@@ -497,7 +502,7 @@ fn nonfinite_rows(run: &str, rows: &[&Row]) -> Option<nonfinite::Finding> {
 fn write_run(
     out_dir: &std::path::Path,
     shard: Option<Shard>,
-    run: &crate::spec::RunSpec,
+    run: &crate::kinds::RunSpec,
     rows: &[&Row],
     job_notes: &[&serde_json::Value],
     jobs: &[usize],

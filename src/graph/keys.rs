@@ -10,16 +10,21 @@ use std::sync::OnceLock;
 use sha2::Digest;
 
 use crate::error::Result;
-use crate::kinds::shared::inputs::Tokenized;
 use crate::graph::{Plan, Task};
-use crate::spec::{RunKind, Spec};
+use crate::kinds::shared::inputs::Tokenized;
+use crate::kinds::{Part, Spec};
 
 /// What identifies the code computing a result: the version and commit it was built from, and
 /// the binary itself (its size and modification time), so a rebuilt development binary never
-/// reads results an earlier build stored.
+/// reads results an earlier build stored. `TL_RUN_ENGINE_ID` replaces it, to compare the keys
+/// two builds give (scripts/output_digests.sh); a run with it set may read results another build
+/// stored, so it is for that comparison only.
 pub fn engine_id() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
+        if let Ok(id) = std::env::var("TL_RUN_ENGINE_ID") {
+            return id;
+        }
         let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(p).ok()).map(|m| {
             let mtime = m
                 .modified()
@@ -60,22 +65,11 @@ pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &
     };
     let base = sha256_json(&base);
     for job in plan.jobs.iter_mut().filter(|j| j.task.is_work()) {
-        let what = match job.task {
-            Task::Patch { run, target, layer } => {
-                let RunKind::ActivationPatching { targets } = &spec.runs[run].kind else {
-                    unreachable!("patch jobs come from activation_patching runs")
-                };
-                serde_json::json!({"task": "patch", "target": targets[target], "layer": layer})
-            }
-            task => {
-                let run = &spec.runs[task.run().expect("work jobs belong to a run")];
-                let dataset = match &run.kind {
-                    RunKind::Ablation(a) => a.dataset.as_deref().map(crate::model::digest::file_digest).transpose()?,
-                    _ => None,
-                };
-                serde_json::json!({"task": "whole", "kind": run.kind, "layers": run.layers, "dataset": dataset})
-            }
+        let (run, part) = match job.task {
+            Task::Patch { run, target, layer } => (run, Part::TargetLayer { target, layer }),
+            task => (task.run().expect("work jobs belong to a run"), Part::Whole),
         };
+        let what = crate::kinds::job_key(&spec.runs[run], part)?;
         job.key = Some(sha256_json(&serde_json::json!({"base": base, "job": what})));
     }
     Ok(())

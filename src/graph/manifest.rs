@@ -4,16 +4,16 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::engine::nonfinite;
 use crate::error::{Error, Result};
-use crate::kinds::shared::inputs::Tokenized;
-use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::graph::execute::ModelSource;
 use crate::graph::keys;
 use crate::graph::shard::Shard;
+use crate::kinds::shared::inputs::Tokenized;
+use crate::kinds::Spec;
 use crate::model::Model;
 use crate::output::atomic;
-use crate::spec::Spec;
 
 /// One job as the manifest records it.
 #[derive(Debug, Clone, serde::Serialize)]

@@ -14,9 +14,9 @@ pub mod slurm;
 pub mod store;
 
 use crate::analysis::patching::cells_per_forward;
+use crate::kinds::Spec;
 use crate::kinds::{self, Part, Sizing};
 use crate::model::config::ModelConfig;
-use crate::spec::{RunKind, Spec};
 
 /// What a job does. Indices are into `spec.runs` and a run's patch targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -141,7 +141,7 @@ impl Plan {
         let n = (spec.prompts.len() * spec.corruption.samples()).max(1);
         let full = |forwards: usize| (forwards * n * cfg.n_layers) as f64;
         let forwards = |task, k: usize| Job { forwards: k, tl_forwards: k, cost: full(k), ..blank(task) };
-        let needs_prompts = spec.runs.iter().any(|r| r.kind.needs_prompts());
+        let needs_prompts = spec.runs.iter().any(|r| r.kind.needs().prompts);
         let tok = needs_prompts
             .then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
         let load = add(format!("load model {}", spec.model.id), vec![], blank(Task::Load));
@@ -154,10 +154,7 @@ impl Plan {
         });
         let attributing = spec.runs.iter().any(|r| r.kind.needs().attribution_pass);
         let atp_pass = attributing.then(|| {
-            let grad_drop = spec
-                .runs
-                .iter()
-                .any(|r| matches!(&r.kind, RunKind::AttributionPatching { options, .. } if options.grad_drop));
+            let grad_drop = spec.runs.iter().any(|r| r.kind.needs().attribution_pass_per_layer);
             let passes = 1 + if grad_drop { cfg.n_layers } else { 0 };
             // Its first pass is the backward of the corrupted run, which keeps its graph for it
             // (GradDrop adds a forward + backward per layer).

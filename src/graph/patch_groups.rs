@@ -6,12 +6,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 use crate::analysis::patching::Schedule;
-use crate::kinds::shared::context::RunContext;
-use crate::kinds::JobOutput;
+use crate::error::{Error, Result};
 use crate::graph::execute::{prompts_of, run_and_store};
 use crate::graph::{Job, Plan, Task};
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::JobOutput;
 use crate::output::table::Row;
 
 /// A work job's rows (shared with the store's writer, not copied) and its manifest note.
@@ -92,7 +92,7 @@ fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, 
 
 /// Runs a group of patching jobs together.
 fn run_patch_group(cx: &RunContext, plan: &Plan, group: &[usize]) -> Result<Vec<JobOutput>> {
-    let jobs: Vec<(&crate::spec::RunSpec, crate::kinds::Part)> = group
+    let jobs: Vec<(&crate::kinds::RunSpec, crate::kinds::Part)> = group
         .iter()
         .map(|&id| {
             let task = plan.jobs[id].task;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::spec::Spec;
+use crate::kinds::Spec;
 
 #[derive(Debug, Clone, Default)]
 pub struct ArrayOptions {

@@ -9,26 +9,46 @@ use crate::analysis::ablation::{
 };
 use crate::analysis::activation_cache::{self, Component, DlaOver};
 use crate::kinds::shared::context::{component_rows, with_prompts, RunContext};
-use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::analysis::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::raw::RawRun;
+use toml::Spanned;
+
+use crate::kinds::options::Located;
 use crate::spec::resolve::Ctx;
-use crate::kinds::options::choice;
-use crate::spec::{RunKind, RunSpec};
+use crate::spec::resolve::choice;
 
 pub const KIND: KindInfo = KindInfo {
     name: "ablation",
-    keys: &["hooks", "method", "units", "top_dla_heads", "positions", "measure", "dataset"],
-    resolve,
     needs,
     captures,
+    check_model,
+    check_prompts,
     jobs,
     run,
     note: only_note,
+    key,
 };
+
+/// An ablation [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub hooks: Vec<Spanned<String>>,
+    pub method: Option<Spanned<String>>,
+    pub units: Option<Spanned<Vec<Vec<i64>>>>,
+    pub top_dla_heads: Option<Spanned<i64>>,
+    pub positions: Option<Spanned<Vec<i64>>>,
+    pub measure: Option<Spanned<String>>,
+    pub dataset: Option<Spanned<String>>,
+}
+
+/// An ablation run's options.
+pub type Options = AblationSpec;
 
 /// Seconds per cost unit relative to patching, measured: whole forwards, every layer.
 const COST_SCALE: f64 = 1.8;
@@ -44,7 +64,56 @@ fn needs(kind: &RunKind) -> Needs {
     }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
+/// A mean ablation over a dataset file depends on that file's contents.
+fn key(run: &RunSpec, _: Part) -> Result<serde_json::Value> {
+    let RunKind::Ablation(a) = &run.kind else { return Ok(serde_json::Value::Null) };
+    let dataset = a.dataset.as_deref().map(crate::model::digest::file_digest).transpose()?;
+    Ok(serde_json::json!({"task": "whole", "kind": run.kind, "layers": run.layers, "dataset": dataset}))
+}
+
+/// Units within the model's layers, heads and neurons.
+fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
+    let RunKind::Ablation(a) = &run.kind else { return };
+    let (max, what) = match a.site {
+        Site::Z => (cfg.n_heads as i64, "heads"),
+        Site::MlpPost => (cfg.mlp.d_mlp as i64, "neurons"),
+        _ => (1, ""),
+    };
+    for u in a.units.iter().flatten() {
+        if u.layer >= cfg.n_layers || u.index.is_some_and(|i| i < 0 || i >= max) {
+            let unit =
+                u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
+            let per =
+                if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
+            problems.push(format!(
+                "{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}",
+                run.key_at("units", file),
+                run.name,
+                cfg.n_layers,
+                cfg.n_layers - 1
+            ));
+        }
+    }
+}
+
+/// Positions within the prompts.
+fn check_prompts(run: &RunSpec, seq: usize, _: &[usize], file: &str) -> Vec<String> {
+    let RunKind::Ablation(a) = &run.kind else { return Vec::new() };
+    let bad: Vec<i64> = a.positions.iter().flatten().copied().filter(|&p| p < 0 || p as usize >= seq).collect();
+    if bad.is_empty() {
+        return Vec::new();
+    }
+    vec![format!(
+        "{}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})",
+        run.key_at("positions", file),
+        run.name,
+        seq.saturating_sub(1)
+    )]
+}
+
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, base: &Path) -> Option<RunKind> {
+    at.key(cx, "units", r.units.as_ref());
+    at.key(cx, "positions", r.positions.as_ref());
     resolve_ablation(cx, r, i, base).map(RunKind::Ablation)
 }
 
@@ -76,7 +145,7 @@ fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     ablation(cx, run, a)
 }
 
-fn resolve_ablation(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<AblationSpec> {
+fn resolve_ablation(cx: &mut Ctx, r: &Raw, i: usize, base: &Path) -> Option<AblationSpec> {
     let key = |k: &str| format!("run[{i}].{k}");
     const HOOKS: &[&str] = &["z", "attn_out", "mlp_out", "mlp_post"];
     let site = match r.hooks.as_slice() {

@@ -6,43 +6,79 @@ use crate::error::{Error, Result};
 use crate::analysis::patching::cannot_change;
 use crate::analysis::patching::{cells_at, sweep_together, Schedule, Target};
 use crate::kinds::shared::context::{per_prompt, with_prompts, CellRows, RunContext};
-use crate::kinds::{Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{whole_job_key, no_prompt_check, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::kinds::options::resolve_patch_targets;
-use crate::spec::{RunKind, RunSpec};
+use toml::Spanned;
+use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
+use crate::analysis::patching::Axes;
+use crate::model::config::ModelConfig;
+use crate::model::hook_point::Site;
 
 pub const KIND: KindInfo = KindInfo {
     name: "activation_patching",
-    keys: &["hooks", "over", "layers"],
-    resolve,
     needs,
     captures,
+    check_model,
+    check_prompts: no_prompt_check,
     jobs,
     run,
     note,
+    key,
 };
+
+/// An activation_patching [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub hooks: Vec<Spanned<String>>,
+    pub over: Option<Spanned<Vec<String>>>,
+    pub layers: Option<Spanned<Vec<i64>>>,
+}
+
+/// An activation_patching run's options: its patch targets.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Options {
+    pub targets: Vec<(Site, Axes)>,
+}
 
 fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
-    resolve_patch_targets(cx, r, i).map(|targets| RunKind::ActivationPatching { targets })
+/// A job patches one target at one layer: its key names those, not the run's other targets, so
+/// a spec that adds a target reuses the stored jobs of the others.
+fn key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
+    let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, part) else {
+        return whole_job_key(run, part);
+    };
+    Ok(serde_json::json!({"task": "patch", "target": targets[target], "layer": layer}))
+}
+
+/// Targets at sites the model has.
+fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
+    if let RunKind::ActivationPatching(o) = &run.kind {
+        check_sites(run, &o.targets, cfg, file, problems);
+    }
+}
+
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    at.layers(cx, &r.layers, i);
+    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i).map(|targets| RunKind::ActivationPatching(Options { targets }))
 }
 
 /// The clean run caches every patched site.
 fn captures(run: &RunSpec, _: &Model) -> Result<Captures> {
-    let RunKind::ActivationPatching { targets } = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::ActivationPatching(Options { targets }) = &run.kind else { return Ok(Captures::default()) };
     Ok(Captures { clean_sites: targets.iter().map(|(s, _)| *s).collect(), ..Captures::default() })
 }
 
 /// One job per target and layer: cells that provably cannot change are filled, the rest run in
 /// batches from the patched layer on.
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    let RunKind::ActivationPatching { targets } = &run.kind else { return vec![] };
+    let RunKind::ActivationPatching(Options { targets }) = &run.kind else { return vec![] };
     let mut out = Vec::new();
     for (t, (site, axes)) in targets.iter().enumerate() {
         for &layer in &z.layers {
@@ -84,7 +120,7 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut parts = Vec::with_capacity(jobs.len());
     let mut sites = Vec::with_capacity(jobs.len());
     for (run, part) in jobs {
-        let (RunKind::ActivationPatching { targets }, Part::TargetLayer { target, layer }) = (&run.kind, *part) else {
+        let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, *part) else {
             return Err(Error::Other(format!(
                 "run '{}': activation patching runs one target at one layer per job",
                 run.name

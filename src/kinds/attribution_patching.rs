@@ -9,56 +9,89 @@ use crate::analysis::attribution::{attribute_with, correlations, AtpOptions};
 use crate::analysis::attribution::{clean_sites, points_for};
 use crate::kinds::shared::context::{per_prompt, CellRows, RunContext};
 use crate::kinds::shared::inputs::token_at;
-use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{whole_job_key, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::hook_point::Site;
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::kinds::options::{positive, resolve_patch_targets};
-use crate::spec::{RunKind, RunSpec};
+use toml::Spanned;
+use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
+use crate::model::config::ModelConfig;
+use crate::spec::resolve::positive;
 
 pub const KIND: KindInfo = KindInfo {
     name: "attribution_patching",
-    keys: &["hooks", "over", "layers", "verify_top", "qk_fix", "grad_drop"],
-    resolve,
     needs,
     captures,
+    check_model,
+    check_prompts: no_prompt_check,
     jobs,
     run,
     note: only_note,
+    key: whole_job_key,
 };
+
+/// An attribution_patching [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub hooks: Vec<Spanned<String>>,
+    pub over: Option<Spanned<Vec<String>>>,
+    pub layers: Option<Spanned<Vec<i64>>>,
+    pub verify_top: Option<Spanned<i64>>,
+    pub qk_fix: Option<bool>,
+    pub grad_drop: Option<bool>,
+}
+
+/// An attribution_patching run's options.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Options {
+    pub targets: Vec<(Site, Axes)>,
+    pub options: AtpOptions,
+    /// The largest estimates patched for real.
+    pub verify_top: usize,
+}
 
 /// Seconds per cost unit relative to patching, measured (GPT-2-small-shaped IOI run): the job
 /// multiplies gradients over every cell besides its verify patches.
 const COST_SCALE: f64 = 1.7;
 
-fn needs(_: &RunKind) -> Needs {
+fn needs(kind: &RunKind) -> Needs {
     Needs {
         prompts: true,
         corruption: true,
         answers: true,
         clean_and_corrupted: true,
         attribution_pass: true,
+        attribution_pass_per_layer: matches!(kind, RunKind::AttributionPatching(o) if o.options.grad_drop),
         ..Needs::default()
     }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
-    resolve_patch_targets(cx, r, i).map(|targets| {
+/// Targets at sites the model has.
+fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
+    if let RunKind::AttributionPatching(o) = &run.kind {
+        check_sites(run, &o.targets, cfg, file, problems);
+    }
+}
+
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    at.layers(cx, &r.layers, i);
+    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i).map(|targets| {
         let verify_top = positive(cx, &r.verify_top, format!("run[{i}].verify_top"), 0, 0) as usize;
-        RunKind::AttributionPatching {
+        RunKind::AttributionPatching(Options {
             targets,
             options: AtpOptions { qk_fix: r.qk_fix.unwrap_or(false), grad_drop: r.grad_drop.unwrap_or(false) },
             verify_top,
-        }
+        })
     })
 }
 
 /// The clean run caches what the estimates read; the corrupted forward+backward captures the
 /// targets' points (and what AtP* needs).
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
-    let RunKind::AttributionPatching { targets, options, .. } = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::AttributionPatching(Options { targets, options, .. }) = &run.kind else { return Ok(Captures::default()) };
     let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = run.layers_or_all(model.cfg.n_layers);
     Ok(Captures {
@@ -70,7 +103,7 @@ fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
 
 /// One job: every target's estimates from the shared pass, then the verify_top patches.
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    let RunKind::AttributionPatching { targets, verify_top, .. } = &run.kind else { return vec![] };
+    let RunKind::AttributionPatching(Options { targets, verify_top, .. }) = &run.kind else { return vec![] };
     let cells: usize = targets
         .iter()
         .map(|(s, a)| {
@@ -94,7 +127,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
-    let RunKind::AttributionPatching { targets, options, verify_top } = &run.kind else {
+    let RunKind::AttributionPatching(Options { targets, options, verify_top }) = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not an attribution_patching run", run.name)));
     };
     attribution_patching(cx, run, targets, *options, *verify_top)

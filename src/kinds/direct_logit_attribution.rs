@@ -3,22 +3,38 @@
 use crate::error::{Error, Result};
 use crate::analysis::activation_cache::{self, Component, DlaOver};
 use crate::kinds::shared::context::{component_rows, RunContext};
-use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{whole_job_key, no_model_check, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::Model;
-use crate::spec::raw::RawRun;
+use std::path::Path;
+
+use toml::Spanned;
+
+use crate::kinds::options::Located;
 use crate::spec::resolve::Ctx;
-use crate::spec::{RunKind, RunSpec};
 
 pub const KIND: KindInfo = KindInfo {
     name: "direct_logit_attribution",
-    keys: &["over"],
-    resolve,
     needs,
     captures,
+    check_model: no_model_check,
+    check_prompts: no_prompt_check,
     jobs,
     run,
     note: only_note,
+    key: whole_job_key,
 };
+
+/// A direct_logit_attribution [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub over: Option<Spanned<Vec<String>>>,
+}
+
+/// A direct_logit_attribution run's options.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Options {
+    pub over: DlaOver,
+}
 
 /// Seconds per cost unit relative to patching, measured: it only decomposes the cached run.
 const COST_SCALE: f64 = 0.25;
@@ -27,12 +43,12 @@ fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, _: &mut Located, i: usize, _: &Path) -> Option<RunKind> {
     resolve_dla(cx, r, i)
 }
 
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
-    let RunKind::DirectLogitAttribution { over } = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::DirectLogitAttribution(Options { over }) = &run.kind else { return Ok(Captures::default()) };
     Ok(Captures { analysis_points: activation_cache::dla_points(model, *over), ..Captures::default() })
 }
 
@@ -44,13 +60,13 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
-    let RunKind::DirectLogitAttribution { over } = &run.kind else {
+    let RunKind::DirectLogitAttribution(Options { over }) = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a direct_logit_attribution run", run.name)));
     };
     dla(cx, run, *over)
 }
 
-fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
+fn resolve_dla(cx: &mut Ctx, r: &Raw, i: usize) -> Option<RunKind> {
     let over = match r.over.as_ref().map(|o| o.get_ref().iter().map(String::as_str).collect::<Vec<_>>()) {
         None => DlaOver::Layer,
         Some(o) => match o.as_slice() {
@@ -67,7 +83,7 @@ fn resolve_dla(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
             }
         },
     };
-    Some(RunKind::DirectLogitAttribution { over })
+    Some(RunKind::DirectLogitAttribution(Options { over }))
 }
 
 fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<JobOutput> {

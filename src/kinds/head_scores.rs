@@ -5,36 +5,74 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::kinds::shared::context::RunContext;
 use crate::analysis::head_detector::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{whole_job_key, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::raw::RawRun;
+use crate::kinds::options::Located;
 use crate::spec::resolve::Ctx;
-use crate::kinds::options::{choice, positive, HeadSource};
-use crate::spec::{RunKind, RunSpec};
+use crate::spec::resolve::{choice, positive};
 
 pub const KIND: KindInfo = KindInfo {
     name: "head_scores",
-    keys: &[
-        "patterns",
-        "error_measure",
-        "source",
-        "seq_len",
-        "batch",
-        "seed",
-        "token_range",
-        "exclude_bos",
-        "exclude_current_token",
-        "custom",
-    ],
-    resolve,
     needs,
     captures,
+    check_model,
+    check_prompts,
     jobs,
     run,
     note: only_note,
+    key: whole_job_key,
 };
+
+/// Where head_scores reads attention from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadSource {
+    /// The spec's clean prompts, scored with head_detector's patterns.
+    Prompts,
+    /// The Exploratory Analysis demo: `batch` rows of `seq_len` random tokens in [lo, hi),
+    /// repeated twice, scored by attention stripes.
+    RepeatedRandom { seq_len: i64, batch: i64, seed: u64, token_range: Option<(i64, i64)> },
+}
+
+
+/// A head_scores [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub patterns: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    pub custom: Vec<RawCustomPattern>,
+    pub error_measure: Option<Spanned<String>>,
+    pub exclude_bos: Option<bool>,
+    pub exclude_current_token: Option<bool>,
+    pub source: Option<Spanned<String>>,
+    pub seq_len: Option<Spanned<i64>>,
+    pub batch: Option<Spanned<i64>>,
+    pub seed: Option<Spanned<i64>>,
+    pub token_range: Option<Spanned<Vec<i64>>>,
+}
+
+/// A head_scores detection pattern of the spec's own: a matrix or a rule.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCustomPattern {
+    pub name: Spanned<String>,
+    pub matrix: Option<Spanned<Vec<Vec<f64>>>>,
+    /// "same_token" (attend `offset` after an earlier copy of the current token) or "relative"
+    /// (attend `offset` tokens back).
+    pub rule: Option<Spanned<String>>,
+    pub offset: Option<Spanned<i64>>,
+}
+
+/// A head_scores run's options.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Options {
+    pub detections: Vec<(String, Detection)>,
+    pub options: DetectOptions,
+    pub source: HeadSource,
+}
 
 /// Seconds per cost unit relative to patching, measured: scoring the cached patterns is cheap.
 const COST_SCALE: f64 = 0.25;
@@ -42,17 +80,104 @@ const COST_SCALE: f64 = 0.25;
 /// Repeated random tokens need nothing of the spec; the prompts' patterns need the prompts and
 /// the cached clean run.
 fn needs(kind: &RunKind) -> Needs {
-    let prompts = matches!(kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
+    let prompts = matches!(kind, RunKind::HeadScores(Options { source: HeadSource::Prompts, .. }));
     Needs { prompts, analysis_cache: prompts, ..Needs::default() }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
+/// Repeated random tokens within the context, the vocabulary and the host's memory.
+fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
+    let RunKind::HeadScores(Options { source: HeadSource::RepeatedRandom { seq_len, batch, token_range, .. }, .. }) =
+        &run.kind
+    else {
+        return;
+    };
+    // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
+    let needed = 2 * *seq_len as usize;
+    // Every layer's pattern [batch, heads, 2·seq_len, 2·seq_len] is kept (f32 at
+    // least): past the host's memory the run could only end out of memory.
+    let per_row = (cfg.n_layers * cfg.n_heads) as u64 * (needed as u64).pow(2) * 4;
+    if let Some(host) = crate::engine::memory::past_host_memory((*batch as u64).checked_mul(per_row)) {
+        problems.push(format!(
+            "{}: run '{}': batch = {batch} rows of repeated tokens keep {} layers × {} heads of {needed}×{needed} attention patterns, {:.1} MiB a row, more than this machine's {:.1} GiB of memory; {}",
+            run.key_at("batch", file),
+            run.name,
+            cfg.n_layers,
+            cfg.n_heads,
+            per_row as f64 / (1u64 << 20) as f64,
+            host as f64 / (1u64 << 30) as f64,
+            match host / per_row.max(1) {
+                0 => "use a smaller seq_len (not even one row fits)".to_string(),
+                most => format!("use batch ≤ {most}"),
+            }
+        ));
+    }
+    if needed > cfg.n_ctx {
+        problems.push(format!(
+            "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
+            run.key_at("seq_len", file),
+            run.name,
+            cfg.n_ctx,
+            cfg.n_ctx / 2
+        ));
+    }
+    if let Some((_, hi)) = token_range {
+        if *hi as usize > cfg.d_vocab {
+            problems.push(format!(
+                "{}: run '{}': token_range ends at {hi}, past the model's vocabulary of {}",
+                run.key_at("token_range", file),
+                run.name,
+                cfg.d_vocab
+            ));
+        }
+    }
+}
+
+/// A custom matrix scores prompts of its own token count (head_detector scores each prompt
+/// unpadded), so every prompt must have that many tokens.
+fn check_prompts(run: &RunSpec, _: usize, lengths: &[usize], file: &str) -> Vec<String> {
+    let RunKind::HeadScores(Options { detections, source: HeadSource::Prompts, .. }) = &run.kind else {
+        return Vec::new();
+    };
+    let at = run.key_at("custom", file);
+    let mut problems = Vec::new();
+    for (name, d) in detections {
+        let Detection::Matrix(rows) = d else { continue };
+        let other: Vec<String> = lengths
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t != rows.len())
+            .map(|(p, t)| format!("prompt {p} is {t}"))
+            .collect();
+        if !other.is_empty() {
+            let shown = match lengths.first() {
+                Some(t) if other.len() == lengths.len() && lengths.iter().all(|l| l == t) => {
+                    format!("the prompts are {t}")
+                }
+                _ if other.len() > 3 => format!("{}, … ({} prompts)", other[..3].join(", "), other.len()),
+                _ => other.join(", "),
+            };
+            problems.push(format!(
+                "{at}: run '{}': custom pattern '{name}' is a {n}x{n} matrix, so it scores prompts of {n} tokens (BOS included), but {shown}; give prompts of that length or a matrix of theirs",
+                run.name,
+                n = rows.len()
+            ));
+        }
+    }
+    problems
+}
+
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
+    for (key, v) in [("seq_len", r.seq_len.as_ref()), ("batch", r.batch.as_ref())] {
+        at.key(cx, key, v);
+    }
+    at.key(cx, "token_range", r.token_range.as_ref());
+    at.key(cx, "custom", r.custom.first().map(|c| &c.name));
     resolve_head_scores(cx, r, i)
 }
 
 /// The prompts' patterns come from the cached clean run; repeated random tokens run their own.
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
-    let prompts = matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. });
+    let prompts = matches!(run.kind, RunKind::HeadScores(Options { source: HeadSource::Prompts, .. }));
     Ok(Captures {
         analysis_points: if prompts { head_detector::pattern_points(model) } else { vec![] },
         ..Captures::default()
@@ -60,7 +185,7 @@ fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
 }
 
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    if matches!(run.kind, RunKind::HeadScores { source: HeadSource::Prompts, .. }) {
+    if matches!(run.kind, RunKind::HeadScores(Options { source: HeadSource::Prompts, .. })) {
         vec![JobDraft::whole(format!("{}: head_scores from the cached clean run", run.name), COST_SCALE * z.full(1))]
     } else {
         vec![JobDraft {
@@ -72,13 +197,13 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
-    let RunKind::HeadScores { detections, options, source } = &run.kind else {
+    let RunKind::HeadScores(Options { detections, options, source }) = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a head_scores run", run.name)));
     };
     head_score_rows(cx, run, detections, *options, source)
 }
 
-fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
+fn resolve_head_scores(cx: &mut Ctx, r: &Raw, i: usize) -> Option<RunKind> {
     let key = |k: &str| format!("run[{i}].{k}");
     const NAMED: &[&str] = &["previous_token", "duplicate_token", "induction"];
     let source = match r.source.as_ref().map(|s| s.get_ref().as_str()) {
@@ -188,7 +313,7 @@ fn resolve_head_scores(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<RunKind> {
         exclude_bos: r.exclude_bos.unwrap_or(false),
         exclude_current_token: r.exclude_current_token.unwrap_or(false),
     };
-    Some(RunKind::HeadScores { detections, options, source })
+    Some(RunKind::HeadScores(Options { detections, options, source }))
 }
 
 fn head_score_rows(

@@ -3,24 +3,48 @@
 use crate::error::{Error, Result};
 use crate::analysis::activation_cache::{self, LensPositions};
 use crate::kinds::shared::context::{component_rows, RunContext};
-use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, Sizing};
+use crate::kinds::{whole_job_key, 
+    no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec,
+    Sizing,
+};
+use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::raw::RawRun;
+use std::path::Path;
+
+use toml::Spanned;
+
+use crate::kinds::options::Located;
 use crate::spec::resolve::Ctx;
-use crate::kinds::options::{choice, positive};
-use crate::spec::{RunKind, RunSpec};
+use crate::spec::resolve::{choice, positive};
 
 pub const KIND: KindInfo = KindInfo {
     name: "logit_lens",
-    keys: &["top_k", "top_k_at", "incl_mid"],
-    resolve,
     needs,
     captures,
+    check_model,
+    check_prompts: no_prompt_check,
     jobs,
     run,
     note: only_note,
+    key: whole_job_key,
 };
+
+/// A logit_lens [[run]]'s keys as written.
+#[derive(Debug, serde::Deserialize)]
+pub struct Raw {
+    pub top_k: Option<Spanned<i64>>,
+    pub top_k_at: Option<Spanned<String>>,
+    pub incl_mid: Option<bool>,
+}
+
+/// A logit_lens run's options.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Options {
+    pub incl_mid: bool,
+    pub top_k: usize,
+    pub top_k_at: LensPositions,
+}
 
 /// Seconds per cost unit relative to patching, measured: every label is unembedded at every
 /// position for its top-k.
@@ -30,8 +54,9 @@ fn needs(_: &RunKind) -> Needs {
     Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
 }
 
-fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<RunKind> {
-    Some(RunKind::LogitLens {
+pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &Path) -> Option<RunKind> {
+    at.key(cx, "top_k", r.top_k.as_ref());
+    Some(RunKind::LogitLens(Options {
         incl_mid: r.incl_mid.unwrap_or(false),
         top_k: positive(cx, &r.top_k, format!("run[{i}].top_k"), 0, 0) as usize,
         top_k_at: choice(
@@ -41,12 +66,26 @@ fn resolve(cx: &mut Ctx, r: &RawRun, i: usize, _: &std::path::Path) -> Option<Ru
             &[("last", LensPositions::Last), ("all", LensPositions::All)],
             LensPositions::Last,
         ),
-    })
+    }))
+}
+
+/// top_k within the vocabulary.
+fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
+    let RunKind::LogitLens(Options { top_k, .. }) = &run.kind else { return };
+    if *top_k > cfg.d_vocab {
+        problems.push(format!(
+            "{}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
+            run.key_at("top_k", file),
+            run.name,
+            cfg.d_vocab,
+            cfg.d_vocab
+        ));
+    }
 }
 
 /// The accumulated residual at every label's hook.
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
-    let RunKind::LogitLens { incl_mid, .. } = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::LogitLens(Options { incl_mid, .. }) = &run.kind else { return Ok(Captures::default()) };
     Ok(Captures {
         analysis_points: activation_cache::lens_components(model, *incl_mid).into_iter().map(|(_, p, _)| p).collect(),
         ..Captures::default()
@@ -58,7 +97,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
-    let RunKind::LogitLens { incl_mid, top_k, top_k_at } = &run.kind else {
+    let RunKind::LogitLens(Options { incl_mid, top_k, top_k_at }) = &run.kind else {
         return Err(Error::Other(format!("run '{}' is not a logit_lens run", run.name)));
     };
     logit_lens(cx, run, *incl_mid, *top_k, *top_k_at)

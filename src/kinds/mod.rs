@@ -1,14 +1,11 @@
-//! The registry of experiment kinds. Each kind is one file here that owns its name, the [[run]]
-//! keys it accepts, its resolver (TOML to typed options, every problem named) and its run (the
-//! rows of a job); the kind list, the accepted keys per kind and the dispatch come from this
-//! table. Adding a kind: its file, its line below, its RunKind variant, README.
-pub mod ablation;
-pub mod activation_patching;
-pub mod attribution_patching;
-pub mod direct_logit_attribution;
-pub mod head_scores;
-pub mod logit_lens;
+//! The run kinds. Each kind is one file here, named as its `kind = "..."`, that owns everything
+//! about it: its options and their resolution (every problem named), its checks against the
+//! model and the prompts, what it reads, what it captures in the shared passes, its jobs, its
+//! rows and manifest note, and any job-key input of its own. `registry!` below is the only list
+//! of kinds: adding one is its file, its line there and its row in docs/spec-reference.md
+//! (docs/architecture.md walks through it). The passes every kind shares live in `shared/`.
 pub mod options;
+mod run;
 pub mod shared;
 
 use std::path::Path;
@@ -21,26 +18,176 @@ use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
-use crate::spec::{RunKind, RunSpec};
+use crate::spec::SpecErrors;
+
+pub use run::RunSpec;
+
+/// A resolved spec: its sections and its runs.
+pub type Spec = crate::spec::Spec<RunSpec>;
+
+/// Declares the kinds: their modules, the `RunKind` enum of their options (one variant each,
+/// serialized as `{"Variant": options}` in manifests) and `KINDS`, their table.
+macro_rules! registry {
+    ($($variant:ident => $module:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// A resolved run's kind with its options (each kind's `Options`).
+        #[derive(Debug, Clone, serde::Serialize)]
+        pub enum RunKind {
+            $($variant($module::Options),)*
+        }
+
+        impl RunKind {
+            /// The `kind = "..."` it was resolved from.
+            pub fn name(&self) -> &'static str {
+                match self {
+                    $(RunKind::$variant(_) => $module::KIND.name,)*
+                }
+            }
+        }
+
+        /// Every kind, in the order `plan` and errors list them.
+        pub static KINDS: &[KindInfo] = &[$($module::KIND),*];
+
+        /// A run's options as written: its kind's `Raw`.
+        #[derive(Debug)]
+        pub enum RawOptions {
+            $($variant($module::Raw),)*
+        }
+
+        /// Reads one [[run]] table as the options of kind `.0` (nothing for an unknown kind).
+        struct ReadAs<'a>(&'a str);
+
+        impl<'de> serde::de::DeserializeSeed<'de> for ReadAs<'_> {
+            type Value = Option<RawOptions>;
+            fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+                use serde::Deserialize;
+                $(if self.0 == $module::KIND.name {
+                    return $module::Raw::deserialize(d).map(|r| Some(RawOptions::$variant(r)));
+                })*
+                serde::de::IgnoredAny::deserialize(d).map(|_| None)
+            }
+        }
+
+        /// The [[run]] keys kind `name` reads besides `name` and `kind`: its `Raw`'s fields.
+        pub fn option_keys(name: &str) -> Vec<&'static str> {
+            $(if name == $module::KIND.name {
+                let fields = crate::spec::raw::field_names::<$module::Raw>();
+                return fields.iter().copied().filter(|k| *k != "name" && *k != "kind").collect();
+            })*
+            Vec::new()
+        }
+
+        /// Resolves options as their kind does.
+        fn resolve_options(
+            cx: &mut Ctx,
+            options: &RawOptions,
+            located: &mut options::Located,
+            i: usize,
+            base: &Path,
+        ) -> Option<RunKind> {
+            match options {
+                $(RawOptions::$variant(r) => $module::resolve(cx, r, located, i, base),)*
+            }
+        }
+    };
+}
+
+registry! {
+    ActivationPatching => activation_patching,
+    AttributionPatching => attribution_patching,
+    LogitLens => logit_lens,
+    DirectLogitAttribution => direct_logit_attribution,
+    HeadScores => head_scores,
+    Ablation => ablation,
+}
+
+impl RunKind {
+    /// What the run reads, as its kind declares it.
+    pub fn needs(&self) -> Needs {
+        needs(self)
+    }
+}
+
+/// Reads and resolves a spec file (relative paths in it are relative to the file), with the
+/// prompts of `prompts_file` instead of the spec's own when given (`--prompts`).
+pub fn resolve_file_with_prompts(path: &Path, prompts_file: Option<&Path>) -> std::result::Result<Spec, SpecErrors> {
+    crate::spec::resolve::resolve_file(path, prompts_file, &Registry)
+}
+
+/// Reads and resolves a spec file.
+pub fn resolve_file(path: &Path) -> std::result::Result<Spec, SpecErrors> {
+    resolve_file_with_prompts(path, None)
+}
+
+/// Resolves a spec's text (`file` names it in errors; relative paths are relative to `base`).
+pub fn resolve_text(text: &str, file: &str, base: &Path) -> std::result::Result<Spec, SpecErrors> {
+    crate::spec::resolve::resolve_text(text, file, base, None, &Registry)
+}
+
+/// The kinds as spec resolution sees them.
+struct Registry;
+
+impl crate::spec::RunKinds for Registry {
+    type Run = RunSpec;
+    type Options = Option<RawOptions>;
+
+    fn read(&self, text: &str, runs: &[RawRun]) -> std::result::Result<Vec<Option<RawOptions>>, toml::de::Error> {
+        crate::spec::raw::read_runs(text, runs.iter().map(|r| ReadAs(r.kind.get_ref())).collect())
+    }
+
+    fn resolve(
+        &self,
+        cx: &mut Ctx,
+        r: &RawRun,
+        options: &Option<RawOptions>,
+        i: usize,
+        base: &Path,
+    ) -> Option<RunSpec> {
+        options::resolve_run(cx, r, options.as_ref(), i, base)
+    }
+}
 
 /// One experiment kind.
 pub struct KindInfo {
     /// The `kind = "..."` of a [[run]].
     pub name: &'static str,
-    /// The [[run]] keys this kind reads besides `name` and `kind`; others are errors.
-    pub keys: &'static [&'static str],
-    /// Run `i` of the spec as typed options; None when it has errors (reported on `Ctx`).
-    pub(crate) resolve: fn(&mut Ctx, &RawRun, usize, &Path) -> Option<RunKind>,
     /// What a run of this kind reads: the job graph adds those inputs and shared passes.
     pub needs: fn(&RunKind) -> Needs,
     /// The hook points its runs capture in the shared passes.
     pub captures: fn(&RunSpec, &Model) -> Result<Captures>,
     /// The jobs a run of this kind is split into, with their sizes and costs.
     pub jobs: fn(&RunSpec, &Sizing) -> Vec<JobDraft>,
+    /// Problems of a run against the model's config, before weights load, added to `problems`
+    /// (`file` is the spec's; `RunSpec::key_at` locates a key in it).
+    pub check_model: fn(&RunSpec, &ModelConfig, file: &str, problems: &mut Vec<String>),
+    /// Problems of a run against the prompts' token lengths (the longest, each prompt's).
+    pub check_prompts: fn(&RunSpec, usize, &[usize], file: &str) -> Vec<String>,
     /// The rows and manifest note of one job of a run of this kind.
     pub run: fn(&RunContext, &RunSpec, Part) -> Result<JobOutput>,
     /// The run's manifest note from its jobs' notes.
     pub note: fn(&[&serde_json::Value]) -> serde_json::Value,
+    /// What one job's result depends on beyond the model, inputs and metric (its content key's
+    /// own part): `whole_job_key` for most kinds.
+    pub key: fn(&RunSpec, Part) -> Result<serde_json::Value>,
+}
+
+/// The key part of a job that computes a whole run: the run's options and layers.
+pub fn whole_job_key(run: &RunSpec, _: Part) -> Result<serde_json::Value> {
+    Ok(serde_json::json!({"task": "whole", "kind": run.kind, "layers": run.layers, "dataset": null}))
+}
+
+/// The key part of job `part` of `run`.
+pub fn job_key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
+    by_name(run.kind_name()).map_or_else(|| whole_job_key(run, part), |k| (k.key)(run, part))
+}
+
+/// A kind with no checks against the model beyond its layers.
+pub fn no_model_check(_: &RunSpec, _: &ModelConfig, _: &str, _: &mut Vec<String>) {}
+
+/// A kind with no checks against the prompts' lengths.
+pub fn no_prompt_check(_: &RunSpec, _: usize, _: &[usize], _: &str) -> Vec<String> {
+    Vec::new()
 }
 
 /// What one job returns: its rows and its manifest note.
@@ -126,6 +273,8 @@ pub struct Needs {
     pub clean_and_corrupted: bool,
     /// The shared corrupted forward+backward.
     pub attribution_pass: bool,
+    /// ... and a forward+backward per layer after it (GradDrop).
+    pub attribution_pass_per_layer: bool,
     /// The shared clean run caching the analysis hooks.
     pub analysis_cache: bool,
 }
@@ -140,15 +289,6 @@ pub enum Part {
         layer: usize,
     },
 }
-
-pub static KINDS: &[KindInfo] = &[
-    activation_patching::KIND,
-    attribution_patching::KIND,
-    logit_lens::KIND,
-    direct_logit_attribution::KIND,
-    head_scores::KIND,
-    ablation::KIND,
-];
 
 pub fn by_name(name: &str) -> Option<&'static KindInfo> {
     KINDS.iter().find(|k| k.name == name)
@@ -184,23 +324,45 @@ pub fn run_job(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> 
 mod tests {
     use super::*;
 
+    /// The registry is the only list of kinds: every file here is a registered kind of its
+    /// name (and every kind a file), each documented in README and docs/spec-reference.md.
     #[test]
-    fn every_kind_is_registered_once_and_the_readme_documents_it() {
+    fn every_kind_is_a_file_here_registered_once_and_documented() {
         let names = names();
         let mut unique = names.clone();
         unique.sort();
         unique.dedup();
         assert_eq!(unique.len(), names.len(), "a kind is registered twice: {names:?}");
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut files: Vec<String> = std::fs::read_dir(root.join("src/kinds"))
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.unwrap().path();
+                let stem = p.file_stem()?.to_str()?.to_string();
+                (p.extension()? == "rs" && !["mod", "options", "run"].contains(&stem.as_str())).then_some(stem)
+            })
+            .collect();
+        files.sort();
+        assert_eq!(files, unique, "src/kinds/<kind>.rs and the registry! list must name the same kinds");
+        let docs = [
+            ("README.md", std::fs::read_to_string(root.join("README.md")).unwrap()),
+            ("docs/spec-reference.md", std::fs::read_to_string(root.join("docs/spec-reference.md")).unwrap()),
+        ];
         for k in KINDS {
             assert!(by_name(k.name).is_some_and(|f| std::ptr::eq(f, k)));
-            assert!(
-                !k.keys.contains(&"name") && !k.keys.contains(&"kind"),
-                "{}: name and kind are every run's",
-                k.name
-            );
-            assert!(readme.contains(&format!("`{}`", k.name)), "README does not document the {} kind", k.name);
+            let keys = option_keys(k.name);
+            assert!(!keys.contains(&"name") && !keys.contains(&"kind"), "{}: name and kind are every run's", k.name);
+            for (doc, text) in &docs {
+                assert!(text.contains(&format!("`{}`", k.name)), "{doc} does not document the {} kind", k.name);
+            }
         }
+    }
+
+    #[test]
+    fn a_kinds_option_keys_are_its_raw_structs_fields() {
+        assert_eq!(option_keys("logit_lens"), ["top_k", "top_k_at", "incl_mid"]);
+        assert_eq!(option_keys("activation_patching"), ["hooks", "over", "layers"]);
+        assert!(option_keys("no_such_kind").is_empty());
     }
 
     #[test]

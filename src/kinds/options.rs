@@ -1,16 +1,16 @@
-//! Resolving one [[run]] table: its kind and the options of that kind, every problem reported
-//! with its line, key, the bad value and what is valid.
+//! Resolving one [[run]] table: what every run has (name, layers), then its kind's options
+//! through the kind's resolver, every problem reported with its line, key, the bad value and
+//! what is valid; and the option parsers kinds share (patch targets).
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use toml::Spanned;
 
-use crate::analysis::ablation::AblationSpec;
 use crate::analysis::patching::{Axes, Target};
-use crate::analysis::attribution::AtpOptions;
-use crate::analysis::activation_cache::{DlaOver, LensPositions};
-use crate::analysis::head_detector::{DetectOptions, Detection};
-use crate::kinds;
+use crate::kinds::{self, RunSpec};
+use crate::model::config::ModelConfig;
 use crate::model::hook_point::{nearest, Site};
+use crate::spec::line_col;
 use crate::spec::raw::RawRun;
 use crate::spec::resolve::Ctx;
 
@@ -30,94 +30,6 @@ const PATCH_HOOKS: &[&str] = &[
     "by_pos_every",
 ];
 
-/// Where head_scores reads attention from.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HeadSource {
-    /// The spec's clean prompts, scored with head_detector's patterns.
-    Prompts,
-    /// The Exploratory Analysis demo: `batch` rows of `seq_len` random tokens in [lo, hi),
-    /// repeated twice, scored by attention stripes.
-    RepeatedRandom { seq_len: i64, batch: i64, seed: u64, token_range: Option<(i64, i64)> },
-}
-
-#[derive(Debug, Clone, serde::Serialize)]
-pub enum RunKind {
-    ActivationPatching { targets: Vec<(Site, Axes)> },
-    AttributionPatching { targets: Vec<(Site, Axes)>, options: AtpOptions, verify_top: usize },
-    LogitLens { incl_mid: bool, top_k: usize, top_k_at: LensPositions },
-    DirectLogitAttribution { over: DlaOver },
-    HeadScores { detections: Vec<(String, Detection)>, options: DetectOptions, source: HeadSource },
-    Ablation(AblationSpec),
-}
-
-impl RunKind {
-    pub fn name(&self) -> &'static str {
-        match self {
-            RunKind::ActivationPatching { .. } => "activation_patching",
-            RunKind::AttributionPatching { .. } => "attribution_patching",
-            RunKind::LogitLens { .. } => "logit_lens",
-            RunKind::DirectLogitAttribution { .. } => "direct_logit_attribution",
-            RunKind::HeadScores { .. } => "head_scores",
-            RunKind::Ablation(_) => "ablation",
-        }
-    }
-
-    /// What the run reads, as its kind declares it (experiments/kinds/).
-    pub fn needs(&self) -> kinds::Needs {
-        kinds::needs(self)
-    }
-
-    /// Whether the run reads the spec's prompts (repeated random tokens need none).
-    pub fn needs_prompts(&self) -> bool {
-        self.needs().prompts
-    }
-
-    /// Whether the run needs corrupted prompts.
-    pub fn needs_corruption(&self) -> bool {
-        self.needs().corruption
-    }
-
-    /// Whether the run reads the metric's answers.
-    pub fn needs_answers(&self) -> bool {
-        self.needs().answers
-    }
-}
-
-/// The [[run]] keys given, with where: a key the run's kind does not read is an error, not
-/// ignored (the registry says which keys each kind reads).
-fn given_options(r: &RawRun) -> Vec<(&'static str, usize)> {
-    let at = r.kind.span().start;
-    let present: Vec<(&'static str, Option<usize>)> = vec![
-        ("hooks", r.hooks.first().map(|h| h.span().start)),
-        ("over", r.over.as_ref().map(|v| v.span().start)),
-        ("layers", r.layers.as_ref().map(|v| v.span().start)),
-        ("verify_top", r.verify_top.as_ref().map(|v| v.span().start)),
-        ("top_k", r.top_k.as_ref().map(|v| v.span().start)),
-        ("top_k_at", r.top_k_at.as_ref().map(|v| v.span().start)),
-        ("patterns", r.patterns.as_ref().map(|v| v.span().start)),
-        ("error_measure", r.error_measure.as_ref().map(|v| v.span().start)),
-        ("source", r.source.as_ref().map(|v| v.span().start)),
-        ("seq_len", r.seq_len.as_ref().map(|v| v.span().start)),
-        ("batch", r.batch.as_ref().map(|v| v.span().start)),
-        ("seed", r.seed.as_ref().map(|v| v.span().start)),
-        ("token_range", r.token_range.as_ref().map(|v| v.span().start)),
-        ("method", r.method.as_ref().map(|v| v.span().start)),
-        ("units", r.units.as_ref().map(|v| v.span().start)),
-        ("top_dla_heads", r.top_dla_heads.as_ref().map(|v| v.span().start)),
-        ("positions", r.positions.as_ref().map(|v| v.span().start)),
-        ("measure", r.measure.as_ref().map(|v| v.span().start)),
-        ("dataset", r.dataset.as_ref().map(|v| v.span().start)),
-        ("qk_fix", r.qk_fix.map(|_| at)),
-        ("grad_drop", r.grad_drop.map(|_| at)),
-        ("incl_mid", r.incl_mid.map(|_| at)),
-        ("exclude_bos", r.exclude_bos.map(|_| at)),
-        ("exclude_current_token", r.exclude_current_token.map(|_| at)),
-        ("custom", r.custom.first().map(|c| c.name.span().start)),
-    ];
-    present.into_iter().filter_map(|(n, at)| Some((n, at?))).collect()
-}
-
 fn axes_of(over: &[String]) -> Option<Axes> {
     let o: Vec<&str> = over.iter().map(String::as_str).collect();
     Some(match o.as_slice() {
@@ -130,52 +42,51 @@ fn axes_of(over: &[String]) -> Option<Axes> {
     })
 }
 
-pub(crate) fn choice<T: Copy>(
+/// Where a run's options were given, as its kind resolves them: its layers (for the check
+/// against the model) and the keys its checks cite.
+#[derive(Debug, Default)]
+pub struct Located {
+    pub layers: Option<Vec<usize>>,
+    pub layers_at: Option<(usize, usize)>,
+    pub keys_at: BTreeMap<&'static str, (usize, usize)>,
+}
+
+impl Located {
+    /// The run's layers: non-negative, else an error.
+    pub fn layers(&mut self, cx: &mut Ctx, v: &Option<Spanned<Vec<i64>>>, i: usize) {
+        let Some(l) = v else { return };
+        self.layers_at = Some(line_col(cx.text, l.span().start));
+        if l.get_ref().iter().any(|&x| x < 0) {
+            cx.at(l, format!("run[{i}].layers"), format!("layers must be non-negative, got {:?}", l.get_ref()));
+        } else {
+            self.layers = Some(l.get_ref().iter().map(|&x| x as usize).collect());
+        }
+    }
+
+    /// Where `key` was given (when it was), for the checks against the model or the prompts
+    /// that cite it.
+    pub fn key<T>(&mut self, cx: &Ctx, key: &'static str, v: Option<&Spanned<T>>) {
+        if let Some(v) = v {
+            self.keys_at.insert(key, line_col(cx.text, v.span().start));
+        }
+    }
+}
+
+/// Run `i` resolved from its table (`head`) and its options as its kind read them (None: the
+/// kind is unknown); None when it has errors (reported on `cx`).
+pub(crate) fn resolve_run(
     cx: &mut Ctx,
-    v: &Option<Spanned<String>>,
-    key: String,
-    options: &[(&str, T)],
-    default: T,
-) -> T {
-    let Some(v) = v else { return default };
-    match options.iter().find(|(n, _)| *n == v.get_ref()) {
-        Some((_, t)) => *t,
-        None => {
-            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
-            cx.at(
-                v,
-                key,
-                format!(
-                    "unknown value '{}' (valid: {}); did you mean '{}'?",
-                    v.get_ref(),
-                    names.join(", "),
-                    nearest(v.get_ref(), names.iter().copied())[0]
-                ),
-            );
-            default
-        }
-    }
-}
-
-pub(crate) fn positive(cx: &mut Ctx, v: &Option<Spanned<i64>>, key: String, default: i64, min: i64) -> i64 {
-    match v {
-        None => default,
-        Some(x) if *x.get_ref() < min => {
-            cx.at(x, key, format!("must be at least {min}, got {}", x.get_ref()));
-            default
-        }
-        Some(x) => *x.get_ref(),
-    }
-}
-
-/// Resolves run `i` through its kind's resolver; None when it has errors (already reported).
-pub(crate) fn resolve_kind(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> Option<RunKind> {
+    head: &RawRun,
+    options: Option<&kinds::RawOptions>,
+    i: usize,
+    base: &Path,
+) -> Option<RunSpec> {
     let key = |k: &str| format!("run[{i}].{k}");
-    let kind = r.kind.get_ref().as_str();
-    let Some(info) = kinds::by_name(kind) else {
+    let kind = head.kind.get_ref().as_str();
+    let Some(options) = options.filter(|_| kinds::by_name(kind).is_some()) else {
         let names = kinds::names();
         cx.at(
-            &r.kind,
+            &head.kind,
             key("kind"),
             format!(
                 "unknown run kind '{kind}' (valid: {}); did you mean '{}'?",
@@ -186,22 +97,32 @@ pub(crate) fn resolve_kind(cx: &mut Ctx, r: &RawRun, i: usize, base: &Path) -> O
         return None;
     };
     let before = cx.diags.len();
-    for (name, at) in given_options(r) {
-        if !info.keys.contains(&name) {
-            cx.at_offset(at, key(name), format!("'{name}' is not an option of {kind} runs"));
+    let known = kinds::option_keys(kind);
+    for (name, at) in &head.keys {
+        if !known.contains(&name.as_str()) {
+            cx.at_offset(*at, key(name), format!("'{name}' is not an option of {kind} runs"));
         }
     }
-    let out = (info.resolve)(cx, r, i, base);
+    let mut located = Located::default();
+    let out = kinds::resolve_options(cx, options, &mut located, i, base);
     if out.is_none() && cx.diags.len() == before {
-        cx.at(&r.kind, key("kind"), format!("this {kind} run could not be resolved"));
+        cx.at(&head.kind, key("kind"), format!("this {kind} run could not be resolved"));
     }
-    let out = out?;
-    (cx.diags.len() == before).then_some(out)
+    let kind = out?;
+    let Located { layers, layers_at, keys_at } = located;
+    (cx.diags.len() == before).then(|| RunSpec { name: head.name.get_ref().clone(), kind, layers, layers_at, keys_at })
 }
 
-pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Option<Vec<(Site, Axes)>> {
+/// The patch targets of `hooks` over `over` (patching.py's names and its grouped targets).
+pub(crate) fn resolve_patch_targets(
+    cx: &mut Ctx,
+    kind: &Spanned<String>,
+    hooks: &[Spanned<String>],
+    over: &Option<Spanned<Vec<String>>>,
+    i: usize,
+) -> Option<Vec<(Site, Axes)>> {
     let key = |k: &str| format!("run[{i}].{k}");
-    let axes = match &r.over {
+    let axes = match &over {
         None => None,
         Some(over) => match axes_of(over.get_ref()) {
             Some(a) => Some(a),
@@ -214,16 +135,16 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
             }
         },
     };
-    if r.hooks.is_empty() {
+    if hooks.is_empty() {
         cx.at(
-            &r.kind,
+            &kind,
             key("hooks"),
-            format!("{} needs hooks = [...] (valid: {})", r.kind.get_ref(), PATCH_HOOKS.join(", ")),
+            format!("{} needs hooks = [...] (valid: {})", kind.get_ref(), PATCH_HOOKS.join(", ")),
         );
         return None;
     }
     let mut targets = Vec::new();
-    for (j, h) in r.hooks.iter().enumerate() {
+    for (j, h) in hooks.iter().enumerate() {
         let name = h.get_ref().as_str();
         let group: Vec<(Site, Axes)> = match name {
             "block_every" => [Site::ResidPre, Site::AttnOut, Site::MlpOut].map(|s| (s, Axes::LayerPos)).to_vec(),
@@ -258,7 +179,7 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
                     continue;
                 };
                 if let Err(e) = Target::new(site, axes) {
-                    cx.at(r.over.as_ref().expect("axes came from over"), key("over"), e.to_string());
+                    cx.at(over.as_ref().expect("axes came from over"), key("over"), e.to_string());
                     continue;
                 }
                 vec![(site, axes)]
@@ -271,4 +192,22 @@ pub(crate) fn resolve_patch_targets(cx: &mut Ctx, r: &RawRun, i: usize) -> Optio
         }
     }
     Some(targets)
+}
+
+/// Patch targets at sites the model has (a parallel-attention block has no resid_mid).
+pub(crate) fn check_sites(
+    run: &RunSpec,
+    targets: &[(Site, Axes)],
+    cfg: &ModelConfig,
+    file: &str,
+    problems: &mut Vec<String>,
+) {
+    for (site, _) in targets.iter().filter(|(s, _)| !cfg.has_site(*s)) {
+        problems.push(format!(
+            "{file}: run '{}': a {} model has no {} (its attention and MLP read the same residual)",
+            run.name,
+            cfg.family,
+            site.name()
+        ));
+    }
 }

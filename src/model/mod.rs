@@ -14,8 +14,8 @@ pub mod weights;
 
 use tch::{Device, Kind};
 
-use crate::model::tokenize::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::model::tokenize::TextTokenizer;
 use config::{ModelConfig, Processing};
 use hook_point::HookPoint;
 use weights::{FusedAttn, Weights};

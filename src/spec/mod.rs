@@ -1,5 +1,6 @@
 //! Experiment specs: the TOML a researcher writes (raw.rs), resolved into a checked plan
-//! (resolve.rs; prompts and corruption in corruption.rs, runs in runs.rs) with every problem
+//! (resolve.rs; prompts and corruption in corruption.rs; each [[run]] by its kind, crate::kinds,
+//! through the `RunKinds` it is handed) with every problem
 //! reported at once, each pointing at its line and key.
 pub mod corruption;
 pub mod prompts;
@@ -7,7 +8,7 @@ pub mod raw;
 pub mod resolve;
 
 pub use corruption::Corruption;
-pub use resolve::{resolve_file, resolve_file_with_prompts, MetricSpec, ModelSpec, RunKind, RunSpec, Spec};
+pub use resolve::{MetricSpec, ModelSpec, Reads, Run, RunKinds, Spec};
 
 /// One problem in a spec, located in the file.
 #[derive(Debug, Clone)]

@@ -1,6 +1,8 @@
 //! The spec file as written: plain serde structs with spans on every value an error may point
-//! at. `kind` fields are plain strings dispatched by hand, because serde's tagged enums lose spans.
-use serde::Deserialize;
+//! at. `kind` fields are plain strings dispatched by hand, because serde's tagged enums lose spans;
+//! a [[run]]'s options are read by its kind (`read_runs`).
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 #[derive(Debug, Deserialize)]
@@ -74,54 +76,146 @@ pub struct RawMetric {
     pub per_prompt: bool,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A [[run]] table as the spec reads it: its name and kind, and the keys given with where each
+/// value starts. The kind's own options are read from the same text by the kind (`read_runs`),
+/// which knows their types: serde cannot pick a struct by a field's value and keep spans.
+#[derive(Debug)]
 pub struct RawRun {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
-    #[serde(default)]
-    pub hooks: Vec<Spanned<String>>,
-    pub over: Option<Spanned<Vec<String>>>,
-    pub layers: Option<Spanned<Vec<i64>>>,
-    // attribution_patching
-    pub qk_fix: Option<bool>,
-    pub grad_drop: Option<bool>,
-    pub verify_top: Option<Spanned<i64>>,
-    // logit_lens
-    pub incl_mid: Option<bool>,
-    pub top_k: Option<Spanned<i64>>,
-    pub top_k_at: Option<Spanned<String>>,
-    // head_scores
-    pub patterns: Option<Spanned<Vec<Spanned<String>>>>,
-    #[serde(default)]
-    pub custom: Vec<RawCustomPattern>,
-    pub error_measure: Option<Spanned<String>>,
-    pub exclude_bos: Option<bool>,
-    pub exclude_current_token: Option<bool>,
-    pub source: Option<Spanned<String>>,
-    pub seq_len: Option<Spanned<i64>>,
-    pub batch: Option<Spanned<i64>>,
-    pub seed: Option<Spanned<i64>>,
-    pub token_range: Option<Spanned<Vec<i64>>>,
-    // ablation
-    pub method: Option<Spanned<String>>,
-    pub units: Option<Spanned<Vec<Vec<i64>>>>,
-    pub top_dla_heads: Option<Spanned<i64>>,
-    pub positions: Option<Spanned<Vec<i64>>>,
-    pub measure: Option<Spanned<String>>,
-    pub dataset: Option<Spanned<String>>,
+    /// Every other key, with the offset of its value.
+    pub keys: Vec<(String, usize)>,
 }
 
-/// A head_scores detection pattern of the spec's own: a matrix or a rule.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawCustomPattern {
-    pub name: Spanned<String>,
-    pub matrix: Option<Spanned<Vec<Vec<f64>>>>,
-    /// "same_token" (attend `offset` after an earlier copy of the current token) or "relative"
-    /// (attend `offset` tokens back).
-    pub rule: Option<Spanned<String>>,
-    pub offset: Option<Spanned<i64>>,
+impl<'de> Deserialize<'de> for RawRun {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Table;
+        impl<'de> Visitor<'de> for Table {
+            type Value = RawRun;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a [[run]] table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRun, A::Error> {
+                let (mut name, mut kind, mut keys) = (None, None, Vec::new());
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "name" => name = Some(map.next_value::<Spanned<String>>()?),
+                        "kind" => kind = Some(map.next_value::<Spanned<String>>()?),
+                        _ => {
+                            let at = map.next_value::<Spanned<IgnoredAny>>()?.span().start;
+                            keys.push((key, at));
+                        }
+                    }
+                }
+                Ok(RawRun {
+                    name: name.ok_or_else(|| de::Error::missing_field("name"))?,
+                    kind: kind.ok_or_else(|| de::Error::missing_field("kind"))?,
+                    keys,
+                })
+            }
+        }
+        d.deserialize_map(Table)
+    }
+}
+
+/// The [[run]] tables of a spec's text again, each read by its own seed (its kind's options
+/// struct): serde's errors come back as TOML errors with their spans.
+pub fn read_runs<S, T>(text: &str, seeds: Vec<S>) -> Result<Vec<T>, toml::de::Error>
+where
+    S: for<'de> DeserializeSeed<'de, Value = T>,
+{
+    struct Doc<S>(Vec<S>);
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Doc<S> {
+        type Value = Vec<S::Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+    impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for Doc<S> {
+        type Value = Vec<S::Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a spec")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let (mut seeds, mut out) = (Some(self.0), Vec::new());
+            while let Some(key) = map.next_key::<String>()? {
+                match (key.as_str(), seeds.take()) {
+                    ("run", Some(s)) => out = map.next_value_seed(Runs(s))?,
+                    (_, s) => {
+                        seeds = s;
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(out)
+        }
+    }
+    struct Runs<S>(Vec<S>);
+    impl<'de, S: DeserializeSeed<'de>> DeserializeSeed<'de> for Runs<S> {
+        type Value = Vec<S::Value>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de, S: DeserializeSeed<'de>> Visitor<'de> for Runs<S> {
+        type Value = Vec<S::Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("[[run]] tables")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(self.0.len());
+            for s in self.0 {
+                match seq.next_element_seed(s)? {
+                    Some(v) => out.push(v),
+                    None => break,
+                }
+            }
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(out)
+        }
+    }
+    Doc(seeds).deserialize(toml::Deserializer::new(text))
+}
+
+/// The field names of a struct that derives Deserialize (what `deserialize_struct` is told): a
+/// kind's option keys come from its options struct, never from a second list.
+pub fn field_names<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    struct Fields(Option<&'static [&'static str]>);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("fields read")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    impl<'de> Deserializer<'de> for &mut Fields {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = Some(fields);
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields = Fields(None);
+    let _ = T::deserialize(&mut fields);
+    fields.0.unwrap_or(&[])
 }
 
 #[derive(Debug, Deserialize)]

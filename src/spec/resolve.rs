@@ -5,14 +5,12 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 use crate::engine::metric::MetricKind;
-use crate::analysis::head_detector::Detection;
 use crate::model::config::Processing;
+use crate::model::hook_point::nearest;
 use crate::model::AttentionKernel;
 use crate::spec::corruption::{replace_words, resolve_prompts, Corruption};
 use crate::spec::prompts::PromptPair;
 use crate::spec::raw::*;
-pub use crate::kinds::options::RunKind;
-use crate::kinds::options::{resolve_kind, HeadSource};
 use crate::spec::{line_col, Diagnostic, SpecErrors};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -59,219 +57,47 @@ pub struct MetricSpec {
     pub per_prompt: bool,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RunSpec {
-    pub name: String,
-    pub kind: RunKind,
-    /// Only these layers (all when None), with the spec line and column they were given at.
-    pub layers: Option<Vec<usize>>,
-    pub layers_at: Option<(usize, usize)>,
-    /// Where the options checked against the model were given (top_k, units, seq_len,
-    /// token_range), by key, as (line, column).
-    pub keys_at: std::collections::BTreeMap<&'static str, (usize, usize)>,
+/// What spec resolution asks of a resolved run. The runs' kinds live above the spec
+/// (crate::kinds), which hands them in through `RunKinds`.
+pub trait Run: Clone + std::fmt::Debug + serde::Serialize {
+    fn name(&self) -> &str;
+    fn kind_name(&self) -> &'static str;
+    /// Which of the spec's sections the run reads.
+    fn reads(&self) -> Reads;
 }
 
-impl RunSpec {
-    /// Checks the run's layers against a model with `n_layers` layers.
-    pub fn check_layers(&self, n_layers: usize, file: &str) -> Result<(), String> {
-        let Some(layers) = &self.layers else { return Ok(()) };
-        if let Some(bad) = layers.iter().find(|&&l| l >= n_layers) {
-            let (line, col) = self.layers_at.unwrap_or((0, 0));
-            return Err(format!(
-                "{file}:{line}:{col}: run '{}': layer {bad} is out of range: the model has {n_layers} layers: 0-{}",
-                self.name,
-                n_layers - 1
-            ));
-        }
-        Ok(())
-    }
-
-    /// `file:line:col` of one of the run's keys, or the file alone when the key was not given.
-    fn key_at(&self, key: &str, file: &str) -> String {
-        self.keys_at.get(key).map(|(l, c)| format!("{file}:{l}:{c}")).unwrap_or_else(|| file.to_string())
-    }
-
-    /// Checks the run against the model's config, before any weights are loaded: its layers,
-    /// logit_lens's top_k against the vocabulary, ablation units against the layers, heads and
-    /// neurons, and repeated random tokens against the context and the vocabulary. Every
-    /// problem, one per line.
-    pub fn check_model(&self, cfg: &crate::model::config::ModelConfig, file: &str) -> Result<(), String> {
-        let mut problems = Vec::new();
-        if let Err(e) = self.check_layers(cfg.n_layers, file) {
-            problems.push(e);
-        }
-        let at = |key: &str| self.key_at(key, file);
-        if let RunKind::ActivationPatching { targets } | RunKind::AttributionPatching { targets, .. } = &self.kind {
-            for (site, _) in targets.iter().filter(|(s, _)| !cfg.has_site(*s)) {
-                problems.push(format!(
-                    "{file}: run '{}': a {} model has no {} (its attention and MLP read the same residual)",
-                    self.name,
-                    cfg.family,
-                    site.name()
-                ));
-            }
-        }
-        match &self.kind {
-            RunKind::LogitLens { top_k, .. } if *top_k > cfg.d_vocab => problems.push(format!(
-                "{}: run '{}': top_k = {top_k} is more tokens than the model's vocabulary of {}; use at most {}",
-                at("top_k"),
-                self.name,
-                cfg.d_vocab,
-                cfg.d_vocab
-            )),
-            RunKind::Ablation(a) => {
-                use crate::model::hook_point::Site;
-                let (max, what) = match a.site {
-                    Site::Z => (cfg.n_heads as i64, "heads"),
-                    Site::MlpPost => (cfg.mlp.d_mlp as i64, "neurons"),
-                    _ => (1, ""),
-                };
-                for u in a.units.iter().flatten() {
-                    if u.layer >= cfg.n_layers || u.index.is_some_and(|i| i < 0 || i >= max) {
-                        let unit =
-                            u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
-                        let per =
-                            if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
-                        problems.push(format!(
-                            "{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}",
-                            at("units"),
-                            self.name,
-                            cfg.n_layers,
-                            cfg.n_layers - 1
-                        ));
-                    }
-                }
-            }
-            RunKind::HeadScores {
-                source: crate::kinds::options::HeadSource::RepeatedRandom { seq_len, batch, token_range, .. },
-                ..
-            } => {
-                // The random tokens twice (no BOS, as the Exploratory Analysis demo's stripes).
-                let needed = 2 * *seq_len as usize;
-                // Every layer's pattern [batch, heads, 2·seq_len, 2·seq_len] is kept (f32 at
-                // least): past the host's memory the run could only end out of memory.
-                let per_row = (cfg.n_layers * cfg.n_heads) as u64 * (needed as u64).pow(2) * 4;
-                if let Some(host) = crate::engine::memory::past_host_memory((*batch as u64).checked_mul(per_row)) {
-                    problems.push(format!(
-                        "{}: run '{}': batch = {batch} rows of repeated tokens keep {} layers × {} heads of {needed}×{needed} attention patterns, {:.1} MiB a row, more than this machine's {:.1} GiB of memory; {}",
-                        at("batch"),
-                        self.name,
-                        cfg.n_layers,
-                        cfg.n_heads,
-                        per_row as f64 / (1u64 << 20) as f64,
-                        host as f64 / (1u64 << 30) as f64,
-                        match host / per_row.max(1) {
-                            0 => "use a smaller seq_len (not even one row fits)".to_string(),
-                            most => format!("use batch ≤ {most}"),
-                        }
-                    ));
-                }
-                if needed > cfg.n_ctx {
-                    problems.push(format!(
-                        "{}: run '{}': seq_len = {seq_len} makes {needed} tokens (twice {seq_len}), more than the model's context of {}; use seq_len ≤ {}",
-                        at("seq_len"),
-                        self.name,
-                        cfg.n_ctx,
-                        cfg.n_ctx / 2
-                    ));
-                }
-                if let Some((_, hi)) = token_range {
-                    if *hi as usize > cfg.d_vocab {
-                        problems.push(format!(
-                            "{}: run '{}': token_range ends at {hi}, past the model's vocabulary of {}",
-                            at("token_range"),
-                            self.name,
-                            cfg.d_vocab
-                        ));
-                    }
-                }
-            }
-            _ => {}
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("\n"))
-        }
-    }
-
-    /// Checks the run against the prompts' token lengths (`seq` the longest, `lengths` each
-    /// prompt's): ablation positions, custom detection matrices. One problem per line.
-    pub fn check_positions(&self, seq: usize, lengths: &[usize], file: &str) -> Result<(), String> {
-        if let RunKind::HeadScores { detections, source: HeadSource::Prompts, .. } = &self.kind {
-            return self.check_matrix_sizes(detections, lengths, file);
-        }
-        let RunKind::Ablation(a) = &self.kind else { return Ok(()) };
-        let bad: Vec<i64> = a.positions.iter().flatten().copied().filter(|&p| p < 0 || p as usize >= seq).collect();
-        if bad.is_empty() {
-            return Ok(());
-        }
-        let at = self.key_at("positions", file);
-        Err(format!(
-            "{at}: run '{}': positions {bad:?} are out of range: the prompts have {seq} tokens (0-{})",
-            self.name,
-            seq.saturating_sub(1)
-        ))
-    }
-
-    /// A custom matrix scores prompts of its own token count (head_detector scores each prompt
-    /// unpadded), so every prompt must have that many tokens.
-    fn check_matrix_sizes(
-        &self,
-        detections: &[(String, Detection)],
-        lengths: &[usize],
-        file: &str,
-    ) -> Result<(), String> {
-        let at = self.key_at("custom", file);
-        let mut problems = Vec::new();
-        for (name, d) in detections {
-            let Detection::Matrix(rows) = d else { continue };
-            let other: Vec<String> = lengths
-                .iter()
-                .enumerate()
-                .filter(|(_, &t)| t != rows.len())
-                .map(|(p, t)| format!("prompt {p} is {t}"))
-                .collect();
-            if !other.is_empty() {
-                let shown = match lengths.first() {
-                    Some(t) if other.len() == lengths.len() && lengths.iter().all(|l| l == t) => {
-                        format!("the prompts are {t}")
-                    }
-                    _ if other.len() > 3 => format!("{}, … ({} prompts)", other[..3].join(", "), other.len()),
-                    _ => other.join(", "),
-                };
-                problems.push(format!(
-                    "{at}: run '{}': custom pattern '{name}' is a {n}x{n} matrix, so it scores prompts of {n} tokens (BOS included), but {shown}; give prompts of that length or a matrix of theirs",
-                    self.name,
-                    n = rows.len()
-                ));
-            }
-        }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(problems.join("\n"))
-        }
-    }
-
-    /// The layers the run covers: its `layers`, else all `n_layers`.
-    pub fn layers_or_all(&self, n_layers: usize) -> Vec<usize> {
-        self.layers.clone().unwrap_or_else(|| (0..n_layers).collect())
-    }
-
-    pub fn kind_name(&self) -> &'static str {
-        self.kind.name()
-    }
+/// The spec's sections a run reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// The spec's prompts (tokenized).
+    pub prompts: bool,
+    /// Corrupted prompts (or noise).
+    pub corruption: bool,
+    /// The metric's answers, single tokens.
+    pub answers: bool,
 }
 
+/// The run kinds, as spec resolution sees them: each [[run]]'s options read from the text by
+/// its kind, then resolved (problems reported on `cx`, None when there were any).
+pub trait RunKinds {
+    type Run: Run;
+    /// A run's options as written.
+    type Options;
+    /// The options of every [[run]] of `text`, one per entry of `runs` (serde's errors, e.g. a
+    /// value of the wrong type, as TOML errors).
+    fn read(&self, text: &str, runs: &[RawRun]) -> Result<Vec<Self::Options>, toml::de::Error>;
+    fn resolve(&self, cx: &mut Ctx, raw: &RawRun, options: &Self::Options, i: usize, base: &Path) -> Option<Self::Run>;
+}
+
+/// A resolved spec: its sections, and its runs as the kinds resolved them (`kinds::Spec`).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Spec {
+pub struct Spec<R> {
     pub name: String,
     pub model: ModelSpec,
     pub prompts: Vec<PromptPair>,
     pub corruption: Corruption,
     pub metric: MetricSpec,
-    pub runs: Vec<RunSpec>,
+    pub runs: Vec<R>,
     pub output_dir: PathBuf,
     /// sha256 of the spec file's bytes.
     pub spec_hash: String,
@@ -283,19 +109,18 @@ pub struct Spec {
     pub allow_nonfinite: bool,
 }
 
-impl Spec {
+impl<R: Run> Spec<R> {
     /// Re-derives corrupted prompts after the prompts were replaced (--prompts): replace_tokens
     /// is applied again; explicit corrupted prompts must come with the new prompts.
     pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
         if self.metric.kind == MetricKind::LogitDiff {
-            if let (Some(run), Some(i)) = (
-                self.runs.iter().find(|r| r.kind.needs_answers()),
-                self.prompts.iter().position(|p| p.incorrect.is_none()),
-            ) {
+            if let (Some(run), Some(i)) =
+                (self.runs.iter().find(|r| r.reads().answers), self.prompts.iter().position(|p| p.incorrect.is_none()))
+            {
                 return Err(format!(
                     "prompt {i} has no incorrect answer, but run '{}' ({}) measures logit_diff, which needs one for every prompt; add \"answers\": [correct, incorrect] (or \"wrong_answer\") or use metric logprob/prob",
-                    run.name,
-                    run.kind.name()
+                    run.name(),
+                    run.kind_name()
                 ));
             }
         }
@@ -323,7 +148,8 @@ impl Spec {
     }
 }
 
-pub(crate) struct Ctx<'a> {
+/// Collects the problems of one spec file, each located at its line and column.
+pub struct Ctx<'a> {
     pub(crate) text: &'a str,
     pub(crate) diags: Vec<Diagnostic>,
 }
@@ -341,33 +167,72 @@ impl Ctx<'_> {
     }
 }
 
-/// Reads and resolves a spec file. Relative paths in it are relative to the file.
-pub fn resolve_file(path: &Path) -> Result<Spec, SpecErrors> {
-    resolve_file_with_prompts(path, None)
+/// A string option that is one of `options` (its default when not given).
+pub(crate) fn choice<T: Copy>(
+    cx: &mut Ctx,
+    v: &Option<Spanned<String>>,
+    key: String,
+    options: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(v) = v else { return default };
+    match options.iter().find(|(n, _)| *n == v.get_ref()) {
+        Some((_, t)) => *t,
+        None => {
+            let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+            cx.at(
+                v,
+                key,
+                format!(
+                    "unknown value '{}' (valid: {}); did you mean '{}'?",
+                    v.get_ref(),
+                    names.join(", "),
+                    nearest(v.get_ref(), names.iter().copied())[0]
+                ),
+            );
+            default
+        }
+    }
 }
 
-/// Like `resolve_file`, with the prompts read from `prompts_file` instead of the spec's own
-/// `prompts.file` (the `--prompts` flag): the spec's file need not exist where the override is
-/// given, e.g. a spec copied away from the repository it names a file in.
-pub fn resolve_file_with_prompts(path: &Path, prompts_file: Option<&Path>) -> Result<Spec, SpecErrors> {
+/// An integer option of at least `min` (its default when not given).
+pub(crate) fn positive(cx: &mut Ctx, v: &Option<Spanned<i64>>, key: String, default: i64, min: i64) -> i64 {
+    match v {
+        None => default,
+        Some(x) if *x.get_ref() < min => {
+            cx.at(x, key, format!("must be at least {min}, got {}", x.get_ref()));
+            default
+        }
+        Some(x) => *x.get_ref(),
+    }
+}
+
+/// Reads and resolves a spec file, its runs through `kinds`, with the prompts read from
+/// `prompts_file` instead of the spec's own `prompts.file` when given (the `--prompts` flag: the
+/// spec's file need not exist where the override is given, e.g. a spec copied away from the
+/// repository it names a file in). Relative paths in it are relative to the file.
+pub fn resolve_file<K: RunKinds>(
+    path: &Path,
+    prompts_file: Option<&Path>,
+    kinds: &K,
+) -> Result<Spec<K::Run>, SpecErrors> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| SpecErrors::unreadable(&file, &e))?;
     let base = path.parent().unwrap_or(Path::new("."));
-    resolve_text_with_prompts(&text, &file, base, prompts_file)
+    resolve_text(&text, &file, base, prompts_file, kinds)
 }
 
-pub fn resolve_text(text: &str, file: &str, base: &Path) -> Result<Spec, SpecErrors> {
-    resolve_text_with_prompts(text, file, base, None)
-}
-
-fn resolve_text_with_prompts(
+/// Resolves a spec's text; see `resolve_file`.
+pub fn resolve_text<K: RunKinds>(
     text: &str,
     file: &str,
     base: &Path,
     prompts_file: Option<&Path>,
-) -> Result<Spec, SpecErrors> {
+    kinds: &K,
+) -> Result<Spec<K::Run>, SpecErrors> {
     let fail = |diagnostics| SpecErrors { file: file.to_string(), diagnostics };
     let raw: RawSpec = toml::from_str(text).map_err(|e| fail(vec![crate::spec::toml_diagnostic(text, &e)]))?;
+    let options = kinds.read(text, &raw.run).map_err(|e| fail(vec![crate::spec::toml_diagnostic(text, &e)]))?;
     let mut cx = Ctx { text, diags: Vec::new() };
     let spec_hash = {
         use sha2::Digest;
@@ -399,7 +264,7 @@ fn resolve_text_with_prompts(
     if raw.run.is_empty() {
         cx.top("run", "the spec has no [[run]] entries");
     }
-    for (i, r) in raw.run.iter().enumerate() {
+    for (i, (r, options)) in raw.run.iter().zip(&options).enumerate() {
         let key = |k: &str| format!("run[{i}].{k}");
         if !names.insert(r.name.get_ref().clone()) {
             cx.at(&r.name, key("name"), format!("run name '{}' is used twice", r.name.get_ref()));
@@ -407,51 +272,24 @@ fn resolve_text_with_prompts(
         if let Err(why) = crate::output::atomic::check_file_stem(r.name.get_ref()) {
             cx.at(&r.name, key("name"), format!("run name {:?} {why} (it names the run's output file <output.dir>/<name>.parquet); use letters, digits, '-', '_' or '.'", r.name.get_ref()));
         }
-        let layers = match &r.layers {
-            Some(l) if l.get_ref().iter().any(|&x| x < 0) => {
-                cx.at(l, key("layers"), format!("layers must be non-negative, got {:?}", l.get_ref()));
-                None
+        if let Some(run) = kinds.resolve(&mut cx, r, options, i, base) {
+            let (at, reads, kind) = (r.kind.span().start, run.reads(), run.kind_name());
+            if reads.prompts && prompts.is_empty() && raw.prompts.is_none() {
+                cx.at_offset(at, key("kind"), format!("{kind} runs read prompts: add a [prompts] section"));
             }
-            Some(l) => Some(l.get_ref().iter().map(|&x| x as usize).collect()),
-            None => None,
-        };
-        let layers_at = r.layers.as_ref().map(|l| line_col(cx.text, l.span().start));
-        let mut keys_at = std::collections::BTreeMap::new();
-        for (k, span) in [
-            ("top_k", r.top_k.as_ref().map(|v| v.span())),
-            ("units", r.units.as_ref().map(|v| v.span())),
-            ("seq_len", r.seq_len.as_ref().map(|v| v.span())),
-            ("batch", r.batch.as_ref().map(|v| v.span())),
-            ("token_range", r.token_range.as_ref().map(|v| v.span())),
-            ("positions", r.positions.as_ref().map(|v| v.span())),
-            ("custom", r.custom.first().map(|c| c.name.span())),
-        ] {
-            if let Some(span) = span {
-                keys_at.insert(k, line_col(cx.text, span.start));
-            }
-        }
-        if let Some(kind) = resolve_kind(&mut cx, r, i, base) {
-            let at = r.kind.span().start;
-            if kind.needs_prompts() && prompts.is_empty() && raw.prompts.is_none() {
-                cx.at_offset(at, key("kind"), format!("{} runs read prompts: add a [prompts] section", kind.name()));
-            }
-            if kind.needs_corruption() && corruption.is_none() {
+            if reads.corruption && corruption.is_none() {
                 cx.at_offset(
                     at,
                     key("kind"),
                     format!(
-                        "{} runs need a [corruption] section (kind = swap_pairs, prompts, replace_tokens or noise)",
-                        kind.name()
+                        "{kind} runs need a [corruption] section (kind = swap_pairs, prompts, replace_tokens or noise)"
                     ),
                 );
             }
-            if kind.needs_answers()
-                && metric.kind == MetricKind::LogitDiff
-                && prompts.iter().any(|p| p.incorrect.is_none())
-            {
-                cx.at_offset(at, key("kind"), format!("{} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])", kind.name()));
+            if reads.answers && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
+                cx.at_offset(at, key("kind"), format!("{kind} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])"));
             }
-            runs.push(RunSpec { name: r.name.get_ref().clone(), kind, layers, layers_at, keys_at });
+            runs.push(run);
         }
     }
     let output_dir = match &raw.output {
@@ -540,7 +378,7 @@ fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {
         split_layers: m.split_layers.as_ref().is_some_and(|s| *s.get_ref()),
         devices,
         dtype: m.dtype.as_ref().map(|d| d.get_ref().clone()).unwrap_or_else(|| "float32".into()),
-        attention: crate::kinds::options::choice(
+        attention: choice(
             cx,
             &m.attention,
             "model.attention".into(),

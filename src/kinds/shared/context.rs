@@ -6,17 +6,17 @@ use std::collections::HashMap;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tch::Tensor;
 
+use crate::analysis::activation_cache::Component;
+use crate::analysis::attribution::Pass;
+use crate::analysis::clean_corrupted::CleanCorrupted;
+use crate::analysis::patching::Cell;
 use crate::engine::metric::Metric;
 use crate::error::{Error, Result};
-use crate::analysis::patching::Cell;
-use crate::analysis::attribution::Pass;
-use crate::analysis::activation_cache::Component;
 use crate::kinds::shared::inputs::Tokenized;
-use crate::analysis::clean_corrupted::CleanCorrupted;
+use crate::kinds::Spec;
 use crate::model::hook_point::{HookPoint, Site};
 use crate::model::Model;
 use crate::output::table::Row;
-use crate::spec::Spec;
 
 /// What every job reads: the spec, the model, the tokenized prompts and the shared passes, each
 /// made when its job in the graph runs (or on first use).

@@ -4,13 +4,14 @@
 //! It depends on the spec, the engine and the model only, so nothing cycles with it.
 use tch::{Device, Kind, Tensor};
 
+use crate::analysis::clean_corrupted::{CleanCorrupted, Corrupt};
 use crate::engine::metric::Metric;
-use crate::model::tokenize::{TextTokenizer, TokenBatch};
 use crate::error::{Error, Result};
-use crate::analysis::clean_corrupted::{Corrupt, CleanCorrupted};
+use crate::kinds::Spec;
 use crate::model::hook_point::{HookPoint, Site};
+use crate::model::tokenize::{TextTokenizer, TokenBatch};
 use crate::model::Model;
-use crate::spec::{Corruption, Spec};
+use crate::spec::Corruption;
 
 /// Clean and corrupted token batches with the answers, checked.
 pub struct Tokenized {
@@ -158,7 +159,7 @@ pub fn tokenize(
     cfg: &crate::model::config::ModelConfig,
     needs_corruption: bool,
 ) -> Result<Tokenized> {
-    let needs_answers = spec.runs.iter().any(|r| r.kind.needs_answers());
+    let needs_answers = spec.runs.iter().any(|r| r.kind.needs().answers);
     let bos = spec.model.prepend_bos_for(cfg);
     let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
     let clean = tok.batch(&clean_texts, bos)?;
@@ -296,7 +297,12 @@ pub fn embedding_noise(model: &Model, noised: &Tensor, scale: f64, samples: usiz
 
 /// The clean and corrupted runs every patching run of the spec shares.
 /// With `grad_points`, the corrupted run is kept for the attribution pass's backward there.
-pub(crate) fn clean_corrupted_pass(spec: &Spec, model: &Model, toks: &Tokenized, grad_points: &[HookPoint]) -> Result<CleanCorrupted> {
+pub(crate) fn clean_corrupted_pass(
+    spec: &Spec,
+    model: &Model,
+    toks: &Tokenized,
+    grad_points: &[HookPoint],
+) -> Result<CleanCorrupted> {
     // The union of the sites every run's kind says the clean run caches.
     let mut sites: Vec<Site> = Vec::new();
     for r in &spec.runs {
