@@ -30,7 +30,7 @@ fn hooks_lists_every_point_with_its_shape() {
 /// must be exactly what a forward of the loaded model captures, in every family.
 #[test]
 fn hooks_lists_what_a_forward_captures_in_every_family() {
-    for &name in EVERY_FAMILY {
+    for name in &every_family() {
         let (ok, out, err) = tl_run(&["hooks", fixture(name).to_str().unwrap(), "--batch", "2", "--seq", "5"]);
         assert!(ok, "{name}: {err}");
         let listed: Vec<(String, String)> = out

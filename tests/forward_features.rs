@@ -231,7 +231,7 @@ fn key_value_prefix_reproduces_the_full_run() {
 #[test]
 fn last_position_stop_equals_the_full_runs_last_position() {
     use tl_run::engine::forward::Prefix;
-    for &name in EVERY_FAMILY {
+    for name in &every_family() {
         let model = load(name, Processing::TRANSFORMER_LENS);
         let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);
         tch::manual_seed(0);
@@ -291,7 +291,7 @@ fn last_position_stop_equals_the_full_runs_last_position() {
 fn fused_attention_equals_the_explicit_steps() {
     use tl_run::engine::forward::Prefix;
     use tl_run::model::AttentionKernel;
-    for &name in EVERY_FAMILY {
+    for name in &every_family() {
         let mut model = load(name, Processing::TRANSFORMER_LENS);
         let (n_layers, vocab) = (model.cfg.n_layers, model.cfg.d_vocab as i64);
         tch::manual_seed(0);

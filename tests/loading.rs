@@ -134,7 +134,7 @@ fn missing_tensors_are_named_with_the_nearest_present() {
 /// the family and dtype.
 #[test]
 fn loaded_mlp_matrices_are_contiguous() {
-    for name in EVERY_FAMILY {
+    for name in &every_family() {
         for kind in [tch::Kind::Float, tch::Kind::BFloat16] {
             let opts = LoadOptions { processing: Processing::TRANSFORMER_LENS, kind, ..LoadOptions::default() };
             let model = Model::load(fixture(name).to_str().unwrap(), &opts).unwrap();
@@ -151,5 +151,30 @@ fn loaded_mlp_matrices_are_contiguous() {
                 }
             }
         }
+    }
+}
+
+/// The FAMILIES table's layout of each family is what its config parser builds, on every
+/// fixture (and every fixture's model_type is in the table).
+#[test]
+fn every_fixtures_family_has_the_layout_the_families_table_gives() {
+    use tl_run::model::families::{self, Layout};
+    let mut seen = std::collections::BTreeSet::new();
+    for name in every_family() {
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture(&name).join("config.json")).unwrap()).unwrap();
+        let f = families::of(&json).unwrap();
+        let cfg = (f.config)(&json).unwrap();
+        let parallel = match f.layout {
+            Layout::Sequential => false,
+            Layout::Parallel => true,
+            Layout::ParallelIfConfigured => json["use_parallel_residual"].as_bool().unwrap_or(true),
+        };
+        assert_eq!(cfg.parallel_block, parallel, "{name}: {:?}", f.layout);
+        seen.insert(json["model_type"].as_str().unwrap().to_string());
+    }
+    // Every family of the table has a fixture.
+    for f in families::FAMILIES {
+        assert!(f.model_types.iter().any(|t| seen.contains(*t)), "no fixture of {:?}", f.model_types);
     }
 }

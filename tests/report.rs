@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tl_run::output::figure::{hook_family, pos_label, run_figures, top_heads, Figure, RunFacts, Scale, PATTERN_HEADS};
 use tl_run::output::table::read_parquet;
-use tl_run::report::figure::{hook_family, pos_label, run_figures, top_heads, Figure, RunFacts, Scale, PATTERN_HEADS};
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -42,7 +42,8 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
         "--quiet",
     ]);
     let (rows, _) = read_parquet(&out.join("resid.parquet")).unwrap();
-    let figs = run_figures("resid", "activation_patching", &rows, &RunFacts::default(), "metric");
+    let kind = tl_run::kinds::by_name("activation_patching").unwrap();
+    let figs = run_figures("resid", kind.name, kind.figures, &rows, &RunFacts::default(), "metric");
     let Some(Figure::Heatmap(h)) = figs.figures.iter().find(|f| f.title() == "resid: blocks.*.hook_resid_pre") else {
         panic!("no resid_pre heatmap in {:?}", figs.figures.iter().map(Figure::title).collect::<Vec<_>>())
     };
@@ -111,7 +112,8 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     // largest |value| in heads.parquet, each cell exactly hook_pattern of prompt 0 as
     // `tl-run cache` captures it from the same model.
     let (head_rows, _) = read_parquet(&out.join("heads.parquet")).unwrap();
-    let top = top_heads("activation_patching", &head_rows, PATTERN_HEADS);
+    assert!(tl_run::kinds::by_name("activation_patching").unwrap().pattern_heads);
+    let top = top_heads(&head_rows, PATTERN_HEADS);
     assert_eq!(top.len(), PATTERN_HEADS);
     let best = head_rows
         .iter()

@@ -6,32 +6,13 @@
 //! On the CPU here; on a GPU the same code runs beside the load.
 mod common;
 
+use common::test_fixtures;
+
 use tch::{Kind, Tensor};
 use tl_run::engine::warm::{miniature, warm_up, WarmUp};
 use tl_run::model::config::Processing;
 use tl_run::model::hook_point::HookPoint;
 use tl_run::{LoadOptions, Model};
-
-const FAMILIES: [&str; 18] = [
-    "gpt2-tiny",
-    "gpt2-odd",
-    "llama-tiny",
-    "llama3-tiny",
-    "llama-linear-tiny",
-    "neo-tiny",
-    "gptj-tiny",
-    "neox-tiny",
-    "opt-tiny",
-    "mistral-tiny",
-    "qwen2-tiny",
-    "qwen3-tiny",
-    "gemma-tiny",
-    "gemma2-tiny",
-    "phi-tiny",
-    "phi3-tiny",
-    "stablelm-tiny",
-    "bloom-tiny",
-];
 
 /// Weight names with shape and dtype, at layer 0 and outside the blocks.
 fn first_block_weights(m: &Model) -> Vec<String> {
@@ -54,7 +35,7 @@ fn first_block_points(m: &Model) -> Vec<String> {
 
 #[test]
 fn miniature_has_the_first_block_of_every_family_and_runs_forward_and_backward() {
-    for name in FAMILIES {
+    for name in &test_fixtures() {
         for processing in [Processing::TRANSFORMER_LENS, Processing::NONE] {
             for kind in [Kind::Float, Kind::BFloat16] {
                 let opts = LoadOptions { processing, kind, ..LoadOptions::default() };

@@ -83,10 +83,10 @@ impl<'env> Pool<'env> {
                     let Some(id) = sh.queue.lock().ok().and_then(|mut q| q.pop_front()) else { break };
                     let job = &sh.plan.jobs[id];
                     let t = Instant::now();
-                    let mut result = crate::graph::execute::run_and_store(&cx, job, sh.store);
+                    let mut result = crate::graph::job::run_and_store(&cx, job, sh.store);
                     if !baseline_checked && cx.clean_corrupted_if_made().is_some() {
                         baseline_checked = true;
-                        match crate::graph::execute::baseline_finding(&cx) {
+                        match crate::graph::job::baseline_finding(&cx) {
                             Ok(Some(f)) if !sh.reported.swap(true, Ordering::SeqCst) => {
                                 let _ = tx.send(Msg::Nonfinite(f));
                             }

@@ -3,22 +3,26 @@
 //! is written as soon as its jobs are done and the manifest after every run, so a failure (or a
 //! kill) later on leaves the finished outputs, the stored jobs and a manifest that describes them.
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use tch::{Device, Tensor};
 
 use crate::engine::nonfinite;
 use crate::error::{Error, Result};
+use crate::graph::job::{baseline_finding, prompts_of};
 use crate::graph::manifest::{JobRecord, Record};
-use crate::graph::patch_groups::{run_here, PatchGroups};
+use crate::graph::patch_groups::{run_here, PatchGroups, SharedOutput};
 use crate::graph::shard::{self, Shard};
+pub use crate::graph::source::ModelSource;
+use crate::graph::status::{needed_by_running_jobs, work_status, JobStatus};
 use crate::graph::store::Store;
-use crate::graph::{devices, keys, Plan, Task};
+use crate::graph::{devices, keys, Job, Plan, Task};
 use crate::kinds::shared::context::RunContext;
 use crate::kinds::shared::inputs::{first_changed, tokenize, Tokenized};
-use crate::kinds::JobOutput;
 use crate::kinds::Spec;
 use crate::model::config::ModelConfig;
 use crate::model::source::ModelFiles;
@@ -26,9 +30,6 @@ use crate::model::tokenize::TextTokenizer;
 use crate::model::{LoadOptions, Model};
 use crate::output::atomic;
 use crate::output::table::{write_parquet, Row};
-
-/// A work job's rows (shared with the store's writer) and its manifest note.
-type StoredOutput = (std::sync::Arc<Vec<Row>>, serde_json::Value);
 
 pub struct Outcome {
     pub files: Vec<PathBuf>,
@@ -53,42 +54,6 @@ pub struct ExecOptions {
     /// More than one: a model replica per device, work jobs spread over them (a lazily loaded
     /// model only). One or none: the model's own device.
     pub devices: Vec<Device>,
-}
-
-/// The model a plan runs on: already loaded, or loaded when the first job that needs it runs
-/// (a rerun whose jobs are all stored loads nothing).
-pub enum ModelSource<'a> {
-    Loaded(&'a Model),
-    Lazy {
-        cfg: &'a ModelConfig,
-        tokenizer: Option<&'a TextTokenizer>,
-        files: Option<&'a ModelFiles>,
-        device: Device,
-        load: Box<devices::Loader<'a>>,
-    },
-}
-
-impl ModelSource<'_> {
-    pub(crate) fn cfg(&self) -> &ModelConfig {
-        match self {
-            ModelSource::Loaded(m) => &m.cfg,
-            ModelSource::Lazy { cfg, .. } => cfg,
-        }
-    }
-    fn tokenizer(&self) -> Result<&TextTokenizer> {
-        match self {
-            ModelSource::Loaded(m) => m.tokenizer(),
-            ModelSource::Lazy { tokenizer, .. } => {
-                tokenizer.ok_or_else(|| Error::Tokenizer("this model has no tokenizer.json".into()))
-            }
-        }
-    }
-    pub(crate) fn files(&self) -> Option<&ModelFiles> {
-        match self {
-            ModelSource::Loaded(m) => m.files.as_ref(),
-            ModelSource::Lazy { files, .. } => *files,
-        }
-    }
 }
 
 /// Runs a spec on an already loaded model, without a job store (the regression gate).
@@ -168,269 +133,331 @@ pub fn execute_compiled(
     opts: &ExecOptions,
 ) -> Result<Outcome> {
     let Compiled { plan, toks, digests } = compiled;
-    let mut timings: BTreeMap<String, f64> = BTreeMap::new();
-    timings.insert("tokenize and plan".into(), compile_seconds);
     let out_dir = &spec.output_dir;
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     atomic::remove_stale_temps(out_dir);
     let store = if opts.store { Some(Store::open(out_dir)?) } else { None };
-    let mut writer = store.as_ref().map(crate::graph::store::Writer::start);
     let shards = opts.shard.map(|s| shard::assign(&plan, s.count));
-    let owned = |id: usize| match (&shards, opts.shard) {
-        (Some(a), Some(s)) => a[id] == Some(s.index),
-        _ => true,
-    };
-    let (mut status, mut results) = work_status(spec, &plan, store.as_ref(), opts.fresh, owned);
+    let (mut status, results) =
+        work_status(spec, &plan, store.as_ref(), opts.fresh, |id| match (&shards, opts.shard) {
+            (Some(a), Some(s)) => a[id] == Some(s.index),
+            _ => true,
+        });
     let needed = needed_by_running_jobs(&plan, &mut status);
-
-    let parallel = opts.devices.len() > 1 && matches!(source, ModelSource::Lazy { .. });
-    let queue = std::sync::Mutex::new(
-        plan.work().filter(|j| status[j.id] == "ran").map(|j| j.id).collect::<std::collections::VecDeque<usize>>(),
-    );
-    let (abort, reported) = (std::sync::atomic::AtomicBool::new(false), std::sync::atomic::AtomicBool::new(false));
+    // What the device replicas share, when there are several (they outlive the executor).
+    let queue = Mutex::new(plan.work().filter(|j| status[j.id] == JobStatus::Ran).map(|j| j.id).collect());
+    let (abort, reported) = (AtomicBool::new(false), AtomicBool::new(false));
     let model_cell: OnceCell<Model> = OnceCell::new();
-    let mut cx: Option<RunContext> = None;
     let multi = opts.progress.then(indicatif::MultiProgress::new);
     let overall =
-        jobs_bar(multi.as_ref(), plan.work().filter(|j| status[j.id] == "ran").map(|j| j.cost.max(1.0)).sum());
-    let mut record = Record::new(spec, &source, &digests, opts.shard);
-    let mut records: Vec<JobRecord> = Vec::new();
-    let mut files = Vec::new();
-    let mut run_notes = serde_json::Map::new();
-    let mut summary = String::new();
-    let mut groups = PatchGroups::default();
+        jobs_bar(multi.as_ref(), plan.work().filter(|j| status[j.id] == JobStatus::Ran).map(|j| j.cost.max(1.0)).sum());
+    let mut ex = Executor {
+        spec,
+        plan: &plan,
+        toks: toks.as_ref(),
+        source: &source,
+        opts,
+        store: store.as_ref(),
+        writer: store.as_ref().map(crate::graph::store::Writer::start),
+        shards,
+        status,
+        needed,
+        results,
+        timings: BTreeMap::from([("tokenize and plan".to_string(), compile_seconds)]),
+        record: Record::new(spec, &source, &digests, opts.shard),
+        records: Vec::new(),
+        files: Vec::new(),
+        run_notes: serde_json::Map::new(),
+        summary: String::new(),
+        groups: PatchGroups::default(),
+        model_cell: &model_cell,
+        cx: None,
+        pool: None,
+        multi,
+        overall,
+    };
+    let replicas = Replicas { queue: &queue, abort: &abort, reported: &reported };
     std::thread::scope(|scope| {
-        let mut pool: Option<devices::Pool> = None;
-        let result = (|| -> Result<()> {
-            for job in &plan.jobs {
-                let t_job = Instant::now();
-                let mut rows_out = None;
-                let mut seconds = None;
-                match job.task {
-                    Task::Tokenize => {}
-                    Task::Load if needed[job.id] && parallel => {
-                        if let ModelSource::Lazy { load, .. } = &source {
-                            let shared = devices::Shared {
-                                spec,
-                                plan: &plan,
-                                store: store.as_ref(),
-                                load: load.as_ref(),
-                                abort: &abort,
-                                reported: &reported,
-                                queue: &queue,
-                            };
-                            pool = Some(devices::Pool::start(scope, &opts.devices, shared, toks.as_ref()));
-                            record.device = format!("{:?}", opts.devices);
-                        }
-                    }
-                    // With several devices every replica makes the shared passes its jobs read.
-                    task if task.is_shared() && parallel => {}
-                    Task::Load if needed[job.id] => {
-                        let model: &Model = match &source {
-                            ModelSource::Loaded(m) => m,
-                            ModelSource::Lazy { load, device, cfg, .. } => {
-                                let warm = warm_up_for(spec, &plan, &needed, cfg, *device, toks.as_ref());
-                                let (loaded, warm_up_seconds) =
-                                    load_beside_warm_up(&job.name, load, *device, cfg, warm);
-                                if let Some(seconds) = warm_up_seconds {
-                                    // "load model" first: start-up benches count it as loading.
-                                    timings.insert("load model (device warm-up beside it)".into(), seconds);
-                                }
-                                let _ = model_cell.set(loaded?);
-                                model_cell.get().expect("set above")
-                            }
-                        };
-                        record.loaded(model);
-                        if let Some(f) = nonfinite::first_in_weights(model) {
-                            record.found(f, &run_notes, &timings, None, toks.as_ref())?;
-                        }
-                        cx = Some(RunContext::new(spec, model, toks.as_ref(), multi.clone()));
-                    }
-                    task if task.is_shared() && needed[job.id] => {
-                        let c = cx.as_ref().expect("the model loads before any shared pass");
-                        overall.set_message(job.name.clone());
-                        if task == Task::CleanCorrupted
-                            && plan.jobs.iter().any(|j| j.task == Task::AttributionPass && needed[j.id])
-                        {
-                            c.expect_attribution_pass();
-                        }
-                        c.force(task.shared_pass().expect("a shared pass")).map_err(|e| {
-                            Error::Other(format!("job [{}] {} on {}: {e}", job.id, job.name, prompts_of(toks.as_ref())))
-                        })?;
-                        if task == Task::CleanCorrupted {
-                            if let Some(f) = baseline_finding(c)? {
-                                record.found(f, &run_notes, &timings, c.clean_corrupted_if_made(), toks.as_ref())?;
-                            }
-                        }
-                    }
-                    task if task.is_work() && status[job.id] == "ran" => {
-                        overall.set_message(job.name.clone());
-                        let run = &spec.runs[task.run().expect("work jobs have a run")];
-                        let named = |e: Error| match e {
-                            Error::Config(m) => {
-                                Error::Config(format!("run '{}', job [{}] {}: {m}", run.name, job.id, job.name))
-                            }
-                            other => {
-                                Error::Other(format!("run '{}', job [{}] {}: {other}", run.name, job.id, job.name))
-                            }
-                        };
-                        let (rows, note) = match pool.as_mut() {
-                            Some(p) => {
-                                let (rows, note, secs, device) = p
-                                    .wait(job.id, |f| record.found(f, &run_notes, &timings, None, toks.as_ref()))
-                                    .map_err(named)?;
-                                seconds = Some(secs);
-                                tracing::debug!(job = job.id, ?device, "job done");
-                                (std::sync::Arc::new(rows), note)
-                            }
-                            None => {
-                                let c = cx.as_ref().expect("the model loads before any work job");
-                                // run_here stores each job the moment its rows exist.
-                                let mut store_job = |j: &crate::graph::Job,
-                                                     (rows, note): &crate::graph::patch_groups::SharedOutput|
-                                 -> Result<()> {
-                                    match (&writer, &store, &j.key) {
-                                        (Some(w), Some(s), Some(key)) => w.put(s, key, rows.clone(), note.clone()),
-                                        _ => Ok(()),
-                                    }
-                                };
-                                let (rows, note) =
-                                    run_here(c, &plan, job, &status, &mut groups, &mut store_job).map_err(named)?;
-                                if note.get("forwards_shared_with_jobs").and_then(|v| v.as_u64()).is_some_and(|k| k > 0)
-                                {
-                                    seconds = note["seconds"].as_f64();
-                                }
-                                (rows, note)
-                            }
-                        };
-                        rows_out = Some(rows.len());
-                        results.insert(job.id, (rows, note));
-                        overall.inc(job.cost.max(1.0).round() as u64);
-                    }
-                    Task::Write { run: r } => {
-                        let run = &spec.runs[r];
-                        let mine: Vec<usize> = job.deps.iter().copied().filter(|&d| owned(d)).collect();
-                        // The jobs' rows are borrowed, not copied, into the file.
-                        let mut rows: Vec<&Row> = Vec::new();
-                        let mut notes: Vec<&serde_json::Value> = Vec::new();
-                        for d in &mine {
-                            let (r, n) = results.get(d).expect("every owned work job ran or was stored");
-                            rows.extend(r.iter());
-                            notes.push(n);
-                        }
-                        if let Some(f) = nonfinite_rows(&run.name, &rows) {
-                            record.found(
-                                f,
-                                &run_notes,
-                                &timings,
-                                cx.as_ref().and_then(|c| c.clean_corrupted_if_made()),
-                                toks.as_ref(),
-                            )?;
-                        }
-                        let (path, note) = write_run(out_dir, opts.shard, run, &rows, &notes, &mine)?;
-                        files.push(path);
-                        run_notes.insert(run.name.clone(), note);
-                        rows_out = Some(rows.len());
-                        if !rows.is_empty() {
-                            summary.push_str(&top_rows(&run.name, &rows));
-                        }
-                    }
-                    _ => {}
-                }
-                let seconds = seconds.unwrap_or_else(|| t_job.elapsed().as_secs_f64());
-                if status[job.id] == "ran" && (job.task.is_work() || needed[job.id]) {
-                    timings.insert(job.name.clone(), seconds);
-                }
-                let stored_rows = results.get(&job.id).map(|(r, _)| r.len());
-                records.push(JobRecord {
-                    id: job.id,
-                    name: job.name.clone(),
-                    key: job.key.clone(),
-                    status: status[job.id],
-                    shard: shards.as_ref().and_then(|a| a[job.id]),
-                    rows: rows_out.or(stored_rows),
-                    seconds,
-                });
-                if job.task == Task::Manifest {
-                    // The manifest says complete only once every job is in the store.
-                    if let Some(w) = writer.take() {
-                        w.finish()?;
-                    }
-                }
-                if matches!(job.task, Task::Write { .. } | Task::Manifest) {
-                    record.jobs = records.clone();
-                    record.complete = job.task == Task::Manifest;
-                    record.write(
-                        &run_notes,
-                        &timings,
-                        cx.as_ref().and_then(|c| c.clean_corrupted_if_made()),
-                        toks.as_ref(),
-                    )?;
-                }
-            }
-            Ok(())
-        })();
-        if let Some(p) = &pool {
+        let result = plan.jobs.iter().try_for_each(|job| ex.step(scope, &replicas, job));
+        if let Some(p) = &ex.pool {
             p.stop();
         }
         result
     })?;
-    overall.finish_and_clear();
-    let count = |s: &str| records.iter().filter(|r| r.status == s && plan.jobs[r.id].task.is_work()).count();
-    let jobs = format!(
-        "jobs: {} ran, {} read from the store{}",
-        count("ran"),
-        count("stored"),
-        opts.shard
-            .map(|s| format!(", {} in other shards (this is shard {} of {})", count("other shard"), s.index, s.count))
-            .unwrap_or_default()
-    );
-    Ok(Outcome { files, manifest: record.path.clone(), summary, jobs })
+    Ok(ex.outcome())
 }
 
-/// Work jobs' results stored from an earlier run (unless `fresh`), and every job's status:
-/// "stored", "other shard" (a work job another shard owns) or, for now, "ran".
-fn work_status(
-    spec: &Spec,
-    plan: &Plan,
-    store: Option<&Store>,
-    fresh: bool,
-    owned: impl Fn(usize) -> bool,
-) -> (Vec<&'static str>, HashMap<usize, StoredOutput>) {
-    let mut results = HashMap::new();
-    let mut status: Vec<&'static str> = vec!["ran"; plan.jobs.len()];
-    for j in plan.work() {
-        if !owned(j.id) {
-            status[j.id] = "other shard";
-        } else if let (Some(store), false, Some(key)) = (store, fresh, &j.key) {
-            if let Some(s) = store.get(key) {
-                let run_name = &spec.runs[j.task.run().expect("work jobs have a run")].name;
-                let rows = s.rows.into_iter().map(|r| Row { run: run_name.clone(), ..r }).collect();
-                results.insert(j.id, (std::sync::Arc::new(rows), s.note));
-                status[j.id] = "stored";
-            }
-        }
-    }
-    (status, results)
+/// What the device replicas of a multi-device run share with the executor.
+struct Replicas<'a> {
+    queue: &'a Mutex<VecDeque<usize>>,
+    abort: &'a AtomicBool,
+    reported: &'a AtomicBool,
 }
 
-/// The jobs that some running work job reads, directly or not (a shared pass runs only then);
-/// shared passes no running job reads get status "skipped".
-fn needed_by_running_jobs(plan: &Plan, status: &mut [&'static str]) -> Vec<bool> {
-    let mut needed = vec![false; plan.jobs.len()];
-    for j in plan.work().filter(|j| status[j.id] == "ran") {
-        let mut stack = vec![j.id];
-        while let Some(id) = stack.pop() {
-            if !needed[id] {
-                needed[id] = true;
-                stack.extend(&plan.jobs[id].deps);
+/// One execution of a plan: every job in order (`step`), one method per task; the manifest is
+/// rewritten after every run's write.
+struct Executor<'a> {
+    spec: &'a Spec,
+    plan: &'a Plan,
+    toks: Option<&'a Tokenized>,
+    source: &'a ModelSource<'a>,
+    opts: &'a ExecOptions,
+    store: Option<&'a Store>,
+    writer: Option<crate::graph::store::Writer>,
+    /// Each job's shard, for a sharded run.
+    shards: Option<Vec<Option<usize>>>,
+    status: Vec<JobStatus>,
+    /// Whether a job that runs reads this job (a shared pass or the load runs only then).
+    needed: Vec<bool>,
+    /// Work jobs' results (run or stored), by job id.
+    results: HashMap<usize, SharedOutput>,
+    timings: BTreeMap<String, f64>,
+    record: Record<'a>,
+    records: Vec<JobRecord>,
+    files: Vec<PathBuf>,
+    run_notes: serde_json::Map<String, serde_json::Value>,
+    summary: String,
+    groups: PatchGroups,
+    model_cell: &'a OnceCell<Model>,
+    cx: Option<RunContext<'a>>,
+    /// The device replicas (several devices and a lazily loaded model).
+    pool: Option<devices::Pool<'a>>,
+    multi: Option<indicatif::MultiProgress>,
+    overall: indicatif::ProgressBar,
+}
+
+/// What a job's task reported for its manifest entry: its rows, and its seconds when not the
+/// wall time of its step (a job run on a replica or as part of a patch group).
+#[derive(Default)]
+struct Done {
+    rows: Option<usize>,
+    seconds: Option<f64>,
+}
+
+impl<'a> Executor<'a> {
+    /// Runs (or skips, or takes from the store) one job and records it.
+    fn step<'scope>(
+        &mut self,
+        scope: &'scope std::thread::Scope<'scope, 'a>,
+        replicas: &Replicas<'a>,
+        job: &Job,
+    ) -> Result<()> {
+        let t_job = Instant::now();
+        let parallel = self.opts.devices.len() > 1 && matches!(self.source, ModelSource::Lazy { .. });
+        let done = match job.task {
+            Task::Tokenize => Done::default(),
+            Task::Load if self.needed[job.id] && parallel => {
+                self.start_replicas(scope, replicas);
+                Done::default()
             }
+            // With several devices every replica makes the shared passes its jobs read.
+            task if task.is_shared() && parallel => Done::default(),
+            Task::Load if self.needed[job.id] => {
+                self.load(job)?;
+                Done::default()
+            }
+            task if task.is_shared() && self.needed[job.id] => {
+                self.shared_pass(job)?;
+                Done::default()
+            }
+            task if task.is_work() && self.status[job.id] == JobStatus::Ran => self.work(job)?,
+            Task::Write { run } => self.write(job, run)?,
+            _ => Done::default(),
+        };
+        self.record_job(job, done, t_job.elapsed().as_secs_f64())
+    }
+
+    /// Starts one model replica per device, each pulling work jobs from the queue.
+    fn start_replicas<'scope>(&mut self, scope: &'scope std::thread::Scope<'scope, 'a>, replicas: &Replicas<'a>) {
+        if let ModelSource::Lazy { load, .. } = self.source {
+            let shared = devices::Shared {
+                spec: self.spec,
+                plan: self.plan,
+                store: self.store,
+                load: load.as_ref(),
+                abort: replicas.abort,
+                reported: replicas.reported,
+                queue: replicas.queue,
+            };
+            self.pool = Some(devices::Pool::start(scope, &self.opts.devices, shared, self.toks));
+            self.record.device = format!("{:?}", self.opts.devices);
         }
     }
-    for j in plan.jobs.iter().filter(|j| j.task.is_shared() && !needed[j.id]) {
-        status[j.id] = "skipped";
+
+    /// Loads the model (warming a CUDA device beside it) and makes the run context.
+    fn load(&mut self, job: &Job) -> Result<()> {
+        let model: &'a Model = match self.source {
+            ModelSource::Loaded(m) => m,
+            ModelSource::Lazy { load, device, cfg, .. } => {
+                let warm = warm_up_for(self.spec, self.plan, &self.needed, cfg, *device, self.toks);
+                let (loaded, warm_up_seconds) = load_beside_warm_up(&job.name, load, *device, cfg, warm);
+                if let Some(seconds) = warm_up_seconds {
+                    // "load model" first: start-up benches count it as loading.
+                    self.timings.insert("load model (device warm-up beside it)".into(), seconds);
+                }
+                let _ = self.model_cell.set(loaded?);
+                self.model_cell.get().expect("set above")
+            }
+        };
+        self.record.loaded(model);
+        if let Some(f) = nonfinite::first_in_weights(model) {
+            self.record.found(f, &self.run_notes, &self.timings, None, self.toks)?;
+        }
+        self.cx = Some(RunContext::new(self.spec, model, self.toks, self.multi.clone()));
+        Ok(())
     }
-    needed
+
+    /// Makes a shared pass (the clean + corrupted runs, the attribution backward, the analysis
+    /// cache) that a job that runs reads.
+    fn shared_pass(&mut self, job: &Job) -> Result<()> {
+        let c = self.cx.as_ref().expect("the model loads before any shared pass");
+        self.overall.set_message(job.name.clone());
+        let task = job.task;
+        if task == Task::CleanCorrupted
+            && self.plan.jobs.iter().any(|j| j.task == Task::AttributionPass && self.needed[j.id])
+        {
+            c.expect_attribution_pass();
+        }
+        c.force(task.shared_pass().expect("a shared pass"))
+            .map_err(|e| Error::Other(format!("job [{}] {} on {}: {e}", job.id, job.name, prompts_of(self.toks))))?;
+        if task == Task::CleanCorrupted {
+            if let Some(f) = baseline_finding(c)? {
+                self.record.found(f, &self.run_notes, &self.timings, c.clean_corrupted_if_made(), self.toks)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs a work job: on a replica, or here (with the patching jobs that share its forwards),
+    /// storing its result the moment it exists.
+    fn work(&mut self, job: &Job) -> Result<Done> {
+        self.overall.set_message(job.name.clone());
+        let run = &self.spec.runs[job.task.run().expect("work jobs have a run")];
+        let named = |e: Error| match e {
+            Error::Config(m) => Error::Config(format!("run '{}', job [{}] {}: {m}", run.name, job.id, job.name)),
+            other => Error::Other(format!("run '{}', job [{}] {}: {other}", run.name, job.id, job.name)),
+        };
+        let mut done = Done::default();
+        let (rows, note) = match self.pool.as_mut() {
+            Some(p) => {
+                let (record, run_notes, timings, toks) = (&mut self.record, &self.run_notes, &self.timings, self.toks);
+                let (rows, note, secs, device) =
+                    p.wait(job.id, |f| record.found(f, run_notes, timings, None, toks)).map_err(named)?;
+                done.seconds = Some(secs);
+                tracing::debug!(job = job.id, ?device, "job done");
+                (std::sync::Arc::new(rows), note)
+            }
+            None => {
+                let c = self.cx.as_ref().expect("the model loads before any work job");
+                let (writer, store) = (&self.writer, self.store);
+                // run_here stores each job the moment its rows exist.
+                let mut store_job = |j: &Job, (rows, note): &SharedOutput| -> Result<()> {
+                    match (writer, store, &j.key) {
+                        (Some(w), Some(s), Some(key)) => w.put(s, key, rows.clone(), note.clone()),
+                        _ => Ok(()),
+                    }
+                };
+                let (rows, note) =
+                    run_here(c, self.plan, job, &self.status, &mut self.groups, &mut store_job).map_err(named)?;
+                if note.get("forwards_shared_with_jobs").and_then(|v| v.as_u64()).is_some_and(|k| k > 0) {
+                    done.seconds = note["seconds"].as_f64();
+                }
+                (rows, note)
+            }
+        };
+        done.rows = Some(rows.len());
+        self.results.insert(job.id, (rows, note));
+        self.overall.inc(job.cost.max(1.0).round() as u64);
+        Ok(done)
+    }
+
+    /// Writes run `r`'s Parquet (or this shard's part) from its jobs' rows.
+    fn write(&mut self, job: &Job, r: usize) -> Result<Done> {
+        let run = &self.spec.runs[r];
+        let mine: Vec<usize> = job.deps.iter().copied().filter(|&d| self.owned(d)).collect();
+        // The jobs' rows are borrowed, not copied, into the file.
+        let mut rows: Vec<&Row> = Vec::new();
+        let mut notes: Vec<&serde_json::Value> = Vec::new();
+        for d in &mine {
+            let (r, n) = self.results.get(d).expect("every owned work job ran or was stored");
+            rows.extend(r.iter());
+            notes.push(n);
+        }
+        let clean_corrupted = self.cx.as_ref().and_then(|c| c.clean_corrupted_if_made());
+        if let Some(f) = nonfinite_rows(&run.name, &rows) {
+            self.record.found(f, &self.run_notes, &self.timings, clean_corrupted, self.toks)?;
+        }
+        let (path, note) = write_run(&self.spec.output_dir, self.opts.shard, run, &rows, &notes, &mine)?;
+        self.files.push(path);
+        self.run_notes.insert(run.name.clone(), note);
+        if !rows.is_empty() {
+            self.summary.push_str(&top_rows(&run.name, &rows));
+        }
+        Ok(Done { rows: Some(rows.len()), seconds: None })
+    }
+
+    /// Whether this shard owns job `id` (every job when the run is not sharded).
+    fn owned(&self, id: usize) -> bool {
+        match (&self.shards, self.opts.shard) {
+            (Some(a), Some(s)) => a[id] == Some(s.index),
+            _ => true,
+        }
+    }
+
+    /// The job's manifest entry; after a run's write and at the end, the manifest itself.
+    fn record_job(&mut self, job: &Job, done: Done, wall_seconds: f64) -> Result<()> {
+        let seconds = done.seconds.unwrap_or(wall_seconds);
+        if self.status[job.id] == JobStatus::Ran && (job.task.is_work() || self.needed[job.id]) {
+            self.timings.insert(job.name.clone(), seconds);
+        }
+        let stored_rows = self.results.get(&job.id).map(|(r, _)| r.len());
+        self.records.push(JobRecord {
+            id: job.id,
+            name: job.name.clone(),
+            key: job.key.clone(),
+            status: self.status[job.id],
+            shard: self.shards.as_ref().and_then(|a| a[job.id]),
+            rows: done.rows.or(stored_rows),
+            seconds,
+        });
+        if job.task == Task::Manifest {
+            // The manifest says complete only once every job is in the store.
+            if let Some(w) = self.writer.take() {
+                w.finish()?;
+            }
+        }
+        if matches!(job.task, Task::Write { .. } | Task::Manifest) {
+            self.record.jobs = self.records.clone();
+            self.record.complete = job.task == Task::Manifest;
+            let clean_corrupted = self.cx.as_ref().and_then(|c| c.clean_corrupted_if_made());
+            self.record.write(&self.run_notes, &self.timings, clean_corrupted, self.toks)?;
+        }
+        Ok(())
+    }
+
+    /// What the run produced, once every job is done.
+    fn outcome(self) -> Outcome {
+        self.overall.finish_and_clear();
+        let count =
+            |s: JobStatus| self.records.iter().filter(|r| r.status == s && self.plan.jobs[r.id].task.is_work()).count();
+        let jobs = format!(
+            "jobs: {} ran, {} read from the store{}",
+            count(JobStatus::Ran),
+            count(JobStatus::Stored),
+            self.opts
+                .shard
+                .map(|s| {
+                    format!(
+                        ", {} in other shards (this is shard {} of {})",
+                        count(JobStatus::OtherShard),
+                        s.index,
+                        s.count
+                    )
+                })
+                .unwrap_or_default()
+        );
+        Outcome { files: self.files, manifest: self.record.path.clone(), summary: self.summary, jobs }
+    }
 }
 
 /// The overall progress bar, in units of job cost (hidden without progress or work).
@@ -561,51 +588,6 @@ fn warm_up_for(
             run,
         )
     })
-}
-
-/// Runs work job `job` (a panic in it becomes an error naming its prompts) and stores its
-/// result under its key at once.
-pub(crate) fn run_and_store(cx: &RunContext, job: &crate::graph::Job, store: Option<&Store>) -> Result<JobOutput> {
-    let run =
-        &cx.spec.runs[job.task.run().ok_or_else(|| Error::Other(format!("job [{}] is not a work job", job.id)))?];
-    let (rows, note) = crate::panics::guarded(&prompts_of(cx.toks), || {
-        crate::panics::injected(&job.name);
-        crate::kinds::run_job(cx, run, job.task.part())
-    })?;
-    if let (Some(store), Some(key)) = (store, &job.key) {
-        store.put(key, &rows, &note)?;
-    }
-    Ok((rows, note))
-}
-
-/// The prompts a job computes on, for a failure's message (jobs batch every prompt).
-pub(crate) fn prompts_of(toks: Option<&Tokenized>) -> String {
-    match toks.map(Tokenized::n_prompts) {
-        Some(0) | None => "no prompts".into(),
-        Some(1) => "prompt 0".into(),
-        Some(n) => format!("prompts 0-{} (one batch)", n - 1),
-    }
-}
-
-/// A NaN baseline: the first hook of the clean (or corrupted) run it comes from.
-pub(crate) fn baseline_finding(cx: &RunContext) -> Result<Option<nonfinite::Finding>> {
-    let (Some(p), Some(t)) = (cx.clean_corrupted_if_made(), cx.toks) else { return Ok(None) };
-    let bad_clean = p.clean_per_prompt.iter().any(|v| !v.is_finite());
-    if !bad_clean && p.corrupted_per_prompt.iter().all(|v| v.is_finite()) {
-        return Ok(None);
-    }
-    let (which, tokens) = if bad_clean { ("clean", Some(&t.clean)) } else { ("corrupted", t.corrupted.as_ref()) };
-    let found = match tokens {
-        Some(tokens) => nonfinite::first_in_activations(cx.model, tokens, t.mask.as_ref())?,
-        None => None,
-    };
-    Ok(Some(found.unwrap_or_else(|| nonfinite::Finding {
-        kind: "baseline".into(),
-        at: format!("the {which} run's metric"),
-        count: 1,
-        prompt: None,
-        position: None,
-    })))
 }
 
 /// A one-screen summary: the rows with the largest |value| per run.

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use crate::analysis::clean_corrupted::CleanCorrupted;
 use crate::engine::nonfinite;
 use crate::error::{Error, Result};
-use crate::graph::execute::ModelSource;
 use crate::graph::keys;
 use crate::graph::shard::Shard;
+use crate::graph::source::ModelSource;
+use crate::graph::status::JobStatus;
 use crate::kinds::shared::inputs::Tokenized;
 use crate::kinds::Spec;
 use crate::model::Model;
@@ -23,7 +24,7 @@ pub(crate) struct JobRecord {
     pub key: Option<String>,
     /// ran | stored (its result read from the store) | skipped (no job that reads it had to
     /// run) | other shard
-    pub status: &'static str,
+    pub status: JobStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shard: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -5,12 +5,15 @@
 //! shard.
 pub mod devices;
 pub mod execute;
+pub mod job;
 pub mod keys;
 mod manifest;
 pub mod merge;
 mod patch_groups;
 pub mod shard;
 pub mod slurm;
+pub mod source;
+pub mod status;
 pub mod store;
 
 use crate::analysis::patching::cells_per_forward;

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use crate::analysis::patching::Schedule;
 use crate::error::{Error, Result};
-use crate::graph::execute::{prompts_of, run_and_store};
+use crate::graph::job::{prompts_of, run_and_store};
+use crate::graph::status::JobStatus;
 use crate::graph::{Job, Plan, Task};
 use crate::kinds::shared::context::RunContext;
 use crate::kinds::JobOutput;
@@ -34,7 +35,7 @@ pub(crate) fn run_here(
     c: &RunContext,
     plan: &Plan,
     job: &Job,
-    status: &[&str],
+    status: &[JobStatus],
     groups: &mut PatchGroups,
     store: &mut dyn FnMut(&Job, &SharedOutput) -> Result<()>,
 ) -> Result<SharedOutput> {
@@ -72,7 +73,13 @@ pub(crate) fn run_here(
 /// the staircase schedule) that are still to run (status "ran", later in the plan, their inputs
 /// ready, not in a group that failed): one group of forwards (patch_together). Any other job
 /// alone.
-fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, across_layers: bool) -> Vec<usize> {
+fn patch_group(
+    plan: &Plan,
+    job: &Job,
+    status: &[JobStatus],
+    alone: &HashSet<usize>,
+    across_layers: bool,
+) -> Vec<usize> {
     let Task::Patch { layer, .. } = job.task else { return vec![job.id] };
     if alone.contains(&job.id) {
         return vec![job.id];
@@ -81,7 +88,7 @@ fn patch_group(plan: &Plan, job: &Job, status: &[&str], alone: &HashSet<usize>, 
     for other in plan.jobs.iter().skip(job.id + 1) {
         let ready = other.deps.iter().all(|&d| d < job.id) && !alone.contains(&other.id);
         if matches!(other.task, Task::Patch { layer: l, .. } if l == layer || across_layers)
-            && status[other.id] == "ran"
+            && status[other.id] == JobStatus::Ran
             && ready
         {
             group.push(other.id);

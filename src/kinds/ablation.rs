@@ -13,6 +13,7 @@ use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Pa
 use crate::analysis::mean;
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::config::ModelConfig;
+use crate::output::figure::{cell_name, Bars, Figure, RunFacts};
 use crate::model::Model;
 use crate::output::table::Row;
 use toml::Spanned;
@@ -31,6 +32,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note: only_note,
     key,
+    figures,
+    pattern_heads: false,
 };
 
 /// An ablation [[run]]'s keys as written.
@@ -339,4 +342,17 @@ fn unit_label(a: &AblationSpec, u: &Unit) -> String {
         (Site::MlpPost, Some(k)) => format!("L{}N{k}", u.layer),
         (s, _) => format!("{}.{}", u.layer, s.name()),
     }
+}
+
+/// The metric with each unit ablated, beside the baseline.
+fn figures(run: &str, rows: &[&Row], _: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
+    let baseline = rows.iter().find(|r| r.label.as_deref() == Some("baseline")).map(|r| r.value);
+    let units: Vec<&&Row> = rows.iter().filter(|r| r.label.as_deref() != Some("baseline")).collect();
+    vec![Figure::Bars(Bars {
+        title: format!("{run}: ablated units{suffix}"),
+        labels: units.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+        values: units.iter().map(|r| r.value).collect(),
+        baseline,
+        value_label: metric.to_string(),
+    })]
 }

@@ -7,6 +7,7 @@ use crate::analysis::patching::cannot_change;
 use crate::analysis::patching::{cells_at, sweep_together, Schedule, Target};
 use crate::kinds::shared::context::{per_prompt, with_prompts, CellRows, RunContext};
 use crate::kinds::{whole_job_key, no_prompt_check, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
+use crate::output::figure::{patching_figures, Figure, RunFacts};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::resolve::Ctx;
@@ -26,6 +27,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note,
     key,
+    figures,
+    pattern_heads: true,
 };
 
 /// An activation_patching [[run]]'s keys as written.
@@ -201,4 +204,9 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
     }
     let rule = first_diff.map(|f| format!("positions before {f} (the first token where clean and corrupted differ) cannot change under causal attention; pattern entries with src > dest are masked; filled with the corrupted baseline"));
     serde_json::json!({"sweeps": sweeps, "fill_rule": rule})
+}
+
+/// A heatmap per hook.
+fn figures(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
+    patching_figures(run, rows, facts, metric, suffix)
 }

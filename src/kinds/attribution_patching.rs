@@ -11,6 +11,7 @@ use crate::kinds::shared::context::{per_prompt, CellRows, RunContext};
 use crate::kinds::shared::inputs::token_at;
 use crate::kinds::{whole_job_key, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::hook_point::Site;
+use crate::output::figure::{patching_figures, Figure, RunFacts};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::spec::resolve::Ctx;
@@ -29,6 +30,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note: only_note,
     key: whole_job_key,
+    figures,
+    pattern_heads: true,
 };
 
 /// An attribution_patching [[run]]'s keys as written.
@@ -249,6 +252,11 @@ fn push_cell_rows(
             };
         },
     );
+}
+
+/// A heatmap of the estimates per hook, and the verified cells against real patching.
+fn figures(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
+    patching_figures(run, rows, facts, &format!("estimated change of {metric}"), suffix)
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@ use crate::error::{Error, Result};
 use crate::analysis::activation_cache::{self, Component, DlaOver};
 use crate::kinds::shared::context::{component_rows, RunContext};
 use crate::kinds::{whole_job_key, no_model_check, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
+use crate::output::figure::{cell_name, layer_by_head, Bars, Figure, RunFacts};
+use crate::output::table::Row;
 use crate::model::Model;
 use std::path::Path;
 
@@ -22,6 +24,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note: only_note,
     key: whole_job_key,
+    figures,
+    pattern_heads: false,
 };
 
 /// A direct_logit_attribution [[run]]'s keys as written.
@@ -94,4 +98,41 @@ fn dla(cx: &RunContext, run: &RunSpec, over: DlaOver) -> Result<JobOutput> {
     component_rows(cx, &run.name, "direct_logit_attribution", &comps, toks.clean.size()[1] - 1, &mut rows);
     let total: f64 = comps.iter().map(Component::mean).sum();
     Ok((rows, serde_json::json!({"over": over, "components": comps.len(), "sum_of_components": total})))
+}
+
+/// Bars per component, a layer × head grid, the 20 largest neurons.
+fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec<Figure> {
+    let neurons: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_some()).collect();
+    let heads: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_some()).collect();
+    let rest: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_none()).collect();
+    let mut out = Vec::new();
+    if !rest.is_empty() {
+        out.push(Figure::Bars(Bars {
+            title: format!("{run}: direct logit attribution per component{suffix}"),
+            labels: rest.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            values: rest.iter().map(|r| r.value).collect(),
+            baseline: None,
+            value_label: "logit difference".into(),
+        }));
+    }
+    if !heads.is_empty() {
+        out.push(layer_by_head(
+            &format!("{run}: direct logit attribution per head{suffix}"),
+            &heads,
+            "logit difference",
+        ));
+    }
+    if !neurons.is_empty() {
+        let mut top = neurons.clone();
+        top.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
+        top.truncate(20);
+        out.push(Figure::Bars(Bars {
+            title: format!("{run}: the 20 neurons with the largest |direct logit attribution|{suffix}"),
+            labels: top.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            values: top.iter().map(|r| r.value).collect(),
+            baseline: None,
+            value_label: "logit difference".into(),
+        }));
+    }
+    out
 }

@@ -8,6 +8,7 @@ use crate::analysis::head_detector::{self, DetectOptions, Detection, ErrorMeasur
 use crate::kinds::{whole_job_key, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
 use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::config::ModelConfig;
+use crate::output::figure::{grid_on, group_by, Figure, RunFacts};
 use crate::model::Model;
 use crate::output::table::Row;
 use crate::kinds::options::Located;
@@ -24,6 +25,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note: only_note,
     key: whole_job_key,
+    figures,
+    pattern_heads: false,
 };
 
 /// Where head_scores reads attention from.
@@ -389,4 +392,16 @@ fn matrix_problem(rows: &[Vec<f64>]) -> Option<String> {
         }
     }
     None
+}
+
+/// A layer × head grid per detection pattern.
+fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec<Figure> {
+    group_by(rows, |r| format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default()))
+        .into_iter()
+        .map(|(p, rs)| {
+            grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| {
+                (r.layer.unwrap_or(0), r.head.unwrap_or(0))
+            })
+        })
+        .collect()
 }

@@ -8,6 +8,7 @@ use crate::kinds::{whole_job_key,
     Sizing,
 };
 use crate::model::config::ModelConfig;
+use crate::output::figure::{cell_name, group_by, Figure, Lines, RunFacts, Table};
 use crate::model::Model;
 use crate::output::table::Row;
 use std::path::Path;
@@ -28,6 +29,8 @@ pub const KIND: KindInfo = KindInfo {
     run,
     note: only_note,
     key: whole_job_key,
+    figures,
+    pattern_heads: false,
 };
 
 /// A logit_lens [[run]]'s keys as written.
@@ -134,4 +137,38 @@ fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: 
         serde_json::json!({"labels": comps.iter().map(|c| c.label.clone()).collect::<Vec<_>>(), "incl_mid": incl_mid, "top_k": top_k,
         "value": "mean over prompts of the final-norm'd accumulated residual at the last position along the answer direction; top-k rows: probability"}),
     ))
+}
+
+/// The lens along the answer direction, and the top-k tokens per label.
+fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec<Figure> {
+    let lens: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_none()).collect();
+    let mut out = Vec::new();
+    if !lens.is_empty() {
+        out.push(Figure::Lines(Lines {
+            title: format!("{run}: accumulated residual along the answer direction{suffix}"),
+            x_ticks: lens.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
+            series: vec![("logit difference".into(), lens.iter().map(|r| r.value).collect())],
+            value_label: "logit difference".into(),
+        }));
+    }
+    let top: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_some()).collect();
+    if !top.is_empty() {
+        let mut rows_out = Vec::new();
+        for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {
+            let mut rs = rs;
+            rs.sort_by_key(|r| r.rank);
+            rows_out.push(
+                std::iter::once(label)
+                    .chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value)))
+                    .collect(),
+            );
+        }
+        let k = top.iter().filter_map(|r| r.rank).max().unwrap_or(0) + 1;
+        out.push(Figure::Table(Table {
+            title: format!("{run}: most probable next tokens at the last position{suffix}"),
+            header: std::iter::once("label".to_string()).chain((1..=k).map(|i| format!("#{i}"))).collect(),
+            rows: rows_out,
+        }));
+    }
+    out
 }

@@ -170,6 +170,10 @@ pub struct KindInfo {
     /// What one job's result depends on beyond the model, inputs and metric (its content key's
     /// own part): `whole_job_key` for most kinds.
     pub key: fn(&RunSpec, Part) -> Result<serde_json::Value>,
+    /// The report's figures of a run's rows (all of them, then each prompt's).
+    pub figures: crate::output::figure::KindFigures,
+    /// Whether the report draws the attention patterns of the run's top heads by |value|.
+    pub pattern_heads: bool,
 }
 
 /// The key part of a job that computes a whole run: the run's options and layers.

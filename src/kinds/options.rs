@@ -137,7 +137,7 @@ pub(crate) fn resolve_patch_targets(
     };
     if hooks.is_empty() {
         cx.at(
-            &kind,
+            kind,
             key("hooks"),
             format!("{} needs hooks = [...] (valid: {})", kind.get_ref(), PATCH_HOOKS.join(", ")),
         );

@@ -2,4 +2,5 @@
 //! into place, so a killed run never leaves a half-written output behind.
 pub mod activations;
 pub mod atomic;
+pub mod figure;
 pub mod table;

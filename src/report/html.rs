@@ -1,6 +1,6 @@
 //! The report page: a header with what the manifest knows, then one section per run with its
 //! figures inline. Self-contained: inline CSS and SVG, no script, nothing fetched.
-use crate::report::figure::{Figure, RunFigures};
+use crate::output::figure::{Figure, RunFigures};
 use crate::report::svg;
 
 pub fn escape(s: &str) -> String {

@@ -4,7 +4,6 @@
 //! figure.rs decides what each run kind shows (rows → figure descriptions, unit-tested);
 //! svg.rs draws them; html.rs lays out the page; patterns.rs recomputes the attention patterns
 //! of the top heads; png.rs rasterises figures for `--png`.
-pub mod figure;
 pub mod html;
 pub mod patterns;
 pub mod png;
@@ -16,6 +15,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::output::atomic;
+use crate::output::figure;
 use crate::output::table::read_parquet;
 
 /// What was written.
@@ -103,8 +103,14 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
             .or_else(|| rows.first().map(|r| r.kind.as_str()))
             .unwrap_or("")
             .to_string();
-        let mut figs = figure::run_figures(&name, &kind, &rows, &figure::RunFacts::from_manifest(entry), &metric);
-        let heads = figure::top_heads(&kind, &rows, figure::PATTERN_HEADS);
+        // A kind this build does not know (results of a newer one) gets its table, no figures.
+        let info = crate::kinds::by_name(&kind);
+        let draw = info.map_or(figure::no_figures as figure::KindFigures, |k| k.figures);
+        let mut figs = figure::run_figures(&name, &kind, draw, &rows, &figure::RunFacts::from_manifest(entry), &metric);
+        let heads = match info {
+            Some(k) if k.pattern_heads => figure::top_heads(&rows, figure::PATTERN_HEADS),
+            _ => Vec::new(),
+        };
         if !heads.is_empty() {
             if !opts.patterns {
                 figs.patterns_note = Some("left out (--no-patterns)".into());

@@ -3,7 +3,7 @@
 use svg::node::element::{Group, Line, Rectangle, Text, Title};
 use svg::Document;
 
-use crate::report::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table};
+use crate::output::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table};
 
 const FONT: &str = "font-family:system-ui,sans-serif;font-size:11px";
 const TITLE_H: f64 = 28.0;
@@ -30,14 +30,7 @@ pub fn colour(scale: &Scale, v: Option<f64>) -> String {
     format!("#{:x}", c)
 }
 
-/// A tick or hover number: three decimals, or scientific notation for small magnitudes.
-pub fn num(v: f64) -> String {
-    if v == 0.0 || v.abs() >= 0.01 {
-        format!("{v:.3}")
-    } else {
-        format!("{v:.2e}")
-    }
-}
+pub use crate::output::figure::num;
 
 /// Room for a title of `s` in the figure's width.
 fn title_width(s: &str) -> f64 {

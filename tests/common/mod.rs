@@ -156,29 +156,30 @@ pub fn run_spec(spec: &str, args: &[&str]) -> tempfile::TempDir {
     dir
 }
 
-/// One fixture of every family (and its variants: two GPT-2 shapes, Llama 3 and linear rope
-/// scaling), and the real stories260K.
-pub const EVERY_FAMILY: &[&str] = &[
-    "gpt2-tiny",
-    "gpt2-odd",
-    "llama-tiny",
-    "llama3-tiny",
-    "llama-linear-tiny",
-    "neo-tiny",
-    "gptj-tiny",
-    "neox-tiny",
-    "opt-tiny",
-    "mistral-tiny",
-    "qwen2-tiny",
-    "qwen3-tiny",
-    "gemma-tiny",
-    "gemma2-tiny",
-    "phi-tiny",
-    "phi3-tiny",
-    "stablelm-tiny",
-    "bloom-tiny",
-    "stories260K",
-];
+/// Every test fixture of configs/fixtures.toml (one or more per family: two GPT-2 shapes,
+/// Llama 3 and linear rope scaling, ...; not the bench-only ones), in the file's order.
+pub fn test_fixtures() -> Vec<String> {
+    let text = std::fs::read_to_string(repo_root().join("configs/fixtures.toml")).unwrap();
+    let table: toml::Table = toml::from_str(&text).unwrap();
+    let mut named: Vec<(usize, String)> = Vec::new();
+    for family in table.values().filter_map(|f| f.as_table()) {
+        for (name, f) in family {
+            if f.get("bench").and_then(|b| b.as_bool()) != Some(true) {
+                // toml::Table is sorted; the file's order is where the header is.
+                named.push((text.find(&format!(".{name}]")).unwrap_or(usize::MAX), name.clone()));
+            }
+        }
+    }
+    named.sort();
+    named.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Every test fixture and the real stories260K.
+pub fn every_family() -> Vec<String> {
+    let mut all = test_fixtures();
+    all.push("stories260K".into());
+    all
+}
 
 /// Whether a fixture uses the GPT-2 tokenizer (configs/fixtures.toml says; stories260K and the
 /// "stories" fixtures use the 512-token sentencepiece one).

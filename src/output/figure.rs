@@ -1,5 +1,5 @@
-//! From result rows to figures: which picture each run kind gets, and exactly which values it
-//! shows. Nothing here draws; `svg.rs` renders these descriptions.
+//! From result rows to figures: the figure descriptions, and the building blocks each kind's
+//! `figures` (src/kinds/) draws its runs with. Nothing here draws; report/svg.rs renders them.
 use std::collections::BTreeMap;
 
 use crate::output::table::Row;
@@ -151,7 +151,7 @@ impl RunFacts {
         RunFacts { pearson_by_hook }
     }
 
-    fn pearson(&self, hook: &str) -> Option<f64> {
+    pub fn pearson(&self, hook: &str) -> Option<f64> {
         self.pearson_by_hook
             .iter()
             .filter(|(h, _)| hook.ends_with(h.as_str()))
@@ -160,12 +160,19 @@ impl RunFacts {
     }
 }
 
-/// Figures for a run of `kind` from its rows. `metric` names the value's units for colour bars.
-pub fn run_figures(run: &str, kind: &str, rows: &[Row], facts: &RunFacts, metric: &str) -> RunFigures {
+/// Figures for a run of `kind` from its rows, drawn by its kind (`figures`). `metric` names the value's units for colour bars.
+pub fn run_figures(
+    run: &str,
+    kind: &str,
+    figures: KindFigures,
+    rows: &[Row],
+    facts: &RunFacts,
+    metric: &str,
+) -> RunFigures {
     let (mean, by_prompt) = split_by_prompt(rows);
-    let figures = kind_figures(run, kind, &mean, facts, metric, None);
     let per_prompt =
-        by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, kind, &rs, facts, metric, Some(p)))).collect();
+        by_prompt.into_iter().map(|(p, rs)| (p, kind_figures(run, figures, &rs, facts, metric, Some(p)))).collect();
+    let figures = kind_figures(run, figures, &mean, facts, metric, None);
     RunFigures {
         run: run.to_string(),
         kind: kind.to_string(),
@@ -188,9 +195,18 @@ fn split_by_prompt(rows: &[Row]) -> (Vec<&Row>, BTreeMap<i32, Vec<&Row>>) {
     (mean, by)
 }
 
+/// A kind's figures of some of a run's rows (`suffix` says which prompt, if one):
+/// `KindInfo::figures`.
+pub type KindFigures = fn(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure>;
+
+/// No figures (a kind the report does not know).
+pub fn no_figures(_: &str, _: &[&Row], _: &RunFacts, _: &str, _: &str) -> Vec<Figure> {
+    Vec::new()
+}
+
 fn kind_figures(
     run: &str,
-    kind: &str,
+    figures: KindFigures,
     rows: &[&Row],
     facts: &RunFacts,
     metric: &str,
@@ -200,68 +216,35 @@ fn kind_figures(
         return Vec::new();
     }
     let suffix = prompt.map(|p| format!(" (prompt {p})")).unwrap_or_default();
-    match kind {
-        "activation_patching" | "attribution_patching" => {
-            let value_label = if kind == "attribution_patching" {
-                format!("estimated change of {metric}")
-            } else {
-                metric.to_string()
-            };
-            let mut out = Vec::new();
-            for (hook, rs) in group_by(rows, |r| hook_family(&r.hook)) {
-                out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, &value_label));
-                let verified: Vec<&Row> = rs.iter().copied().filter(|r| r.patched.is_some()).collect();
-                if !verified.is_empty() {
-                    out.push(Figure::Scatter(Scatter {
-                        title: format!("{run}: {hook}, attribution against real patching{suffix}"),
-                        x_title: "attribution estimate".into(),
-                        y_title: "activation patching".into(),
-                        points: verified
-                            .iter()
-                            .map(|r| (r.value, r.patched.unwrap_or(f64::NAN), cell_name(r)))
-                            .collect(),
-                        pearson: facts.pearson(&hook),
-                    }));
-                }
-            }
-            out
+    figures(run, rows, facts, metric, &suffix)
+}
+
+/// A patching run's figures: a heatmap per hook, and where cells were patched for real to
+/// verify estimates, estimate against patching.
+pub fn patching_figures(run: &str, rows: &[&Row], facts: &RunFacts, value_label: &str, suffix: &str) -> Vec<Figure> {
+    let mut out = Vec::new();
+    for (hook, rs) in group_by(rows, |r| hook_family(&r.hook)) {
+        out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, value_label));
+        let verified: Vec<&Row> = rs.iter().copied().filter(|r| r.patched.is_some()).collect();
+        if !verified.is_empty() {
+            out.push(Figure::Scatter(Scatter {
+                title: format!("{run}: {hook}, attribution against real patching{suffix}"),
+                x_title: "attribution estimate".into(),
+                y_title: "activation patching".into(),
+                points: verified.iter().map(|r| (r.value, r.patched.unwrap_or(f64::NAN), cell_name(r))).collect(),
+                pearson: facts.pearson(&hook),
+            }));
         }
-        "logit_lens" => logit_lens_figures(run, rows, &suffix),
-        "direct_logit_attribution" => dla_figures(run, rows, &suffix),
-        "head_scores" => group_by(rows, |r| {
-            format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default())
-        })
-        .into_iter()
-        .map(|(p, rs)| {
-            grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| {
-                (r.layer.unwrap_or(0), r.head.unwrap_or(0))
-            })
-        })
-        .collect(),
-        "ablation" => {
-            let baseline = rows.iter().find(|r| r.label.as_deref() == Some("baseline")).map(|r| r.value);
-            let units: Vec<&&Row> = rows.iter().filter(|r| r.label.as_deref() != Some("baseline")).collect();
-            vec![Figure::Bars(Bars {
-                title: format!("{run}: ablated units{suffix}"),
-                labels: units.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
-                values: units.iter().map(|r| r.value).collect(),
-                baseline,
-                value_label: metric.to_string(),
-            })]
-        }
-        _ => Vec::new(),
     }
+    out
 }
 
 /// How many heads get their attention pattern drawn.
 pub const PATTERN_HEADS: usize = 4;
 
 /// The `k` heads (layer, head) with the largest |value| among a patching run's mean rows by
-/// head, over all its hooks (z, v, pattern, ...), largest first; none for other kinds.
-pub fn top_heads(kind: &str, rows: &[Row], k: usize) -> Vec<(usize, usize)> {
-    if !matches!(kind, "activation_patching" | "attribution_patching") {
-        return Vec::new();
-    }
+/// head, over all its hooks (z, v, pattern, ...), largest first (`KindInfo::pattern_heads`).
+pub fn top_heads(rows: &[Row], k: usize) -> Vec<(usize, usize)> {
     let mut best: BTreeMap<(i32, i32), f64> = BTreeMap::new();
     for r in rows.iter().filter(|r| r.prompt.is_none() && r.value.is_finite()) {
         if let (Some(l), Some(h)) = (r.layer, r.head) {
@@ -290,7 +273,7 @@ pub fn pattern_figure(run: &str, layer: usize, head: usize, tokens: &[String], p
                         "L{layer}H{head} dest {} → src {}: {}",
                         labels[d],
                         labels.get(s).cloned().unwrap_or_default(),
-                        crate::report::svg::num(probabilities[d][s])
+                        num(probabilities[d][s])
                     )
                 })
                 .collect()
@@ -310,7 +293,7 @@ pub fn pattern_figure(run: &str, layer: usize, head: usize, tokens: &[String], p
 }
 
 /// Rows grouped by `key`, groups in the order their first row appears.
-fn group_by<'a>(rows: &[&'a Row], key: impl Fn(&Row) -> String) -> Vec<(String, Vec<&'a Row>)> {
+pub fn group_by<'a>(rows: &[&'a Row], key: impl Fn(&Row) -> String) -> Vec<(String, Vec<&'a Row>)> {
     let mut out: Vec<(String, Vec<&Row>)> = Vec::new();
     for r in rows {
         let k = key(r);
@@ -332,7 +315,7 @@ pub fn hook_family(hook: &str) -> String {
 }
 
 /// "L3H7", "L3 pos 5", ...: a cell's name for hover text.
-fn cell_name(r: &Row) -> String {
+pub fn cell_name(r: &Row) -> String {
     let mut s = String::new();
     if let Some(l) = r.layer {
         s.push_str(&format!("L{l}"));
@@ -366,7 +349,7 @@ pub fn pos_label(pos: i32, token: Option<&str>) -> String {
     }
 }
 
-fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
+pub fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
     let has = |f: fn(&Row) -> bool| rows.iter().any(|r| f(r));
     let (pos, head, dest) = (has(|r| r.pos.is_some()), has(|r| r.head.is_some()), has(|r| r.dest_pos.is_some()));
     if dest {
@@ -410,13 +393,13 @@ fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
     }
 }
 
-fn layer_by_head(title: &str, rows: &[&Row], value_label: &str) -> Figure {
+pub fn layer_by_head(title: &str, rows: &[&Row], value_label: &str) -> Figure {
     grid(title, rows, value_label, "head", "layer", |r| (r.layer.unwrap_or(0), r.head.unwrap_or(0)))
 }
 
 /// A heatmap with a row per `at(r).0` and a column per `at(r).1`; x ticks carry the tokens when
 /// the columns are positions.
-fn grid(
+pub fn grid(
     title: &str,
     rows: &[&Row],
     value_label: &str,
@@ -429,7 +412,7 @@ fn grid(
 
 /// `diverging`: a red-white-blue scale symmetric around 0 (patching, attribution, DLA), else
 /// one chosen from the values (head scores: viridis when none is negative).
-fn grid_on(
+pub fn grid_on(
     title: &str,
     rows: &[&Row],
     value_label: &str,
@@ -450,7 +433,7 @@ fn grid_on(
         }
         let (y, x) = (y as usize, x as usize);
         cells[y][x] = Some(r.value);
-        hover[y][x] = format!("{}: {}", cell_name(r), crate::report::svg::num(r.value));
+        hover[y][x] = format!("{}: {}", cell_name(r), num(r.value));
         if x_title == "position" && tokens[x].is_none() {
             tokens[x] = r.token.clone();
         }
@@ -476,71 +459,11 @@ fn grid_on(
     })
 }
 
-fn logit_lens_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
-    let lens: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_none()).collect();
-    let mut out = Vec::new();
-    if !lens.is_empty() {
-        out.push(Figure::Lines(Lines {
-            title: format!("{run}: accumulated residual along the answer direction{suffix}"),
-            x_ticks: lens.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
-            series: vec![("logit difference".into(), lens.iter().map(|r| r.value).collect())],
-            value_label: "logit difference".into(),
-        }));
+/// A tick or hover number: three decimals, or scientific notation for small magnitudes.
+pub fn num(v: f64) -> String {
+    if v == 0.0 || v.abs() >= 0.01 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.2e}")
     }
-    let top: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_some()).collect();
-    if !top.is_empty() {
-        let mut rows_out = Vec::new();
-        for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {
-            let mut rs = rs;
-            rs.sort_by_key(|r| r.rank);
-            rows_out.push(
-                std::iter::once(label)
-                    .chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value)))
-                    .collect(),
-            );
-        }
-        let k = top.iter().filter_map(|r| r.rank).max().unwrap_or(0) + 1;
-        out.push(Figure::Table(Table {
-            title: format!("{run}: most probable next tokens at the last position{suffix}"),
-            header: std::iter::once("label".to_string()).chain((1..=k).map(|i| format!("#{i}"))).collect(),
-            rows: rows_out,
-        }));
-    }
-    out
-}
-
-fn dla_figures(run: &str, rows: &[&Row], suffix: &str) -> Vec<Figure> {
-    let neurons: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_some()).collect();
-    let heads: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_some()).collect();
-    let rest: Vec<&Row> = rows.iter().copied().filter(|r| r.neuron.is_none() && r.head.is_none()).collect();
-    let mut out = Vec::new();
-    if !rest.is_empty() {
-        out.push(Figure::Bars(Bars {
-            title: format!("{run}: direct logit attribution per component{suffix}"),
-            labels: rest.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
-            values: rest.iter().map(|r| r.value).collect(),
-            baseline: None,
-            value_label: "logit difference".into(),
-        }));
-    }
-    if !heads.is_empty() {
-        out.push(layer_by_head(
-            &format!("{run}: direct logit attribution per head{suffix}"),
-            &heads,
-            "logit difference",
-        ));
-    }
-    if !neurons.is_empty() {
-        let mut top = neurons.clone();
-        top.sort_by(|a, b| b.value.abs().total_cmp(&a.value.abs()));
-        top.truncate(20);
-        out.push(Figure::Bars(Bars {
-            title: format!("{run}: the 20 neurons with the largest |direct logit attribution|{suffix}"),
-            labels: top.iter().map(|r| r.label.clone().unwrap_or_else(|| cell_name(r))).collect(),
-            values: top.iter().map(|r| r.value).collect(),
-            baseline: None,
-            value_label: "logit difference".into(),
-        }));
-    }
-    out
 }
