@@ -46,3 +46,19 @@ fn readme_python_example_reads_our_parquet() {
     let printed = String::from_utf8_lossy(&run.stdout);
     assert!(printed.contains("blocks.") && printed.contains("layer"), "{printed}");
 }
+
+/// The spec README shows as the first result is experiments/default.toml as it is.
+#[test]
+fn readme_shows_the_default_spec_as_shipped() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let after = &readme[readme.find("The spec, `experiments/default.toml`:").expect("README shows the default spec")..];
+    let block: String = after
+        .lines()
+        .skip_while(|l| !l.starts_with("```toml"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("```"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let shipped = std::fs::read_to_string(repo_root().join("experiments/default.toml")).unwrap();
+    assert_eq!(block.trim_end(), shipped.trim_end(), "README's copy of experiments/default.toml differs from the file");
+}

@@ -152,6 +152,86 @@ pub struct AblationInputs<'a> {
     pub dataset: Option<(&'a Tensor, Option<&'a Tensor>)>,
 }
 
+/// How many units of `site` a layer has and what they are called (one unit per layer for a
+/// layer-wide site).
+pub fn units_per_layer(cfg: &crate::model::config::ModelConfig, site: Site) -> (i64, &'static str) {
+    match site {
+        Site::Z => (cfg.n_heads as i64, "heads"),
+        Site::MlpPost => (cfg.mlp.d_mlp as i64, "neurons"),
+        _ => (1, ""),
+    }
+}
+
+/// Whether `u` is a unit of the model (kinds::ablation checks the spec with it before loading).
+pub fn unit_in_range(cfg: &crate::model::config::ModelConfig, site: Site, u: &Unit) -> bool {
+    let (max, _) = units_per_layer(cfg, site);
+    u.layer < cfg.n_layers && u.index.is_none_or(|i| (0..max).contains(&i))
+}
+
+/// Every unit within the model and every position within the prompts (of `seq` tokens).
+fn check_units_and_positions(
+    cfg: &crate::model::config::ModelConfig,
+    spec: &AblationSpec,
+    units: &[Unit],
+    seq: i64,
+) -> Result<()> {
+    let (max, what) = units_per_layer(cfg, spec.site);
+    if let Some(u) = units.iter().find(|u| !unit_in_range(cfg, spec.site, u)) {
+        let unit = match u.index {
+            Some(i) => format!("[{}, {i}]", u.layer),
+            None => format!("[{}]", u.layer),
+        };
+        let per_layer = if what.is_empty() { String::new() } else { format!(" of {max} {what}") };
+        return Err(Error::Config(format!(
+            "unit {unit} is out of range: the model has {} layers{per_layer}",
+            cfg.n_layers
+        )));
+    }
+    if let Some(ps) = &spec.positions {
+        if let Some(bad) = ps.iter().find(|&&p| p >= seq) {
+            return Err(Error::Config(format!("position {bad} is out of range: the prompts have {seq} positions")));
+        }
+    }
+    Ok(())
+}
+
+/// The activations that replace each layer's, where they come from other prompts: the
+/// corrupted prompts' (resample) or a dataset's (mean over it); None when they come from the
+/// clean run itself (zero, mean over the prompts).
+fn replacement_cache(
+    model: &crate::Model,
+    spec: &AblationSpec,
+    inp: &AblationInputs<'_>,
+    seq: i64,
+) -> Result<Option<std::collections::HashMap<crate::model::hook_point::HookPoint, Tensor>>> {
+    use crate::model::hook_point::HookPoint;
+    use crate::{Hooks, Input, Stop};
+    let n_layers = model.cfg.n_layers;
+    let point = |l: usize| HookPoint::Block(l, spec.site);
+    Ok(match spec.method {
+        AblationMethod::Resample => {
+            let c = inp.corrupted.ok_or_else(|| Error::Config("resample ablation takes its activations from corrupted prompts: give a [corruption] of kind swap_pairs, prompts or replace_tokens (noise corrupts embeddings, not prompts)".into()))?;
+            let mut h = Hooks::capture((0..n_layers).map(point));
+            let _ = model.run(Input::Tokens(c), inp.mask, &mut h, Stop::BeforeLayer(n_layers))?;
+            Some(h.cache)
+        }
+        AblationMethod::Mean if inp.dataset.is_some() => {
+            let (d, dm) = inp.dataset.expect("checked");
+            if d.size()[1] != seq {
+                return Err(Error::Config(format!("the mean-ablation dataset has {} token positions and the prompts {seq}: a mean per position needs equal lengths", d.size()[1])));
+            }
+            let mut h = Hooks::capture((0..n_layers).map(point));
+            let _ = model.run(Input::Tokens(d), dm, &mut h, Stop::BeforeLayer(n_layers))?;
+            Some(h.cache)
+        }
+        _ => None,
+    })
+}
+
+/// The metric (or loss, or per-head DLA) with units replaced: the clean run, then each unit in
+/// turn (batched, from the unit's layer) or the units together. Over 80 lines because the sweep
+/// and the joint ablation read the clean run's cache and the replacements through the same
+/// closures.
 pub fn run_ablation(
     model: &crate::Model,
     spec: &AblationSpec,
@@ -164,32 +244,7 @@ pub fn run_ablation(
     let n_layers = model.cfg.n_layers;
     let (n, seq) = (inp.tokens.size()[0], inp.tokens.size()[1]);
     let units = spec.units.clone().unwrap_or_else(|| all_units(&model.cfg, spec.site));
-    for u in &units {
-        let max = match spec.site {
-            Site::Z => model.cfg.n_heads as i64,
-            Site::MlpPost => model.cfg.mlp.d_mlp as i64,
-            _ => 1,
-        };
-        if u.layer >= n_layers || u.index.is_some_and(|i| i >= max) {
-            let unit = match u.index {
-                Some(i) => format!("[{}, {i}]", u.layer),
-                None => format!("[{}]", u.layer),
-            };
-            let per_layer = match spec.site {
-                Site::Z => format!(" of {max} heads"),
-                Site::MlpPost => format!(" of {max} neurons"),
-                _ => String::new(),
-            };
-            return Err(Error::Config(format!(
-                "unit {unit} is out of range: the model has {n_layers} layers{per_layer}"
-            )));
-        }
-    }
-    if let Some(ps) = &spec.positions {
-        if let Some(bad) = ps.iter().find(|&&p| p >= seq) {
-            return Err(Error::Config(format!("position {bad} is out of range: the prompts have {seq} positions")));
-        }
-    }
+    check_units_and_positions(&model.cfg, spec, &units, seq)?;
     let point = |l: usize| HookPoint::Block(l, spec.site);
     // The clean run: the activations ablated, the residual entering every layer, the baseline.
     let mut clean_hooks = Hooks::capture((0..n_layers).flat_map(|l| [point(l), HookPoint::Block(l, Site::ResidPre)]));
@@ -210,24 +265,7 @@ pub fn run_ablation(
     let out = model.run(Input::Tokens(inp.tokens), inp.mask, &mut clean_hooks, stop)?;
     let baseline = measure_of(&out, n)?;
     // The values put in place of each layer's activation, broadcastable to [n, seq, ...].
-    let source_cache = match spec.method {
-        AblationMethod::Resample => {
-            let c = inp.corrupted.ok_or_else(|| Error::Config("resample ablation takes its activations from corrupted prompts: give a [corruption] of kind swap_pairs, prompts or replace_tokens (noise corrupts embeddings, not prompts)".into()))?;
-            let mut h = Hooks::capture((0..n_layers).map(point));
-            let _ = model.run(Input::Tokens(c), inp.mask, &mut h, Stop::BeforeLayer(n_layers))?;
-            Some(h.cache)
-        }
-        AblationMethod::Mean if inp.dataset.is_some() => {
-            let (d, dm) = inp.dataset.expect("checked");
-            if d.size()[1] != seq {
-                return Err(Error::Config(format!("the mean-ablation dataset has {} token positions and the prompts {seq}: a mean per position needs equal lengths", d.size()[1])));
-            }
-            let mut h = Hooks::capture((0..n_layers).map(point));
-            let _ = model.run(Input::Tokens(d), dm, &mut h, Stop::BeforeLayer(n_layers))?;
-            Some(h.cache)
-        }
-        _ => None,
-    };
+    let source_cache = replacement_cache(model, spec, inp, seq)?;
     let values = |l: usize| -> Tensor {
         let act = &clean_hooks.cache[&point(l)];
         match spec.method {

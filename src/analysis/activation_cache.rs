@@ -173,6 +173,9 @@ pub fn direct_logit_attribution(
 /// Direct logit attribution from a run's cache (holding at least `dla_points`). Each component
 /// is normalised as apply_ln_to_stack: centred for LayerNorm models, divided by the run's
 /// ln_final scale of that prompt.
+///
+/// Over 80 lines: decompose_resid, stack_head_results and stack_neuron_results, one branch each,
+/// sharing the scale and answer direction computed first.
 pub fn dla_from(
     model: &Model,
     cache: &HashMap<HookPoint, Tensor>,

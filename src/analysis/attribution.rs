@@ -224,6 +224,10 @@ impl Pass {
 /// Estimates for every target at `layers` from a corrupted forward+backward `pass` covering
 /// `points_for` them (plus one pass per layer with grad_drop); with `per_prompt`, each cell's
 /// estimate per prompt too.
+///
+/// Over 80 lines because it is the Attribution Patching demo's computation in order (per target:
+/// clean − corrupted times the gradient, summed over the axes a cell covers; AtP*'s q/k fix and
+/// GradDrop at the step they replace), reading one shared pass.
 pub fn attribute_with(
     model: &Model,
     prep: &CleanCorrupted,

@@ -71,6 +71,9 @@ impl CleanCorrupted {
     /// (when there are any), so the attribution pass that follows is a backward alone: AtP then
     /// costs one clean forward and one corrupted forward + backward, as TransformerLens's AtP
     /// does, instead of a second corrupted forward.
+    ///
+    /// Over 80 lines: the clean and the corrupted runs (prefix reuse, noise samples, gradient
+    /// capture) and the baselines, which the patching sweeps read together.
     pub fn keeping_gradients(
         model: &Model,
         clean_tokens: Tensor,

@@ -198,6 +198,8 @@ fn our_logits(model: &Model, seqs: &[Vec<i64>]) -> Result<Vec<PromptLogits>> {
         .collect()
 }
 
+/// One model's logits against its reference, every figure of the gate (max |Δ|, MSE, cosine,
+/// KL, top-1) per prompt and dtype, as rows; over 80 lines, one figure after another.
 fn check_logits(
     m: &ZooModel,
     dtype: &str,

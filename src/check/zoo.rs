@@ -281,105 +281,9 @@ impl Zoo {
                 cx.at(&m.name, "model.name", format!("'{name}' is listed twice"));
             }
             let key = |k: &str| format!("model[{name}].{k}");
-            let source = match (&m.id, &m.path) {
-                (Some(id), None) => {
-                    match &m.revision {
-                        None => cx.at(id, key("revision"), "a hub model needs revision = \"<40-hex commit>\" (or a branch with allow_moving_revision = true)".to_string()),
-                        Some(r) if !is_commit(r.get_ref()) && !m.allow_moving_revision => cx.at(
-                            r,
-                            key("revision"),
-                            format!("'{}' is a branch or tag, not a commit: its files can change under the gate; pin the 40-hex commit or set allow_moving_revision = true", r.get_ref()),
-                        ),
-                        _ => {}
-                    }
-                    Some(Source::Hub {
-                        id: id.get_ref().clone(),
-                        revision: m.revision.as_ref().map(|r| r.get_ref().clone()).unwrap_or_else(|| "main".into()),
-                    })
-                }
-                (None, Some(p)) => {
-                    let full = base.join(p.get_ref());
-                    if m.revision.is_some() {
-                        cx.at(
-                            p,
-                            key("revision"),
-                            "a local path has no revision; drop revision or use id = \"org/name\"".to_string(),
-                        );
-                    }
-                    if !full.exists() {
-                        cx.at(p, key("path"), format!("no such model: {}", full.display()));
-                    }
-                    Some(Source::Local(full))
-                }
-                (Some(id), Some(_)) => {
-                    cx.at(
-                        id,
-                        key("id"),
-                        "give either id (a hub model) or path (a local directory or .gguf), not both".to_string(),
-                    );
-                    None
-                }
-                (None, None) => {
-                    cx.at(
-                        &m.name,
-                        key("id"),
-                        "give id = \"org/name\" (with revision) or path = \"dir-or.gguf\"".to_string(),
-                    );
-                    None
-                }
-            };
-            let dtypes: Vec<String> = match m.dtypes.as_ref().or(defaults.dtypes.as_ref()) {
-                None => vec!["float32".into()],
-                Some(list) => {
-                    if list.get_ref().is_empty() {
-                        cx.at(
-                            list,
-                            key("dtypes"),
-                            "no dtypes: list at least one of float32, bfloat16, float16".to_string(),
-                        );
-                    }
-                    for d in list.get_ref() {
-                        if crate::model::config::parse_dtype(d.get_ref()).is_none() {
-                            cx.at(
-                                d,
-                                key("dtypes"),
-                                format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES),
-                            );
-                        }
-                    }
-                    list.get_ref().iter().map(|d| d.get_ref().clone()).collect()
-                }
-            };
-            let prompts = match (&m.prompts, &m.prompts_file, &defaults.prompts, &defaults.prompts_file) {
-                (Some(p), Some(_), _, _) => {
-                    cx.at(p, key("prompts"), "give prompts or prompts_file, not both".to_string());
-                    Vec::new()
-                }
-                (Some(p), None, _, _) | (None, None, Some(p), _) => {
-                    if p.get_ref().is_empty() || p.get_ref().iter().any(|s| s.is_empty()) {
-                        cx.at(p, key("prompts"), "prompts must be a non-empty list of non-empty strings".to_string());
-                    }
-                    p.get_ref().clone()
-                }
-                (None, Some(f), _, _) | (None, None, None, Some(f)) => {
-                    let full = base.join(f.get_ref());
-                    match read_prompt_file(&full) {
-                        Ok(v) => v,
-                        Err(e) => {
-                            cx.at(f, key("prompts_file"), e);
-                            Vec::new()
-                        }
-                    }
-                }
-                (None, None, None, None) => {
-                    cx.at(
-                        &m.name,
-                        key("prompts"),
-                        "no prompts: give prompts = [...] or prompts_file here or in [defaults]".to_string(),
-                    );
-                    Vec::new()
-                }
-            };
+            let source = model_source(&mut cx, m, base, &key);
+            let dtypes = model_dtypes(&mut cx, m, &defaults, &key);
+            let prompts = model_prompts(&mut cx, m, &defaults, base, &key);
             let device = m
                 .device
                 .as_ref()
@@ -394,64 +298,8 @@ impl Zoo {
                     format!("no reference logits at {}: make them with scripts/reference_logits.py (HF transformers) or `tl-run check --update`", reference.display()),
                 );
             }
-            let goldens = m.goldens.as_ref().map(|g| base.join(g.get_ref()));
-            if !m.spec.is_empty() && goldens.is_none() {
-                cx.at(
-                    &m.name,
-                    key("goldens"),
-                    "the model runs specs but has no goldens = \"dir\" to compare their Parquet with".to_string(),
-                );
-            }
-            if let (Some(g), Some(gs)) = (&goldens, &m.goldens) {
-                if !creating && !m.spec.is_empty() && !g.is_dir() {
-                    cx.at(
-                        gs,
-                        key("goldens"),
-                        format!("no goldens at {}: make them with `tl-run check --update`", g.display()),
-                    );
-                }
-            }
-            let mut specs = Vec::new();
-            let mut spec_names = std::collections::HashSet::new();
-            for s in &m.spec {
-                let file = base.join(s.file.get_ref());
-                if !file.is_file() {
-                    cx.at(&s.file, key("spec.file"), format!("no such spec: {}", file.display()));
-                }
-                let prompts = s.prompts.as_ref().map(|p| {
-                    let full = base.join(p.get_ref());
-                    if !full.is_file() {
-                        cx.at(p, key("spec.prompts"), format!("no such prompt file: {}", full.display()));
-                    }
-                    full
-                });
-                let name = match &s.name {
-                    Some(n) => n.get_ref().clone(),
-                    None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
-                };
-                if !spec_names.insert(name.clone()) {
-                    cx.at(
-                        s.name.as_ref().unwrap_or(&s.file),
-                        key("spec.name"),
-                        format!("two specs keep goldens under '{name}': give one a name = \"...\""),
-                    );
-                }
-                specs.push(SpecEntry { file, prompts, name });
-            }
-            if let Some(t) = &m.tolerance {
-                check_tolerances(&mut cx, t, &key("tolerance"));
-            }
-            let mut tolerance = BTreeMap::new();
-            for d in &dtypes {
-                let mut t = Tolerance::default();
-                for raw in [defaults.tolerance.as_ref(), m.tolerance.as_ref()].into_iter().flatten() {
-                    raw.apply(&mut t);
-                    if let Some(per) = raw.for_dtype(d) {
-                        per.apply(&mut t);
-                    }
-                }
-                tolerance.insert(d.clone(), t);
-            }
+            let (goldens, specs) = model_specs(&mut cx, m, base, creating, &key);
+            let tolerance = model_tolerances(&mut cx, m, &defaults, &dtypes, &key);
             if let Some(source) = source {
                 models.push(ZooModel {
                     name,
@@ -472,6 +320,191 @@ impl Zoo {
         }
         Ok(Zoo { file: path.to_path_buf(), models })
     }
+}
+
+/// A model's source: a hub id pinned to a commit, or a local path that exists.
+fn model_source(cx: &mut Ctx<'_>, m: &RawModel, base: &Path, key: &dyn Fn(&str) -> String) -> Option<Source> {
+    match (&m.id, &m.path) {
+        (Some(id), None) => {
+            match &m.revision {
+                None => cx.at(id, key("revision"), "a hub model needs revision = \"<40-hex commit>\" (or a branch with allow_moving_revision = true)".to_string()),
+                Some(r) if !is_commit(r.get_ref()) && !m.allow_moving_revision => cx.at(
+                    r,
+                    key("revision"),
+                    format!("'{}' is a branch or tag, not a commit: its files can change under the gate; pin the 40-hex commit or set allow_moving_revision = true", r.get_ref()),
+                ),
+                _ => {}
+            }
+            Some(Source::Hub {
+                id: id.get_ref().clone(),
+                revision: m.revision.as_ref().map(|r| r.get_ref().clone()).unwrap_or_else(|| "main".into()),
+            })
+        }
+        (None, Some(p)) => {
+            let full = base.join(p.get_ref());
+            if m.revision.is_some() {
+                cx.at(
+                    p,
+                    key("revision"),
+                    "a local path has no revision; drop revision or use id = \"org/name\"".to_string(),
+                );
+            }
+            if !full.exists() {
+                cx.at(p, key("path"), format!("no such model: {}", full.display()));
+            }
+            Some(Source::Local(full))
+        }
+        (Some(id), Some(_)) => {
+            cx.at(
+                id,
+                key("id"),
+                "give either id (a hub model) or path (a local directory or .gguf), not both".to_string(),
+            );
+            None
+        }
+        (None, None) => {
+            cx.at(&m.name, key("id"), "give id = \"org/name\" (with revision) or path = \"dir-or.gguf\"".to_string());
+            None
+        }
+    }
+}
+
+/// A model's dtypes (its own, the defaults', or float32), each one tl-run runs in.
+fn model_dtypes(cx: &mut Ctx<'_>, m: &RawModel, defaults: &RawDefaults, key: &dyn Fn(&str) -> String) -> Vec<String> {
+    match m.dtypes.as_ref().or(defaults.dtypes.as_ref()) {
+        None => vec!["float32".into()],
+        Some(list) => {
+            if list.get_ref().is_empty() {
+                cx.at(list, key("dtypes"), "no dtypes: list at least one of float32, bfloat16, float16".to_string());
+            }
+            for d in list.get_ref() {
+                if crate::model::config::parse_dtype(d.get_ref()).is_none() {
+                    cx.at(
+                        d,
+                        key("dtypes"),
+                        format!("unknown dtype '{}' (valid: {})", d.get_ref(), crate::model::config::DTYPES),
+                    );
+                }
+            }
+            list.get_ref().iter().map(|d| d.get_ref().clone()).collect()
+        }
+    }
+}
+
+/// A model's prompts: its own list or file, else the defaults'.
+fn model_prompts(
+    cx: &mut Ctx<'_>,
+    m: &RawModel,
+    defaults: &RawDefaults,
+    base: &Path,
+    key: &dyn Fn(&str) -> String,
+) -> Vec<String> {
+    match (&m.prompts, &m.prompts_file, &defaults.prompts, &defaults.prompts_file) {
+        (Some(p), Some(_), _, _) => {
+            cx.at(p, key("prompts"), "give prompts or prompts_file, not both".to_string());
+            Vec::new()
+        }
+        (Some(p), None, _, _) | (None, None, Some(p), _) => {
+            if p.get_ref().is_empty() || p.get_ref().iter().any(|s| s.is_empty()) {
+                cx.at(p, key("prompts"), "prompts must be a non-empty list of non-empty strings".to_string());
+            }
+            p.get_ref().clone()
+        }
+        (None, Some(f), _, _) | (None, None, None, Some(f)) => {
+            let full = base.join(f.get_ref());
+            match read_prompt_file(&full) {
+                Ok(v) => v,
+                Err(e) => {
+                    cx.at(f, key("prompts_file"), e);
+                    Vec::new()
+                }
+            }
+        }
+        (None, None, None, None) => {
+            cx.at(
+                &m.name,
+                key("prompts"),
+                "no prompts: give prompts = [...] or prompts_file here or in [defaults]".to_string(),
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// A model's goldens directory and the specs whose Parquet it holds (each under its own name).
+fn model_specs(
+    cx: &mut Ctx<'_>,
+    m: &RawModel,
+    base: &Path,
+    creating: bool,
+    key: &dyn Fn(&str) -> String,
+) -> (Option<PathBuf>, Vec<SpecEntry>) {
+    let goldens = m.goldens.as_ref().map(|g| base.join(g.get_ref()));
+    if !m.spec.is_empty() && goldens.is_none() {
+        cx.at(
+            &m.name,
+            key("goldens"),
+            "the model runs specs but has no goldens = \"dir\" to compare their Parquet with".to_string(),
+        );
+    }
+    if let (Some(g), Some(gs)) = (&goldens, &m.goldens) {
+        if !creating && !m.spec.is_empty() && !g.is_dir() {
+            cx.at(gs, key("goldens"), format!("no goldens at {}: make them with `tl-run check --update`", g.display()));
+        }
+    }
+    let mut specs = Vec::new();
+    let mut spec_names = std::collections::HashSet::new();
+    for s in &m.spec {
+        let file = base.join(s.file.get_ref());
+        if !file.is_file() {
+            cx.at(&s.file, key("spec.file"), format!("no such spec: {}", file.display()));
+        }
+        let prompts = s.prompts.as_ref().map(|p| {
+            let full = base.join(p.get_ref());
+            if !full.is_file() {
+                cx.at(p, key("spec.prompts"), format!("no such prompt file: {}", full.display()));
+            }
+            full
+        });
+        let name = match &s.name {
+            Some(n) => n.get_ref().clone(),
+            None => file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        if !spec_names.insert(name.clone()) {
+            cx.at(
+                s.name.as_ref().unwrap_or(&s.file),
+                key("spec.name"),
+                format!("two specs keep goldens under '{name}': give one a name = \"...\""),
+            );
+        }
+        specs.push(SpecEntry { file, prompts, name });
+    }
+    (goldens, specs)
+}
+
+/// A model's tolerance per dtype: the defaults', then its own, each overridden per dtype.
+fn model_tolerances(
+    cx: &mut Ctx<'_>,
+    m: &RawModel,
+    defaults: &RawDefaults,
+    dtypes: &[String],
+    key: &dyn Fn(&str) -> String,
+) -> BTreeMap<String, Tolerance> {
+    if let Some(t) = &m.tolerance {
+        check_tolerances(cx, t, &key("tolerance"));
+    }
+    let mut tolerance = BTreeMap::new();
+    for d in dtypes {
+        let mut t = Tolerance::default();
+        for raw in [defaults.tolerance.as_ref(), m.tolerance.as_ref()].into_iter().flatten() {
+            raw.apply(&mut t);
+            if let Some(per) = raw.for_dtype(d) {
+                per.apply(&mut t);
+            }
+        }
+        tolerance.insert(d.clone(), t);
+    }
+    tolerance
 }
 
 fn check_tolerances(cx: &mut Ctx<'_>, t: &RawTolerances, prefix: &str) {

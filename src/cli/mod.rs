@@ -154,22 +154,22 @@ fn read_spec(a: &SpecArgs) -> Result<Spec> {
 
 /// What the config and tokenizer tell about a spec before any weights are loaded.
 struct Preflight {
-    cfg: tl_run::model::config::ModelConfig,
-    tok: tl_run::model::tokenize::TextTokenizer,
-    files: tl_run::model::source::ModelFiles,
+    /// The model's files, config and tokenizer, read once: the load takes them.
+    model: std::sync::Arc<tl_run::model::Described>,
     toks: Option<tl_run::kinds::shared::inputs::Tokenized>,
 }
 
 /// Every problem of a spec against the model's config and tokenizer at once, or the tokenized
 /// prompts.
 fn preflight(spec: &Spec) -> Result<Preflight> {
-    let (cfg, tok, files) = tl_run::model::describe_files(&spec.model.id, spec.model.revision.as_deref())?;
-    let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(&cfg, &spec.file).err()).collect();
+    let model = tl_run::model::Described::read(&spec.model.id, spec.model.revision.as_deref(), true)?;
+    let (cfg, tok) = (&model.cfg, model.tokenizer()?);
+    let mut problems: Vec<String> = spec.runs.iter().filter_map(|r| r.check_model(cfg, &spec.file).err()).collect();
     let mut toks = None;
     if spec.runs.iter().any(|r| r.kind.needs().prompts) {
         // The clean prompts' length, even when answers or corruption have problems of their own.
         let texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
-        if let Ok(b) = tok.batch(&texts, spec.model.prepend_bos_for(&cfg)) {
+        if let Ok(b) = tok.batch(&texts, spec.model.prepend_bos_for(cfg)) {
             let seq = b.tokens.size()[1] as usize;
             if seq > cfg.n_ctx {
                 problems.push(format!(
@@ -181,8 +181,8 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
         }
         match tl_run::kinds::shared::inputs::tokenize(
             spec,
-            &tok,
-            &cfg,
+            tok,
+            cfg,
             spec.runs.iter().any(|r| r.kind.needs().corruption),
         ) {
             Ok(t) => toks = Some(t),
@@ -199,7 +199,7 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
         spec.model.id,
         lines.join("\n  ")
     );
-    Ok(Preflight { cfg, tok, files, toks })
+    Ok(Preflight { model: std::sync::Arc::new(model), toks })
 }
 
 struct PlanOutput {
@@ -219,12 +219,12 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
             spec.prompts.len(),
             spec.runs.len(),
             spec.model.id,
-            pf.cfg.n_layers,
-            pf.cfg.n_heads
+            pf.model.cfg.n_layers,
+            pf.model.cfg.n_heads
         );
         return Ok(());
     };
-    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
+    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.model.cfg, pf.toks, Some(&pf.model.files))?;
     let plan = &compiled.plan;
     let owner = match out.shards {
         Some(n) => {
@@ -277,6 +277,8 @@ fn has_stored_jobs(output_dir: &std::path::Path) -> bool {
         .is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().extension().is_some_and(|x| x == "parquet"))))
 }
 
+/// `tl-run run`: preflight, the model's load started beside the plan (when it will be needed),
+/// the execution and what it prints; over 80 lines as the command reads top to bottom.
 fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: bool) -> Result<()> {
     use tl_run::graph::execute::{ExecOptions, ModelSource};
     let spec = read_spec(a)?;
@@ -306,27 +308,27 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
     // the load does not need: a first run on a machine hashes every weight file (0.7 s for a
     // 500 MB checkpoint on this 2-core machine, 5 s for an 8B model's 15 GiB on a GPU machine).
     let early = (devices.len() <= 1 && (fresh || !has_stored_jobs(&spec.output_dir))).then(|| {
-        let (id, opts) = (spec.model.id.clone(), opts.clone());
+        let (described, opts) = (pf.model.clone(), opts.clone());
         tracing::debug!("loading the model beside the weight digests and the plan");
         std::thread::Builder::new()
             .name("tl-run-load".into())
-            .spawn(move || tl_run::panics::guarded("load model", || Model::load(&id, &opts)))
+            .spawn(move || tl_run::panics::guarded("load model", || Model::load_described(&described, &opts)))
     });
     let early = std::sync::Mutex::new(early.and_then(|spawned| spawned.ok()));
-    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.cfg, pf.toks, Some(&pf.files))?;
+    let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.model.cfg, pf.toks, Some(&pf.model.files))?;
     let load = |device: tch::Device| {
         let started = early.lock().unwrap_or_else(|e| e.into_inner()).take();
         match started {
             Some(loading) if device == opts.device => loading
                 .join()
                 .unwrap_or_else(|_| Err(tl_run::Error::Other("loading the model stopped unexpectedly".into()))),
-            _ => Model::load(&spec.model.id, &LoadOptions { device, ..opts.clone() }),
+            _ => Model::load_described(&pf.model, &LoadOptions { device, ..opts.clone() }),
         }
     };
     let source = ModelSource::Lazy {
-        cfg: &pf.cfg,
-        tokenizer: Some(&pf.tok),
-        files: Some(&pf.files),
+        cfg: &pf.model.cfg,
+        tokenizer: pf.model.tokenizer.as_ref(),
+        files: Some(&pf.model.files),
         device: opts.device,
         load: Box::new(load),
     };

@@ -13,6 +13,9 @@ use crate::model::{AttentionKernel, Model};
 
 impl Model {
     /// The attention sublayer of block `l`: its output [b, q, d_model] from ln1's output.
+    ///
+    /// Over 80 lines: TransformerLens's attention step by step (q, k, v with their norms and
+    /// rotary, scores, mask, softmax, pattern, z, result), each a hook point in its place.
     pub(super) fn attention(
         &self,
         l: usize,

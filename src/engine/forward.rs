@@ -200,6 +200,10 @@ impl Model {
 
     /// Like `run`, continuing after `prefix`: a residual input then holds only the positions
     /// after the prefix (and so does every hook), while `mask` covers all positions.
+    ///
+    /// One function, over 80 lines: it is the forward pass in TransformerLens's order (embed,
+    /// each block's hook points, final norm, unembed) with the prefix, stop and split-device
+    /// branches at the step they concern; split up, each step would take the whole state.
     pub fn run_with_prefix(
         &self,
         input: Input<'_>,

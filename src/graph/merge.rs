@@ -72,6 +72,9 @@ fn shard_manifests(dir: &Path) -> Result<(usize, Vec<(PathBuf, Value)>)> {
     Ok((n, out))
 }
 
+/// Joins the shard parts of a sharded run (every shard's manifest complete, each job once) into
+/// one Parquet file per run and one manifest; over 80 lines, as each check it makes names the
+/// shard at fault.
 pub fn merge(dir: &Path, keep_shards: bool) -> Result<Merged> {
     let (n, manifests) = shard_manifests(dir)?;
     let first = &manifests[0].1;

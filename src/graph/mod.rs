@@ -5,6 +5,7 @@
 //! shard.
 pub mod devices;
 pub mod execute;
+mod executor;
 pub mod job;
 pub mod keys;
 mod manifest;
@@ -122,6 +123,9 @@ pub struct Plan {
 impl Plan {
     /// `seq`: the prompts' token length; `first_diff`: the first position where any clean and
     /// corrupted prompt differ.
+    ///
+    /// Over 80 lines: the jobs in the order they run (tokenize, load, shared passes, each run's
+    /// work jobs and write, the manifest), each step reading the ids the earlier ones got.
     pub fn build(spec: &Spec, cfg: &ModelConfig, seq: usize, first_diff: i64) -> Plan {
         let mut jobs: Vec<Job> = Vec::new();
         let blank = |task| Job {

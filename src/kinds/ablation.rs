@@ -77,13 +77,9 @@ fn key(run: &RunSpec, _: Part) -> Result<serde_json::Value> {
 /// Units within the model's layers, heads and neurons.
 fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
     let RunKind::Ablation(a) = &run.kind else { return };
-    let (max, what) = match a.site {
-        Site::Z => (cfg.n_heads as i64, "heads"),
-        Site::MlpPost => (cfg.mlp.d_mlp as i64, "neurons"),
-        _ => (1, ""),
-    };
+    let (max, what) = crate::analysis::ablation::units_per_layer(cfg, a.site);
     for u in a.units.iter().flatten() {
-        if u.layer >= cfg.n_layers || u.index.is_some_and(|i| i < 0 || i >= max) {
+        if !crate::analysis::ablation::unit_in_range(cfg, a.site, u) {
             let unit =
                 u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
             let per =
@@ -148,6 +144,8 @@ fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     ablation(cx, run, a)
 }
 
+/// The ablation's site, method, units, positions, measure and dataset, each key checked with its
+/// line; over 80 lines, one key after another.
 fn resolve_ablation(cx: &mut Ctx, r: &Raw, i: usize, base: &Path) -> Option<AblationSpec> {
     let key = |k: &str| format!("run[{i}].{k}");
     const HOOKS: &[&str] = &["z", "attn_out", "mlp_out", "mlp_post"];

@@ -206,6 +206,8 @@ fn run(cx: &RunContext, run: &RunSpec, _: Part) -> Result<JobOutput> {
     head_score_rows(cx, run, detections, *options, source)
 }
 
+/// The run's source (prompts or repeated random tokens) and detection patterns (named, custom
+/// matrices and rules), each key checked with its line; over 80 lines, one key after another.
 fn resolve_head_scores(cx: &mut Ctx, r: &Raw, i: usize) -> Option<RunKind> {
     let key = |k: &str| format!("run[{i}].{k}");
     const NAMED: &[&str] = &["previous_token", "duplicate_token", "induction"];

@@ -106,26 +106,58 @@ pub fn is_gguf(id: &str) -> bool {
     id.ends_with(".gguf") && std::path::Path::new(id).is_file()
 }
 
-/// The config and tokenizer of `id` without processing weights (validate, plan).
-pub fn describe(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTokenizer)> {
-    describe_files(id, revision).map(|(cfg, tok, _)| (cfg, tok))
+/// A model's files resolved and its config.json parsed (a GGUF file's header read), with its
+/// tokenizer once built: what validate and plan read without weights, and what
+/// `Model::load_described` loads, so a run resolves the source and parses config and tokenizer
+/// once.
+#[derive(Clone)]
+pub struct Described {
+    pub id: String,
+    pub files: source::ModelFiles,
+    pub json: serde_json::Value,
+    pub cfg: ModelConfig,
+    /// Built by `read(.., true)`; else `Model::load_described` builds it beside the weights.
+    pub tokenizer: Option<TextTokenizer>,
+    /// A `.gguf` file, mapped.
+    gguf: Option<std::sync::Arc<gguf::Gguf>>,
 }
 
-/// The config, tokenizer and files of `id`, without reading weights.
-pub fn describe_files(id: &str, revision: Option<&str>) -> Result<(ModelConfig, TextTokenizer, source::ModelFiles)> {
-    if is_gguf(id) {
-        let path = std::path::Path::new(id);
-        let g = gguf::Gguf::read(path)?;
-        let json = g.config_json()?;
-        let tok = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
-        return Ok((family(&json)?.0, tok, gguf_files(path)));
+impl Described {
+    /// The files of `id` (a hub id, a directory or a `.gguf` file) and its parsed config; its
+    /// tokenizer too with `with_tokenizer` (an error when a safetensors model has none).
+    pub fn read(id: &str, revision: Option<&str>, with_tokenizer: bool) -> Result<Described> {
+        if is_gguf(id) {
+            let path = std::path::Path::new(id);
+            let g = gguf::Gguf::read(path)?;
+            let json = g.config_json()?;
+            let tokenizer = match with_tokenizer {
+                true => Some(TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?),
+                false => None,
+            };
+            let cfg = family(&json)?.0;
+            let gguf = Some(std::sync::Arc::new(g));
+            return Ok(Described { id: id.into(), files: gguf_files(path), json, cfg, tokenizer, gguf });
+        }
+        let files = source::resolve(id, revision)?;
+        let json = read_json(&files.config)?;
+        let tokenizer = match with_tokenizer {
+            true => {
+                let path = files
+                    .tokenizer
+                    .as_ref()
+                    .ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
+                Some(TextTokenizer::load(path, files.tokenizer_config.as_deref(), &json)?)
+            }
+            false => None,
+        };
+        let cfg = family(&json)?.0;
+        Ok(Described { id: id.into(), files, json, cfg, tokenizer, gguf: None })
     }
-    let files = source::resolve(id, revision)?;
-    let json = read_json(&files.config)?;
-    let tok_path =
-        files.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))?;
-    let tok = TextTokenizer::load(tok_path, files.tokenizer_config.as_deref(), &json)?;
-    Ok((family(&json)?.0, tok, files))
+
+    /// The tokenizer `read` built.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| Error::Tokenizer("the model has no tokenizer.json".into()))
+    }
 }
 
 /// A `.gguf` file holds config, tokenizer and weights in one.
@@ -183,25 +215,30 @@ impl Model {
     /// Loads `id` (a local directory, a hub id or a `.gguf` file) with TransformerLens-style
     /// processing.
     pub fn load(id: &str, opts: &LoadOptions) -> Result<Model> {
+        Model::load_described(&Described::read(id, opts.revision.as_deref(), false)?, opts)
+    }
+
+    /// Loads a model whose files `read` resolved and whose config it parsed (a run's
+    /// preflight), reading neither again.
+    pub fn load_described(d: &Described, opts: &LoadOptions) -> Result<Model> {
         let _loaded = LoadingAllocator::until_loaded();
-        if is_gguf(id) {
-            Model::load_gguf(id, opts)
-        } else {
-            Model::load_safetensors(id, opts)
+        match &d.gguf {
+            Some(g) => Model::load_gguf(d, g, opts),
+            None => Model::load_safetensors(d, opts),
         }
     }
 
-    fn load_safetensors(id: &str, opts: &LoadOptions) -> Result<Model> {
-        let files = source::resolve(id, opts.revision.as_deref())?;
+    fn load_safetensors(d: &Described, opts: &LoadOptions) -> Result<Model> {
+        let (id, files, json) = (d.id.as_str(), &d.files, &d.json);
         tracing::info!(id, config = %files.config.display(), shards = files.weights.len(), "loading model");
-        let json = read_json(&files.config)?;
-        let (cfg, weights) = Model::read_weights(id, &files, &json)?;
-        let tokenizer = || {
-            files
+        let (cfg, weights) = Model::read_weights(id, files, json)?;
+        let tokenizer = || match &d.tokenizer {
+            Some(t) => Ok(Some(t.clone())),
+            None => files
                 .tokenizer
                 .as_ref()
-                .map(|t| TextTokenizer::load(t, files.tokenizer_config.as_deref(), &json))
-                .transpose()
+                .map(|t| TextTokenizer::load(t, files.tokenizer_config.as_deref(), json))
+                .transpose(),
         };
         let process = |weights: Weights| {
             let started = std::time::Instant::now();
@@ -237,7 +274,7 @@ impl Model {
         let tokenizer = tokenizer?;
         let mut model = model?;
         model.tokenizer = tokenizer;
-        model.files = Some(files);
+        model.files = Some(files.clone());
         Ok(model)
     }
 
@@ -307,17 +344,17 @@ impl Model {
     }
 
     /// A `.gguf` file: tensors dequantized to f32, processed, then cast to the run dtype.
-    fn load_gguf(id: &str, opts: &LoadOptions) -> Result<Model> {
+    fn load_gguf(d: &Described, g: &gguf::Gguf, opts: &LoadOptions) -> Result<Model> {
         let _allocator = LoadingAllocator::enter();
-        let path = std::path::Path::new(id);
-        tracing::info!(id, "loading GGUF model");
-        let g = gguf::Gguf::read(path)?;
-        let json = g.config_json()?;
-        let (cfg, weights) = Model::convert_gguf(id, &json, g.state_dict()?)?;
-        let tokenizer = TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &json)?;
+        tracing::info!(id = d.id, "loading GGUF model");
+        let (cfg, weights) = Model::convert_gguf(&d.id, &d.json, g.state_dict()?)?;
+        let tokenizer = match &d.tokenizer {
+            Some(t) => t.clone(),
+            None => TextTokenizer::from_parts(g.tokenizer()?, &serde_json::Value::Null, &d.json)?,
+        };
         let mut model = Model::from_weights(cfg, weights, opts)?;
         model.tokenizer = Some(tokenizer);
-        model.files = Some(gguf_files(path));
+        model.files = Some(d.files.clone());
         Ok(model)
     }
 

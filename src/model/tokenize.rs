@@ -7,6 +7,7 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 pub struct TextTokenizer {
     tok: tokenizers::Tokenizer,
     pub bos_id: Option<i64>,

@@ -44,6 +44,25 @@ impl Default for Options {
 /// Reads `dir` (a finished run's output directory) and writes the report to `out` (default
 /// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
 pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
+    let manifest = read_manifest(dir)?;
+    let metric = metric_label(&manifest);
+    let source = patterns::PatternSource::new(&manifest);
+    let runs = run_order(&manifest)
+        .into_iter()
+        .map(|name| run_figures(dir, &manifest, &name, &metric, &source, opts))
+        .collect::<Result<Vec<_>>>()?;
+    let page_path = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join("report.html"));
+    let fig_dir = page_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("figures");
+    let figures = write_figures(&runs, &fig_dir, opts)?;
+    let title =
+        format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
+    let page = html::page(&title, &facts(&manifest, &metric), &runs);
+    atomic::write_bytes(&page_path, page.as_bytes())?;
+    Ok(Written { page: page_path, figures, bytes: page.len() as u64 })
+}
+
+/// The manifest of `dir`, when it is a tl-run results directory (not a sharded one).
+fn read_manifest(dir: &Path) -> Result<Value> {
     let manifest_path = dir.join("manifest.json");
     let sharded = std::fs::read_dir(dir)
         .into_iter()
@@ -76,66 +95,76 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
             dir.display()
         )));
     }
-    let metric = metric_label(&manifest);
-    let source = patterns::PatternSource::new(&manifest);
-    let mut runs = Vec::new();
-    for name in run_order(&manifest) {
-        let entry = &manifest["runs"][&name];
-        let file =
-            entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
-        let path = dir.join(&file);
-        if !path.exists() {
-            let sharded = dir.join(&name).is_dir();
-            return Err(Error::Config(format!(
-                "run '{name}': {} is missing{}",
-                path.display(),
-                if sharded {
-                    "; this directory holds shards: join them first with `tl-run merge DIR`"
-                } else {
-                    "; did the run finish (manifest.json's \"complete\")?"
-                }
-            )));
-        }
-        let (rows, _) = read_parquet(&path)?;
-        let kind = entry
-            .get("kind")
-            .and_then(Value::as_str)
-            .or_else(|| rows.first().map(|r| r.kind.as_str()))
-            .unwrap_or("")
-            .to_string();
-        // A kind this build does not know (results of a newer one) gets its table, no figures.
-        let info = crate::kinds::by_name(&kind);
-        let draw = info.map_or(figure::no_figures as figure::KindFigures, |k| k.figures);
-        let mut figs = figure::run_figures(&name, &kind, draw, &rows, &figure::RunFacts::from_manifest(entry), &metric);
-        let heads = match info {
-            Some(k) if k.pattern_heads => figure::top_heads(&rows, figure::PATTERN_HEADS),
-            _ => Vec::new(),
-        };
-        if !heads.is_empty() {
-            if !opts.patterns {
-                figs.patterns_note = Some("left out (--no-patterns)".into());
+    Ok(manifest)
+}
+
+/// The figures of run `name`: its kind's, and the attention patterns of its top heads.
+fn run_figures(
+    dir: &Path,
+    manifest: &Value,
+    name: &str,
+    metric: &str,
+    source: &patterns::PatternSource,
+    opts: Options,
+) -> Result<figure::RunFigures> {
+    let entry = &manifest["runs"][name];
+    let file =
+        entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
+    let path = dir.join(&file);
+    if !path.exists() {
+        let sharded = dir.join(name).is_dir();
+        return Err(Error::Config(format!(
+            "run '{name}': {} is missing{}",
+            path.display(),
+            if sharded {
+                "; this directory holds shards: join them first with `tl-run merge DIR`"
             } else {
-                match source.patterns(&heads) {
-                    Ok((tokens, ps)) => {
-                        figs.patterns = ps
-                            .iter()
-                            .map(|p| figure::pattern_figure(&name, p.layer, p.head, &tokens, &p.probabilities))
-                            .collect()
-                    }
-                    Err(why) => {
-                        tracing::warn!(run = %name, "no attention patterns in the report: {why}");
-                        figs.patterns_note = Some(why);
-                    }
+                "; did the run finish (manifest.json's \"complete\")?"
+            }
+        )));
+    }
+    let (rows, _) = read_parquet(&path)?;
+    let kind = entry
+        .get("kind")
+        .and_then(Value::as_str)
+        .or_else(|| rows.first().map(|r| r.kind.as_str()))
+        .unwrap_or("")
+        .to_string();
+    // A kind this build does not know (results of a newer one) gets its table, no figures.
+    let info = crate::kinds::by_name(&kind);
+    let draw = info.map_or(figure::no_figures as figure::KindFigures, |k| k.figures);
+    let mut figs = figure::run_figures(name, &kind, draw, &rows, &figure::RunFacts::from_manifest(entry), metric);
+    let heads = match info {
+        Some(k) if k.pattern_heads => figure::top_heads(&rows, figure::PATTERN_HEADS),
+        _ => Vec::new(),
+    };
+    if !heads.is_empty() {
+        if !opts.patterns {
+            figs.patterns_note = Some("left out (--no-patterns)".into());
+        } else {
+            match source.patterns(&heads) {
+                Ok((tokens, ps)) => {
+                    figs.patterns = ps
+                        .iter()
+                        .map(|p| figure::pattern_figure(name, p.layer, p.head, &tokens, &p.probabilities))
+                        .collect()
+                }
+                Err(why) => {
+                    tracing::warn!(run = %name, "no attention patterns in the report: {why}");
+                    figs.patterns_note = Some(why);
                 }
             }
         }
-        runs.push(figs);
     }
-    let page_path = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join("report.html"));
-    let fig_dir = page_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("figures");
+    Ok(figs)
+}
+
+/// Each figure as SVG (and PNG with `opts.png`) under `fig_dir`; figures an earlier report left
+/// there that this one did not redraw are removed.
+fn write_figures(runs: &[figure::RunFigures], fig_dir: &Path, opts: Options) -> Result<Vec<PathBuf>> {
     let mut figures = Vec::new();
     let rasteriser = opts.png.then(png::Rasteriser::new);
-    for r in &runs {
+    for r in runs {
         let all = r
             .figures
             .iter()
@@ -163,7 +192,7 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
         }
     }
     // Figures of an earlier report of this directory that this one did not redraw.
-    if let Ok(entries) = std::fs::read_dir(&fig_dir) {
+    if let Ok(entries) = std::fs::read_dir(fig_dir) {
         for e in entries.flatten() {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "svg" || x == "png") && !figures.contains(&p) {
@@ -171,11 +200,7 @@ pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
             }
         }
     }
-    let title =
-        format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
-    let page = html::page(&title, &facts(&manifest, &metric), &runs);
-    atomic::write_bytes(&page_path, page.as_bytes())?;
-    Ok(Written { page: page_path, figures, bytes: page.len() as u64 })
+    Ok(figures)
 }
 
 /// File-name-safe stem (run names are already checked, but prompts and indices are appended).

@@ -99,7 +99,8 @@ fn load(m: &Value) -> std::result::Result<Model, String> {
         .and_then(|d| crate::engine::device::parse(d).ok())
         .unwrap_or(tch::Device::Cpu);
     let not_here = |e: crate::error::Error| format!("model {id} could not be loaded here: {e}");
-    let (_, _, files) = crate::model::describe_files(id, revision.as_deref()).map_err(not_here)?;
+    let described = crate::model::Described::read(id, revision.as_deref(), false).map_err(not_here)?;
+    let files = &described.files;
     let recorded: Vec<&str> = m
         .pointer("/model/weights")
         .and_then(Value::as_array)
@@ -107,7 +108,7 @@ fn load(m: &Value) -> std::result::Result<Model, String> {
         .flatten()
         .filter_map(|w| w.get("sha256").and_then(Value::as_str))
         .collect();
-    let here = crate::model::digest::model_digests(&files).map_err(not_here)?;
+    let here = crate::model::digest::model_digests(files).map_err(not_here)?;
     let differ = files
         .weights
         .iter()
@@ -118,5 +119,5 @@ fn load(m: &Value) -> std::result::Result<Model, String> {
         ));
     }
     let opts = LoadOptions { revision, processing, device, kind, ..LoadOptions::default() };
-    Model::load(id, &opts).map_err(not_here)
+    Model::load_described(&described, &opts).map_err(not_here)
 }

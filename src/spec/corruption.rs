@@ -6,6 +6,7 @@ use std::path::Path;
 use crate::spec::prompts::{self, PromptPair};
 use crate::spec::raw::*;
 use crate::spec::resolve::Ctx;
+use toml::Spanned;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -40,14 +41,34 @@ pub(crate) fn resolve_prompts(
     base: &Path,
     prompts_file: Option<&Path>,
 ) -> (Vec<PromptPair>, Option<Corruption>) {
-    let mut prompts: Vec<PromptPair> = Vec::new();
     let Some(p) = &raw.prompts else {
         if let Some(c) = &raw.corruption {
             cx.at(&c.kind, "corruption", "a [corruption] needs [prompts] to corrupt");
         }
-        return (prompts, None);
+        return (Vec::new(), None);
     };
-    let p = p.get_ref();
+    let mut prompts = read_prompts(cx, p, base, prompts_file);
+    let corruption = match &raw.corruption {
+        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Some(Corruption::Prompts),
+        None => None,
+        Some(c) => {
+            let corruption = resolve_corruption(cx, c, &mut prompts);
+            check_noise_only_keys(cx, c);
+            Some(corruption)
+        }
+    };
+    (prompts, corruption)
+}
+
+/// The [prompts] section: clean prompts with their answers, or a prompt file.
+fn read_prompts(
+    cx: &mut Ctx,
+    section: &Spanned<RawPrompts>,
+    base: &Path,
+    prompts_file: Option<&Path>,
+) -> Vec<PromptPair> {
+    let mut prompts: Vec<PromptPair> = Vec::new();
+    let p = section.get_ref();
     match (&p.clean, &p.file) {
         (Some(clean), None) => {
             if clean.get_ref().is_empty() {
@@ -88,100 +109,97 @@ pub(crate) fn resolve_prompts(
             }
         }
         (Some(c), Some(_)) => cx.at(c, "prompts", "give either clean + answers or file, not both"),
-        (None, None) => cx.at(raw.prompts.as_ref().expect("checked"), "prompts", "give clean + answers, or file"),
+        (None, None) => cx.at(section, "prompts", "give clean + answers, or file"),
     }
-    let corruption = match &raw.corruption {
-        None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Some(Corruption::Prompts),
-        None => None,
-        Some(c) => Some(match c.kind.get_ref().as_str() {
-            "swap_pairs" => {
-                if !prompts.len().is_multiple_of(2) {
-                    cx.at(
-                        &c.kind,
-                        "corruption.kind",
-                        format!("swap_pairs needs an even number of prompts, got {}", prompts.len()),
-                    );
-                }
-                // The pair partner is the corruption; a file's own "corrupt" prompts are not used.
-                for p in prompts.iter_mut() {
-                    p.corrupted = None;
-                }
-                Corruption::SwapPairs
-            }
-            "prompts" => {
-                match &c.prompts {
-                    Some(list) if list.get_ref().len() == prompts.len() => {
-                        for (p, c) in prompts.iter_mut().zip(list.get_ref()) {
-                            p.corrupted = Some(c.clone());
-                        }
-                    }
-                    Some(list) => cx.at(
-                        list,
-                        "corruption.prompts",
-                        format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len()),
-                    ),
-                    None if prompts.iter().all(|p| p.corrupted.is_some()) => {}
-                    None => cx.at(
-                        &c.kind,
-                        "corruption.prompts",
-                        "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)",
-                    ),
-                }
-                Corruption::Prompts
-            }
-            "replace_tokens" => match &c.replace {
-                Some(map) if !map.get_ref().is_empty() => {
-                    let pairs: Vec<(String, String)> =
-                        map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
-                    for i in replace_words(&mut prompts, &pairs) {
-                        cx.at(
-                            map,
-                            "corruption.replace",
-                            format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean),
-                        );
-                    }
-                    Corruption::ReplaceTokens(pairs)
-                }
-                _ => {
-                    cx.at(
-                        &c.kind,
-                        "corruption.replace",
-                        "replace_tokens needs replace = { word = \"replacement\", ... }",
-                    );
-                    Corruption::SwapPairs
-                }
-            },
-            "noise" => resolve_noise(cx, c),
-            other => {
+    prompts
+}
+
+/// The [corruption] section applied to the prompts (their corrupted prompts set or cleared).
+fn resolve_corruption(cx: &mut Ctx, c: &RawCorruption, prompts: &mut [PromptPair]) -> Corruption {
+    match c.kind.get_ref().as_str() {
+        "swap_pairs" => {
+            if !prompts.len().is_multiple_of(2) {
                 cx.at(
                     &c.kind,
                     "corruption.kind",
-                    format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"),
+                    format!("swap_pairs needs an even number of prompts, got {}", prompts.len()),
                 );
+            }
+            // The pair partner is the corruption; a file's own "corrupt" prompts are not used.
+            for p in prompts.iter_mut() {
+                p.corrupted = None;
+            }
+            Corruption::SwapPairs
+        }
+        "prompts" => {
+            match &c.prompts {
+                Some(list) if list.get_ref().len() == prompts.len() => {
+                    for (p, c) in prompts.iter_mut().zip(list.get_ref()) {
+                        p.corrupted = Some(c.clone());
+                    }
+                }
+                Some(list) => cx.at(
+                    list,
+                    "corruption.prompts",
+                    format!("{} corrupted prompts for {} clean prompts", list.get_ref().len(), prompts.len()),
+                ),
+                None if prompts.iter().all(|p| p.corrupted.is_some()) => {}
+                None => cx.at(
+                    &c.kind,
+                    "corruption.prompts",
+                    "kind = \"prompts\" needs prompts = [...] (or a prompt file with corrupt prompts)",
+                ),
+            }
+            Corruption::Prompts
+        }
+        "replace_tokens" => match &c.replace {
+            Some(map) if !map.get_ref().is_empty() => {
+                let pairs: Vec<(String, String)> = map.get_ref().iter().map(|(a, b)| (a.clone(), b.clone())).collect();
+                for i in replace_words(prompts, &pairs) {
+                    cx.at(
+                        map,
+                        "corruption.replace",
+                        format!("prompt {i} contains none of the words to replace: {:?}", prompts[i].clean),
+                    );
+                }
+                Corruption::ReplaceTokens(pairs)
+            }
+            _ => {
+                cx.at(&c.kind, "corruption.replace", "replace_tokens needs replace = { word = \"replacement\", ... }");
                 Corruption::SwapPairs
             }
-        }),
-    };
-    if let Some(c) = &raw.corruption {
-        let kind = c.kind.get_ref().as_str();
-        let noise_only = [
-            ("positions", c.positions.as_ref().map(|v| v.span().start)),
-            ("words", c.words.as_ref().map(|v| v.span().start)),
-            ("noise", c.noise.as_ref().map(|v| v.span().start)),
-            ("samples", c.samples.as_ref().map(|v| v.span().start)),
-            ("seed", c.seed.as_ref().map(|v| v.span().start)),
-        ];
-        for (name, at) in noise_only {
-            if let (Some(at), false) = (at, kind == "noise") {
-                cx.at_offset(
-                    at,
-                    format!("corruption.{name}"),
-                    format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"),
-                );
-            }
+        },
+        "noise" => resolve_noise(cx, c),
+        other => {
+            cx.at(
+                &c.kind,
+                "corruption.kind",
+                format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"),
+            );
+            Corruption::SwapPairs
         }
     }
-    (prompts, corruption)
+}
+
+/// Noise's own keys given with another kind of corruption are errors, not ignored.
+fn check_noise_only_keys(cx: &mut Ctx, c: &RawCorruption) {
+    let kind = c.kind.get_ref().as_str();
+    let noise_only = [
+        ("positions", c.positions.as_ref().map(|v| v.span().start)),
+        ("words", c.words.as_ref().map(|v| v.span().start)),
+        ("noise", c.noise.as_ref().map(|v| v.span().start)),
+        ("samples", c.samples.as_ref().map(|v| v.span().start)),
+        ("seed", c.seed.as_ref().map(|v| v.span().start)),
+    ];
+    for (name, at) in noise_only {
+        if let (Some(at), false) = (at, kind == "noise") {
+            cx.at_offset(
+                at,
+                format!("corruption.{name}"),
+                format!("'{name}' is an option of kind = \"noise\", not of '{kind}'"),
+            );
+        }
+    }
 }
 
 fn resolve_noise(cx: &mut Ctx, c: &RawCorruption) -> Corruption {

@@ -240,25 +240,7 @@ pub fn resolve_text<K: RunKinds>(
     };
     let model = resolve_model(&mut cx, &raw.model);
     let (prompts, corruption) = resolve_prompts(&mut cx, &raw, base, prompts_file);
-    let metric = match &raw.metric {
-        None => MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false },
-        Some(m) => {
-            let kind = match m.kind.get_ref().as_str() {
-                "logit_diff" => MetricKind::LogitDiff,
-                "logprob" => MetricKind::Logprob,
-                "prob" => MetricKind::Prob,
-                other => {
-                    cx.at(
-                        &m.kind,
-                        "metric.kind",
-                        format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"),
-                    );
-                    MetricKind::LogitDiff
-                }
-            };
-            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt }
-        }
-    };
+    let metric = resolve_metric(&mut cx, raw.metric.as_ref());
     let mut runs = Vec::new();
     let mut names = std::collections::HashSet::new();
     if raw.run.is_empty() {
@@ -314,6 +296,29 @@ pub fn resolve_text<K: RunKinds>(
         file: file.to_string(),
         allow_nonfinite: raw.allow_nonfinite.unwrap_or(false),
     })
+}
+
+/// The [metric] section (logit_diff when none is given).
+fn resolve_metric(cx: &mut Ctx, metric: Option<&RawMetric>) -> MetricSpec {
+    match metric {
+        None => MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false },
+        Some(m) => {
+            let kind = match m.kind.get_ref().as_str() {
+                "logit_diff" => MetricKind::LogitDiff,
+                "logprob" => MetricKind::Logprob,
+                "prob" => MetricKind::Prob,
+                other => {
+                    cx.at(
+                        &m.kind,
+                        "metric.kind",
+                        format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"),
+                    );
+                    MetricKind::LogitDiff
+                }
+            };
+            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt }
+        }
+    }
 }
 
 fn resolve_model(cx: &mut Ctx, m: &RawModel) -> ModelSpec {

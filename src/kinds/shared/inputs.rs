@@ -153,6 +153,10 @@ fn noise_fits_in_memory(samples: usize, tokens: Vec<i64>, d_model: usize) -> Res
     )))
 }
 
+/// The prompts tokenized as TransformerLens does (BOS, left padding), their corrupted versions
+/// (other prompts, replaced words or noised positions) and the answers' token ids, with every
+/// problem of every prompt reported at once: one pass over the prompts, which is why it runs
+/// past 80 lines.
 pub fn tokenize(
     spec: &Spec,
     tok: &TextTokenizer,

@@ -143,6 +143,8 @@ pub fn config(json: &Value) -> Result<ModelConfig> {
     Ok(cfg)
 }
 
+/// The checkpoint in TransformerLens's layout; over 80 lines because it is the weight map of the
+/// Llama-style families, one tensor after another in the checkpoint's order.
 pub fn weights(sd: StateDict, cfg: &ModelConfig) -> Result<Weights> {
     let lay = layout(&cfg.family);
     let mut sd = sd.with_optional_prefix("model.", "embed_tokens.weight");
