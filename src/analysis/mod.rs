@@ -9,6 +9,7 @@ pub mod activation_cache;
 pub mod attribution;
 pub mod clean_corrupted;
 pub mod head_detector;
+pub mod patch_cells;
 pub mod patching;
 
 /// The mean of per-prompt values (0 for none).

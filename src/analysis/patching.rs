@@ -9,67 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
-/// The axes a sweep runs over (TransformerLens's index_axis_names).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Axes {
-    /// resid_pre/mid/post, attn_out, mlp_out: one cell per (layer, pos).
-    LayerPos,
-    /// z/q/k/v at one position: (layer, pos, head).
-    LayerPosHead,
-    /// z/q/k/v (all positions) and pattern (all positions): (layer, head).
-    LayerHead,
-    /// pattern row of one destination: (layer, head, dest).
-    LayerHeadDest,
-    /// one pattern entry: (layer, head, dest, src).
-    LayerHeadDestSrc,
-}
-
-impl Axes {
-    pub fn names(self) -> &'static [&'static str] {
-        match self {
-            Axes::LayerPos => &["layer", "pos"],
-            Axes::LayerPosHead => &["layer", "pos", "head"],
-            Axes::LayerHead => &["layer", "head"],
-            Axes::LayerHeadDest => &["layer", "head", "dest"],
-            Axes::LayerHeadDestSrc => &["layer", "head", "dest", "src"],
-        }
-    }
-}
-
-/// One patching target: a block site swept over some axes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Target {
-    pub site: Site,
-    pub axes: Axes,
-}
-
-impl Target {
-    /// Which axes each site can be swept over, as in patching.py.
-    pub fn new(site: Site, axes: Axes) -> Result<Target> {
-        let ok = match site {
-            Site::ResidPre | Site::ResidMid | Site::ResidPost | Site::AttnOut | Site::MlpOut => axes == Axes::LayerPos,
-            Site::Z | Site::Q | Site::K | Site::V => matches!(axes, Axes::LayerPosHead | Axes::LayerHead),
-            Site::Pattern => matches!(axes, Axes::LayerHead | Axes::LayerHeadDest | Axes::LayerHeadDestSrc),
-            _ => false,
-        };
-        if ok {
-            Ok(Target { site, axes })
-        } else {
-            Err(Error::Config(format!("{} cannot be patched over [{}]", site.name(), axes.names().join(", "))))
-        }
-    }
-}
-
-/// One patched cell's coordinates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cell {
-    pub layer: usize,
-    pub head: Option<i64>,
-    pub pos: Option<i64>,
-    pub dest: Option<i64>,
-    pub src: Option<i64>,
-}
+pub use crate::analysis::patch_cells::{cannot_change, cells_at, Axes, Cell, Target};
 
 /// A finished sweep: cells in TransformerLens's row-major order with per-prompt metric values.
 pub struct Sweep {
@@ -90,50 +30,6 @@ impl Sweep {
     pub fn mean(&self, cell: usize) -> f64 {
         crate::analysis::mean(&self.per_prompt[cell])
     }
-}
-
-fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
-    match site {
-        Site::K | Site::V => cfg.n_kv_heads as i64, // k, v are patched over key-value heads
-        _ => cfg.n_heads as i64,
-    }
-}
-
-/// Every cell of `target` at one layer, in row-major order of the target's axes.
-pub fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
-    let heads = heads_at(cfg, target.site);
-    let base = Cell { layer, head: None, pos: None, dest: None, src: None };
-    let mut out = Vec::new();
-    match target.axes {
-        Axes::LayerPos => out.extend((0..seq).map(|p| Cell { pos: Some(p), ..base })),
-        Axes::LayerPosHead => {
-            for p in 0..seq {
-                out.extend((0..heads).map(|h| Cell { pos: Some(p), head: Some(h), ..base }));
-            }
-        }
-        Axes::LayerHead => out.extend((0..heads).map(|h| Cell { head: Some(h), ..base })),
-        Axes::LayerHeadDest => {
-            for h in 0..heads {
-                out.extend((0..seq).map(|d| Cell { head: Some(h), dest: Some(d), ..base }));
-            }
-        }
-        Axes::LayerHeadDestSrc => {
-            for h in 0..heads {
-                for d in 0..seq {
-                    out.extend((0..seq).map(|s| Cell { head: Some(h), dest: Some(d), src: Some(s), ..base }));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// True when patching `cell` provably changes nothing: every activation at a position before the
-/// first clean/corrupted difference is identical (causal attention), and a pattern entry with
-/// src > dest is masked to zero in both runs.
-pub(crate) fn cannot_change(cell: &Cell, first_diff: i64) -> bool {
-    let before = |p: Option<i64>| p.is_some_and(|p| p < first_diff);
-    before(cell.pos) || before(cell.dest) || matches!((cell.dest, cell.src), (Some(d), Some(s)) if s > d)
 }
 
 /// The mask of what to take from the clean run for some cells of a chunk of `blocks` cells (each

@@ -6,4 +6,5 @@ pub mod hooks;
 pub mod memory;
 pub mod metric;
 pub mod nonfinite;
+pub mod positions;
 pub mod warm;
