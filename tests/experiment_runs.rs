@@ -246,7 +246,7 @@ fn per_prompt_logprob_rows() {
 /// Corrupted prompts equal to the clean ones: nothing differs, so every position is computed
 /// for the cells over all positions (under both schedules), and every cell equals the baseline.
 #[test]
-fn patching_runs_when_clean_and_corrupted_do_not_differ() {
+fn patching_runs_when_clean_corrupted_do_not_differ() {
     let prompts = r#"["When John and Mary went to the shops, John gave the bag to", "When Tom and James went to the park, James gave the ball to"]"#;
     let spec = format!(
         "name = \"same\"\n[model]\nid = \"{}\"\n[prompts]\nclean = {prompts}\nanswers = [[\" Mary\", \" John\"], [\" Tom\", \" James\"]]\n[corruption]\nkind = \"prompts\"\nprompts = {prompts}\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",

@@ -86,3 +86,31 @@ fn an_oracle_outputs_key_changes_when_the_script_or_any_module_it_imports_change
         .unwrap();
     assert!(!o.status.success());
 }
+
+/// `scripts/output_digests.sh` (the before/after proof of a refactor, docs/architecture.md) gives
+/// the same digests for two runs of one binary: timings are removed and job keys pinned, so any
+/// line that differs between two builds is a change in what they compute or write.
+#[test]
+fn output_digests_are_the_same_for_two_runs_of_one_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let digests = || {
+        let o = Command::new("bash")
+            .arg(root().join("scripts/output_digests.sh"))
+            .arg(env!("CARGO_BIN_EXE_tl-run"))
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "output_digests.sh: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    let first = digests();
+    let lines: Vec<&str> = first.lines().collect();
+    let count = |what: &str| lines.iter().filter(|l| l.ends_with(what)).count();
+    // Every zoo-ci model's ioi and induction outputs (SmolLM2: default and induction), and both
+    // causal-tracing runs.
+    assert!(count("manifest.json") >= 40, "{first}");
+    assert!(count(".parquet") >= 150, "{first}");
+    assert_eq!(count(".txt"), 4, "a plan per shipped spec: {first}");
+    assert_eq!(first, digests(), "two runs of one binary gave different digests");
+}

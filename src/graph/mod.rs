@@ -153,7 +153,7 @@ impl Plan {
             .then(|| add(format!("tokenize {} prompts", spec.prompts.len()), vec![], blank(Task::Tokenize)));
         let load = add(format!("load model {}", spec.model.id), vec![], blank(Task::Load));
         let inputs: Vec<usize> = std::iter::once(load).chain(tok).collect();
-        let patching = spec.runs.iter().any(|r| r.kind.needs().clean_and_corrupted);
+        let patching = spec.runs.iter().any(|r| r.kind.needs().clean_corrupted);
         let prepare = patching.then(|| {
             let samples = spec.corruption.samples();
             let copies = if samples > 1 { format!(" (x{samples} noise samples)") } else { String::new() };
@@ -193,7 +193,7 @@ impl Plan {
             let Some(kind) = kinds::by_name(run.kind_name()) else { continue };
             // A job reads the shared pass its kind needs, else the model and the prompts.
             let needs = run.kind.needs();
-            let deps = match (needs.attribution_pass, needs.clean_and_corrupted, needs.analysis_cache) {
+            let deps = match (needs.attribution_pass, needs.clean_corrupted, needs.analysis_cache) {
                 (true, _, _) => vec![atp_pass.expect("attribution needs the pass")],
                 (_, true, _) => vec![prepare.expect("patching needs the clean and corrupted runs")],
                 (_, _, true) => vec![analysis.expect("analysis needs the cached clean run")],

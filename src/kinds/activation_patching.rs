@@ -48,7 +48,7 @@ pub struct Options {
 }
 
 fn needs(_: &RunKind) -> Needs {
-    Needs { prompts: true, corruption: true, answers: true, clean_and_corrupted: true, ..Needs::default() }
+    Needs { prompts: true, corruption: true, answers: true, clean_corrupted: true, ..Needs::default() }
 }
 
 /// A job patches one target at one layer: its key names those, not the run's other targets, so

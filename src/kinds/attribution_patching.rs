@@ -65,7 +65,7 @@ fn needs(kind: &RunKind) -> Needs {
         prompts: true,
         corruption: true,
         answers: true,
-        clean_and_corrupted: true,
+        clean_corrupted: true,
         attribution_pass: true,
         attribution_pass_per_layer: matches!(kind, RunKind::AttributionPatching(o) if o.options.grad_drop),
         ..Needs::default()

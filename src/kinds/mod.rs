@@ -274,7 +274,7 @@ pub struct Needs {
     /// The metric's answers, single tokens.
     pub answers: bool,
     /// The shared clean and corrupted runs (caching the patched hooks).
-    pub clean_and_corrupted: bool,
+    pub clean_corrupted: bool,
     /// The shared corrupted forward+backward.
     pub attribution_pass: bool,
     /// ... and a forward+backward per layer after it (GradDrop).
