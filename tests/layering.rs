@@ -84,7 +84,63 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
     }
 }
 
-/// Every (file, line, imported module) that goes up or sideways out of the beside modules.
+/// The code of a file without comments, string and char literals (which may mention paths), and
+/// with no whitespace around `::`.
+fn code_only(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let rest = &text[i..];
+        if rest.starts_with("//") {
+            i += rest.find('\n').unwrap_or(rest.len());
+        } else if rest.starts_with("/*") {
+            i += rest.find("*/").map_or(rest.len(), |e| e + 2);
+        } else if rest.starts_with("r#\"") || rest.starts_with("r\"") {
+            let hashes = rest[1..].chars().take_while(|&c| c == '#').count();
+            let close = format!("\"{}", "#".repeat(hashes));
+            let body = 2 + hashes;
+            i += body + rest[body..].find(&close).map_or(rest.len() - body, |e| e + close.len());
+            out.push_str("\"\"");
+        } else if b[i] == b'"' {
+            let mut j = i + 1;
+            while j < b.len() && b[j] != b'"' {
+                j += if b[j] == b'\\' { 2 } else { 1 };
+            }
+            i = j + 1;
+            out.push_str("\"\"");
+        } else if b[i] == b'\'' && (rest.len() > 2 && (rest.as_bytes()[2] == b'\'' || rest.as_bytes()[1] == b'\\')) {
+            // A char literal ('x' or '\n'), not a lifetime.
+            let end = rest[1..].find('\'').map_or(1, |e| e + 2);
+            i += end;
+            out.push_str("' '");
+        } else {
+            let c = rest.chars().next().unwrap();
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    let mut s = out;
+    for (from, to) in [(" ::", "::"), (":: ", "::"), ("\n::", "::"), ("::\n", "::")] {
+        while s.contains(from) {
+            s = s.replace(from, to);
+        }
+    }
+    s
+}
+
+/// The module path of a file under src/ (src/graph/executor.rs is graph::executor,
+/// src/graph/mod.rs is graph).
+fn module_path(rel: &Path) -> Vec<String> {
+    let mut parts: Vec<String> = rel.iter().map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string()).collect();
+    if parts.last().is_some_and(|p| p == "mod" || p == "main" || p == "lib") {
+        parts.pop();
+    }
+    parts
+}
+
+/// Every (file, imported module) that goes up, or out of the beside modules to a layer, and every
+/// construct that would hide an import from this check.
 fn violations(src: &Path) -> Vec<String> {
     let mut files = Vec::new();
     rust_files(src, &mut files);
@@ -96,28 +152,59 @@ fn violations(src: &Path) -> Vec<String> {
         if top == "lib" {
             continue;
         }
-        let text = std::fs::read_to_string(&f).unwrap();
-        // Joined, so a `use crate::{...}` over several lines reads as one.
-        let joined: String = text.lines().map(|l| l.split("//").next().unwrap_or("")).collect::<Vec<_>>().join(" ");
-        for (at, _) in joined.match_indices("crate::") {
-            for m in named_modules(&joined[at + "crate::".len()..]) {
-                let m = resolve(&m);
-                if m == top {
-                    continue;
+        let code = code_only(&std::fs::read_to_string(&f).unwrap());
+        for hidden in ["#[path", "include!(", "crate as ", "extern crate self"] {
+            if code.contains(hidden) {
+                bad.push(format!("src/{}: `{hidden}` hides what it imports from this check", rel.display()));
+            }
+        }
+        let mut named: Vec<String> = Vec::new();
+        for (at, _) in code.match_indices("crate::") {
+            let before = code[..at].chars().last();
+            if before.is_some_and(|c| c.is_alphanumeric() || c == '_') {
+                continue; // e.g. `my_crate::`
+            }
+            named.extend(named_modules(&code[at + "crate::".len()..]));
+        }
+        // `super::` chains that climb to the crate root name a top-level module after them.
+        let depth = module_path(rel).len();
+        for (at, _) in code.match_indices("super::") {
+            if code[..at].ends_with("super::")
+                || code[..at].chars().last().is_some_and(|c| c.is_alphanumeric() || c == '_')
+            {
+                continue; // counted from the chain's first `super`
+            }
+            let mut rest = &code[at..];
+            let mut ups = 0;
+            while let Some(r) = rest.strip_prefix("super::") {
+                ups += 1;
+                rest = r;
+            }
+            // Only a top-level module's name counts: code in an inline `mod tests` climbs one
+            // more level than its file to reach the same items (`use super::*`).
+            if ups >= depth {
+                named.extend(
+                    named_modules(rest).into_iter().filter(|m| rank(m).is_some() || BESIDE.contains(&m.as_str())),
+                );
+            }
+        }
+        for m in named {
+            let m = resolve(&m);
+            if m == top {
+                continue;
+            }
+            let ok = if BESIDE.contains(&top.as_str()) {
+                BESIDE.contains(&m.as_str())
+            } else if BESIDE.contains(&m.as_str()) {
+                true
+            } else {
+                match (rank(&top), rank(&m)) {
+                    (Some(a), Some(b)) => b >= a,
+                    _ => false,
                 }
-                let ok = if BESIDE.contains(&top.as_str()) {
-                    BESIDE.contains(&m.as_str())
-                } else if BESIDE.contains(&m.as_str()) {
-                    true
-                } else {
-                    match (rank(&top), rank(&m)) {
-                        (Some(a), Some(b)) => b >= a,
-                        _ => false,
-                    }
-                };
-                if !ok {
-                    bad.push(format!("src/{}: {top} imports crate::{m}", rel.display()));
-                }
+            };
+            if !ok {
+                bad.push(format!("src/{}: {top} imports crate::{m}", rel.display()));
             }
         }
     }
@@ -157,14 +244,22 @@ fn the_layering_check_catches_an_import_that_goes_up() {
     write("model/mod.rs", "use crate::{error::Result, graph::keys};\n");
     write("analysis/x.rs", "use crate::engine::forward;\nfn f() { crate::kinds::by_name(\"x\"); }\n");
     write("output/y.rs", "use crate::Model;\n");
-    write("engine/z.rs", "// crate::cli in a comment is not an import\nuse crate::{Hooks, Result};\n");
+    write(
+        "engine/z.rs",
+        "// crate::cli in a comment is not an import\nuse crate::{Hooks, Result};\nconst S: &str = \"crate::cli\";\n/* crate::graph */\n",
+    );
+    write("engine/w.rs", "use super::forward;\nfn g() { super::super::kinds::f(); crate :: graph :: h(); }\n");
+    write("spec/v.rs", "#[path = \"../graph/x.rs\"]\nmod x;\n");
     let bad = violations(dir.path());
     assert_eq!(
         bad,
         [
             "src/analysis/x.rs: analysis imports crate::kinds",
+            "src/engine/w.rs: engine imports crate::graph",
+            "src/engine/w.rs: engine imports crate::kinds",
             "src/model/mod.rs: model imports crate::graph",
             "src/output/y.rs: output imports crate::model",
+            "src/spec/v.rs: `#[path` hides what it imports from this check",
         ]
     );
 }

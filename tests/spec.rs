@@ -229,3 +229,21 @@ fn dtypes_are_named_and_checked() {
     let e = errors(&GOOD.replace("[model]\nid = \"gpt2\"", "[model]\nid = \"gpt2\"\ndtype = \"fp8\""));
     assert!(e.contains("spec.toml:5:9: model.dtype: unknown dtype 'fp8' (valid: float32, bfloat16, float16)"), "{e}");
 }
+
+/// A kind reads the keys of its own options struct: any other key is named at the key itself
+/// (dotted ones too), and under an unknown kind the keys no kind reads are named beside it.
+#[test]
+fn a_runs_unknown_keys_are_named_at_the_key() {
+    let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\ncolour.red = 1"));
+    assert!(e.contains("spec.toml:15:1: run[0].colour: 'colour' is not an option of activation_patching runs"), "{e}");
+    let e = errors(&GOOD.replace("kind = \"activation_patching\"", "kind = \"activation_patchin\"\ncolour = 2"));
+    assert!(
+        e.contains("unknown run kind 'activation_patchin'") && e.contains("did you mean 'activation_patching'"),
+        "{e}"
+    );
+    assert!(e.contains("run[0].colour: 'colour' is not an option of any run kind"), "{e}");
+    assert!(!e.contains("'hooks'"), "hooks is some kind's key: reported once the kind is known\n{e}");
+    // A value of the wrong type for a key the kind reads is serde's error at the value.
+    let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = \"layer\""));
+    assert!(e.contains("spec.toml:14:8") && e.contains("invalid type: string \"layer\", expected a sequence"), "{e}");
+}

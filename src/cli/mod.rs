@@ -44,6 +44,9 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
 }
 
 pub fn dispatch(args: Args) -> Result<()> {
+    if std::env::var_os("TL_RUN_ATTENTION").is_some() {
+        tracing::warn!("TL_RUN_ATTENTION is no longer read: give --attention explicit (or [model] attention) instead");
+    }
     match args.command {
         Command::Hooks { model, seq, batch } => hooks(&model, batch, seq),
         Command::Cache { model, prompts, hooks, out, no_prepend_bos, prepend_bos } => {

@@ -3,24 +3,24 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::error::{Error, Result};
 use crate::analysis::ablation::{
     run_ablation, unit_axes, AblationInputs, AblationMethod, AblationOutcome, AblationSpec, Measure, Unit,
 };
 use crate::analysis::activation_cache::{self, Component, DlaOver};
+use crate::analysis::mean;
+use crate::error::{Error, Result};
 use crate::kinds::shared::context::{component_rows, with_prompts, RunContext};
 use crate::kinds::{only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
-use crate::analysis::mean;
-use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::config::ModelConfig;
-use crate::output::figure::{cell_name, Bars, Figure, RunFacts};
+use crate::model::hook_point::{nearest, HookPoint, Site};
 use crate::model::Model;
+use crate::output::figure::{cell_name, Bars, Figure, RunFacts};
 use crate::output::table::Row;
 use toml::Spanned;
 
 use crate::kinds::options::Located;
-use crate::spec::resolve::Ctx;
 use crate::spec::resolve::choice;
+use crate::spec::resolve::Ctx;
 
 pub const KIND: KindInfo = KindInfo {
     name: "ablation",
@@ -80,10 +80,8 @@ fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<
     let (max, what) = crate::analysis::ablation::units_per_layer(cfg, a.site);
     for u in a.units.iter().flatten() {
         if !crate::analysis::ablation::unit_in_range(cfg, a.site, u) {
-            let unit =
-                u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
-            let per =
-                if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
+            let unit = u.index.map(|i| format!("[{}, {i}]", u.layer)).unwrap_or_else(|| format!("[{}]", u.layer));
+            let per = if what.is_empty() { String::new() } else { format!(" of {max} {what} (0-{})", max - 1) };
             problems.push(format!(
                 "{}: run '{}': unit {unit} is out of range: the model has {} layers (0-{}){per}",
                 run.key_at("units", file),

@@ -2,20 +2,22 @@
 //! each cell the metric after patching the clean activation into the corrupted run.
 use std::time::Instant;
 
-use crate::error::{Error, Result};
 use crate::analysis::patching::cannot_change;
+use crate::analysis::patching::Axes;
 use crate::analysis::patching::{cells_at, sweep_together, Schedule, Target};
+use crate::error::{Error, Result};
+use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
 use crate::kinds::shared::context::{per_prompt, with_prompts, CellRows, RunContext};
-use crate::kinds::{whole_job_key, no_prompt_check, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
-use crate::output::figure::{patching_figures, Figure, RunFacts};
+use crate::kinds::{
+    no_prompt_check, whole_job_key, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing,
+};
+use crate::model::config::ModelConfig;
+use crate::model::hook_point::Site;
 use crate::model::Model;
+use crate::output::figure::{patching_figures, Figure, RunFacts};
 use crate::output::table::Row;
 use crate::spec::resolve::Ctx;
 use toml::Spanned;
-use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
-use crate::analysis::patching::Axes;
-use crate::model::config::ModelConfig;
-use crate::model::hook_point::Site;
 
 pub const KIND: KindInfo = KindInfo {
     name: "activation_patching",
@@ -54,7 +56,8 @@ fn needs(_: &RunKind) -> Needs {
 /// A job patches one target at one layer: its key names those, not the run's other targets, so
 /// a spec that adds a target reuses the stored jobs of the others.
 fn key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
-    let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, part) else {
+    let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, part)
+    else {
         return whole_job_key(run, part);
     };
     Ok(serde_json::json!({"task": "patch", "target": targets[target], "layer": layer}))
@@ -69,7 +72,8 @@ fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<
 
 pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
     at.layers(cx, &r.layers, i);
-    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i).map(|targets| RunKind::ActivationPatching(Options { targets }))
+    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i)
+        .map(|targets| RunKind::ActivationPatching(Options { targets }))
 }
 
 /// The clean run caches every patched site.
@@ -123,7 +127,9 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut parts = Vec::with_capacity(jobs.len());
     let mut sites = Vec::with_capacity(jobs.len());
     for (run, part) in jobs {
-        let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, *part) else {
+        let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) =
+            (&run.kind, *part)
+        else {
             return Err(Error::Other(format!(
                 "run '{}': activation patching runs one target at one layer per job",
                 run.name

@@ -2,23 +2,26 @@
 //! every attribution run, the estimate for every cell, and the top cells patched for real.
 use std::time::Instant;
 
-use crate::error::{Error, Result};
-use crate::analysis::patching::cells_at;
-use crate::analysis::patching::{sweep_cells, Axes, Cell, Target};
 use crate::analysis::attribution::{attribute_with, correlations, AtpOptions};
 use crate::analysis::attribution::{clean_sites, points_for};
+use crate::analysis::patching::cells_at;
+use crate::analysis::patching::{sweep_cells, Axes, Cell, Target};
+use crate::error::{Error, Result};
+use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
 use crate::kinds::shared::context::{per_prompt, CellRows, RunContext};
 use crate::kinds::shared::inputs::token_at;
-use crate::kinds::{whole_job_key, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
+use crate::kinds::{
+    no_prompt_check, only_note, whole_job_key, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec,
+    Sizing,
+};
+use crate::model::config::ModelConfig;
 use crate::model::hook_point::Site;
-use crate::output::figure::{patching_figures, Figure, RunFacts};
 use crate::model::Model;
+use crate::output::figure::{patching_figures, Figure, RunFacts};
 use crate::output::table::Row;
+use crate::spec::resolve::positive;
 use crate::spec::resolve::Ctx;
 use toml::Spanned;
-use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
-use crate::model::config::ModelConfig;
-use crate::spec::resolve::positive;
 
 pub const KIND: KindInfo = KindInfo {
     name: "attribution_patching",
@@ -94,7 +97,9 @@ pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std
 /// The clean run caches what the estimates read; the corrupted forward+backward captures the
 /// targets' points (and what AtP* needs).
 fn captures(run: &RunSpec, model: &Model) -> Result<Captures> {
-    let RunKind::AttributionPatching(Options { targets, options, .. }) = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::AttributionPatching(Options { targets, options, .. }) = &run.kind else {
+        return Ok(Captures::default());
+    };
     let t: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = run.layers_or_all(model.cfg.n_layers);
     Ok(Captures {

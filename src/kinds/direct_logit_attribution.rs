@@ -1,12 +1,15 @@
 //! direct_logit_attribution: the final residual decomposed into layers, heads or neurons, each
 //! along the answer direction (apply_ln_to_stack).
-use crate::error::{Error, Result};
 use crate::analysis::activation_cache::{self, Component, DlaOver};
+use crate::error::{Error, Result};
 use crate::kinds::shared::context::{component_rows, RunContext};
-use crate::kinds::{whole_job_key, no_model_check, no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
+use crate::kinds::{
+    no_model_check, no_prompt_check, only_note, whole_job_key, Captures, JobDraft, JobOutput, KindInfo, Needs, Part,
+    RunKind, RunSpec, Sizing,
+};
+use crate::model::Model;
 use crate::output::figure::{cell_name, layer_by_head, Bars, Figure, RunFacts};
 use crate::output::table::Row;
-use crate::model::Model;
 use std::path::Path;
 
 use toml::Spanned;

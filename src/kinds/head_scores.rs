@@ -2,16 +2,18 @@
 //! stripes on repeated random tokens.
 use toml::Spanned;
 
-use crate::error::{Error, Result};
-use crate::kinds::shared::context::RunContext;
 use crate::analysis::head_detector::{self, DetectOptions, Detection, ErrorMeasure};
-use crate::kinds::{whole_job_key, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing};
-use crate::model::hook_point::{nearest, HookPoint, Site};
-use crate::model::config::ModelConfig;
-use crate::output::figure::{grid_on, group_by, Figure, RunFacts};
-use crate::model::Model;
-use crate::output::table::Row;
+use crate::error::{Error, Result};
 use crate::kinds::options::Located;
+use crate::kinds::shared::context::RunContext;
+use crate::kinds::{
+    only_note, whole_job_key, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec, Sizing,
+};
+use crate::model::config::ModelConfig;
+use crate::model::hook_point::{nearest, HookPoint, Site};
+use crate::model::Model;
+use crate::output::figure::{grid_on, group_by, Figure, RunFacts};
+use crate::output::table::Row;
 use crate::spec::resolve::Ctx;
 use crate::spec::resolve::{choice, positive};
 
@@ -39,7 +41,6 @@ pub enum HeadSource {
     /// repeated twice, scored by attention stripes.
     RepeatedRandom { seq_len: i64, batch: i64, seed: u64, token_range: Option<(i64, i64)> },
 }
-
 
 /// A head_scores [[run]]'s keys as written.
 #[derive(Debug, serde::Deserialize)]
@@ -352,8 +353,14 @@ fn head_score_rows(
         HeadSource::Prompts => {
             let toks = cx.toks()?;
             let dets: Vec<Detection> = detections.iter().map(|(_, d)| d.clone()).collect();
-            let scores =
-                head_detector::detect_from(model, cx.analysis_cache()?, &toks.clean, toks.mask.as_ref(), &dets, options)?;
+            let scores = head_detector::detect_from(
+                model,
+                cx.analysis_cache()?,
+                &toks.clean,
+                toks.mask.as_ref(),
+                &dets,
+                options,
+            )?;
             for ((name, _), s) in detections.iter().zip(&scores) {
                 push(name, "prompts", s);
             }

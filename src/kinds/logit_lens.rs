@@ -1,15 +1,15 @@
 //! logit_lens: the accumulated residual stream at every layer read through the final norm, along
 //! the answer direction, with the top-k next tokens per label.
-use crate::error::{Error, Result};
 use crate::analysis::activation_cache::{self, LensPositions};
+use crate::error::{Error, Result};
 use crate::kinds::shared::context::{component_rows, RunContext};
-use crate::kinds::{whole_job_key, 
-    no_prompt_check, only_note, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec,
+use crate::kinds::{
+    no_prompt_check, only_note, whole_job_key, Captures, JobDraft, JobOutput, KindInfo, Needs, Part, RunKind, RunSpec,
     Sizing,
 };
 use crate::model::config::ModelConfig;
-use crate::output::figure::{cell_name, group_by, Figure, Lines, RunFacts, Table};
 use crate::model::Model;
+use crate::output::figure::{cell_name, group_by, Figure, Lines, RunFacts, Table};
 use crate::output::table::Row;
 use std::path::Path;
 

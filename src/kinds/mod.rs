@@ -2,8 +2,18 @@
 //! about it: its options and their resolution (every problem named), its checks against the
 //! model and the prompts, what it reads, what it captures in the shared passes, its jobs, its
 //! rows and manifest note, and any job-key input of its own. `registry!` below is the only list
-//! of kinds: adding one is its file, its line there and its row in docs/spec-reference.md
-//! (docs/architecture.md walks through it). The passes every kind shares live in `shared/`.
+//! of kinds: adding one is its file, its module line and its registry line here, and its row in
+//! docs/spec-reference.md (docs/architecture.md walks through it). The passes every kind shares
+//! live in `shared/`.
+//!
+//! The modules are declared here rather than by `registry!` so that rustfmt (and an editor)
+//! sees their files; a file here that is not registered fails `kinds::tests`.
+pub mod ablation;
+pub mod activation_patching;
+pub mod attribution_patching;
+pub mod direct_logit_attribution;
+pub mod head_scores;
+pub mod logit_lens;
 pub mod options;
 mod run;
 pub mod shared;
@@ -25,12 +35,10 @@ pub use run::RunSpec;
 /// A resolved spec: its sections and its runs.
 pub type Spec = crate::spec::Spec<RunSpec>;
 
-/// Declares the kinds: their modules, the `RunKind` enum of their options (one variant each,
-/// serialized as `{"Variant": options}` in manifests) and `KINDS`, their table.
+/// Declares the kinds: the `RunKind` enum of their options (one variant each, serialized as
+/// `{"Variant": options}` in manifests), `KINDS`, their table, and the dispatch on the kind's name.
 macro_rules! registry {
     ($($variant:ident => $module:ident),* $(,)?) => {
-        $(pub mod $module;)*
-
         /// A resolved run's kind with its options (each kind's `Options`).
         #[derive(Debug, Clone, serde::Serialize)]
         pub enum RunKind {

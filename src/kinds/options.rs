@@ -94,6 +94,12 @@ pub(crate) fn resolve_run(
                 nearest(kind, names.iter().copied())[0]
             ),
         );
+        // Keys no kind reads are reported now; the rest once the kind is known.
+        for (name, at) in &head.keys {
+            if !names.iter().any(|k| kinds::option_keys(k).contains(&name.as_str())) {
+                cx.at_offset(*at, key(name), format!("'{name}' is not an option of any run kind"));
+            }
+        }
         return None;
     };
     let before = cx.diags.len();

@@ -77,13 +77,13 @@ pub struct RawMetric {
 }
 
 /// A [[run]] table as the spec reads it: its name and kind, and the keys given with where each
-/// value starts. The kind's own options are read from the same text by the kind (`read_runs`),
+/// key is. The kind's own options are read from the same text by the kind (`read_runs`),
 /// which knows their types: serde cannot pick a struct by a field's value and keep spans.
 #[derive(Debug)]
 pub struct RawRun {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
-    /// Every other key, with the offset of its value.
+    /// Every other key, with its offset.
     pub keys: Vec<(String, usize)>,
 }
 
@@ -97,13 +97,16 @@ impl<'de> Deserialize<'de> for RawRun {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRun, A::Error> {
                 let (mut name, mut kind, mut keys) = (None, None, Vec::new());
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
+                // Keys are spanned (values of dotted keys are not): an unknown key is reported
+                // at itself, whatever its value.
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    match key.get_ref().as_str() {
                         "name" => name = Some(map.next_value::<Spanned<String>>()?),
                         "kind" => kind = Some(map.next_value::<Spanned<String>>()?),
                         _ => {
-                            let at = map.next_value::<Spanned<IgnoredAny>>()?.span().start;
-                            keys.push((key, at));
+                            map.next_value::<IgnoredAny>()?;
+                            let at = key.span().start;
+                            keys.push((key.into_inner(), at));
                         }
                     }
                 }
