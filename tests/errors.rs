@@ -699,3 +699,29 @@ fn a_panic_inside_a_job_names_the_run_the_job_and_the_prompts_and_keeps_finished
         assert!(std::fs::read_dir(out.join(".tl-run/jobs")).unwrap().count() >= 6, "{devices}");
     }
 }
+
+/// A model path that is not there says which file or directory it looked for (in full, as a
+/// spec's relative id is resolved against the spec) and how to give another; an unreachable hub
+/// says how to work offline.
+#[test]
+fn a_missing_model_path_or_an_unreachable_hub_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = tmp.path().join("default.toml");
+    std::fs::copy(repo_root().join("experiments/default.toml"), &spec).unwrap();
+    let e = fails(&["validate", spec.to_str().unwrap()]);
+    let looked_for = format!("{}/../.models/SmolLM2-135M-Instruct.Q4_1.gguf", tmp.path().display());
+    assert!(e.contains(&format!("no such file: {looked_for}")) && e.contains("--model-id PATH"), "{e}");
+    let not_gguf = tmp.path().join("weights.bin");
+    std::fs::write(&not_gguf, b"x").unwrap();
+    let e = fails(&["hooks", not_gguf.to_str().unwrap()]);
+    assert!(e.contains("is a file but not a .gguf model"), "{e}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tl-run"))
+        .args(["hooks", "org/model"])
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("HF_HUB_CACHE", tmp.path().join("hub"))
+        .env_remove("HF_HUB_OFFLINE")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("HF_HUB_OFFLINE=1") && e.contains("--model-id"), "{e}");
+}

@@ -220,7 +220,12 @@ impl FileStore for Hub {
             }),
             Err(e) if is_transient(&e) => Err(Error::Load {
                 id: self.label.clone(),
-                reason: format!("downloading {name}: the hub failed {HUB_ATTEMPTS} times in a row (last: {}); try again later", redact(&e.to_string())),
+                reason: format!(
+                    "downloading {name}: the hub failed {HUB_ATTEMPTS} times in a row (last: {}); try again later. Without internet here, \
+                     set HF_HUB_OFFLINE=1 to read the hub cache only (fill it with `tl-run download` where there is internet), or \
+                     give a local directory or .gguf file with --model-id",
+                    redact(&e.to_string())
+                ),
             }),
             Err(e) => Err(Error::Load { id: self.label.clone(), reason: format!("downloading {name}: {}", redact(&e.to_string())) }),
         }
@@ -274,13 +279,37 @@ pub fn offline() -> bool {
 }
 
 /// Finds the files of model `id`: a local directory when `id` names one, else a hub repository.
+/// Why a path names no model: a .gguf file or a directory that is not there (with the full path
+/// it was looked for at, as a spec's relative id is resolved against the spec's directory), or a
+/// file that is not a .gguf.
+fn not_a_model_path(path: &Path) -> String {
+    let full = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let shown =
+        if full == path { path.display().to_string() } else { format!("{} ({})", path.display(), full.display()) };
+    let what = if path.is_file() {
+        format!("{shown} is a file but not a .gguf model: a model is a directory (config.json, weights, tokenizer) or a .gguf file")
+    } else if path.extension().is_some_and(|x| x == "gguf") {
+        format!("no such file: {shown}")
+    } else {
+        format!("no such directory: {shown}")
+    };
+    format!(
+        "{what}; a relative [model] id is resolved against the spec's directory: give the model with --model-id PATH"
+    )
+}
+
 pub fn resolve(id: &str, revision: Option<&str>) -> Result<ModelFiles> {
     let path = Path::new(id);
     if path.is_dir() {
         return collect(id, &LocalDir(path.to_path_buf()), None);
     }
-    if path.is_absolute() || id.starts_with("./") || id.starts_with("../") || id.split('/').count() > 2 {
-        return Err(Error::Load { id: id.into(), reason: format!("no such directory: {}", path.display()) });
+    if path.is_absolute()
+        || id.starts_with("./")
+        || id.starts_with("../")
+        || id.split('/').count() > 2
+        || path.is_file()
+    {
+        return Err(Error::Load { id: id.into(), reason: not_a_model_path(path) });
     }
     let revision = revision.unwrap_or("main");
     let cache_dir = hub_cache_dir();
