@@ -133,3 +133,28 @@ fn unknown_hooks_get_suggestions_and_bad_layers_the_range() {
     no_panic(&err);
     assert!(!out.exists());
 }
+
+/// `tl-run tokenize` gives the token ids TransformerLens's to_tokens gave the oracle for the same
+/// text (GPT-2's BPE with BOS prepended; the stories tokenizer, which adds <s> itself), and says
+/// whether an answer is one token.
+#[test]
+fn tokenize_shows_the_tokens_transformer_lens_makes() {
+    for fixture_name in ["gpt2-tiny", "llama-tiny"] {
+        let oracle = Oracle::read(fixture_name, "processed-single.safetensors");
+        let text = oracle.prompts()[0].clone();
+        let expected: Vec<i64> = Vec::try_from(oracle.get("tokens").get(0)).unwrap();
+        assert!(expected.len() > 5, "{fixture_name}: the oracle's prompt has {} tokens", expected.len());
+        let out = ok(&["tokenize", fixture(fixture_name).to_str().unwrap(), &text, "--answer", " Mary", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let ids: Vec<i64> =
+            v["texts"][0]["tokens"].as_array().unwrap().iter().map(|t| t["id"].as_i64().unwrap()).collect();
+        assert_eq!(ids, expected, "{fixture_name}: {text:?}");
+        let positions: Vec<u64> =
+            v["texts"][0]["tokens"].as_array().unwrap().iter().map(|t| t["pos"].as_u64().unwrap()).collect();
+        assert_eq!(positions, (0..expected.len() as u64).collect::<Vec<_>>());
+    }
+    let out =
+        ok(&["tokenize", fixture("gpt2-tiny").to_str().unwrap(), "x", "--answer", " Mary", "--answer", " Maryanne"]);
+    assert!(out.contains("answer \" Mary\": one token"), "{out}");
+    assert!(out.contains("answer \" Maryanne\": 2 tokens: not usable as a single-token answer"), "{out}");
+}

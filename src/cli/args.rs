@@ -48,6 +48,30 @@ pub enum Command {
         #[arg(long)]
         prepend_bos: bool,
     },
+    /// Show how texts tokenize for a model (position, id and token, as TransformerLens's
+    /// to_tokens gives them) and how answers tokenize (a metric needs single-token answers).
+    Tokenize {
+        /// Hub id, local directory or .gguf file.
+        model: String,
+        /// Texts to tokenize.
+        #[arg(required = true)]
+        texts: Vec<String>,
+        /// An answer to check (repeat for several), tokenized as the metric does (no BOS).
+        #[arg(long = "answer")]
+        answers: Vec<String>,
+        /// Hub revision (branch, tag or commit).
+        #[arg(long)]
+        revision: Option<String>,
+        /// Do not prepend BOS; the default is what TransformerLens's to_tokens does for the family.
+        #[arg(long, conflicts_with = "prepend_bos")]
+        no_prepend_bos: bool,
+        /// Prepend BOS even where the family's default is not to.
+        #[arg(long)]
+        prepend_bos: bool,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run an experiment spec (also: `tl-run SPEC.toml`). Finished jobs are kept under
     /// `<output.dir>/.tl-run/`: a rerun (after a kill or a changed spec) redoes only the jobs
     /// whose results are not stored.

@@ -1,5 +1,6 @@
 //! One function per command, dispatched from the parsed arguments (args.rs).
 mod args;
+mod tokenize;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +57,14 @@ pub fn dispatch(args: Args) -> Result<()> {
                 _ => None,
             };
             cache(&model, &prompts, &hooks, &out, bos)
+        }
+        Command::Tokenize { model, texts, answers, revision, no_prepend_bos, prepend_bos, json } => {
+            let bos = match (prepend_bos, no_prepend_bos) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            tokenize::print(&model, revision.as_deref(), &texts, &answers, bos, json)
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
         Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
