@@ -449,3 +449,30 @@ fn a_group_of_patching_jobs_is_stored_when_the_group_finishes() {
     assert_eq!(read, layer0.len(), "the rerun reads the stored group");
     assert!(ran >= 10, "{ran}");
 }
+
+/// Off a terminal (a Slurm or CI log) a run logs progress lines: jobs done, the share of the
+/// work, the time elapsed and left; the last after the last job. `--quiet` logs none.
+#[test]
+fn a_run_off_a_terminal_logs_progress_lines_with_the_time_left() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = repo_root().join("experiments/ioi.toml");
+    let run = |quiet: bool| {
+        let mut cmd = tl_run();
+        cmd.args(["run", spec.to_str().unwrap(), "--model-id", fixture("gpt2-tiny").to_str().unwrap(), "--fresh"]);
+        cmd.args(["--out", tmp.path().join("out").to_str().unwrap()]);
+        if quiet {
+            cmd.arg("--quiet");
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let err = run(false);
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("tl-run: ")).collect();
+    assert!(lines.len() >= 2, "a line after the first job and after the last:\n{err}");
+    let last = lines.last().unwrap();
+    assert!(last.contains("100% of the work") && last.contains("about 0s left"), "{last}");
+    let (done, of) = last["tl-run: ".len()..].split_once(" jobs").unwrap().0.split_once('/').unwrap();
+    assert_eq!(done, of, "{last}");
+    assert!(!run(true).contains("tl-run: "), "--quiet logs no progress");
+}

@@ -346,6 +346,7 @@ fn run(a: &SpecArgs, progress: bool, fresh: bool, shard: Option<&str>, report: b
     };
     let exec = ExecOptions {
         progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        progress_lines: progress && !std::io::IsTerminal::is_terminal(&std::io::stderr()),
         store: true,
         fresh,
         shard,

@@ -30,6 +30,8 @@ pub struct Outcome {
 pub struct ExecOptions {
     /// Progress bars on stderr.
     pub progress: bool,
+    /// Progress as log lines on stderr instead (stderr is not a terminal: a Slurm or CI log).
+    pub progress_lines: bool,
     /// Keep finished jobs in `<output.dir>/.tl-run/` and reuse them (a rerun redoes only
     /// unfinished jobs).
     pub store: bool,

@@ -18,6 +18,7 @@ use crate::graph::execute::{Compiled, ExecOptions, Outcome};
 use crate::graph::job::{baseline_finding, prompts_of};
 use crate::graph::manifest::{JobRecord, Record};
 use crate::graph::patch_groups::{run_here, PatchGroups, SharedOutput};
+use crate::graph::progress_lines::ProgressLines;
 use crate::graph::shard::{self, Shard};
 use crate::graph::source::ModelSource;
 use crate::graph::status::{needed_by_running_jobs, work_status, JobStatus};
@@ -58,6 +59,11 @@ pub fn execute_compiled(
     let multi = opts.progress.then(indicatif::MultiProgress::new);
     let overall =
         jobs_bar(multi.as_ref(), plan.work().filter(|j| status[j.id] == JobStatus::Ran).map(|j| j.cost.max(1.0)).sum());
+    let to_run: Vec<&Job> = plan.work().filter(|j| status[j.id] == JobStatus::Ran).collect();
+    let lines = opts.progress_lines.then(|| {
+        let every = std::time::Duration::from_secs(10);
+        ProgressLines::new(to_run.iter().map(|j| j.cost.max(1.0)).sum(), to_run.len(), every)
+    });
     let mut ex = Executor {
         spec,
         plan: &plan,
@@ -82,6 +88,7 @@ pub fn execute_compiled(
         pool: None,
         multi,
         overall,
+        lines,
     };
     let replicas = Replicas { queue: &queue, abort: &abort, reported: &reported };
     std::thread::scope(|scope| {
@@ -131,6 +138,7 @@ struct Executor<'a> {
     pool: Option<devices::Pool<'a>>,
     multi: Option<indicatif::MultiProgress>,
     overall: indicatif::ProgressBar,
+    lines: Option<ProgressLines>,
 }
 
 /// What a job's task reported for its manifest entry: its rows, and its seconds when not the
@@ -275,6 +283,9 @@ impl<'a> Executor<'a> {
         done.rows = Some(rows.len());
         self.results.insert(job.id, (rows, note));
         self.overall.inc(job.cost.max(1.0).round() as u64);
+        if let Some(line) = self.lines.as_mut().and_then(|l| l.job_done(&job.name, job.cost.max(1.0))) {
+            eprintln!("{line}");
+        }
         Ok(done)
     }
 

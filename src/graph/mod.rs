@@ -11,6 +11,7 @@ pub mod keys;
 mod manifest;
 pub mod merge;
 mod patch_groups;
+mod progress_lines;
 pub mod shard;
 pub mod slurm;
 pub mod source;
