@@ -106,7 +106,15 @@ pub(crate) fn resolve_run(
     let known = kinds::option_keys(kind);
     for (name, at) in &head.keys {
         if !known.contains(&name.as_str()) {
-            cx.at_offset(*at, key(name), format!("'{name}' is not an option of {kind} runs"));
+            let hint = match known.as_slice() {
+                [] => format!("; {kind} runs take no options"),
+                _ => format!(
+                    " (valid: {}); did you mean '{}'?",
+                    known.join(", "),
+                    nearest(name, known.iter().copied())[0]
+                ),
+            };
+            cx.at_offset(*at, key(name), format!("'{name}' is not an option of {kind} runs{hint}"));
         }
     }
     let mut located = Located::default();
