@@ -44,6 +44,15 @@ fn load_options(m: &ModelArgs) -> Result<LoadOptions> {
     })
 }
 
+/// `--prepend-bos` / `--no-prepend-bos` as TransformerLens's prepend_bos (None: the family's default).
+fn bos_choice(prepend_bos: bool, no_prepend_bos: bool) -> Option<bool> {
+    match (prepend_bos, no_prepend_bos) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    }
+}
+
 pub fn dispatch(args: Args) -> Result<()> {
     if std::env::var_os("TL_RUN_ATTENTION").is_some() {
         tracing::warn!("TL_RUN_ATTENTION is no longer read: give --attention explicit (or [model] attention) instead");
@@ -51,19 +60,11 @@ pub fn dispatch(args: Args) -> Result<()> {
     match args.command {
         Command::Hooks { model, seq, batch } => hooks(&model, batch, seq),
         Command::Cache { model, prompts, hooks, out, no_prepend_bos, prepend_bos } => {
-            let bos = match (prepend_bos, no_prepend_bos) {
-                (true, _) => Some(true),
-                (_, true) => Some(false),
-                _ => None,
-            };
+            let bos = bos_choice(prepend_bos, no_prepend_bos);
             cache(&model, &prompts, &hooks, &out, bos)
         }
         Command::Tokenize { model, texts, answers, revision, no_prepend_bos, prepend_bos, json } => {
-            let bos = match (prepend_bos, no_prepend_bos) {
-                (true, _) => Some(true),
-                (_, true) => Some(false),
-                _ => None,
-            };
+            let bos = bos_choice(prepend_bos, no_prepend_bos);
             tokenize::print(&model, revision.as_deref(), &texts, &answers, bos, json)
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),

@@ -47,10 +47,7 @@ pub fn execute_compiled(
     let store = if opts.store { Some(Store::open(out_dir)?) } else { None };
     let shards = opts.shard.map(|s| shard::assign(&plan, s.count));
     let (mut status, results) =
-        work_status(spec, &plan, store.as_ref(), opts.fresh, |id| match (&shards, opts.shard) {
-            (Some(a), Some(s)) => a[id] == Some(s.index),
-            _ => true,
-        });
+        work_status(spec, &plan, store.as_ref(), opts.fresh, |id| owns(shards.as_deref(), opts.shard, id));
     let needed = needed_by_running_jobs(&plan, &mut status);
     // What the device replicas share, when there are several (they outlive the executor).
     let queue = Mutex::new(plan.work().filter(|j| status[j.id] == JobStatus::Ran).map(|j| j.id).collect());
@@ -99,6 +96,14 @@ pub fn execute_compiled(
         result
     })?;
     Ok(ex.outcome())
+}
+
+/// Whether `shard` owns job `id`, given each job's shard (every job when the run is not sharded).
+fn owns(shards: Option<&[Option<usize>]>, shard: Option<Shard>, id: usize) -> bool {
+    match (shards, shard) {
+        (Some(a), Some(s)) => a[id] == Some(s.index),
+        _ => true,
+    }
 }
 
 /// What the device replicas of a multi-device run share with the executor.
@@ -316,10 +321,7 @@ impl<'a> Executor<'a> {
 
     /// Whether this shard owns job `id` (every job when the run is not sharded).
     fn owned(&self, id: usize) -> bool {
-        match (&self.shards, self.opts.shard) {
-            (Some(a), Some(s)) => a[id] == Some(s.index),
-            _ => true,
-        }
+        owns(self.shards.as_deref(), self.opts.shard, id)
     }
 
     /// The job's manifest entry; after a run's write and at the end, the manifest itself.
