@@ -14,11 +14,11 @@ use tl_run::{Model, Site};
 
 fn logit_diff(oracle: &Oracle) -> Metric {
     let answers: Vec<i64> = Vec::try_from(oracle.get("answers").flatten(0, -1)).unwrap();
-    Metric {
-        kind: MetricKind::LogitDiff,
-        correct: answers.iter().step_by(2).copied().collect(),
-        incorrect: answers.iter().skip(1).step_by(2).copied().collect(),
-    }
+    Metric::single(
+        MetricKind::LogitDiff,
+        answers.iter().step_by(2).copied().collect(),
+        answers.iter().skip(1).step_by(2).copied().collect(),
+    )
 }
 
 fn corrupt(oracle: &Oracle) -> Corrupt {

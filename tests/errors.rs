@@ -189,7 +189,10 @@ fn a_prompt_file_without_wrong_answers_under_logit_diff_is_named() {
     for cmd in ["validate", "run"] {
         let e = fails(&[cmd, s(&spec), "--prompts", s(&prompts)]);
         assert!(
-            e.contains("prompt 0 has no incorrect answer, but run 'r' (activation_patching) measures logit_diff"),
+            e.contains(&format!(
+                "prompt 0 ({}:1) has no incorrect answer, but run 'r' (activation_patching) measures logit_diff",
+                prompts.display()
+            )),
             "{e}"
         );
     }
@@ -724,4 +727,73 @@ fn a_missing_model_path_or_an_unreachable_hub_says_what_to_do() {
         .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && e.contains("HF_HUB_OFFLINE=1") && e.contains("--model-id"), "{e}");
+}
+
+/// The metric's answers, wrong one way at a time: each a named error at its spec or file line.
+#[test]
+fn bad_answer_sets_and_metrics_are_named_at_their_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture("gpt2-tiny");
+    let clean = "clean = [\"When John and Mary went to the shops, John gave the bag to\", \"When John and Mary went to the shops, Mary gave the bag to\"]";
+    let patch =
+        "[[run]]\nname = \"r\"\nkind = \"activation_patching\"\nhooks = [\"resid_pre\"]\nover = [\"layer\", \"pos\"]\n";
+    let dla = "[[run]]\nname = \"d\"\nkind = \"direct_logit_attribution\"\nover = [\"layer\"]\n";
+    let spec = |name: &str, prompts: &str, metric: &str, runs: &str| {
+        let path = tmp.path().join(format!("{name}.toml"));
+        let text = format!(
+            "name = \"t\"\n[model]\nid = \"{}\"\n[prompts]\n{prompts}\n[corruption]\nkind = \"swap_pairs\"\n[metric]\n{metric}\n{runs}",
+            model.display()
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let cases: [(&str, PathBuf, &str, &str); 6] = [
+        (
+            "overlap",
+            spec("overlap", &format!("{clean}\nanswers = [[\" Mary\"], [\" John\"]]\nwrong_answers = [[\" John\", \" Mary\"], [\" Mary\"]]"), "kind = \"logit_diff\"", patch),
+            "validate",
+            ":7:18: prompts.wrong_answers[0]: \" Mary\" is both a correct and a wrong answer",
+        ),
+        (
+            "empty",
+            spec("empty", &format!("{clean}\nanswers = [[], [\" John\"]]\nwrong_answers = [[\" John\"], [\" Mary\"]]"), "kind = \"prob_diff\"", patch),
+            "validate",
+            "prompts.answers[0]: an empty set",
+        ),
+        (
+            "max",
+            spec("max", &format!("{clean}\nanswers = [[\" Mary\", \" John\"], [\" John\", \" Mary\"]]"), "kind = \"prob\"\nwrong = \"max\"", patch),
+            "validate",
+            ":11:9: metric.wrong: folds several wrong answers into one logit, which only logit_diff reads",
+        ),
+        (
+            "kl-dla",
+            spec("kl-dla", &format!("{clean}\nanswers = [[\" Mary\", \" John\"], [\" John\", \" Mary\"]]"), "kind = \"kl_divergence\"", dla),
+            "validate",
+            "direct_logit_attribution reads the metric as a direction in the residual stream (W_U's answer columns), which metric kl_divergence is not",
+        ),
+        (
+            "multi-token-diff",
+            spec("multi-token-diff", &format!("{clean}\nanswers = [[\" Maryanne\", \" John\"], [\" John\", \" Mary\"]]"), "kind = \"logit_diff\"", patch),
+            "run",
+            "prompt 0: the correct answer \" Maryanne\" is 2 tokens [\" Mary\", \"anne\"], not one; metric logit_diff compares single tokens",
+        ),
+        (
+            "multi-token-dla",
+            spec("multi-token-dla", &format!("{clean}\nanswers = [[\" Maryanne\", \" John\"], [\" John\", \" Mary\"]]"), "kind = \"logprob\"", dla),
+            "run",
+            "run 'd' (direct_logit_attribution) reads one token's direction",
+        ),
+    ];
+    for (name, path, cmd, expected) in cases {
+        let out = tmp.path().join(format!("out-{name}"));
+        let e = fails(&[cmd, s(&path), "--out", s(&out)]);
+        assert!(e.contains(expected), "{name}: {e}");
+    }
+    // A malformed JSONL line is named by file and line.
+    let jsonl = tmp.path().join("bad.jsonl");
+    std::fs::write(&jsonl, "{\"prompt\": \"a b\", \"answer\": \" c\"}\n{\"prompt\": \"a b\" \"answer\": 3}\n").unwrap();
+    let path = spec("jsonl", "file = \"bad.jsonl\"", "kind = \"logprob\"", patch);
+    let e = fails(&["validate", s(&path)]);
+    assert!(e.contains(&format!("{}:2: ", jsonl.display())), "{e}");
 }

@@ -256,8 +256,7 @@ pub fn run_ablation(
                 inp.mask.map(|m| m.repeat([rows / n, 1])).as_ref(),
             ),
             // ln_final's output at every position, or (a sweep's `Stop::LastPosition`) the last.
-            _ if out.dim() == 2 => inp.metric.per_row(model, out),
-            _ => inp.metric.per_row(model, &out.select(1, -1)),
+            _ => inp.metric.per_row(model, out),
         };
         Ok(Vec::try_from(v.to_kind(Kind::Double))?)
     };
@@ -299,7 +298,8 @@ pub fn run_ablation(
                 let mut hooks = Hooks::new().intervene(point(l), Intervention::new(Edit::Where { mask, source }));
                 let resid = clean_hooks.cache[&HookPoint::Block(l, Site::ResidPre)].repeat([k, 1, 1]);
                 let attn_mask = inp.mask.map(|m| m.repeat([k, 1]));
-                let sweep_stop = if stop == Stop::FinalNorm { Stop::LastPosition } else { stop };
+                let sweep_stop =
+                    if stop == Stop::FinalNorm && inp.metric.reads_last_only() { Stop::LastPosition } else { stop };
                 let out = model.run(
                     Input::Residual { layer: l, resid: &resid },
                     attn_mask.as_ref(),

@@ -41,15 +41,24 @@ pub struct TopToken {
 }
 
 /// Each prompt's answer direction in the residual stream, [n, d_model]: W_U[:, correct] −
-/// W_U[:, incorrect] for a logit difference, W_U[:, correct] otherwise (b_U excluded, as logit_attrs).
+/// W_U[:, incorrect] for a logit or probability difference, W_U[:, correct] otherwise (b_U
+/// excluded, as logit_attrs); a token set's direction is the mean of its columns. (kl_divergence
+/// has none: the spec refuses runs that read one with it.)
 pub fn answer_directions(model: &Model, metric: &Metric) -> Tensor {
     // In f32 whatever the run dtype: every value reported from it accumulates in f32.
-    let col = |ids: &[i64]| {
-        model.weights.unembed_columns(&Tensor::from_slice(ids).to_device(model.device)).to_kind(Kind::Float)
+    let col = |sets: &[Vec<i64>]| {
+        let dirs: Vec<Tensor> = sets
+            .iter()
+            .map(|s| {
+                let cols = model.weights.unembed_columns(&Tensor::from_slice(s).to_device(model.device));
+                cols.to_kind(Kind::Float).mean_dim(0, false, Kind::Float)
+            })
+            .collect();
+        Tensor::stack(&dirs, 0)
     };
     match metric.kind {
-        MetricKind::LogitDiff => col(&metric.correct) - col(&metric.incorrect),
-        MetricKind::Logprob | MetricKind::Prob => col(&metric.correct),
+        MetricKind::LogitDiff | MetricKind::ProbDiff => col(&metric.correct) - col(&metric.incorrect),
+        MetricKind::Logprob | MetricKind::Prob | MetricKind::KlDivergence => col(&metric.correct),
     }
 }
 

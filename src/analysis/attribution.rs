@@ -76,7 +76,7 @@ fn forward_backward(
     }
     let out = model.run(Input::Tokens(&prep.corrupted_tokens), prep.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
     // Σ over prompts: the gradient at prompt p is that of prompt p's own metric.
-    let total = prep.metric.per_row(model, &out.select(1, -1)).sum(Kind::Float);
+    let total = prep.metric.per_row(model, &out).sum(Kind::Float);
     backward(&total, points, &hooks.cache)
 }
 

@@ -79,7 +79,7 @@ impl CleanCorrupted {
         clean_tokens: Tensor,
         corrupt: Corrupt,
         mask: Option<Tensor>,
-        metric: Metric,
+        mut metric: Metric,
         sites: &[Site],
         grad_points: &[HookPoint],
     ) -> Result<Self> {
@@ -103,6 +103,7 @@ impl CleanCorrupted {
         let started = std::time::Instant::now();
         let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), captured = clean_points.len(), "clean run");
+        metric.set_clean_reference(model, &clean_final);
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
         let kv_points: Vec<HookPoint> =
@@ -120,10 +121,10 @@ impl CleanCorrupted {
             model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), keep_graph, "corrupted run");
         let values = |t: &Tensor| -> Result<Vec<f64>> {
-            Ok(Vec::<f64>::try_from(metric.per_row(model, &t.select(1, -1)).to_kind(tch::Kind::Double))?)
+            Ok(Vec::<f64>::try_from(metric.per_row(model, t).to_kind(tch::Kind::Double))?)
         };
         let clean_per_prompt = values(&clean_final)?;
-        let corr_rows = metric.per_row(model, &corr_final.select(1, -1));
+        let corr_rows = metric.per_row(model, &corr_final);
         let corrupted_per_prompt = Vec::<f64>::try_from(corr_rows.detach().to_kind(tch::Kind::Double))?;
         // Σ over prompts: the gradient at prompt p is that of prompt p's own metric.
         let pending = keep_graph.then(|| PendingBackward {

@@ -332,13 +332,14 @@ fn patches(
 }
 
 /// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
-/// block, which then computes only the last position (`Stop::LastPosition`). A forward that
+/// block, which then computes only the last position (`Stop::LastPosition`) when that is all the
+/// metric reads (not a role's position or a multi-token answer). A forward that
 /// starts in the last block patches it: there, whether a patch's site lets that block skip
 /// positions would depend on which other jobs share the forward, so it computes every position
 /// whatever they are, and each row's numbers stay those of its own cell (byte-identical files
 /// whether jobs share forwards, run on replicas or under either schedule).
-fn last_block_stop(model: &Model, layer: usize) -> Stop {
-    if layer + 1 < model.cfg.n_layers {
+fn last_block_stop(model: &Model, prep: &CleanCorrupted, layer: usize) -> Stop {
+    if layer + 1 < model.cfg.n_layers && prep.metric.reads_last_only() {
         Stop::LastPosition
     } else {
         Stop::FinalNorm
@@ -372,7 +373,7 @@ fn patch_layer(
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
             let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
-            let stop = last_block_stop(model, layer);
+            let stop = last_block_stop(model, prep, layer);
             let out = model.run_with_prefix(
                 Input::Residual { layer, resid: &resid },
                 mask.as_ref(),
@@ -380,8 +381,7 @@ fn patch_layer(
                 stop,
                 prefix.as_ref(),
             )?;
-            let last = if stop == Stop::LastPosition { out } else { out.select(1, -1) };
-            Ok(Vec::try_from(prep.metric.per_row(model, &last).to_kind(Kind::Double))?)
+            Ok(Vec::try_from(prep.metric.per_row(model, &out).to_kind(Kind::Double))?)
         };
         // A batch that does not fit is halved and retried (libtorch reports a failed
         // allocation as an error or, through tch, a panic).
@@ -441,7 +441,11 @@ fn patch_staircase(
             let mask = prep.mask.as_ref().map(|m| m.repeat([blocks, 1]));
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
             // The last layer ends the staircase: ln_final's output at the last position.
-            let stop = if layer == last_layer { Stop::LastPosition } else { Stop::BeforeLayer(layer + 1) };
+            let stop = match layer == last_layer {
+                true if prep.metric.reads_last_only() => Stop::LastPosition,
+                true => Stop::FinalNorm,
+                false => Stop::BeforeLayer(layer + 1),
+            };
             x = Some(model.run_with_prefix(
                 Input::Residual { layer, resid: &resid },
                 mask.as_ref(),

@@ -42,6 +42,18 @@ pub fn engine_id() -> &'static str {
     })
 }
 
+/// The answers as keys read them: one token per prompt as the ids alone (the keys of before token
+/// sets), else every set and whether it is a multi-token answer.
+fn answers_key(t: &Tokenized) -> serde_json::Value {
+    let singles = t.correct.iter().chain(&t.incorrect).all(|s| s.len() <= 1) && !t.sequence.iter().any(|s| *s);
+    if singles {
+        let flat = |sets: &[Vec<i64>]| sets.iter().flatten().copied().collect::<Vec<i64>>();
+        serde_json::json!((flat(&t.correct), flat(&t.incorrect)))
+    } else {
+        serde_json::json!({"correct": t.correct, "incorrect": t.incorrect, "sequence": t.sequence})
+    }
+}
+
 fn sha256_json(v: &serde_json::Value) -> String {
     format!("{:x}", sha2::Sha256::digest(v.to_string().as_bytes()))
 }
@@ -54,7 +66,7 @@ pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &
         "processing": spec.model.processing,
         "dtype": format!("{:?}", spec.model.kind()?),
         "tokens": toks.map(|t| &t.record),
-        "answers": toks.map(|t| (&t.correct, &t.incorrect)),
+        "answers": toks.map(answers_key),
         "corruption": spec.corruption,
         "metric": spec.metric,
     });

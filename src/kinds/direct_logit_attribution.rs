@@ -47,7 +47,7 @@ pub struct Options {
 const COST_SCALE: f64 = 0.25;
 
 fn needs(_: &RunKind) -> Needs {
-    Needs { prompts: true, answers: true, analysis_cache: true, ..Needs::default() }
+    Needs { prompts: true, answers: true, analysis_cache: true, metric_direction: true, ..Needs::default() }
 }
 
 pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, _: &mut Located, i: usize, _: &Path) -> Option<RunKind> {

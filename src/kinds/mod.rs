@@ -289,6 +289,9 @@ pub struct Needs {
     pub attribution_pass_per_layer: bool,
     /// The shared clean run caching the analysis hooks.
     pub analysis_cache: bool,
+    /// The metric as a direction in the residual stream (W_U's answer columns), which only a
+    /// linear metric has.
+    pub metric_direction: bool,
 }
 
 /// Which part of a run one job computes.

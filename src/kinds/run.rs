@@ -91,6 +91,6 @@ impl Run for RunSpec {
 
     fn reads(&self) -> Reads {
         let n = self.kind.needs();
-        Reads { prompts: n.prompts, corruption: n.corruption, answers: n.answers }
+        Reads { prompts: n.prompts, corruption: n.corruption, answers: n.answers, metric_direction: n.metric_direction }
     }
 }

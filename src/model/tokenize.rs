@@ -84,10 +84,22 @@ impl TextTokenizer {
     /// Several prompts as one left-padded batch. No prompts, or a prompt of no tokens, is an
     /// error: nothing downstream can measure an empty sequence.
     pub fn batch(&self, texts: &[impl AsRef<str>], prepend_bos: bool) -> Result<TokenBatch> {
+        self.batch_with_tails(texts, prepend_bos, &[])
+    }
+
+    /// `batch`, with prompt i's tokens followed by `tails[i]` (token ids; none past the end of
+    /// `tails`): a multi-token answer's tokens but its last, read teacher-forced.
+    pub fn batch_with_tails(
+        &self,
+        texts: &[impl AsRef<str>],
+        prepend_bos: bool,
+        tails: &[Vec<i64>],
+    ) -> Result<TokenBatch> {
         if texts.is_empty() {
             return Err(Error::Tokenizer("no prompts to tokenize".into()));
         }
-        let seqs: Vec<Vec<i64>> = texts.iter().map(|t| self.encode(t.as_ref(), prepend_bos)).collect::<Result<_>>()?;
+        let mut seqs: Vec<Vec<i64>> =
+            texts.iter().map(|t| self.encode(t.as_ref(), prepend_bos)).collect::<Result<_>>()?;
         if let Some(i) = seqs.iter().position(Vec::is_empty) {
             let why = if prepend_bos { "" } else { " and no BOS is prepended" };
             return Err(Error::Tokenizer(format!(
@@ -95,6 +107,9 @@ impl TextTokenizer {
                 texts[i].as_ref(),
                 if prepend_bos { "" } else { " or prepend BOS" }
             )));
+        }
+        for (s, tail) in seqs.iter_mut().zip(tails) {
+            s.extend_from_slice(tail);
         }
         Ok(pad_left(&seqs, self.pad_id))
     }

@@ -78,25 +78,56 @@ fn read_prompts(
                 cx.at(clean, format!("prompts.clean[{i}]"), "an empty prompt: every prompt needs some text");
             }
             let answers = p.answers.as_ref();
-            match answers {
-                None => cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt"),
-                Some(a) if a.get_ref().len() != clean.get_ref().len() => cx.at(
+            let wrong = p.wrong_answers.as_ref();
+            let n = clean.get_ref().len();
+            match (answers, wrong) {
+                (None, _) => {
+                    cx.at(clean, "prompts.answers", "missing: give one [correct, incorrect] pair per clean prompt")
+                }
+                (Some(a), _) if a.get_ref().len() != n => cx.at(
                     a,
                     "prompts.answers",
-                    format!("{} answer pairs for {} clean prompts", a.get_ref().len(), clean.get_ref().len()),
+                    format!("{} answer entries for {n} clean prompts: give one per prompt", a.get_ref().len()),
                 ),
-                Some(a) => {
+                (_, Some(w)) if w.get_ref().len() != n => cx.at(
+                    w,
+                    "prompts.wrong_answers",
+                    format!("{} wrong-answer sets for {n} clean prompts: give one per prompt", w.get_ref().len()),
+                ),
+                (Some(a), None) => {
                     for (i, (c, pair)) in clean.get_ref().iter().zip(a.get_ref()).enumerate() {
                         if pair.get_ref().is_empty() || pair.get_ref().len() > 2 {
-                            cx.at(pair, format!("prompts.answers[{i}]"), "give [correct] or [correct, incorrect]");
+                            cx.at(pair, format!("prompts.answers[{i}]"), "give [correct] or [correct, incorrect] (for token sets, give answers = [[correct…], …] and wrong_answers = [[incorrect…], …])");
                             continue;
                         }
-                        prompts.push(PromptPair {
-                            clean: c.clone(),
-                            corrupted: None,
-                            correct: pair.get_ref()[0].clone(),
-                            incorrect: pair.get_ref().get(1).cloned(),
-                        });
+                        prompts.push(PromptPair::new(
+                            c.clone(),
+                            None,
+                            pair.get_ref()[0].clone(),
+                            pair.get_ref().get(1).cloned(),
+                        ));
+                    }
+                }
+                (Some(a), Some(w)) => {
+                    for (i, ((c, set), wrong)) in clean.get_ref().iter().zip(a.get_ref()).zip(w.get_ref()).enumerate() {
+                        if set.get_ref().is_empty() {
+                            cx.at(
+                                set,
+                                format!("prompts.answers[{i}]"),
+                                "an empty set: give at least one correct answer",
+                            );
+                            // Still counted: the prompt count stays right for the checks after.
+                            prompts.push(PromptPair::new(c.clone(), None, String::new(), None));
+                            continue;
+                        }
+                        if let Some(both) = set.get_ref().iter().find(|t| wrong.get_ref().contains(t)) {
+                            cx.at(
+                                wrong,
+                                format!("prompts.wrong_answers[{i}]"),
+                                format!("{both:?} is both a correct and a wrong answer: the sets must not overlap"),
+                            );
+                        }
+                        prompts.push(PromptPair::with_sets(c.clone(), None, set.get_ref(), wrong.get_ref()));
                     }
                 }
             }

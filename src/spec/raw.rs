@@ -45,6 +45,8 @@ pub struct RawModel {
 pub struct RawPrompts {
     pub clean: Option<Spanned<Vec<String>>>,
     pub answers: Option<Spanned<Vec<Spanned<Vec<String>>>>>,
+    /// Each prompt's incorrect answers as a token set; with it, `answers` gives the correct sets.
+    pub wrong_answers: Option<Spanned<Vec<Spanned<Vec<String>>>>>,
     /// JSONL ({"clean", "answers"} or {"prompt", "answer", "wrong_answer"} per line) or
     /// AutoCircuit-style JSON ({"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}).
     pub file: Option<Spanned<String>>,
@@ -70,6 +72,8 @@ pub struct RawCorruption {
 #[serde(deny_unknown_fields)]
 pub struct RawMetric {
     pub kind: Spanned<String>,
+    /// logit_diff against several incorrect answers: "mean" (default) or "max" of their logits.
+    pub wrong: Option<Spanned<String>>,
     #[serde(default)]
     pub normalize: bool,
     #[serde(default)]

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use toml::Spanned;
 
-use crate::engine::metric::MetricKind;
+use crate::engine::metric::{MetricKind, WrongAnswers};
 use crate::model::config::Processing;
 use crate::model::hook_point::nearest;
 use crate::model::AttentionKernel;
@@ -55,6 +55,17 @@ pub struct MetricSpec {
     pub kind: MetricKind,
     pub normalize: bool,
     pub per_prompt: bool,
+    /// Recorded (and keyed) only when not the default, so keys of earlier specs stay as they were.
+    #[serde(skip_serializing_if = "WrongAnswers::is_mean")]
+    pub wrong: WrongAnswers,
+}
+
+impl MetricSpec {
+    /// Whether the metric is a direction in the residual stream (what DLA and the logit lens's
+    /// answer rows read): not a KL divergence, nor a max over wrong answers.
+    pub fn is_linear(&self) -> bool {
+        self.kind.is_linear() && self.wrong == WrongAnswers::Mean
+    }
 }
 
 /// What spec resolution asks of a resolved run. The runs' kinds live above the spec
@@ -73,8 +84,10 @@ pub struct Reads {
     pub prompts: bool,
     /// Corrupted prompts (or noise).
     pub corruption: bool,
-    /// The metric's answers, single tokens.
+    /// The metric's answers.
     pub answers: bool,
+    /// The metric as a direction in the residual stream (a linear metric).
+    pub metric_direction: bool,
 }
 
 /// The run kinds, as spec resolution sees them: each [[run]]'s options read from the text by
@@ -113,14 +126,16 @@ impl<R: Run> Spec<R> {
     /// Re-derives corrupted prompts after the prompts were replaced (--prompts): replace_tokens
     /// is applied again; explicit corrupted prompts must come with the new prompts.
     pub fn apply_corruption_to_prompts(&mut self) -> Result<(), String> {
-        if self.metric.kind == MetricKind::LogitDiff {
+        if self.metric.kind.needs_incorrect() {
             if let (Some(run), Some(i)) =
                 (self.runs.iter().find(|r| r.reads().answers), self.prompts.iter().position(|p| p.incorrect.is_none()))
             {
                 return Err(format!(
-                    "prompt {i} has no incorrect answer, but run '{}' ({}) measures logit_diff, which needs one for every prompt; add \"answers\": [correct, incorrect] (or \"wrong_answer\") or use metric logprob/prob",
+                    "{} has no incorrect answer, but run '{}' ({}) measures {}, which needs one for every prompt; add \"answers\": [correct, incorrect] (or \"wrong_answer\", or \"wrong_answers\": [...]) or use metric logprob/prob",
+                    self.prompts[i].name(i),
                     run.name(),
-                    run.kind_name()
+                    run.kind_name(),
+                    metric_name(self.metric.kind)
                 ));
             }
         }
@@ -268,8 +283,11 @@ pub fn resolve_text<K: RunKinds>(
                     ),
                 );
             }
-            if reads.answers && metric.kind == MetricKind::LogitDiff && prompts.iter().any(|p| p.incorrect.is_none()) {
-                cx.at_offset(at, key("kind"), format!("{kind} runs with metric logit_diff need an incorrect answer for every prompt ([correct, incorrect])"));
+            if reads.answers && metric.kind.needs_incorrect() && prompts.iter().any(|p| p.incorrect.is_none()) {
+                cx.at_offset(at, key("kind"), format!("{kind} runs with metric {} need an incorrect answer for every prompt ([correct, incorrect], or wrong_answers)", metric_name(metric.kind)));
+            }
+            if reads.metric_direction && !metric.is_linear() {
+                cx.at_offset(at, key("kind"), format!("{kind} reads the metric as a direction in the residual stream (W_U's answer columns), which metric {}{} is not; use logit_diff (wrong = \"mean\"), logprob, prob or prob_diff", metric_name(metric.kind), if metric.wrong == WrongAnswers::Max { " with wrong = \"max\"" } else { "" }));
             }
             runs.push(run);
         }
@@ -298,25 +316,31 @@ pub fn resolve_text<K: RunKinds>(
     })
 }
 
+/// A metric's name as the spec writes it.
+pub fn metric_name(kind: MetricKind) -> &'static str {
+    MetricKind::NAMES.iter().find(|(_, k)| *k == kind).map_or("?", |(n, _)| n)
+}
+
 /// The [metric] section (logit_diff when none is given).
 fn resolve_metric(cx: &mut Ctx, metric: Option<&RawMetric>) -> MetricSpec {
     match metric {
-        None => MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false },
+        None => {
+            MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false, wrong: WrongAnswers::Mean }
+        }
         Some(m) => {
-            let kind = match m.kind.get_ref().as_str() {
-                "logit_diff" => MetricKind::LogitDiff,
-                "logprob" => MetricKind::Logprob,
-                "prob" => MetricKind::Prob,
-                other => {
-                    cx.at(
-                        &m.kind,
-                        "metric.kind",
-                        format!("unknown metric '{other}' (valid: logit_diff, logprob, prob)"),
-                    );
-                    MetricKind::LogitDiff
-                }
-            };
-            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt }
+            let kind =
+                choice(cx, &Some(m.kind.clone()), "metric.kind".into(), &MetricKind::NAMES, MetricKind::LogitDiff);
+            let wrong = choice(
+                cx,
+                &m.wrong,
+                "metric.wrong".into(),
+                &[("mean", WrongAnswers::Mean), ("max", WrongAnswers::Max)],
+                WrongAnswers::Mean,
+            );
+            if let (Some(w), false) = (&m.wrong, kind == MetricKind::LogitDiff) {
+                cx.at(w, "metric.wrong", format!("folds several wrong answers into one logit, which only logit_diff reads; metric {} does not (drop the key)", metric_name(kind)));
+            }
+            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt, wrong }
         }
     }
 }

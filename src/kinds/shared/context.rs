@@ -137,7 +137,15 @@ impl<'a> RunContext<'a> {
     }
     pub(crate) fn metric(&self) -> Result<Metric> {
         let t = self.toks()?;
-        Ok(Metric { kind: self.spec.metric.kind, correct: t.correct.clone(), incorrect: t.incorrect.clone() })
+        let mut metric = t.metric(&self.spec.metric);
+        if metric.kind == crate::engine::metric::MetricKind::KlDivergence {
+            // The reference distribution: the clean run's (what ablation compares with too).
+            let mut none = crate::Hooks::new();
+            let clean =
+                self.model.run(crate::Input::Tokens(&t.clean), t.mask.as_ref(), &mut none, crate::Stop::FinalNorm)?;
+            metric.set_clean_reference(self.model, &clean);
+        }
+        Ok(metric)
     }
     pub(crate) fn bar(&self, len: usize, msg: String) -> ProgressBar {
         let Some(multi) = &self.progress else { return ProgressBar::hidden() };

@@ -19,8 +19,13 @@ pub struct Tokenized {
     /// None for noise corruption (the corrupted run reads the clean tokens).
     pub corrupted: Option<Tensor>,
     pub mask: Option<Tensor>,
-    pub correct: Vec<i64>,
-    pub incorrect: Vec<i64>,
+    /// Each prompt's correct token set, or (with `sequence`) its multi-token answer.
+    pub correct: Vec<Vec<i64>>,
+    /// Each prompt's incorrect token set (empty when it has none).
+    pub incorrect: Vec<Vec<i64>>,
+    /// Per prompt: whether `correct` is one answer of several tokens, all but the last appended
+    /// to the prompt (clean and corrupted) and read teacher-forced.
+    pub sequence: Vec<bool>,
     /// The clean prompts' tokens as strings, for the `token` column.
     pub clean_strs: Vec<Vec<String>>,
     /// Noise corruption: [n, pos] true at the token positions to noise.
@@ -47,6 +52,7 @@ impl Tokenized {
             mask: self.mask.as_ref().map(Tensor::copy),
             correct: self.correct.clone(),
             incorrect: self.incorrect.clone(),
+            sequence: self.sequence.clone(),
             clean_strs: self.clean_strs.clone(),
             noised: self.noised.as_ref().map(Tensor::copy),
             record: self.record.clone(),
@@ -60,17 +66,89 @@ pub(crate) fn token_at(clean_strs: &[Vec<String>], prompt: usize, pos: Option<i6
     clean_strs.get(prompt % clean_strs.len().max(1))?.get(pos? as usize).cloned()
 }
 
-fn single_token(tok: &TextTokenizer, word: &str, prompt: usize, which: &str) -> Result<i64> {
-    let ids = tok.encode(word, false)?;
-    if ids.len() != 1 {
-        let shown: Vec<String> = ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect();
-        return Err(Error::Other(format!(
-            "prompt {prompt}: the {which} answer {word:?} is {} tokens [{}], not one; use a single-token answer (often with a leading space)",
-            ids.len(),
-            shown.join(", ")
-        )));
+/// Each prompt's answers as token ids: the correct set (or one multi-token correct answer,
+/// when the metric reads sequences), the incorrect set; every problem of every prompt at once.
+struct AnswerIds {
+    correct: Vec<Vec<i64>>,
+    incorrect: Vec<Vec<i64>>,
+    sequence: Vec<bool>,
+}
+
+fn answer_ids(spec: &Spec, tok: &TextTokenizer) -> Result<AnswerIds> {
+    let kind = spec.metric.kind;
+    let metric = crate::spec::resolve::metric_name(kind);
+    let direction = spec.runs.iter().find(|r| r.kind.needs().metric_direction);
+    let mut out = AnswerIds { correct: vec![], incorrect: vec![], sequence: vec![] };
+    let mut problems = Vec::new();
+    let shown = |ids: &[i64]| ids.iter().map(|&i| format!("{:?}", tok.token_str(i))).collect::<Vec<_>>().join(", ");
+    for (i, p) in spec.prompts.iter().enumerate() {
+        let name = p.name(i);
+        let correct_words = p.correct_set();
+        let mut correct = Vec::new();
+        let mut sequence = false;
+        for w in &correct_words {
+            let ids = tok.encode(w, false)?;
+            match ids.len() {
+                0 => problems.push(format!("{name}: the correct answer {w:?} is no tokens")),
+                1 => correct.push(ids[0]),
+                k if correct_words.len() == 1 && kind.takes_sequences() => {
+                    if let Some(run) = direction {
+                        problems.push(format!("{name}: the correct answer {w:?} is {k} tokens [{}], and run '{}' ({}) reads one token's direction in the residual stream; give a single-token answer", shown(&ids), run.name, run.kind.name()));
+                    }
+                    correct = ids;
+                    sequence = true;
+                }
+                k => problems.push(format!(
+                    "{name}: the correct answer {w:?} is {k} tokens [{}], not one; {}",
+                    shown(&ids),
+                    if correct_words.len() > 1 {
+                        "every answer of a token set is one token".to_string()
+                    } else {
+                        format!("metric {metric} compares single tokens: use a single-token answer (often with a leading space; some tokenizers split numbers into digits, so give the first digit or a set of them), or metric logprob / prob, which read a multi-token answer teacher-forced")
+                    }
+                )),
+            }
+        }
+        let mut incorrect = Vec::new();
+        for w in p.incorrect_set() {
+            let ids = tok.encode(w, false)?;
+            match ids.len() {
+                1 => incorrect.push(ids[0]),
+                k => problems.push(format!(
+                    "{name}: the incorrect answer {w:?} is {k} tokens [{}], not one; incorrect answers are single tokens (often with a leading space)",
+                    shown(&ids)
+                )),
+            }
+        }
+        if let Some(t) = correct.iter().find(|t| !sequence && incorrect.contains(t)) {
+            problems.push(format!(
+                "{name}: token {:?} is both a correct and an incorrect answer: the sets must not overlap",
+                tok.token_str(*t)
+            ));
+        }
+        out.correct.push(correct);
+        out.incorrect.push(incorrect);
+        out.sequence.push(sequence);
     }
-    Ok(ids[0])
+    if !problems.is_empty() {
+        return Err(Error::Other(problems.join("\n")));
+    }
+    Ok(out)
+}
+
+impl Tokenized {
+    /// The spec's metric on these prompts' answers, read at the last position.
+    pub fn metric(&self, spec: &crate::spec::MetricSpec) -> Metric {
+        Metric {
+            kind: spec.kind,
+            correct: self.correct.clone(),
+            incorrect: self.incorrect.clone(),
+            wrong: spec.wrong,
+            sequence: self.sequence.clone(),
+            positions: None,
+            clean_logprobs: None,
+        }
+    }
 }
 
 /// Positions of `word`'s tokens in `ids` (with or without a leading space), if present.
@@ -166,10 +244,27 @@ pub fn tokenize(
     let needs_answers = spec.runs.iter().any(|r| r.kind.needs().answers);
     let bos = spec.model.prepend_bos_for(cfg);
     let clean_texts: Vec<&str> = spec.prompts.iter().map(|p| p.clean.as_str()).collect();
-    let clean = tok.batch(&clean_texts, bos)?;
+    let answers = match needs_answers {
+        true => answer_ids(spec, tok)?,
+        false => AnswerIds { correct: vec![], incorrect: vec![], sequence: vec![] },
+    };
+    // A multi-token answer's tokens but the last follow its prompt, clean and corrupted.
+    let tails: Vec<Vec<i64>> = answers
+        .correct
+        .iter()
+        .zip(&answers.sequence)
+        .map(|(c, s)| if *s { c[..c.len() - 1].to_vec() } else { vec![] })
+        .collect();
+    let with_tails = !tails.iter().all(Vec::is_empty);
+    let clean = tok.batch_with_tails(&clean_texts, bos, &tails)?;
     let mut noised = None;
     let corrupted = match &spec.corruption {
         _ if !needs_corruption => None,
+        Corruption::SwapPairs if with_tails => {
+            // Prompt i^1's text with prompt i's answer continuation.
+            let swapped: Vec<&str> = (0..clean_texts.len()).map(|i| clean_texts[i ^ 1]).collect();
+            Some(tok.batch_with_tails(&swapped, bos, &tails)?)
+        }
         Corruption::SwapPairs => {
             let n = clean_texts.len() as i64;
             let swapped: Vec<i64> = (0..n).map(|i| i ^ 1).collect();
@@ -182,7 +277,7 @@ pub fn tokenize(
         }
         Corruption::Prompts | Corruption::ReplaceTokens(_) => {
             let texts: Vec<&str> = spec.prompts.iter().map(|p| p.corrupted.as_deref().unwrap_or(&p.clean)).collect();
-            Some(tok.batch(&texts, bos)?)
+            Some(tok.batch_with_tails(&texts, bos, &tails)?)
         }
         Corruption::Noise { positions, words, samples, .. } => {
             noise_fits_in_memory(*samples, clean.tokens.size(), cfg.d_model)?;
@@ -199,33 +294,17 @@ pub fn tokenize(
             }
         }
     }
-    let mut correct = Vec::new();
-    let mut incorrect = Vec::new();
-    let mut problems = Vec::new();
-    for (i, p) in spec.prompts.iter().enumerate().filter(|_| needs_answers) {
-        match single_token(tok, &p.correct, i, "correct") {
-            Ok(id) => correct.push(id),
-            Err(e) => problems.push(e.to_string()),
-        }
-        if let Some(w) = &p.incorrect {
-            match single_token(tok, w, i, "incorrect") {
-                Ok(id) => incorrect.push(id),
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
-    }
-    // Every answer that is not one token, not just the first.
-    if !problems.is_empty() {
-        return Err(Error::Other(problems.join("\n")));
-    }
+    let AnswerIds { correct, incorrect, sequence } = answers;
     // A tokenizer larger than the model's embedding gives ids the model has no row for.
     let in_vocab = |id: i64, what: String| {
         crate::model::tokenize::check_in_vocab(tok, id, cfg.d_vocab).map_err(|e| Error::Config(format!("{what}: {e}")))
     };
-    for (i, (&c, w)) in correct.iter().zip(incorrect.iter().map(Some).chain(std::iter::repeat(None))).enumerate() {
-        in_vocab(c, format!("prompt {i}: the correct answer"))?;
-        if let Some(&w) = w {
-            in_vocab(w, format!("prompt {i}: the incorrect answer"))?;
+    for (i, (c, w)) in correct.iter().zip(&incorrect).enumerate() {
+        for &t in c {
+            in_vocab(t, format!("{}: the correct answer", spec.prompts[i].name(i)))?;
+        }
+        for &t in w {
+            in_vocab(t, format!("{}: the incorrect answer", spec.prompts[i].name(i)))?;
         }
     }
     for (which, b) in [("clean", Some(&clean)), ("corrupted", corrupted.as_ref())] {
@@ -265,6 +344,7 @@ pub fn tokenize(
         mask: clean.mask,
         correct,
         incorrect,
+        sequence,
         clean_strs,
         noised,
         record,
@@ -318,11 +398,7 @@ pub(crate) fn clean_corrupted_pass(
     }
     let samples = spec.corruption.samples() as i64;
     let tile = |t: &Tensor| t.repeat([samples, 1]);
-    let metric = Metric {
-        kind: spec.metric.kind,
-        correct: toks.correct.repeat(samples as usize),
-        incorrect: toks.incorrect.repeat(samples as usize),
-    };
+    let metric = toks.metric(&spec.metric).tiled(samples as usize);
     let (clean, corrupt) = match (&spec.corruption, &toks.corrupted, &toks.noised) {
         (Corruption::Noise { noise, samples, seed, .. }, _, Some(noised)) => {
             let noise_t = embedding_noise(model, noised, *noise, *samples, *seed);
