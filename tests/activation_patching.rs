@@ -340,3 +340,50 @@ fn the_attribution_pass_is_the_backward_of_the_kept_corrupted_run() {
         "a point without gradient"
     );
 }
+
+/// Windows (`window = k`, ROME): every cell restores the clean activation in k consecutive layers
+/// centred on its own, against a TransformerLens loop restoring the same layers
+/// (tests/oracle/dump_windows.py) on GPT-2 (3 layers) and the real stories260K Llama (5 layers),
+/// windows of 2 and 3 at attn_out and mlp_out. A window of 1 would give each layer's own patch;
+/// the two differ, so a window that patched one layer fails.
+#[test]
+fn windows_equal_a_transformer_lens_loop() {
+    for name in ["gpt2-odd", "stories260K"] {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let oracle = Oracle::read(name, "windows.safetensors");
+        let sites = [Site::AttnOut, Site::MlpOut];
+        let prep = prepare(&model, &oracle, &sites);
+        let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
+        assert_oracle(
+            &format!("{name} corrupted baseline (oracle corrupted_baseline)"),
+            &[prep.corrupted_baseline()],
+            &[corr_b],
+            Baseline::Zero,
+            Tol::Abs(1e-4),
+        );
+        for (site, label) in [(Site::AttnOut, "attn_out"), (Site::MlpOut, "mlp_out")] {
+            for k in [2usize, 3] {
+                let target = Target::new(site, Axes::LayerPos).unwrap().with_window(k);
+                let cells: Vec<_> = (0..model.cfg.n_layers)
+                    .flat_map(|l| tl_run::analysis::patching::cells_at(&model.cfg, target, l, prep.seq_len()))
+                    .collect();
+                for schedule in [Schedule::ByLayer, Schedule::Staircase] {
+                    let s = sweep_scheduled(&model, &prep, &[(target, cells.clone())], schedule, |_| {})
+                        .unwrap()
+                        .pop()
+                        .unwrap();
+                    let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
+                    let key = format!("{label}_window{k}");
+                    // Patching nothing leaves the corrupted run's value.
+                    assert_oracle(
+                        &format!("{name} {key} ({schedule:?}) (oracle {key})"),
+                        &means,
+                        &values(oracle.get(&key)),
+                        Baseline::Value(corr_b),
+                        Tol::Abs(1e-4),
+                    );
+                }
+            }
+        }
+    }
+}

@@ -32,11 +32,13 @@ impl Axes {
     }
 }
 
-/// One patching target: a block site swept over some axes.
+/// One patching target: a block site swept over some axes, each cell restoring its layer or
+/// (`window` > 1, ROME's causal tracing) that many consecutive layers centred on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Target {
     pub site: Site,
     pub axes: Axes,
+    pub window: usize,
 }
 
 impl Target {
@@ -49,10 +51,24 @@ impl Target {
             _ => false,
         };
         if ok {
-            Ok(Target { site, axes })
+            Ok(Target { site, axes, window: 1 })
         } else {
             Err(Error::Config(format!("{} cannot be patched over [{}]", site.name(), axes.names().join(", "))))
         }
+    }
+}
+
+impl Target {
+    /// The target with each cell restoring `window` layers (1: its own).
+    pub fn with_window(self, window: usize) -> Target {
+        Target { window: window.max(1), ..self }
+    }
+
+    /// The layers a cell at `layer` patches: ROME's window, range(max(0, layer − ⌊w/2⌋),
+    /// min(n_layers, layer + ⌈w/2⌉)).
+    pub fn window_layers(&self, layer: usize, n_layers: usize) -> std::ops::Range<usize> {
+        let w = self.window.max(1);
+        layer.saturating_sub(w / 2)..(layer + w.div_ceil(2)).min(n_layers)
     }
 }
 

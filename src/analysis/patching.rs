@@ -212,15 +212,21 @@ pub fn sweep_scheduled(
         halvings: 0,
         report: &mut progress,
     };
-    let mut layers: Vec<usize> = parts.iter().flat_map(|(_, cells)| cells.iter().map(|c| c.layer)).collect();
+    // A cell's forward starts at the first layer it patches (its own, or its window's first).
+    let n_layers = model.cfg.n_layers;
+    let start = |p: usize, c: &Cell| parts[p].0.window_layers(c.layer, n_layers).start;
+    let mut layers: Vec<usize> = (0..parts.len()).flat_map(|p| parts[p].1.iter().map(move |c| start(p, c))).collect();
     layers.sort_unstable();
     layers.dedup();
     let todo_at = |state: &Progress, layer: usize| -> Vec<(usize, usize)> {
         (0..parts.len())
             .flat_map(|p| (0..parts[p].1.len()).map(move |i| (p, i)))
-            .filter(|&(p, i)| parts[p].1[i].layer == layer && state.values[p][i].is_none())
+            .filter(|&(p, i)| start(p, &parts[p].1[i]) == layer && state.values[p][i].is_none())
             .collect()
     };
+    // Windows patch several layers per row, which a staircase (rows joining at their one
+    // patched layer) does not express: they run by layer.
+    let schedule = if parts.iter().any(|(t, _)| t.window > 1) { Schedule::ByLayer } else { schedule };
     match schedule {
         Schedule::ByLayer => {
             for layer in layers {
@@ -298,35 +304,46 @@ fn clean_at(prep: &CleanCorrupted, target: Target, layer: usize) -> Result<Tenso
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
 }
 
-/// The patches of `chunk`'s cells (all at `layer`), each part's on the rows of its own cells:
-/// chunk entry j is rows j·n..(j+1)·n of the blocks the patched rows span, which start at block
-/// `offset` of the batch and run to its end.
+/// The patches of `chunk`'s cells, each part's on the rows of its own cells at every layer each
+/// cell patches (its own, or its window's): chunk entry j is rows j·n..(j+1)·n of the blocks
+/// the patched rows span, which start at block `offset` of the batch and run to its end.
 fn patches(
     model: &Model,
     prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
-    layer: usize,
     chunk: &[(usize, usize)],
     offset: i64,
 ) -> Result<Hooks> {
     let n = prep.n_prompts();
     let k = chunk.len() as i64;
     let (skip, _) = computed_positions(prep);
+    let n_layers = model.cfg.n_layers;
     let mut hooks = Hooks::new();
     for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
         let (target, cells) = &parts[p];
-        let clean = clean_at(prep, *target, layer)?;
-        let mine: Vec<(i64, Cell)> =
+        let all_mine: Vec<(i64, Cell)> =
             chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
-        let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
-        let source = clean.repeat(repeat_dims(k, clean.dim()));
-        let mut edit = Intervention::new(Edit::Where { mask: patch, source });
-        if offset > 0 {
-            // Only the chunk's rows are edited (sliced out and put back): rows that joined at
-            // earlier layers pass through.
-            edit = edit.batch(Sel::List((offset * n..(offset + k) * n).collect()));
+        let mut layers: Vec<usize> =
+            all_mine.iter().flat_map(|(_, c)| target.window_layers(c.layer, n_layers)).collect();
+        layers.sort_unstable();
+        layers.dedup();
+        for layer in layers {
+            let mine: Vec<(i64, Cell)> = all_mine
+                .iter()
+                .filter(|(_, c)| target.window_layers(c.layer, n_layers).contains(&layer))
+                .copied()
+                .collect();
+            let clean = clean_at(prep, *target, layer)?;
+            let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
+            let source = clean.repeat(repeat_dims(k, clean.dim()));
+            let mut edit = Intervention::new(Edit::Where { mask: patch, source });
+            if offset > 0 {
+                // Only the chunk's rows are edited (sliced out and put back): rows that joined
+                // at earlier layers pass through.
+                edit = edit.batch(Sel::List((offset * n..(offset + k) * n).collect()));
+            }
+            hooks.add_intervention(HookPoint::Block(layer, target.site), edit);
         }
-        hooks.add_intervention(HookPoint::Block(layer, target.site), edit);
     }
     Ok(hooks)
 }
@@ -372,8 +389,13 @@ fn patch_layer(
             let resid = corrupted_rows(prep, layer, k);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
             let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
-            let mut hooks = patches(model, prep, parts, layer, chunk, 0)?;
-            let stop = last_block_stop(model, prep, layer);
+            let mut hooks = patches(model, prep, parts, chunk, 0)?;
+            let last_patched = chunk
+                .iter()
+                .map(|&(p, i)| parts[p].0.window_layers(parts[p].1[i].layer, model.cfg.n_layers).end - 1)
+                .max()
+                .unwrap_or(layer);
+            let stop = last_block_stop(model, prep, last_patched);
             let out = model.run_with_prefix(
                 Input::Residual { layer, resid: &resid },
                 mask.as_ref(),
@@ -434,7 +456,7 @@ fn patch_staircase(
                     Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
                     None => joining,
                 });
-                hooks = patches(model, prep, parts, layer, todo, blocks)?;
+                hooks = patches(model, prep, parts, todo, blocks)?;
                 blocks += k;
             }
             let Some(resid) = x.take() else { continue };

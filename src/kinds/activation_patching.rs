@@ -41,12 +41,21 @@ pub struct Raw {
     pub hooks: Vec<Spanned<String>>,
     pub over: Option<Spanned<Vec<String>>>,
     pub layers: Option<Spanned<Vec<i64>>>,
+    /// Each cell restores this many consecutive layers centred on its own (ROME's window).
+    pub window: Option<Spanned<i64>>,
 }
 
 /// An activation_patching run's options: its patch targets.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Options {
     pub targets: Vec<(Site, Axes)>,
+    /// Recorded (and keyed) only when over 1, so runs without one read as before windows existed.
+    #[serde(skip_serializing_if = "is_one")]
+    pub window: usize,
+}
+
+fn is_one(w: &usize) -> bool {
+    *w == 1
 }
 
 fn needs(_: &RunKind) -> Needs {
@@ -56,40 +65,54 @@ fn needs(_: &RunKind) -> Needs {
 /// A job patches one target at one layer: its key names those, not the run's other targets, so
 /// a spec that adds a target reuses the stored jobs of the others.
 fn key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
-    let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) = (&run.kind, part)
+    let (RunKind::ActivationPatching(Options { targets, window }), Part::TargetLayer { target, layer }) =
+        (&run.kind, part)
     else {
         return whole_job_key(run, part);
     };
-    Ok(serde_json::json!({"task": "patch", "target": targets[target], "layer": layer}))
+    Ok(match window {
+        1 => serde_json::json!({"task": "patch", "target": targets[target], "layer": layer}),
+        w => serde_json::json!({"task": "patch", "target": targets[target], "layer": layer, "window": w}),
+    })
 }
 
 /// Targets at sites the model has.
 fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
     if let RunKind::ActivationPatching(o) = &run.kind {
         check_sites(run, &o.targets, cfg, file, problems);
+        if o.window > cfg.n_layers {
+            problems.push(format!(
+                "{file}: run '{}': window = {} is larger than the model's {} layers; use at most {}",
+                run.name, o.window, cfg.n_layers, cfg.n_layers
+            ));
+        }
     }
 }
 
 pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
     at.layers(cx, &r.layers, i);
+    let window = crate::spec::resolve::positive(cx, &r.window, format!("run[{i}].window"), 1, 1) as usize;
     resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i)
-        .map(|targets| RunKind::ActivationPatching(Options { targets }))
+        .map(|targets| RunKind::ActivationPatching(Options { targets, window }))
 }
 
 /// The clean run caches every patched site.
 fn captures(run: &RunSpec, _: &Model) -> Result<Captures> {
-    let RunKind::ActivationPatching(Options { targets }) = &run.kind else { return Ok(Captures::default()) };
+    let RunKind::ActivationPatching(Options { targets, .. }) = &run.kind else { return Ok(Captures::default()) };
     Ok(Captures { clean_sites: targets.iter().map(|(s, _)| *s).collect(), ..Captures::default() })
 }
 
 /// One job per target and layer: cells that provably cannot change are filled, the rest run in
 /// batches from the patched layer on.
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    let RunKind::ActivationPatching(Options { targets }) = &run.kind else { return vec![] };
+    let RunKind::ActivationPatching(Options { targets, window }) = &run.kind else { return vec![] };
     let mut out = Vec::new();
     for (t, (site, axes)) in targets.iter().enumerate() {
         for &layer in &z.layers {
-            let at = cells_at(z.cfg, Target { site: *site, axes: *axes }, layer, z.seq as i64);
+            let target = Target { site: *site, axes: *axes, window: *window };
+            let at = cells_at(z.cfg, target, layer, z.seq as i64);
+            // A window's forwards start at its first layer.
+            let from = target.window_layers(layer, z.cfg.n_layers).start;
             let filled = at.iter().filter(|c| cannot_change(c, z.first_diff)).count();
             let todo = at.len() - filled;
             out.push(JobDraft {
@@ -104,7 +127,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
                 filled,
                 forwards: todo.div_ceil(z.chunk),
                 tl_forwards: at.len(),
-                cost: z.patch_cost(todo, layer),
+                cost: z.patch_cost(todo, from),
             });
         }
     }
@@ -127,7 +150,7 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut parts = Vec::with_capacity(jobs.len());
     let mut sites = Vec::with_capacity(jobs.len());
     for (run, part) in jobs {
-        let (RunKind::ActivationPatching(Options { targets }), Part::TargetLayer { target, layer }) =
+        let (RunKind::ActivationPatching(Options { targets, window }), Part::TargetLayer { target, layer }) =
             (&run.kind, *part)
         else {
             return Err(Error::Other(format!(
@@ -137,7 +160,7 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
         };
         let (site, axes) =
             *targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
-        let t = Target::new(site, axes)?;
+        let t = Target::new(site, axes)?.with_window(*window);
         parts.push((t, cells_at(&model.cfg, t, layer, prep.seq_len())));
         sites.push((site, axes, layer));
     }
@@ -175,6 +198,13 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
             "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
             "forwards_shared_with_jobs": jobs.len() - 1, "schedule": Schedule::for_device(model.device).name(),
         });
+        let mut note = note;
+        if parts[j].0.window > 1 {
+            let w = parts[j].0.window_layers(layer, model.cfg.n_layers);
+            note["window"] = parts[j].0.window.into();
+            note["window_layers"] = serde_json::json!([w.start, w.end - 1]);
+            note["schedule"] = Schedule::ByLayer.name().into();
+        }
         out.push((rows, note));
     }
     Ok(out)
@@ -203,6 +233,7 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
                 if let Some(o) = s.as_object_mut() {
                     o.remove("layer");
                     o.remove("first_diff");
+                    o.remove("window_layers");
                 }
                 sweeps.push(s);
             }

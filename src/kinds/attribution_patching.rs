@@ -117,7 +117,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
         .map(|(s, a)| {
             z.layers
                 .iter()
-                .map(|&l| cells_at(z.cfg, Target { site: *s, axes: *a }, l, z.seq as i64).len())
+                .map(|&l| cells_at(z.cfg, Target { site: *s, axes: *a, window: 1 }, l, z.seq as i64).len())
                 .sum::<usize>()
         })
         .sum();

@@ -1,0 +1,73 @@
+"""Windows of layers restored together (ROME's causal tracing, `window = k`): a TransformerLens
+loop that, for each layer l and position p, runs the corrupted prompts with the clean activation
+put back at p in every layer of range(max(0, l - k // 2), min(n_layers, l - (-k // 2))), as
+ROME's trace_important_window does, and measures the mean logit difference at the last position.
+
+gpt2-odd (3 layers) reads the IOI prompts (corrupted prompt i = clean prompt i^1); stories260K
+(the real 5-layer Llama) random tokens with position 5 changed. Writes
+OUT_DIR/<fixture>/windows.safetensors with one [layer, pos] tensor per site and window.
+
+Usage: python tests/oracle/dump_windows.py FIXTURES_DIR OUT_DIR
+"""
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from oracle_common import answer_ids, load, out_dir, prompt_set  # noqa: E402
+
+FIXTURES = {"gpt2-odd": 4, "stories260K": 4}
+SITES = ["mlp_out", "attn_out"]
+WINDOWS = [2, 3]
+
+
+def main() -> None:
+    fixtures, out = sys.argv[1], sys.argv[2]
+    for name, n in FIXTURES.items():
+        model = load(fixtures, name)
+        if name.startswith("gpt2"):
+            prompts = prompt_set(name)[:n]
+            clean = model.to_tokens([p["clean"] for p in prompts])
+            corrupted = clean[[i ^ 1 for i in range(n)]]
+            answers = answer_ids(model, prompts)
+        else:
+            gen = torch.Generator().manual_seed(5)
+            clean = torch.randint(3, model.cfg.d_vocab, (n, 12), generator=gen)
+            clean[:, 0] = 1  # BOS
+            corrupted = clean.clone()
+            corrupted[:, 5] = torch.randint(3, model.cfg.d_vocab, (n,), generator=gen)
+            answers = torch.randint(3, model.cfg.d_vocab, (n, 2), generator=gen)
+
+        def logit_diff(logits):
+            last = logits[:, -1, :]
+            return (last.gather(1, answers[:, :1]) - last.gather(1, answers[:, 1:])).mean()
+
+        n_layers, seq = model.cfg.n_layers, clean.shape[1]
+        with torch.no_grad():
+            clean_logits, cache = model.run_with_cache(clean)
+            out_t = {
+                "clean_tokens": clean, "corrupted_tokens": corrupted, "answers": answers,
+                "clean_baseline": logit_diff(clean_logits).reshape(1),
+                "corrupted_baseline": logit_diff(model(corrupted)).reshape(1),
+            }
+            for site in SITES:
+                for k in WINDOWS:
+                    result = torch.zeros(n_layers, seq)
+                    for layer in range(n_layers):
+                        window = range(max(0, layer - k // 2), min(n_layers, layer - (-k // 2)))
+                        for pos in range(seq):
+                            def restore(act, hook, pos=pos):
+                                act[:, pos] = cache[hook.name][:, pos]
+                                return act
+                            hooks = [(f"blocks.{L}.hook_{site}", restore) for L in window]
+                            result[layer, pos] = logit_diff(model.run_with_hooks(corrupted, fwd_hooks=hooks))
+                    out_t[f"{site}_window{k}"] = result
+        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "windows.safetensors"))
+
+
+if __name__ == "__main__":
+    main()
