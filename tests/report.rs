@@ -1,11 +1,13 @@
 //! `tl-run report`: the data → figure mapping against the Parquet it reads, and the page as a
 //! person sees it: Chromium (headless, installed by scripts/chromium.sh in the test set-up)
 //! opens the reports of the default experiment and of experiments/induction.toml from file://.
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tl_run::output::figure::{hook_family, pos_label, run_figures, top_heads, Figure, RunFacts, Scale, PATTERN_HEADS};
 use tl_run::output::table::read_parquet;
+use tl_run::output::token_label::token_label;
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,9 +60,16 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
         assert_eq!(h.cells[l][p], Some(r.value));
         assert_eq!(h.x_ticks[p], pos_label(p as i32, r.token.as_deref()), "x axis labels are the tokens");
     }
-    assert!(h.x_ticks[7].contains(cell.token.as_deref().unwrap()), "{:?}", h.x_ticks);
+    assert!(h.x_ticks[7].contains(&token_label(cell.token.as_deref().unwrap())), "{:?}", h.x_ticks);
+    // "7 ␣Tim", not "7 \" Tim\"": the label after the position has no quote, escape or space.
+    let token_part = |t: &String| t.split_once(' ').map_or(String::new(), |(_, tok)| tok.to_string());
+    assert!(
+        !h.x_ticks.iter().map(token_part).any(|t| t.contains('"') || t.contains("\\u{") || t.contains(' ')),
+        "tokens without Debug quotes, escapes or invisible spaces: {:?}",
+        h.x_ticks
+    );
     let max = mean.iter().map(|r| r.value.abs()).fold(0.0, f64::max);
-    assert_eq!(h.scale, Scale::Diverging { limit: max }, "symmetric around zero");
+    assert_eq!(h.scale, Scale::Diverging { centre: 0.0, limit: max }, "symmetric around zero");
     let blue = tl_run::report::svg::colour(&h.scale, Some(max));
     let red = tl_run::report::svg::colour(&h.scale, Some(-max));
     assert_eq!(
@@ -75,6 +84,36 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     assert!(rect.contains(&format!("data-value=\"{:e}\"", cell.value)), "{rect}");
     assert!(rect.contains(&format!("fill=\"{}\"", tl_run::report::svg::colour(&h.scale, Some(cell.value)))), "{rect}");
     assert!(rect.contains("<title>L3 pos 7"), "{rect}");
+
+    // A patched probability (metric_centre: the corrupted baseline, which the report reads from
+    // the manifest for prob and logprob) diverges around that baseline, white there; attribution
+    // (changes of the metric) stays around 0.
+    let centred = RunFacts { metric_centre: Some(0.25), ..RunFacts::default() };
+    let figs_c = run_figures("resid", kind.name, kind.figures, &rows, &centred, "metric");
+    let resid_pre = |f: &&Figure| f.title() == "resid: blocks.*.hook_resid_pre";
+    let Some(Figure::Heatmap(hc)) = figs_c.figures.iter().find(resid_pre) else { panic!("no resid_pre heatmap") };
+    let limit = mean.iter().map(|r| (r.value - 0.25).abs()).fold(0.0, f64::max);
+    assert_eq!(hc.scale, Scale::Diverging { centre: 0.25, limit }, "symmetric around the corrupted baseline");
+    assert_eq!(
+        tl_run::report::svg::colour(&hc.scale, Some(0.25)),
+        tl_run::report::svg::colour(&h.scale, Some(0.0)),
+        "the baseline is the white of a scale around 0"
+    );
+    let (attr_rows, _) = read_parquet(&out.join("attribution.parquet")).unwrap();
+    let attr = tl_run::kinds::by_name("attribution_patching").unwrap();
+    let attr_figs = run_figures("attribution", attr.name, attr.figures, &attr_rows, &centred, "metric");
+    let attr_maps: Vec<&Scale> = attr_figs
+        .figures
+        .iter()
+        .filter_map(|f| match f {
+            Figure::Heatmap(h) => Some(&h.scale),
+            _ => None,
+        })
+        .collect();
+    assert!(!attr_maps.is_empty());
+    for sc in attr_maps {
+        assert!(matches!(sc, Scale::Diverging { centre, .. } if *centre == 0.0), "{sc:?}");
+    }
 
     // Per-kind figures of the whole spec, and the page: self-contained, no script.
     let said = tl_run(&["report", s(&out)]);
@@ -107,6 +146,46 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     );
     let figures = std::fs::read_dir(out.join("figures")).unwrap().count();
     assert!(figures >= 15, "one SVG per figure, got {figures}");
+    assert!(page.contains("<td>dtype, device</td><td>float32, cpu</td>"), "the spec's names, not tch's Debug names");
+    assert!(!page.contains("\\u{"), "no Rust escape codes");
+
+    // Corrupted positions marked on the position axis: where any prompt's corrupted tokens
+    // (swap_pairs: the other prompt of its pair) differ from its clean ones, as the rows count
+    // positions (left padding included), read here straight from the manifest.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let ids = |which: &str| -> Vec<Vec<i64>> { serde_json::from_value(manifest["tokens"][which].clone()).unwrap() };
+    let (clean, corrupted) = (ids("clean"), ids("corrupted"));
+    let seq = clean.iter().map(Vec::len).max().unwrap();
+    let mut want = BTreeSet::new();
+    for (c, k) in clean.iter().zip(&corrupted) {
+        want.extend((0..c.len()).filter(|&i| c[i] != k[i]).map(|i| seq - c.len() + i));
+    }
+    assert!(!want.is_empty(), "swap_pairs changes some tokens");
+    let resid_svg = page
+        .split("<svg")
+        .find(|f| f.contains("\nresid: blocks.*.hook_resid_pre\n"))
+        .expect("the resid_pre heatmap in the page");
+    assert_eq!(marked_ticks(resid_svg, "xtick"), want, "the marked x ticks");
+    assert!(page.contains("* marks the positions the corruption changes"), "the caption says what * means");
+
+    // The logit lens's value axis: round ticks (1, 2 or 5 × 10^k apart) printed without noise.
+    let lens_svg = page
+        .split("<svg")
+        .find(|f| f.contains("\nlogit-lens: accumulated residual along the answer direction\n"))
+        .expect("the logit lens in the page");
+    let axis = lens_svg.split("class=\"axis\"").nth(1).unwrap().split("</g>").next().unwrap();
+    let ticks: Vec<f64> = texts(axis).iter().filter_map(|t| t.parse().ok()).collect();
+    assert!(ticks.len() >= 3, "{axis}");
+    let step = ticks[1] - ticks[0];
+    let mantissa = step / 10f64.powf(step.log10().floor());
+    assert!([1.0, 2.0, 5.0, 10.0].iter().any(|m| (mantissa - m).abs() < 1e-9), "step {step}: {ticks:?}");
+    for w in ticks.windows(2) {
+        assert!((w[1] - w[0] - step).abs() < 1e-9 * step.abs().max(1.0), "{ticks:?}");
+    }
+    for t in texts(axis).iter().filter(|t| t.parse::<f64>().is_ok()) {
+        assert!(t.len() <= 8, "a tick label with float noise: {t}");
+    }
 
     // Dest × src attention patterns of the top heads of the by-head run: the heads with the
     // largest |value| in heads.parquet, each cell exactly hook_pattern of prompt 0 as
@@ -166,7 +245,12 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
             seen += 1;
         }
         assert_eq!(seen, n * n, "one cell per (dest, src) of the {n}-token prompt");
+        // Prompt 0's changed tokens (its own positions, no padding) marked on both axes.
+        let own: BTreeSet<usize> = (0..clean[0].len()).filter(|&i| clean[0][i] != corrupted[0][i]).collect();
+        assert_eq!(marked_ticks(svg, "xtick"), own, "L{layer}H{head} source positions");
+        assert_eq!(marked_ticks(svg, "ytick"), own, "L{layer}H{head} destination positions");
     }
+    assert!(!page.contains(".multiples svg{width:420px"), "patterns at their own size: labels of 11 px, not 6");
 
     // --png: a PNG (twice the size) beside every SVG, not blank; --no-patterns leaves them out.
     tl_run(&["report", s(&out), "--png"]);
@@ -183,6 +267,30 @@ fn heatmap_cells_axes_and_scale_are_the_parquet_values() {
     tl_run(&["report", s(&out), "--no-patterns"]);
     let page = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(!page.contains("attention, prompt 0") && page.contains("left out (--no-patterns)"));
+}
+
+/// The text of every <text> element in `svg`, trimmed.
+fn texts(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            t.split_once('>').map(|(_, rest)| rest.split("</text>").next().unwrap_or("").trim().to_string())
+        })
+        .collect()
+}
+
+/// The positions (the number each tick label starts with) of the ticks of class `class`
+/// ("xtick", "ytick") drawn marked as corrupted.
+fn marked_ticks(svg: &str, class: &str) -> BTreeSet<usize> {
+    svg.split("<text")
+        .skip(1)
+        .filter(|t| t.split('>').next().unwrap().contains(&format!("class=\"{class} corrupted\"")))
+        .map(|t| {
+            let label = texts(&format!("<text{t}")).remove(0);
+            assert!(label.ends_with('*'), "a marked tick ends in *: {label}");
+            label.split_whitespace().next().unwrap().parse().unwrap()
+        })
+        .collect()
 }
 
 /// Width, height and luminance variance of a PNG.

@@ -134,6 +134,9 @@ pub enum Command {
         /// Leave out the attention patterns of the top heads (drawing them loads the run's model).
         #[arg(long)]
         no_patterns: bool,
+        /// One colour scale for all heatmaps of a run (as `[output] shared_scale = true`).
+        #[arg(long)]
+        shared_scale: bool,
     },
     /// Join the shard parts of a sharded run into one Parquet file per run and one manifest.
     Merge {

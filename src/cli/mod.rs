@@ -69,10 +69,12 @@ pub fn dispatch(args: Args) -> Result<()> {
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
         Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
-        Command::Report { dir, out, png, no_patterns } => {
+        Command::Report { dir, out, png, no_patterns, shared_scale } => {
             let t = std::time::Instant::now();
-            let w =
-                tl_run::report::write(&dir, out.as_deref(), tl_run::report::Options { png, patterns: !no_patterns })?;
+            // Without the flag, the spec's `[output] shared_scale` (in the manifest) decides.
+            let opts =
+                tl_run::report::Options { png, patterns: !no_patterns, shared_scale: shared_scale.then_some(true) };
+            let w = tl_run::report::write(&dir, out.as_deref(), opts)?;
             println!(
                 "wrote {} ({} KiB, {} figures under {}) in {:.2} s",
                 w.page.display(),

@@ -245,5 +245,6 @@ fn note(job_notes: &[&serde_json::Value]) -> serde_json::Value {
 
 /// A heatmap per hook.
 fn figures(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
-    patching_figures(run, rows, facts, metric, suffix)
+    // The values are the patched metric itself: white where patching restores nothing.
+    patching_figures(run, rows, facts, metric, suffix, facts.metric_centre.unwrap_or(0.0))
 }

@@ -261,7 +261,8 @@ fn push_cell_rows(
 
 /// A heatmap of the estimates per hook, and the verified cells against real patching.
 fn figures(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
-    patching_figures(run, rows, facts, &format!("estimated change of {metric}"), suffix)
+    // The values are changes of the metric: white where there is none, whatever the baseline.
+    patching_figures(run, rows, facts, &format!("estimated change of {metric}"), suffix, 0.0)
 }
 
 #[cfg(test)]

@@ -408,7 +408,7 @@ fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec
     group_by(rows, |r| format!("{} ({})", r.pattern.clone().unwrap_or_default(), r.label.clone().unwrap_or_default()))
         .into_iter()
         .map(|(p, rs)| {
-            grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", false, |r| {
+            grid_on(&format!("{run}: {p}{suffix}"), &rs, "score", "head", "layer", None, |r| {
                 (r.layer.unwrap_or(0), r.head.unwrap_or(0))
             })
         })

@@ -11,6 +11,7 @@ use crate::model::config::ModelConfig;
 use crate::model::Model;
 use crate::output::figure::{cell_name, group_by, Figure, Lines, RunFacts, Table};
 use crate::output::table::Row;
+use crate::output::token_label::token_label;
 use std::path::Path;
 
 use toml::Spanned;
@@ -157,11 +158,8 @@ fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec
         for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {
             let mut rs = rs;
             rs.sort_by_key(|r| r.rank);
-            rows_out.push(
-                std::iter::once(label)
-                    .chain(rs.iter().map(|r| format!("{:?} {:.3}", r.token.clone().unwrap_or_default(), r.value)))
-                    .collect(),
-            );
+            let cell = |r: &&Row| format!("{} {:.3}", token_label(r.token.as_deref().unwrap_or("")), r.value);
+            rows_out.push(std::iter::once(label).chain(rs.iter().map(cell)).collect());
         }
         let k = top.iter().filter_map(|r| r.rank).max().unwrap_or(0) + 1;
         out.push(Figure::Table(Table {

@@ -1,22 +1,38 @@
 //! From result rows to figures: the figure descriptions, and the building blocks each kind's
 //! `figures` (src/kinds/) draws its runs with. Nothing here draws; report/svg.rs renders them.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::output::table::Row;
+use crate::output::token_label::token_label;
 
-/// How values map to colour. Diverging scales are symmetric around zero, as in the
-/// TransformerLens demos (`color_continuous_midpoint=0`).
+/// How values map to colour. Diverging scales are symmetric around their centre: zero, as in the
+/// TransformerLens demos (`color_continuous_midpoint=0`), except for a patched probability or
+/// log-probability, which diverges around the corrupted baseline (see `RunFacts::metric_centre`):
+/// white at `centre`, red below, blue above, full colour at `centre ± limit`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scale {
-    Diverging { limit: f64 },
+    Diverging { centre: f64, limit: f64 },
     Sequential { min: f64, max: f64 },
 }
 
 impl Scale {
     /// Diverging around 0, from −max|v| to +max|v|.
     pub fn symmetric<'a>(values: impl Iterator<Item = &'a f64>) -> Scale {
-        let limit = values.filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max(v.abs()));
-        Scale::Diverging { limit: if limit > 0.0 { limit } else { 1.0 } }
+        Scale::diverging_around(0.0, values)
+    }
+
+    /// Diverging around `centre`, to the largest |v − centre| on either side.
+    pub fn diverging_around<'a>(centre: f64, values: impl Iterator<Item = &'a f64>) -> Scale {
+        let limit = values.filter(|v| v.is_finite()).fold(0.0f64, |m, v| m.max((v - centre).abs()));
+        Scale::Diverging { centre, limit: if limit > 0.0 { limit } else { 1.0 } }
+    }
+
+    /// The values at the scale's two ends (lowest first).
+    pub fn range(&self) -> (f64, f64) {
+        match *self {
+            Scale::Diverging { centre, limit } => (centre - limit, centre + limit),
+            Scale::Sequential { min, max } => (min, max),
+        }
     }
 
     /// Diverging when any value is negative, else sequential from 0 (or the minimum) to the maximum.
@@ -48,6 +64,10 @@ pub struct Heatmap {
     pub scale: Scale,
     /// What the colour bar measures.
     pub value_label: String,
+    /// Ticks (indices) of positions the corruption changes: the corrupted prompt's token differs
+    /// there, or noise is added there. svg.rs draws them marked; empty when none is known.
+    pub x_marked: BTreeSet<usize>,
+    pub y_marked: BTreeSet<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -98,6 +118,9 @@ impl Figure {
     /// What the figure's values are, for the caption under it.
     pub fn caption(&self) -> String {
         match self {
+            Figure::Heatmap(h) if !h.x_marked.is_empty() || !h.y_marked.is_empty() => {
+                format!("hover a cell for its value; {CORRUPTED_NOTE}")
+            }
             Figure::Heatmap(_) => "hover a cell for its value".into(),
             Figure::Bars(f) => format!("{}; hover a bar for its value", f.value_label),
             Figure::Lines(f) => f.value_label.clone(),
@@ -131,14 +154,28 @@ pub struct RunFigures {
     pub patterns_note: Option<String>,
 }
 
-/// What a run's manifest entry adds to its figures: attribution's correlations with real
-/// patching, by hook name suffix (e.g. "hook_resid_pre", "attn.hook_z").
+/// What marked position ticks mean, in captions and under standalone SVGs.
+pub const CORRUPTED_NOTE: &str = "* marks the positions the corruption changes";
+
+/// What the manifest adds to a run's figures: attribution's correlations with real patching
+/// (the run's entry), and what it records of the prompts (report/prompt_facts.rs), for the
+/// figures being drawn: the mean rows' or, through `for_prompt`, one prompt's.
 #[derive(Debug, Clone, Default)]
 pub struct RunFacts {
+    /// Pearson r by hook name suffix (e.g. "hook_resid_pre", "attn.hook_z").
     pub pearson_by_hook: Vec<(String, f64)>,
+    /// Where a patched metric's colours diverge when not at 0: the corrupted baseline (the value
+    /// the metric takes when patching restores nothing) of a probability or log-probability
+    /// that is not normalised. None: around 0 (logit_diff, normalised metrics, no baseline known).
+    pub metric_centre: Option<f64>,
+    /// Positions, as the rows count them, whose tokens the corruption changes.
+    pub corrupted_positions: BTreeSet<usize>,
+    /// Each prompt's metric_centre and corrupted_positions, for its own figures.
+    pub per_prompt: Vec<(Option<f64>, BTreeSet<usize>)>,
 }
 
 impl RunFacts {
+    /// The run's own facts, from its manifest entry (the prompts' facts are the report's).
     pub fn from_manifest(run: &serde_json::Value) -> RunFacts {
         let mut pearson_by_hook = Vec::new();
         for t in run.get("targets").and_then(|t| t.as_array()).into_iter().flatten() {
@@ -148,7 +185,7 @@ impl RunFacts {
                 pearson_by_hook.push((h.to_string(), r));
             }
         }
-        RunFacts { pearson_by_hook }
+        RunFacts { pearson_by_hook, ..RunFacts::default() }
     }
 
     pub fn pearson(&self, hook: &str) -> Option<f64> {
@@ -157,6 +194,20 @@ impl RunFacts {
             .filter(|(h, _)| hook.ends_with(h.as_str()))
             .max_by_key(|(h, _)| h.len())
             .map(|(_, r)| *r)
+    }
+
+    /// The facts as prompt `p`'s figures see them: its own baseline and changed positions (the
+    /// mean rows' where the manifest has none per prompt).
+    pub fn for_prompt(&self, p: i32) -> RunFacts {
+        let own = usize::try_from(p).ok().and_then(|p| self.per_prompt.get(p));
+        let (centre, positions) =
+            own.cloned().unwrap_or_else(|| (self.metric_centre, self.corrupted_positions.clone()));
+        RunFacts {
+            pearson_by_hook: self.pearson_by_hook.clone(),
+            metric_centre: centre,
+            corrupted_positions: positions,
+            per_prompt: Vec::new(),
+        }
     }
 }
 
@@ -216,15 +267,43 @@ fn kind_figures(
         return Vec::new();
     }
     let suffix = prompt.map(|p| format!(" (prompt {p})")).unwrap_or_default();
-    figures(run, rows, facts, metric, &suffix)
+    let facts = match prompt {
+        Some(p) => facts.for_prompt(p),
+        None => facts.clone(),
+    };
+    let mut out = figures(run, rows, &facts, metric, &suffix);
+    for f in &mut out {
+        mark_positions(f, &facts.corrupted_positions);
+    }
+    out
+}
+
+/// Marks the ticks at `positions` on the axes of a heatmap that count positions (titled
+/// "position", "source position", ...); other figures and axes are left as they are.
+pub fn mark_positions(f: &mut Figure, positions: &BTreeSet<usize>) {
+    let Figure::Heatmap(h) = f else { return };
+    if h.x_title.ends_with("position") {
+        h.x_marked = positions.iter().copied().filter(|&p| p < h.x_ticks.len()).collect();
+    }
+    if h.y_title.ends_with("position") {
+        h.y_marked = positions.iter().copied().filter(|&p| p < h.y_ticks.len()).collect();
+    }
 }
 
 /// A patching run's figures: a heatmap per hook, and where cells were patched for real to
-/// verify estimates, estimate against patching.
-pub fn patching_figures(run: &str, rows: &[&Row], facts: &RunFacts, value_label: &str, suffix: &str) -> Vec<Figure> {
+/// verify estimates, estimate against patching. Heatmap colours diverge around `centre`: the
+/// corrupted baseline for the patched metric itself, 0 for changes of it (attribution).
+pub fn patching_figures(
+    run: &str,
+    rows: &[&Row],
+    facts: &RunFacts,
+    value_label: &str,
+    suffix: &str,
+    centre: f64,
+) -> Vec<Figure> {
     let mut out = Vec::new();
     for (hook, rs) in group_by(rows, |r| hook_family(&r.hook)) {
-        out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, value_label));
+        out.push(patching_figure(&format!("{run}: {hook}{suffix}"), &rs, value_label, centre));
         let verified: Vec<&Row> = rs.iter().copied().filter(|r| r.patched.is_some()).collect();
         if !verified.is_empty() {
             out.push(Figure::Scatter(Scatter {
@@ -289,6 +368,8 @@ pub fn pattern_figure(run: &str, layer: usize, head: usize, tokens: &[String], p
         hover,
         scale: Scale::Sequential { min: 0.0, max: 1.0 },
         value_label: "attention probability".into(),
+        x_marked: BTreeSet::new(),
+        y_marked: BTreeSet::new(),
     })
 }
 
@@ -336,7 +417,7 @@ pub fn cell_name(r: &Row) -> String {
         s.push_str(&format!(" src {p}"));
     }
     if let Some(t) = &r.token {
-        s.push_str(&format!(" {t:?}"));
+        s.push_str(&format!(" {}", token_label(t)));
     }
     s.trim().to_string()
 }
@@ -344,12 +425,14 @@ pub fn cell_name(r: &Row) -> String {
 /// A position's axis label: its index and the token there (prompt 0's for mean rows).
 pub fn pos_label(pos: i32, token: Option<&str>) -> String {
     match token {
-        Some(t) => format!("{pos} {t:?}"),
+        Some(t) => format!("{pos} {}", token_label(t)),
         None => pos.to_string(),
     }
 }
 
-pub fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure {
+/// One patching heatmap (or bars, with neither positions nor heads) of one hook's rows; heatmap
+/// colours diverge around `centre`.
+pub fn patching_figure(title: &str, rows: &[&Row], value_label: &str, centre: f64) -> Figure {
     let has = |f: fn(&Row) -> bool| rows.iter().any(|r| f(r));
     let (pos, head, dest) = (has(|r| r.pos.is_some()), has(|r| r.head.is_some()), has(|r| r.dest_pos.is_some()));
     if dest {
@@ -363,16 +446,18 @@ pub fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure 
             }
         }
         let picked: Vec<&Row> = best.into_values().collect();
-        return layer_by_head(&format!("{title}, largest |value| over (dest, src) per head"), &picked, value_label);
+        let title = format!("{title}, largest |value| over (dest, src) per head");
+        return grid_on(&title, &picked, value_label, "head", "layer", Some(centre), layer_head);
     }
+    let around = Some(centre);
     match (pos, head) {
-        (true, false) => {
-            grid(title, rows, value_label, "position", "layer", |r| (r.layer.unwrap_or(0), r.pos.unwrap_or(0)))
-        }
-        (false, true) => layer_by_head(title, rows, value_label),
+        (true, false) => grid_on(title, rows, value_label, "position", "layer", around, |r| {
+            (r.layer.unwrap_or(0), r.pos.unwrap_or(0))
+        }),
+        (false, true) => grid_on(title, rows, value_label, "head", "layer", around, layer_head),
         (true, true) => {
             let heads = rows.iter().filter_map(|r| r.head).max().unwrap_or(0) + 1;
-            let mut f = grid(title, rows, value_label, "position", "layer, head", |r| {
+            let mut f = grid_on(title, rows, value_label, "position", "layer, head", around, |r| {
                 (r.layer.unwrap_or(0) * heads + r.head.unwrap_or(0), r.pos.unwrap_or(0))
             });
             if let Figure::Heatmap(h) = &mut f {
@@ -393,12 +478,18 @@ pub fn patching_figure(title: &str, rows: &[&Row], value_label: &str) -> Figure 
     }
 }
 
+/// A layer × head heatmap diverging around 0 (DLA).
 pub fn layer_by_head(title: &str, rows: &[&Row], value_label: &str) -> Figure {
-    grid(title, rows, value_label, "head", "layer", |r| (r.layer.unwrap_or(0), r.head.unwrap_or(0)))
+    grid(title, rows, value_label, "head", "layer", layer_head)
 }
 
-/// A heatmap with a row per `at(r).0` and a column per `at(r).1`; x ticks carry the tokens when
-/// the columns are positions.
+/// A row's (layer, head) cell.
+fn layer_head(r: &Row) -> (i32, i32) {
+    (r.layer.unwrap_or(0), r.head.unwrap_or(0))
+}
+
+/// A heatmap with a row per `at(r).0` and a column per `at(r).1`, diverging around 0; x ticks
+/// carry the tokens when the columns are positions.
 pub fn grid(
     title: &str,
     rows: &[&Row],
@@ -407,18 +498,18 @@ pub fn grid(
     y_title: &str,
     at: impl Fn(&Row) -> (i32, i32),
 ) -> Figure {
-    grid_on(title, rows, value_label, x_title, y_title, true, at)
+    grid_on(title, rows, value_label, x_title, y_title, Some(0.0), at)
 }
 
-/// `diverging`: a red-white-blue scale symmetric around 0 (patching, attribution, DLA), else
-/// one chosen from the values (head scores: viridis when none is negative).
+/// `diverge_around`: a red-white-blue scale symmetric around that value (patching, attribution,
+/// DLA), else one chosen from the values (head scores: viridis when none is negative).
 pub fn grid_on(
     title: &str,
     rows: &[&Row],
     value_label: &str,
     x_title: &str,
     y_title: &str,
-    diverging: bool,
+    diverge_around: Option<f64>,
     at: impl Fn(&Row) -> (i32, i32),
 ) -> Figure {
     let ny = rows.iter().map(|r| at(r).0).max().unwrap_or(0).max(0) as usize + 1;
@@ -441,10 +532,9 @@ pub fn grid_on(
     let x_ticks = (0..nx)
         .map(|x| if x_title == "position" { pos_label(x as i32, tokens[x].as_deref()) } else { x.to_string() })
         .collect();
-    let scale = if diverging {
-        Scale::symmetric(cells.iter().flatten().flatten())
-    } else {
-        Scale::for_values(cells.iter().flatten().flatten())
+    let scale = match diverge_around {
+        Some(centre) => Scale::diverging_around(centre, cells.iter().flatten().flatten()),
+        None => Scale::for_values(cells.iter().flatten().flatten()),
     };
     Figure::Heatmap(Heatmap {
         title: title.to_string(),
@@ -456,6 +546,8 @@ pub fn grid_on(
         hover,
         scale,
         value_label: value_label.to_string(),
+        x_marked: BTreeSet::new(),
+        y_marked: BTreeSet::new(),
     })
 }
 

@@ -4,3 +4,4 @@ pub mod activations;
 pub mod atomic;
 pub mod figure;
 pub mod table;
+pub mod token_label;

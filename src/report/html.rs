@@ -1,5 +1,7 @@
 //! The report page: a header with what the manifest knows, then one section per run with its
-//! figures inline. Self-contained: inline CSS and SVG, no script, nothing fetched.
+//! figures inline. Self-contained: inline CSS and SVG, no script, nothing fetched. Figures are
+//! shown at their own size: the attention patterns' small multiples were once squeezed to
+//! 420 px wide, which set their 11 px labels at about 6 px.
 use crate::output::figure::{Figure, RunFigures};
 use crate::report::svg;
 
@@ -14,7 +16,7 @@ table.facts td:first-child{color:#666;white-space:nowrap}\
 figure.fig{display:inline-block;margin:8px 16px 16px 0;vertical-align:top}figcaption{font-size:11px;color:#555;max-width:760px}\
 table.topk{border-collapse:collapse;font-size:11px}table.topk td,table.topk th{border:1px solid #ddd;padding:2px 6px;text-align:left}\
 .ttl{font-size:13px;font-weight:600;margin:4px 0 6px}details{margin:8px 0}summary{cursor:pointer;font-size:13px;color:#333}code{font-size:11px}\
-h3{font-size:13px;margin:16px 0 4px}.multiples figure.fig{margin:4px 8px 8px 0}.multiples svg{width:420px;height:auto}p.note{font-size:12px;color:#8a4b00}";
+h3{font-size:13px;margin:16px 0 4px}.multiples figure.fig{margin:4px 8px 8px 0}p.note{font-size:12px;color:#8a4b00}";
 
 /// One header line: (label, HTML value already escaped).
 pub type Fact = (String, String);

@@ -2,12 +2,19 @@
 //! (`report.html`) plus one SVG per figure under `figures/`.
 //!
 //! figure.rs decides what each run kind shows (rows → figure descriptions, unit-tested);
-//! svg.rs draws them; html.rs lays out the page; patterns.rs recomputes the attention patterns
-//! of the top heads; png.rs rasterises figures for `--png`.
+//! svg.rs draws them (ticks.rs: its round axis ticks); html.rs lays out the page; patterns.rs
+//! recomputes the attention patterns of the top heads; png.rs rasterises figures for `--png`;
+//! prompt_facts.rs reads what the figures need of the prompts (baselines, corrupted positions);
+//! shared_scale.rs puts a run's heatmaps on one colour scale; names.rs spells the header's dtype
+//! and device.
 pub mod html;
+pub mod names;
 pub mod patterns;
 pub mod png;
+pub mod prompt_facts;
+pub mod shared_scale;
 pub mod svg;
+pub mod ticks;
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +24,7 @@ use crate::error::{Error, Result};
 use crate::output::atomic;
 use crate::output::figure;
 use crate::output::table::read_parquet;
+use crate::output::token_label::token_label;
 
 /// What was written.
 #[derive(Debug)]
@@ -33,30 +41,56 @@ pub struct Options {
     pub png: bool,
     /// Attention patterns of the top heads of patching runs by head: loads the run's model.
     pub patterns: bool,
+    /// One colour scale for all heatmaps of a run (shared_scale.rs); None: the spec's
+    /// `[output] shared_scale`, as the manifest records it (false when it does not).
+    pub shared_scale: Option<bool>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { png: false, patterns: true }
+        Options { png: false, patterns: true, shared_scale: None }
     }
+}
+
+/// What every run's figures read of the manifest, read once.
+struct Shared<'a> {
+    manifest: &'a Value,
+    /// The metric's name for colour bars.
+    metric: String,
+    source: patterns::PatternSource<'a>,
+    changed: prompt_facts::ChangedTokens,
+    /// The prompts' facts (a run adds its own Pearson r).
+    facts: figure::RunFacts,
+    opts: Options,
 }
 
 /// Reads `dir` (a finished run's output directory) and writes the report to `out` (default
 /// `<dir>/report.html`) and its figures to `<out's directory>/figures/`.
 pub fn write(dir: &Path, out: Option<&Path>, opts: Options) -> Result<Written> {
     let manifest = read_manifest(dir)?;
-    let metric = metric_label(&manifest);
-    let source = patterns::PatternSource::new(&manifest);
-    let runs = run_order(&manifest)
-        .into_iter()
-        .map(|name| run_figures(dir, &manifest, &name, &metric, &source, opts))
-        .collect::<Result<Vec<_>>>()?;
+    let changed = prompt_facts::ChangedTokens::read(&manifest);
+    let shared = Shared {
+        manifest: &manifest,
+        metric: metric_label(&manifest),
+        source: patterns::PatternSource::new(&manifest),
+        facts: prompt_facts::run_facts(&manifest, &changed),
+        changed,
+        opts,
+    };
+    let one_scale = opts
+        .shared_scale
+        .unwrap_or_else(|| manifest.pointer("/spec/shared_scale").and_then(Value::as_bool).unwrap_or(false));
+    let mut runs =
+        run_order(&manifest).into_iter().map(|name| run_figures(dir, &shared, &name)).collect::<Result<Vec<_>>>()?;
+    if one_scale {
+        runs.iter_mut().for_each(shared_scale::share);
+    }
     let page_path = out.map(Path::to_path_buf).unwrap_or_else(|| dir.join("report.html"));
     let fig_dir = page_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).join("figures");
     let figures = write_figures(&runs, &fig_dir, opts)?;
     let title =
         format!("tl-run report: {}", manifest.pointer("/spec/name").and_then(Value::as_str).unwrap_or("results"));
-    let page = html::page(&title, &facts(&manifest, &metric), &runs);
+    let page = html::page(&title, &facts(&manifest, &shared.metric), &runs);
     atomic::write_bytes(&page_path, page.as_bytes())?;
     Ok(Written { page: page_path, figures, bytes: page.len() as u64 })
 }
@@ -99,15 +133,8 @@ fn read_manifest(dir: &Path) -> Result<Value> {
 }
 
 /// The figures of run `name`: its kind's, and the attention patterns of its top heads.
-fn run_figures(
-    dir: &Path,
-    manifest: &Value,
-    name: &str,
-    metric: &str,
-    source: &patterns::PatternSource,
-    opts: Options,
-) -> Result<figure::RunFigures> {
-    let entry = &manifest["runs"][name];
+fn run_figures(dir: &Path, shared: &Shared, name: &str) -> Result<figure::RunFigures> {
+    let entry = &shared.manifest["runs"][name];
     let file =
         entry.get("file").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| format!("{name}.parquet"));
     let path = dir.join(&file);
@@ -133,20 +160,30 @@ fn run_figures(
     // A kind this build does not know (results of a newer one) gets its table, no figures.
     let info = crate::kinds::by_name(&kind);
     let draw = info.map_or(figure::no_figures as figure::KindFigures, |k| k.figures);
-    let mut figs = figure::run_figures(name, &kind, draw, &rows, &figure::RunFacts::from_manifest(entry), metric);
+    let facts = figure::RunFacts {
+        pearson_by_hook: figure::RunFacts::from_manifest(entry).pearson_by_hook,
+        ..shared.facts.clone()
+    };
+    let mut figs = figure::run_figures(name, &kind, draw, &rows, &facts, &shared.metric);
     let heads = match info {
         Some(k) if k.pattern_heads => figure::top_heads(&rows, figure::PATTERN_HEADS),
         _ => Vec::new(),
     };
     if !heads.is_empty() {
-        if !opts.patterns {
+        if !shared.opts.patterns {
             figs.patterns_note = Some("left out (--no-patterns)".into());
         } else {
-            match source.patterns(&heads) {
+            match shared.source.patterns(&heads) {
                 Ok((tokens, ps)) => {
+                    // Prompt 0's own tokens, unpadded: its changed positions as counted there.
+                    let changed = shared.changed.positions.first().cloned().unwrap_or_default();
                     figs.patterns = ps
                         .iter()
-                        .map(|p| figure::pattern_figure(name, p.layer, p.head, &tokens, &p.probabilities))
+                        .map(|p| {
+                            let mut f = figure::pattern_figure(name, p.layer, p.head, &tokens, &p.probabilities);
+                            figure::mark_positions(&mut f, &changed);
+                            f
+                        })
                         .collect()
                 }
                 Err(why) => {
@@ -269,7 +306,10 @@ fn facts(m: &Value, metric: &str) -> Vec<html::Fact> {
         })
         .collect();
     out.push(("weights".into(), weights.join("<br>")));
-    out.push(("dtype, device".into(), format!("{}, {}", esc(&s("/dtype")), esc(&s("/device")))));
+    out.push((
+        "dtype, device".into(),
+        format!("{}, {}", esc(&names::dtype_name(&s("/dtype"))), esc(&names::device_name(&s("/device")))),
+    ));
     let processing: Vec<String> = m
         .pointer("/model/processing")
         .and_then(Value::as_object)
@@ -285,10 +325,11 @@ fn facts(m: &Value, metric: &str) -> Vec<html::Fact> {
         .flatten()
         .take(4)
         .map(|p| {
+            // The prompt quoted as text; the answer is one token, shown as the figures show tokens.
             format!(
                 "{} → {}",
                 esc(&format!("{:?}", p.get("clean").and_then(Value::as_str).unwrap_or(""))),
-                esc(&format!("{:?}", p.get("correct").and_then(Value::as_str).unwrap_or("")))
+                esc(&token_label(p.get("correct").and_then(Value::as_str).unwrap_or("")))
             )
         })
         .collect();

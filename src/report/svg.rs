@@ -3,10 +3,16 @@
 use svg::node::element::{Group, Line, Rectangle, Text, Title};
 use svg::Document;
 
-use crate::output::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table};
+use crate::output::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table, CORRUPTED_NOTE};
+use crate::report::ticks::{nice_ticks, tick_label};
 
 const FONT: &str = "font-family:system-ui,sans-serif;font-size:11px";
 const TITLE_H: f64 = 28.0;
+/// Position ticks the corruption changes: set apart by colour as well as by their `*`.
+const MARKED_STYLE: &str = "font-family:system-ui,sans-serif;font-size:11px;font-weight:600";
+const MARKED_FILL: &str = "#c0560b";
+/// About how many ticks a value axis gets.
+const VALUE_TICKS: usize = 5;
 
 /// The SVG of a figure; None for tables, which the page shows as HTML.
 pub fn render(f: &Figure) -> Option<String> {
@@ -19,12 +25,15 @@ pub fn render(f: &Figure) -> Option<String> {
     }
 }
 
-/// CSS colour of `v` on `scale`: ColorBrewer RdBu (negative red, positive blue, white at zero,
-/// as TransformerLens's demos draw with plotly's RdBu) or viridis; grey where there is no value.
+/// CSS colour of `v` on `scale`: ColorBrewer RdBu (below the centre red, above it blue, white at
+/// it, as TransformerLens's demos draw with plotly's RdBu around 0) or viridis; grey where there
+/// is no value.
 pub fn colour(scale: &Scale, v: Option<f64>) -> String {
     let Some(v) = v.filter(|v| v.is_finite()) else { return "#d9d9d9".into() };
     let c = match *scale {
-        Scale::Diverging { limit } => colorous::RED_BLUE.eval_continuous(((v / limit).clamp(-1.0, 1.0) + 1.0) / 2.0),
+        Scale::Diverging { centre, limit } => {
+            colorous::RED_BLUE.eval_continuous((((v - centre) / limit).clamp(-1.0, 1.0) + 1.0) / 2.0)
+        }
         Scale::Sequential { min, max } => colorous::VIRIDIS.eval_continuous(((v - min) / (max - min)).clamp(0.0, 1.0)),
     };
     format!("#{:x}", c)
@@ -64,10 +73,15 @@ fn heatmap(h: &Heatmap) -> Document {
     let (left, top) = (28.0 + 7.0 * longest_y, TITLE_H + 8.0);
     let bottom = 30.0 + 6.0 * longest_x.min(24.0);
     let (pw, ph) = (cw * nx as f64, ch * ny as f64);
-    let width = (left + pw + 100.0)
-        .max(420.0)
-        .max(title_width(&h.title))
-        .max(16.0 + 6.5 * (h.value_label.chars().count() + 8) as f64);
+    let marked = !h.x_marked.is_empty() || !h.y_marked.is_empty();
+    // Without the page's caption, the last line also says what the marked ticks are.
+    let bottom_line = if marked {
+        format!("colour: {}; {CORRUPTED_NOTE}", h.value_label)
+    } else {
+        format!("colour: {}", h.value_label)
+    };
+    let width =
+        (left + pw + 100.0).max(420.0).max(title_width(&h.title)).max(16.0 + 6.5 * bottom_line.chars().count() as f64);
     // The last line names what the colours measure, so an SVG taken out of the page keeps it.
     let height = top + ph + bottom + 16.0;
     let mut cells = Group::new().set("class", "cells");
@@ -96,25 +110,21 @@ fn heatmap(h: &Heatmap) -> Document {
     let mut axes = Group::new();
     let ys = tick_step(ny, (ph / 11.0) as usize);
     for (y, t) in h.y_ticks.iter().enumerate().step_by(ys) {
-        axes = axes.add(text(left - 4.0, top + (y as f64 + 0.5) * ch + 4.0, t).set("text-anchor", "end"));
+        let tick = axis_tick(left - 4.0, top + (y as f64 + 0.5) * ch + 4.0, t, "ytick", h.y_marked.contains(&y));
+        axes = axes.add(tick.set("text-anchor", "end"));
     }
     let xs = tick_step(nx, (pw / 11.0) as usize);
     for (x, t) in h.x_ticks.iter().enumerate().step_by(xs) {
         let (tx, ty) = (left + (x as f64 + 0.5) * cw + 3.0, top + ph + 6.0);
         axes = axes.add(
-            text(tx, ty, t)
-                .set("class", "xtick")
+            axis_tick(tx, ty, t, "xtick", h.x_marked.contains(&x))
                 .set("text-anchor", "end")
                 .set("transform", format!("rotate(-60 {tx} {ty})")),
         );
     }
     axes = axes
         .add(text(left + pw / 2.0, height - 22.0, &h.x_title).set("text-anchor", "middle"))
-        .add(
-            text(8.0, height - 5.0, &format!("colour: {}", h.value_label))
-                .set("class", "scale-label")
-                .set("fill", "#555"),
-        )
+        .add(text(8.0, height - 5.0, &bottom_line).set("class", "scale-label").set("fill", "#555"))
         .add(
             text(12.0, top + ph / 2.0, &h.y_title)
                 .set("text-anchor", "middle")
@@ -129,12 +139,22 @@ fn heatmap(h: &Heatmap) -> Document {
     ))
 }
 
-/// A vertical colour bar with its ends, zero (diverging) and the measured quantity.
+/// A heatmap's tick label of class `class`; a marked one (a position the corruption changes)
+/// ends in `*` and is drawn bold in another colour.
+fn axis_tick(x: f64, y: f64, label: &str, class: &str, marked: bool) -> Text {
+    if marked {
+        text(x, y, &format!("{label}*"))
+            .set("class", format!("{class} corrupted"))
+            .set("style", MARKED_STYLE)
+            .set("fill", MARKED_FILL)
+    } else {
+        text(x, y, label).set("class", class)
+    }
+}
+
+/// A vertical colour bar with its ends, its centre (diverging) and the measured quantity.
 fn colour_bar(scale: &Scale, label: &str, x: f64, y: f64, h: f64) -> Group {
-    let (lo, hi) = match *scale {
-        Scale::Diverging { limit } => (-limit, limit),
-        Scale::Sequential { min, max } => (min, max),
-    };
+    let (lo, hi) = scale.range();
     let steps = 40;
     let mut g = Group::new().set("class", "colourbar");
     for i in 0..steps {
@@ -149,8 +169,9 @@ fn colour_bar(scale: &Scale, label: &str, x: f64, y: f64, h: f64) -> Group {
         );
     }
     g = g.add(text(x + 16.0, y + 8.0, &num(hi))).add(text(x + 16.0, y + h, &num(lo)));
-    if matches!(scale, Scale::Diverging { .. }) {
-        g = g.add(text(x + 16.0, y + h / 2.0 + 4.0, "0"));
+    if let Scale::Diverging { centre, .. } = *scale {
+        let mid = if centre == 0.0 { "0".to_string() } else { num(centre) };
+        g = g.add(text(x + 16.0, y + h / 2.0 + 4.0, &mid).set("class", "scale-centre"));
     }
     // The full name of the measure is in the caption; the bar's <title> carries it on hover.
     g.add(Title::new(label.to_string()))
@@ -162,21 +183,34 @@ fn y_of(lo: f64, hi: f64, top: f64, h: f64) -> impl Fn(f64) -> f64 {
     move |v: f64| top + h * (hi - v) / span
 }
 
-fn value_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
-    let (lo, hi) = values.filter(|v| v.is_finite()).fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-    let pad = (hi - lo).max(1e-9) * 0.05;
-    (lo - if lo < 0.0 { pad } else { 0.0 }, hi + if hi > 0.0 { pad } else { 0.0 })
+/// A value axis: round ticks (ticks.rs) covering the values and 0, and the range it draws,
+/// from the first tick to the last.
+struct ValueAxis {
+    lo: f64,
+    hi: f64,
+    ticks: Vec<f64>,
 }
 
-fn y_axis(lo: f64, hi: f64, left: f64, top: f64, h: f64, w: f64, label: &str) -> Group {
+impl ValueAxis {
+    fn of(values: impl Iterator<Item = f64>) -> ValueAxis {
+        let (lo, hi) = values.filter(|v| v.is_finite()).fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+        let ticks = nice_ticks(lo, hi, VALUE_TICKS);
+        match (ticks.first(), ticks.last()) {
+            (Some(&first), Some(&last)) if last > first => ValueAxis { lo: first, hi: last, ticks },
+            _ => ValueAxis { lo, hi, ticks },
+        }
+    }
+}
+
+fn y_axis(axis: &ValueAxis, left: f64, top: f64, h: f64, w: f64, label: &str) -> Group {
+    let (lo, hi) = (axis.lo, axis.hi);
     let y = y_of(lo, hi, top, h);
     let mut g = Group::new().set("class", "axis");
-    for i in 0..=4 {
-        let v = lo + (hi - lo) * i as f64 / 4.0;
+    for &v in &axis.ticks {
         g = g.add(
             Line::new().set("x1", left).set("x2", left + w).set("y1", y(v)).set("y2", y(v)).set("stroke", "#e5e5e5"),
         );
-        g = g.add(text(left - 4.0, y(v) + 4.0, &num(v)).set("text-anchor", "end"));
+        g = g.add(text(left - 4.0, y(v) + 4.0, &tick_label(v)).set("text-anchor", "end"));
     }
     g.add(Line::new().set("x1", left).set("x2", left + w).set("y1", y(0.0)).set("y2", y(0.0)).set("stroke", "#777"))
         .add(
@@ -194,9 +228,9 @@ fn bars(b: &Bars) -> Document {
     let pw = bw * n as f64;
     let width = (left + pw + 30.0).max(420.0).max(title_width(&b.title));
     let height = top + h + 24.0 + 6.0 * longest.min(28.0);
-    let (lo, hi) = value_range(b.values.iter().copied().chain(b.baseline));
-    let y = y_of(lo, hi, top, h);
-    let scale = Scale::Diverging { limit: b.values.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-12) };
+    let axis = ValueAxis::of(b.values.iter().copied().chain(b.baseline));
+    let y = y_of(axis.lo, axis.hi, top, h);
+    let scale = Scale::symmetric(b.values.iter());
     let mut g = Group::new().set("class", "bars");
     for (i, (label, v)) in b.labels.iter().zip(&b.values).enumerate() {
         let (y0, y1) = (y(0.0), y(*v));
@@ -222,7 +256,7 @@ fn bars(b: &Bars) -> Document {
     }
     let mut d = doc(width, height)
         .add(title_text(&b.title))
-        .add(y_axis(lo, hi, left, top, h, pw, &b.value_label))
+        .add(y_axis(&axis, left, top, h, pw, &b.value_label))
         .add(g)
         .add(ticks);
     if let Some(base) = b.baseline {
@@ -249,9 +283,9 @@ fn lines(l: &Lines) -> Document {
     let pw = step_w * (n - 1) as f64;
     let width = (left + pw + 40.0).max(420.0).max(title_width(&l.title));
     let height = top + h + 24.0 + 6.0 * longest.min(24.0);
-    let (lo, hi) = value_range(l.series.iter().flat_map(|(_, v)| v.iter().copied()));
-    let y = y_of(lo, hi, top, h);
-    let mut d = doc(width, height).add(title_text(&l.title)).add(y_axis(lo, hi, left, top, h, pw, &l.value_label));
+    let axis = ValueAxis::of(l.series.iter().flat_map(|(_, v)| v.iter().copied()));
+    let y = y_of(axis.lo, axis.hi, top, h);
+    let mut d = doc(width, height).add(title_text(&l.title)).add(y_axis(&axis, left, top, h, pw, &l.value_label));
     let palette = ["#1f4e99", "#b2182b", "#4d9221", "#762a83"];
     for (si, (name, values)) in l.series.iter().enumerate() {
         let pts: Vec<String> = values
@@ -293,10 +327,12 @@ fn scatter(s: &Scatter) -> Document {
     let (left, top, side): (f64, f64, f64) = (70.0, TITLE_H + 10.0, 300.0);
     let width = (left + side + 40.0).max(title_width(&s.title));
     let height = top + side + 50.0;
-    let (lo, hi) = value_range(s.points.iter().flat_map(|(x, y, _)| [*x, *y]));
+    // One axis for x and y, so that the y = x line is the diagonal.
+    let axis = ValueAxis::of(s.points.iter().flat_map(|(x, y, _)| [*x, *y]));
+    let (lo, hi) = (axis.lo, axis.hi);
     let px = |v: f64| left + side * (v - lo) / (hi - lo).max(1e-12);
     let py = y_of(lo, hi, top, side);
-    let mut d = doc(width, height).add(title_text(&s.title)).add(y_axis(lo, hi, left, top, side, side, &s.y_title));
+    let mut d = doc(width, height).add(title_text(&s.title)).add(y_axis(&axis, left, top, side, side, &s.y_title));
     d = d.add(
         Line::new()
             .set("x1", px(lo))
@@ -320,9 +356,8 @@ fn scatter(s: &Scatter) -> Document {
             );
         }
     }
-    for i in 0..=4 {
-        let v = lo + (hi - lo) * i as f64 / 4.0;
-        d = d.add(text(px(v), top + side + 14.0, &num(v)).set("text-anchor", "middle"));
+    for &v in &axis.ticks {
+        d = d.add(text(px(v), top + side + 14.0, &tick_label(v)).set("text-anchor", "middle"));
     }
     d = d.add(text(left + side / 2.0, top + side + 32.0, &s.x_title).set("text-anchor", "middle"));
     if let Some(r) = s.pearson {
@@ -348,4 +383,50 @@ pub fn table_html(t: &Table) -> String {
     }
     s.push_str("</tbody></table>");
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn value_axes_span_round_ticks_over_the_values_and_zero() {
+        let a = ValueAxis::of([-1.919, 6.342].into_iter());
+        assert_eq!(a.ticks, vec![-2.0, 0.0, 2.0, 4.0, 6.0, 8.0]);
+        assert_eq!((a.lo, a.hi), (-2.0, 8.0), "drawn from the first tick to the last");
+        let a = ValueAxis::of([0.3, 0.7].into_iter());
+        assert_eq!(a.ticks.first(), Some(&0.0), "0 is on every value axis");
+    }
+
+    #[test]
+    fn marked_ticks_end_in_a_star_and_have_their_class() {
+        let mut f = Figure::Heatmap(Heatmap {
+            title: "t".into(),
+            x_title: "position".into(),
+            y_title: "layer".into(),
+            x_ticks: vec!["0 <s>".into(), "1 ␣Tim".into()],
+            y_ticks: vec!["0".into()],
+            cells: vec![vec![Some(0.1), Some(0.2)]],
+            hover: vec![vec![String::new(), String::new()]],
+            scale: Scale::diverging_around(0.1, [0.1, 0.2].iter()),
+            value_label: "probability of the answer".into(),
+            x_marked: BTreeSet::new(),
+            y_marked: BTreeSet::new(),
+        });
+        crate::output::figure::mark_positions(&mut f, &BTreeSet::from([1, 5]));
+        let Figure::Heatmap(h) = &f else { unreachable!() };
+        assert_eq!(h.x_marked, BTreeSet::from([1]), "only positions on the axis");
+        assert!(h.y_marked.is_empty(), "the layer axis counts no positions");
+        let svg = render(&f).unwrap();
+        assert!(svg.contains("class=\"xtick corrupted\""), "{svg}");
+        assert!(svg.contains("1 ␣Tim*"), "{svg}");
+        assert!(!svg.contains("0 &lt;s&gt;*") && !svg.contains("0 <s>*"), "{svg}");
+        assert!(svg.contains(CORRUPTED_NOTE), "an SVG out of the page says what * means");
+        assert!(f.caption().contains(CORRUPTED_NOTE));
+        // The colour bar's middle is the centre the scale diverges around.
+        assert!(svg.contains("class=\"scale-centre\""), "{svg}");
+        assert!(svg.contains("0.100"), "{svg}");
+    }
 }

@@ -231,4 +231,6 @@ pub struct RawOutput {
     pub dir: Spanned<String>,
     /// Write `<dir>/report.html` (and `figures/`) after the run.
     pub report: Option<bool>,
+    /// The report draws all heatmaps of a run on one colour scale.
+    pub shared_scale: Option<bool>,
 }

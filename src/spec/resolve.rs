@@ -116,6 +116,11 @@ pub struct Spec<R> {
     pub spec_hash: String,
     /// `[output] report = true`: write the HTML report after the run.
     pub report: bool,
+    /// `[output] shared_scale = true`: the report draws all heatmaps of a run on one colour
+    /// scale. Recorded in the manifest's spec, where `tl-run report` reads it, only when true, so
+    /// manifests of specs without it did not change when it was added.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub shared_scale: bool,
     /// The spec file, for messages.
     pub file: String,
     /// Go on (recording them in the manifest) when NaN/inf appear; stop with an error otherwise.
@@ -301,6 +306,7 @@ pub fn resolve_text<K: RunKinds>(
     }
     let corruption = corruption.unwrap_or(Corruption::SwapPairs);
     let report = raw.output.as_ref().and_then(|o| o.report).unwrap_or(false);
+    let shared_scale = raw.output.as_ref().and_then(|o| o.shared_scale).unwrap_or(false);
     Ok(Spec {
         name: raw.name.into_inner(),
         model,
@@ -311,6 +317,7 @@ pub fn resolve_text<K: RunKinds>(
         output_dir,
         spec_hash,
         report,
+        shared_scale,
         file: file.to_string(),
         allow_nonfinite: raw.allow_nonfinite.unwrap_or(false),
     })
