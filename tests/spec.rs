@@ -34,7 +34,7 @@ fn the_ioi_spec_resolves() {
             "ablation"
         ]
     );
-    let RunKind::ActivationPatching(tl_run::kinds::activation_patching::Options { targets }) = &spec.runs[1].kind
+    let RunKind::ActivationPatching(tl_run::kinds::activation_patching::Options { targets, .. }) = &spec.runs[1].kind
     else {
         panic!("expected activation patching")
     };
@@ -99,7 +99,7 @@ fn syntax_errors_and_unknown_keys_name_the_line() {
 #[test]
 fn answers_must_pair_up_with_prompts() {
     let e = errors(&GOOD.replace(r#"answers = [[" x", " y"], [" y", " x"]]"#, r#"answers = [[" x", " y"]]"#));
-    assert!(e.contains("prompts.answers: 1 answer pairs for 2 clean prompts"), "{e}");
+    assert!(e.contains("prompts.answers: 1 answer entries for 2 clean prompts: give one per prompt"), "{e}");
 }
 
 #[test]
@@ -236,7 +236,7 @@ fn dtypes_are_named_and_checked() {
 fn a_runs_unknown_keys_are_named_at_the_key() {
     let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\ncolour.red = 1"));
     assert!(e.contains("spec.toml:15:1: run[0].colour: 'colour' is not an option of activation_patching runs"), "{e}");
-    assert!(e.contains("(valid: hooks, over, layers)"), "{e}");
+    assert!(e.contains("(valid: hooks, over, layers, window)"), "{e}");
     let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\nlayer = [0]"));
     assert!(
         e.contains("'layer' is not an option of activation_patching runs") && e.contains("did you mean 'layers'?"),

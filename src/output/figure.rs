@@ -40,7 +40,7 @@ impl Scale {
         let finite = values.filter(|v| v.is_finite());
         let (min, max) = finite.clone().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)));
         if !min.is_finite() {
-            return Scale::Diverging { limit: 1.0 };
+            return Scale::Diverging { centre: 0.0, limit: 1.0 };
         }
         if min < 0.0 {
             Scale::symmetric(finite)

@@ -53,7 +53,7 @@ pub fn metric_centres(m: &Value) -> (Option<f64>, Vec<Option<f64>>) {
     // With noise corruption each prompt has several corrupted runs (samples), prompt-fastest:
     // run s·n + p is sample s of prompt p, as the patching kinds average them.
     let n = prompt_count(m);
-    if n == 0 || all.len() % n != 0 {
+    if n == 0 || all.is_empty() || !all.len().is_multiple_of(n) {
         return (mean, Vec::new());
     }
     let per_prompt = (0..n)
