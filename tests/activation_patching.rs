@@ -54,6 +54,7 @@ fn ours(model: &Model, prep: &CleanCorrupted, site: Site, axes: Axes, schedule: 
         Axes::LayerHead => vec![l, h],
         Axes::LayerHeadDest => vec![l, h, p],
         Axes::LayerHeadDestSrc => vec![l, h, p, p],
+        Axes::LayerRole | Axes::LayerRoleHead => unreachable!("roles are checked in roles_vs_transformer_lens.rs"),
     };
     Tensor::from_slice(&means).view(shape.as_slice()).to_kind(Kind::Float)
 }

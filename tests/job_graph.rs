@@ -476,3 +476,37 @@ fn a_run_off_a_terminal_logs_progress_lines_with_the_time_left() {
     assert_eq!(done, of, "{last}");
     assert!(!run(true).contains("tl-run: "), "--quiet logs no progress");
 }
+
+/// A job's key holds only what its kind reads: a changed metric redoes every job that reads the
+/// answers but not the head scores over the prompts; a run's own `per_prompt` writes prompt rows
+/// for that run alone and redoes only its jobs.
+#[test]
+fn a_job_is_redone_only_when_what_it_reads_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (out, model) = (tmp.path().join("out"), fixture("gpt2-tiny").display().to_string());
+    let o = out.display().to_string();
+    let first = ok(&["run", &ioi(), "--model-id", &model, "--out", &o, "--quiet"]);
+    let (ran, _) = job_counts(&first);
+    let scores = std::fs::read(out.join("head-scores.parquet")).unwrap();
+    let text = std::fs::read_to_string(ioi()).unwrap();
+    let write = |name: &str, text: String| {
+        let spec = tmp.path().join(name);
+        std::fs::write(&spec, text).unwrap();
+        spec.display().to_string()
+    };
+    let logprob = text.replace("kind = \"logit_diff\"", "kind = \"logprob\"");
+    assert_ne!(logprob, text);
+    let again = ok(&["run", &write("logprob.toml", logprob), "--model-id", &model, "--out", &o, "--quiet"]);
+    assert_eq!(job_counts(&again), (ran - 1, 1), "only head-scores (over the prompts, no answers) is stored");
+    assert_eq!(std::fs::read(out.join("head-scores.parquet")).unwrap(), scores);
+
+    let per_prompt = text.replace("name = \"dla-layers\"", "name = \"dla-layers\"\nper_prompt = true");
+    assert_ne!(per_prompt, text);
+    let third = ok(&["run", &write("per-prompt.toml", per_prompt), "--model-id", &model, "--out", &o, "--quiet"]);
+    assert_eq!(job_counts(&third), (1, ran - 1), "only the dla-layers job's key changed");
+    let dla = Table::read(&out.join("dla-layers.parquet"));
+    let prompts: std::collections::BTreeSet<i64> = (0..dla.len()).filter_map(|i| dla.int("prompt", i)).collect();
+    assert_eq!(prompts, (0..8).collect(), "dla-layers has rows for each of the 8 prompts");
+    let heads = Table::read(&out.join("dla-heads.parquet"));
+    assert!((0..heads.len()).all(|i| heads.int("prompt", i).is_none()), "dla-heads has mean rows only");
+}

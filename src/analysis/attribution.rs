@@ -109,6 +109,9 @@ fn linear_estimate(target: Target, delta_times_grad: &Tensor) -> Tensor {
         (Axes::LayerHead, true) => x.sum_dim_intlist(&[2i64, 3][..], false, Kind::Float),
         (Axes::LayerHeadDest, _) => x.sum_dim_intlist(-1, false, Kind::Float),
         (Axes::LayerHeadDestSrc, _) => x.shallow_clone(),
+        // Refused when the spec is read (kinds::attribution_patching): a role is a different
+        // position in each prompt.
+        (Axes::LayerRole | Axes::LayerRoleHead, _) => unreachable!("attribution by role"),
     };
     reduced.reshape([n, -1])
 }

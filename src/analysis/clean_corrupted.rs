@@ -42,6 +42,9 @@ pub struct CleanCorrupted {
     /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
     /// the positions from `first_diff` on (None when first_diff is 0).
     pub prefix: Option<Prefix>,
+    /// Template prompts: each role's position in every row ([role][row], rows = the prompts
+    /// repeated per noise sample), read by role cells.
+    pub role_positions: Vec<Vec<i64>>,
     /// The corrupted run kept for the attribution pass's backward (when one follows), which
     /// then needs no forward of its own; taken by the first pass it covers.
     pending_backward: std::sync::Mutex<Option<PendingBackward>>,
@@ -158,6 +161,7 @@ impl CleanCorrupted {
             corrupted_per_prompt,
             first_diff,
             prefix,
+            role_positions: Vec::new(),
             pending_backward: std::sync::Mutex::new(pending),
         })
     }

@@ -18,6 +18,10 @@ pub enum Axes {
     LayerHeadDest,
     /// one pattern entry: (layer, head, dest, src).
     LayerHeadDestSrc,
+    /// resid and block outputs at one role of template prompts (each prompt's own position).
+    LayerRole,
+    /// z/q/k/v at one role: (layer, role, head).
+    LayerRoleHead,
 }
 
 impl Axes {
@@ -28,7 +32,14 @@ impl Axes {
             Axes::LayerHead => &["layer", "head"],
             Axes::LayerHeadDest => &["layer", "head", "dest"],
             Axes::LayerHeadDestSrc => &["layer", "head", "dest", "src"],
+            Axes::LayerRole => &["layer", "role"],
+            Axes::LayerRoleHead => &["layer", "role", "head"],
         }
+    }
+
+    /// Whether a cell is a role of the prompts, at a position of its own in each.
+    pub fn by_role(self) -> bool {
+        matches!(self, Axes::LayerRole | Axes::LayerRoleHead)
     }
 }
 
@@ -45,8 +56,12 @@ impl Target {
     /// Which axes each site can be swept over, as in patching.py.
     pub fn new(site: Site, axes: Axes) -> Result<Target> {
         let ok = match site {
-            Site::ResidPre | Site::ResidMid | Site::ResidPost | Site::AttnOut | Site::MlpOut => axes == Axes::LayerPos,
-            Site::Z | Site::Q | Site::K | Site::V => matches!(axes, Axes::LayerPosHead | Axes::LayerHead),
+            Site::ResidPre | Site::ResidMid | Site::ResidPost | Site::AttnOut | Site::MlpOut => {
+                matches!(axes, Axes::LayerPos | Axes::LayerRole)
+            }
+            Site::Z | Site::Q | Site::K | Site::V => {
+                matches!(axes, Axes::LayerPosHead | Axes::LayerHead | Axes::LayerRoleHead)
+            }
             Site::Pattern => matches!(axes, Axes::LayerHead | Axes::LayerHeadDest | Axes::LayerHeadDestSrc),
             _ => false,
         };
@@ -80,6 +95,9 @@ pub struct Cell {
     pub pos: Option<i64>,
     pub dest: Option<i64>,
     pub src: Option<i64>,
+    /// A role cell: the role's index; `pos` is then its latest position over the prompts (what
+    /// `cannot_change` compares).
+    pub role: Option<usize>,
 }
 
 fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
@@ -91,8 +109,20 @@ fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
 
 /// Every cell of `target` at one layer, in row-major order of the target's axes.
 pub fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: usize, seq: i64) -> Vec<Cell> {
+    cells_with_roles(cfg, target, layer, seq, &[])
+}
+
+/// `cells_at`, role targets' cells from `roles`: each role's position in every prompt.
+pub fn cells_with_roles(
+    cfg: &crate::model::config::ModelConfig,
+    target: Target,
+    layer: usize,
+    seq: i64,
+    roles: &[Vec<i64>],
+) -> Vec<Cell> {
     let heads = heads_at(cfg, target.site);
-    let base = Cell { layer, head: None, pos: None, dest: None, src: None };
+    let base = Cell { layer, head: None, pos: None, dest: None, src: None, role: None };
+    let role = |r: usize| Cell { role: Some(r), pos: roles[r].iter().copied().max(), ..base };
     let mut out = Vec::new();
     match target.axes {
         Axes::LayerPos => out.extend((0..seq).map(|p| Cell { pos: Some(p), ..base })),
@@ -112,6 +142,12 @@ pub fn cells_at(cfg: &crate::model::config::ModelConfig, target: Target, layer: 
                 for d in 0..seq {
                     out.extend((0..seq).map(|s| Cell { head: Some(h), dest: Some(d), src: Some(s), ..base }));
                 }
+            }
+        }
+        Axes::LayerRole => out.extend((0..roles.len()).map(role)),
+        Axes::LayerRoleHead => {
+            for r in 0..roles.len() {
+                out.extend((0..heads).map(|h| Cell { head: Some(h), ..role(r) }));
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
-pub use crate::analysis::patch_cells::{cannot_change, cells_at, Axes, Cell, Target};
+pub use crate::analysis::patch_cells::{cannot_change, cells_at, cells_with_roles, Axes, Cell, Target};
 
 /// A finished sweep: cells in TransformerLens's row-major order with per-prompt metric values.
 pub struct Sweep {
@@ -36,15 +36,25 @@ impl Sweep {
 /// block is the n prompts of one cell; `cells` pairs a block index with its cell, and blocks not
 /// named stay unpatched), shaped to broadcast against the activation.
 /// `skip` positions are not computed (a key-value prefix): position coordinates shift by it.
-fn patch_mask(target: Target, cells: &[(i64, Cell)], blocks: i64, n: i64, act_shape: &[i64], skip: i64) -> Tensor {
+/// Role cells read each row's position from `roles` ([role][row of a block]); a row whose
+/// position is in the prefix is left alone (there clean and corrupted are equal).
+fn patch_mask(
+    target: Target,
+    cells: &[(i64, Cell)],
+    blocks: i64,
+    n: i64,
+    act_shape: &[i64],
+    skip: i64,
+    roles: &[Vec<i64>],
+) -> Tensor {
     let rows = blocks * n;
     // The mask's shape: activation shape with broadcast (size-1) axes where a cell covers all.
     let attn = target.site == Site::Pattern;
     let mut shape = act_shape.to_vec();
     shape[0] = rows;
     match target.axes {
-        Axes::LayerPos => shape[2] = 1,
-        Axes::LayerPosHead => shape[3] = 1,
+        Axes::LayerPos | Axes::LayerRole => shape[2] = 1,
+        Axes::LayerPosHead | Axes::LayerRoleHead => shape[3] = 1,
         Axes::LayerHead if attn => {
             shape[2] = 1;
             shape[3] = 1
@@ -59,16 +69,23 @@ fn patch_mask(target: Target, cells: &[(i64, Cell)], blocks: i64, n: i64, act_sh
     // One coordinate list per mask axis (0 on broadcast axes), one entry per row.
     let mut coords: Vec<Vec<i64>> = vec![Vec::with_capacity(cells.len() * n as usize); shape.len()];
     for &(k, c) in cells {
-        let (pos, dest) = (c.pos.unwrap_or(0) - skip, c.dest.unwrap_or(0) - skip);
-        let at: Vec<i64> = match (target.axes, attn) {
-            (Axes::LayerPos, _) => vec![pos, 0],
-            (Axes::LayerPosHead, _) => vec![pos, c.head.unwrap_or(0), 0],
-            (Axes::LayerHead, true) => vec![c.head.unwrap_or(0), 0, 0],
-            (Axes::LayerHead, false) => vec![0, c.head.unwrap_or(0), 0],
-            (Axes::LayerHeadDest, _) => vec![c.head.unwrap_or(0), dest, 0],
-            (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), dest, c.src.unwrap_or(0)],
-        };
+        let dest = c.dest.unwrap_or(0) - skip;
         for i in 0..n {
+            let pos = match c.role {
+                Some(r) => roles[r][i as usize] - skip,
+                None => c.pos.unwrap_or(0) - skip,
+            };
+            if pos < 0 {
+                continue;
+            }
+            let at: Vec<i64> = match (target.axes, attn) {
+                (Axes::LayerPos | Axes::LayerRole, _) => vec![pos, 0],
+                (Axes::LayerPosHead | Axes::LayerRoleHead, _) => vec![pos, c.head.unwrap_or(0), 0],
+                (Axes::LayerHead, true) => vec![c.head.unwrap_or(0), 0, 0],
+                (Axes::LayerHead, false) => vec![0, c.head.unwrap_or(0), 0],
+                (Axes::LayerHeadDest, _) => vec![c.head.unwrap_or(0), dest, 0],
+                (Axes::LayerHeadDestSrc, _) => vec![c.head.unwrap_or(0), dest, c.src.unwrap_or(0)],
+            };
             coords[0].push(k * n + i);
             for (ax, v) in at.iter().enumerate() {
                 coords[ax + 1].push(*v);
@@ -334,7 +351,8 @@ fn patches(
                 .copied()
                 .collect();
             let clean = clean_at(prep, *target, layer)?;
-            let patch = patch_mask(*target, &mine, k, n, &clean.size(), skip).to_device(model.device);
+            let patch =
+                patch_mask(*target, &mine, k, n, &clean.size(), skip, &prep.role_positions).to_device(model.device);
             let source = clean.repeat(repeat_dims(k, clean.dim()));
             let mut edit = Intervention::new(Edit::Where { mask: patch, source });
             if offset > 0 {

@@ -87,7 +87,8 @@ pub fn compile_tokenized(
         run.check_model(cfg, &spec.file).map_err(Error::Config)?;
     }
     let (seq, first_diff) = toks.as_ref().map_or((0, 0), |t| (t.clean.size()[1] as usize, first_changed(t)));
-    let mut plan = Plan::build(spec, cfg, seq, first_diff);
+    let roles: Vec<Vec<i64>> = toks.as_ref().map_or(Vec::new(), |t| t.roles.iter().map(|(_, at)| at.clone()).collect());
+    let mut plan = Plan::build(spec, cfg, seq, first_diff, &roles);
     let digests = match files {
         Some(f) => crate::model::digest::model_digests(f)?,
         None => vec![],

@@ -1,7 +1,8 @@
 //! Content keys of work jobs. A key is the sha256 of everything a job's rows depend on: the
-//! model's files (weights, config, tokenizer) by digest, the weight processing and dtype, the
-//! tokens and answers, the corruption and metric, the job's own intervention (kind, options,
-//! target, layer) and the engine (tl-run version, commit and binary). Two jobs with one key
+//! model's files (weights, config, tokenizer) by digest, the weight processing, dtype and
+//! attention kernel, those of the tokens, answers, corruption and metric its kind reads, whether
+//! it writes per-prompt rows, the job's own intervention (kind, options, target, layer) and the
+//! engine (tl-run version, commit and binary). Two jobs with one key
 //! produce identical rows, so a stored result can stand in for running the job. The run's name
 //! is not part of it: a renamed run reuses its rows.
 use std::path::PathBuf;
@@ -60,29 +61,32 @@ fn sha256_json(v: &serde_json::Value) -> String {
 
 /// Sets the key of every work job of `plan`.
 pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &[(PathBuf, String)]) -> Result<()> {
-    let base = serde_json::json!({
+    let model = serde_json::json!({
         "engine": engine_id(),
         "model_files": digests.iter().map(|(_, d)| d).collect::<Vec<_>>(),
         "processing": spec.model.processing,
         "dtype": format!("{:?}", spec.model.kind()?),
-        "tokens": toks.map(|t| &t.record),
-        "answers": toks.map(answers_key),
-        "corruption": spec.corruption,
-        "metric": spec.metric,
+        "attention": spec.model.attention,
     });
-    // Added after keys existed: a default run's key is what it was before.
-    let base = match spec.model.attention {
-        crate::model::AttentionKernel::Fused => base,
-        other => serde_json::json!({"base": base, "attention": other}),
-    };
-    let base = sha256_json(&base);
     for job in plan.jobs.iter_mut().filter(|j| j.task.is_work()) {
         let (run, part) = match job.task {
             Task::Patch { run, target, layer } => (run, Part::TargetLayer { target, layer }),
             task => (task.run().expect("work jobs belong to a run"), Part::Whole),
         };
-        let what = crate::kinds::job_key(&spec.runs[run], part)?;
-        job.key = Some(sha256_json(&serde_json::json!({"base": base, "job": what})));
+        let r = &spec.runs[run];
+        // Only the sections the job's kind reads: a changed metric does not invalidate head
+        // scores on random tokens, nor changed prompts a run that reads none.
+        let needs = r.kind.needs();
+        let metric = &spec.metric;
+        let reads = serde_json::json!({
+            "tokens": toks.filter(|_| needs.prompts).map(|t| &t.record),
+            "answers": toks.filter(|_| needs.answers).map(answers_key),
+            "corruption": needs.corruption.then_some(&spec.corruption),
+            "metric": needs.answers.then(|| serde_json::json!([metric.kind, metric.normalize, metric.wrong])),
+            "per_prompt": r.per_prompt.unwrap_or(metric.per_prompt),
+        });
+        let what = crate::kinds::job_key(r, part)?;
+        job.key = Some(sha256_json(&serde_json::json!({"model": model, "reads": reads, "job": what})));
     }
     Ok(())
 }

@@ -127,7 +127,7 @@ impl Plan {
     ///
     /// Over 80 lines: the jobs in the order they run (tokenize, load, shared passes, each run's
     /// work jobs and write, the manifest), each step reading the ids the earlier ones got.
-    pub fn build(spec: &Spec, cfg: &ModelConfig, seq: usize, first_diff: i64) -> Plan {
+    pub fn build(spec: &Spec, cfg: &ModelConfig, seq: usize, first_diff: i64, roles: &[Vec<i64>]) -> Plan {
         let mut jobs: Vec<Job> = Vec::new();
         let blank = |task| Job {
             id: 0,
@@ -190,7 +190,8 @@ impl Plan {
         let chunk = cells_per_forward(cfg, n as i64, seq as i64, device);
         let mut writes = Vec::new();
         for (r, run) in spec.runs.iter().enumerate() {
-            let sizing = Sizing { cfg, seq, first_diff, n, chunk, layers: run.layers_or_all(cfg.n_layers) };
+            let layers = run.layers_or_all(cfg.n_layers);
+            let sizing = Sizing { cfg, seq, first_diff, n, chunk, layers, roles };
             let Some(kind) = kinds::by_name(run.kind_name()) else { continue };
             // A job reads the shared pass its kind needs, else the model and the prompts.
             let needs = run.kind.needs();

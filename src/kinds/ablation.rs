@@ -303,10 +303,12 @@ fn ablation(cx: &RunContext, run: &RunSpec, a: &AblationSpec) -> Result<JobOutpu
     for (units, values) in &out.cells {
         let row = if let [u] = units.as_slice() {
             let (h, k) = unit_index(a, u);
-            Row { hook: hook_of(u), layer: Some(u.layer as i32), head: h, neuron: k, ..base.clone() }
+            let unit = Some(unit_label(a, u));
+            Row { hook: hook_of(u), layer: Some(u.layer as i32), head: h, neuron: k, unit, ..base.clone() }
         } else {
             let label = units.iter().map(|u| unit_label(a, u)).collect::<Vec<_>>().join("+");
-            Row { hook: a.site.name().to_string(), label: Some(format!("ablated {label}")), ..base.clone() }
+            let unit = Some(label.clone());
+            Row { hook: a.site.name().to_string(), label: Some(format!("ablated {label}")), unit, ..base.clone() }
         };
         with_prompts(cx, row, values, mean(values), None, &mut rows);
     }

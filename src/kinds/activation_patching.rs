@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use crate::analysis::patching::cannot_change;
 use crate::analysis::patching::Axes;
-use crate::analysis::patching::{cells_at, sweep_together, Schedule, Target};
+use crate::analysis::patching::{cells_with_roles, sweep_together, Schedule, Target};
 use crate::error::{Error, Result};
 use crate::kinds::options::{check_sites, resolve_patch_targets, Located};
 use crate::kinds::shared::context::{per_prompt, with_prompts, CellRows, RunContext};
@@ -110,7 +110,7 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
     for (t, (site, axes)) in targets.iter().enumerate() {
         for &layer in &z.layers {
             let target = Target { site: *site, axes: *axes, window: *window };
-            let at = cells_at(z.cfg, target, layer, z.seq as i64);
+            let at = cells_with_roles(z.cfg, target, layer, z.seq as i64, z.roles);
             // A window's forwards start at its first layer.
             let from = target.window_layers(layer, z.cfg.n_layers).start;
             let filled = at.iter().filter(|c| cannot_change(c, z.first_diff)).count();
@@ -161,7 +161,14 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
         let (site, axes) =
             *targets.get(target).ok_or_else(|| Error::Other(format!("run '{}' has no target {target}", run.name)))?;
         let t = Target::new(site, axes)?.with_window(*window);
-        parts.push((t, cells_at(&model.cfg, t, layer, prep.seq_len())));
+        if axes.by_role() && prep.role_positions.is_empty() {
+            return Err(Error::Config(format!(
+                "run '{}' patches over roles (over = [{}]), and the prompts have none: roles come from [prompts] templates",
+                run.name,
+                axes.names().join(", ")
+            )));
+        }
+        parts.push((t, cells_with_roles(&model.cfg, t, layer, prep.seq_len(), &prep.role_positions)));
         sites.push((site, axes, layer));
     }
     let total: usize = parts.iter().map(|(_, c)| c.len()).sum();
@@ -185,12 +192,16 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut out = Vec::with_capacity(jobs.len());
     for (j, s) in sweeps.iter().enumerate() {
         let ((run, _), (site, axes, layer)) = (&jobs[j], sites[j]);
-        let mut rows = Vec::with_capacity(s.cells.len() * if cx.spec.metric.per_prompt { n + 1 } else { 1 });
+        let mut rows = Vec::with_capacity(s.cells.len() * if cx.per_prompt(&run.name) { n + 1 } else { 1 });
         let mut cell_rows = CellRows::new(&run.name, "activation_patching", site);
+        let toks = cx.toks()?;
         for (i, c) in s.cells.iter().enumerate() {
             let values: Vec<f64> = per_prompt(&s.per_prompt[i], n).into_iter().map(norm).collect();
             let base = Row { computed: !s.skipped[i], ..cell_rows.row(c) };
-            with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows);
+            match c.role {
+                Some(r) => role_rows(cx, toks, base, r, &values, norm(s.mean(i)), &mut rows),
+                None => with_prompts(cx, base, &values, norm(s.mean(i)), c.pos.or(c.dest), &mut rows),
+            }
         }
         let note = serde_json::json!({
             "hook": site.name(), "over": axes.names(), "layer": layer, "cells": s.cells.len(), "batched_forwards": s.forwards,
@@ -208,6 +219,30 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
         out.push((rows, note));
     }
     Ok(out)
+}
+
+/// A role cell's rows: the mean names the role (its position differs between prompts); a
+/// prompt's row also has the role's position in that prompt's own tokens and the token there.
+fn role_rows(
+    cx: &RunContext,
+    toks: &crate::kinds::shared::inputs::Tokenized,
+    base: Row,
+    role: usize,
+    values: &[f64],
+    mean: f64,
+    rows: &mut Vec<Row>,
+) {
+    let (name, at) = &toks.roles[role];
+    let base = Row { role: Some(name.clone()), pos: None, ..base };
+    if cx.per_prompt(&base.run) {
+        for (p, v) in values.iter().enumerate() {
+            let padded = at[p];
+            let pos = padded - toks.padding(p);
+            let token = toks.token(p, Some(padded));
+            rows.push(Row { prompt: Some(p as i32), value: *v, pos: Some(pos as i32), token, ..base.clone() });
+        }
+    }
+    rows.push(Row { value: mean, ..base });
 }
 
 /// The note of an activation-patching run: its per-layer jobs' notes summed per target.

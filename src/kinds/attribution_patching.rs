@@ -84,7 +84,12 @@ fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<
 
 pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
     at.layers(cx, &r.layers, i);
-    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i).map(|targets| {
+    let targets = resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i)?;
+    if let (Some(over), true) = (&r.over, targets.iter().any(|(_, a)| a.by_role())) {
+        cx.at(over, format!("run[{i}].over"), "attribution_patching runs over positions, not roles: use over = [\"layer\", \"pos\"] (activation_patching patches by role)");
+        return None;
+    }
+    Some(targets).map(|targets| {
         let verify_top = positive(cx, &r.verify_top, format!("run[{i}].verify_top"), 0, 0) as usize;
         RunKind::AttributionPatching(Options {
             targets,
@@ -156,7 +161,7 @@ fn attribution_patching(
     let targets: Vec<Target> = targets.iter().map(|(s, a)| Target::new(*s, *a)).collect::<Result<_>>()?;
     let layers = run.layers_or_all(cx.model.cfg.n_layers);
     let t = Instant::now();
-    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options, cx.spec.metric.per_prompt)?;
+    let atts = attribute_with(model, prep, cx.atp_pass()?, &targets, &layers, options, cx.per_prompt(&run.name))?;
     let atp_secs = t.elapsed().as_secs_f64();
     let mut rows = Vec::new();
     let mut notes = Vec::new();

@@ -235,6 +235,8 @@ pub struct Sizing<'a> {
     pub chunk: usize,
     /// The run's layers.
     pub layers: Vec<usize>,
+    /// Template prompts' roles: each role's position in every prompt.
+    pub roles: &'a [Vec<i64>],
 }
 
 impl Sizing<'_> {
@@ -383,7 +385,15 @@ mod tests {
     #[test]
     fn patch_cost_counts_the_positions_after_the_prefix_the_run_reuses() {
         let cfg = crate::model::config::ModelConfig::new(4, 8, 2, 4, 16, 32).unwrap();
-        let z = |first_diff| Sizing { cfg: &cfg, seq: 10, first_diff, n: 2, chunk: 1, layers: vec![0, 1, 2, 3] };
+        let z = |first_diff| Sizing {
+            cfg: &cfg,
+            seq: 10,
+            first_diff,
+            n: 2,
+            chunk: 1,
+            layers: vec![0, 1, 2, 3],
+            roles: &[],
+        };
         // 3 cells × 2 prompts, layers 1..4, all 10 positions when nothing is reused.
         assert_eq!(z(0).patch_cost(3, 1), 18.0);
         assert_eq!(z(10).patch_cost(3, 1), 18.0);

@@ -38,6 +38,8 @@ fn axes_of(over: &[String]) -> Option<Axes> {
         ["layer", "head"] => Axes::LayerHead,
         ["layer", "head", "dest"] => Axes::LayerHeadDest,
         ["layer", "head", "dest", "src"] => Axes::LayerHeadDestSrc,
+        ["layer", "role"] => Axes::LayerRole,
+        ["layer", "role", "head"] | ["layer", "head", "role"] => Axes::LayerRoleHead,
         _ => return None,
     })
 }
@@ -124,7 +126,14 @@ pub(crate) fn resolve_run(
     }
     let kind = out?;
     let Located { layers, layers_at, keys_at } = located;
-    (cx.diags.len() == before).then(|| RunSpec { name: head.name.get_ref().clone(), kind, layers, layers_at, keys_at })
+    (cx.diags.len() == before).then(|| RunSpec {
+        name: head.name.get_ref().clone(),
+        kind,
+        layers,
+        layers_at,
+        keys_at,
+        per_prompt: head.per_prompt,
+    })
 }
 
 /// The patch targets of `hooks` over `over` (patching.py's names and its grouped targets).
@@ -142,7 +151,7 @@ pub(crate) fn resolve_patch_targets(
             Some(a) => Some(a),
             None => {
                 cx.at(over, key("over"), format!(
-                    "unknown axes {:?} (valid: [layer, pos], [layer, pos, head], [layer, head], [layer, head, dest], [layer, head, dest, src])",
+                    "unknown axes {:?} (valid: [layer, pos], [layer, pos, head], [layer, head], [layer, head, dest], [layer, head, dest, src], [layer, role], [layer, role, head])",
                     over.get_ref()
                 ));
                 return None;

@@ -16,6 +16,9 @@ pub struct RunSpec {
     /// Where the options checked against the model were given (top_k, units, seq_len,
     /// token_range), by key, as (line, column).
     pub keys_at: BTreeMap<&'static str, (usize, usize)>,
+    /// `per_prompt` of the [[run]] (None: [metric] per_prompt decides).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_prompt: Option<bool>,
 }
 
 impl RunSpec {

@@ -7,6 +7,9 @@ use tch::{Kind, Tensor};
 
 use crate::error::{Error, Result};
 
+/// A token's byte range in the text it was read from, (start, end).
+pub type ByteRange = (usize, usize);
+
 #[derive(Clone)]
 pub struct TextTokenizer {
     tok: tokenizers::Tokenizer,
@@ -79,6 +82,22 @@ impl TextTokenizer {
             _ => {}
         }
         Ok(ids)
+    }
+
+    /// Token ids of one prompt with each token's byte range in `text` (an added BOS has an
+    /// empty range at 0).
+    pub fn encode_with_offsets(&self, text: &str, prepend_bos: bool) -> Result<(Vec<i64>, Vec<ByteRange>)> {
+        let enc = self.tok.encode(text, self.prepends_bos).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let ids = self.encode(text, prepend_bos)?;
+        let mut offsets: Vec<ByteRange> = enc.get_offsets().to_vec();
+        // Line the offsets up with `encode`'s BOS handling.
+        while offsets.len() > ids.len() {
+            offsets.remove(0);
+        }
+        while offsets.len() < ids.len() {
+            offsets.insert(0, (0, 0));
+        }
+        Ok((ids, offsets))
     }
 
     /// Several prompts as one left-padded batch. No prompts, or a prompt of no tokens, is an

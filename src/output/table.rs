@@ -40,6 +40,12 @@ pub struct Row {
     /// attribution_patching with verify_top: the real activation-patching change of the metric
     /// for this cell (same units as `value`).
     pub patched: Option<f64>,
+    /// The prompt role a cell patches ("S2", "END", "subject_last"): its position in each prompt
+    /// (`pos` on per-prompt rows).
+    pub role: Option<String>,
+    /// ablation: the unit (or units, joined by "+") ablated, as TransformerLens names them
+    /// ("L1H4", "L0N17", "L2 attn_out").
+    pub unit: Option<String>,
 }
 
 pub fn schema() -> Schema {
@@ -63,6 +69,8 @@ pub fn schema() -> Schema {
         i("token_id"),
         Field::new("pattern", DataType::Utf8, true),
         Field::new("patched", DataType::Float64, true),
+        Field::new("role", DataType::Utf8, true),
+        Field::new("unit", DataType::Utf8, true),
     ])
 }
 
@@ -106,6 +114,8 @@ fn to_batch_as<R: Borrow<Row> + Sync>(rows: &[R], run: Option<&str>) -> Result<R
         i(|r| r.token_id),
         opt_s(|r| r.pattern.as_deref()),
         Box::new(move || Arc::new(Float64Array::from_iter(rows().map(|r| r.patched)))),
+        opt_s(|r| r.role.as_deref()),
+        opt_s(|r| r.unit.as_deref()),
     ];
     let columns: Vec<ArrayRef> = columns.par_iter().map(|make| make()).collect();
     RecordBatch::try_new(Arc::new(schema()), columns).map_err(|e| Error::Other(format!("arrow: {e}")))
@@ -209,6 +219,7 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
         let f = |name: &str| col(name).as_primitive::<Float64Type>().clone();
         let (run, kind, hook, token, label, pattern) =
             (s("run"), s("kind"), s("hook"), s("token"), s("label"), s("pattern"));
+        let (role, unit) = (s("role"), s("unit"));
         let (layer, head, pos, dest, src, prompt, neuron, rank, token_id) = (
             i("layer"),
             i("head"),
@@ -244,6 +255,8 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
                 token_id: oi(&token_id, r),
                 pattern: os(&pattern, r),
                 patched: patched.is_valid(r).then(|| patched.value(r)),
+                role: os(&role, r),
+                unit: os(&unit, r),
             });
         }
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 use crate::spec::prompts::{self, PromptPair};
 use crate::spec::raw::*;
 use crate::spec::resolve::Ctx;
+use crate::spec::templates::{self, TemplateSet};
 use toml::Spanned;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -15,6 +16,9 @@ pub enum Corruption {
     SwapPairs,
     /// Corrupted prompts given explicitly (in the spec or the prompt file).
     Prompts,
+    /// A template set's prompts with these slots drawn again (values the clean prompt's slots
+    /// do not hold), everything else kept.
+    Slots(Vec<String>),
     /// Each (from, to) word replaced in every clean prompt.
     ReplaceTokens(Vec<(String, String)>),
     /// Gaussian noise on the token embeddings at given token positions or at the tokens of given
@@ -48,6 +52,11 @@ pub(crate) fn resolve_prompts(
         return (Vec::new(), None);
     };
     let mut prompts = read_prompts(cx, p, base, prompts_file);
+    if let (Some(c), Some(set)) = (&raw.corruption, template_set(p.get_ref())) {
+        if c.kind.get_ref() == "slots" && templates::problems(&set).is_empty() && prompts.len() == set.count {
+            redraw_slots(cx, c, &set, &mut prompts);
+        }
+    }
     let corruption = match &raw.corruption {
         None if prompts.iter().all(|p| p.corrupted.is_some()) && !prompts.is_empty() => Some(Corruption::Prompts),
         None => None,
@@ -69,6 +78,14 @@ fn read_prompts(
 ) -> Vec<PromptPair> {
     let mut prompts: Vec<PromptPair> = Vec::new();
     let p = section.get_ref();
+    if let Some(t) = &p.templates {
+        let other =
+            [p.clean.as_ref().map(|c| c.span()), p.file.as_ref().map(|f| f.span())].into_iter().flatten().next();
+        if let Some(other) = other {
+            cx.at_offset(other.start, "prompts", "give templates, clean + answers, or file: one of them");
+        }
+        return from_templates(cx, p, t);
+    }
     match (&p.clean, &p.file) {
         (Some(clean), None) => {
             if clean.get_ref().is_empty() {
@@ -145,6 +162,96 @@ fn read_prompts(
     prompts
 }
 
+/// The template set of a [prompts] section that gives templates.
+fn template_set(p: &RawPrompts) -> Option<TemplateSet> {
+    Some(TemplateSet {
+        templates: p.templates.as_ref()?.get_ref().clone(),
+        slots: p.slots.as_ref().map(|s| s.get_ref().clone()).unwrap_or_default(),
+        answer: p.answer.as_ref().map(|a| a.get_ref().clone()).unwrap_or_default(),
+        wrong_answer: p.wrong_answer.as_ref().map(|a| a.get_ref().clone()),
+        count: p.count.as_ref().map_or(0, |c| (*c.get_ref()).max(0) as usize),
+        seed: p.seed.as_ref().map_or(0, |s| *s.get_ref() as u64),
+    })
+}
+
+/// The prompts of a template set, each with its roles; every problem at its key.
+fn from_templates(cx: &mut Ctx, p: &RawPrompts, t: &Spanned<Vec<String>>) -> Vec<PromptPair> {
+    let set = template_set(p).expect("templates given");
+    let at = |key: &str| -> usize {
+        let span = match key {
+            "prompts.answer" => p.answer.as_ref().map(|a| a.span()),
+            "prompts.wrong_answer" => p.wrong_answer.as_ref().map(|a| a.span()),
+            k if k.starts_with("prompts.slots") => p.slots.as_ref().map(|s| s.span()),
+            _ => None,
+        };
+        span.unwrap_or(t.span()).start
+    };
+    let mut ok = true;
+    if p.answer.is_none() {
+        cx.at(t, "prompts.answer", "templates need answer = \"{SLOT}\" (the correct answer, e.g. \"{IO}\")");
+        ok = false;
+    }
+    match &p.count {
+        None => {
+            cx.at(t, "prompts.count", "templates need count = N, the number of prompts to generate");
+            ok = false;
+        }
+        Some(c) if *c.get_ref() < 1 => {
+            cx.at(c, "prompts.count", format!("must be at least 1, got {}", c.get_ref()));
+            ok = false;
+        }
+        _ => {}
+    }
+    for (key, given) in [
+        ("answers", p.answers.as_ref().map(|a| a.span())),
+        ("wrong_answers", p.wrong_answers.as_ref().map(|a| a.span())),
+    ] {
+        if let Some(span) = given {
+            cx.at_offset(
+                span.start,
+                format!("prompts.{key}"),
+                "templates take answer = \"{SLOT}\" (and wrong_answer), not per-prompt lists",
+            );
+            ok = false;
+        }
+    }
+    for (key, message) in templates::problems(&set) {
+        cx.at_offset(at(&key), key, message);
+        ok = false;
+    }
+    if !ok {
+        return Vec::new();
+    }
+    templates::generate(&set)
+        .into_iter()
+        .map(|g| {
+            let mut pair = PromptPair::new(g.text, None, g.answer, g.wrong_answer);
+            pair.source = Some(format!("template {}", g.template));
+            pair.roles = g.roles;
+            pair
+        })
+        .collect()
+}
+
+/// kind = "slots": each template prompt's corrupted twin, the slots named drawn again.
+fn redraw_slots(cx: &mut Ctx, c: &RawCorruption, set: &TemplateSet, prompts: &mut [PromptPair]) {
+    let Some(slots) = &c.slots else { return };
+    let unknown: Vec<&String> = slots.get_ref().iter().filter(|s| !set.slots.contains_key(*s)).collect();
+    if !unknown.is_empty() {
+        let known: Vec<&str> = set.slots.keys().map(String::as_str).collect();
+        cx.at(
+            slots,
+            "corruption.slots",
+            format!("{unknown:?} are not slots of the templates (slots: {})", known.join(", ")),
+        );
+        return;
+    }
+    let generated = templates::generate(set);
+    for (p, c) in prompts.iter_mut().zip(templates::corrupt(set, &generated, slots.get_ref())) {
+        p.corrupted = Some(c.text);
+    }
+}
+
 /// The [corruption] section applied to the prompts (their corrupted prompts set or cleared).
 fn resolve_corruption(cx: &mut Ctx, c: &RawCorruption, prompts: &mut [PromptPair]) -> Corruption {
     match c.kind.get_ref().as_str() {
@@ -201,11 +308,30 @@ fn resolve_corruption(cx: &mut Ctx, c: &RawCorruption, prompts: &mut [PromptPair
             }
         },
         "noise" => resolve_noise(cx, c),
+        "slots" => match &c.slots {
+            _ if prompts.iter().any(|p| p.roles.is_empty()) => {
+                cx.at(&c.kind, "corruption.kind", "kind = \"slots\" redraws template slots: give [prompts] templates");
+                Corruption::SwapPairs
+            }
+            Some(s) if !s.get_ref().is_empty() => Corruption::Slots(s.get_ref().clone()),
+            Some(s) => {
+                cx.at(s, "corruption.slots", "give the slots to draw again, e.g. [\"IO\", \"S\"]");
+                Corruption::SwapPairs
+            }
+            None => {
+                cx.at(
+                    &c.kind,
+                    "corruption.slots",
+                    "kind = \"slots\" needs slots = [\"IO\", \"S\"]: the template slots to draw again",
+                );
+                Corruption::SwapPairs
+            }
+        },
         other => {
             cx.at(
                 &c.kind,
                 "corruption.kind",
-                format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise)"),
+                format!("unknown corruption '{other}' (valid: swap_pairs, prompts, replace_tokens, noise, slots)"),
             );
             Corruption::SwapPairs
         }

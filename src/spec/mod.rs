@@ -6,6 +6,7 @@ pub mod corruption;
 pub mod prompts;
 pub mod raw;
 pub mod resolve;
+pub mod templates;
 
 pub use corruption::Corruption;
 pub use resolve::{MetricSpec, ModelSpec, Reads, Run, RunKinds, Spec};

@@ -21,12 +21,24 @@ pub struct PromptPair {
     /// Where the prompt was written, "prompts.jsonl:7", for messages about it.
     #[serde(skip)]
     pub source: Option<String>,
+    /// A template's prompt: each role ("S1", "IO", ...) with the byte span of its filler.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<(String, std::ops::Range<usize>)>,
 }
 
 impl PromptPair {
     /// A prompt with one correct and at most one incorrect answer.
     pub fn new(clean: String, corrupted: Option<String>, correct: String, incorrect: Option<String>) -> PromptPair {
-        PromptPair { clean, corrupted, correct, incorrect, more_correct: vec![], more_incorrect: vec![], source: None }
+        PromptPair {
+            clean,
+            corrupted,
+            correct,
+            incorrect,
+            more_correct: vec![],
+            more_incorrect: vec![],
+            source: None,
+            roles: vec![],
+        }
     }
 
     /// A prompt whose answers are token sets (`correct` non-empty).
@@ -39,6 +51,7 @@ impl PromptPair {
             more_correct: correct[1..].to_vec(),
             more_incorrect: incorrect.iter().skip(1).cloned().collect(),
             source: None,
+            roles: vec![],
         }
     }
 

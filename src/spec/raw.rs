@@ -47,6 +47,14 @@ pub struct RawPrompts {
     pub answers: Option<Spanned<Vec<Spanned<Vec<String>>>>>,
     /// Each prompt's incorrect answers as a token set; with it, `answers` gives the correct sets.
     pub wrong_answers: Option<Spanned<Vec<Spanned<Vec<String>>>>>,
+    /// Templates with {SLOT}s, filled from `slots` (`count` prompts drawn with `seed`); their
+    /// answers are templates too (`answer = "{IO}"`, `wrong_answer = "{S}"`).
+    pub templates: Option<Spanned<Vec<String>>>,
+    pub slots: Option<Spanned<std::collections::BTreeMap<String, Vec<String>>>>,
+    pub answer: Option<Spanned<String>>,
+    pub wrong_answer: Option<Spanned<String>>,
+    pub count: Option<Spanned<i64>>,
+    pub seed: Option<Spanned<i64>>,
     /// JSONL ({"clean", "answers"} or {"prompt", "answer", "wrong_answer"} per line) or
     /// AutoCircuit-style JSON ({"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}]}).
     pub file: Option<Spanned<String>>,
@@ -57,6 +65,8 @@ pub struct RawPrompts {
 pub struct RawCorruption {
     pub kind: Spanned<String>,
     pub prompts: Option<Spanned<Vec<String>>>,
+    /// slots: the template slots drawn again for the corrupted prompt (IOI's ABC: ["IO", "S"]).
+    pub slots: Option<Spanned<Vec<String>>>,
     /// replace_tokens: words replaced in every prompt, {from = to}.
     pub replace: Option<Spanned<std::collections::BTreeMap<String, String>>>,
     /// noise: Gaussian noise on the token embeddings at these token positions or words.
@@ -87,6 +97,8 @@ pub struct RawMetric {
 pub struct RawRun {
     pub name: Spanned<String>,
     pub kind: Spanned<String>,
+    /// One row per prompt besides the mean, for this run (else [metric] per_prompt).
+    pub per_prompt: Option<bool>,
     /// Every other key, with its offset.
     pub keys: Vec<(String, usize)>,
 }
@@ -100,13 +112,14 @@ impl<'de> Deserialize<'de> for RawRun {
                 f.write_str("a [[run]] table")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawRun, A::Error> {
-                let (mut name, mut kind, mut keys) = (None, None, Vec::new());
+                let (mut name, mut kind, mut per_prompt, mut keys) = (None, None, None, Vec::new());
                 // Keys are spanned (values of dotted keys are not): an unknown key is reported
                 // at itself, whatever its value.
                 while let Some(key) = map.next_key::<Spanned<String>>()? {
                     match key.get_ref().as_str() {
                         "name" => name = Some(map.next_value::<Spanned<String>>()?),
                         "kind" => kind = Some(map.next_value::<Spanned<String>>()?),
+                        "per_prompt" => per_prompt = Some(map.next_value::<bool>()?),
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                             let at = key.span().start;
@@ -117,6 +130,7 @@ impl<'de> Deserialize<'de> for RawRun {
                 Ok(RawRun {
                     name: name.ok_or_else(|| de::Error::missing_field("name"))?,
                     kind: kind.ok_or_else(|| de::Error::missing_field("kind"))?,
+                    per_prompt,
                     keys,
                 })
             }

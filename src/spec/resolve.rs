@@ -159,6 +159,11 @@ impl<R: Run> Spec<R> {
                         .into(),
                 );
             }
+            Corruption::Slots(_) => {
+                return Err(
+                    "the spec's corruption is kind = \"slots\", which redraws its templates' slots: prompts from --prompts have none; use a spec with kind = \"prompts\" and corrupted prompts in the file".into(),
+                )
+            }
             Corruption::SwapPairs if !self.prompts.len().is_multiple_of(2) => {
                 return Err(format!("swap_pairs needs an even number of prompts, got {}", self.prompts.len()))
             }

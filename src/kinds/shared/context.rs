@@ -147,6 +147,11 @@ impl<'a> RunContext<'a> {
         }
         Ok(metric)
     }
+    /// Whether run `run` writes a row per prompt besides the mean: its own per_prompt, else
+    /// [metric] per_prompt.
+    pub(crate) fn per_prompt(&self, run: &str) -> bool {
+        self.spec.runs.iter().find(|r| r.name == run).and_then(|r| r.per_prompt).unwrap_or(self.spec.metric.per_prompt)
+    }
     pub(crate) fn bar(&self, len: usize, msg: String) -> ProgressBar {
         let Some(multi) = &self.progress else { return ProgressBar::hidden() };
         let b = multi.add(ProgressBar::new(len as u64));
@@ -182,7 +187,7 @@ pub(crate) fn with_prompts(
     token_pos: Option<i64>,
     out: &mut Vec<Row>,
 ) {
-    if cx.spec.metric.per_prompt {
+    if cx.per_prompt(&base.run) {
         for (p, v) in values.iter().enumerate() {
             out.push(Row { prompt: Some(p as i32), value: *v, token: cx.token(p, token_pos), ..base.clone() });
         }

@@ -30,6 +30,9 @@ pub struct Tokenized {
     pub clean_strs: Vec<Vec<String>>,
     /// Noise corruption: [n, pos] true at the token positions to noise.
     pub noised: Option<Tensor>,
+    /// Template prompts: the roles every prompt has (its slots' fillers, then END, the last
+    /// prompt token), each with its position in every prompt of the padded batch.
+    pub roles: Vec<(String, Vec<i64>)>,
     /// What the manifest records: prepend_bos as applied and every prompt's token ids.
     pub record: serde_json::Value,
 }
@@ -37,6 +40,28 @@ pub struct Tokenized {
 impl Tokenized {
     pub fn n_prompts(&self) -> usize {
         self.clean_strs.len()
+    }
+
+    /// How many pad tokens precede prompt `p` in the left-padded batch.
+    pub fn padding(&self, p: usize) -> i64 {
+        match &self.mask {
+            Some(m) => self.clean.size()[1] - m.get(p as i64).sum(Kind::Int64).int64_value(&[]),
+            None => 0,
+        }
+    }
+
+    /// Role `name`'s position in every prompt, or an error naming the roles there are.
+    pub fn role(&self, name: &str) -> Result<&[i64]> {
+        match self.roles.iter().find(|(r, _)| r == name) {
+            Some((_, at)) => Ok(at),
+            None if self.roles.is_empty() => Err(Error::Config(format!(
+                "role '{name}': the prompts have no roles; roles come from [prompts] templates"
+            ))),
+            None => Err(Error::Config(format!(
+                "role '{name}' is not in every prompt (roles every prompt has: {})",
+                self.roles.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>().join(", ")
+            ))),
+        }
     }
 
     /// The string of prompt p's token at `pos` (prompts repeat past the last: noise samples).
@@ -55,6 +80,7 @@ impl Tokenized {
             sequence: self.sequence.clone(),
             clean_strs: self.clean_strs.clone(),
             noised: self.noised.as_ref().map(Tensor::copy),
+            roles: self.roles.clone(),
             record: self.record.clone(),
         }
     }
@@ -149,6 +175,41 @@ impl Tokenized {
             clean_logprobs: None,
         }
     }
+}
+
+/// Each role every template prompt has, with its position in each prompt of the padded batch:
+/// the last token overlapping the slot's filler (the last subject token, ROME's), then END, the
+/// last prompt token (before any multi-token answer's tail).
+fn role_positions(
+    spec: &Spec,
+    tok: &TextTokenizer,
+    bos: bool,
+    batch: &TokenBatch,
+    tails: &[Vec<i64>],
+) -> Result<Vec<(String, Vec<i64>)>> {
+    if spec.prompts.iter().any(|p| p.roles.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let seq = batch.tokens.size()[1];
+    let mut names: Vec<String> = spec.prompts[0].roles.iter().map(|(r, _)| r.clone()).collect();
+    names.retain(|r| spec.prompts.iter().all(|p| p.roles.iter().any(|(q, _)| q == r)));
+    let mut at: Vec<Vec<i64>> = vec![Vec::new(); names.len() + 1];
+    for (i, p) in spec.prompts.iter().enumerate() {
+        let (_, offsets) = tok.encode_with_offsets(&p.clean, bos)?;
+        let pad = seq - batch.lengths[i] as i64;
+        for (k, name) in names.iter().enumerate() {
+            let span = &p.roles.iter().find(|(r, _)| r == name).expect("every prompt has it").1;
+            let last =
+                offsets.iter().rposition(|&(s, e)| e > s && s < span.end && e > span.start).ok_or_else(|| {
+                    Error::Config(format!("{}: role {name} ({:?}) covers no token", p.name(i), &p.clean[span.clone()]))
+                })?;
+            at[k].push(pad + last as i64);
+        }
+        let tail = tails.get(i).map_or(0, Vec::len) as i64;
+        at[names.len()].push(seq - 1 - tail);
+    }
+    names.push("END".into());
+    Ok(names.into_iter().zip(at).collect())
 }
 
 /// Positions of `word`'s tokens in `ids` (with or without a leading space), if present.
@@ -257,6 +318,7 @@ pub fn tokenize(
         .collect();
     let with_tails = !tails.iter().all(Vec::is_empty);
     let clean = tok.batch_with_tails(&clean_texts, bos, &tails)?;
+    let roles = role_positions(spec, tok, bos, &clean, &tails)?;
     let mut noised = None;
     let corrupted = match &spec.corruption {
         _ if !needs_corruption => None,
@@ -275,7 +337,7 @@ pub fn tokenize(
                 lengths: swapped.iter().map(|&i| clean.lengths[i as usize]).collect(),
             })
         }
-        Corruption::Prompts | Corruption::ReplaceTokens(_) => {
+        Corruption::Prompts | Corruption::ReplaceTokens(_) | Corruption::Slots(_) => {
             let texts: Vec<&str> = spec.prompts.iter().map(|p| p.corrupted.as_deref().unwrap_or(&p.clean)).collect();
             Some(tok.batch_with_tails(&texts, bos, &tails)?)
         }
@@ -347,6 +409,7 @@ pub fn tokenize(
         sequence,
         clean_strs,
         noised,
+        roles,
         record,
     })
 }
@@ -407,5 +470,15 @@ pub(crate) fn clean_corrupted_pass(
         (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
         _ => return Err(Error::Other("patching needs a corruption".into())),
     };
-    CleanCorrupted::keeping_gradients(model, clean, corrupt, toks.mask.as_ref().map(&tile), metric, &sites, grad_points)
+    let mut prep = CleanCorrupted::keeping_gradients(
+        model,
+        clean,
+        corrupt,
+        toks.mask.as_ref().map(&tile),
+        metric,
+        &sites,
+        grad_points,
+    )?;
+    prep.role_positions = toks.roles.iter().map(|(_, at)| at.repeat(samples as usize)).collect();
+    Ok(prep)
 }

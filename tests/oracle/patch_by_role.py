@@ -1,0 +1,89 @@
+"""Patching by role against TransformerLens, on the prompts of a tl-run run's manifest: the clean
+and corrupted prompts, each role's filler as a byte span, and the answers. Each role's position
+in each prompt comes from TransformerLens's own tokenizer as IOIDataset finds word_idx (the
+token count of the prompt up to the end of the filler, minus one); resid_pre over [layer, role]
+and z over [layer, role, head] are patched with those per-prompt index tensors
+(act[arange(n), pos] = clean[arange(n), pos]), measuring the mean logit difference at the last
+position. Prompts are left-padded as to_tokens does (tl-run's `pos` counts a prompt's own tokens).
+
+Usage: python tests/oracle/patch_by_role.py MODEL_DIR MANIFEST OUT_JSON
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
+
+
+def main() -> None:
+    model_dir, manifest_path, out = sys.argv[1:4]
+    model = TransformerBridge.boot_transformers(model_dir, device="cpu")
+    model.enable_compatibility_mode(disable_warnings=True)
+    model.tokenizer.padding_side = "left"
+    with open(manifest_path) as f:
+        prompts = json.load(f)["spec"]["prompts"]
+    clean_text = [p["clean"] for p in prompts]
+    clean = model.to_tokens(clean_text, padding_side="left")
+    corrupted = model.to_tokens([p["corrupted"] for p in prompts], padding_side="left")
+    assert clean.shape == corrupted.shape, "clean and corrupted lengths differ"
+    n, seq = clean.shape
+    lengths = [model.to_tokens(t).shape[1] for t in clean_text]
+    names = [r[0] for r in prompts[0]["roles"]]
+
+    def position(p, name):
+        span = dict((r[0], r[1]) for r in p["roles"])[name]
+        prefix = p["clean"].encode()[: span["end"]].decode()
+        return model.to_tokens(prefix).shape[1] - 1
+
+    pad = [seq - length for length in lengths]
+    role_pos = {name: torch.tensor([pad[i] + position(p, name) for i, p in enumerate(prompts)]) for name in names}
+    role_pos["END"] = torch.full((n,), seq - 1)
+    roles = names + ["END"]
+    answer = lambda s: model.to_tokens(s, prepend_bos=False)[0, 0]  # noqa: E731
+    correct = torch.stack([answer(p["correct"]) for p in prompts])
+    wrong = torch.stack([answer(p["incorrect"]) for p in prompts])
+    rows = torch.arange(n)
+
+    def logit_diff(logits):
+        last = logits[:, -1, :]
+        return (last[rows, correct] - last[rows, wrong]).mean().item()
+
+    attention_mask = (clean != model.tokenizer.pad_token_id).long() if min(pad) < max(pad) else None
+    kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+    result = {"roles": roles, "positions": {r: role_pos[r].tolist() for r in roles}}
+    with torch.no_grad():
+        clean_logits, cache = model.run_with_cache(clean, **kwargs)
+        result["clean"] = logit_diff(clean_logits)
+        result["corrupted"] = logit_diff(model(corrupted, **kwargs))
+        resid = []
+        z = []
+        for layer in range(model.cfg.n_layers):
+            for r in roles:
+                pos = role_pos[r]
+                name = f"blocks.{layer}.hook_resid_pre"
+
+                def restore(act, hook, pos=pos):
+                    act[rows, pos] = cache[hook.name][rows, pos]
+                    return act
+
+                resid.append(logit_diff(model.run_with_hooks(corrupted, fwd_hooks=[(name, restore)], **kwargs)))
+                for h in range(model.cfg.n_heads):
+                    def restore_head(act, hook, pos=pos, h=h):
+                        act[rows, pos, h] = cache[hook.name][rows, pos, h]
+                        return act
+
+                    zname = f"blocks.{layer}.attn.hook_z"
+                    z.append(logit_diff(model.run_with_hooks(corrupted, fwd_hooks=[(zname, restore_head)], **kwargs)))
+        result["resid_pre"] = resid
+        result["z"] = z
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
