@@ -73,8 +73,9 @@ fn patch_mask(
         for i in 0..n {
             let pos = match c.role {
                 Some(r) => roles[r][i as usize] - skip,
-                None => c.pos.unwrap_or(0) - skip,
+                None => c.pos.unwrap_or(skip) - skip,
             };
+            // A role's position inside the prefix: clean equals corrupted there.
             if pos < 0 {
                 continue;
             }
