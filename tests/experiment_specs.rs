@@ -11,10 +11,26 @@ fn run_on(spec_file: &str, model: &str) {
     // The subject words of causal tracing have to be in the prompts.
     let text =
         if gpt2 { text } else { text.replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, r#"words = ["Lily"]"#) };
+    // The fixtures have 2-3 layers: ROME's window of 10 is larger than the model (an error).
+    let text = text.replace("window = 10", "window = 2");
+    // The spec runs from a temporary directory: its prompt files are named in full.
+    let files = format!("file = \"{}/experiments/prompts/", repo_root().display());
+    let text = text.replace("file = \"prompts/", &files);
+    // Template names: stories260K's sentencepiece has few single-token names (a prompt file
+    // cannot stand in for templates, whose corruption redraws their slots).
+    let text = match gpt2 {
+        false if text.contains("templates = ") => {
+            let names = replace_array(&text, "IO = [", r#"IO = ["Lily", "Tim", "mom"]"#);
+            replace_array(&names, "S = [", r#"S = ["Lily", "Tim", "mom"]"#)
+        }
+        _ => text,
+    };
+    // A prompt file standing in for the spec's has no corrupted prompts: its pairs swap.
+    let text = if gpt2 { text } else { text.replace("kind = \"prompts\"", "kind = \"swap_pairs\"") };
     let prompts = prompt_file(model).display().to_string();
     let model_dir = fixture(model).display().to_string();
     let mut args = vec!["--model-id", &model_dir];
-    if !gpt2 && text.contains("[prompts]") {
+    if !gpt2 && text.contains("[prompts]") && !text.contains("templates = ") {
         args.extend(["--prompts", &prompts]);
     }
     let dir = run_spec(&text, &args);
@@ -35,6 +51,14 @@ fn run_on(spec_file: &str, model: &str) {
         );
         assert_eq!(t.str("kind", 0).as_deref(), r["kind"].as_str(), "{spec_file} on {model}: run {name} kind");
     }
+}
+
+/// `text` with the TOML array that starts at the line beginning `start` (through its closing
+/// `]`, which may be lines later) replaced by `with`.
+fn replace_array(text: &str, start: &str, with: &str) -> String {
+    let Some(at) = text.find(&format!("\n{start}")).map(|i| i + 1) else { return text.to_string() };
+    let end = at + text[at..].find(']').expect("the array closes") + 1;
+    format!("{}{with}{}", &text[..at], &text[end..])
 }
 
 /// `plan --json` lists exactly the jobs the run's manifest records, in order, with the same keys,
@@ -168,7 +192,8 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         let word = if uses_gpt2_tokenizer(&fixture_name) { "Mary" } else { "Lily" };
         let text = std::fs::read_to_string(repo_root().join("experiments/causal_tracing.toml"))
             .unwrap()
-            .replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, &format!("words = [\"{word}\"]"));
+            .replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, &format!("words = [\"{word}\"]"))
+            .replace("window = 10", "window = 2");
         let dir = run_spec(&text, &["--model-id", &model_dir, "--prompts", two.to_str().unwrap()]);
         let out = dir.path().join("out");
         let manifest: serde_json::Value =

@@ -1,4 +1,5 @@
-//! The README's pandas/polars example, run with real pandas and polars on real output.
+//! The README's pandas/polars example, run with real pandas and polars on the output of the
+//! default experiment as shipped (SmolLM2-135M, experiments/default.toml).
 mod common;
 
 use std::process::Command;
@@ -24,9 +25,7 @@ fn readme_python_example_reads_our_parquet() {
     let out = tmp.path().join("results");
     let status = Command::new(env!("CARGO_BIN_EXE_tl-run"))
         .args([
-            repo_root().join("experiments/ioi.toml").to_str().unwrap(),
-            "--model-id",
-            fixture("gpt2-tiny").to_str().unwrap(),
+            repo_root().join("experiments/default.toml").to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--quiet",

@@ -86,16 +86,24 @@ impl CleanCorrupted {
         sites: &[Site],
         grad_points: &[HookPoint],
     ) -> Result<Self> {
-        let (corrupted_tokens, corrupt_embed, noise_first) = match corrupt {
-            Corrupt::Tokens(t) => (t, None, None),
+        let (corrupted_tokens, corrupt_embed, noise_first, copies) = match corrupt {
+            Corrupt::Tokens(t) => (t, None, None, 1),
             Corrupt::EmbedNoise { noise, first } => {
-                (clean_tokens.shallow_clone(), Some(noise.to_device(model.device).to_kind(model.kind)), Some(first))
+                let copies = noise.size()[0] / clean_tokens.size()[0].max(1);
+                let tiled = clean_tokens.repeat([copies, 1]);
+                (tiled, Some(noise.to_device(model.device).to_kind(model.kind)), Some(first), copies)
             }
         };
-        if clean_tokens.size() != corrupted_tokens.size() {
+        // The rows every later pass runs: the prompts once per noise sample.
+        let tile = |t: &Tensor| t.repeat(repeat_rows(copies, t.dim()));
+        let (clean_rows, mask_rows) = match copies {
+            1 => (clean_tokens.shallow_clone(), mask.as_ref().map(Tensor::shallow_clone)),
+            _ => (tile(&clean_tokens), mask.as_ref().map(tile)),
+        };
+        if clean_rows.size() != corrupted_tokens.size() {
             return Err(Error::Other(format!(
                 "patching needs clean and corrupted prompts of equal token length: clean {:?} vs corrupted {:?}",
-                clean_tokens.size(),
+                clean_rows.size(),
                 corrupted_tokens.size()
             )));
         }
@@ -104,8 +112,16 @@ impl CleanCorrupted {
             (0..n_layers).flat_map(|l| sites.iter().map(move |s| HookPoint::Block(l, *s))).collect();
         let mut clean_hooks = Hooks::capture(clean_points.iter().copied());
         let started = std::time::Instant::now();
+        // Noise samples are copies of the clean prompts: the clean run is made once per prompt
+        // and its activations repeated for every sample (row s·n + p is prompt p).
         let clean_final = model.run(Input::Tokens(&clean_tokens), mask.as_ref(), &mut clean_hooks, Stop::FinalNorm)?;
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), captured = clean_points.len(), "clean run");
+        let clean_final = if copies > 1 { tile(&clean_final) } else { clean_final };
+        if copies > 1 {
+            for t in clean_hooks.cache.values_mut() {
+                *t = tile(t);
+            }
+        }
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), captured = clean_points.len(), copies, "clean run");
         metric.set_clean_reference(model, &clean_final);
         let corr_points: Vec<HookPoint> = (0..n_layers).map(|l| HookPoint::Block(l, Site::ResidPre)).collect();
         let key_site = if model.cfg.is_rotary() { Site::RotK } else { Site::K };
@@ -121,7 +137,7 @@ impl CleanCorrupted {
         }
         let started = std::time::Instant::now();
         let corr_final =
-            model.run(Input::Tokens(&corrupted_tokens), mask.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
+            model.run(Input::Tokens(&corrupted_tokens), mask_rows.as_ref(), &mut corr_hooks, Stop::FinalNorm)?;
         tracing::debug!(seconds = started.elapsed().as_secs_f64(), keep_graph, "corrupted run");
         let values = |t: &Tensor| -> Result<Vec<f64>> {
             Ok(Vec::<f64>::try_from(metric.per_row(model, t).to_kind(tch::Kind::Double))?)
@@ -138,8 +154,8 @@ impl CleanCorrupted {
         let mut corr_cache: HashMap<HookPoint, Tensor> =
             corr_hooks.cache.drain().map(|(p, t)| (p, if keep_graph { t.detach() } else { t })).collect();
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
-        let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_tokens, &corrupted_tokens));
-        let seq = clean_tokens.size()[1];
+        let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_rows, &corrupted_tokens));
+        let seq = clean_rows.size()[1];
         let prefix = shared_prefix_len(first_diff, seq).map(|len| {
             let len = len as i64;
             let mut take = |l: usize, s: Site| {
@@ -150,10 +166,10 @@ impl CleanCorrupted {
             Prefix { len, keys, values }
         });
         Ok(CleanCorrupted {
-            clean_tokens,
+            clean_tokens: clean_rows,
             corrupted_tokens,
             corrupt_embed,
-            mask,
+            mask: mask_rows,
             metric,
             clean: clean_hooks.cache,
             corrupted_resid_pre,
@@ -199,6 +215,13 @@ impl CleanCorrupted {
     pub fn corrupted_baseline(&self) -> f64 {
         mean(&self.corrupted_per_prompt)
     }
+}
+
+/// Repeat counts that tile a tensor of `dim` dimensions `copies` times along rows.
+fn repeat_rows(copies: i64, dim: usize) -> Vec<i64> {
+    let mut r = vec![1; dim];
+    r[0] = copies;
+    r
 }
 
 /// How many leading positions the patched forwards take from the corrupted run's keys and values:

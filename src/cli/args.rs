@@ -54,8 +54,14 @@ pub enum Command {
         /// Hub id, local directory or .gguf file.
         model: String,
         /// Texts to tokenize.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "spec")]
         texts: Vec<String>,
+        /// Also the first prompts of this spec (templates: with the role each token holds).
+        #[arg(long)]
+        spec: Option<std::path::PathBuf>,
+        /// How many of the spec's prompts to show.
+        #[arg(long, default_value_t = 4)]
+        first: usize,
         /// An answer to check (repeat for several), tokenized as the metric does (no BOS).
         #[arg(long = "answer")]
         answers: Vec<String>,
@@ -103,6 +109,10 @@ pub enum Command {
         /// Also show how the jobs split over this many shards (and each shard's cost).
         #[arg(long)]
         shards: Option<usize>,
+        /// Estimate the run's time from one timed forward of the prompts (loads the weights;
+        /// without it the estimate uses the output directory's last run, if any).
+        #[arg(long, conflicts_with = "json")]
+        estimate: bool,
     },
     /// Fetch into the hub cache every file runs of these models need (config, tokenizer,
     /// weights) and print each resolved commit, so that `HF_HUB_OFFLINE=1 tl-run ...` works on a

@@ -1,5 +1,6 @@
 //! One function per command, dispatched from the parsed arguments (args.rs).
 mod args;
+mod calibrate;
 mod tokenize;
 
 use std::collections::HashMap;
@@ -63,9 +64,13 @@ pub fn dispatch(args: Args) -> Result<()> {
             let bos = bos_choice(prepend_bos, no_prepend_bos);
             cache(&model, &prompts, &hooks, &out, bos)
         }
-        Command::Tokenize { model, texts, answers, revision, no_prepend_bos, prepend_bos, json } => {
+        Command::Tokenize { model, texts, spec, first, answers, revision, no_prepend_bos, prepend_bos, json } => {
             let bos = bos_choice(prepend_bos, no_prepend_bos);
-            tokenize::print(&model, revision.as_deref(), &texts, &answers, bos, json)
+            let from_spec = match &spec {
+                Some(path) => tokenize::spec_prompts(path, first)?,
+                None => Vec::new(),
+            };
+            tokenize::print(&model, revision.as_deref(), &texts, &from_spec, &answers, bos, json)
         }
         Command::Run { spec, quiet, fresh, shard, report } => run(&spec, !quiet, fresh, shard.as_deref(), report),
         Command::Download { models, revision, spec, zoo } => download(&models, revision.as_deref(), &spec, &zoo),
@@ -85,7 +90,9 @@ pub fn dispatch(args: Args) -> Result<()> {
             );
             Ok(())
         }
-        Command::Plan { spec, json, shards } => plan(&spec, Some(PlanOutput { json, shards })),
+        Command::Plan { spec, json, shards, estimate } => {
+            plan(&spec, Some(PlanOutput { json, shards, calibrate: estimate }))
+        }
         Command::Validate { spec } => plan(&spec, None),
         Command::Merge { dir, keep_shards } => {
             let merged = tl_run::graph::merge::merge(&dir, keep_shards)?;
@@ -220,6 +227,18 @@ fn preflight(spec: &Spec) -> Result<Preflight> {
 struct PlanOutput {
     json: bool,
     shards: Option<usize>,
+    /// Time one forward for the time estimate (loads the weights).
+    calibrate: bool,
+}
+
+/// "42 s", "7 min 15 s", "2 h 5 min".
+fn human_seconds(s: f64) -> String {
+    let s = s.max(0.0).round() as u64;
+    match s {
+        0..=59 => format!("{s} s"),
+        60..=3599 => format!("{} min {} s", s / 60, s % 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
 }
 
 /// `plan` (with output) or `validate` (None).
@@ -239,8 +258,23 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
         );
         return Ok(());
     };
+    let calibration_tokens =
+        pf.toks.as_ref().map(|t| (t.clean.shallow_clone(), t.mask.as_ref().map(tch::Tensor::shallow_clone)));
     let compiled = tl_run::graph::execute::compile_tokenized(&spec, &pf.model.cfg, pf.toks, Some(&pf.model.files))?;
     let plan = &compiled.plan;
+    let work: f64 = plan.jobs.iter().map(|j| j.cost).sum();
+    let rate = match out.calibrate {
+        true => Some(calibrate::calibrate(&spec, &pf.model, calibration_tokens)?),
+        false => calibrate::from_store(&spec.output_dir, plan),
+    };
+    let estimate = match rate {
+        Some(c) => format!(
+            "estimated: {work:.0} layer-rows of forward work, about {} ({})",
+            human_seconds(work * c.seconds_per_layer_row),
+            c.what
+        ),
+        None => format!("estimated: {work:.0} layer-rows of forward work (--estimate times one forward for a time)"),
+    };
     let owner = match out.shards {
         Some(n) => {
             anyhow::ensure!(n > 0, "--shards must be at least 1");
@@ -260,6 +294,7 @@ fn plan(a: &SpecArgs, output: Option<PlanOutput>) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&jobs)?);
     } else {
         print!("{}", plan.render());
+        println!("{estimate}");
     }
     if let (Some(n), Some(owner)) = (out.shards, owner) {
         let mut cost = vec![0.0f64; n];

@@ -2,6 +2,13 @@
 //! tokenize, so a researcher can pick positions and single-token answers before writing a spec.
 use anyhow::Result;
 use tl_run::model::Described;
+use tl_run::spec::prompts::PromptPair;
+
+/// The first `first` prompts of a spec (generated from its templates, with their roles).
+pub fn spec_prompts(path: &std::path::Path, first: usize) -> Result<Vec<PromptPair>> {
+    let spec = tl_run::kinds::resolve_file(path)?;
+    Ok(spec.prompts.into_iter().take(first).collect())
+}
 
 /// A token as text with its spaces and unusual characters visible: quoted, control characters
 /// escaped, everything else (a leading space, a non-breaking space, non-Latin text) as it is.
@@ -27,6 +34,7 @@ pub fn print(
     model: &str,
     revision: Option<&str>,
     texts: &[String],
+    from_spec: &[PromptPair],
     answers: &[String],
     bos: Option<bool>,
     json: bool,
@@ -45,8 +53,31 @@ pub fn print(
         out_texts
             .push(serde_json::json!({"text": text, "prepend_bos": bos, "tokens": tokens(&tok.encode(text, bos)?)}));
     }
+    // A spec's prompts: each token with the role its filler gives it (as patching by role reads
+    // it: the last token of the filler), and the prompt's answers.
+    let mut spec_answers: Vec<String> = Vec::new();
+    for p in from_spec {
+        let (ids, offsets) = tok.encode_with_offsets(&p.clean, bos)?;
+        let mut toks = tokens(&ids);
+        for (name, span) in &p.roles {
+            if let Some(at) = tl_run::kinds::shared::inputs::role_token(&offsets, span) {
+                toks[at]["role"] = name.clone().into();
+            }
+        }
+        if let (Some(last), false) = (toks.last_mut(), p.roles.is_empty()) {
+            if last.get("role").is_none() {
+                last["role"] = "END".into();
+            }
+        }
+        out_texts.push(serde_json::json!({"text": p.clean, "prepend_bos": bos, "tokens": toks}));
+        for a in p.correct_set().into_iter().chain(p.incorrect_set()) {
+            if !spec_answers.iter().any(|s| s == a) && !answers.iter().any(|s| s == a) {
+                spec_answers.push(a.to_string());
+            }
+        }
+    }
     let mut out_answers = Vec::new();
-    for answer in answers {
+    for answer in answers.iter().chain(&spec_answers) {
         let ids = tok.encode(answer, false)?;
         out_answers.push(serde_json::json!({"answer": answer, "single_token": ids.len() == 1, "tokens": tokens(&ids)}));
     }
@@ -68,10 +99,12 @@ fn print_table(texts: &[serde_json::Value], answers: &[serde_json::Value]) {
             toks.len(),
             if t["prepend_bos"].as_bool() == Some(true) { " (BOS prepended)" } else { "" }
         );
-        println!("  {:>4}  {:>7}  token", "pos", "id");
+        let roles = toks.iter().any(|k| k.get("role").is_some());
+        println!("  {:>4}  {:>7}  {}token", "pos", "id", if roles { "role    " } else { "" });
         for k in toks {
             let (pos, id) = (k["pos"].as_u64().unwrap_or(0), k["id"].as_i64().unwrap_or(0));
-            println!("  {pos:>4}  {id:>7}  {}", shown(k["token"].as_str().unwrap_or("")));
+            let role = if roles { format!("{:<8}", k["role"].as_str().unwrap_or("")) } else { String::new() };
+            println!("  {pos:>4}  {id:>7}  {role}{}", shown(k["token"].as_str().unwrap_or("")));
         }
     }
     for a in answers {
@@ -81,7 +114,10 @@ fn print_table(texts: &[serde_json::Value], answers: &[serde_json::Value]) {
         let verdict = if a["single_token"].as_bool() == Some(true) {
             "one token: usable as an answer".to_string()
         } else {
-            format!("{} tokens: not usable as a single-token answer", toks.len())
+            format!(
+                "{} tokens: not usable as a single-token answer (logit_diff, prob_diff, token sets); metric logprob or prob reads it teacher-forced",
+                toks.len()
+            )
         };
         println!("answer {}: {verdict} [{}]", shown(a["answer"].as_str().unwrap_or("")), list.join(", "));
     }

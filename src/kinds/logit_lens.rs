@@ -115,7 +115,9 @@ fn logit_lens(cx: &RunContext, run: &RunSpec, incl_mid: bool, top_k: usize, at: 
     let mut rows = Vec::new();
     component_rows(cx, &run.name, "logit_lens", &comps, last, &mut rows);
     let tok = cx.model.tokenizer()?;
-    for t in &top {
+    // Left padding is not the prompt: no predictions are written at pad positions.
+    let pads: Vec<i64> = (0..toks.n_prompts()).map(|p| toks.padding(p)).collect();
+    for t in top.iter().filter(|t| t.pos >= pads[t.prompt % pads.len()]) {
         let c = &comps[t.component];
         rows.push(Row {
             run: run.name.clone(),

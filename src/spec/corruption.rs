@@ -162,6 +162,9 @@ fn read_prompts(
     prompts
 }
 
+/// The most prompts templates generate (they are all held, tokenized, at once).
+const MAX_TEMPLATE_PROMPTS: i64 = 1_000_000;
+
 /// The template set of a [prompts] section that gives templates.
 fn template_set(p: &RawPrompts) -> Option<TemplateSet> {
     Some(TemplateSet {
@@ -196,8 +199,8 @@ fn from_templates(cx: &mut Ctx, p: &RawPrompts, t: &Spanned<Vec<String>>) -> Vec
             cx.at(t, "prompts.count", "templates need count = N, the number of prompts to generate");
             ok = false;
         }
-        Some(c) if *c.get_ref() < 1 => {
-            cx.at(c, "prompts.count", format!("must be at least 1, got {}", c.get_ref()));
+        Some(c) if *c.get_ref() < 1 || *c.get_ref() > MAX_TEMPLATE_PROMPTS => {
+            cx.at(c, "prompts.count", format!("must be 1 to {MAX_TEMPLATE_PROMPTS}, got {}", c.get_ref()));
             ok = false;
         }
         _ => {}

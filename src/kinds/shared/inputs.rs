@@ -177,6 +177,11 @@ impl Tokenized {
     }
 }
 
+/// The token a role's filler (byte span `span`) lands on: the last token overlapping it.
+pub fn role_token(offsets: &[crate::model::tokenize::ByteRange], span: &std::ops::Range<usize>) -> Option<usize> {
+    offsets.iter().rposition(|&(s, e)| e > s && s < span.end && e > span.start)
+}
+
 /// Each role every template prompt has, with its position in each prompt of the padded batch:
 /// the last token overlapping the slot's filler (the last subject token, ROME's), then END, the
 /// last prompt token (before any multi-token answer's tail).
@@ -199,10 +204,9 @@ fn role_positions(
         let pad = seq - batch.lengths[i] as i64;
         for (k, name) in names.iter().enumerate() {
             let span = &p.roles.iter().find(|(r, _)| r == name).expect("every prompt has it").1;
-            let last =
-                offsets.iter().rposition(|&(s, e)| e > s && s < span.end && e > span.start).ok_or_else(|| {
-                    Error::Config(format!("{}: role {name} ({:?}) covers no token", p.name(i), &p.clean[span.clone()]))
-                })?;
+            let last = role_token(&offsets, span).ok_or_else(|| {
+                Error::Config(format!("{}: role {name} ({:?}) covers no token", p.name(i), &p.clean[span.clone()]))
+            })?;
             at[k].push(pad + last as i64);
         }
         let tail = tails.get(i).map_or(0, Vec::len) as i64;
@@ -460,12 +464,12 @@ pub(crate) fn clean_corrupted_pass(
         }
     }
     let samples = spec.corruption.samples() as i64;
-    let tile = |t: &Tensor| t.repeat([samples, 1]);
     let metric = toks.metric(&spec.metric).tiled(samples as usize);
     let (clean, corrupt) = match (&spec.corruption, &toks.corrupted, &toks.noised) {
         (Corruption::Noise { noise, samples, seed, .. }, _, Some(noised)) => {
             let noise_t = embedding_noise(model, noised, *noise, *samples, *seed);
-            (tile(&toks.clean), Corrupt::EmbedNoise { noise: noise_t, first: first_changed(toks) })
+            // The clean prompts once: the clean run is shared by every noise sample.
+            (toks.clean.shallow_clone(), Corrupt::EmbedNoise { noise: noise_t, first: first_changed(toks) })
         }
         (_, Some(c), _) => (toks.clean.shallow_clone(), Corrupt::Tokens(c.shallow_clone())),
         _ => return Err(Error::Other("patching needs a corruption".into())),
@@ -474,7 +478,7 @@ pub(crate) fn clean_corrupted_pass(
         model,
         clean,
         corrupt,
-        toks.mask.as_ref().map(&tile),
+        toks.mask.as_ref().map(Tensor::shallow_clone),
         metric,
         &sites,
         grad_points,
