@@ -34,7 +34,7 @@ fn metric(oracle: &Oracle, kind: MetricKind, wrong: WrongAnswers) -> Metric {
         incorrect: sets(oracle, "wrong", "wrong_mask"),
         wrong,
         sequence: vec![false; n],
-        positions: None,
+        positions_from_end: None,
         clean_logprobs: None,
     }
 }
@@ -50,7 +50,7 @@ fn answer_metric(oracle: &Oracle) -> Metric {
         incorrect: vec![vec![]; n],
         wrong: WrongAnswers::Mean,
         sequence: vec![true; n],
-        positions: None,
+        positions_from_end: None,
         clean_logprobs: None,
     }
 }

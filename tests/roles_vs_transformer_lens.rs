@@ -13,7 +13,7 @@ use common::*;
 /// IOI templates: GPT-2's BPE has single-token names with a leading space; stories260K's
 /// sentencepiece few (Lily, Tim, mom, written without the space it adds itself), and its places
 /// and objects are several tokens, so its prompts differ in length (left padding).
-fn spec(name: &str) -> String {
+fn spec(name: &str, metric_at: Option<&str>) -> String {
     let (templates, slots) = if uses_gpt2_tokenizer(name) {
         (
             r#"templates = ["When{IO} and{S} went to the{PLACE},{S} gave a{OBJECT} to",
@@ -50,6 +50,7 @@ kind = "slots"
 slots = ["IO", "S"]
 [metric]
 kind = "logit_diff"
+{position}
 [[run]]
 name = "resid"
 kind = "activation_patching"
@@ -62,16 +63,20 @@ kind = "activation_patching"
 hooks = ["z"]
 over = ["layer", "role", "head"]
 "#,
-        fixture(name).display()
+        fixture(name).display(),
+        position = metric_at.map(|r| format!("position = \"{r}\"")).unwrap_or_default(),
     )
 }
 
 #[test]
 fn template_sets_patched_by_role_equal_transformer_lens_with_per_prompt_indices() {
-    for name in ["gpt2-tiny", "llama-tiny"] {
+    // The metric at the last position on both families, and at each prompt's S2 (a position that
+    // differs between the ABBA and BABA prompts' S1 and IO, the same as theirs here) on GPT-2.
+    for (name, metric_at) in [("gpt2-tiny", None), ("llama-tiny", None), ("gpt2-tiny", Some("S2"))] {
+        let name = &name.to_string();
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("spec.toml");
-        std::fs::write(&path, spec(name)).unwrap();
+        std::fs::write(&path, spec(name, metric_at)).unwrap();
         let out = tmp.path().join("out");
         ok(&["run", path.to_str().unwrap(), "--out", out.to_str().unwrap(), "--quiet"]);
         let oracle = tmp.path().join("oracle.json");
@@ -126,14 +131,14 @@ fn template_sets_patched_by_role_equal_transformer_lens_with_per_prompt_indices(
         let ours_z = mean(&heads, &|t, i| (t.int("layer", i).unwrap(), role_index(t, i), t.int("head", i).unwrap()));
         // Patching nothing leaves the corrupted run's value.
         assert_oracle(
-            &format!("{name} resid_pre by role (oracle resid_pre)"),
+            &format!("{name} (metric at {metric_at:?}) resid_pre by role (oracle resid_pre)"),
             &ours_resid,
             &floats("resid_pre"),
             Baseline::Value(corrupted),
             Tol::Abs(1e-4),
         );
         assert_oracle(
-            &format!("{name} z by role and head (oracle z)"),
+            &format!("{name} (metric at {metric_at:?}) z by role and head (oracle z)"),
             &ours_z,
             &floats("z"),
             Baseline::Value(corrupted),

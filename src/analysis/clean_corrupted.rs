@@ -156,7 +156,8 @@ impl CleanCorrupted {
         let corrupted_resid_pre = corr_points.iter().map(|p| corr_cache.remove(p).expect("captured")).collect();
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_rows, &corrupted_tokens));
         let seq = clean_rows.size()[1];
-        let prefix = shared_prefix_len(first_diff, seq).map(|len| {
+        // Positions the metric reads are computed, whatever the prefix could skip.
+        let prefix = shared_prefix_len(first_diff.min(metric.earliest_position(seq)), seq).map(|len| {
             let len = len as i64;
             let mut take = |l: usize, s: Site| {
                 corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, len).contiguous()

@@ -73,8 +73,10 @@ pub struct Metric {
     pub wrong: WrongAnswers,
     /// Per prompt: whether `correct` is one answer of several tokens (teacher-forced).
     pub sequence: Vec<bool>,
-    /// Per prompt: the position in the padded batch whose prediction is read (None: the last).
-    pub positions: Option<Vec<i64>>,
+    /// Per prompt: how many positions before the last the prediction read is (None: the last).
+    /// Counted from the end, so that a forward computing only the positions after a shared
+    /// prefix reads the same token.
+    pub positions_from_end: Option<Vec<i64>>,
     /// kl_divergence: the clean run's log-probs at each prompt's metric position, [n, vocab].
     pub clean_logprobs: Option<Tensor>,
 }
@@ -89,9 +91,16 @@ impl Metric {
             incorrect: incorrect.into_iter().map(|t| vec![t]).collect(),
             wrong: WrongAnswers::Mean,
             sequence: vec![false; n],
-            positions: None,
+            positions_from_end: None,
             clean_logprobs: None,
         }
+    }
+
+    /// The earliest position the metric reads in a batch of `seq` positions.
+    pub fn earliest_position(&self, seq: i64) -> i64 {
+        let back = self.positions_from_end.as_ref().and_then(|p| p.iter().copied().max()).unwrap_or(0);
+        let tail = self.correct.iter().zip(&self.sequence).filter(|(_, s)| **s).map(|(c, _)| c.len() as i64).max();
+        seq - 1 - back.max(tail.unwrap_or(1) - 1)
     }
 
     pub fn n_prompts(&self) -> usize {
@@ -107,7 +116,10 @@ impl Metric {
             incorrect: rep(&self.incorrect),
             wrong: self.wrong,
             sequence: self.sequence.iter().cycle().take(self.sequence.len() * times).copied().collect(),
-            positions: self.positions.as_ref().map(|p| p.iter().cycle().take(p.len() * times).copied().collect()),
+            positions_from_end: self
+                .positions_from_end
+                .as_ref()
+                .map(|p| p.iter().cycle().take(p.len() * times).copied().collect()),
             clean_logprobs: self.clean_logprobs.as_ref().map(|t| t.repeat([times as i64, 1])),
         }
     }
@@ -115,7 +127,7 @@ impl Metric {
     /// Whether forwards may stop at the last position (`Stop::LastPosition`): the metric reads
     /// nothing else. Otherwise `per_row` needs ln_final's output at every position.
     pub fn reads_last_only(&self) -> bool {
-        self.positions.is_none() && !self.sequence.iter().any(|s| *s)
+        self.positions_from_end.is_none() && !self.sequence.iter().any(|s| *s)
     }
 
     /// Whether every answer is one token (the metric of one token pair, as before sets existed).
@@ -139,11 +151,12 @@ impl Metric {
             assert!(self.reads_last_only(), "this metric reads more than the last position");
             return final_out.shallow_clone();
         }
-        match &self.positions {
+        match &self.positions_from_end {
             None => final_out.select(1, -1),
-            Some(pos) => {
-                let rows = final_out.size()[0];
-                let idx = Tensor::from_slice(&self.tile(pos, rows)).to_device(final_out.device());
+            Some(back) => {
+                let (rows, seq) = (final_out.size()[0], final_out.size()[1]);
+                let at: Vec<i64> = self.tile(back, rows).into_iter().map(|b| seq - 1 - b).collect();
+                let idx = Tensor::from_slice(&at).to_device(final_out.device());
                 let d = final_out.size()[2];
                 final_out.gather(1, &idx.view([rows, 1, 1]).expand([rows, 1, d], false), false).squeeze_dim(1)
             }

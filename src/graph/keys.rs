@@ -82,7 +82,7 @@ pub fn assign(plan: &mut Plan, spec: &Spec, toks: Option<&Tokenized>, digests: &
             "tokens": toks.filter(|_| needs.prompts).map(|t| &t.record),
             "answers": toks.filter(|_| needs.answers).map(answers_key),
             "corruption": needs.corruption.then_some(&spec.corruption),
-            "metric": needs.answers.then(|| serde_json::json!([metric.kind, metric.normalize, metric.wrong])),
+            "metric": needs.answers.then(|| serde_json::json!([metric.kind, metric.normalize, metric.wrong, metric.position])),
             "per_prompt": r.per_prompt.unwrap_or(metric.per_prompt),
         });
         let what = crate::kinds::job_key(r, part)?;

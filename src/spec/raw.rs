@@ -84,6 +84,8 @@ pub struct RawMetric {
     pub kind: Spanned<String>,
     /// logit_diff against several incorrect answers: "mean" (default) or "max" of their logits.
     pub wrong: Option<Spanned<String>>,
+    /// The role whose position's prediction is read (template prompts; default END, the last).
+    pub position: Option<Spanned<String>>,
     #[serde(default)]
     pub normalize: bool,
     #[serde(default)]

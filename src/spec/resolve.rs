@@ -58,6 +58,9 @@ pub struct MetricSpec {
     /// Recorded (and keyed) only when not the default, so keys of earlier specs stay as they were.
     #[serde(skip_serializing_if = "WrongAnswers::is_mean")]
     pub wrong: WrongAnswers,
+    /// The role whose position the metric reads (None: the last position).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
 }
 
 impl MetricSpec {
@@ -266,6 +269,7 @@ pub fn resolve_text<K: RunKinds>(
     let model = resolve_model(&mut cx, &raw.model);
     let (prompts, corruption) = resolve_prompts(&mut cx, &raw, base, prompts_file);
     let metric = resolve_metric(&mut cx, raw.metric.as_ref());
+    check_metric_role(&mut cx, &metric, raw.metric.as_ref(), &prompts);
     let mut runs = Vec::new();
     let mut names = std::collections::HashSet::new();
     if raw.run.is_empty() {
@@ -295,6 +299,9 @@ pub fn resolve_text<K: RunKinds>(
             }
             if reads.answers && metric.kind.needs_incorrect() && prompts.iter().any(|p| p.incorrect.is_none()) {
                 cx.at_offset(at, key("kind"), format!("{kind} runs with metric {} need an incorrect answer for every prompt ([correct, incorrect], or wrong_answers)", metric_name(metric.kind)));
+            }
+            if let (true, Some(role)) = (reads.metric_direction, &metric.position) {
+                cx.at_offset(at, key("kind"), format!("{kind} reads the residual stream at the last position, and [metric] position = \"{role}\" reads another; drop the position or this run"));
             }
             if reads.metric_direction && !metric.is_linear() {
                 cx.at_offset(at, key("kind"), format!("{kind} reads the metric as a direction in the residual stream (W_U's answer columns), which metric {}{} is not; use logit_diff (wrong = \"mean\"), logprob, prob or prob_diff", metric_name(metric.kind), if metric.wrong == WrongAnswers::Max { " with wrong = \"max\"" } else { "" }));
@@ -328,6 +335,31 @@ pub fn resolve_text<K: RunKinds>(
     })
 }
 
+/// `[metric] position` names a role every prompt has.
+fn check_metric_role(cx: &mut Ctx, metric: &MetricSpec, raw: Option<&RawMetric>, prompts: &[PromptPair]) {
+    let (Some(role), Some(at)) = (&metric.position, raw.and_then(|m| m.position.as_ref())) else { return };
+    let every = |r: &str| prompts.iter().all(|q| q.roles.iter().any(|(s, _)| s == r));
+    let known: Vec<&str> =
+        prompts.first().map_or(Vec::new(), |p| p.roles.iter().map(|(r, _)| r.as_str()).filter(|r| every(r)).collect());
+    if known.is_empty() {
+        cx.at(
+            at,
+            "metric.position",
+            format!("role '{role}': the prompts have no roles; roles come from [prompts] templates"),
+        );
+    } else if !known.contains(&role.as_str()) {
+        cx.at(
+            at,
+            "metric.position",
+            format!(
+                "role '{role}' is not in every prompt (roles: {}, END); did you mean '{}'?",
+                known.join(", "),
+                nearest(role, known.iter().copied())[0]
+            ),
+        );
+    }
+}
+
 /// A metric's name as the spec writes it.
 pub fn metric_name(kind: MetricKind) -> &'static str {
     MetricKind::NAMES.iter().find(|(_, k)| *k == kind).map_or("?", |(n, _)| n)
@@ -336,9 +368,13 @@ pub fn metric_name(kind: MetricKind) -> &'static str {
 /// The [metric] section (logit_diff when none is given).
 fn resolve_metric(cx: &mut Ctx, metric: Option<&RawMetric>) -> MetricSpec {
     match metric {
-        None => {
-            MetricSpec { kind: MetricKind::LogitDiff, normalize: false, per_prompt: false, wrong: WrongAnswers::Mean }
-        }
+        None => MetricSpec {
+            kind: MetricKind::LogitDiff,
+            normalize: false,
+            per_prompt: false,
+            wrong: WrongAnswers::Mean,
+            position: None,
+        },
         Some(m) => {
             let kind =
                 choice(cx, &Some(m.kind.clone()), "metric.kind".into(), &MetricKind::NAMES, MetricKind::LogitDiff);
@@ -352,7 +388,9 @@ fn resolve_metric(cx: &mut Ctx, metric: Option<&RawMetric>) -> MetricSpec {
             if let (Some(w), false) = (&m.wrong, kind == MetricKind::LogitDiff) {
                 cx.at(w, "metric.wrong", format!("folds several wrong answers into one logit, which only logit_diff reads; metric {} does not (drop the key)", metric_name(kind)));
             }
-            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt, wrong }
+            // END is the last position, where the metric reads anyway.
+            let position = m.position.as_ref().map(|p| p.get_ref().clone()).filter(|p| p != "END");
+            MetricSpec { kind, normalize: m.normalize, per_prompt: m.per_prompt, wrong, position }
         }
     }
 }

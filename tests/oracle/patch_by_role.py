@@ -4,7 +4,8 @@ in each prompt comes from TransformerLens's own tokenizer as IOIDataset finds wo
 token count of the prompt up to the end of the filler, minus one); resid_pre over [layer, role]
 and z over [layer, role, head] are patched with those per-prompt index tensors
 (act[arange(n), pos] = clean[arange(n), pos]), measuring the mean logit difference at the last
-position. Prompts are left-padded as to_tokens does (tl-run's `pos` counts a prompt's own tokens).
+position (or, with the spec's [metric] position, at each prompt's position of that role).
+Prompts are left-padded as to_tokens does (tl-run's `pos` counts a prompt's own tokens).
 
 Usage: python tests/oracle/patch_by_role.py MODEL_DIR MANIFEST OUT_JSON
 """
@@ -26,7 +27,9 @@ def main() -> None:
     model.enable_compatibility_mode(disable_warnings=True)
     model.tokenizer.padding_side = "left"
     with open(manifest_path) as f:
-        prompts = json.load(f)["spec"]["prompts"]
+        spec = json.load(f)["spec"]
+    prompts = spec["prompts"]
+    metric_role = spec["metric"].get("position")
     clean_text = [p["clean"] for p in prompts]
     clean = model.to_tokens(clean_text, padding_side="left")
     corrupted = model.to_tokens([p["corrupted"] for p in prompts], padding_side="left")
@@ -50,7 +53,8 @@ def main() -> None:
     rows = torch.arange(n)
 
     def logit_diff(logits):
-        last = logits[:, -1, :]
+        # At the last position, or at each prompt's position of the metric's role.
+        last = logits[:, -1, :] if metric_role is None else logits[rows, role_pos[metric_role]]
         return (last[rows, correct] - last[rows, wrong]).mean().item()
 
     attention_mask = (clean != model.tokenizer.pad_token_id).long() if min(pad) < max(pad) else None

@@ -137,7 +137,7 @@ impl<'a> RunContext<'a> {
     }
     pub(crate) fn metric(&self) -> Result<Metric> {
         let t = self.toks()?;
-        let mut metric = t.metric(&self.spec.metric);
+        let mut metric = t.metric(&self.spec.metric)?;
         if metric.kind == crate::engine::metric::MetricKind::KlDivergence {
             // The reference distribution: the clean run's (what ablation compares with too).
             let mut none = crate::Hooks::new();

@@ -163,17 +163,22 @@ fn answer_ids(spec: &Spec, tok: &TextTokenizer) -> Result<AnswerIds> {
 }
 
 impl Tokenized {
-    /// The spec's metric on these prompts' answers, read at the last position.
-    pub fn metric(&self, spec: &crate::spec::MetricSpec) -> Metric {
-        Metric {
+    /// The spec's metric on these prompts' answers, read at the last position or at its role's.
+    pub fn metric(&self, spec: &crate::spec::MetricSpec) -> Result<Metric> {
+        let seq = self.clean.size()[1];
+        let positions_from_end = match &spec.position {
+            Some(role) => Some(self.role(role)?.iter().map(|p| seq - 1 - p).collect()),
+            None => None,
+        };
+        Ok(Metric {
             kind: spec.kind,
             correct: self.correct.clone(),
             incorrect: self.incorrect.clone(),
             wrong: spec.wrong,
             sequence: self.sequence.clone(),
-            positions: None,
+            positions_from_end,
             clean_logprobs: None,
-        }
+        })
     }
 }
 
@@ -464,7 +469,7 @@ pub(crate) fn clean_corrupted_pass(
         }
     }
     let samples = spec.corruption.samples() as i64;
-    let metric = toks.metric(&spec.metric).tiled(samples as usize);
+    let metric = toks.metric(&spec.metric)?.tiled(samples as usize);
     let (clean, corrupt) = match (&spec.corruption, &toks.corrupted, &toks.noised) {
         (Corruption::Noise { noise, samples, seed, .. }, _, Some(noised)) => {
             let noise_t = embedding_noise(model, noised, *noise, *samples, *seed);
