@@ -388,3 +388,70 @@ fn windows_equal_a_transformer_lens_loop() {
         }
     }
 }
+
+/// Multi-site patching (`units = [...]`): heads of several layers, and positions at several
+/// layers, restored together in one forward, against TransformerLens restoring the same cells in
+/// one run_with_hooks (tests/oracle/dump_windows.py) on GPT-2 and stories260K.
+#[test]
+fn units_patched_together_equal_transformer_lens() {
+    use tl_run::analysis::patching::{patch_jointly, Cell};
+    type Units = &'static [(usize, i64)];
+    let units: [(&str, Site, Axes, Units, Units); 2] = [
+        ("z_units", Site::Z, Axes::LayerHead, &[(0, 1), (1, 2), (2, 0)], &[(0, 1), (2, 3), (4, 0)]),
+        ("resid_pre_units", Site::ResidPre, Axes::LayerPos, &[(0, 10), (1, 12)], &[(1, 5), (3, 8)]),
+    ];
+    for (f, name) in ["gpt2-odd", "stories260K"].into_iter().enumerate() {
+        let model = load(name, Processing::TRANSFORMER_LENS);
+        let oracle = Oracle::read(name, "windows.safetensors");
+        let prep = prepare(&model, &oracle, &[Site::Z, Site::ResidPre]);
+        let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
+        for (key, site, axes, gpt2, stories) in units {
+            let cells: Vec<Cell> = [gpt2, stories][f]
+                .iter()
+                .map(|&(layer, i)| Cell {
+                    layer,
+                    head: (axes == Axes::LayerHead).then_some(i),
+                    pos: (axes == Axes::LayerPos).then_some(i),
+                    dest: None,
+                    src: None,
+                    role: None,
+                })
+                .collect();
+            let per_prompt = patch_jointly(&model, &prep, Target::new(site, axes).unwrap(), &cells).unwrap();
+            let mean = per_prompt.iter().sum::<f64>() / per_prompt.len() as f64;
+            // Patching nothing leaves the corrupted run's value.
+            assert_oracle(
+                &format!("{name} {key} (oracle {key})"),
+                &[mean],
+                &values(oracle.get(key)),
+                Baseline::Value(corr_b),
+                Tol::Abs(1e-4),
+            );
+        }
+    }
+}
+
+/// `units = [...]` in a spec: one row per run (and per prompt), named by its units in the
+/// `unit` column, with the value the analysis gives (checked against TransformerLens above).
+#[test]
+fn a_units_run_writes_one_row_named_by_its_units() {
+    let spec = format!(
+        "name = \"u\"\n[model]\nid = \"{}\"\n[prompts]\nfile = \"{}\"\n[corruption]\nkind = \"swap_pairs\"\n[metric]\nkind = \"logit_diff\"\n[[run]]\nname = \"together\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\nunits = [[0, 1], [1, 2]]\nper_prompt = true\n",
+        fixture("gpt2-tiny").display(),
+        prompt_file("gpt2-tiny").display()
+    );
+    let dir = run_spec(&spec, &[]);
+    let t = Table::read(&dir.path().join("out/together.parquet"));
+    let mean = t.mean_rows();
+    assert_eq!(mean.len(), 1, "one row for the units together");
+    assert_eq!(t.str("unit", mean[0]).as_deref(), Some("L0H1+L1H2"));
+    assert_eq!(t.str("label", mean[0]).as_deref(), Some("patched L0H1+L1H2"));
+    assert!(t.value(mean[0]).is_finite());
+    assert_eq!(t.len(), 1 + 8, "and one row per prompt");
+    let e = common::fails(&["validate", &{
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, spec.replace("[[0, 1], [1, 2]]", "[[0, 1], [5, 2]]")).unwrap();
+        bad.display().to_string()
+    }]);
+    assert!(e.contains("unit [5, 2] is out of range: the model has 2 layers (0-1) of 4 heads"), "{e}");
+}

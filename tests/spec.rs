@@ -236,7 +236,7 @@ fn dtypes_are_named_and_checked() {
 fn a_runs_unknown_keys_are_named_at_the_key() {
     let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\ncolour.red = 1"));
     assert!(e.contains("spec.toml:15:1: run[0].colour: 'colour' is not an option of activation_patching runs"), "{e}");
-    assert!(e.contains("(valid: hooks, over, layers, window)"), "{e}");
+    assert!(e.contains("(valid: hooks, over, layers, window, units)"), "{e}");
     let e = errors(&GOOD.replace("over = [\"layer\", \"pos\"]", "over = [\"layer\", \"pos\"]\nlayer = [0]"));
     assert!(
         e.contains("'layer' is not an option of activation_patching runs") && e.contains("did you mean 'layers'?"),

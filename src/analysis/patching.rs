@@ -540,3 +540,39 @@ pub(crate) fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
     r[0] = k;
     r
 }
+
+/// Several cells of one target patched together (multi-site patching: a set of heads, or of
+/// positions at several layers, restored at once) in one forward from the earliest layer; the
+/// metric per row (prompt, noise sample).
+pub fn patch_jointly(model: &Model, prep: &CleanCorrupted, target: Target, cells: &[Cell]) -> Result<Vec<f64>> {
+    let n = prep.n_prompts();
+    let first = cells.iter().map(|c| c.layer).min().ok_or_else(|| Error::Config("no units to patch".into()))?;
+    let last = cells.iter().map(|c| c.layer).max().unwrap_or(first);
+    let (skip, _) = computed_positions(prep);
+    let mut hooks = Hooks::new();
+    for layer in first..=last {
+        let here: Vec<(i64, Cell)> = cells.iter().filter(|c| c.layer == layer).map(|c| (0, *c)).collect();
+        if here.is_empty() {
+            continue;
+        }
+        let clean = clean_at(prep, target, layer)?;
+        let mask = patch_mask(target, &here, 1, n, &clean.size(), skip, &prep.role_positions).to_device(model.device);
+        hooks.add_intervention(
+            HookPoint::Block(layer, target.site),
+            Intervention::new(Edit::Where { mask, source: clean }),
+        );
+    }
+    let resid = corrupted_rows(prep, first, 1);
+    let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(1, first));
+    let stop = last_block_stop(model, prep, last);
+    let out = crate::panics::guarded("a forward with units patched together", || {
+        model.run_with_prefix(
+            Input::Residual { layer: first, resid: &resid },
+            prep.mask.as_ref(),
+            &mut hooks,
+            stop,
+            prefix.as_ref(),
+        )
+    })?;
+    Ok(Vec::try_from(prep.metric.per_row(model, &out).to_kind(Kind::Double))?)
+}

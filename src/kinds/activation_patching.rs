@@ -43,6 +43,9 @@ pub struct Raw {
     pub layers: Option<Spanned<Vec<i64>>>,
     /// Each cell restores this many consecutive layers centred on its own (ROME's window).
     pub window: Option<Spanned<i64>>,
+    /// Cells patched together in one forward (multi-site): [[layer, head], ...] over
+    /// [layer, head], [[layer, pos], ...] over [layer, pos].
+    pub units: Option<Spanned<Vec<Vec<i64>>>>,
 }
 
 /// An activation_patching run's options: its patch targets.
@@ -52,6 +55,9 @@ pub struct Options {
     /// Recorded (and keyed) only when over 1, so runs without one read as before windows existed.
     #[serde(skip_serializing_if = "is_one")]
     pub window: usize,
+    /// Multi-site: these (layer, head or pos) cells of the one target patched together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub units: Option<Vec<(usize, i64)>>,
 }
 
 fn is_one(w: &usize) -> bool {
@@ -65,7 +71,7 @@ fn needs(_: &RunKind) -> Needs {
 /// A job patches one target at one layer: its key names those, not the run's other targets, so
 /// a spec that adds a target reuses the stored jobs of the others.
 fn key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
-    let (RunKind::ActivationPatching(Options { targets, window }), Part::TargetLayer { target, layer }) =
+    let (RunKind::ActivationPatching(Options { targets, window, .. }), Part::TargetLayer { target, layer }) =
         (&run.kind, part)
     else {
         return whole_job_key(run, part);
@@ -80,6 +86,20 @@ fn key(run: &RunSpec, part: Part) -> Result<serde_json::Value> {
 fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
     if let RunKind::ActivationPatching(o) = &run.kind {
         check_sites(run, &o.targets, cfg, file, problems);
+        let heads = |s: Site| if matches!(s, Site::K | Site::V) { cfg.n_kv_heads } else { cfg.n_heads } as i64;
+        for &(layer, index) in o.units.iter().flatten() {
+            let (site, axes) = o.targets[0];
+            if layer >= cfg.n_layers || (axes == Axes::LayerHead && index >= heads(site)) {
+                problems.push(format!(
+                    "{}: run '{}': unit [{layer}, {index}] is out of range: the model has {} layers (0-{}){}",
+                    run.key_at("units", file),
+                    run.name,
+                    cfg.n_layers,
+                    cfg.n_layers - 1,
+                    if axes == Axes::LayerHead { format!(" of {} heads", heads(site)) } else { String::new() }
+                ));
+            }
+        }
         if o.window > cfg.n_layers {
             problems.push(format!(
                 "{file}: run '{}': window = {} is larger than the model's {} layers; use at most {}",
@@ -92,8 +112,30 @@ fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<
 pub(crate) fn resolve(cx: &mut Ctx, r: &Raw, at: &mut Located, i: usize, _: &std::path::Path) -> Option<RunKind> {
     at.layers(cx, &r.layers, i);
     let window = crate::spec::resolve::positive(cx, &r.window, format!("run[{i}].window"), 1, 1) as usize;
-    resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i)
-        .map(|targets| RunKind::ActivationPatching(Options { targets, window }))
+    at.key(cx, "units", r.units.as_ref());
+    let targets = resolve_patch_targets(cx, &r.kind, &r.hooks, &r.over, i)?;
+    let units = match &r.units {
+        None => None,
+        Some(u) => {
+            let key = format!("run[{i}].units");
+            let single = matches!(targets.as_slice(), [(_, Axes::LayerHead | Axes::LayerPos)]);
+            if !single {
+                cx.at(u, key, "units are cells of one target patched together: give one hook over [layer, head] (heads) or [layer, pos] (positions)");
+                return None;
+            }
+            if u.get_ref().is_empty() || u.get_ref().iter().any(|c| c.len() != 2 || c.iter().any(|&x| x < 0)) {
+                let what = if targets[0].1 == Axes::LayerHead { "[layer, head]" } else { "[layer, pos]" };
+                cx.at(
+                    u,
+                    key,
+                    format!("give at least one unit, each {what} of non-negative integers, got {:?}", u.get_ref()),
+                );
+                return None;
+            }
+            Some(u.get_ref().iter().map(|c| (c[0] as usize, c[1])).collect())
+        }
+    };
+    Some(RunKind::ActivationPatching(Options { targets, window, units }))
 }
 
 /// The clean run caches every patched site.
@@ -105,7 +147,19 @@ fn captures(run: &RunSpec, _: &Model) -> Result<Captures> {
 /// One job per target and layer: cells that provably cannot change are filled, the rest run in
 /// batches from the patched layer on.
 fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
-    let RunKind::ActivationPatching(Options { targets, window }) = &run.kind else { return vec![] };
+    let RunKind::ActivationPatching(Options { targets, window, units }) = &run.kind else { return vec![] };
+    if let Some(units) = units {
+        let first = units.iter().map(|u| u.0).min().unwrap_or(0);
+        return vec![JobDraft {
+            name: format!("{}: patch {} units of {} together", run.name, units.len(), targets[0].0.name()),
+            part: Part::Whole,
+            cells: 1,
+            filled: 0,
+            forwards: 1,
+            tl_forwards: 1,
+            cost: z.patch_cost(1, first),
+        }];
+    }
     let mut out = Vec::new();
     for (t, (site, axes)) in targets.iter().enumerate() {
         for &layer in &z.layers {
@@ -135,6 +189,9 @@ fn jobs(run: &RunSpec, z: &Sizing) -> Vec<JobDraft> {
 }
 
 fn run(cx: &RunContext, run: &RunSpec, part: Part) -> Result<JobOutput> {
+    if let (RunKind::ActivationPatching(Options { targets, units: Some(units), .. }), Part::Whole) = (&run.kind, part) {
+        return patch_units(cx, run, targets[0], units);
+    }
     let mut out = patch_together(cx, &[(run, part)])?;
     Ok(out.pop().expect("one result per job"))
 }
@@ -150,7 +207,7 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
     let mut parts = Vec::with_capacity(jobs.len());
     let mut sites = Vec::with_capacity(jobs.len());
     for (run, part) in jobs {
-        let (RunKind::ActivationPatching(Options { targets, window }), Part::TargetLayer { target, layer }) =
+        let (RunKind::ActivationPatching(Options { targets, window, .. }), Part::TargetLayer { target, layer }) =
             (&run.kind, *part)
         else {
             return Err(Error::Other(format!(
@@ -219,6 +276,60 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
         out.push((rows, note));
     }
     Ok(out)
+}
+
+/// Multi-site patching: the units of one target patched together in one forward; one row (and
+/// one per prompt), named by its units.
+fn patch_units(
+    cx: &RunContext,
+    run: &RunSpec,
+    (site, axes): (Site, Axes),
+    units: &[(usize, i64)],
+) -> Result<JobOutput> {
+    let (model, prep) = (cx.model, cx.clean_corrupted()?);
+    let n = cx.toks()?.n_prompts();
+    let (clean_b, corr_b) = (prep.clean_baseline(), prep.corrupted_baseline());
+    let norm = |v: f64| if cx.spec.metric.normalize { (v - corr_b) / (clean_b - corr_b) } else { v };
+    if let Some(&(l, p)) = units.iter().find(|u| axes == Axes::LayerPos && u.1 >= prep.seq_len()) {
+        return Err(Error::Config(format!(
+            "run '{}': unit [{l}, {p}] is past the prompts' {} positions",
+            run.name,
+            prep.seq_len()
+        )));
+    }
+    let cells: Vec<crate::analysis::patching::Cell> = units
+        .iter()
+        .map(|&(layer, i)| crate::analysis::patching::Cell {
+            layer,
+            head: (axes == Axes::LayerHead).then_some(i),
+            pos: (axes == Axes::LayerPos).then_some(i),
+            dest: None,
+            src: None,
+            role: None,
+        })
+        .collect();
+    let t = Instant::now();
+    let per_row = crate::analysis::patching::patch_jointly(model, prep, Target::new(site, axes)?, &cells)?;
+    let values: Vec<f64> = per_prompt(&per_row, n).into_iter().map(norm).collect();
+    let names: Vec<String> = units
+        .iter()
+        .map(|&(l, i)| if axes == Axes::LayerHead { format!("L{l}H{i}") } else { format!("L{l}P{i}") })
+        .collect();
+    let unit = names.join("+");
+    let base = Row {
+        run: run.name.clone(),
+        kind: "activation_patching".into(),
+        hook: site.name().to_string(),
+        label: Some(format!("patched {unit}")),
+        unit: Some(unit),
+        computed: true,
+        ..Row::default()
+    };
+    let mut rows = Vec::new();
+    with_prompts(cx, base, &values, crate::analysis::mean(&values), None, &mut rows);
+    let note = serde_json::json!({"hook": site.name(), "over": axes.names(), "units": units, "batched_forwards": 1,
+        "seconds": t.elapsed().as_secs_f64(), "first_diff": prep.first_diff});
+    Ok((rows, note))
 }
 
 /// A role cell's rows: the mean names the role (its position differs between prompts); a

@@ -378,7 +378,7 @@ mod tests {
     #[test]
     fn a_kinds_option_keys_are_its_raw_structs_fields() {
         assert_eq!(option_keys("logit_lens"), ["top_k", "top_k_at", "incl_mid"]);
-        assert_eq!(option_keys("activation_patching"), ["hooks", "over", "layers", "window"]);
+        assert_eq!(option_keys("activation_patching"), ["hooks", "over", "layers", "window", "units"]);
         assert!(option_keys("no_such_kind").is_empty());
     }
 

@@ -22,6 +22,11 @@ from oracle_common import answer_ids, load, out_dir, prompt_set  # noqa: E402
 
 FIXTURES = {"gpt2-odd": 4, "stories260K": 4}
 SITES = ["mlp_out", "attn_out"]
+# fixture -> key -> (site, [(layer, head or position)]): cells patched together.
+UNITS = {
+    "gpt2-odd": {"z_units": ("z", [(0, 1), (1, 2), (2, 0)]), "resid_pre_units": ("resid_pre", [(0, 10), (1, 12)])},
+    "stories260K": {"z_units": ("z", [(0, 1), (2, 3), (4, 0)]), "resid_pre_units": ("resid_pre", [(1, 5), (3, 8)])},
+}
 WINDOWS = [2, 3]
 
 
@@ -66,6 +71,19 @@ def main() -> None:
                             hooks = [(f"blocks.{L}.hook_{site}", restore) for L in window]
                             result[layer, pos] = logit_diff(model.run_with_hooks(corrupted, fwd_hooks=hooks))
                     out_t[f"{site}_window{k}"] = result
+            # Multi-site: units of one target restored together in one forward.
+            for key, (site, units) in UNITS[name].items():
+                def restore_unit(act, hook, site=site, units=units):
+                    layer = int(hook.name.split(".")[1])
+                    for L, i in units:
+                        if L == layer and site == "z":
+                            act[:, :, i] = cache[hook.name][:, :, i]
+                        elif L == layer:
+                            act[:, i] = cache[hook.name][:, i]
+                    return act
+                name_of = (lambda L: f"blocks.{L}.attn.hook_z") if site == "z" else (lambda L: f"blocks.{L}.hook_{site}")
+                hooks = [(name_of(L), restore_unit) for L in sorted({L for L, _ in units})]
+                out_t[key] = torch.tensor([logit_diff(model.run_with_hooks(corrupted, fwd_hooks=hooks))])
         save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "windows.safetensors"))
 
 
