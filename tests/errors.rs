@@ -790,6 +790,21 @@ fn bad_answer_sets_and_metrics_are_named_at_their_line() {
         let e = fails(&[cmd, s(&path), "--out", s(&out)]);
         assert!(e.contains(expected), "{name}: {e}");
     }
+    // A multi-token answer that takes its prompt past the context (gpt2-tiny: 64 positions).
+    let long = "a ".repeat(58);
+    let answer = " one two three four five six seven eight";
+    let path = spec(
+        "past-context",
+        &format!("clean = [\"{long}\", \"{long}b\"]\nanswers = [[\"{answer}\"], [\"{answer}\"]]"),
+        "kind = \"logprob\"",
+        patch,
+    );
+    let e = fails(&["run", s(&path), "--out", s(&tmp.path().join("out-past"))]);
+    assert!(
+        e.contains("with its multi-token answer's tokens but the last (7 of them) it is")
+            && e.contains("more than the model's context of 64"),
+        "{e}"
+    );
     // A malformed JSONL line is named by file and line.
     let jsonl = tmp.path().join("bad.jsonl");
     std::fs::write(&jsonl, "{\"prompt\": \"a b\", \"answer\": \" c\"}\n{\"prompt\": \"a b\" \"answer\": 3}\n").unwrap();

@@ -327,6 +327,16 @@ pub fn tokenize(
         .collect();
     let with_tails = !tails.iter().all(Vec::is_empty);
     let clean = tok.batch_with_tails(&clean_texts, bos, &tails)?;
+    // A multi-token answer read teacher-forced lengthens its prompt.
+    if let Some(i) = (0..clean.lengths.len()).find(|&i| clean.lengths[i] > cfg.n_ctx && !tails[i].is_empty()) {
+        return Err(Error::Config(format!(
+            "{}: with its multi-token answer's tokens but the last ({} of them) it is {} tokens, more than the model's context of {}",
+            spec.prompts[i].name(i),
+            tails[i].len(),
+            clean.lengths[i],
+            cfg.n_ctx
+        )));
+    }
     let roles = role_positions(spec, tok, bos, &clean, &tails)?;
     let mut noised = None;
     let corrupted = match &spec.corruption {
