@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Causal tracing on SmolLM2-135M (benches/causal_tracing_smollm2.toml: 3 prompts × 10 noise
-# samples; resid_pre, attn_out and mlp_out restored at every layer and position, attn_out and
-# mlp_out also with ROME's window of 10) against ROME's loop in TransformerLens
+# Causal tracing on SmolLM2-135M (benches/causal_tracing_smollm2.toml: a prompt × 10 noise
+# samples; resid_pre restored at every layer and position, mlp_out with ROME's window of 10)
+# against ROME's loop in TransformerLens
 # (benches/tl_causal_tracing.py: one forward of the clean prompt and its noised copies per cell)
 # on the same dequantized weights, same machine, same run. Prints both times and the ratio.
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -14,7 +14,7 @@ import subprocess, time
 t = time.perf_counter()
 subprocess.run(['target/release/tl-run', 'benches/causal_tracing_smollm2.toml', '--out', '$out', '--quiet'], check=True, stdout=subprocess.DEVNULL)
 print(round(time.perf_counter() - t, 2))")
-cells=$(python3 -c "import json; m=json.load(open('$out/manifest.json')); print(sum(s['cells'] for r in m['runs'].values() for s in r['note']['sweeps']))")
+cells=$(python3 -c "import json; m=json.load(open('$out/manifest.json')); print(sum(s['cells'] for r in m['runs'].values() for s in r['sweeps']))")
 rm -rf "$out"
 tl=$(HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TRANSFORMERS_VERBOSITY=error .venv/bin/python benches/tl_causal_tracing.py "$hf_dir" benches/causal_tracing_smollm2.toml 2>/dev/null | tail -1)
 tl_s=$(python3 -c "import json; print(json.loads('$tl')['seconds'])")

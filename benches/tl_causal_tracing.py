@@ -1,8 +1,8 @@
 """ROME's causal-tracing loop in TransformerLens 4.3, on the work of
 benches/causal_tracing_smollm2.toml: for each prompt, a batch of the clean prompt and its 10
 noised copies (the subject's embeddings + 3 × std(W_E) Gaussian noise), and for each layer,
-position and kind one forward restoring the clean state there in the noised rows (resid_pre,
-attn_out, mlp_out; attn_out and mlp_out also with a window of 10 layers), measuring the mean
+position and kind one forward restoring the clean state there in the noised rows (resid_pre; and
+mlp_out with a window of 10 layers), measuring the mean
 probability of the answer over the noised rows: ROME's trace_with_patch / trace_important_window,
 one forward per cell. Prints the seconds and the mean of the traced probabilities as JSON.
 
@@ -56,7 +56,7 @@ with torch.no_grad():
             return act
 
         _, cache = model.run_with_cache(tokens[:1])
-        for kind, window in [("resid_pre", 1), ("attn_out", 1), ("mlp_out", 1), ("attn_out", 10), ("mlp_out", 10)]:
+        for kind, window in [("resid_pre", 1), ("mlp_out", 10)]:
             for layer in range(n_layers):
                 layers = range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
                 for pos in range(seq):

@@ -375,6 +375,11 @@ fn windows_equal_a_transformer_lens_loop() {
                         .unwrap();
                     let means: Vec<f64> = (0..s.cells.len()).map(|i| s.mean(i)).collect();
                     let key = format!("{label}_window{k}");
+                    // The window differs from patching the layer alone (window 1, also
+                    // TransformerLens's): a window that restored one layer would fail.
+                    let one = oracle.get(&format!("{label}_window1"));
+                    let apart = (oracle.get(&key) - one).abs().max().double_value(&[]);
+                    assert!(apart >= 20.0 * 1e-4, "{name} {key}: the window is {apart} from one layer's patch");
                     // Patching nothing leaves the corrupted run's value.
                     assert_oracle(
                         &format!("{name} {key} ({schedule:?}) (oracle {key})"),
@@ -398,7 +403,7 @@ fn units_patched_together_equal_transformer_lens() {
     type Units = &'static [(usize, i64)];
     let units: [(&str, Site, Axes, Units, Units); 2] = [
         ("z_units", Site::Z, Axes::LayerHead, &[(0, 1), (1, 2), (2, 0)], &[(0, 1), (2, 3), (4, 0)]),
-        ("resid_pre_units", Site::ResidPre, Axes::LayerPos, &[(0, 10), (1, 12)], &[(1, 5), (3, 8)]),
+        ("resid_pre_units", Site::ResidPre, Axes::LayerPos, &[(1, 10), (2, 12)], &[(1, 5), (3, 8)]),
     ];
     for (f, name) in ["gpt2-odd", "stories260K"].into_iter().enumerate() {
         let model = load(name, Processing::TRANSFORMER_LENS);
@@ -417,6 +422,16 @@ fn units_patched_together_equal_transformer_lens() {
                     role: None,
                 })
                 .collect();
+            // Patching any one unit alone gives another value (by 20× the tolerance): an
+            // implementation that dropped units would fail.
+            let joint = oracle.get(key).double_value(&[0]);
+            for j in 0..cells.len() {
+                let alone = oracle.get(&format!("{key}_{j}")).double_value(&[0]);
+                assert!(
+                    (joint - alone).abs() >= 20.0 * 1e-4,
+                    "{name} {key}: unit {j} alone gives {alone}, together {joint}"
+                );
+            }
             let per_prompt = patch_jointly(&model, &prep, Target::new(site, axes).unwrap(), &cells).unwrap();
             let mean = per_prompt.iter().sum::<f64>() / per_prompt.len() as f64;
             // Patching nothing leaves the corrupted run's value.
@@ -446,8 +461,35 @@ fn a_units_run_writes_one_row_named_by_its_units() {
     assert_eq!(mean.len(), 1, "one row for the units together");
     assert_eq!(t.str("unit", mean[0]).as_deref(), Some("L0H1+L1H2"));
     assert_eq!(t.str("label", mean[0]).as_deref(), Some("patched L0H1+L1H2"));
-    assert!(t.value(mean[0]).is_finite());
     assert_eq!(t.len(), 1 + 8, "and one row per prompt");
+    // The value is the joint patch of the analysis (checked against TransformerLens above) on
+    // the same prompts, the mean of its per-prompt rows.
+    let oracle = Oracle::read("gpt2-tiny", "patching.safetensors");
+    let model = load("gpt2-tiny", Processing::TRANSFORMER_LENS);
+    let prep = prepare(&model, &oracle, &[Site::Z]);
+    let cells: Vec<tl_run::analysis::patching::Cell> = [(0usize, 1i64), (1, 2)]
+        .iter()
+        .map(|&(layer, h)| tl_run::analysis::patching::Cell {
+            layer,
+            head: Some(h),
+            pos: None,
+            dest: None,
+            src: None,
+            role: None,
+        })
+        .collect();
+    let direct = tl_run::analysis::patching::patch_jointly(
+        &model,
+        &prep,
+        Target::new(Site::Z, Axes::LayerHead).unwrap(),
+        &cells,
+    )
+    .unwrap();
+    let direct_mean = direct.iter().sum::<f64>() / direct.len() as f64;
+    assert!((t.value(mean[0]) - direct_mean).abs() < 1e-6, "{} vs {direct_mean}", t.value(mean[0]));
+    assert!((direct_mean - prep.corrupted_baseline()).abs() > 1e-3, "the units change the metric");
+    let prompts: f64 = t.rows(|t, i| t.int("prompt", i).is_some()).iter().map(|&i| t.value(i)).sum::<f64>() / 8.0;
+    assert!((prompts - t.value(mean[0])).abs() < 1e-9);
     let e = common::fails(&["validate", &{
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, spec.replace("[[0, 1], [1, 2]]", "[[0, 1], [5, 2]]")).unwrap();

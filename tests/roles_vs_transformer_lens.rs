@@ -72,7 +72,8 @@ over = ["layer", "role", "head"]
 fn template_sets_patched_by_role_equal_transformer_lens_with_per_prompt_indices() {
     // The metric at the last position on both families, and at each prompt's S2 (a position that
     // differs between the ABBA and BABA prompts' S1 and IO, the same as theirs here) on GPT-2.
-    for (name, metric_at) in [("gpt2-tiny", None), ("llama-tiny", None), ("gpt2-tiny", Some("S2"))] {
+    let cases = [("gpt2-tiny", None), ("llama-tiny", None), ("gpt2-tiny", Some("S2")), ("llama-tiny", Some("S2"))];
+    for (name, metric_at) in cases {
         let name = &name.to_string();
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("spec.toml");

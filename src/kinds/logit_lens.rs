@@ -154,7 +154,10 @@ fn figures(run: &str, rows: &[&Row], _: &RunFacts, _: &str, suffix: &str) -> Vec
             value_label: "logit difference".into(),
         }));
     }
-    let top: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_some()).collect();
+    // The table shows the last position (top_k_at = "all" writes every position's rows: the
+    // Parquet file holds them; one table row per label cannot).
+    let last = rows.iter().filter(|r| r.rank.is_some()).filter_map(|r| r.pos).max();
+    let top: Vec<&Row> = rows.iter().copied().filter(|r| r.rank.is_some() && r.pos == last).collect();
     if !top.is_empty() {
         let mut rows_out = Vec::new();
         for (label, rs) in group_by(&top, |r| r.label.clone().unwrap_or_default()) {

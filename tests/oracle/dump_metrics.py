@@ -14,6 +14,7 @@ as the demo's metrics. Writes OUT_DIR/<fixture>/metrics.safetensors.
 
 Usage: python tests/oracle/dump_metrics.py FIXTURES_DIR OUT_DIR
 """
+import json
 import os
 import sys
 
@@ -37,6 +38,38 @@ def token_sets(gen, first, n, vocab, sizes):
     mask = torch.arange(3)[None, :] < sizes[:, None]
     ids = torch.where(mask, ids, ids[:, :1])
     return ids, mask
+
+
+# Multi-token answers as a spec gives them (strings), 2 GPT-2 tokens each (one length: TL's
+# patching takes no attention mask), different within each swap pair so that the corrupted prompt
+# must carry the clean prompt's answer, not its own.
+E2E_ANSWERS = [" Johnny boy", " Tomato soup", " Sidney Crosby", " Martin Luther",
+               " Amy Adams", " Dan Brown", " James Bond", " John Lennon"]
+
+
+def teacher_forced_from_text(model, prompts):
+    """The metric of a spec with multi-token answers, built here from the strings: each
+    answer's tokens but the last appended to its clean prompt and to its corrupted prompt (the
+    pair partner), the sum of the answer tokens' log-probs, resid_pre patched over [layer, pos]."""
+    n = len(prompts)
+    ids = [model.to_tokens(a, prepend_bos=False)[0] for a in E2E_ANSWERS[:n]]
+    assert all(len(t) == 2 for t in ids), [len(t) for t in ids]
+    clean_rows = [model.to_tokens(p["clean"])[0] for p in prompts]
+    clean = torch.stack([torch.cat([clean_rows[i], ids[i][:-1]]) for i in range(n)])
+    corrupted = torch.stack([torch.cat([clean_rows[i ^ 1], ids[i][:-1]]) for i in range(n)])
+    answer = torch.stack(ids)
+
+    def answer_logprob(logits):
+        lp = logits[:, -2:, :].log_softmax(-1)
+        return lp.gather(2, answer[:, :, None]).squeeze(2).sum(1).mean()
+
+    logits, cache = model.run_with_cache(clean)
+    return {
+        "e2e_clean": answer_logprob(logits).reshape(1),
+        "e2e_corrupted": answer_logprob(model(corrupted)).reshape(1),
+        "e2e_resid_pre": patching.get_act_patch_resid_pre(model, corrupted, cache, answer_logprob).float(),
+        "e2e_clean_tokens": clean,
+    }
 
 
 def main() -> None:
@@ -129,7 +162,12 @@ def main() -> None:
                 "answer_logprob": patching.get_act_patch_resid_pre(
                     model, corrupted_mt, mt_cache, answer_logprob).float(),
             })
-        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "metrics.safetensors"))
+            if name.startswith("gpt2"):
+                out_t.update(teacher_forced_from_text(model, prompts))
+                metadata = {"e2e_prompts": json.dumps([p["clean"] for p in prompts]), "e2e_answers": json.dumps(E2E_ANSWERS)}
+            else:
+                metadata = {}
+        save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "metrics.safetensors"), metadata)
 
 
 if __name__ == "__main__":

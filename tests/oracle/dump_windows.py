@@ -24,10 +24,12 @@ FIXTURES = {"gpt2-odd": 4, "stories260K": 4}
 SITES = ["mlp_out", "attn_out"]
 # fixture -> key -> (site, [(layer, head or position)]): cells patched together.
 UNITS = {
-    "gpt2-odd": {"z_units": ("z", [(0, 1), (1, 2), (2, 0)]), "resid_pre_units": ("resid_pre", [(0, 10), (1, 12)])},
+    "gpt2-odd": {"z_units": ("z", [(0, 1), (1, 2), (2, 0)]), "resid_pre_units": ("resid_pre", [(1, 10), (2, 12)])},
     "stories260K": {"z_units": ("z", [(0, 1), (2, 3), (4, 0)]), "resid_pre_units": ("resid_pre", [(1, 5), (3, 8)])},
 }
-WINDOWS = [2, 3]
+# Each unit of UNITS alone too (key_<i>): the joint patch must differ from every one of them.
+UNITS_ALONE = True
+WINDOWS = [1, 2, 3]
 
 
 def main() -> None:
@@ -84,6 +86,15 @@ def main() -> None:
                 name_of = (lambda L: f"blocks.{L}.attn.hook_z") if site == "z" else (lambda L: f"blocks.{L}.hook_{site}")
                 hooks = [(name_of(L), restore_unit) for L in sorted({L for L, _ in units})]
                 out_t[key] = torch.tensor([logit_diff(model.run_with_hooks(corrupted, fwd_hooks=hooks))])
+                for j, (L, i) in enumerate(units):
+                    def restore_one(act, hook, site=site, i=i):
+                        if site == "z":
+                            act[:, :, i] = cache[hook.name][:, :, i]
+                        else:
+                            act[:, i] = cache[hook.name][:, i]
+                        return act
+                    alone = model.run_with_hooks(corrupted, fwd_hooks=[(name_of(L), restore_one)])
+                    out_t[f"{key}_{j}"] = torch.tensor([logit_diff(alone)])
         save_file({k: v.contiguous() for k, v in out_t.items()}, os.path.join(out_dir(out, name), "windows.safetensors"))
 
 

@@ -21,6 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transformer_lens.model_bridge import TransformerBridge  # noqa: E402
 
 
+def spec_slots(manifest_path):
+    """The [prompts.slots] of the spec the run read (beside the output directory's manifest)."""
+    import tomllib
+    spec_file = os.path.join(os.path.dirname(os.path.dirname(manifest_path)), "spec.toml")
+    with open(spec_file, "rb") as f:
+        return tomllib.load(f)["prompts"]["slots"]
+
+
 def main() -> None:
     model_dir, manifest_path, out = sys.argv[1:4]
     model = TransformerBridge.boot_transformers(model_dir, device="cpu")
@@ -37,6 +45,19 @@ def main() -> None:
     n, seq = clean.shape
     lengths = [model.to_tokens(t).shape[1] for t in clean_text]
     names = [r[0] for r in prompts[0]["roles"]]
+    # What the manifest says is checked against the spec's own slots, not trusted: each span holds
+    # a filler of its slot, S1 and S2 the same name, the answers are IO's and S's fillers.
+    slots = spec_slots(manifest_path)
+    for p in prompts:
+        text = p["clean"].encode()
+        spans = {r[0]: text[r[1]["start"] : r[1]["end"]].decode() for r in p["roles"]}
+        for role, filler in spans.items():
+            slot = role.rstrip("0123456789") if role not in slots else role
+            assert filler in slots[slot], f"{role} spans {filler!r}, not a filler of {slot}"
+        if "S1" in spans:
+            assert spans["S1"] == spans["S2"] and p["roles"][[r[0] for r in p["roles"]].index("S1")][1]["start"] < p["roles"][[r[0] for r in p["roles"]].index("S2")][1]["start"]
+        assert p["correct"] == spans["IO"] and p["incorrect"] == spans["S1"], p
+        assert len(model.to_tokens(p["clean"])[0]) == len(model.to_tokens(p["corrupted"])[0]), p
 
     def position(p, name):
         span = dict((r[0], r[1]) for r in p["roles"])[name]
