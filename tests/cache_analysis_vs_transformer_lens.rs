@@ -179,17 +179,25 @@ fn logit_lens_dla_and_head_scores_match_transformer_lens() {
             lens_labels.len()
         );
         assert_oracle(&what, &probs, &their_probs, Baseline::Zero, Tol::Abs(1e-5));
-        // Top-k at every position: the last position's rows are the top-k above.
+        // Top-k at every position of each prompt's own tokens (none at left padding): the last
+        // position's rows are the top-k above.
         let all = Table::read(&out.join("lens_all.parquet"));
         let seq = lens.int("pos", lens.mean_rows()[0]).unwrap() + 1;
         let top_rows = all.rows(|t, i| t.int("rank", i).is_some());
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+        let tokens: i64 =
+            manifest["tokens"]["clean"].as_array().unwrap().iter().map(|t| t.as_array().unwrap().len() as i64).sum();
         assert_eq!(
             top_rows.len() as i64,
-            n * (lens_labels.len() as i64 - lens_labels.iter().filter(|l| l.ends_with("_mid")).count() as i64)
-                * seq
-                * 2,
-            "{fixture}: top-2 rows at every position"
+            (lens_labels.len() as i64 - lens_labels.iter().filter(|l| l.ends_with("_mid")).count() as i64) * tokens * 2,
+            "{fixture}: top-2 rows at every position of the prompts"
         );
+        for &i in &top_rows {
+            let (p, pos) = (all.int("prompt", i).unwrap() as usize, all.int("pos", i).unwrap());
+            let len = manifest["tokens"]["clean"][p].as_array().unwrap().len() as i64;
+            assert!(pos >= seq - len, "{fixture}: a top-k row at prompt {p}'s pad position {pos}");
+        }
         for &i in top_rows.iter().filter(|&&i| all.int("pos", i) == Some(seq - 1)) {
             let (p, label, rank) =
                 (all.int("prompt", i).unwrap(), all.str("label", i).unwrap(), all.int("rank", i).unwrap());
