@@ -140,9 +140,7 @@ fn check_fixture(name: &str, min_targets: usize) {
     );
     let mut failures = Vec::new();
     let mut checked = 0;
-    for ((key, theirs), schedule) in
-        oracle.tensors.iter().flat_map(|kv| [(kv, Schedule::ByLayer), (kv, Schedule::Staircase)])
-    {
+    for ((key, theirs), schedule) in oracle.tensors.iter().flat_map(|kv| Schedule::ALL.map(|s| (kv, s))) {
         let ours = match target_of(key) {
             Some((site, axes)) => ours(&model, &prep, site, axes, schedule),
             None => match stacked(&model, &prep, key, schedule) {
@@ -253,7 +251,7 @@ fn prob_and_logprob_metrics_equal_patching_py() {
                 baseline_tol,
             );
             let theirs = oracle.get(key);
-            for schedule in [Schedule::ByLayer, Schedule::Staircase] {
+            for schedule in Schedule::ALL {
                 let ours = ours(&model, &prep, site, axes, schedule);
                 // Patching nothing leaves the corrupted run's value.
                 assert_oracle_tensor(
@@ -368,7 +366,7 @@ fn windows_equal_a_transformer_lens_loop() {
                 let cells: Vec<_> = (0..model.cfg.n_layers)
                     .flat_map(|l| tl_run::analysis::patching::cells_at(&model.cfg, target, l, prep.seq_len()))
                     .collect();
-                for schedule in [Schedule::ByLayer, Schedule::Staircase] {
+                for schedule in Schedule::ALL {
                     let s = sweep_scheduled(&model, &prep, &[(target, cells.clone())], schedule, |_| {})
                         .unwrap()
                         .pop()
@@ -411,17 +409,7 @@ fn units_patched_together_equal_transformer_lens() {
         let prep = prepare(&model, &oracle, &[Site::Z, Site::ResidPre]);
         let corr_b = oracle.get("corrupted_baseline").double_value(&[0]);
         for (key, site, axes, gpt2, stories) in units {
-            let cells: Vec<Cell> = [gpt2, stories][f]
-                .iter()
-                .map(|&(layer, i)| Cell {
-                    layer,
-                    head: (axes == Axes::LayerHead).then_some(i),
-                    pos: (axes == Axes::LayerPos).then_some(i),
-                    dest: None,
-                    src: None,
-                    role: None,
-                })
-                .collect();
+            let cells: Vec<Cell> = [gpt2, stories][f].iter().map(|&(layer, i)| Cell::unit(layer, axes, i)).collect();
             // Patching any one unit alone gives another value (by 20× the tolerance): an
             // implementation that dropped units would fail.
             let joint = oracle.get(key).double_value(&[0]);
@@ -469,14 +457,7 @@ fn a_units_run_writes_one_row_named_by_its_units() {
     let prep = prepare(&model, &oracle, &[Site::Z]);
     let cells: Vec<tl_run::analysis::patching::Cell> = [(0usize, 1i64), (1, 2)]
         .iter()
-        .map(|&(layer, h)| tl_run::analysis::patching::Cell {
-            layer,
-            head: Some(h),
-            pos: None,
-            dest: None,
-            src: None,
-            role: None,
-        })
+        .map(|&(layer, h)| tl_run::analysis::patching::Cell::unit(layer, Axes::LayerHead, h))
         .collect();
     let direct = tl_run::analysis::patching::patch_jointly(
         &model,

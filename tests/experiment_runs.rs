@@ -115,12 +115,13 @@ fn ioi_spec_on_a_local_fixture_matches_patching_py() {
     assert!(ok, "{err}");
     assert!(stdout.contains("resid.parquet") && stdout.contains("top rows"), "{stdout}");
     check_against_oracle(&out);
-    // The six patching targets of its two runs share one forward per layer (jobs together).
+    // The six patching targets of its two runs at both layers are one group of jobs (the CPU's
+    // by-position schedule runs each position's cells of every layer in one staircase).
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     for run in ["resid", "heads"] {
         for s in manifest["runs"][run]["sweeps"].as_array().unwrap() {
-            assert_eq!(s["forwards_shared_with_jobs"], 5, "{run}: {s}");
+            assert_eq!(s["forwards_shared_with_jobs"], 11, "{run}: {s}");
         }
     }
 }
@@ -252,7 +253,7 @@ fn patching_runs_when_clean_corrupted_do_not_differ() {
         "name = \"same\"\n[model]\nid = \"{}\"\n[prompts]\nclean = {prompts}\nanswers = [[\" Mary\", \" John\"], [\" Tom\", \" James\"]]\n[corruption]\nkind = \"prompts\"\nprompts = {prompts}\n[metric]\nkind = \"logit_diff\"\nnormalize = false\n\n[[run]]\nname = \"heads\"\nkind = \"activation_patching\"\nhooks = [\"z\"]\nover = [\"layer\", \"head\"]\n",
         fixture("gpt2-tiny").display()
     );
-    for schedule in ["by_layer", "staircase"] {
+    for schedule in ["by_layer", "staircase", "by_position"] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spec.toml");
         std::fs::write(&path, &spec).unwrap();

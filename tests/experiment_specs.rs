@@ -204,6 +204,16 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
         // effect, so the guard checks the effect, not the probability. (Bloom's embedding
         // LayerNorm undoes most of the noise: its effects are 1e-3 of a 2e-5 probability, and
         // f32 rounding of that probability is 5e-7 of it, so 1e-3 of the effect left a margin of 2.)
+        // The word's tokens, recorded for the report to mark: one run of positions per prompt,
+        // inside the prompt (the traces below, equal to the oracle's, are where they take effect).
+        for (p, at) in manifest["tokens"]["noised"].as_array().unwrap().iter().enumerate() {
+            let at: Vec<u64> = at.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let len = manifest["tokens"]["clean"][p].as_array().unwrap().len() as u64;
+            assert!(
+                !at.is_empty() && at.windows(2).all(|w| w[1] == w[0] + 1) && at[at.len() - 1] < len,
+                "{fixture_name} prompt {p}: noised {at:?} of {len} tokens"
+            );
+        }
         let noised = o.get("trace/corrupted_prob").double_value(&[0]);
         assert_oracle(&format!("causal_tracing.toml manifest corrupted_baseline (noised prob) on {fixture_name} (oracle trace/corrupted_prob)"), &[manifest["metric"]["corrupted_baseline"].as_f64().unwrap()], &[noised], Baseline::Zero, Tol::OfSignal(1e-4));
         let t = Table::read(&out.join("trace.parquet"));

@@ -294,8 +294,8 @@ fn a_batch_that_runs_out_of_memory_is_halved_and_retried_with_the_same_results()
 }
 
 /// The staircase schedule (a GPU's default: the patching jobs of every layer in one forward whose
-/// batch grows as layers are reached) gives the by-layer schedule's rows, on every file of
-/// ioi.toml; out of memory, a staircase falls back to its layers one by one, halving as needed.
+/// batch grows as layers are reached) and the by-position one (a CPU's) give the by-layer
+/// schedule's rows, on every file of ioi.toml; out of memory, a staircase falls back to its layers one by one, halving as needed.
 #[test]
 fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory() {
     let tmp = tempfile::tempdir().unwrap();
@@ -323,6 +323,24 @@ fn the_staircase_schedule_gives_the_by_layer_rows_and_falls_back_out_of_memory()
     // As a staircase, the jobs of both layers (and of the heads run) are one group.
     assert!(shared(&manifest) >= 11, "{}", manifest["runs"]["resid"]);
     same_rows(&by_layer, &staircase);
+    // By position (the CPU's default): each position's cells of every layer share a staircase
+    // that computes only the positions from theirs on; the same rows with less arithmetic.
+    let computed = |m: &serde_json::Value, run: &str| -> u64 {
+        m["runs"][run]["sweeps"].as_array().unwrap().iter().map(|s| s["row_position_layers"].as_u64().unwrap()).sum()
+    };
+    let by_position = tmp.path().join("by-position");
+    let positions = run(&ioi(), &by_position, "by_position", None);
+    same_rows(&by_layer, &by_position);
+    let layers: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(by_layer.join("manifest.json")).unwrap()).unwrap();
+    assert!(
+        computed(&positions, "resid") * 10 < computed(&layers, "resid") * 8,
+        "by position {} vs by layer {} rows x positions x layers",
+        computed(&positions, "resid"),
+        computed(&layers, "resid")
+    );
+    // Heads over every position cannot start later: the same work.
+    assert_eq!(computed(&positions, "heads"), computed(&layers, "heads"));
 
     // Hundreds of pattern cells per layer: the staircase of both layers is refused by the
     // injected limit, and each layer then halves down to 8 cells.

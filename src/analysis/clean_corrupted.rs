@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 use crate::analysis::mean;
+use crate::analysis::patching::Schedule;
 use crate::engine::forward::Prefix;
 use crate::engine::hooks::{Edit, Intervention};
 use crate::engine::metric::Metric;
@@ -42,6 +43,9 @@ pub struct CleanCorrupted {
     /// The corrupted run's keys and values before `first_diff`, so patched forwards compute only
     /// the positions from `first_diff` on (None when first_diff is 0).
     pub prefix: Option<Prefix>,
+    /// The corrupted run's keys and values at every position, kept for the by-position schedule
+    /// (a forward for the cells at position p reuses them before p); None under the others.
+    pub corrupted_kv: Option<Prefix>,
     /// Template prompts: each role's position in every row ([role][row], rows = the prompts
     /// repeated per noise sample), read by role cells.
     pub role_positions: Vec<Vec<i64>>,
@@ -157,15 +161,15 @@ impl CleanCorrupted {
         let first_diff = noise_first.unwrap_or_else(|| first_difference(&clean_rows, &corrupted_tokens));
         let seq = clean_rows.size()[1];
         // Positions the metric reads are computed, whatever the prefix could skip.
+        let mut take = |l: usize, s: Site| corr_cache.remove(&HookPoint::Block(l, s)).expect("captured");
+        let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
+        let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
+        let kv = Prefix { len: seq, keys, values };
         let prefix = shared_prefix_len(first_diff.min(metric.earliest_position(seq)), seq).map(|len| {
-            let len = len as i64;
-            let mut take = |l: usize, s: Site| {
-                corr_cache.remove(&HookPoint::Block(l, s)).expect("captured").narrow(1, 0, len).contiguous()
-            };
-            let keys = (0..n_layers).map(|l| take(l, key_site)).collect();
-            let values = (0..n_layers).map(|l| take(l, Site::V)).collect();
-            Prefix { len, keys, values }
+            let first = kv.first(len as i64);
+            Prefix { len: first.len, keys: contiguous(first.keys), values: contiguous(first.values) }
         });
+        let corrupted_kv = (Schedule::for_device(model.device) == Schedule::ByPosition).then_some(kv);
         Ok(CleanCorrupted {
             clean_tokens: clean_rows,
             corrupted_tokens,
@@ -178,6 +182,7 @@ impl CleanCorrupted {
             corrupted_per_prompt,
             first_diff,
             prefix,
+            corrupted_kv,
             role_positions: Vec::new(),
             pending_backward: std::sync::Mutex::new(pending),
         })
@@ -201,6 +206,17 @@ impl CleanCorrupted {
         }
     }
 
+    /// The corrupted run's keys and values before position `len` (None for 0): the shared prefix,
+    /// or, under the by-position schedule, any length.
+    pub fn kv_before(&self, len: i64) -> Option<Prefix> {
+        match (&self.prefix, &self.corrupted_kv) {
+            _ if len == 0 => None,
+            (Some(p), _) if p.len == len => Some(p.first(len)),
+            (_, Some(kv)) => Some(kv.first(len)),
+            _ => panic!("the corrupted keys and values before position {len} were not kept"),
+        }
+    }
+
     pub fn n_prompts(&self) -> i64 {
         self.clean_tokens.size()[0]
     }
@@ -216,6 +232,10 @@ impl CleanCorrupted {
     pub fn corrupted_baseline(&self) -> f64 {
         mean(&self.corrupted_per_prompt)
     }
+}
+
+fn contiguous(ts: Vec<Tensor>) -> Vec<Tensor> {
+    ts.into_iter().map(|t| t.contiguous()).collect()
 }
 
 /// Repeat counts that tile a tensor of `dim` dimensions `copies` times along rows.

@@ -100,6 +100,21 @@ pub struct Cell {
     pub role: Option<usize>,
 }
 
+impl Cell {
+    /// A unit of multi-site patching (`units = [[layer, index], ...]`): a head over every position
+    /// (`LayerHead`) or a position (`LayerPos`), at `layer`.
+    pub fn unit(layer: usize, axes: Axes, index: i64) -> Cell {
+        Cell {
+            layer,
+            head: (axes == Axes::LayerHead).then_some(index),
+            pos: (axes == Axes::LayerPos).then_some(index),
+            dest: None,
+            src: None,
+            role: None,
+        }
+    }
+}
+
 fn heads_at(cfg: &crate::model::config::ModelConfig, site: Site) -> i64 {
     match site {
         Site::K | Site::V => cfg.n_kv_heads as i64, // k, v are patched over key-value heads

@@ -4,12 +4,17 @@
 use tch::{Kind, Tensor};
 
 use crate::analysis::clean_corrupted::CleanCorrupted;
-use crate::engine::hooks::{Edit, Intervention, Sel};
+use crate::engine::hooks::{Edit, Intervention};
 use crate::error::{Error, Result};
 use crate::model::hook_point::{HookPoint, Site};
 use crate::{Hooks, Input, Model, Stop};
 
 pub use crate::analysis::patch_cells::{cannot_change, cells_at, cells_with_roles, Axes, Cell, Target};
+
+/// A layer and the cells (part, cell index) whose forwards start there.
+type Step = (usize, Vec<(usize, usize)>);
+/// The steps of the cells computed from one position on (by-position schedule).
+type PositionGroup = (i64, Vec<Step>);
 
 /// A finished sweep: cells in TransformerLens's row-major order with per-prompt metric values.
 pub struct Sweep {
@@ -20,6 +25,9 @@ pub struct Sweep {
     /// Cells filled with the corrupted baseline without a forward pass.
     pub skipped: Vec<bool>,
     pub forwards: usize,
+    /// Rows × positions × layers its forwards computed (the last block's positions counted
+    /// whole): the arithmetic, whatever the schedule.
+    pub computed: u64,
     /// Cells per batched forward at the end (after any halving).
     pub cells_per_forward: usize,
     /// How many times a batch ran out of memory and was halved.
@@ -162,26 +170,43 @@ pub enum Schedule {
     /// layers launches each kernel about L times instead of L²/2: on a GPU, where launches
     /// rather than arithmetic bound these small batches, that is most of a sweep's time.
     Staircase,
+    /// Cells at one position (`over` with `pos`) computed from that position on: under causal
+    /// attention a patch at position p cannot change the positions before it, so each forward
+    /// reuses the corrupted run's keys and values there and computes only positions p.. . The
+    /// cells of one position across layers share a staircase (batches stay large); other cells
+    /// run by layer. On a CPU, where the arithmetic is the cost, this computes about half the
+    /// positions a by-layer sweep does.
+    ByPosition,
 }
 
 impl Schedule {
+    pub const ALL: [Schedule; 3] = [Schedule::ByLayer, Schedule::Staircase, Schedule::ByPosition];
+
     /// The name TL_RUN_PATCH_SCHEDULE and the manifest use.
     pub fn name(self) -> &'static str {
         match self {
             Schedule::ByLayer => "by_layer",
             Schedule::Staircase => "staircase",
+            Schedule::ByPosition => "by_position",
         }
     }
 
-    /// Staircase on CUDA devices, ByLayer on the CPU; TL_RUN_PATCH_SCHEDULE=staircase|by_layer
-    /// chooses (the tests run both on the CPU).
+    /// Staircase on CUDA devices, ByPosition on the CPU;
+    /// TL_RUN_PATCH_SCHEDULE=staircase|by_layer|by_position chooses (the tests run each on the CPU).
     pub fn for_device(device: tch::Device) -> Schedule {
         match std::env::var("TL_RUN_PATCH_SCHEDULE").as_deref() {
             Ok("staircase") => Schedule::Staircase,
             Ok("by_layer") => Schedule::ByLayer,
+            Ok("by_position") => Schedule::ByPosition,
             _ if device.is_cuda() => Schedule::Staircase,
-            _ => Schedule::ByLayer,
+            _ => Schedule::ByPosition,
         }
+    }
+
+    /// Whether this schedule's forwards hold cells of several layers (the executor then groups
+    /// the patching jobs of every layer).
+    pub fn across_layers(self) -> bool {
+        self != Schedule::ByLayer
     }
 }
 
@@ -190,6 +215,13 @@ struct Progress<'a> {
     /// [part][cell]: per-prompt metric values once known.
     values: Vec<Vec<Option<Vec<f64>>>>,
     forwards: Vec<usize>,
+    /// [part]: rows × positions × layers the part's cells computed (`Sweep::computed`).
+    computed: Vec<u64>,
+    /// [part][cell]: the layer a cell's forward starts at.
+    starts: Vec<Vec<usize>>,
+    /// Positions and layers of a whole forward.
+    seq: i64,
+    n_layers: usize,
     chunk_size: usize,
     halvings: usize,
     report: &'a mut dyn FnMut(usize),
@@ -223,16 +255,26 @@ pub fn sweep_scheduled(
     let fill = |c: &Cell| cannot_change(c, prep.first_diff).then(|| prep.corrupted_per_prompt.clone());
     let values: Vec<Vec<Option<Vec<f64>>>> = parts.iter().map(|(_, cells)| cells.iter().map(fill).collect()).collect();
     progress(values.iter().flatten().filter(|v| v.is_some()).count());
+    // A cell's forward starts at the first layer it patches (its own, or its window's first).
+    let n_layers = model.cfg.n_layers;
+    let start = |p: usize, c: &Cell| parts[p].0.window_layers(c.layer, n_layers).start;
     let mut state = Progress {
         values,
         forwards: vec![0; parts.len()],
+        computed: vec![0; parts.len()],
+        starts: (0..parts.len()).map(|p| parts[p].1.iter().map(|c| start(p, c)).collect()).collect(),
+        seq,
+        n_layers,
         chunk_size: cells_per_forward(&model.cfg, n, seq, model.device),
         halvings: 0,
         report: &mut progress,
     };
-    // A cell's forward starts at the first layer it patches (its own, or its window's first).
-    let n_layers = model.cfg.n_layers;
-    let start = |p: usize, c: &Cell| parts[p].0.window_layers(c.layer, n_layers).start;
+    // Without the corrupted run's keys and values (kept when the device's schedule is by
+    // position) the by-position schedule cannot reuse them.
+    let schedule = match schedule {
+        Schedule::ByPosition if prep.corrupted_kv.is_none() => Schedule::ByLayer,
+        s => s,
+    };
     let mut layers: Vec<usize> = (0..parts.len()).flat_map(|p| parts[p].1.iter().map(move |c| start(p, c))).collect();
     layers.sort_unstable();
     layers.dedup();
@@ -242,42 +284,41 @@ pub fn sweep_scheduled(
             .filter(|&(p, i)| start(p, &parts[p].1[i]) == layer && state.values[p][i].is_none())
             .collect()
     };
-    // Windows patch several layers per row, which a staircase (rows joining at their one
-    // patched layer) does not express: they run by layer.
-    let schedule = if parts.iter().any(|(t, _)| t.window > 1) { Schedule::ByLayer } else { schedule };
     match schedule {
         Schedule::ByLayer => {
             for layer in layers {
                 let todo = todo_at(&state, layer);
-                patch_layer(model, prep, parts, layer, &todo, &mut state)?;
+                patch_layer(model, prep, parts, layer, &todo, &mut state, 0)?;
             }
         }
         Schedule::Staircase => {
-            // Consecutive layers whose cells fit one batch share a staircase; a layer with more
-            // cells than a batch holds runs by itself, in chunks.
-            let mut window: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
-            let mut in_window = 0;
+            let steps: Vec<_> = layers.iter().map(|&l| (l, todo_at(&state, l))).collect();
+            staircases(model, prep, parts, steps, 0, &mut state)?;
+        }
+        Schedule::ByPosition => {
+            // Per position: the layers' cells there, in layer order, then a staircase of them.
+            let mut by_from: std::collections::BTreeMap<i64, Vec<Step>> = Default::default();
             for &layer in &layers {
                 let todo = todo_at(&state, layer);
-                if todo.is_empty() {
-                    continue;
+                let mut other = Vec::new();
+                for (p, i) in todo {
+                    match own_position(prep, parts[p].0, &parts[p].1[i]) {
+                        Some(from) => {
+                            let steps = by_from.entry(from).or_default();
+                            match steps.last_mut() {
+                                Some((l, cells)) if *l == layer => cells.push((p, i)),
+                                _ => steps.push((layer, vec![(p, i)])),
+                            }
+                        }
+                        None => other.push((p, i)),
+                    }
                 }
-                // The last layer's cells run by themselves: a forward that starts there computes
-                // every position (`last_block_stop`), which the staircase's other rows need not.
-                if todo.len() > state.chunk_size || layer + 1 == model.cfg.n_layers {
-                    patch_layer(model, prep, parts, layer, &todo, &mut state)?;
-                    continue;
+                if !other.is_empty() {
+                    patch_layer(model, prep, parts, layer, &other, &mut state, 0)?;
                 }
-                if in_window + todo.len() > state.chunk_size {
-                    patch_staircase(model, prep, parts, std::mem::take(&mut window), &mut state)?;
-                    in_window = 0;
-                }
-                in_window += todo.len();
-                window.push((layer, todo));
             }
-            if !window.is_empty() {
-                patch_staircase(model, prep, parts, window, &mut state)?;
-            }
+            let groups: Vec<PositionGroup> = by_from.into_iter().collect();
+            positions_in_parallel(model, prep, parts, groups, &mut state)?;
         }
     }
     let (chunk_size, halvings) = (state.chunk_size, state.halvings);
@@ -285,7 +326,9 @@ pub fn sweep_scheduled(
         .iter()
         .zip(state.values)
         .zip(state.forwards)
-        .map(|(((target, cells), values), forwards)| Sweep {
+        .zip(state.computed)
+        .map(|((((target, cells), values), forwards), computed)| Sweep {
+            computed,
             target: *target,
             cells: cells.clone(),
             skipped: cells.iter().map(|c| cannot_change(c, prep.first_diff)).collect(),
@@ -298,73 +341,91 @@ pub fn sweep_scheduled(
     Ok(sweeps)
 }
 
-/// With a key-value prefix only the positions after it are computed: (prefix length, positions
-/// computed).
-fn computed_positions(prep: &CleanCorrupted) -> (i64, i64) {
-    let skip = prep.prefix.as_ref().map(|p| p.len).unwrap_or(0);
+/// The positions a forward computes: those from `from` (a cell's own position, under the
+/// by-position schedule; 0 otherwise) and after the shared key-value prefix, whichever start
+/// later: (positions skipped, positions computed).
+fn computed_from(prep: &CleanCorrupted, from: i64) -> (i64, i64) {
+    let skip = from.max(prep.prefix.as_ref().map(|p| p.len).unwrap_or(0));
     (skip, prep.seq_len() - skip)
 }
 
-/// The corrupted run's residual entering `layer` (computed positions), once per cell of `k`:
+/// The position a cell's forward can start from under the by-position schedule: its own, or the
+/// first the metric reads if that is earlier; None for cells not at one position (heads over
+/// all positions, roles at each row's own position, patterns).
+fn own_position(prep: &CleanCorrupted, target: Target, c: &Cell) -> Option<i64> {
+    match target.axes {
+        Axes::LayerPos | Axes::LayerPosHead if c.role.is_none() => {
+            c.pos.map(|p| p.min(prep.metric.earliest_position(prep.seq_len())))
+        }
+        _ => None,
+    }
+}
+
+/// The corrupted run's residual entering `layer` (positions from `skip`), once per cell of `k`:
 /// the rows a forward from `layer` starts from.
-fn corrupted_rows(prep: &CleanCorrupted, layer: usize, k: i64) -> Tensor {
-    let (skip, computed) = computed_positions(prep);
+fn corrupted_rows(prep: &CleanCorrupted, layer: usize, k: i64, skip: i64) -> Tensor {
+    let computed = prep.seq_len() - skip;
     prep.corrupted_resid_pre[layer].narrow(1, skip, computed).repeat([k, 1, 1])
 }
 
-/// `target`'s clean activation at `layer`, computed positions only (the query axis of
+/// `target`'s clean activation at `layer`, positions from `skip` only (the query axis of
 /// patterns, the position axis of everything else).
-fn clean_at(prep: &CleanCorrupted, target: Target, layer: usize) -> Result<Tensor> {
-    let (skip, computed) = computed_positions(prep);
+fn clean_at(prep: &CleanCorrupted, target: Target, layer: usize, skip: i64) -> Result<Tensor> {
+    let computed = prep.seq_len() - skip;
     let point = HookPoint::Block(layer, target.site);
     let full =
         prep.clean.get(&point).ok_or_else(|| Error::Other(format!("{point} was not cached on the clean run")))?;
     Ok(if target.site == Site::Pattern { full.narrow(2, skip, computed) } else { full.narrow(1, skip, computed) })
 }
 
-/// The patches of `chunk`'s cells, each part's on the rows of its own cells at every layer each
-/// cell patches (its own, or its window's): chunk entry j is rows j·n..(j+1)·n of the blocks
-/// the patched rows span, which start at block `offset` of the batch and run to its end.
-fn patches(
+/// A forward's batch: `blocks` blocks of n rows (a block is one cell's prompts), computing the
+/// positions from `skip`.
+#[derive(Clone, Copy)]
+struct Rows {
+    blocks: i64,
+    skip: i64,
+}
+
+/// Adds to `hooks` the patches of `cells` (each with its block in the batch), each part's on the
+/// rows of its own cells at every layer each cell patches (its own, or its window's; only layer
+/// `only` if given). Blocks not named pass through.
+fn add_patches(
+    hooks: &mut Hooks,
     model: &Model,
     prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
-    chunk: &[(usize, usize)],
-    offset: i64,
-) -> Result<Hooks> {
+    cells: &[(i64, (usize, usize))],
+    rows: Rows,
+    only: Option<usize>,
+) -> Result<()> {
     let n = prep.n_prompts();
-    let k = chunk.len() as i64;
-    let (skip, _) = computed_positions(prep);
     let n_layers = model.cfg.n_layers;
-    let mut hooks = Hooks::new();
-    for p in (0..parts.len()).filter(|&p| chunk.iter().any(|&(q, _)| q == p)) {
-        let (target, cells) = &parts[p];
+    for p in (0..parts.len()).filter(|&p| cells.iter().any(|&(_, (q, _))| q == p)) {
+        let (target, part_cells) = &parts[p];
         let all_mine: Vec<(i64, Cell)> =
-            chunk.iter().enumerate().filter(|(_, &(q, _))| q == p).map(|(j, &(_, i))| (j as i64, cells[i])).collect();
+            cells.iter().filter(|(_, (q, _))| *q == p).map(|&(block, (_, i))| (block, part_cells[i])).collect();
         let mut layers: Vec<usize> =
             all_mine.iter().flat_map(|(_, c)| target.window_layers(c.layer, n_layers)).collect();
         layers.sort_unstable();
         layers.dedup();
+        layers.retain(|l| only.is_none_or(|o| o == *l));
         for layer in layers {
             let mine: Vec<(i64, Cell)> = all_mine
                 .iter()
                 .filter(|(_, c)| target.window_layers(c.layer, n_layers).contains(&layer))
                 .copied()
                 .collect();
-            let clean = clean_at(prep, *target, layer)?;
-            let patch =
-                patch_mask(*target, &mine, k, n, &clean.size(), skip, &prep.role_positions).to_device(model.device);
-            let source = clean.repeat(repeat_dims(k, clean.dim()));
-            let mut edit = Intervention::new(Edit::Where { mask: patch, source });
-            if offset > 0 {
-                // Only the chunk's rows are edited (sliced out and put back): rows that joined
-                // at earlier layers pass through.
-                edit = edit.batch(Sel::List((offset * n..(offset + k) * n).collect()));
-            }
-            hooks.add_intervention(HookPoint::Block(layer, target.site), edit);
+            let clean = clean_at(prep, *target, layer, rows.skip)?;
+            let patch = patch_mask(*target, &mine, rows.blocks, n, &clean.size(), rows.skip, &prep.role_positions)
+                .to_device(model.device);
+            let source = clean.repeat(repeat_dims(rows.blocks, clean.dim()));
+            hooks.add_intervention(
+                HookPoint::Block(layer, target.site),
+                Intervention::new(Edit::Where { mask: patch, source }),
+            );
         }
     }
-    Ok(hooks)
+    Ok(())
 }
 
 /// How a patched forward from `layer` ends. From an earlier layer, nothing is hooked in the last
@@ -382,12 +443,9 @@ fn last_block_stop(model: &Model, prep: &CleanCorrupted, layer: usize) -> Stop {
     }
 }
 
-/// The cells `todo` of one layer in batched forwards from that layer, chunked to the batch
-/// budget (halved on running out of memory). (Computing each cell only from its own position on,
-/// which a patch at position p allows, was measured and left out: the forwards of one position
-/// hold a few cells, and on SmolLM2-135M the smaller products made the IOI sweeps 15% slower;
-/// merging positions to keep batches large would make a row's numbers depend on which other
-/// jobs share its forwards.)
+/// The cells `todo` of one layer in batched forwards from that layer, computing the positions
+/// from `from` on (`computed_from`), chunked to the batch budget (halved on running out of
+/// memory).
 fn patch_layer(
     model: &Model,
     prep: &CleanCorrupted,
@@ -395,8 +453,10 @@ fn patch_layer(
     layer: usize,
     todo: &[(usize, usize)],
     state: &mut Progress,
+    from: i64,
 ) -> Result<()> {
     let n = prep.n_prompts();
+    let (skip, _) = computed_from(prep, from);
     let mut at = 0;
     while at < todo.len() {
         let chunk = &todo[at..(at + state.chunk_size).min(todo.len())];
@@ -405,10 +465,12 @@ fn patch_layer(
             if let Some(oom) = crate::engine::memory::injected_oom(k * n) {
                 return Err(Error::Other(oom));
             }
-            let resid = corrupted_rows(prep, layer, k);
+            let resid = corrupted_rows(prep, layer, k, skip);
             let mask = prep.mask.as_ref().map(|m| m.repeat([k, 1]));
-            let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(k, layer));
-            let mut hooks = patches(model, prep, parts, chunk, 0)?;
+            let prefix = prep.kv_before(skip).map(|p| p.repeat_from(k, layer));
+            let mut hooks = Hooks::new();
+            let cells: Vec<(i64, (usize, usize))> = chunk.iter().enumerate().map(|(j, &c)| (j as i64, c)).collect();
+            add_patches(&mut hooks, model, prep, parts, &cells, Rows { blocks: k, skip }, None)?;
             let last_patched = chunk
                 .iter()
                 .map(|&(p, i)| parts[p].0.window_layers(parts[p].1[i].layer, model.cfg.n_layers).end - 1)
@@ -440,23 +502,63 @@ fn patch_layer(
             }
             other => other?,
         };
-        state.record(chunk, &v, n);
+        state.record(chunk, &v, n, skip);
         at += chunk.len();
     }
     Ok(())
 }
 
+/// The cells of `steps` (each layer with its cells, in layer order) in staircase forwards
+/// computing the positions from `from` on: consecutive layers whose cells fit one batch share a
+/// staircase; a layer with more cells than a batch holds runs by itself, in chunks.
+fn staircases(
+    model: &Model,
+    prep: &CleanCorrupted,
+    parts: &[(Target, Vec<Cell>)],
+    steps: Vec<(usize, Vec<(usize, usize)>)>,
+    from: i64,
+    state: &mut Progress,
+) -> Result<()> {
+    let mut window: Vec<(usize, Vec<(usize, usize)>)> = Vec::new();
+    let mut in_window = 0;
+    for (layer, todo) in steps {
+        if todo.is_empty() {
+            continue;
+        }
+        // The last layer's cells run by themselves: a forward that starts there computes
+        // every position (`last_block_stop`), which the staircase's other rows need not.
+        if todo.len() > state.chunk_size || layer + 1 == model.cfg.n_layers {
+            patch_layer(model, prep, parts, layer, &todo, state, from)?;
+            continue;
+        }
+        if in_window + todo.len() > state.chunk_size {
+            patch_staircase(model, prep, parts, std::mem::take(&mut window), state, from)?;
+            in_window = 0;
+        }
+        in_window += todo.len();
+        window.push((layer, todo));
+    }
+    if !window.is_empty() {
+        patch_staircase(model, prep, parts, window, state, from)?;
+    }
+    Ok(())
+}
+
 /// The cells of several layers (`window`: each layer with its cells, in layer order) in one
-/// staircase forward (`Schedule::Staircase`). Out of memory, the window's layers run one by
-/// one instead, each chunked and halved as it needs.
+/// staircase forward, computing the positions from `from` on. Each layer's patches are those of
+/// every row that has joined and patches there (a window patches several layers). Out of
+/// memory, the window's layers run one by one instead, each chunked and halved as it needs.
 fn patch_staircase(
     model: &Model,
     prep: &CleanCorrupted,
     parts: &[(Target, Vec<Cell>)],
     window: Vec<(usize, Vec<(usize, usize)>)>,
     state: &mut Progress,
+    from: i64,
 ) -> Result<()> {
     let n = prep.n_prompts();
+    let (skip, _) = computed_from(prep, from);
+    let kv = prep.kv_before(skip);
     let last_layer = model.cfg.n_layers - 1;
     let Some(first) = window.first().map(|(l, _)| *l) else { return Ok(()) };
     let total: i64 = window.iter().map(|(_, todo)| todo.len() as i64).sum();
@@ -466,21 +568,23 @@ fn patch_staircase(
         }
         let mut x: Option<Tensor> = None;
         let mut blocks = 0i64;
+        let mut joined: Vec<(i64, (usize, usize))> = Vec::new();
         for layer in first..model.cfg.n_layers {
-            let mut hooks = Hooks::new();
             if let Some((_, todo)) = window.iter().find(|(l, _)| *l == layer) {
                 let k = todo.len() as i64;
-                let joining = corrupted_rows(prep, layer, k);
+                let joining = corrupted_rows(prep, layer, k, skip);
                 x = Some(match x.take() {
                     Some(x) => Tensor::cat(&[x.to_device(joining.device()), joining], 0),
                     None => joining,
                 });
-                hooks = patches(model, prep, parts, todo, blocks)?;
+                joined.extend(todo.iter().enumerate().map(|(j, &c)| (blocks + j as i64, c)));
                 blocks += k;
             }
             let Some(resid) = x.take() else { continue };
+            let mut hooks = Hooks::new();
+            add_patches(&mut hooks, model, prep, parts, &joined, Rows { blocks, skip }, Some(layer))?;
             let mask = prep.mask.as_ref().map(|m| m.repeat([blocks, 1]));
-            let prefix = prep.prefix.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
+            let prefix = kv.as_ref().map(|p| p.repeat_layers(blocks, layer..layer + 1));
             // The last layer ends the staircase: ln_final's output at the last position.
             let stop = match layer == last_layer {
                 true if prep.metric.reads_last_only() => Stop::LastPosition,
@@ -501,7 +605,7 @@ fn patch_staircase(
     match crate::panics::guarded("a staircase of patched forwards", forward) {
         Ok(v) => {
             let order: Vec<(usize, usize)> = window.iter().flat_map(|(_, todo)| todo.iter().copied()).collect();
-            state.record(&order, &v, n);
+            state.record(&order, &v, n, skip);
             Ok(())
         }
         Err(e) if crate::error::is_out_of_memory(&e.to_string()) => {
@@ -511,7 +615,7 @@ fn patch_staircase(
                 "out of memory in a staircase of layers: running them one by one"
             );
             for (layer, todo) in &window {
-                patch_layer(model, prep, parts, *layer, todo, state)?;
+                patch_layer(model, prep, parts, *layer, todo, state, from)?;
             }
             Ok(())
         }
@@ -519,10 +623,172 @@ fn patch_staircase(
     }
 }
 
+/// The by-position schedule's staircases (one per starting position), on as many CPU threads as
+/// torch uses, each with one torch thread: their forwards are small (a few positions of a few
+/// cells' rows), and two single-threaded GEMMs side by side kept a 2-core CPU busier than one
+/// two-threaded GEMM at a time (35% of the cores idle at the threads' joins before). Positions
+/// are dealt out by their work (positions computed × cells), largest first. On a GPU, or with
+/// one thread, they run one after another.
+fn positions_in_parallel(
+    model: &Model,
+    prep: &CleanCorrupted,
+    parts: &[(Target, Vec<Cell>)],
+    mut groups: Vec<PositionGroup>,
+    state: &mut Progress,
+) -> Result<()> {
+    let threads = if model.device == tch::Device::Cpu { tch::get_num_threads().max(1) as usize } else { 1 };
+    let workers = threads.min(groups.len());
+    if workers <= 1 {
+        for (from, steps) in groups {
+            staircases(model, prep, parts, steps, from, state)?;
+        }
+        return Ok(());
+    }
+    let work = |(from, steps): &PositionGroup| {
+        (prep.seq_len() - from) * steps.iter().map(|(_, cells)| cells.len() as i64).sum::<i64>()
+    };
+    groups.sort_by_key(|g| std::cmp::Reverse(work(g)));
+    let mut dealt: Vec<(i64, Vec<PositionGroup>)> = (0..workers).map(|_| (0, Vec::new())).collect();
+    for g in groups {
+        let least = dealt.iter_mut().min_by_key(|(w, _)| *w).expect("workers > 1");
+        least.0 += work(&g);
+        least.1.push(g);
+    }
+    // Each worker's share of the batch budget: their forwards are in memory at once.
+    let chunk_size = state.chunk_size.div_ceil(workers).max(1);
+    let shared = Shared { model, prep, parts };
+    let (sender, receiver) = std::sync::mpsc::channel::<usize>();
+    let finished = std::thread::scope(|scope| {
+        let handles: Vec<_> = dealt
+            .into_iter()
+            .map(|(_, mine)| {
+                let sender = sender.clone();
+                let shared = &shared;
+                let seed = state.fork(chunk_size);
+                scope.spawn(move || -> Result<Worker> {
+                    tch::set_num_threads(1);
+                    let mut report = |k: usize| {
+                        let _ = sender.send(k);
+                    };
+                    let mut local = seed.progress(&mut report);
+                    for (from, steps) in mine {
+                        staircases(shared.model, shared.prep, shared.parts, steps, from, &mut local)?;
+                    }
+                    Ok(local.into_worker())
+                })
+            })
+            .collect();
+        drop(sender);
+        // Progress reaches the caller's callback on this thread, as the workers finish cells.
+        for k in receiver {
+            (state.report)(k);
+        }
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|e| Err(Error::Other(crate::panics::take_message(&*e)))))
+            .collect::<Vec<_>>()
+    });
+    tch::set_num_threads(threads as i32);
+    for worker in finished {
+        state.join(worker?);
+    }
+    Ok(())
+}
+
+/// What the workers read: the model's weights and the clean and corrupted caches, never written
+/// while a sweep runs.
+struct Shared<'a> {
+    model: &'a Model,
+    prep: &'a CleanCorrupted,
+    parts: &'a [(Target, Vec<Cell>)],
+}
+
+// SAFETY: tch's Tensor is Send but not Sync, as any tensor may be written in place. The workers
+// only read these tensors (every op they run on them makes new tensors), and libtorch's ops are
+// safe to run on one tensor from several threads when none writes it; nothing here has interior
+// mutability but `CleanCorrupted::pending_backward`, a Mutex the sweeps do not touch.
+unsafe impl Sync for Shared<'_> {}
+
+/// A worker's state without its report: its results, joined into the sweep's at the end.
+struct Worker {
+    values: Vec<Vec<Option<Vec<f64>>>>,
+    forwards: Vec<usize>,
+    computed: Vec<u64>,
+    starts: Vec<Vec<usize>>,
+    seq: i64,
+    n_layers: usize,
+    chunk_size: usize,
+    halvings: usize,
+}
+
+impl Worker {
+    fn progress(self, report: &mut dyn FnMut(usize)) -> Progress<'_> {
+        Progress {
+            values: self.values,
+            forwards: self.forwards,
+            computed: self.computed,
+            starts: self.starts,
+            seq: self.seq,
+            n_layers: self.n_layers,
+            chunk_size: self.chunk_size,
+            halvings: self.halvings,
+            report,
+        }
+    }
+}
+
 impl Progress<'_> {
-    /// Stores one forward's per-row values (n per cell of `cells`, in order): one forward for
-    /// each part with cells in it.
-    fn record(&mut self, cells: &[(usize, usize)], v: &[f64], n: i64) {
+    /// A worker's own state: no values yet, the sweep's sizes and a batch budget of `chunk_size`
+    /// cells.
+    fn fork(&self, chunk_size: usize) -> Worker {
+        Worker {
+            values: self.values.iter().map(|cells| vec![None; cells.len()]).collect(),
+            forwards: vec![0; self.forwards.len()],
+            computed: vec![0; self.computed.len()],
+            starts: self.starts.clone(),
+            seq: self.seq,
+            n_layers: self.n_layers,
+            chunk_size,
+            halvings: 0,
+        }
+    }
+
+    fn into_worker(self) -> Worker {
+        Worker {
+            values: self.values,
+            forwards: self.forwards,
+            computed: self.computed,
+            starts: self.starts,
+            seq: self.seq,
+            n_layers: self.n_layers,
+            chunk_size: self.chunk_size,
+            halvings: self.halvings,
+        }
+    }
+
+    fn join(&mut self, w: Worker) {
+        for (mine, theirs) in self.values.iter_mut().zip(w.values) {
+            for (v, t) in mine.iter_mut().zip(theirs) {
+                if t.is_some() {
+                    *v = t;
+                }
+            }
+        }
+        for (p, f) in w.forwards.into_iter().enumerate() {
+            self.forwards[p] += f;
+        }
+        for (p, c) in w.computed.into_iter().enumerate() {
+            self.computed[p] += c;
+        }
+        self.halvings += w.halvings;
+        self.chunk_size = self.chunk_size.min(w.chunk_size);
+    }
+    /// Stores one forward's per-row values (n per cell of `cells`, in order; positions from
+    /// `skip` computed): one forward for each part with cells in it.
+    fn record(&mut self, cells: &[(usize, usize)], v: &[f64], n: i64, skip: i64) {
+        for &(p, i) in cells {
+            self.computed[p] += (n * (self.seq - skip)) as u64 * (self.n_layers - self.starts[p][i]) as u64;
+        }
         let parts: std::collections::BTreeSet<usize> = cells.iter().map(|&(p, _)| p).collect();
         for p in parts {
             self.forwards[p] += 1;
@@ -545,25 +811,21 @@ pub(crate) fn repeat_dims(k: i64, dim: usize) -> Vec<i64> {
 /// positions at several layers, restored at once) in one forward from the earliest layer; the
 /// metric per row (prompt, noise sample).
 pub fn patch_jointly(model: &Model, prep: &CleanCorrupted, target: Target, cells: &[Cell]) -> Result<Vec<f64>> {
-    let n = prep.n_prompts();
-    let first = cells.iter().map(|c| c.layer).min().ok_or_else(|| Error::Config("no units to patch".into()))?;
-    let last = cells.iter().map(|c| c.layer).max().unwrap_or(first);
-    let (skip, _) = computed_positions(prep);
+    let n_layers = model.cfg.n_layers;
+    let first = cells
+        .iter()
+        .map(|c| target.window_layers(c.layer, n_layers).start)
+        .min()
+        .ok_or_else(|| Error::Config("no units to patch".into()))?;
+    let last = cells.iter().map(|c| target.window_layers(c.layer, n_layers).end - 1).max().unwrap_or(first);
+    let (skip, _) = computed_from(prep, 0);
+    // Every unit in the batch's one block.
+    let parts = [(target, cells.to_vec())];
+    let all: Vec<(i64, (usize, usize))> = (0..cells.len()).map(|i| (0, (0, i))).collect();
     let mut hooks = Hooks::new();
-    for layer in first..=last {
-        let here: Vec<(i64, Cell)> = cells.iter().filter(|c| c.layer == layer).map(|c| (0, *c)).collect();
-        if here.is_empty() {
-            continue;
-        }
-        let clean = clean_at(prep, target, layer)?;
-        let mask = patch_mask(target, &here, 1, n, &clean.size(), skip, &prep.role_positions).to_device(model.device);
-        hooks.add_intervention(
-            HookPoint::Block(layer, target.site),
-            Intervention::new(Edit::Where { mask, source: clean }),
-        );
-    }
-    let resid = corrupted_rows(prep, first, 1);
-    let prefix = prep.prefix.as_ref().map(|p| p.repeat_from(1, first));
+    add_patches(&mut hooks, model, prep, &parts, &all, Rows { blocks: 1, skip }, None)?;
+    let resid = corrupted_rows(prep, first, 1, skip);
+    let prefix = prep.kv_before(skip).map(|p| p.repeat_from(1, first));
     let stop = last_block_stop(model, prep, last);
     let out = crate::panics::guarded("a forward with units patched together", || {
         model.run_with_prefix(

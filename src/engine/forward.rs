@@ -48,6 +48,12 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// The first `len` positions (views).
+    pub fn first(&self, len: i64) -> Prefix {
+        let narrow = |ts: &[Tensor]| ts.iter().map(|t| t.narrow(1, 0, len)).collect();
+        Prefix { len, keys: narrow(&self.keys), values: narrow(&self.values) }
+    }
+
     /// The same prefix for `k` stacked copies of the batch (patch cells as the batch axis).
     pub fn repeat(&self, k: i64) -> Prefix {
         self.repeat_layers(k, 0..self.keys.len())

@@ -48,7 +48,7 @@ pub(crate) fn run_here(
         store(j, &output)?;
         Ok(output)
     };
-    let across_layers = Schedule::for_device(c.model.device) == Schedule::Staircase;
+    let across_layers = Schedule::for_device(c.model.device).across_layers();
     let group = patch_group(plan, job, status, &groups.alone, across_layers);
     match (group.len() > 1).then(|| run_patch_group(c, plan, &group)) {
         Some(Ok(done)) => {

@@ -265,13 +265,13 @@ pub fn patch_together(cx: &RunContext, jobs: &[(&RunSpec, Part)]) -> Result<Vec<
             "filled_without_compute": s.skipped.iter().filter(|k| **k).count(), "seconds": seconds * computed[j] as f64 / all_computed,
             "cells_per_forward": s.cells_per_forward, "oom_halvings": s.oom_halvings, "first_diff": prep.first_diff,
             "forwards_shared_with_jobs": jobs.len() - 1, "schedule": Schedule::for_device(model.device).name(),
+            "row_position_layers": s.computed,
         });
         let mut note = note;
         if parts[j].0.window > 1 {
             let w = parts[j].0.window_layers(layer, model.cfg.n_layers);
             note["window"] = parts[j].0.window.into();
             note["window_layers"] = serde_json::json!([w.start, w.end - 1]);
-            note["schedule"] = Schedule::ByLayer.name().into();
         }
         out.push((rows, note));
     }
@@ -297,17 +297,8 @@ fn patch_units(
             prep.seq_len()
         )));
     }
-    let cells: Vec<crate::analysis::patching::Cell> = units
-        .iter()
-        .map(|&(layer, i)| crate::analysis::patching::Cell {
-            layer,
-            head: (axes == Axes::LayerHead).then_some(i),
-            pos: (axes == Axes::LayerPos).then_some(i),
-            dest: None,
-            src: None,
-            role: None,
-        })
-        .collect();
+    let cells: Vec<crate::analysis::patching::Cell> =
+        units.iter().map(|&(layer, i)| crate::analysis::patching::Cell::unit(layer, axes, i)).collect();
     let t = Instant::now();
     let per_row = crate::analysis::patching::patch_jointly(model, prep, Target::new(site, axes)?, &cells)?;
     let values: Vec<f64> = per_prompt(&per_row, n).into_iter().map(norm).collect();

@@ -93,6 +93,11 @@ impl ChangedTokens {
                     (0..c.len()).filter(|&i| k.and_then(|k| k.get(i)) != Some(&c[i])).collect()
                 })
                 .collect(),
+            None if m.pointer("/tokens/noised").is_some_and(Value::is_array) => token_ids(m, "noised")
+                .unwrap_or_default()
+                .iter()
+                .map(|p| p.iter().map(|&i| i as usize).collect())
+                .collect(),
             None => {
                 let noised: Vec<usize> = m
                     .pointer("/spec/corruption/noise/positions")
@@ -192,7 +197,12 @@ mod tests {
         assert_eq!(c.positions, vec![BTreeSet::from([1, 3]), BTreeSet::from([1])], "position 3 is past prompt 1's end");
         m["spec"]["corruption"] =
             json!({"noise": {"positions": null, "words": ["Mary"], "noise": 3.0, "samples": 1, "seed": 0}});
-        assert!(ChangedTokens::read(&m).any_padded().is_empty(), "noised words are not recorded");
+        assert!(ChangedTokens::read(&m).any_padded().is_empty(), "a manifest without tokens.noised marks no words");
+        // The run records the positions the words were found at, in each prompt's own tokens.
+        m["tokens"]["noised"] = json!([[2], [0, 1]]);
+        let c = ChangedTokens::read(&m);
+        assert_eq!(c.positions, vec![BTreeSet::from([2]), BTreeSet::from([0, 1])]);
+        assert_eq!(c.any_padded(), BTreeSet::from([1, 2]), "prompt 1 is padded by one");
     }
 
     #[test]

@@ -414,10 +414,25 @@ pub fn tokenize(
             })
             .collect()
     };
+    // Noised positions in each prompt's own tokens (the report marks them on its axes).
+    let noised_positions = |m: &Tensor| -> Vec<Vec<i64>> {
+        let seq = clean.tokens.size()[1];
+        clean
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                let pad = seq - len as i64;
+                let row: Vec<bool> = Vec::try_from(m.get(i as i64)).unwrap_or_default();
+                (pad..seq).filter(|&q| row.get(q as usize) == Some(&true)).map(|q| q - pad).collect()
+            })
+            .collect()
+    };
     let record = serde_json::json!({
         "prepend_bos": bos,
         "clean": unpadded(&clean),
         "corrupted": corrupted.as_ref().map(unpadded),
+        "noised": noised.as_ref().map(noised_positions),
     });
     Ok(Tokenized {
         clean: clean.tokens,
