@@ -626,9 +626,9 @@ fn patch_staircase(
 /// The by-position schedule's staircases (one per starting position), on as many CPU threads as
 /// torch uses, each with one torch thread: their forwards are small (a few positions of a few
 /// cells' rows), and two single-threaded GEMMs side by side kept a 2-core CPU busier than one
-/// two-threaded GEMM at a time (35% of the cores idle at the threads' joins before). Positions
-/// are dealt out by their work (positions computed × cells), largest first. On a GPU, or with
-/// one thread, they run one after another.
+/// two-threaded GEMM at a time. Each worker takes the position with the most work left
+/// (positions computed × cells) when it is free. On a GPU, or with one thread, they run one
+/// after another.
 fn positions_in_parallel(
     model: &Model,
     prep: &CleanCorrupted,
@@ -647,23 +647,18 @@ fn positions_in_parallel(
     let work = |(from, steps): &PositionGroup| {
         (prep.seq_len() - from) * steps.iter().map(|(_, cells)| cells.len() as i64).sum::<i64>()
     };
-    groups.sort_by_key(|g| std::cmp::Reverse(work(g)));
-    let mut dealt: Vec<(i64, Vec<PositionGroup>)> = (0..workers).map(|_| (0, Vec::new())).collect();
-    for g in groups {
-        let least = dealt.iter_mut().min_by_key(|(w, _)| *w).expect("workers > 1");
-        least.0 += work(&g);
-        least.1.push(g);
-    }
+    // A queue, the largest work last: each worker takes the largest left when it is free.
+    groups.sort_by_key(work);
+    let queue = std::sync::Mutex::new(groups);
     // Each worker's share of the batch budget: their forwards are in memory at once.
     let chunk_size = state.chunk_size.div_ceil(workers).max(1);
     let shared = Shared { model, prep, parts };
     let (sender, receiver) = std::sync::mpsc::channel::<usize>();
     let finished = std::thread::scope(|scope| {
-        let handles: Vec<_> = dealt
-            .into_iter()
-            .map(|(_, mine)| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
                 let sender = sender.clone();
-                let shared = &shared;
+                let (shared, queue) = (&shared, &queue);
                 let seed = state.fork(chunk_size);
                 scope.spawn(move || -> Result<Worker> {
                     tch::set_num_threads(1);
@@ -671,8 +666,13 @@ fn positions_in_parallel(
                         let _ = sender.send(k);
                     };
                     let mut local = seed.progress(&mut report);
-                    for (from, steps) in mine {
-                        staircases(shared.model, shared.prep, shared.parts, steps, from, &mut local)?;
+                    let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                    while let Some((from, steps)) = next() {
+                        if let Err(e) = staircases(shared.model, shared.prep, shared.parts, steps, from, &mut local) {
+                            // The others stop after their current position.
+                            queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                            return Err(e);
+                        }
                     }
                     Ok(local.into_worker())
                 })

@@ -7,7 +7,10 @@ and z over [layer, role, head] are patched with those per-prompt index tensors
 position (or, with the spec's [metric] position, at each prompt's position of that role).
 Prompts are left-padded as to_tokens does (tl-run's `pos` counts a prompt's own tokens).
 
-Usage: python tests/oracle/patch_by_role.py MODEL_DIR MANIFEST OUT_JSON
+A MODEL that is a .gguf file (SmolLM2) is dequantized into a temporary HF directory first
+(smollm2_hf.py); --resid-only skips the z sweep (a forward per layer, role and head).
+
+Usage: python tests/oracle/patch_by_role.py MODEL_DIR|MODEL.gguf MANIFEST OUT_JSON [--resid-only]
 """
 import json
 import os
@@ -30,8 +33,22 @@ def spec_slots(manifest_path):
 
 
 def main() -> None:
-    model_dir, manifest_path, out = sys.argv[1:4]
-    model = TransformerBridge.boot_transformers(model_dir, device="cpu")
+    model_path, manifest_path, out = sys.argv[1:4]
+    resid_only = "--resid-only" in sys.argv[4:]
+    if model_path.endswith(".gguf"):
+        import tempfile
+
+        from smollm2_hf import save_hf_dir
+
+        with tempfile.TemporaryDirectory() as d:
+            save_hf_dir(model_path, d)
+            model = TransformerBridge.boot_transformers(d, device="cpu")
+            patch(model, manifest_path, out, resid_only)
+    else:
+        patch(TransformerBridge.boot_transformers(model_path, device="cpu"), manifest_path, out, resid_only)
+
+
+def patch(model, manifest_path: str, out: str, resid_only: bool) -> None:
     model.enable_compatibility_mode(disable_warnings=True)
     model.tokenizer.padding_side = "left"
     with open(manifest_path) as f:
@@ -97,7 +114,7 @@ def main() -> None:
                     return act
 
                 resid.append(logit_diff(model.run_with_hooks(corrupted, fwd_hooks=[(name, restore)], **kwargs)))
-                for h in range(model.cfg.n_heads):
+                for h in range(0 if resid_only else model.cfg.n_heads):
                     def restore_head(act, hook, pos=pos, h=h):
                         act[rows, pos, h] = cache[hook.name][rows, pos, h]
                         return act
