@@ -57,7 +57,7 @@ ioi() {
       rm -rf "$WORK/tlrun_nowarm_$tag"
       TL_RUN_WARM_UP=0 "$BIN" run "$here/$2" --model-id "$MODELS/$1" --device "$DEVICE" --dtype "$dtype" --prompts "$P_IOI" --out "$WORK/tlrun_nowarm_$tag" --quiet > /dev/null || echo "FAILED tl-run without warm-up $tag"
       t3=$(now)
-      # And with the other patching schedule (staircase on CUDA, by layer on the CPU; see
+      # And with the other patching schedule (staircase on CUDA, by position on the CPU; see
       # activation_patching::Schedule).
       other=$([ "$DEVICE" = cpu ] && echo staircase || echo by_layer)
       rm -rf "$WORK/tlrun_other_$tag"

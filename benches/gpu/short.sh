@@ -35,7 +35,7 @@ if grep -q FAILED "$log"; then fail "a step FAILED"; fi
 need '^(gpt2-small-shaped|smollm2-shaped)_float32 ' 2
 awk '/^(gpt2-small-shaped|smollm2-shaped)_float32 /{ if ($NF + 0 > 1e-3) { print "TransformerLens and tl-run differ: " $0; exit 1 } }' "$log"
 need '^(gpt2-small-shaped|smollm2-shaped)_float32: warm-up .* without it sweeps' 2
-need '^(gpt2-small-shaped|smollm2-shaped)_float32: schedule by_layer sweeps .* schedule staircase sweeps' 2
+need '^(gpt2-small-shaped|smollm2-shaped)_float32: schedule by_position sweeps .* schedule staircase sweeps' 2
 # The explicit attention steps agree with the fused kernel (normalised metric, 1e-3 as above).
 need '^(gpt2-small-shaped|smollm2-shaped)_float32: fused attention sweeps .* explicit attention sweeps' 2
 awk '/: fused attention sweeps/{ if ($NF + 0 > 1e-3) { print "fused and explicit attention differ: " $0; exit 1 } }' "$log"
