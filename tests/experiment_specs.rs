@@ -240,11 +240,12 @@ fn shipped_specs_match_transformer_lens_on_every_family() {
                 // position see 8 positions back, and "Lily" is the prompts' second token, so
                 // noising it changes nothing there. Both sides must then report exactly the
                 // noised probability at every cell (no oracle comparison can have signal here;
-                // the trace is compared with signal on every other family).
+                // the trace is compared with signal on every other family). "Exactly" to f32
+                // rounding: 1.2e-6 relative on the portable-kernel pass (ATEN_CPU_CAPABILITY=default).
                 let theirs = values(o.get(&format!("trace/{key}")));
                 for (what, v) in [("TransformerLens", &theirs), ("tl-run", &ours)] {
                     assert!(
-                        v.iter().all(|x| (x - noised).abs() <= 1e-6 * noised.abs()),
+                        v.iter().all(|x| (x - noised).abs() <= 1e-5 * noised.abs()),
                         "mistral-tiny trace {key}: {what}'s values {v:?} are not all the noised probability {noised}"
                     );
                 }
