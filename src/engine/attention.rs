@@ -11,6 +11,14 @@ use crate::model::hook_point::{HookPoint, NormHook, Site};
 use crate::model::weights::NormWeights;
 use crate::model::{AttentionKernel, Model};
 
+/// What attention computes q, k and v from: ln1's output, or (TransformerLens's split inputs)
+/// ln1 applied to a copy of the residual per head, [b, pos, heads, d_model] for q and per
+/// key-value head for k and v.
+pub(super) enum AttnIn<'a> {
+    Shared(&'a Tensor),
+    PerHead { q: Tensor, k: Tensor, v: Tensor },
+}
+
 impl Model {
     /// The attention sublayer of block `l`: its output [b, q, d_model] from ln1's output.
     ///
@@ -19,23 +27,50 @@ impl Model {
     pub(super) fn attention(
         &self,
         l: usize,
-        x: &Tensor,
+        input: AttnIn<'_>,
         ctx: &Context<'_>,
         hooks: &mut Hooks,
         queries: Queries,
     ) -> Result<Tensor> {
         let at = |s: Site| HookPoint::Block(l, s);
         let (aw, fw) = (&self.weights.blocks[l].attn, &self.fused[l]);
-        let (b, p) = (x.size()[0], x.size()[1]);
         let (h, kv, e) = (self.cfg.n_heads as i64, self.cfg.n_kv_heads as i64, self.cfg.d_head as i64);
-        // Queries at the positions this block goes on with; keys and values at all of them.
-        let (x_q, p_q) = match queries {
-            Queries::All => (x.shallow_clone(), p),
-            Queries::Last => (last_position(x), 1),
+        let (q, k, v) = match &input {
+            AttnIn::Shared(x) => {
+                let (b, p) = (x.size()[0], x.size()[1]);
+                // Queries at the positions this block goes on with; keys and values at all of them.
+                let (x_q, p_q) = match queries {
+                    Queries::All => (x.shallow_clone(), p),
+                    Queries::Last => (last_position(x), 1),
+                };
+                (
+                    x_q.linear(&fw.w_q, Some(&fw.b_q)).view([b, p_q, h, e]),
+                    x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]),
+                    x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]),
+                )
+            }
+            AttnIn::PerHead { q, k, v } => {
+                // Head j's projection of head j's own input: the fused [heads·d_head, d_model]
+                // weights seen per head.
+                let per_head = |x: &Tensor, w: &Tensor, bias: &Tensor, n: i64| {
+                    let d = x.size()[3];
+                    Tensor::einsum("bpnd,ned->bpne", &[x, &w.view([n, e, d])], None::<&[i64]>) + bias.view([n, e])
+                };
+                let x_q = match queries {
+                    Queries::All => q.shallow_clone(),
+                    Queries::Last => last_position(q),
+                };
+                (
+                    per_head(&x_q, &fw.w_q, &fw.b_q, h),
+                    per_head(k, &fw.w_k, &fw.b_k, kv),
+                    per_head(v, &fw.w_v, &fw.b_v, kv),
+                )
+            }
         };
-        let q = hooks.at(at(Site::Q), x_q.linear(&fw.w_q, Some(&fw.b_q)).view([b, p_q, h, e]))?;
-        let k = hooks.at(at(Site::K), x.linear(&fw.w_k, Some(&fw.b_k)).view([b, p, kv, e]))?;
-        let v = hooks.at(at(Site::V), x.linear(&fw.w_v, Some(&fw.b_v)).view([b, p, kv, e]))?;
+        let (b, p_q) = (k.size()[0], q.size()[1]);
+        let q = hooks.at(at(Site::Q), q)?;
+        let k = hooks.at(at(Site::K), k)?;
+        let v = hooks.at(at(Site::V), v)?;
         let (q, k) = match (&aw.q_norm, &aw.k_norm) {
             (Some(qn), Some(kn)) => (
                 self.head_norm(

@@ -3,6 +3,7 @@
 //! and keeps the autograd graph so gradients with respect to captured activations are available.
 use tch::{Kind, Tensor};
 
+use crate::engine::attention::AttnIn;
 use crate::engine::hooks::Hooks;
 pub use crate::engine::positions::Positions;
 use crate::error::{Error, Result};
@@ -422,7 +423,29 @@ impl Model {
             at(Site::Ln1(NormHook::Normalized)),
             hooks,
         )?;
-        let mut attn_out = self.attention(l, &x, ctx, hooks, queries)?;
+        let split = [Site::QInput, Site::KInput, Site::VInput].iter().any(|&s| hooks.requests(at(s)));
+        let mut attn_out = if split {
+            // TransformerLens's split inputs: the residual copied per head (hookable one head at
+            // a time), then ln1 per head, so a head's q, k or v reads only its own copy.
+            let (h, kv) = (self.cfg.n_heads as i64, self.cfg.n_kv_heads as i64);
+            let mut per_head = |site: Site, n: i64| -> Result<Tensor> {
+                let (b, p, d) = (resid_pre.size()[0], resid_pre.size()[1], resid_pre.size()[2]);
+                let copy = hooks.at(at(site), resid_pre.unsqueeze(2).expand([b, p, n, d], false).contiguous())?;
+                // The per-head norms are ln1's arithmetic, unhooked (ln1's own hooks see the
+                // shared input, as TransformerLens's do).
+                self.norm(
+                    copy,
+                    &bw.ln1,
+                    at(Site::Ln1(NormHook::Scale)),
+                    at(Site::Ln1(NormHook::Normalized)),
+                    &mut Hooks::new(),
+                )
+            };
+            let (q, k, v) = (per_head(Site::QInput, h)?, per_head(Site::KInput, kv)?, per_head(Site::VInput, kv)?);
+            self.attention(l, AttnIn::PerHead { q, k, v }, ctx, hooks, queries)?
+        } else {
+            self.attention(l, AttnIn::Shared(&x), ctx, hooks, queries)?
+        };
         // From here on only the computed queries' positions go on.
         let (resid_pre, x) = match queries {
             Queries::All => (resid_pre, x),
@@ -444,8 +467,21 @@ impl Model {
             let mid = hooks.at(at(Site::ResidMid), &resid_pre + &attn_out)?;
             (mid.shallow_clone(), Some(mid))
         };
-        // GPT-J and Phi: the MLP reads the same normalised input as attention.
-        let x = if self.cfg.shared_norm {
+        // hook_mlp_in: the residual the MLP's norm reads, its own copy (editing it changes the MLP
+        // alone, not the residual stream).
+        let mlp_in = hooks.requests(at(Site::MlpIn));
+        let mlp_in_resid = if mlp_in { hooks.at(at(Site::MlpIn), mlp_in_resid.copy())? } else { mlp_in_resid };
+        // GPT-J and Phi: the MLP reads the same normalised input as attention (recomputed from
+        // hook_mlp_in's copy when that is edited).
+        let x = if self.cfg.shared_norm && mlp_in {
+            self.norm(
+                mlp_in_resid,
+                &bw.ln1,
+                at(Site::Ln1(NormHook::Scale)),
+                at(Site::Ln1(NormHook::Normalized)),
+                &mut Hooks::new(),
+            )?
+        } else if self.cfg.shared_norm {
             x
         } else {
             self.norm(

@@ -250,6 +250,13 @@ impl Hooks {
         self.edits(point) || self.captures(point)
     }
 
+    /// Whether the forward should take a path TransformerLens takes only when asked (the split
+    /// q/k/v inputs, hook_mlp_in): `point` is edited or captured by name, not by capturing
+    /// everything (TransformerLens's run_with_cache has none of these without its flags).
+    pub fn requests(&self, point: HookPoint) -> bool {
+        self.edits(point) || matches!(&self.capture, Capture::Only(s) if s.contains(&point))
+    }
+
     /// Whether this forward captures anything at all.
     pub fn captures_any(&self) -> bool {
         match &self.capture {

@@ -17,6 +17,13 @@ pub enum NormHook {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Site {
     ResidPre,
+    /// The residual stream copied per head before ln1 (TransformerLens's split q/k/v inputs,
+    /// `set_use_split_qkv_input`): [batch, pos, heads, d_model], key and value inputs per
+    /// key-value head. Computed only when captured by name or edited (edge attribution's
+    /// receivers), never by capture-everything.
+    QInput,
+    KInput,
+    VInput,
     Ln1(NormHook),
     Q,
     K,
@@ -36,6 +43,9 @@ pub enum Site {
     Ln1Post(NormHook),
     AttnOut,
     ResidMid,
+    /// The residual the MLP's norm reads (`set_use_hook_mlp_in`): resid_mid, or resid_pre in a
+    /// parallel block. Like the split inputs, only when asked for by name or edited.
+    MlpIn,
     Ln2(NormHook),
     MlpPre,
     MlpPreLinear,
@@ -59,6 +69,9 @@ pub enum HookPoint {
 /// printing and parsing, so the two cannot disagree.
 pub const SITE_NAMES: &[(Site, &str)] = &[
     (Site::ResidPre, "hook_resid_pre"),
+    (Site::QInput, "hook_q_input"),
+    (Site::KInput, "hook_k_input"),
+    (Site::VInput, "hook_v_input"),
     (Site::Ln1(NormHook::Scale), "ln1.hook_scale"),
     (Site::Ln1(NormHook::Normalized), "ln1.hook_normalized"),
     (Site::Q, "attn.hook_q"),
@@ -80,6 +93,7 @@ pub const SITE_NAMES: &[(Site, &str)] = &[
     (Site::Ln1Post(NormHook::Normalized), "ln1_post.hook_normalized"),
     (Site::AttnOut, "hook_attn_out"),
     (Site::ResidMid, "hook_resid_mid"),
+    (Site::MlpIn, "hook_mlp_in"),
     (Site::Ln2(NormHook::Scale), "ln2.hook_scale"),
     (Site::Ln2(NormHook::Normalized), "ln2.hook_normalized"),
     (Site::MlpPre, "mlp.hook_pre"),
@@ -142,6 +156,9 @@ impl Site {
                 | Site::Pattern
                 | Site::Z
                 | Site::Result
+                | Site::QInput
+                | Site::KInput
+                | Site::VInput
         )
     }
 
@@ -309,7 +326,8 @@ impl crate::model::config::ModelConfig {
                 Site::Q | Site::RotQ | Site::Z => vec![batch, seq, h, e],
                 Site::K | Site::V | Site::RotK => vec![batch, seq, kv, e],
                 Site::AttnScores | Site::Pattern => vec![batch, h, seq, seq],
-                Site::Result => vec![batch, seq, h, d],
+                Site::Result | Site::QInput => vec![batch, seq, h, d],
+                Site::KInput | Site::VInput => vec![batch, seq, kv, d],
                 Site::MlpPre | Site::MlpPreLinear | Site::MlpPost => vec![batch, seq, m],
                 _ => vec![batch, seq, d],
             },
