@@ -814,3 +814,34 @@ fn bad_answer_sets_and_metrics_are_named_at_their_line() {
     let e = fails(&["validate", s(&path)]);
     assert!(e.contains(&format!("{}:2: ", jsonl.display())), "{e}");
 }
+
+#[test]
+fn bad_edge_attribution_options_are_named_at_their_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Spec-level problems: each key at its line.
+    let spec_text = "[corruption]\nkind = \"prompts\"\nprompts = [\"When John and Mary went to the shops, Mary gave the bag to\"]\n[[run]]\nname = \"e\"\nkind = \"edge_attribution\"\nmethod = \"eap-ig\"\nsteps = 0\ntop_n = [0, 5]\nintervention = \"resample\"\n";
+    let p = spec(tmp.path(), &fixture("gpt2-tiny"), spec_text);
+    let e = fails(&["validate", s(&p)]);
+    for want in [
+        "spec.toml:13:10: run[0].method: unknown value 'eap-ig' (valid: eap, eap_ig, clean_corrupted); did you mean 'eap_ig'?",
+        "spec.toml:14:9: run[0].steps: must be at least 1, got 0",
+        "spec.toml:15:9: run[0].top_n: top_n takes circuit sizes of at least 1 edge",
+        "spec.toml:16:16: run[0].intervention: unknown value 'resample' (valid: patching, zero, mean)",
+    ] {
+        assert!(e.contains(want), "{want:?} not in\n{e}");
+    }
+    // A circuit larger than the model's graph: named against the model before loading weights.
+    let p = spec(
+        tmp.path(),
+        &fixture("gpt2-tiny"),
+        "[corruption]\nkind = \"prompts\"\nprompts = [\"When John and Mary went to the shops, Mary gave the bag to\"]\n[[run]]\nname = \"e\"\nkind = \"edge_attribution\"\ngreedy = 5000\n",
+    );
+    for cmd in ["validate", "run"] {
+        let e = fails(&[cmd, s(&p)]);
+        assert!(
+            e.contains("spec.toml:13:10: run 'e': greedy = 5000 is more edges than the model's graph has (110: 11 senders, 27 receivers); use at most 110"),
+            "{cmd}: {e}"
+        );
+    }
+    assert!(!tmp.path().join("out").exists());
+}

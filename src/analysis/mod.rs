@@ -7,7 +7,9 @@
 pub mod ablation;
 pub mod activation_cache;
 pub mod attribution;
+pub mod circuits;
 pub mod clean_corrupted;
+pub mod edge_attribution;
 pub mod head_detector;
 pub mod patch_cells;
 pub mod patching;

@@ -469,9 +469,37 @@ fn write_run(
     }
     note["kind"] = run.kind_name().into();
     note["file"] = path.strip_prefix(out_dir).unwrap_or(&path).display().to_string().into();
+    write_side_tables(out_dir, &path, &run.name, &mut note)?;
     note["rows"] = rows.len().into();
     note["jobs"] = jobs.into();
     Ok((path, note))
+}
+
+/// Writes a run's side tables (a note's `"tables": {name: [row objects]}`, e.g. edge
+/// attribution's circuits) as `<run>-<name>.parquet` beside its file (`<name>.parquet` beside a
+/// shard's part), and leaves their file names in the note in place of the rows.
+pub(crate) fn write_side_tables(
+    out_dir: &std::path::Path,
+    run_file: &std::path::Path,
+    run: &str,
+    note: &mut serde_json::Value,
+) -> Result<()> {
+    let Some(tables) = note.get("tables").and_then(serde_json::Value::as_object).cloned() else { return Ok(()) };
+    let dir = run_file.parent().unwrap_or(out_dir);
+    let part = run_file.file_stem().is_some_and(|s| s != run);
+    let mut files = serde_json::Map::new();
+    for (name, rows) in tables {
+        let rows = rows.as_array().cloned().unwrap_or_default();
+        let path = if part {
+            atomic::file_in(dir, &name, ".parquet")?
+        } else {
+            atomic::file_in(dir, &format!("{run}-{name}"), ".parquet")?
+        };
+        crate::output::json_table::write(&path, &rows)?;
+        files.insert(name, path.strip_prefix(out_dir).unwrap_or(&path).display().to_string().into());
+    }
+    note["tables"] = files.into();
+    Ok(())
 }
 
 /// The warm-up of a CUDA device beside the model's load (engine::warm): the clean run's tokens,

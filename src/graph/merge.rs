@@ -134,7 +134,26 @@ pub fn merge(dir: &Path, keep_shards: bool) -> Result<Merged> {
         let rows: Vec<Row> = chunks.into_iter().flat_map(|(_, r)| r).collect();
         let path = atomic::file_in(dir, run, ".parquet")?;
         write_parquet(&path, &rows)?;
-        run_notes.insert(run.clone(), serde_json::json!({"kind": notes.first().map(|n| n["kind"].clone()), "file": format!("{run}.parquet"), "rows": rows.len(), "shards": notes}));
+        // Side tables (edge attribution's circuits) come from the one job that made them.
+        let mut tables = serde_json::Map::new();
+        for note in &notes {
+            for (name, file) in note["tables"].as_object().into_iter().flatten() {
+                let from = dir.join(file.as_str().unwrap_or_default());
+                let to = atomic::file_in(dir, &format!("{run}-{name}"), ".parquet")?;
+                if tables.contains_key(name) {
+                    return Err(Error::Other(format!("run '{run}': table '{name}' was written by two shards")));
+                }
+                let bytes = std::fs::read(&from).map_err(|e| Error::io(&from, e))?;
+                atomic::write_bytes(&to, &bytes)?;
+                tables.insert(name.clone(), format!("{run}-{name}.parquet").into());
+                files.push(to);
+            }
+        }
+        let mut run_note = serde_json::json!({"kind": notes.first().map(|n| n["kind"].clone()), "file": format!("{run}.parquet"), "rows": rows.len(), "shards": notes});
+        if !tables.is_empty() {
+            run_note["tables"] = tables.into();
+        }
+        run_notes.insert(run.clone(), run_note);
         files.push(path);
     }
     let mut manifest = first.clone();

@@ -12,6 +12,7 @@ pub mod ablation;
 pub mod activation_patching;
 pub mod attribution_patching;
 pub mod direct_logit_attribution;
+pub mod edge_attribution;
 pub mod head_scores;
 pub mod logit_lens;
 pub mod options;
@@ -108,6 +109,7 @@ registry! {
     DirectLogitAttribution => direct_logit_attribution,
     HeadScores => head_scores,
     Ablation => ablation,
+    EdgeAttribution => edge_attribution,
 }
 
 impl RunKind {

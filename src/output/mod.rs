@@ -3,5 +3,6 @@
 pub mod activations;
 pub mod atomic;
 pub mod figure;
+pub mod json_table;
 pub mod table;
 pub mod token_label;

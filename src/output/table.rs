@@ -46,6 +46,14 @@ pub struct Row {
     /// ablation: the unit (or units, joined by "+") ablated, as TransformerLens names them
     /// ("L1H4", "L0N17", "L2 attn_out").
     pub unit: Option<String>,
+    /// edge_attribution: the edge's sender ("input", "a3.h1", "m4") with its layer and head, its
+    /// receiver ("a5.h2<q>", "m6", "logits"; its layer and head are `layer` and `head`) and the
+    /// input it reaches ("q", "k", "v", "mlp", "logits").
+    pub sender: Option<String>,
+    pub sender_layer: Option<i32>,
+    pub sender_head: Option<i32>,
+    pub receiver: Option<String>,
+    pub input: Option<String>,
 }
 
 pub fn schema() -> Schema {
@@ -71,6 +79,11 @@ pub fn schema() -> Schema {
         Field::new("patched", DataType::Float64, true),
         Field::new("role", DataType::Utf8, true),
         Field::new("unit", DataType::Utf8, true),
+        Field::new("sender", DataType::Utf8, true),
+        i("sender_layer"),
+        i("sender_head"),
+        Field::new("receiver", DataType::Utf8, true),
+        Field::new("input", DataType::Utf8, true),
     ])
 }
 
@@ -116,6 +129,11 @@ fn to_batch_as<R: Borrow<Row> + Sync>(rows: &[R], run: Option<&str>) -> Result<R
         Box::new(move || Arc::new(Float64Array::from_iter(rows().map(|r| r.patched)))),
         opt_s(|r| r.role.as_deref()),
         opt_s(|r| r.unit.as_deref()),
+        opt_s(|r| r.sender.as_deref()),
+        i(|r| r.sender_layer),
+        i(|r| r.sender_head),
+        opt_s(|r| r.receiver.as_deref()),
+        opt_s(|r| r.input.as_deref()),
     ];
     let columns: Vec<ArrayRef> = columns.par_iter().map(|make| make()).collect();
     RecordBatch::try_new(Arc::new(schema()), columns).map_err(|e| Error::Other(format!("arrow: {e}")))
@@ -220,6 +238,8 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
         let (run, kind, hook, token, label, pattern) =
             (s("run"), s("kind"), s("hook"), s("token"), s("label"), s("pattern"));
         let (role, unit) = (s("role"), s("unit"));
+        let (sender, receiver, input) = (s("sender"), s("receiver"), s("input"));
+        let (sender_layer, sender_head) = (i("sender_layer"), i("sender_head"));
         let (layer, head, pos, dest, src, prompt, neuron, rank, token_id) = (
             i("layer"),
             i("head"),
@@ -257,6 +277,11 @@ pub fn read_parquet(path: &std::path::Path) -> Result<(Vec<Row>, std::collection
                 patched: patched.is_valid(r).then(|| patched.value(r)),
                 role: os(&role, r),
                 unit: os(&unit, r),
+                sender: os(&sender, r),
+                sender_layer: oi(&sender_layer, r),
+                sender_head: oi(&sender_head, r),
+                receiver: os(&receiver, r),
+                input: os(&input, r),
             });
         }
     }
