@@ -55,6 +55,7 @@ fn reference(fixture: &str, prompts: &[(&str, [&str; 2])]) -> serde_json::Value 
             {"top_n": [3, 10, 30], "greedy": [5, 20], "intervention": "patching"},
             {"top_n": [10], "intervention": "mean"},
         ],
+        "exact": true,
     });
     let tmp = tempfile::tempdir().unwrap();
     let (inp, res) = (tmp.path().join("in.json"), tmp.path().join("out.json"));
@@ -98,6 +99,8 @@ fn edge_scores_equal_a_transformer_lens_reference() {
                 "\n[[run]]\nname = \"{name}\"\nkind = \"edge_attribution\"\nmethod = \"eap\"\n{sizes}intervention = \"{intervention}\"\n"
             ));
         }
+        spec.push_str("\n[[run]]\nname = \"exact\"\nkind = \"edge_attribution\"\nmethod = \"exact\"\n");
+        spec.push_str("\n[[run]]\nname = \"verify\"\nkind = \"edge_attribution\"\nmethod = \"eap\"\nverify_top = 5\n");
         let dir = run_spec(&spec, &[]);
         let out = dir.path().join("out");
         let theirs = reference(fixture, &prompts);
@@ -134,7 +137,43 @@ fn edge_scores_equal_a_transformer_lens_reference() {
             );
         }
         check_circuits(fixture, &out, &theirs);
+        check_exact(fixture, &out, &scores("exact"), &eap);
     }
+}
+
+/// method = "exact" (each edge patched alone) equals the reference's patching of each edge, and
+/// verify_top's `patched` column carries it for the 5 edges of largest |EAP score|.
+fn check_exact(fixture: &str, out: &std::path::Path, exact: &BTreeMap<String, f64>, eap: &BTreeMap<String, f64>) {
+    let t = Table::read(&out.join("exact.parquet"));
+    let names: Vec<String> = (0..t.len()).map(|i| t.str("label", i).unwrap()).collect();
+    let ours: Vec<f64> = (0..t.len()).map(|i| t.value(i)).collect();
+    let theirs: Vec<f64> = names.iter().map(|n| exact[n]).collect();
+    // 0: an edge whose patching changes nothing.
+    assert_oracle(
+        &format!("{fixture} exact: {} edges patched alone", names.len()),
+        &ours,
+        &theirs,
+        Baseline::Zero,
+        Tol::Abs(1e-5),
+    );
+    let t = Table::read(&out.join("verify.parquet"));
+    let verified: Vec<usize> = t.rows(|t, i| t.float("patched", i).is_some());
+    let mut by_size: Vec<(&String, f64)> = eap.iter().map(|(k, v)| (k, v.abs())).collect();
+    by_size.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut top: Vec<&String> = by_size.iter().take(5).map(|(k, _)| *k).collect();
+    top.sort();
+    let mut got: Vec<String> = verified.iter().map(|&i| t.str("label", i).unwrap()).collect();
+    got.sort();
+    assert_eq!(got.iter().collect::<Vec<_>>(), top, "{fixture} verify_top = 5: the 5 largest |EAP scores|");
+    let ours: Vec<f64> =
+        got.iter().map(|n| t.float("patched", verified[got_index(&t, &verified, n)]).unwrap()).collect();
+    let theirs: Vec<f64> = got.iter().map(|n| exact[n]).collect();
+    assert_oracle(&format!("{fixture} verify_top: patched edges"), &ours, &theirs, Baseline::Zero, Tol::Abs(1e-5));
+}
+
+/// Where edge `name` is among the verified rows.
+fn got_index(t: &Table, verified: &[usize], name: &str) -> usize {
+    verified.iter().position(|&i| t.str("label", i).as_deref() == Some(name)).unwrap()
 }
 
 /// The circuits' edges (and node counts) equal the reference's selections from its own scores,

@@ -823,7 +823,7 @@ fn bad_edge_attribution_options_are_named_at_their_line() {
     let p = spec(tmp.path(), &fixture("gpt2-tiny"), spec_text);
     let e = fails(&["validate", s(&p)]);
     for want in [
-        "spec.toml:13:10: run[0].method: unknown value 'eap-ig' (valid: eap, eap_ig, clean_corrupted); did you mean 'eap_ig'?",
+        "spec.toml:13:10: run[0].method: unknown value 'eap-ig' (valid: eap, eap_ig, clean_corrupted, exact); did you mean 'eap_ig'?",
         "spec.toml:14:9: run[0].steps: must be at least 1, got 0",
         "spec.toml:15:9: run[0].top_n: top_n takes circuit sizes of at least 1 edge",
         "spec.toml:16:16: run[0].intervention: unknown value 'resample' (valid: patching, zero, mean)",

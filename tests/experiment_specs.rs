@@ -13,6 +13,8 @@ fn run_on(spec_file: &str, model: &str) {
         if gpt2 { text } else { text.replace(r#"words = ["Eiffel Tower", "Colosseum"]"#, r#"words = ["Lily"]"#) };
     // The fixtures have 2-3 layers: ROME's window of 10 is larger than the model (an error).
     let text = text.replace("window = 10", "window = 2");
+    // ... and graphs of about a hundred edges: circuits of up to 3000 edges are larger (an error).
+    let text = text.replace("top_n = [10, 30, 100, 300, 1000, 3000]", "top_n = [10, 30]");
     // The spec runs from a temporary directory: its prompt files are named in full.
     let files = format!("file = \"{}/experiments/prompts/", repo_root().display());
     let text = text.replace("file = \"prompts/", &files);

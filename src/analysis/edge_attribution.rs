@@ -33,6 +33,8 @@ pub enum Method {
     EapIg { steps: usize },
     /// The mean of the gradients on the clean and on the corrupted run.
     CleanCorrupted,
+    /// No estimate: each edge patched alone for real (`exact_changes`).
+    Exact,
 }
 
 impl Method {
@@ -42,6 +44,7 @@ impl Method {
             Method::Eap => 1,
             Method::EapIg { steps } => steps,
             Method::CleanCorrupted => 2,
+            Method::Exact => 0,
         }
     }
 }
@@ -221,13 +224,53 @@ fn cached(cache: &std::collections::HashMap<HookPoint, Tensor>, p: &HookPoint) -
     cache.get(p).map(|t| t.detach()).ok_or_else(|| Error::Other(format!("{p} was not computed")))
 }
 
+/// Rows `start..start + len` of the clean and corrupted batches: gradients are taken a batch of
+/// prompts at a time, since a backward keeps every receiver's split input alive.
+struct Rows {
+    clean: Tensor,
+    corrupted: Tensor,
+    mask: Option<Tensor>,
+    noise: Option<Tensor>,
+    metric: crate::engine::metric::Metric,
+}
+
+impl Rows {
+    fn of(prep: &CleanCorrupted, start: i64, len: i64) -> Rows {
+        let part = |t: &Tensor| t.narrow(0, start, len);
+        Rows {
+            clean: part(&prep.clean_tokens),
+            corrupted: part(&prep.corrupted_tokens),
+            mask: prep.mask.as_ref().map(part),
+            noise: prep.corrupt_embed.as_ref().map(part),
+            metric: prep.metric.rows(start as usize, len as usize),
+        }
+    }
+
+    /// The corruption of these rows (noise on the embedding; corrupted tokens need none).
+    fn corrupt(&self, hooks: &mut Hooks) {
+        if let Some(noise) = &self.noise {
+            hooks.add_intervention(HookPoint::Embed, Intervention::new(Edit::Add(noise.shallow_clone())));
+        }
+    }
+}
+
+/// Bytes a gradient pass may keep per batch of prompts (the saved activations of the split
+/// inputs dominate: about 8 copies of every receiver's and sender's input).
+const GRAD_BYTES: i64 = 2 << 30;
+
+/// Prompts per gradient batch for `seq` positions.
+fn grad_batch(model: &Model, graph: &Graph, seq: i64) -> i64 {
+    let per_prompt = seq * model.cfg.d_model as i64 * 4 * 8 * (graph.senders.len() + graph.receivers.len()) as i64;
+    (GRAD_BYTES / per_prompt.max(1)).max(1)
+}
+
 /// The senders' activations on the corrupted run (with the corruption applied), [b, pos, S, d].
-fn corrupted_senders(model: &Model, prep: &CleanCorrupted, points: &[HookPoint]) -> Result<Tensor> {
+fn corrupted_senders(model: &Model, rows: &Rows, points: &[HookPoint]) -> Result<Tensor> {
     let mut hooks = Hooks::capture(points.iter().copied());
-    prep.corrupt(&mut hooks);
+    rows.corrupt(&mut hooks);
     let _ = model.run(
-        Input::Tokens(&prep.corrupted_tokens),
-        prep.mask.as_ref(),
+        Input::Tokens(&rows.corrupted),
+        rows.mask.as_ref(),
         &mut hooks,
         Stop::BeforeLayer(model.cfg.n_layers),
     )?;
@@ -238,7 +281,7 @@ fn corrupted_senders(model: &Model, prep: &CleanCorrupted, points: &[HookPoint])
 /// every receiver ([b, pos, R, d]), with the corruption applied or the input embedding replaced.
 fn gradient_pass(
     model: &Model,
-    prep: &CleanCorrupted,
+    rows: &Rows,
     graph: &Graph,
     tokens: &Tensor,
     edit_embed: impl FnOnce(&mut Hooks),
@@ -246,8 +289,8 @@ fn gradient_pass(
     let (senders, receivers) = (graph.sender_points(), graph.receiver_points());
     let mut hooks = Hooks::capture(senders.iter().chain(&receivers).copied()).with_grad();
     edit_embed(&mut hooks);
-    let out = model.run(Input::Tokens(tokens), prep.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
-    let total = prep.metric.per_row(model, &out).sum(Kind::Float);
+    let out = model.run(Input::Tokens(tokens), rows.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
+    let total = rows.metric.per_row(model, &out).sum(Kind::Float);
     let inputs: Vec<Tensor> = receivers.iter().map(|p| hooks.cache[p].shallow_clone()).collect();
     let grads = Tensor::f_run_backward(&[total], &inputs, false, false)?;
     let grads: Vec<Tensor> =
@@ -258,43 +301,67 @@ fn gradient_pass(
     Ok((acts, grad))
 }
 
-/// Every edge's score, [senders, receivers] (zero where no edge is), in metric units per prompt.
-pub fn edge_scores(model: &Model, prep: &CleanCorrupted, graph: &Graph, method: Method) -> Result<Tensor> {
-    let senders = graph.sender_points();
-    let corrupted = corrupted_senders(model, prep, &senders)?;
-    let clean_tokens = &prep.clean_tokens;
-    let (clean, mut grad) = gradient_pass(model, prep, graph, clean_tokens, |_| ())?;
+/// Every edge's score, [senders, receivers] (zero where no edge is), in metric units per prompt;
+/// the prompts a batch at a time (the sum over prompts is accumulated), `progress` called with
+/// the prompts of each batch done.
+pub fn edge_scores(
+    model: &Model,
+    prep: &CleanCorrupted,
+    graph: &Graph,
+    method: Method,
+    mut progress: impl FnMut(usize),
+) -> Result<Tensor> {
     let passes = match method {
-        Method::Eap => 1,
+        Method::Exact => return Err(Error::Other("exact scores are patched, not estimated: use exact_changes".into())),
+        Method::EapIg { steps: 0 } => return Err(Error::Other("eap_ig needs steps >= 1".into())),
+        m => m.gradient_passes(),
+    };
+    let n = prep.n_prompts();
+    let batch = grad_batch(model, graph, prep.seq_len());
+    let mut total: Option<Tensor> = None;
+    for start in (0..n).step_by(batch as usize) {
+        let len = batch.min(n - start);
+        let rows = Rows::of(prep, start, len);
+        let part = batch_scores(model, &rows, graph, method)?;
+        total = Some(match total {
+            Some(t) => t + part,
+            None => part,
+        });
+        progress(len as usize);
+    }
+    let scores = total.ok_or_else(|| Error::Other("edge attribution of no prompts".into()))?;
+    let device = scores.device();
+    Ok(scores / (n as f64 * passes as f64) * mask(graph, device))
+}
+
+/// Σ over one batch's prompts and every gradient pass of Δ · ∂metric/∂input, [S, R].
+fn batch_scores(model: &Model, rows: &Rows, graph: &Graph, method: Method) -> Result<Tensor> {
+    let senders = graph.sender_points();
+    let corrupted = corrupted_senders(model, rows, &senders)?;
+    let (clean, mut grad) = gradient_pass(model, rows, graph, &rows.clean, |_| ())?;
+    match method {
         Method::CleanCorrupted => {
-            let (_, g) = gradient_pass(model, prep, graph, &prep.corrupted_tokens, |h| prep.corrupt(h))?;
+            let (_, g) = gradient_pass(model, rows, graph, &rows.corrupted, |h| rows.corrupt(h))?;
             grad += g;
-            2
         }
         Method::EapIg { steps } => {
-            if steps == 0 {
-                return Err(Error::Other("eap_ig needs steps >= 1".into()));
-            }
             // The input sender is entry 0 of both stacks: the clean and corrupted embeddings.
             let (e_clean, e_corr) = (clean.select(2, 0), corrupted.select(2, 0));
             let mut sum = grad.zeros_like();
             for k in 0..steps {
                 let alpha = k as f64 / steps as f64;
                 let e = &e_corr + (&e_clean - &e_corr) * alpha;
-                let (_, g) = gradient_pass(model, prep, graph, clean_tokens, |h| {
+                let (_, g) = gradient_pass(model, rows, graph, &rows.clean, |h| {
                     h.add_intervention(HookPoint::Embed, Intervention::new(Edit::Replace(e)))
                 })?;
                 sum += g;
             }
             grad = sum;
-            steps
         }
-    };
+        Method::Eap | Method::Exact => {}
+    }
     let delta = (corrupted - clean).to_kind(Kind::Float);
-    let scores = Tensor::einsum("bpsd,bprd->sr", &[delta, grad.to_kind(Kind::Float)], None::<i64>);
-    let n = prep.n_prompts() as f64 * passes as f64;
-    let device = scores.device();
-    Ok(scores / n * mask(graph, device))
+    Ok(Tensor::einsum("bpsd,bprd->sr", &[delta, grad.to_kind(Kind::Float)], None::<i64>))
 }
 
 /// 1 where an edge is, 0 elsewhere, [senders, receivers].
@@ -331,10 +398,11 @@ pub fn evaluate(
     graph: &Graph,
     circuits: &[Vec<bool>],
     ablation: Ablation,
+    mut progress: impl FnMut(usize),
 ) -> Result<Vec<Vec<f64>>> {
     let senders = graph.sender_points();
     let ablated = match ablation {
-        Ablation::Patching => corrupted_senders(model, prep, &senders)?,
+        Ablation::Patching => corrupted_senders(model, &Rows::of(prep, 0, prep.n_prompts()), &senders)?,
         Ablation::Zero | Ablation::Mean => {
             let mut hooks = Hooks::capture(senders.iter().copied());
             let _ = model.run(
@@ -356,6 +424,7 @@ pub fn evaluate(
     let mut out = Vec::new();
     for chunk in circuits.chunks(per_forward) {
         out.extend(evaluate_batch(model, prep, graph, chunk, &ablated)?);
+        progress(chunk.len());
     }
     Ok(out)
 }
@@ -386,6 +455,26 @@ fn sender_slots(graph: &Graph) -> Vec<(HookPoint, usize, usize)> {
     out
 }
 
+/// What an evaluation forward's hooks share: the senders' live activations so far.
+struct Live {
+    /// Each sender's activation in this run: [C, S, n·pos·d].
+    acts: Tensor,
+    /// Σ of δ over the senders before each sender-point boundary (by its first sender index).
+    prefix: std::collections::HashMap<usize, Tensor>,
+    running: Tensor,
+}
+
+/// The shared state, or a named error if a hook panicked holding it.
+fn lock(l: &std::sync::Mutex<Live>) -> Result<std::sync::MutexGuard<'_, Live>> {
+    l.lock().map_err(|_| Error::Other("an evaluation hook panicked".into()))
+}
+
+/// One forward of a batch of circuits (rows: circuit-major, then prompt). With δ_u = ablated z_u
+/// − z_u in this run, a receiver's update is Σ over its senders whose edge is off of δ_u. Its
+/// senders are a prefix of the sender order (every sender before its layer, and a sequential
+/// block's own heads for its MLP), so the update is also (Σ over that prefix of δ_u) − (Σ over
+/// the senders whose edge is on of δ_u): the prefix sums are kept as the senders are computed,
+/// and each receiver block reads only the fewer of its on or off senders.
 fn evaluate_batch(
     model: &Model,
     prep: &CleanCorrupted,
@@ -393,50 +482,94 @@ fn evaluate_batch(
     circuits: &[Vec<bool>],
     ablated: &Tensor,
 ) -> Result<Vec<Vec<f64>>> {
+    use std::collections::HashMap;
     use std::sync::{Arc, Mutex};
     let c = circuits.len() as i64;
     let [n, p, s, d] = ablated.size()[..] else { unreachable!("senders are stacked as [b, pos, S, d]") };
-    let r = graph.receivers.len();
+    let x = n * p * d;
+    let (device, kind) = (ablated.device(), ablated.kind());
     let edges = graph.edges();
-    // 1 where an edge is not in the circuit, per circuit: [C, S, R].
-    let mut off = vec![0f32; circuits.len() * s as usize * r];
-    for (ci, keep) in circuits.iter().enumerate() {
-        for (e, &(si, ri)) in edges.iter().enumerate() {
-            if !keep[e] {
-                off[(ci * s as usize + si) * r + ri] = 1.0;
-            }
-        }
-    }
-    let device = ablated.device();
-    let off = Tensor::from_slice(&off).view([c, s, r as i64]).to_device(device).to_kind(ablated.kind());
-    // The senders' activations in this run, written as each is computed: [C, N, pos, S, d].
-    let live = Arc::new(Mutex::new(ablated.zeros_like().unsqueeze(0).repeat([c, 1, 1, 1, 1])));
+    // Senders first, each sender's activations contiguous: [S, n·pos·d].
+    let ablated = ablated.permute([2, 0, 1, 3]).contiguous().view([s, x]);
+    let live = Arc::new(Mutex::new(Live {
+        acts: Tensor::zeros([c, s, x], (kind, device)),
+        prefix: HashMap::from([(0, Tensor::zeros([c, x], (kind, device)))]),
+        running: Tensor::zeros([c, x], (kind, device)),
+    }));
     let mut hooks = Hooks::new();
     for (point, first, count) in sender_slots(graph) {
         let live = Arc::clone(&live);
-        let write = move |x: &Tensor| -> Result<Tensor> {
-            let stackable = if x.dim() == 3 { x.unsqueeze(2) } else { x.shallow_clone() };
-            let buf = live.lock().map_err(|_| Error::Other("a sender hook panicked".into()))?;
-            buf.narrow(3, first as i64, count as i64).copy_(&stackable.reshape([c, n, p, count as i64, d]));
-            Ok(x.shallow_clone())
+        let ablated = ablated.narrow(0, first as i64, count as i64);
+        let write = move |t: &Tensor| -> Result<Tensor> {
+            let k = count as i64;
+            let per_sender = t.reshape([c, n, p, k, d]).permute([0, 3, 1, 2, 4]).reshape([c, k, x]);
+            let mut l = lock(&live)?;
+            l.acts.narrow(1, first as i64, k).copy_(&per_sender);
+            let delta = (ablated.unsqueeze(0) - &per_sender).sum_dim_intlist(1, false, kind);
+            l.running = &l.running + delta;
+            let total = l.running.shallow_clone();
+            l.prefix.insert(first + count, total);
+            Ok(t.shallow_clone())
         };
         hooks.add_intervention(point, Intervention::new(Edit::Func(Box::new(write))));
     }
     for (point, first, count) in receiver_blocks(graph) {
-        // Only the senders before this point can reach it.
-        let prev = edges.iter().filter(|&&(_, ri)| ri >= first && ri < first + count).map(|&(si, _)| si + 1).max();
-        let Some(prev) = prev else { continue };
-        let mask = off.narrow(1, 0, prev as i64).narrow(2, first as i64, count as i64);
-        // Σ_u mask · ablated_u, the same in every forward: [C, N, pos, k, d].
-        let fixed =
-            Tensor::einsum("npsd,csr->cnprd", &[ablated.narrow(2, 0, prev as i64), mask.shallow_clone()], None::<i64>);
+        let block = first..first + count;
+        // The receivers' senders: a prefix of the sender order, [0, prev).
+        let Some(prev) = edges.iter().filter(|(_, r)| block.contains(r)).map(|&(si, _)| si + 1).max() else {
+            continue;
+        };
+        // Per circuit, each sender's edges into the block that are on / off.
+        let (mut on, mut off) = (vec![0f32; circuits.len() * count * prev], vec![0f32; circuits.len() * count * prev]);
+        for (e, &(si, ri)) in edges.iter().enumerate() {
+            if !block.contains(&ri) {
+                continue;
+            }
+            for (ci, keep) in circuits.iter().enumerate() {
+                let at = (ci * count + (ri - first)) * prev + si;
+                if keep[e] {
+                    on[at] = 1.0;
+                } else {
+                    off[at] = 1.0;
+                }
+            }
+        }
+        let senders_of = |m: &[f32]| -> Vec<i64> {
+            (0..prev)
+                .filter(|&si| (0..circuits.len() * count).any(|row| m[row * prev + si] != 0.0))
+                .map(|si| si as i64)
+                .collect()
+        };
+        let (on_senders, off_senders) = (senders_of(&on), senders_of(&off));
+        if off_senders.is_empty() {
+            continue;
+        }
+        // Fewer senders to read: the off edges directly, or the prefix sum less the on edges.
+        let from_prefix = on_senders.len() < off_senders.len();
+        let (mask, chosen) = if from_prefix { (on, on_senders) } else { (off, off_senders) };
+        let index = Tensor::from_slice(&chosen).to_device(device);
+        let mask = Tensor::from_slice(&mask)
+            .view([c, count as i64, prev as i64])
+            .to_device(device)
+            .to_kind(kind)
+            .index_select(2, &index);
         let live = Arc::clone(&live);
-        let edit = move |x: &Tensor| -> Result<Tensor> {
-            let buf = live.lock().map_err(|_| Error::Other("a sender hook panicked".into()))?;
-            let current =
-                Tensor::einsum("cnpsd,csr->cnprd", &[buf.narrow(3, 0, prev as i64), mask.shallow_clone()], None::<i64>);
-            let update = (&fixed - current).reshape([c * n, p, count as i64, d]);
-            Ok(if x.dim() == 3 { x + update.squeeze_dim(2) } else { x + update })
+        let ablated = ablated.shallow_clone();
+        let k = count as i64;
+        let edit = move |t: &Tensor| -> Result<Tensor> {
+            let l = lock(&live)?;
+            // [C, a, n·pos·d]: δ of the chosen senders.
+            let delta = ablated.index_select(0, &index).unsqueeze(0) - l.acts.index_select(1, &index);
+            let picked = mask.matmul(&delta);
+            let update = if from_prefix {
+                let total =
+                    l.prefix.get(&prev).ok_or_else(|| Error::Other(format!("senders before {prev} not seen")))?;
+                total.unsqueeze(1) - picked
+            } else {
+                picked
+            };
+            let update = update.view([c, k, n, p, d]).permute([0, 2, 3, 1, 4]).reshape([c * n, p, k, d]);
+            Ok(if t.dim() == 3 { t + update.squeeze_dim(2) } else { t + update })
         };
         hooks.add_intervention(point, Intervention::new(Edit::Func(Box::new(edit))));
     }
@@ -446,4 +579,33 @@ fn evaluate_batch(
     let metric = prep.metric.tiled(c as usize);
     let values: Vec<f64> = Vec::try_from(metric.per_row(model, &out).to_kind(Kind::Double))?;
     Ok(values.chunks(n as usize).map(|v| v.to_vec()).collect())
+}
+
+/// The real change of the metric (its mean over prompts) when each edge in `which` (indices into
+/// `graph.edges()`) alone carries its sender's ablated activation, every other edge its live one:
+/// exact edge patching, which is path patching of one sender into one receiver input (Wang et al.
+/// 2023). Measured against the whole graph (the clean run under patching), so it compares with
+/// the scores' estimates.
+pub fn exact_changes(
+    model: &Model,
+    prep: &CleanCorrupted,
+    graph: &Graph,
+    which: &[usize],
+    ablation: Ablation,
+    progress: impl FnMut(usize),
+) -> Result<Vec<f64>> {
+    let all = graph.edges().len();
+    let mut masks: Vec<Vec<bool>> = which
+        .iter()
+        .map(|&e| {
+            let mut keep = vec![true; all];
+            keep[e] = false;
+            keep
+        })
+        .collect();
+    masks.push(vec![true; all]);
+    let values = evaluate(model, prep, graph, &masks, ablation, progress)?;
+    let means: Vec<f64> = values.iter().map(|v| super::mean(v)).collect();
+    let base = means[means.len() - 1];
+    Ok(means[..which.len()].iter().map(|m| m - base).collect())
 }

@@ -107,6 +107,20 @@ impl Metric {
         self.correct.len()
     }
 
+    /// The metric of rows `start..start + len` of its prompt set (a batch of them).
+    pub fn rows(&self, start: usize, len: usize) -> Metric {
+        let take = |v: &Vec<Vec<i64>>| v.get(start..start + len).map(|s| s.to_vec()).unwrap_or_default();
+        Metric {
+            kind: self.kind,
+            correct: take(&self.correct),
+            incorrect: take(&self.incorrect),
+            wrong: self.wrong,
+            sequence: self.sequence.get(start..start + len).map(|s| s.to_vec()).unwrap_or_default(),
+            positions_from_end: self.positions_from_end.as_ref().map(|p| p[start..start + len].to_vec()),
+            clean_logprobs: self.clean_logprobs.as_ref().map(|t| t.narrow(0, start as i64, len as i64)),
+        }
+    }
+
     /// The metric repeated for `times` copies of the prompt set (noise samples).
     pub fn tiled(&self, times: usize) -> Metric {
         let rep = |v: &Vec<Vec<i64>>| v.iter().cycle().take(v.len() * times).cloned().collect();

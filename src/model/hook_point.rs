@@ -130,6 +130,12 @@ pub const SHORT_NAMES: &[(&str, Site)] = &[
 ];
 
 impl Site {
+    /// Made only when asked for by name (TransformerLens's flagged hooks): the split q/k/v inputs
+    /// and hook_mlp_in.
+    pub fn only_by_name(self) -> bool {
+        matches!(self, Site::QInput | Site::KInput | Site::VInput | Site::MlpIn)
+    }
+
     pub fn name(self) -> &'static str {
         SITE_NAMES.iter().find(|(s, _)| *s == self).map(|(_, n)| *n).expect("every site is in SITE_NAMES")
     }
@@ -253,7 +259,10 @@ pub fn nearest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// loading weights).
 impl crate::model::config::ModelConfig {
     /// Every hook point of this model in forward order (hook_result included: it is computed
-    /// only when captured or edited).
+    /// only when captured or edited). The split inputs (hook_q_input, hook_k_input,
+    /// hook_v_input) and hook_mlp_in are not listed: like TransformerLens without its
+    /// use_split_qkv_input and use_hook_mlp_in flags, a forward makes them only when one is asked
+    /// for by name (edge attribution), and capturing everything does not.
     pub fn hook_points(&self) -> Vec<HookPoint> {
         let mut out = Vec::new();
         if self.embed_norm {
@@ -264,7 +273,12 @@ impl crate::model::config::ModelConfig {
             out.push(HookPoint::PosEmbed);
         }
         for l in 0..self.n_layers {
-            out.extend(SITE_NAMES.iter().filter(|(s, _)| self.has_site(*s)).map(|(s, _)| HookPoint::Block(l, *s)));
+            out.extend(
+                SITE_NAMES
+                    .iter()
+                    .filter(|(s, _)| self.has_site(*s) && !s.only_by_name())
+                    .map(|(s, _)| HookPoint::Block(l, *s)),
+            );
         }
         out.push(HookPoint::LnFinal(NormHook::Scale));
         out.push(HookPoint::LnFinal(NormHook::Normalized));

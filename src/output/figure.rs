@@ -98,6 +98,19 @@ pub struct Scatter {
     pub pearson: Option<f64>,
 }
 
+/// A circuit drawn as a layered graph: nodes in columns (the input, each layer, the logits), edges
+/// from sender to receiver, width by |score|, colour by sign, the head input (q, k, v) marked.
+#[derive(Debug, Clone)]
+pub struct CircuitGraph {
+    pub title: String,
+    /// Column labels, left to right.
+    pub columns: Vec<String>,
+    /// (name, column, row within the column)
+    pub nodes: Vec<(String, usize, usize)>,
+    /// (sender node, receiver node, score, head input "q" / "k" / "v", or "" for an MLP or the logits)
+    pub edges: Vec<(usize, usize, f64, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Table {
     pub title: String,
@@ -112,6 +125,7 @@ pub enum Figure {
     Lines(Lines),
     Scatter(Scatter),
     Table(Table),
+    Circuit(CircuitGraph),
 }
 
 impl Figure {
@@ -126,6 +140,9 @@ impl Figure {
             Figure::Lines(f) => f.value_label.clone(),
             Figure::Scatter(f) => format!("x: {}, y: {}; dashed: y = x", f.x_title, f.y_title),
             Figure::Table(_) => "probability of each token".into(),
+            Figure::Circuit(_) => {
+                "edge width by |score|; blue: positive, red: negative; into heads: q solid, k dashed, v dotted; hover an edge for its score".into()
+            }
         }
     }
 
@@ -136,6 +153,7 @@ impl Figure {
             Figure::Lines(f) => &f.title,
             Figure::Scatter(f) => &f.title,
             Figure::Table(f) => &f.title,
+            Figure::Circuit(f) => &f.title,
         }
     }
 }
@@ -172,6 +190,10 @@ pub struct RunFacts {
     pub corrupted_positions: BTreeSet<usize>,
     /// Each prompt's metric_centre and corrupted_positions, for its own figures.
     pub per_prompt: Vec<(Option<f64>, BTreeSet<usize>)>,
+    /// Edge attribution: each circuit's faithfulness, labelled by its selection and size.
+    pub faithfulness: Vec<(String, f64)>,
+    /// Edge attribution: the circuit the report draws (its title and edge names).
+    pub circuit: Option<(String, Vec<String>)>,
 }
 
 impl RunFacts {
@@ -185,7 +207,29 @@ impl RunFacts {
                 pearson_by_hook.push((h.to_string(), r));
             }
         }
-        RunFacts { pearson_by_hook, ..RunFacts::default() }
+        let faithfulness = run
+            .get("circuits")
+            .and_then(|c| c.as_array())
+            .into_iter()
+            .flatten()
+            .filter(|c| c["selection"].as_str().is_some_and(|s| s != "none" && s != "graph"))
+            .filter_map(|c| {
+                let label = format!("{} {} ({} edges)", c["selection"].as_str()?, c["requested"], c["edges"]);
+                Some((label, c["faithfulness"].as_f64()?))
+            })
+            .collect();
+        let circuit = run.get("drawn_circuit").filter(|d| !d.is_null()).map(|d| {
+            let title = format!(
+                "{} = {}: {} edges, faithfulness {}",
+                d["selection"].as_str().unwrap_or_default(),
+                d["requested"],
+                d["edge_names"].as_array().map_or(0, |v| v.len()),
+                d["faithfulness"].as_f64().map(|f| format!("{f:.3}")).unwrap_or_default()
+            );
+            let names = d["edge_names"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).map(String::from);
+            (title, names.collect())
+        });
+        RunFacts { pearson_by_hook, faithfulness, circuit, ..RunFacts::default() }
     }
 
     pub fn pearson(&self, hook: &str) -> Option<f64> {
@@ -207,6 +251,8 @@ impl RunFacts {
             metric_centre: centre,
             corrupted_positions: positions,
             per_prompt: Vec::new(),
+            faithfulness: self.faithfulness.clone(),
+            circuit: self.circuit.clone(),
         }
     }
 }

@@ -160,8 +160,11 @@ fn run_figures(dir: &Path, shared: &Shared, name: &str) -> Result<figure::RunFig
     // A kind this build does not know (results of a newer one) gets its table, no figures.
     let info = crate::kinds::by_name(&kind);
     let draw = info.map_or(figure::no_figures as figure::KindFigures, |k| k.figures);
+    let own = figure::RunFacts::from_manifest(entry);
     let facts = figure::RunFacts {
-        pearson_by_hook: figure::RunFacts::from_manifest(entry).pearson_by_hook,
+        pearson_by_hook: own.pearson_by_hook,
+        faithfulness: own.faithfulness,
+        circuit: own.circuit,
         ..shared.facts.clone()
     };
     let mut figs = figure::run_figures(name, &kind, draw, &rows, &facts, &shared.metric);

@@ -24,6 +24,7 @@ pub fn run_facts(m: &Value, changed: &ChangedTokens) -> RunFacts {
         metric_centre: centre,
         corrupted_positions: changed.any_padded(),
         per_prompt,
+        ..RunFacts::default()
     }
 }
 

@@ -3,7 +3,7 @@
 use svg::node::element::{Group, Line, Rectangle, Text, Title};
 use svg::Document;
 
-use crate::output::figure::{Bars, Figure, Heatmap, Lines, Scale, Scatter, Table, CORRUPTED_NOTE};
+use crate::output::figure::{Bars, CircuitGraph, Figure, Heatmap, Lines, Scale, Scatter, Table, CORRUPTED_NOTE};
 use crate::report::ticks::{nice_ticks, tick_label};
 
 const FONT: &str = "font-family:system-ui,sans-serif;font-size:11px";
@@ -22,7 +22,73 @@ pub fn render(f: &Figure) -> Option<String> {
         Figure::Lines(l) => Some(lines(l).to_string()),
         Figure::Scatter(s) => Some(scatter(s).to_string()),
         Figure::Table(_) => None,
+        Figure::Circuit(c) => Some(circuit(c).to_string()),
     }
+}
+
+/// A layered circuit: one column per layer (the input first, the logits last), a node's row
+/// within its column, cubic edges from the sender's right to the receiver's left.
+fn circuit(c: &CircuitGraph) -> Document {
+    let (col_w, row_h, node_w, node_h, top, left) = (110.0, 24.0, 64.0, 16.0, TITLE_H + 24.0, 20.0);
+    let rows = c.nodes.iter().map(|n| n.2 + 1).max().unwrap_or(1) as f64;
+    let width = (left * 2.0 + col_w * c.columns.len() as f64).max(title_width(&c.title));
+    let height = top + rows * row_h + 20.0;
+    let at = |i: usize| {
+        let (_, col, row) = &c.nodes[i];
+        (left + *col as f64 * col_w, top + *row as f64 * row_h)
+    };
+    let mut d = doc(width, height).add(title_text(&c.title));
+    for (i, label) in c.columns.iter().enumerate() {
+        d = d.add(text(left + i as f64 * col_w, top - 8.0, label));
+    }
+    let biggest = c.edges.iter().map(|e| e.2.abs()).fold(0.0, f64::max).max(1e-12);
+    for (from, to, score, input) in &c.edges {
+        let ((x1, y1), (x2, y2)) = (at(*from), at(*to));
+        let (sx, sy, ex, ey) = (x1 + node_w, y1 + node_h / 2.0, x2, y2 + node_h / 2.0);
+        let bend = ((ex - sx) / 2.0).max(20.0);
+        let dash = match input.as_str() {
+            "k" => "5 3",
+            "v" => "1.5 2.5",
+            _ => "none",
+        };
+        let name = format!(
+            "{}->{}{}",
+            c.nodes[*from].0,
+            c.nodes[*to].0,
+            if input.is_empty() { String::new() } else { format!("<{input}>") }
+        );
+        d = d.add(
+            svg::node::element::Path::new()
+                .set(
+                    "d",
+                    format!("M{sx:.1},{sy:.1} C{:.1},{sy:.1} {:.1},{ey:.1} {ex:.1},{ey:.1}", sx + bend, ex - bend),
+                )
+                .set("fill", "none")
+                .set("stroke", if *score >= 0.0 { "#2166ac" } else { "#b2182b" })
+                .set("stroke-opacity", 0.75)
+                .set("stroke-dasharray", dash)
+                .set("stroke-width", 0.6 + 4.0 * score.abs() / biggest)
+                .set("data-value", format!("{score:e}"))
+                .add(Title::new(format!("{name}: {score:.4}"))),
+        );
+    }
+    for (i, (name, _, _)) in c.nodes.iter().enumerate() {
+        let (x, y) = at(i);
+        d = d
+            .add(
+                Rectangle::new()
+                    .set("x", x)
+                    .set("y", y)
+                    .set("width", node_w)
+                    .set("height", node_h)
+                    .set("rx", 3)
+                    .set("fill", "#f4f4f4")
+                    .set("stroke", "#555")
+                    .add(Title::new(name.clone())),
+            )
+            .add(text(x + 4.0, y + 12.0, name));
+    }
+    d
 }
 
 /// CSS colour of `v` on `scale`: ColorBrewer RdBu (below the centre red, above it blue, white at

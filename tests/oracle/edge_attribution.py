@@ -24,7 +24,8 @@ INPUT_JSON: {"clean": [[ids]], "corrupted": [[ids]], "correct": [id], "incorrect
              "circuits": [{"top_n": [n], "greedy": [n], "intervention": "patching"}, ...]}
 OUT_JSON: {"eap": {edge: score}, "eap_ig": {...}, "clean_corrupted": {...}, "clean_metric": x,
            "corrupted_metric": y, "circuits": [[{"selection", "requested", "edges": [names], "nodes",
-           "metric"}]] (per input entry: each requested circuit, then the empty circuit and the whole graph)}
+           "metric"}]] (per input entry: each requested circuit, then the empty circuit and the whole graph),
+           "exact": {edge: change} (with "exact": true: each edge alone patched, from the whole graph's metric)}
 """
 import json
 import os
@@ -152,6 +153,8 @@ def main() -> None:
             circuits(model, c, graph(model.cfg), result["eap"], clean, corrupted, lambda lg: metric_rows(lg, correct, incorrect))
             for c in spec["circuits"]
         ]
+    if spec.get("exact"):
+        result["exact"] = exact(model, graph(model.cfg), clean, corrupted, lambda lg: metric_rows(lg, correct, incorrect))
     with open(out, "w") as f:
         json.dump(result, f)
 
@@ -244,13 +247,38 @@ def circuits(model, spec, g, scores_by_name, clean, corrupted, metric_rows):
     chosen = [("top_n", n, top_n(edges, scores, n, cfg)) for n in spec.get("top_n", [])]
     chosen += [("greedy", n, greedy(edges, scores, n, cfg)) for n in spec.get("greedy", [])]
     chosen += [("none", None, [False] * len(edges)), ("graph", None, [True] * len(edges))]
+    metrics = evaluate(model, g, [keep for _, _, keep in chosen], spec["intervention"], clean, corrupted, metric_rows)
+    out = []
+    for (selection, requested, keep), m in zip(chosen, metrics):
+        out.append({
+            "selection": selection,
+            "requested": requested,
+            "edges": sorted(n for n, k in zip(names, keep) if k),
+            "nodes": len({s[0] for (s, r), k in zip(edges, keep) if k} | {x for (s, r), k in zip(edges, keep) if k for x in nodes_of_receiver(r, cfg)}),
+            "metric": m,
+        })
+    return out
+
+
+def exact(model, g, clean, corrupted, metric_rows):
+    """Each edge alone carrying its sender's corrupted output (every other edge its live one):
+    the change of the metric's mean from the whole graph's."""
+    _, _, edges = g
+    masks = [[j != i for j in range(len(edges))] for i in range(len(edges))] + [[True] * len(edges)]
+    metrics = evaluate(model, g, masks, "patching", clean, corrupted, metric_rows)
+    return {f"{s[0]}->{r[0]}": m - metrics[-1] for (s, r), m in zip(edges, metrics[:-1])}
+
+
+def evaluate(model, g, masks, intervention, clean, corrupted, metric_rows):
+    """The metric's mean over prompts with each mask's edges live and the others ablated."""
+    senders, receivers, edges = g
     sender_hooks = sorted({s[1] for s in senders})
     with torch.no_grad():
-        _, cache = model.run_with_cache(corrupted if spec["intervention"] == "patching" else clean, names_filter=lambda h: h in sender_hooks)
+        _, cache = model.run_with_cache(corrupted if intervention == "patching" else clean, names_filter=lambda h: h in sender_hooks)
     ablated = {h: cache[h].clone() for h in sender_hooks}
-    if spec["intervention"] == "zero":
+    if intervention == "zero":
         ablated = {h: torch.zeros_like(a) for h, a in ablated.items()}
-    elif spec["intervention"] == "mean":
+    elif intervention == "mean":
         ablated = {h: a.mean(0, keepdim=True).expand_as(a).clone() for h, a in ablated.items()}
 
     def sender_value(acts, s):
@@ -258,7 +286,7 @@ def circuits(model, spec, g, scores_by_name, clean, corrupted, metric_rows):
         return acts[hook][:, :, idx] if idx is not None else acts[hook]
 
     out = []
-    for selection, requested, keep in chosen:
+    for keep in masks:
         off = {}
         for (s, r), k in zip(edges, keep):
             if not k:
@@ -290,14 +318,7 @@ def circuits(model, spec, g, scores_by_name, clean, corrupted, metric_rows):
         hooks = [(h, record(h)) for h in sender_hooks] + [(h, patch(h)) for h in sorted({r[1] for r in receivers})]
         with torch.no_grad():
             logits = model.run_with_hooks(clean, fwd_hooks=hooks)
-        m = metric_rows(logits)
-        out.append({
-            "selection": selection,
-            "requested": requested,
-            "edges": sorted(n for n, k in zip(names, keep) if k),
-            "nodes": len({s[0] for (s, r), k in zip(edges, keep) if k} | {x for (s, r), k in zip(edges, keep) if k for x in nodes_of_receiver(r, cfg)}),
-            "metric": m.mean().item(),
-        })
+        out.append(metric_rows(logits).mean().item())
     return out
 
 
