@@ -481,17 +481,25 @@ fn circuit_graph(title: &str, edges: &[String], rows: &[&Row]) -> Option<Circuit
         (column(n), n.starts_with('m'), n.contains(".kv"), head.parse::<usize>().unwrap_or(0), n.clone())
     });
     names.dedup();
-    let mut rows_used = vec![0usize; layers + 2];
+    // Only the columns with a node in them (a circuit skips most layers).
+    let mut used: Vec<usize> = names.iter().map(|n| column(n)).collect();
+    used.dedup();
+    let mut rows_used = vec![0usize; used.len()];
     let mut nodes = Vec::new();
     for n in &names {
-        let c = column(n);
+        let c = used.iter().position(|&u| u == column(n)).expect("every node's column is used");
         nodes.push((n.clone(), c, rows_used[c]));
         rows_used[c] += 1;
     }
     let index = |n: &str| names.iter().position(|x| x == n).expect("every end is a node");
     let edges = parsed.iter().map(|(f, t, s, i)| (index(f), index(t), *s, i.clone())).collect();
-    let mut columns = vec!["input".to_string()];
-    columns.extend((0..layers).map(|l| format!("layer {l}")));
-    columns.push("logits".into());
+    let columns = used
+        .iter()
+        .map(|&u| match u {
+            0 => "input".to_string(),
+            u if u == layers + 1 => "logits".to_string(),
+            u => format!("layer {}", u - 1),
+        })
+        .collect();
     Some(CircuitGraph { title: title.to_string(), columns, nodes, edges })
 }
