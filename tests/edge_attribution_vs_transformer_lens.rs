@@ -15,8 +15,11 @@ use tl_run::model::config::Processing;
 const STEPS: usize = 3;
 
 /// Circuits chosen from the EAP scores, and what their non-circuit edges carry.
-const CIRCUITS: [(&str, &str, &str); 2] =
-    [("circuits", "top_n = [3, 10, 30]\ngreedy = [5, 20]\n", "patching"), ("circuits_mean", "top_n = [10]\n", "mean")];
+const CIRCUITS: [(&str, &str, &str); 3] = [
+    ("circuits", "top_n = [3, 10, 30]\ngreedy = [5, 20]\n", "patching"),
+    ("circuits_mean", "top_n = [10]\n", "mean"),
+    ("circuits_zero", "greedy = [10]\n", "zero"),
+];
 
 /// Three IOI-style prompts of one token length with their (correct, incorrect) answers; each
 /// prompt's corrupted run reads the next prompt (a rotation, not a swap of pairs: with swapped
@@ -54,6 +57,7 @@ fn reference(fixture: &str, prompts: &[(&str, [&str; 2])]) -> serde_json::Value 
         "circuits": [
             {"top_n": [3, 10, 30], "greedy": [5, 20], "intervention": "patching"},
             {"top_n": [10], "intervention": "mean"},
+            {"greedy": [10], "intervention": "zero"},
         ],
         "exact": true,
     });
