@@ -125,20 +125,27 @@ fn edge_scores_equal_a_transformer_lens_reference() {
                 ours.keys().filter(|k| !reference.contains_key(*k)).take(5).collect::<Vec<_>>(),
                 reference.keys().filter(|k| !ours.contains_key(*k)).take(5).collect::<Vec<_>>()
             );
-            let names: Vec<&String> = reference.keys().collect();
-            let a: Vec<f64> = names.iter().map(|k| ours[*k]).collect();
-            let b: Vec<f64> = names.iter().map(|k| reference[*k]).collect();
-            // EAP against 0 (what an edge that does nothing gets); the other methods against
-            // EAP's scores, so that a method that fell back to EAP's gradient would fail.
-            let eap_scores: Vec<f64> = names.iter().map(|k| eap[*k]).collect();
-            let baseline = if method == "eap" { Baseline::Zero } else { Baseline::Values(&eap_scores) };
-            assert_oracle(
-                &format!("{fixture} {method}: {} edge scores", names.len()),
-                &a,
-                &b,
-                baseline,
-                Tol::Abs(5e-6),
-            );
+            // Each kind of receiver on its own, so that one kind's edges (all <k>, all into an
+            // MLP) computed as zero would fail even where another kind's scores are larger.
+            for input in ["<q>", "<k>", "<v>", "->m", "->logits"] {
+                let names: Vec<&String> = reference
+                    .keys()
+                    .filter(|k| if input.starts_with('<') { k.ends_with(input) } else { k.contains(input) })
+                    .collect();
+                let a: Vec<f64> = names.iter().map(|k| ours[*k]).collect();
+                let b: Vec<f64> = names.iter().map(|k| reference[*k]).collect();
+                // EAP against 0 (what an edge that does nothing gets); the other methods against
+                // EAP's scores, so that a method that fell back to EAP's gradient would fail.
+                let eap_scores: Vec<f64> = names.iter().map(|k| eap[*k]).collect();
+                let baseline = if method == "eap" { Baseline::Zero } else { Baseline::Values(&eap_scores) };
+                assert_oracle(
+                    &format!("{fixture} {method}: {} edge scores into {input}", names.len()),
+                    &a,
+                    &b,
+                    baseline,
+                    Tol::Abs(5e-6),
+                );
+            }
         }
         check_circuits(fixture, &out, &theirs);
         check_exact(fixture, &out, &scores("exact"), &eap);
