@@ -382,3 +382,35 @@ pub fn correlations(a: &[f64], b: &[f64]) -> (Option<f64>, Option<f64>) {
     }
     (pearson(a, b), pearson(&ranks(a), &ranks(b)))
 }
+
+/// The indices of the `k` largest |values|, largest first (ties in index order). Only these are
+/// sorted: a pattern target has hundreds of thousands of cells and usually verifies a few.
+pub fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
+    if k == 0 {
+        return Vec::new();
+    }
+    let by_size = |&i: &usize, &j: &usize| values[j].abs().total_cmp(&values[i].abs()).then(i.cmp(&j));
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    if k < order.len() {
+        order.select_nth_unstable_by(k - 1, by_size);
+        order.truncate(k);
+    }
+    order.sort_by(by_size);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::largest_first;
+
+    #[test]
+    fn largest_first_takes_the_k_largest_magnitudes_in_order() {
+        let v = [0.5, -3.0, 2.0, 0.0, -2.0, 7.0];
+        assert_eq!(largest_first(&v, 0), Vec::<usize>::new());
+        assert_eq!(largest_first(&v, 1), vec![5]);
+        // |2.0| = |-2.0|: the lower index first, as a stable sort of all cells would give.
+        assert_eq!(largest_first(&v, 3), vec![5, 1, 2]);
+        assert_eq!(largest_first(&v, 4), vec![5, 1, 2, 4]);
+        assert_eq!(largest_first(&v, 10), vec![5, 1, 2, 4, 0, 3]);
+    }
+}

@@ -3,6 +3,7 @@
 //! (`greedy`), then pruned to the edges on some path from the input to the logits.
 use std::collections::{BinaryHeap, HashSet};
 
+use super::attribution::largest_first;
 use super::edge_attribution::{Graph, Qkv, Receiver, Sender};
 
 /// A node of the circuit graph: a sender's index, or the logits (`senders.len()`).
@@ -36,17 +37,10 @@ impl Scored<'_> {
         }
     }
 
-    /// Edge indices by |score|, largest first (ties in edge order).
-    fn by_size(&self) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.edges.len()).collect();
-        order.sort_by(|&i, &j| self.scores[j].abs().total_cmp(&self.scores[i].abs()).then(i.cmp(&j)));
-        order
-    }
-
     /// The `n` edges with the largest |score|, pruned.
     pub fn top_n(&self, n: usize) -> Vec<bool> {
         let mut keep = vec![false; self.edges.len()];
-        for i in self.by_size().into_iter().take(n) {
+        for i in largest_first(self.scores, n) {
             keep[i] = true;
         }
         self.prune(&mut keep);

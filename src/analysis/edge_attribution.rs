@@ -187,21 +187,34 @@ impl Graph {
         }
     }
 
+    /// Each sender hook point in order, with its first slot in the stacked senders and how many
+    /// it fills.
+    fn sender_slots(&self) -> Vec<(HookPoint, usize, usize)> {
+        runs(self.senders.iter().map(|&s| Graph::sender_point(s).0))
+    }
+
+    /// Each receiver hook point in order, with its first receiver index and how many it reads.
+    fn receiver_blocks(&self) -> Vec<(HookPoint, usize, usize)> {
+        runs(self.receivers.iter().map(|&r| self.receiver_point(r).0))
+    }
+
     /// The distinct hook points of the senders, in order.
     fn sender_points(&self) -> Vec<HookPoint> {
-        distinct(self.senders.iter().map(|&s| Graph::sender_point(s).0))
+        self.sender_slots().into_iter().map(|(p, _, _)| p).collect()
     }
 
     fn receiver_points(&self) -> Vec<HookPoint> {
-        distinct(self.receivers.iter().map(|&r| self.receiver_point(r).0))
+        self.receiver_blocks().into_iter().map(|(p, _, _)| p).collect()
     }
 }
 
-fn distinct(points: impl Iterator<Item = HookPoint>) -> Vec<HookPoint> {
-    let mut out: Vec<HookPoint> = Vec::new();
-    for p in points {
-        if out.last() != Some(&p) {
-            out.push(p);
+/// The runs of equal consecutive points: (point, index of its first, how many).
+fn runs(points: impl Iterator<Item = HookPoint>) -> Vec<(HookPoint, usize, usize)> {
+    let mut out: Vec<(HookPoint, usize, usize)> = Vec::new();
+    for (i, point) in points.enumerate() {
+        match out.last_mut() {
+            Some((p, _, count)) if *p == point => *count += 1,
+            _ => out.push((point, i, 1)),
         }
     }
     out
@@ -429,32 +442,6 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// The receivers read at each receiver hook point: (point, first receiver index, count).
-fn receiver_blocks(graph: &Graph) -> Vec<(HookPoint, usize, usize)> {
-    let mut out: Vec<(HookPoint, usize, usize)> = Vec::new();
-    for (i, &r) in graph.receivers.iter().enumerate() {
-        let point = graph.receiver_point(r).0;
-        match out.last_mut() {
-            Some((p, _, count)) if *p == point => *count += 1,
-            _ => out.push((point, i, 1)),
-        }
-    }
-    out
-}
-
-/// Each sender hook point's first slot in the stacked senders, and how many it fills.
-fn sender_slots(graph: &Graph) -> Vec<(HookPoint, usize, usize)> {
-    let mut out: Vec<(HookPoint, usize, usize)> = Vec::new();
-    for (i, &s) in graph.senders.iter().enumerate() {
-        let point = Graph::sender_point(s).0;
-        match out.last_mut() {
-            Some((p, _, count)) if *p == point => *count += 1,
-            _ => out.push((point, i, 1)),
-        }
-    }
-    out
-}
-
 /// What an evaluation forward's hooks share: the senders' live activations so far.
 struct Live {
     /// Each sender's activation in this run: [C, S, n·pos·d].
@@ -497,7 +484,7 @@ fn evaluate_batch(
         running: Tensor::zeros([c, x], (kind, device)),
     }));
     let mut hooks = Hooks::new();
-    for (point, first, count) in sender_slots(graph) {
+    for (point, first, count) in graph.sender_slots() {
         let live = Arc::clone(&live);
         let ablated = ablated.narrow(0, first as i64, count as i64);
         let write = move |t: &Tensor| -> Result<Tensor> {
@@ -513,7 +500,7 @@ fn evaluate_batch(
         };
         hooks.add_intervention(point, Intervention::new(Edit::Func(Box::new(write))));
     }
-    for (point, first, count) in receiver_blocks(graph) {
+    for (point, first, count) in graph.receiver_blocks() {
         let block = first..first + count;
         // The receivers' senders: a prefix of the sender order, [0, prev).
         let Some(prev) = edges.iter().filter(|(_, r)| block.contains(r)).map(|&(si, _)| si + 1).max() else {

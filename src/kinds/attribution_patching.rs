@@ -2,7 +2,7 @@
 //! every attribution run, the estimate for every cell, and the top cells patched for real.
 use std::time::Instant;
 
-use crate::analysis::attribution::{attribute_with, correlations, AtpOptions};
+use crate::analysis::attribution::{attribute_with, correlations, largest_first, AtpOptions};
 use crate::analysis::attribution::{clean_sites, points_for};
 use crate::analysis::patching::cells_at;
 use crate::analysis::patching::{sweep_cells, Axes, Cell, Target};
@@ -199,22 +199,6 @@ fn attribution_patching(
     ))
 }
 
-/// The indices of the `k` largest |values|, largest first (ties in index order). Only these are
-/// sorted: a pattern target has hundreds of thousands of cells and usually verifies a few.
-fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let by_size = |&i: &usize, &j: &usize| values[j].abs().total_cmp(&values[i].abs()).then(i.cmp(&j));
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    if k < order.len() {
-        order.select_nth_unstable_by(k - 1, by_size);
-        order.truncate(k);
-    }
-    order.sort_by(by_size);
-    order
-}
-
 /// One row per cell (the prompt-set estimate) and, with per-prompt metrics, one per prompt
 /// before it, appended to `rows` on all cores: a pattern target's rows (230,400 on an 8B model's
 /// 100 prompts) took longer to build one by one than its estimates took on the GPU. Each row is
@@ -268,20 +252,4 @@ fn push_cell_rows(
 fn figures(run: &str, rows: &[&Row], facts: &RunFacts, metric: &str, suffix: &str) -> Vec<Figure> {
     // The values are changes of the metric: white where there is none, whatever the baseline.
     patching_figures(run, rows, facts, &format!("estimated change of {metric}"), suffix, 0.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::largest_first;
-
-    #[test]
-    fn largest_first_takes_the_k_largest_magnitudes_in_order() {
-        let v = [0.5, -3.0, 2.0, 0.0, -2.0, 7.0];
-        assert_eq!(largest_first(&v, 0), Vec::<usize>::new());
-        assert_eq!(largest_first(&v, 1), vec![5]);
-        // |2.0| = |-2.0|: the lower index first, as a stable sort of all cells would give.
-        assert_eq!(largest_first(&v, 3), vec![5, 1, 2]);
-        assert_eq!(largest_first(&v, 4), vec![5, 1, 2, 4]);
-        assert_eq!(largest_first(&v, 10), vec![5, 1, 2, 4, 0, 3]);
-    }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 use tch::Kind;
 use toml::Spanned;
 
-use crate::analysis::attribution::correlations;
+use crate::analysis::attribution::{correlations, largest_first};
 use crate::analysis::circuits::Scored;
 use crate::analysis::edge_attribution::{
     edge_scores, evaluate, exact_changes, Ablation, Graph, Method, Qkv, Receiver, Sender,
@@ -102,15 +102,16 @@ fn needs(_: &RunKind) -> Needs {
 /// Circuit sizes within the model's graph.
 fn check_model(run: &RunSpec, cfg: &ModelConfig, file: &str, problems: &mut Vec<String>) {
     let RunKind::EdgeAttribution(o) = &run.kind else { return };
-    let edges = Graph::new(cfg).edges().len();
+    let graph = Graph::new(cfg);
+    let edges = graph.edges().len();
     for (key, sizes) in [("top_n", &o.top_n), ("greedy", &o.greedy), ("verify_top", &vec![o.verify_top])] {
         if let Some(&n) = sizes.iter().find(|&&n| n > edges) {
             problems.push(format!(
                 "{}: run '{}': {key} = {n} is more edges than the model's graph has ({edges}: {} senders, {} receivers); use at most {edges}",
                 run.key_at(key, file),
                 run.name,
-                Graph::new(cfg).senders.len(),
-                Graph::new(cfg).receivers.len()
+                graph.senders.len(),
+                graph.receivers.len()
             ));
         }
     }
@@ -410,14 +411,6 @@ fn edge_row(run: &RunSpec, graph: &Graph, s: usize, r: usize, value: f64) -> Row
         sender_head,
         ..Row::default()
     }
-}
-
-/// The indices of the `k` largest |values|, largest first (ties in index order).
-fn largest_first(values: &[f64], k: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&i, &j| values[j].abs().total_cmp(&values[i].abs()).then(i.cmp(&j)));
-    order.truncate(k);
-    order
 }
 
 /// The 30 edges with the largest |score|; the circuits' faithfulness against their size; the
