@@ -208,13 +208,13 @@ impl Graph {
     }
 }
 
-/// The runs of equal consecutive points: (point, index of its first, how many).
-fn runs(points: impl Iterator<Item = HookPoint>) -> Vec<(HookPoint, usize, usize)> {
-    let mut out: Vec<(HookPoint, usize, usize)> = Vec::new();
-    for (i, point) in points.enumerate() {
+/// The runs of equal consecutive items: (item, index of its first, how many).
+fn runs<T: PartialEq + Copy>(items: impl Iterator<Item = T>) -> Vec<(T, usize, usize)> {
+    let mut out: Vec<(T, usize, usize)> = Vec::new();
+    for (i, item) in items.enumerate() {
         match out.last_mut() {
-            Some((p, _, count)) if *p == point => *count += 1,
-            _ => out.push((point, i, 1)),
+            Some((p, _, count)) if *p == item => *count += 1,
+            _ => out.push((item, i, 1)),
         }
     }
     out
@@ -277,29 +277,39 @@ fn grad_batch(model: &Model, graph: &Graph, seq: i64) -> i64 {
     (GRAD_BYTES / per_prompt.max(1)).max(1)
 }
 
-/// The senders' activations on the corrupted run (with the corruption applied), [b, pos, S, d].
-fn corrupted_senders(model: &Model, rows: &Rows, points: &[HookPoint]) -> Result<Tensor> {
+/// The senders' activations on the clean or the corrupted run (with the corruption applied),
+/// [b, pos, S, d], without gradients.
+fn sender_acts(model: &Model, rows: &Rows, points: &[HookPoint], corrupted: bool) -> Result<Tensor> {
+    let t = std::time::Instant::now();
     let mut hooks = Hooks::capture(points.iter().copied());
-    rows.corrupt(&mut hooks);
+    if corrupted {
+        rows.corrupt(&mut hooks);
+    }
     let _ = model.run(
-        Input::Tokens(&rows.corrupted),
+        Input::Tokens(if corrupted { &rows.corrupted } else { &rows.clean }),
         rows.mask.as_ref(),
         &mut hooks,
         Stop::BeforeLayer(model.cfg.n_layers),
     )?;
-    stacked(points, |p| cached(&hooks.cache, p))
+    let acts = stacked(points, |p| cached(&hooks.cache, p));
+    tracing::debug!("senders of {} prompts: {:.2} s", rows.clean.size()[0], t.elapsed().as_secs_f64());
+    acts
 }
 
-/// One forward with gradients: the senders' activations and the gradient of Σ_prompts metric at
-/// every receiver ([b, pos, R, d]), with the corruption applied or the input embedding replaced.
+/// One forward with gradients: the gradient of Σ_prompts metric at every receiver ([b, pos, R, d])
+/// and, `with_senders`, the senders' activations, with the corruption applied or the input
+/// embedding replaced. (Without senders no head's result is split out: EAP-IG's passes.)
 fn gradient_pass(
     model: &Model,
     rows: &Rows,
     graph: &Graph,
     tokens: &Tensor,
+    with_senders: bool,
     edit_embed: impl FnOnce(&mut Hooks),
-) -> Result<(Tensor, Tensor)> {
-    let (senders, receivers) = (graph.sender_points(), graph.receiver_points());
+) -> Result<(Option<Tensor>, Tensor)> {
+    let t = std::time::Instant::now();
+    let receivers = graph.receiver_points();
+    let senders = if with_senders { graph.sender_points() } else { Vec::new() };
     let mut hooks = Hooks::capture(senders.iter().chain(&receivers).copied()).with_grad();
     edit_embed(&mut hooks);
     let out = model.run(Input::Tokens(tokens), rows.mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
@@ -310,7 +320,8 @@ fn gradient_pass(
         grads.into_iter().zip(&inputs).map(|(g, x)| if g.defined() { g } else { x.zeros_like() }).collect();
     let by_point: std::collections::HashMap<HookPoint, Tensor> = receivers.iter().copied().zip(grads).collect();
     let grad = stacked(&receivers, |p| Ok(by_point[p].shallow_clone()))?;
-    let acts = stacked(&senders, |p| cached(&hooks.cache, p))?;
+    let acts = if with_senders { Some(stacked(&senders, |p| cached(&hooks.cache, p))?) } else { None };
+    tracing::debug!("gradient pass of {} prompts: {:.2} s", rows.clean.size()[0], t.elapsed().as_secs_f64());
     Ok((acts, grad))
 }
 
@@ -330,7 +341,9 @@ pub fn edge_scores(
         m => m.gradient_passes(),
     };
     let n = prep.n_prompts();
-    let batch = grad_batch(model, graph, prep.seq_len());
+    // Batches of equal size (64 prompts at 9 a batch: 8 of 8, not 7 of 9 and 1 of 1).
+    let (n_rows, most) = (n.max(1) as usize, grad_batch(model, graph, prep.seq_len()).max(1) as usize);
+    let batch = n_rows.div_ceil(n_rows.div_ceil(most)) as i64;
     let mut total: Option<Tensor> = None;
     for start in (0..n).step_by(batch as usize) {
         let len = batch.min(n - start);
@@ -350,31 +363,71 @@ pub fn edge_scores(
 /// Σ over one batch's prompts and every gradient pass of Δ · ∂metric/∂input, [S, R].
 fn batch_scores(model: &Model, rows: &Rows, graph: &Graph, method: Method) -> Result<Tensor> {
     let senders = graph.sender_points();
-    let corrupted = corrupted_senders(model, rows, &senders)?;
-    let (clean, mut grad) = gradient_pass(model, rows, graph, &rows.clean, |_| ())?;
-    match method {
-        Method::CleanCorrupted => {
-            let (_, g) = gradient_pass(model, rows, graph, &rows.corrupted, |h| rows.corrupt(h))?;
+    let kept = |acts: Option<Tensor>| acts.ok_or_else(|| Error::Other("a gradient pass kept no senders".into()));
+    if let Method::EapIg { steps } = method {
+        // EAP-IG takes no gradient on the clean run, only its senders' activations; its first
+        // step (k = 0: the corrupted embedding) is the corrupted run, so it keeps the corrupted
+        // senders.
+        let clean = sender_acts(model, rows, &senders, false)?;
+        let (corrupted, mut grad) = gradient_pass(model, rows, graph, &rows.corrupted, true, |h| rows.corrupt(h))?;
+        let corrupted = kept(corrupted)?;
+        let (e_clean, e_corr) = (clean.select(2, 0), corrupted.select(2, 0));
+        for k in 1..steps {
+            let alpha = k as f64 / steps as f64;
+            let e = &e_corr + (&e_clean - &e_corr) * alpha;
+            let (_, g) = gradient_pass(model, rows, graph, &rows.clean, false, |h| {
+                h.add_intervention(HookPoint::Embed, Intervention::new(Edit::Replace(e)))
+            })?;
             grad += g;
         }
-        Method::EapIg { steps } => {
-            // The input sender is entry 0 of both stacks: the clean and corrupted embeddings.
-            let (e_clean, e_corr) = (clean.select(2, 0), corrupted.select(2, 0));
-            let mut sum = grad.zeros_like();
-            for k in 0..steps {
-                let alpha = k as f64 / steps as f64;
-                let e = &e_corr + (&e_clean - &e_corr) * alpha;
-                let (_, g) = gradient_pass(model, rows, graph, &rows.clean, |h| {
-                    h.add_intervention(HookPoint::Embed, Intervention::new(Edit::Replace(e)))
-                })?;
-                sum += g;
-            }
-            grad = sum;
-        }
-        Method::Eap | Method::Exact => {}
+        return contract(graph, rows, corrupted - clean, grad);
     }
-    let delta = (corrupted - clean).to_kind(Kind::Float);
-    Ok(Tensor::einsum("bpsd,bprd->sr", &[delta, grad.to_kind(Kind::Float)], None::<i64>))
+    let corrupted = sender_acts(model, rows, &senders, true)?;
+    let (clean, mut grad) = gradient_pass(model, rows, graph, &rows.clean, true, |_| ())?;
+    let clean = kept(clean)?;
+    if method == Method::CleanCorrupted {
+        let (_, g) = gradient_pass(model, rows, graph, &rows.corrupted, false, |h| rows.corrupt(h))?;
+        grad += g;
+    }
+    contract(graph, rows, corrupted - clean, grad)
+}
+
+/// Σ over prompts and positions of Δ · gradient: [S, R] (zero where no edge is). A receiver's
+/// senders are a prefix of the sender order (growing with the receiver's index), so each block of
+/// receivers is one product with the longest prefix among them: blocks of at least 64 receivers
+/// keep each product a matrix product (not one thin product per layer, which is memory-bound)
+/// and do about 60% of the work of the full [S, R] product.
+fn contract(graph: &Graph, rows: &Rows, delta: Tensor, grad: Tensor) -> Result<Tensor> {
+    let t = std::time::Instant::now();
+    let (s, r) = (graph.senders.len() as i64, graph.receivers.len() as i64);
+    // [S, b·pos·d] and [R, b·pos·d]: one row per sender and per receiver.
+    let delta = delta.to_kind(Kind::Float).permute([2, 0, 1, 3]).reshape([s, -1]);
+    let grad = grad.to_kind(Kind::Float).permute([2, 0, 1, 3]).reshape([r, -1]);
+    let mut prev = vec![0usize; r as usize];
+    for (si, ri) in graph.edges() {
+        prev[ri] = prev[ri].max(si + 1);
+    }
+    let scores = Tensor::zeros([s, r], (Kind::Float, delta.device()));
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::new();
+    for (n, first, count) in runs(prev.iter().copied()) {
+        match blocks.last_mut() {
+            Some((m, _, c)) if *c < 64 => {
+                *m = (*m).max(n);
+                *c += count;
+            }
+            _ => blocks.push((n, first, count)),
+        }
+    }
+    for (n, first, count) in blocks {
+        if n == 0 {
+            continue;
+        }
+        let (n, first, count) = (n as i64, first as i64, count as i64);
+        let block = delta.narrow(0, 0, n).matmul(&grad.narrow(0, first, count).tr());
+        scores.narrow(0, 0, n).narrow(1, first, count).copy_(&block);
+    }
+    tracing::debug!("scores of {} prompts' gradients: {:.2} s", rows.clean.size()[0], t.elapsed().as_secs_f64());
+    Ok(scores)
 }
 
 /// 1 where an edge is, 0 elsewhere, [senders, receivers].
@@ -415,16 +468,9 @@ pub fn evaluate(
 ) -> Result<Vec<Vec<f64>>> {
     let senders = graph.sender_points();
     let ablated = match ablation {
-        Ablation::Patching => corrupted_senders(model, &Rows::of(prep, 0, prep.n_prompts()), &senders)?,
+        Ablation::Patching => sender_acts(model, &Rows::of(prep, 0, prep.n_prompts()), &senders, true)?,
         Ablation::Zero | Ablation::Mean => {
-            let mut hooks = Hooks::capture(senders.iter().copied());
-            let _ = model.run(
-                Input::Tokens(&prep.clean_tokens),
-                prep.mask.as_ref(),
-                &mut hooks,
-                Stop::BeforeLayer(model.cfg.n_layers),
-            )?;
-            let clean = stacked(&senders, |p| cached(&hooks.cache, p))?;
+            let clean = sender_acts(model, &Rows::of(prep, 0, prep.n_prompts()), &senders, false)?;
             if ablation == Ablation::Zero {
                 clean.zeros_like()
             } else {
@@ -442,10 +488,10 @@ pub fn evaluate(
     Ok(out)
 }
 
-/// What an evaluation forward's hooks share: the senders' live activations so far.
+/// What an evaluation forward's hooks share: the senders' δ so far.
 struct Live {
-    /// Each sender's activation in this run: [C, S, n·pos·d].
-    acts: Tensor,
+    /// Each sender's δ in this run (ablated − live activation): [C, S, n·pos·d].
+    deltas: Tensor,
     /// Σ of δ over the senders before each sender-point boundary (by its first sender index).
     prefix: std::collections::HashMap<usize, Tensor>,
     running: Tensor,
@@ -479,7 +525,7 @@ fn evaluate_batch(
     // Senders first, each sender's activations contiguous: [S, n·pos·d].
     let ablated = ablated.permute([2, 0, 1, 3]).contiguous().view([s, x]);
     let live = Arc::new(Mutex::new(Live {
-        acts: Tensor::zeros([c, s, x], (kind, device)),
+        deltas: Tensor::zeros([c, s, x], (kind, device)),
         prefix: HashMap::from([(0, Tensor::zeros([c, x], (kind, device)))]),
         running: Tensor::zeros([c, x], (kind, device)),
     }));
@@ -491,9 +537,9 @@ fn evaluate_batch(
             let k = count as i64;
             let per_sender = t.reshape([c, n, p, k, d]).permute([0, 3, 1, 2, 4]).reshape([c, k, x]);
             let mut l = lock(&live)?;
-            l.acts.narrow(1, first as i64, k).copy_(&per_sender);
-            let delta = (ablated.unsqueeze(0) - &per_sender).sum_dim_intlist(1, false, kind);
-            l.running = &l.running + delta;
+            let deltas = ablated.unsqueeze(0) - &per_sender;
+            l.running = &l.running + deltas.sum_dim_intlist(1, false, kind);
+            l.deltas.narrow(1, first as i64, k).copy_(&deltas);
             let total = l.running.shallow_clone();
             l.prefix.insert(first + count, total);
             Ok(t.shallow_clone())
@@ -541,13 +587,11 @@ fn evaluate_batch(
             .to_kind(kind)
             .index_select(2, &index);
         let live = Arc::clone(&live);
-        let ablated = ablated.shallow_clone();
         let k = count as i64;
         let edit = move |t: &Tensor| -> Result<Tensor> {
             let l = lock(&live)?;
             // [C, a, n·pos·d]: δ of the chosen senders.
-            let delta = ablated.index_select(0, &index).unsqueeze(0) - l.acts.index_select(1, &index);
-            let picked = mask.matmul(&delta);
+            let picked = mask.matmul(&l.deltas.index_select(1, &index));
             let update = if from_prefix {
                 let total =
                     l.prefix.get(&prev).ok_or_else(|| Error::Other(format!("senders before {prev} not seen")))?;
@@ -562,7 +606,9 @@ fn evaluate_batch(
     }
     let tokens = prep.clean_tokens.repeat([c, 1]);
     let mask = prep.mask.as_ref().map(|m| m.repeat([c, 1]));
+    let t = std::time::Instant::now();
     let out = model.run(Input::Tokens(&tokens), mask.as_ref(), &mut hooks, Stop::FinalNorm)?;
+    tracing::debug!("evaluation forward of {c} circuits: {:.2} s", t.elapsed().as_secs_f64());
     let metric = prep.metric.tiled(c as usize);
     let values: Vec<f64> = Vec::try_from(metric.per_row(model, &out).to_kind(Kind::Double))?;
     Ok(values.chunks(n as usize).map(|v| v.to_vec()).collect())
