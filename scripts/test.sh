@@ -13,6 +13,7 @@ cd "$root"
 # Formatting first: rustfmt.toml is the style, and a diff fails in seconds, before any build.
 cargo fmt --check
 bash scripts/setup.sh
+bash scripts/sae_lens.sh
 bash scripts/fixtures.sh
 # An assignment, so that a failed Slurm set-up stops the script (`eval "$(...)"` would not).
 slurm_env="$(bash scripts/slurm.sh)"

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod hook_point;
 pub mod mapped;
 pub mod process;
+pub mod sae;
 pub mod source;
 pub mod tokenize;
 pub mod weights;
