@@ -15,7 +15,7 @@
 #     hook-based EAP; AutoCircuit differentiates the loss -logit_diff, so its score = -tl-run's.
 #   IG: AutoCircuit's "Integrated Edge Gradients" (mask_gradient_prune_scores with
 #     integrated_grad_samples = 5) is integrated gradients over the edge MASKS (all of them moved
-#     together from 0 = clean to 1 = corrupt, k/5 for k = 0..5, summed), not tl-run's EAP-IG over
+#     together from 0 = clean to 1 = corrupt, k/5 for k = 0..5: 6 samples summed), not tl-run's EAP-IG over
 #     the input embeddings (corrupted + k/5 (clean - corrupted), k = 0..4, averaged); compared as
 #     -score/5, which agrees in ranking but not in size (the fit's slope is printed), plus
 #     AutoCircuit's own completeness check (sum over edges = change of its loss clean -> corrupt).
@@ -134,17 +134,26 @@ def compare(title, ac_scores, scale, ours):
     print(f"  top 20 by |score|: {len(set(ta) & set(tt))}/20 in both, same order: {ta == tt}")
     if set(ta) != set(tt):
         print(f"    only AutoCircuit's: {sorted(set(ta) - set(tt))}; only tl-run's: {sorted(set(tt) - set(ta))}")
+    assert not only_ac and not only_tl, "the graphs differ"
     return x, y
 
+def assert_equal(title, x, y, tol=1e-5):
+    diff, signal = np.abs(x - y).max(), np.abs(y).max()
+    assert signal >= 20 * tol and diff <= tol, f"{title}: max |diff| {diff:.3g}, signal {signal:.3g}"
+
+assert abs(meta["clean_logit_diff"] - ld_clean) < 1e-5, "the clean logit differences differ (BOS, tokens?)"
+
 eap, eap_ig = tl("tl", "eap"), tl("tl", "eap-ig")
-compare("EAP: AutoCircuit mask_gradient_prune_scores(grad_function='logit', answer_function='avg_diff', "
-        "mask_val=0) [its 'Edge Attribution Patching'] x (-1)  vs  tl-run method = \"eap\"", ac["eap"], -1.0, eap)
-compare("EAP: AutoCircuit edge_attribution_patching_prune_scores (hook-based) x (-1)  vs  tl-run \"eap\"",
-        ac["eap_slow"], -1.0, eap)
+assert_equal("EAP (mask gradient)", *compare(
+    "EAP: AutoCircuit mask_gradient_prune_scores(grad_function='logit', answer_function='avg_diff', "
+    "mask_val=0) [its 'Edge Attribution Patching'] x (-1)  vs  tl-run method = \"eap\"", ac["eap"], -1.0, eap))
+assert_equal("EAP (hook-based)", *compare(
+    "EAP: AutoCircuit edge_attribution_patching_prune_scores (hook-based) x (-1)  vs  tl-run \"eap\"",
+    ac["eap_slow"], -1.0, eap))
 m = meta["ig_samples"]
 compare(f"IG: AutoCircuit mask_gradient_prune_scores(integrated_grad_samples={m}) [its 'Integrated Edge "
         f"Gradients'] x (-1/{m})  vs  tl-run method = \"eap_ig\", steps = {m} (different definitions)",
         ac["ieg"], -1.0 / m, eap_ig)
 print(f"  AutoCircuit IEG completeness: sum over edges / {m} = {sum(ac['ieg'].values()) / m:.4f} vs its loss "
-      f"change clean -> corrupt (-logit diff) {ld_clean - ld_corr:.4f} (left Riemann sum, {m} steps)")
+      f"change clean -> corrupt (-logit diff) {ld_clean - ld_corr:.4f} ({m + 1} samples, k = 0..{m}, both ends)")
 PY

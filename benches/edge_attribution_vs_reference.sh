@@ -37,15 +37,23 @@ for run, method in [("eap", "eap"), ("eap-ig", "eap_ig")]:
     diff = max(abs(mine[k] - v) for k, v in theirs[method].items())
     signal = max(abs(v) for v in theirs[method].values())
     print(f"{method}: {len(mine)} edges, max |tl-run - reference| {diff:.2e}, signal (max |score|) {signal:.3f}")
+    # The speed is only worth reporting on equal results.
+    assert signal >= 20 * 5e-5 and diff <= 5e-5, f"{method}: scores differ ({diff:.2e}, signal {signal:.3f})"
+for key, theirs_m in [("clean_baseline", ref["clean_metric"]), ("corrupted_baseline", ref["corrupted_metric"])]:
+    assert abs(manifest["metric"][key] - theirs_m) < 1e-4, f"{key}: {manifest['metric'][key]} vs {theirs_m}"
 mine_c = [c for c in manifest["runs"]["eap-ig"]["circuits"] if c["selection"] == "top_n"]
+assert [c["requested"] for c in mine_c] == [c["top_n"] for c in ref["circuits"]], "the circuit sizes differ"
 for a, b in zip(mine_c, ref["circuits"]):
     print(f"top {a['requested']:>4}: {a['edges']:>4} edges (reference {b['edges']:>4}), "
           f"faithfulness {a['faithfulness']:.4f} (reference {b['faithfulness']:.4f})")
+    assert a["edges"] == b["edges"] and abs(a["faithfulness"] - b["faithfulness"]) < 1e-3, f"top {a['requested']} differs"
 print(f"reference (Python, EAP-IG code's way): {ref['work_seconds']} s of work {ref['seconds']}, "
       f"peak RSS {ref['peak_rss_gb']} GB")
 print(f"tl-run (whole command incl. load and writes): {ours['seconds']} s, peak RSS {ours['peak_rss_gb']} GB; "
       f"jobs: {json.dumps({n: round(s, 2) for n, s in jobs.items() if s > 0.1})}")
-print(f"speed-up vs the reference: {ref['work_seconds'] / ours['seconds']:.1f}x")
+print(f"speed-up vs the reference: {ref['work_seconds'] / ours['seconds']:.1f}x (the reference's model load "
+      "excluded; tl-run's whole command includes its load, writes, and the two ends of the faithfulness "
+      "scale, which the reference takes from its clean and corrupted runs)")
 print(f"tl-run's EAP job ({eap_job:.2f} s) / one forward + backward of HF transformers on the same batch "
       f"({ref['fwd_bwd_seconds']} s): {eap_job / ref['fwd_bwd_seconds']:.2f}x")
 PY

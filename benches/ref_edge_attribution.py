@@ -125,6 +125,7 @@ def scores_from(passes):
 
             def backward(grad):
                 g = grad if heads is not None else grad.unsqueeze(2)
+                assert g.shape[2] == (heads or 1), f"{hook.name}: {g.shape[2]} receivers, expected {heads or 1}"
                 scores[:prev, col : col + g.shape[2]] += torch.einsum("bpnd,bphd->nh", diff[:, :, :prev], g)
             act.register_hook(backward)
             return act

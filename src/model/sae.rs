@@ -103,7 +103,7 @@ impl SaeConfig {
         } else {
             let hook = str_of("hook_name").or_else(|| str_of("hook_point")).map(str::to_string);
             let activation = str_of("activation_fn").or_else(|| str_of("activation_fn_str")).unwrap_or("relu");
-            let k = obj.get("activation_fn_kwargs").and_then(|kw| kw.get("k"));
+            let k = obj.get("activation_fn_kwargs").and_then(|kw| kw.get("k")).filter(|k| !k.is_null());
             let architecture = if activation == "topk" && k.is_some() {
                 "topk".to_string()
             } else {
@@ -126,11 +126,10 @@ impl SaeConfig {
             "jumprelu" => Architecture::JumpRelu,
             "gated" => Architecture::Gated,
             "topk" => {
-                let k = obj
-                    .get("k")
-                    .or_else(|| obj.get("activation_fn_kwargs").and_then(|kw| kw.get("k")))
-                    .and_then(|x| x.as_i64())
-                    .unwrap_or(100);
+                // Pre-6.0: activation_fn_kwargs' k wins (SAELens sets k from it); 6.x: `k`.
+                let from_kwargs = obj.get("activation_fn_kwargs").and_then(|kw| kw.get("k")).filter(|k| !k.is_null());
+                let k = if modern { obj.get("k") } else { from_kwargs.or_else(|| obj.get("k")) };
+                let k = k.and_then(|x| x.as_i64()).unwrap_or(100);
                 if k < 1 || k > d_sae {
                     return Err(bad(origin, format!("cfg.json: topk's k = {k} must be between 1 and d_sae = {d_sae}")));
                 }
@@ -343,13 +342,24 @@ impl Sae {
     }
 
     /// One pass of the SAE on activations `x` (the hook's shape: [..., d_in], or [..., heads,
-    /// d_head] for hook_z), every hooked value.
-    pub fn forward(&self, x: &Tensor) -> SaeValues {
-        let heads = if self.cfg.hook_z { x.size().get(x.dim().wrapping_sub(2)).copied() } else { None };
+    /// d_head] for hook_z), every hooked value. An input of another width is a named error.
+    pub fn forward(&self, x: &Tensor) -> Result<SaeValues> {
+        let size = x.size();
+        let width =
+            if self.cfg.hook_z { size.iter().rev().take(2).product::<i64>() } else { *size.last().unwrap_or(&0) };
+        if (self.cfg.hook_z && size.len() < 2) || width != self.cfg.d_in {
+            return Err(Error::Other(format!(
+                "the SAE in {} reads {} values per position (d_in), but its input has shape {size:?}{}",
+                self.dir.display(),
+                self.cfg.d_in,
+                if self.cfg.hook_z { " (hook_z: heads × d_head must be d_in)" } else { "" }
+            )));
+        }
+        let heads = if self.cfg.hook_z { Some(size[size.len() - 2]) } else { None };
         let (input, sae_in, state) = self.process_in(x);
         let (acts_pre, acts_post) = self.activate(&sae_in);
         let (recons, output) = self.decode_with(&acts_post, &state, heads);
-        SaeValues { input, acts_pre, acts_post, recons, output }
+        Ok(SaeValues { input, acts_pre, acts_post, recons, output })
     }
 }
 
